@@ -1,0 +1,367 @@
+//! The HBONE CONNECT codec (DESIGN §4): request and response heads as `http` values, with the
+//! `forwarded`, `baggage` and `traceparent` headers. Pure: no I/O, no clock, no randomness
+//! except [`TraceParent::random`]. Parsing of the optional headers is tolerant (a malformed
+//! header is ignored, never an error); the authority is strict (it decides where bytes go).
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+
+/// The inbound HBONE port.
+pub const HBONE_PORT: u16 = 15008;
+
+pub const FORWARDED: &str = "forwarded";
+pub const BAGGAGE: &str = "baggage";
+pub const TRACEPARENT: &str = "traceparent";
+
+/// What a CONNECT request carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// `<podIP>:<targetPort>`: where the peer delivers the bytes.
+    pub authority: SocketAddr,
+    /// The original client's address (`forwarded: for=`).
+    pub forwarded_for: Option<SocketAddr>,
+    /// The destination service's hostname (`forwarded: ...;host=`), when known.
+    pub forwarded_host: Option<String>,
+    pub baggage: Baggage,
+    pub traceparent: Option<TraceParent>,
+}
+
+/// Why a CONNECT request is refused with 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("method {0} is not CONNECT")]
+    Method(String),
+    #[error("missing :authority")]
+    MissingAuthority,
+    #[error("authority {0:?} is not <ip>:<port>")]
+    Authority(String),
+}
+
+impl ConnectRequest {
+    pub fn new(authority: SocketAddr) -> Self {
+        ConnectRequest {
+            authority,
+            forwarded_for: None,
+            forwarded_host: None,
+            baggage: Baggage::default(),
+            traceparent: None,
+        }
+    }
+
+    /// The request head as sent: `CONNECT` with only `:authority` among the URI parts.
+    pub fn to_http(&self) -> Request<()> {
+        let mut req = Request::new(());
+        *req.method_mut() = Method::CONNECT;
+        // A SocketAddr's text form ("1.2.3.4:80", "[::1]:80") always parses as an authority URI.
+        *req.uri_mut() = http::Uri::try_from(self.authority.to_string()).unwrap_or_default();
+        let headers = req.headers_mut();
+        if let Some(client) = self.forwarded_for {
+            let mut value = format!("for=\"{client}\"");
+            if let Some(host) = &self.forwarded_host {
+                value.push_str(";host=");
+                value.push_str(host);
+            }
+            if let Ok(v) = HeaderValue::try_from(value) {
+                headers.insert(FORWARDED, v);
+            }
+        }
+        if let Some(v) = self
+            .baggage
+            .to_header()
+            .and_then(|b| HeaderValue::try_from(b).ok())
+        {
+            headers.insert(BAGGAGE, v);
+        }
+        if let Some(tp) = &self.traceparent
+            && let Ok(v) = HeaderValue::try_from(tp.to_string())
+        {
+            headers.insert(TRACEPARENT, v);
+        }
+        req
+    }
+
+    /// Parses a received request head; only the method and authority can fail.
+    pub fn from_http<B>(req: &Request<B>) -> Result<Self, RequestError> {
+        if req.method() != Method::CONNECT {
+            return Err(RequestError::Method(req.method().to_string()));
+        }
+        let authority = req
+            .uri()
+            .authority()
+            .ok_or(RequestError::MissingAuthority)?
+            .as_str();
+        let authority: SocketAddr = authority
+            .parse()
+            .map_err(|_| RequestError::Authority(authority.to_owned()))?;
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+        let (forwarded_for, forwarded_host) =
+            header(FORWARDED).map(parse_forwarded).unwrap_or_default();
+        Ok(ConnectRequest {
+            authority,
+            forwarded_for,
+            forwarded_host,
+            baggage: header(BAGGAGE).map(Baggage::parse).unwrap_or_default(),
+            traceparent: header(TRACEPARENT).and_then(TraceParent::parse),
+        })
+    }
+
+    /// The client IP the peer should see, from `forwarded: for=`.
+    pub fn client_ip(&self) -> Option<IpAddr> {
+        self.forwarded_for.map(|a| a.ip())
+    }
+}
+
+/// Reads `for="<ip:port>"` and `host=` from the first element of a `forwarded` header.
+fn parse_forwarded(value: &str) -> (Option<SocketAddr>, Option<String>) {
+    let first = value.split(',').next().unwrap_or_default();
+    let mut addr = None;
+    let mut host = None;
+    for pair in first.split(';') {
+        let Some((k, v)) = pair.trim().split_once('=') else {
+            continue;
+        };
+        let v = v.trim().trim_matches('"');
+        match k.trim().to_ascii_lowercase().as_str() {
+            "for" => {
+                addr = v
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .or_else(|| v.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0)));
+            }
+            "host" if !v.is_empty() => host = Some(v.to_owned()),
+            _ => {}
+        }
+    }
+    (addr, host)
+}
+
+/// The `baggage` header: `k=v` pairs in order, comma-joined, empty values left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Baggage(Vec<(String, String)>);
+
+impl Baggage {
+    /// Adds a pair unless the value is empty.
+    pub fn push(&mut self, key: &str, value: &str) -> &mut Self {
+        if !value.is_empty() && !key.is_empty() {
+            self.0.push((key.to_owned(), value.to_owned()));
+        }
+        self
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn to_header(&self) -> Option<String> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let parts: Vec<String> = self.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        Some(parts.join(","))
+    }
+
+    /// Tolerant: members without `=` or with empty parts are skipped, properties dropped.
+    pub fn parse(value: &str) -> Self {
+        let mut b = Baggage::default();
+        for member in value.split(',') {
+            let member = member.split(';').next().unwrap_or_default();
+            if let Some((k, v)) = member.split_once('=') {
+                b.push(k.trim(), v.trim());
+            }
+        }
+        b
+    }
+}
+
+/// A W3C `traceparent` (version 00): `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// A fresh random trace, not sampled.
+    pub fn random() -> Self {
+        TraceParent {
+            trace_id: rand::random::<u128>().max(1),
+            span_id: rand::random::<u64>().max(1),
+            flags: 0,
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Self> {
+        let mut parts = value.trim().split('-');
+        let (Some(version), Some(trace), Some(span), Some(flags)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        if version.len() != 2 || trace.len() != 32 || span.len() != 16 || flags.len() != 2 {
+            return None;
+        }
+        let trace_id = u128::from_str_radix(trace, 16).ok()?;
+        let span_id = u64::from_str_radix(span, 16).ok()?;
+        (trace_id != 0 && span_id != 0).then_some(TraceParent {
+            trace_id,
+            span_id,
+            flags: u8::from_str_radix(flags, 16).ok()?,
+        })
+    }
+}
+
+impl fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{:032x}-{:016x}-{:02x}",
+            self.trace_id, self.span_id, self.flags
+        )
+    }
+}
+
+/// The response head for a status (200 only after the dial to the app succeeded).
+pub fn response(status: StatusCode) -> Response<()> {
+    let mut resp = Response::new(());
+    *resp.status_mut() = status;
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ConnectRequest {
+        let mut req = ConnectRequest::new("10.0.2.2:8080".parse().unwrap());
+        req.forwarded_for = Some("10.0.1.1:43210".parse().unwrap());
+        req.forwarded_host = Some("web.prod.svc.cluster.local".into());
+        req.baggage
+            .push("k8s.cluster.name", "c1")
+            .push("k8s.namespace.name", "prod")
+            .push("k8s.deployment.name", "")
+            .push("service.name", "web");
+        req.traceparent = Some(TraceParent {
+            trace_id: 0x0af7651916cd43dd8448eb211c80319c,
+            span_id: 0xb7ad6b7169203331,
+            flags: 0,
+        });
+        req
+    }
+
+    #[test]
+    fn request_head_is_exact() {
+        let req = sample().to_http();
+        assert_eq!(req.method(), Method::CONNECT);
+        assert_eq!(req.uri().to_string(), "10.0.2.2:8080");
+        assert!(req.uri().scheme().is_none());
+        assert!(req.uri().path_and_query().is_none());
+        let mut headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        headers.sort();
+        assert_eq!(
+            headers,
+            vec![
+                (
+                    "baggage".into(),
+                    "k8s.cluster.name=c1,k8s.namespace.name=prod,service.name=web".into()
+                ),
+                (
+                    "forwarded".into(),
+                    "for=\"10.0.1.1:43210\";host=web.prod.svc.cluster.local".into()
+                ),
+                (
+                    "traceparent".into(),
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00".into()
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn minimal_request_has_no_optional_headers() {
+        let req = ConnectRequest::new("10.0.2.2:80".parse().unwrap()).to_http();
+        assert!(req.headers().is_empty());
+    }
+
+    #[test]
+    fn request_round_trips() {
+        let req = sample();
+        assert_eq!(ConnectRequest::from_http(&req.to_http()).unwrap(), req);
+    }
+
+    #[test]
+    fn ipv6_authority_is_bracketed() {
+        let mut req = ConnectRequest::new("[fd00::2]:8080".parse().unwrap());
+        req.forwarded_for = Some("[fd00::1]:5000".parse().unwrap());
+        let head = req.to_http();
+        assert_eq!(head.uri().to_string(), "[fd00::2]:8080");
+        assert_eq!(head.headers()[FORWARDED], "for=\"[fd00::1]:5000\"");
+        assert_eq!(ConnectRequest::from_http(&head).unwrap(), req);
+    }
+
+    #[test]
+    fn bad_method_and_authority_are_refused() {
+        let get = Request::get("http://10.0.0.1:80/").body(()).unwrap();
+        assert_eq!(
+            ConnectRequest::from_http(&get),
+            Err(RequestError::Method("GET".into()))
+        );
+        let host = Request::connect("example.com:80").body(()).unwrap();
+        assert_eq!(
+            ConnectRequest::from_http(&host),
+            Err(RequestError::Authority("example.com:80".into()))
+        );
+        let no_port = Request::connect("10.0.0.1").body(()).unwrap();
+        assert!(matches!(
+            ConnectRequest::from_http(&no_port),
+            Err(RequestError::Authority(_))
+        ));
+    }
+
+    #[test]
+    fn optional_headers_parse_tolerantly() {
+        let req = Request::connect("10.0.0.1:80")
+            .header(FORWARDED, "for=garbage;host=")
+            .header(BAGGAGE, "novalue,=x,k=v;prop=1, k2 = v2 ")
+            .header(TRACEPARENT, "00-zz-yy-00")
+            .body(())
+            .unwrap();
+        let parsed = ConnectRequest::from_http(&req).unwrap();
+        assert_eq!(parsed.forwarded_for, None);
+        assert_eq!(parsed.forwarded_host, None);
+        assert_eq!(parsed.baggage.to_header().as_deref(), Some("k=v,k2=v2"));
+        assert_eq!(parsed.traceparent, None);
+    }
+
+    #[test]
+    fn forwarded_accepts_bare_ip_and_case() {
+        let (addr, host) = parse_forwarded("For=10.1.1.1; Host=\"svc\", for=10.9.9.9");
+        assert_eq!(addr, Some("10.1.1.1:0".parse().unwrap()));
+        assert_eq!(host.as_deref(), Some("svc"));
+    }
+
+    #[test]
+    fn traceparent_random_is_well_formed() {
+        let tp = TraceParent::random().to_string();
+        assert_eq!(tp.len(), 55);
+        assert!(tp.starts_with("00-") && tp.ends_with("-00"));
+        assert!(TraceParent::parse(&tp).is_some());
+        assert_eq!(
+            TraceParent::parse(&format!("00-{}-{}-00", "0".repeat(32), "1".repeat(16))),
+            None
+        );
+    }
+}

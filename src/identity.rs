@@ -1,0 +1,247 @@
+//! Workload identity: the SPIFFE ID type, and (in submodules) where certificates come from.
+//!
+//! An [`Identity`] is `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`. This module
+//! owns parsing, formatting and validation; it does no I/O. The built-in CA lives in
+//! [`ca`], the certificate cache in [`manager`].
+
+pub mod ca;
+pub mod manager;
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use manager::{CertSource, CertificateManager, WorkloadCert};
+
+/// The trust domain used when a workload names none.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// The service account used when a workload names none.
+pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+
+const SCHEME: &str = "spiffe://";
+
+/// A workload's SPIFFE identity, always in the Kubernetes shape `ns/<ns>/sa/<sa>`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Identity {
+    trust_domain: String,
+    namespace: String,
+    service_account: String,
+}
+
+/// Why a string or a set of fields is not a usable SPIFFE identity.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("{0:?} is not a SPIFFE ID: it must start with spiffe://")]
+    NotSpiffe(String),
+    #[error("{0:?} has an invalid trust domain: use lowercase letters, digits, '.', '-' or '_'")]
+    TrustDomain(String),
+    #[error("{0:?} is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
+    Path(String),
+    #[error("{value:?} is not a valid {field}: use letters, digits, '.', '-' or '_'")]
+    Segment { field: &'static str, value: String },
+}
+
+impl Identity {
+    /// Builds an identity from workload fields, applying the defaults for an empty trust domain
+    /// (`cluster.local`) and an empty service account (`default`).
+    pub fn new(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, IdentityError> {
+        let trust_domain = if trust_domain.is_empty() {
+            DEFAULT_TRUST_DOMAIN
+        } else {
+            trust_domain
+        };
+        let service_account = if service_account.is_empty() {
+            DEFAULT_SERVICE_ACCOUNT
+        } else {
+            service_account
+        };
+        check_trust_domain(trust_domain)?;
+        check_segment("namespace", namespace)?;
+        check_segment("service account", service_account)?;
+        Ok(Identity {
+            trust_domain: trust_domain.to_owned(),
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+        })
+    }
+
+    /// Parses `spiffe://<td>/ns/<ns>/sa/<sa>` strictly: a certificate that carries an empty
+    /// segment is malformed, so the defaults of [`Identity::new`] do not apply here.
+    pub fn parse(uri: &str) -> Result<Self, IdentityError> {
+        let rest = uri
+            .strip_prefix(SCHEME)
+            .ok_or_else(|| IdentityError::NotSpiffe(uri.to_owned()))?;
+        let (trust_domain, path) = rest
+            .split_once('/')
+            .ok_or_else(|| IdentityError::Path(uri.to_owned()))?;
+        let mut parts = path.split('/');
+        let (Some("ns"), Some(ns), Some("sa"), Some(sa), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(IdentityError::Path(uri.to_owned()));
+        };
+        if trust_domain.is_empty() {
+            return Err(IdentityError::TrustDomain(uri.to_owned()));
+        }
+        if ns.is_empty() || sa.is_empty() {
+            return Err(IdentityError::Path(uri.to_owned()));
+        }
+        Identity::new(trust_domain, ns, sa)
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    pub fn service_account(&self) -> &str {
+        &self.service_account
+    }
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{SCHEME}{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl FromStr for Identity {
+    type Err = IdentityError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Identity::parse(s)
+    }
+}
+
+fn check_trust_domain(td: &str) -> Result<(), IdentityError> {
+    let ok = !td.is_empty()
+        && td.len() <= 255
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::TrustDomain(td.to_owned()))
+    }
+}
+
+fn check_segment(field: &'static str, value: &str) -> Result<(), IdentityError> {
+    let ok = !value.is_empty()
+        && value != "."
+        && value != ".."
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::Segment {
+            field,
+            value: value.to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_and_parses_round_trip() {
+        let id = Identity::new("example.org", "prod", "web").unwrap();
+        assert_eq!(id.to_string(), "spiffe://example.org/ns/prod/sa/web");
+        assert_eq!(Identity::parse(&id.to_string()).unwrap(), id);
+        assert_eq!(
+            "spiffe://example.org/ns/prod/sa/web"
+                .parse::<Identity>()
+                .unwrap(),
+            id
+        );
+    }
+
+    #[test]
+    fn empty_fields_take_defaults() {
+        let id = Identity::new("", "ns1", "").unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/ns1/sa/default");
+        assert_eq!(id.trust_domain(), "cluster.local");
+        assert_eq!(id.service_account(), "default");
+    }
+
+    #[test]
+    fn rejects_malformed_ids() {
+        let cases: &[(&str, fn(&IdentityError) -> bool)] = &[
+            ("http://cluster.local/ns/a/sa/b", |e| {
+                matches!(e, IdentityError::NotSpiffe(_))
+            }),
+            ("spiffe://cluster.local", |e| {
+                matches!(e, IdentityError::Path(_))
+            }),
+            ("spiffe://cluster.local/ns/a", |e| {
+                matches!(e, IdentityError::Path(_))
+            }),
+            ("spiffe://cluster.local/ns/a/sa/b/extra", |e| {
+                matches!(e, IdentityError::Path(_))
+            }),
+            ("spiffe://cluster.local/sa/b/ns/a", |e| {
+                matches!(e, IdentityError::Path(_))
+            }),
+            ("spiffe://cluster.local/ns//sa/b", |e| {
+                matches!(e, IdentityError::Path(_))
+            }),
+            ("spiffe:///ns/a/sa/b", |e| {
+                matches!(e, IdentityError::TrustDomain(_))
+            }),
+            ("spiffe://Cluster.Local/ns/a/sa/b", |e| {
+                matches!(e, IdentityError::TrustDomain(_))
+            }),
+            ("spiffe://td/ns/a b/sa/b", |e| {
+                matches!(
+                    e,
+                    IdentityError::Segment {
+                        field: "namespace",
+                        ..
+                    }
+                )
+            }),
+            ("spiffe://td/ns/a/sa/..", |e| {
+                matches!(
+                    e,
+                    IdentityError::Segment {
+                        field: "service account",
+                        ..
+                    }
+                )
+            }),
+        ];
+        for (input, check) in cases {
+            let err = Identity::parse(input).expect_err(input);
+            assert!(check(&err), "{input}: unexpected error {err:?}");
+            assert!(!err.to_string().is_empty());
+        }
+    }
+
+    #[test]
+    fn new_rejects_bad_namespace() {
+        assert!(matches!(
+            Identity::new("td", "", "sa"),
+            Err(IdentityError::Segment {
+                field: "namespace",
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,325 @@
+//! The built-in certificate authority: the embedded default certificate source.
+//!
+//! It loads a root (certificate + key, PEM) or generates one, and issues short-lived ECDSA P-256
+//! workload certificates carrying exactly one URI SAN, the SPIFFE ID. It keeps keys in memory
+//! only; writing a root to disk is an explicit call (`hboned ca init`). Not for production
+//! trust: a real deployment points hboned at SPIRE, the Istio CA, or files.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use super::Identity;
+use super::manager::{BoxFuture, CertError, CertSource, WorkloadCert};
+use crate::tls::TrustBundle;
+
+/// File names of a root inside a CA directory (certs-dev/ or a configured one).
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+pub const ROOT_KEY_FILE: &str = "root-key.pem";
+
+/// Default lifetime of an issued workload certificate.
+pub const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(60 * 60);
+/// Lifetime of a generated root.
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+/// Issued certificates start this much in the past, to absorb clock skew between nodes.
+const BACKDATE: Duration = Duration::from_secs(60);
+
+/// Errors of the built-in CA.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot read CA file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot write CA file {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid CA root: {0}")]
+    Root(String),
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("validity period out of range")]
+    Validity,
+}
+
+/// A CA that signs workload certificates with one root key.
+pub struct BuiltinCa {
+    issuer: Issuer<'static, KeyPair>,
+    root_pem: String,
+    key_pem: String,
+    bundle: Arc<TrustBundle>,
+    lifetime: Duration,
+}
+
+impl std::fmt::Debug for BuiltinCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuiltinCa")
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BuiltinCa {
+    /// Generates a fresh self-signed root valid for ten years from `now`.
+    pub fn generate(now: SystemTime) -> Result<Self, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "hboned");
+        dn.push(
+            DnType::CommonName,
+            "hboned built-in root (development only)",
+        );
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.serial_number = Some(random_serial());
+        params.not_before = to_offset(now.checked_sub(BACKDATE).ok_or(CaError::Validity)?)?;
+        params.not_after = to_offset(now.checked_add(ROOT_LIFETIME).ok_or(CaError::Validity)?)?;
+        let root = params.self_signed(&key)?;
+        let root_pem = root.pem();
+        let key_pem = key.serialize_pem();
+        Self::from_parts(root.der().clone(), root_pem, key_pem, key)
+    }
+
+    /// Loads a root from PEM text (certificate, PKCS#8 key).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let key =
+            KeyPair::from_pem(key_pem).map_err(|e| CaError::Root(format!("root key: {e}")))?;
+        let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+            .next()
+            .ok_or_else(|| CaError::Root("no CERTIFICATE block in the root file".into()))?
+            .map_err(|e| CaError::Root(format!("root certificate: {e}")))?;
+        Self::from_parts(der, cert_pem.to_owned(), key_pem.to_owned(), key)
+    }
+
+    /// Loads `root-cert.pem` and `root-key.pem` from a directory.
+    pub fn load_dir(dir: &Path) -> Result<Self, CaError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|source| CaError::Read {
+                path: path.display().to_string(),
+                source,
+            })
+        };
+        Self::from_pem(&read(ROOT_CERT_FILE)?, &read(ROOT_KEY_FILE)?)
+    }
+
+    /// Writes the root certificate and key into `dir` (the key readable by the owner only).
+    pub fn write_dir(&self, dir: &Path) -> Result<(), CaError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let write = |name: &str, text: &str, mode: u32| {
+            let path = dir.join(name);
+            let err = |source| CaError::Write {
+                path: path.display().to_string(),
+                source,
+            };
+            std::fs::create_dir_all(dir).map_err(err)?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&path)
+                .map_err(err)?;
+            file.write_all(text.as_bytes()).map_err(err)
+        };
+        write(ROOT_CERT_FILE, &self.root_pem, 0o644)?;
+        write(ROOT_KEY_FILE, &self.key_pem, 0o600)
+    }
+
+    fn from_parts(
+        der: CertificateDer<'static>,
+        root_pem: String,
+        key_pem: String,
+        key: KeyPair,
+    ) -> Result<Self, CaError> {
+        let bundle = TrustBundle::new(vec![der.clone()])
+            .map_err(|e| CaError::Root(format!("root is not a usable trust anchor: {e}")))?;
+        let issuer = Issuer::from_ca_cert_der(&der, key)
+            .map_err(|e| CaError::Root(format!("root certificate: {e}")))?;
+        Ok(BuiltinCa {
+            issuer,
+            root_pem,
+            key_pem,
+            bundle: Arc::new(bundle),
+            lifetime: DEFAULT_LEAF_LIFETIME,
+        })
+    }
+
+    /// Sets the lifetime of certificates issued from now on.
+    pub fn with_lifetime(mut self, lifetime: Duration) -> Self {
+        self.lifetime = lifetime;
+        self
+    }
+
+    /// The root certificate, PEM.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    /// The trust bundle that verifies what this CA issues.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.clone()
+    }
+
+    /// Issues a certificate for `id` valid from shortly before `now` for the configured lifetime.
+    pub fn issue(&self, id: &Identity, now: SystemTime) -> Result<WorkloadCert, CaError> {
+        let not_before = now.checked_sub(BACKDATE).ok_or(CaError::Validity)?;
+        let not_after = now.checked_add(self.lifetime).ok_or(CaError::Validity)?;
+        self.issue_between(id, not_before, not_after)
+    }
+
+    /// Issues a certificate for `id` with an explicit validity window (tests use it for expired
+    /// and not-yet-valid certificates).
+    pub fn issue_between(
+        &self,
+        id: &Identity,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadCert, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        let uri = id
+            .to_string()
+            .try_into()
+            .map_err(|_| CaError::Root(format!("identity {id} is not an IA5 string")))?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        params.not_before = to_offset(not_before)?;
+        params.not_after = to_offset(not_after)?;
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        WorkloadCert::new(
+            id.clone(),
+            vec![leaf.der().clone()],
+            key_der,
+            self.bundle.clone(),
+        )
+        .map_err(|e| CaError::Root(e.to_string()))
+    }
+}
+
+impl CertSource for BuiltinCa {
+    fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, CertError>> {
+        Box::pin(async move {
+            self.issue(id, SystemTime::now())
+                .map_err(|e| CertError::Source {
+                    identity: id.to_string(),
+                    source_name: "built-in CA",
+                    reason: e.to_string(),
+                })
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        "built-in CA"
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f; // a positive INTEGER
+    SerialNumber::from_slice(&bytes)
+}
+
+fn to_offset(t: SystemTime) -> Result<time::OffsetDateTime, CaError> {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_err(|_| CaError::Validity)?
+        .as_secs();
+    time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs).map_err(|_| CaError::Validity)?)
+        .map_err(|_| CaError::Validity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issues_one_uri_san_p256_leaf() {
+        let ca = BuiltinCa::generate(SystemTime::now()).unwrap();
+        let id = Identity::new("cluster.local", "ns", "sa").unwrap();
+        let cert = ca.issue(&id, SystemTime::now()).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.chain()[0].as_ref()).unwrap();
+        let sans = parsed.subject_alternative_name().unwrap().unwrap();
+        let names: Vec<String> = sans
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["URI(spiffe://cluster.local/ns/ns/sa/sa)".to_string()]
+        );
+        assert_eq!(
+            parsed.public_key().algorithm.algorithm,
+            x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        );
+        let lifetime = cert.not_after().duration_since(cert.not_before()).unwrap();
+        assert_eq!(lifetime, DEFAULT_LEAF_LIFETIME + BACKDATE);
+    }
+
+    #[test]
+    fn root_round_trips_through_a_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = BuiltinCa::generate(SystemTime::now()).unwrap();
+        ca.write_dir(dir.path()).unwrap();
+        let loaded = BuiltinCa::load_dir(dir.path()).unwrap();
+        assert_eq!(loaded.root_pem(), ca.root_pem());
+        let id = Identity::new("td", "a", "b").unwrap();
+        // A leaf from the reloaded CA chains to the original root.
+        let cert = loaded.issue(&id, SystemTime::now()).unwrap();
+        assert_eq!(cert.bundle().certs(), ca.bundle().certs());
+    }
+
+    #[test]
+    fn missing_root_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = BuiltinCa::load_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(ROOT_CERT_FILE), "{err}");
+    }
+
+    #[test]
+    fn garbage_root_is_an_error_not_a_panic() {
+        assert!(BuiltinCa::from_pem("not pem", "not pem").is_err());
+    }
+
+    #[test]
+    fn lifetime_is_configurable() {
+        let ca = BuiltinCa::generate(SystemTime::now())
+            .unwrap()
+            .with_lifetime(Duration::from_secs(600));
+        let id = Identity::new("td", "a", "b").unwrap();
+        let now = SystemTime::now();
+        let cert = ca.issue(&id, now).unwrap();
+        let left = cert.not_after().duration_since(now).unwrap();
+        assert!(left <= Duration::from_secs(600) && left > Duration::from_secs(598));
+    }
+}

@@ -1,0 +1,92 @@
+//! The data path. [`pool`] is the HBONE client (connector side: TLS + HTTP/2 connections to peer
+//! proxies, pooled), [`inbound`] the HBONE server (listener side), [`tunnel`] the HTTP/2
+//! pieces both share, [`copy`] the byte relay. Wire formats live in `crate::hbone`, TLS in
+//! `crate::tls`; sockets come only from a `crate::netns::SocketFactory`.
+
+pub mod copy;
+pub mod inbound;
+pub mod pool;
+pub mod tunnel;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::identity::manager::CertError;
+use crate::tls::TlsError;
+
+pub use inbound::{InboundServer, LocalWorkload};
+pub use pool::{HboneClient, PoolKey};
+pub use tunnel::{H2Stream, TunnelSettings};
+
+/// Which side of the proxy an error came from, as pingora records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The application or peer proxy that connected to us.
+    Downstream,
+    /// The peer proxy or application we connected to.
+    Upstream,
+    /// Our own state (certificates, configuration).
+    Internal,
+}
+
+/// Errors of the HBONE data path; each knows its side and a short reason for metrics and logs.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Certificate(#[from] CertError),
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[from] TlsError),
+    #[error("TCP connect to {addr} failed: {source} (is port 15008 reachable between the nodes?)")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("TLS handshake with {addr} failed: {source}")]
+    Tls { addr: SocketAddr, source: io::Error },
+    #[error("HTTP/2 with {addr} failed: {source}")]
+    Http2 { addr: SocketAddr, source: h2::Error },
+    #[error("peer {addr} answered {status} to CONNECT {authority}")]
+    Status {
+        addr: SocketAddr,
+        authority: SocketAddr,
+        status: http::StatusCode,
+    },
+    #[error("{what} with {addr} timed out after {after:?}")]
+    Timeout {
+        what: &'static str,
+        addr: SocketAddr,
+        after: Duration,
+    },
+}
+
+impl ProxyError {
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::Certificate(_) | ProxyError::TlsConfig(_) => Side::Internal,
+            _ => Side::Upstream,
+        }
+    }
+
+    /// A short, stable reason string (a metrics label value).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ProxyError::Certificate(_) => "no_certificate",
+            ProxyError::TlsConfig(_) => "tls_config",
+            ProxyError::Connect { .. } => "connect_failed",
+            ProxyError::Tls { .. } => "tls_failed",
+            ProxyError::Http2 { .. } => "http2_failed",
+            ProxyError::Status { .. } => "connect_refused",
+            ProxyError::Timeout { .. } => "timeout",
+        }
+    }
+}
+
+/// Runs `fut` with a deadline, turning the elapsed case into [`ProxyError::Timeout`].
+async fn deadline<T>(
+    what: &'static str,
+    addr: SocketAddr,
+    after: Duration,
+    fut: impl Future<Output = Result<T, ProxyError>>,
+) -> Result<T, ProxyError> {
+    tokio::time::timeout(after, fut)
+        .await
+        .unwrap_or(Err(ProxyError::Timeout { what, addr, after }))
+}

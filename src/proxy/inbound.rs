@@ -1,0 +1,216 @@
+//! The HBONE server (listener side, port 15008) for one local workload: TLS accept presenting
+//! the workload's certificate, HTTP/2, and per CONNECT stream: check the request, dial the app
+//! through the socket factory, answer 200 only once that dial succeeded, then relay.
+//!
+//! Answers (DESIGN §4): 400 for a method other than CONNECT, an unparsable authority, an
+//! authority IP that is not this workload, or a target on the proxy's own ports; 503 when the
+//! app cannot be dialed.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Request, StatusCode};
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+
+use super::copy::{self, End};
+use super::tunnel::{H2Stream, TunnelSettings, drive_with_keepalive};
+use crate::hbone::{self, ConnectRequest};
+use crate::identity::manager::CertError;
+use crate::identity::{CertificateManager, Identity, WorkloadCert};
+use crate::netns::{self, SocketFactory};
+use crate::socket;
+use crate::tls::{self, TlsError};
+
+/// Ports of the proxy itself; a CONNECT to one of them would loop.
+pub const PROXY_PORTS: [u16; 3] = [15001, 15006, hbone::HBONE_PORT];
+
+/// The workload a server speaks for.
+#[derive(Debug, Clone)]
+pub struct LocalWorkload {
+    pub identity: Identity,
+    /// The workload's IPs: a CONNECT authority must name one of them.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Why an inbound connection (not a single stream) ended early.
+#[derive(Debug, thiserror::Error)]
+enum InboundError {
+    #[error(transparent)]
+    Certificate(#[from] CertError),
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[from] TlsError),
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("HTTP/2 handshake failed: {0}")]
+    Http2(h2::Error),
+    #[error("handshake timed out")]
+    Timeout,
+}
+
+/// Serves HBONE for one workload.
+#[derive(Debug)]
+pub struct InboundServer {
+    workload: LocalWorkload,
+    certs: Arc<CertificateManager>,
+    sockets: Arc<dyn SocketFactory>,
+    settings: Arc<TunnelSettings>,
+    /// The server config of the current certificate; rebuilt when the certificate changes.
+    tls: Mutex<Option<(Arc<WorkloadCert>, Arc<ServerConfig>)>>,
+}
+
+impl InboundServer {
+    pub fn new(
+        workload: LocalWorkload,
+        certs: Arc<CertificateManager>,
+        sockets: Arc<dyn SocketFactory>,
+        settings: TunnelSettings,
+    ) -> Arc<Self> {
+        Arc::new(InboundServer {
+            workload,
+            certs,
+            sockets,
+            settings: Arc::new(settings),
+            tls: Mutex::new(None),
+        })
+    }
+
+    /// Accepts connections until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of fds and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let server = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.connection(tcp, peer).await {
+                    tracing::info!(%peer, error = %e, "inbound HBONE connection failed");
+                }
+            });
+        }
+    }
+
+    async fn server_config(&self) -> Result<Arc<ServerConfig>, InboundError> {
+        let cert = self.certs.fetch(&self.workload.identity).await?;
+        let mut cache = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((cached, config)) = cache.as_ref()
+            && Arc::ptr_eq(cached, &cert)
+        {
+            return Ok(config.clone());
+        }
+        let config = tls::server_config(&cert)?;
+        *cache = Some((cert, config.clone()));
+        Ok(config)
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+    ) -> Result<(), InboundError> {
+        // Options are best effort: a socket that refuses them still works.
+        let _ = socket::set_stream_options(&tcp);
+        let config = self.server_config().await?;
+        let handshake_timeout = self.settings.connect_timeout;
+        let tls = tokio::time::timeout(
+            handshake_timeout,
+            tokio_rustls::TlsAcceptor::from(config).accept(tcp),
+        )
+        .await
+        .map_err(|_| InboundError::Timeout)?
+        .map_err(InboundError::Tls)?;
+        let client = tls::peer_identity(tls.get_ref().1.peer_certificates());
+        let mut conn = tokio::time::timeout(
+            handshake_timeout,
+            self.settings.server_builder().handshake::<_, Bytes>(tls),
+        )
+        .await
+        .map_err(|_| InboundError::Timeout)?
+        .map_err(InboundError::Http2)?;
+        let ping = conn.ping_pong();
+        let accept_loop = async {
+            while let Some(next) = conn.accept().await {
+                let (request, respond) = next?;
+                let server = self.clone();
+                let client = client.clone();
+                tokio::spawn(async move { server.stream(request, respond, client, peer).await });
+            }
+            Ok(())
+        };
+        if let Err(reason) = drive_with_keepalive(accept_loop, ping, &self.settings).await {
+            tracing::debug!(%peer, %reason, "inbound HBONE connection closed");
+        }
+        Ok(())
+    }
+
+    /// Checks a CONNECT request against this workload; `Err` is the status to refuse it with.
+    fn admit(&self, request: &Request<h2::RecvStream>) -> Result<ConnectRequest, StatusCode> {
+        let connect = ConnectRequest::from_http(request).map_err(|_| StatusCode::BAD_REQUEST)?;
+        let target = connect.authority;
+        if !self.workload.addresses.contains(&target.ip()) || PROXY_PORTS.contains(&target.port()) {
+            return Err(StatusCode::BAD_REQUEST);
+        }
+        Ok(connect)
+    }
+
+    async fn stream(
+        self: Arc<Self>,
+        request: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        client: Option<Identity>,
+        peer: SocketAddr,
+    ) {
+        let connect = match self.admit(&request) {
+            Ok(c) => c,
+            Err(status) => {
+                tracing::info!(%peer, uri = %request.uri(), %status, "refused CONNECT");
+                let _ = respond.send_response(hbone::response(status), true);
+                return;
+            }
+        };
+        let target = connect.authority;
+        let mut app = match netns::dial(&*self.sockets, None, target, self.settings.connect_timeout)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(%peer, %target, error = %e, "cannot reach the app; answering 503");
+                let _ =
+                    respond.send_response(hbone::response(StatusCode::SERVICE_UNAVAILABLE), true);
+                return;
+            }
+        };
+        let send = match respond.send_response(hbone::response(StatusCode::OK), false) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "client went away before 200");
+                return;
+            }
+        };
+        let mut tunnel = H2Stream::new(send, request.into_body());
+        let client = client.map(|c| c.to_string()).unwrap_or_default();
+        match copy::bidirectional(&mut tunnel, &mut app).await {
+            Ok(t) => {
+                tracing::debug!(%peer, %client, %target, sent = t.b_to_a, received = t.a_to_b, "inbound stream done")
+            }
+            Err(e) => {
+                // Pass a reset through to whichever side did not cause it.
+                match e.end {
+                    End::A => {
+                        let _ = socket::reset_on_close(&app);
+                    }
+                    End::B => tunnel.reset(h2::Reason::CONNECT_ERROR),
+                }
+                tracing::info!(%peer, %client, %target, error = %e.source, "inbound stream failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! The HBONE client: TLS 1.3 + HTTP/2 connections to peer proxies, pooled per
+//! (source identity, expected destination identities, peer address, source IP).
+//!
+//! A pooled connection carries at most min(`client_max_streams`, the peer's limit) streams.
+//! Only one dial per key runs at a time: callers that find no free connection wait for the dial
+//! in progress and then share its connection, so a burst of new app connections makes one
+//! handshake, not a storm. Connections idle (no stream) for `pool_idle_timeout` are dropped by
+//! a reaper task; a connection whose driver ended (GOAWAY, error, missed PING) is never handed
+//! out again.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rustls_pki_types::ServerName;
+
+use super::tunnel::{H2Stream, TunnelSettings, drive_with_keepalive};
+use super::{ProxyError, deadline};
+use crate::hbone::ConnectRequest;
+use crate::identity::{CertificateManager, Identity};
+use crate::netns::{self, SocketFactory};
+use crate::tls;
+
+/// What makes two tunnels shareable over one connection (DESIGN §4 pooling key).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    source: Identity,
+    expected: Vec<Identity>,
+    peer: SocketAddr,
+    source_ip: Option<IpAddr>,
+}
+
+impl PoolKey {
+    /// `peer` is the destination proxy (`<podIP>:15008`); `expected` the identities the server
+    /// may present; `source_ip` the address to dial from, when it must be pinned.
+    pub fn new(
+        source: Identity,
+        mut expected: Vec<Identity>,
+        peer: SocketAddr,
+        source_ip: Option<IpAddr>,
+    ) -> Self {
+        expected.sort();
+        expected.dedup();
+        PoolKey {
+            source,
+            expected,
+            peer,
+            source_ip,
+        }
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn source(&self) -> &Identity {
+        &self.source
+    }
+}
+
+/// Counts of what the pool holds, for tests, metrics and the admin page.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub connections: usize,
+    pub streams: usize,
+    /// Connections dialed since start (each one TLS handshake).
+    pub dials: usize,
+}
+
+/// One HTTP/2 connection to a peer proxy.
+#[derive(Debug)]
+struct PooledConn {
+    send: h2::client::SendRequest<Bytes>,
+    streams: AtomicUsize,
+    max_streams: usize,
+    closed: Arc<AtomicBool>,
+    idle_since: Mutex<Instant>,
+}
+
+impl PooledConn {
+    fn limit(&self) -> usize {
+        self.max_streams.min(self.send.current_max_send_streams())
+    }
+
+    /// Takes a stream slot if the connection is alive and has one free.
+    fn try_reserve(self: &Arc<Self>) -> Option<StreamPermit> {
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let limit = self.limit();
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()?;
+        Some(StreamPermit { conn: self.clone() })
+    }
+
+    fn reapable(&self, now: Instant, idle_timeout: Duration) -> bool {
+        self.closed.load(Ordering::Acquire)
+            || (self.streams.load(Ordering::Acquire) == 0
+                && now.duration_since(*self.idle_since.lock().unwrap_or_else(|p| p.into_inner()))
+                    >= idle_timeout)
+    }
+}
+
+/// A reserved stream slot; released (and the idle clock restarted) on drop.
+#[derive(Debug)]
+struct StreamPermit {
+    conn: Arc<PooledConn>,
+}
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self
+                .conn
+                .idle_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
+}
+
+/// The connections of one key, and the lock that lets one dial run at a time.
+#[derive(Debug, Default)]
+struct KeyConns {
+    dial: tokio::sync::Mutex<()>,
+    conns: Mutex<Vec<Arc<PooledConn>>>,
+}
+
+impl KeyConns {
+    fn checkout(&self) -> Option<StreamPermit> {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns.iter().find_map(PooledConn::try_reserve)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Pool {
+    keys: Mutex<HashMap<PoolKey, Arc<KeyConns>>>,
+    dials: AtomicUsize,
+}
+
+impl Pool {
+    fn entry(&self, key: &PoolKey) -> Arc<KeyConns> {
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.entry(key.clone()).or_default().clone()
+    }
+
+    fn reap(&self, idle_timeout: Duration) {
+        let now = Instant::now();
+        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        keys.retain(|_, entry| {
+            let mut conns = entry.conns.lock().unwrap_or_else(|p| p.into_inner());
+            conns.retain(|c| !c.reapable(now, idle_timeout));
+            // Keep the entry while someone (a dialer) holds it besides the map.
+            !conns.is_empty() || Arc::strong_count(entry) > 1
+        });
+    }
+
+    fn stats(&self) -> PoolStats {
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stats = PoolStats {
+            dials: self.dials.load(Ordering::Relaxed),
+            ..PoolStats::default()
+        };
+        for entry in keys.values() {
+            let conns = entry.conns.lock().unwrap_or_else(|p| p.into_inner());
+            for c in conns.iter().filter(|c| !c.closed.load(Ordering::Acquire)) {
+                stats.connections += 1;
+                stats.streams += c.streams.load(Ordering::Acquire);
+            }
+        }
+        stats
+    }
+}
+
+/// Opens HBONE streams to peer proxies over pooled connections.
+#[derive(Debug)]
+pub struct HboneClient {
+    certs: Arc<CertificateManager>,
+    sockets: Arc<dyn SocketFactory>,
+    settings: Arc<TunnelSettings>,
+    pool: Arc<Pool>,
+}
+
+impl HboneClient {
+    /// Must be called inside a tokio runtime: it starts the idle-connection reaper, which stops
+    /// when the client is dropped.
+    pub fn new(
+        certs: Arc<CertificateManager>,
+        sockets: Arc<dyn SocketFactory>,
+        settings: TunnelSettings,
+    ) -> Self {
+        let pool = Arc::new(Pool::default());
+        spawn_reaper(Arc::downgrade(&pool), settings.pool_idle_timeout);
+        HboneClient {
+            certs,
+            sockets,
+            settings: Arc::new(settings),
+            pool,
+        }
+    }
+
+    /// Opens a CONNECT stream to `request.authority` through the peer proxy in `key`. Returns
+    /// only once the peer answered 200, so the caller can hold the app's bytes until then.
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        request: &ConnectRequest,
+    ) -> Result<H2Stream, ProxyError> {
+        let permit = self.checkout(key).await?;
+        match self.open(&permit, key, request).await {
+            Err(ProxyError::Http2 { .. }) if permit.conn.closed.load(Ordering::Acquire) => {
+                // The connection died between checkout and use: one fresh try.
+                drop(permit);
+                let permit = self.checkout(key).await?;
+                self.open(&permit, key, request)
+                    .await
+                    .map(|s| s.with_guard(permit))
+            }
+            res => res.map(|s| s.with_guard(permit)),
+        }
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    async fn checkout(&self, key: &PoolKey) -> Result<StreamPermit, ProxyError> {
+        let entry = self.pool.entry(key);
+        if let Some(permit) = entry.checkout() {
+            return Ok(permit);
+        }
+        let _dialing = entry.dial.lock().await;
+        // Whoever held the lock before us may have dialed a connection we can share.
+        if let Some(permit) = entry.checkout() {
+            return Ok(permit);
+        }
+        let conn = self.dial(key).await?;
+        let permit = conn.try_reserve();
+        entry
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+        permit.ok_or_else(|| ProxyError::Http2 {
+            addr: key.peer,
+            source: h2::Error::from(h2::Reason::REFUSED_STREAM),
+        })
+    }
+
+    async fn dial(&self, key: &PoolKey) -> Result<Arc<PooledConn>, ProxyError> {
+        let s = &self.settings;
+        let addr = key.peer;
+        let cert = self.certs.fetch(&key.source).await?;
+        let config = tls::client_config(&cert, key.expected.clone())?;
+        let tcp = netns::dial(&*self.sockets, key.source_ip, addr, s.connect_timeout)
+            .await
+            .map_err(|source| ProxyError::Connect { addr, source })?;
+        let tls = deadline("TLS handshake", addr, s.connect_timeout, async {
+            tokio_rustls::TlsConnector::from(config)
+                .connect(ServerName::IpAddress(addr.ip().into()), tcp)
+                .await
+                .map_err(|source| ProxyError::Tls { addr, source })
+        })
+        .await?;
+        let (send, mut conn) = deadline("HTTP/2 handshake", addr, s.connect_timeout, async {
+            s.client_builder()
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|source| ProxyError::Http2 { addr, source })
+        })
+        .await?;
+        self.pool.dials.fetch_add(1, Ordering::Relaxed);
+        let closed = Arc::new(AtomicBool::new(false));
+        let ping = conn.ping_pong();
+        let (done, settings) = (closed.clone(), self.settings.clone());
+        tokio::spawn(async move {
+            if let Err(reason) = drive_with_keepalive(conn, ping, &settings).await {
+                tracing::debug!(peer = %addr, %reason, "HBONE connection closed");
+            }
+            done.store(true, Ordering::Release);
+        });
+        tracing::debug!(peer = %addr, source = %key.source, "HBONE connection established");
+        Ok(Arc::new(PooledConn {
+            send,
+            streams: AtomicUsize::new(0),
+            max_streams: s.client_max_streams,
+            closed,
+            idle_since: Mutex::new(Instant::now()),
+        }))
+    }
+
+    async fn open(
+        &self,
+        permit: &StreamPermit,
+        key: &PoolKey,
+        request: &ConnectRequest,
+    ) -> Result<H2Stream, ProxyError> {
+        let addr = key.peer;
+        let h2err = |source| ProxyError::Http2 { addr, source };
+        deadline("CONNECT", addr, self.settings.connect_timeout, async {
+            let mut send = permit.conn.send.clone().ready().await.map_err(h2err)?;
+            let (response, stream) = send.send_request(request.to_http(), false).map_err(h2err)?;
+            let response = response.await.map_err(h2err)?;
+            if response.status() != http::StatusCode::OK {
+                return Err(ProxyError::Status {
+                    addr,
+                    authority: request.authority,
+                    status: response.status(),
+                });
+            }
+            Ok(H2Stream::new(stream, response.into_body()))
+        })
+        .await
+    }
+}
+
+fn spawn_reaper(pool: Weak<Pool>, idle_timeout: Duration) {
+    let period = (idle_timeout / 4).max(Duration::from_millis(50));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(pool) = pool.upgrade() else { return };
+            pool.reap(idle_timeout);
+        }
+    });
+}

@@ -1,0 +1,272 @@
+//! The HTTP/2 layer of a tunnel, shared by both ends: the §4 settings, the PING keepalive, and
+//! [`H2Stream`], one CONNECT stream as `AsyncRead + AsyncWrite`.
+//!
+//! Half-close: a write shutdown sends END_STREAM; a received END_STREAM reads as EOF.
+//! Resets: RST_STREAM(NO_ERROR or CANCEL) reads as EOF, any other code as `ConnectionReset`.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// HTTP/2 and timing settings of HBONE (DESIGN §4, ztunnel's values).
+#[derive(Debug, Clone)]
+pub struct TunnelSettings {
+    /// Per-stream receive window.
+    pub stream_window: u32,
+    /// Per-connection receive window.
+    pub connection_window: u32,
+    /// Largest frame we accept and advertise.
+    pub max_frame_size: u32,
+    /// Streams one pooled client connection carries at most (also capped by the peer).
+    pub client_max_streams: usize,
+    /// Concurrent streams the server advertises.
+    pub server_max_streams: u32,
+    /// Largest header list the client accepts.
+    pub client_header_list: u32,
+    /// Largest header list the server accepts.
+    pub server_header_list: u32,
+    /// Send a PING this often on every HBONE connection...
+    pub ping_interval: Duration,
+    /// ...and close the connection if no PONG arrives within this.
+    pub ping_timeout: Duration,
+    /// TCP connect, TLS and HTTP/2 handshakes each, and the wait for a CONNECT response.
+    pub connect_timeout: Duration,
+    /// Pooled connections with no stream for this long are closed.
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for TunnelSettings {
+    fn default() -> Self {
+        TunnelSettings {
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_frame_size: 1024 * 1024,
+            client_max_streams: 100,
+            server_max_streams: 200,
+            client_header_list: 16 * 1024,
+            server_header_list: 64 * 1024,
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(20),
+            connect_timeout: Duration::from_secs(10),
+            pool_idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Bytes of send buffer h2 may hold per stream before a write waits (the writer's share of
+/// memory per busy stream).
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// Largest single chunk handed to h2 per write call.
+const MAX_WRITE_CHUNK: usize = 256 * 1024;
+
+impl TunnelSettings {
+    pub fn client_builder(&self) -> h2::client::Builder {
+        let mut b = h2::client::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_header_list_size(self.client_header_list)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .enable_push(false);
+        b
+    }
+
+    pub fn server_builder(&self) -> h2::server::Builder {
+        let mut b = h2::server::Builder::new();
+        b.initial_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window)
+            .max_frame_size(self.max_frame_size)
+            .max_header_list_size(self.server_header_list)
+            .max_concurrent_streams(self.server_max_streams)
+            .max_send_buffer_size(MAX_SEND_BUFFER);
+        b
+    }
+}
+
+/// Drives `conn` to completion while pinging the peer; a missing PONG ends the connection
+/// (dropping `conn` closes the socket and fails its streams).
+pub async fn drive_with_keepalive<F>(
+    conn: F,
+    ping: Option<h2::PingPong>,
+    settings: &TunnelSettings,
+) -> Result<(), String>
+where
+    F: Future<Output = Result<(), h2::Error>>,
+{
+    let keepalive = async {
+        let Some(mut ping) = ping else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(settings.ping_interval).await;
+            match tokio::time::timeout(settings.ping_timeout, ping.ping(h2::Ping::opaque())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return format!("keepalive ping failed: {e}"),
+                Err(_) => {
+                    return format!("no PING answer within {:?}", settings.ping_timeout);
+                }
+            }
+        }
+    };
+    tokio::select! {
+        res = conn => res.map_err(|e| e.to_string()),
+        reason = keepalive => Err(reason),
+    }
+}
+
+/// One HBONE stream as a byte stream.
+#[derive(Debug)]
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// The rest of the last DATA frame, not yet read.
+    pending: Bytes,
+    read_done: bool,
+    write_done: bool,
+    /// Held for its `Drop` (pool stream accounting).
+    _guard: Option<Box<dyn Send + Sync + std::fmt::Debug>>,
+}
+
+impl H2Stream {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        H2Stream {
+            send,
+            recv,
+            pending: Bytes::new(),
+            read_done: false,
+            write_done: false,
+            _guard: None,
+        }
+    }
+
+    /// Keeps `guard` alive as long as the stream.
+    pub fn with_guard(mut self, guard: impl Send + Sync + std::fmt::Debug + 'static) -> Self {
+        self._guard = Some(Box::new(guard));
+        self
+    }
+
+    /// Aborts the stream with RST_STREAM(`reason`); CONNECT_ERROR passes a TCP reset on.
+    pub fn reset(&mut self, reason: Reason) {
+        self.send.send_reset(reason);
+    }
+}
+
+/// Maps an h2 stream error to what a byte stream reader expects: graceful resets are EOF.
+fn read_error(e: h2::Error) -> Option<io::Error> {
+    match e.reason() {
+        Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => None,
+        Some(reason) if e.is_reset() => Some(io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("stream reset by peer: {reason}"),
+        )),
+        _ => Some(io::Error::other(e)),
+    }
+}
+
+fn write_error(e: h2::Error) -> io::Error {
+    match e.reason() {
+        Some(Reason::NO_ERROR) | Some(Reason::CANCEL) => {
+            io::Error::new(io::ErrorKind::BrokenPipe, "stream closed by peer")
+        }
+        Some(reason) if e.is_reset() => io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("stream reset by peer: {reason}"),
+        ),
+        _ => io::Error::other(e),
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.pending.is_empty() {
+            if this.read_done {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(chunk)) => {
+                    // Release window as soon as the frame is ours: we hold at most one frame.
+                    let _ = this.recv.flow_control().release_capacity(chunk.len());
+                    this.pending = chunk;
+                }
+                Some(Err(e)) => {
+                    this.read_done = true;
+                    return Poll::Ready(match read_error(e) {
+                        None => Ok(()),
+                        Some(err) => Err(err),
+                    });
+                }
+                None => this.read_done = true,
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = &mut *self;
+        if this.write_done {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown",
+            )));
+        }
+        let want = buf.len().min(MAX_WRITE_CHUNK);
+        this.send.reserve_capacity(want);
+        let granted = loop {
+            match ready!(this.send.poll_capacity(cx)) {
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => break n.min(want),
+                Some(Err(e)) => return Poll::Ready(Err(write_error(e))),
+                None => {
+                    // The stream closed: report the reset reason if there is one.
+                    return Poll::Ready(Err(match this.send.poll_reset(cx) {
+                        Poll::Ready(Ok(reason)) => write_error(h2::Error::from(reason)),
+                        _ => io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"),
+                    }));
+                }
+            }
+        };
+        this.send
+            .send_data(Bytes::copy_from_slice(&buf[..granted]), false)
+            .map_err(write_error)?;
+        Poll::Ready(Ok(granted))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2's connection task writes out buffered frames on its own.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.write_done {
+            this.write_done = true;
+            this.send
+                .send_data(Bytes::new(), true)
+                .map_err(write_error)?;
+        }
+        Poll::Ready(Ok(()))
+    }
+}

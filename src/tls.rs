@@ -1,0 +1,222 @@
+//! rustls configuration for HBONE, per DESIGN §4: TLS 1.3 only, the two AES-GCM suites,
+//! ALPN `h2`, no SNI, no resumption, mandatory client certificates, and SPIFFE verification
+//! (in [`verify`]) instead of DNS names.
+//!
+//! Configs are built per workload certificate (server) or per dial (client, since the expected
+//! peer identities differ per destination); both are cheap next to a handshake.
+
+pub mod verify;
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, DistinguishedName, ServerConfig, SignatureScheme};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::TrustAnchor;
+
+use crate::identity::{Identity, WorkloadCert};
+
+pub use verify::{SpiffeClientVerifier, SpiffeServerVerifier};
+
+/// The ALPN protocol HBONE negotiates.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// Errors building TLS material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("certificate is not valid DER: {0}")]
+    BadCertificate(String),
+    #[error("trust bundle is empty")]
+    EmptyBundle,
+    #[error("rustls rejected the configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// The crypto provider: aws-lc-rs restricted to DESIGN §4's suites and key exchange groups.
+/// The post-quantum hybrid X25519MLKEM768 is offered first, then X25519 and P-256.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| {
+            use rustls::crypto::aws_lc_rs::{self as aws, cipher_suite, kx_group};
+            Arc::new(CryptoProvider {
+                cipher_suites: vec![
+                    cipher_suite::TLS13_AES_256_GCM_SHA384,
+                    cipher_suite::TLS13_AES_128_GCM_SHA256,
+                ],
+                kx_groups: vec![
+                    kx_group::X25519MLKEM768,
+                    kx_group::X25519,
+                    kx_group::SECP256R1,
+                ],
+                ..aws::default_provider()
+            })
+        })
+        .clone()
+}
+
+/// Trust anchors (the roots a peer's chain must end in), parsed once.
+#[derive(Debug)]
+pub struct TrustBundle {
+    certs: Vec<CertificateDer<'static>>,
+    anchors: Vec<TrustAnchor<'static>>,
+}
+
+impl TrustBundle {
+    pub fn new(certs: Vec<CertificateDer<'static>>) -> Result<Self, TlsError> {
+        if certs.is_empty() {
+            return Err(TlsError::EmptyBundle);
+        }
+        let anchors = certs
+            .iter()
+            .map(|c| {
+                webpki::anchor_from_trusted_cert(c)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| TlsError::BadCertificate(format!("{e:?}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(TrustBundle { certs, anchors })
+    }
+
+    /// Parses every CERTIFICATE block of a PEM text.
+    pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
+        let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        Self::new(certs)
+    }
+
+    /// Two bundles as one (root rotation: trust the old and the new root during the overlap).
+    pub fn merged(&self, other: &TrustBundle) -> TrustBundle {
+        let mut certs = self.certs.clone();
+        let mut anchors = self.anchors.clone();
+        for (c, a) in other.certs.iter().zip(&other.anchors) {
+            if !certs.contains(c) {
+                certs.push(c.clone());
+                anchors.push(a.clone());
+            }
+        }
+        TrustBundle { certs, anchors }
+    }
+
+    pub fn certs(&self) -> &[CertificateDer<'static>] {
+        &self.certs
+    }
+
+    pub fn anchors(&self) -> &[TrustAnchor<'static>] {
+        &self.anchors
+    }
+}
+
+/// What hboned needs from a leaf certificate.
+#[derive(Debug, Clone)]
+pub struct LeafInfo {
+    /// URI SANs in certificate order.
+    pub uris: Vec<String>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+/// Reads the URI SANs and validity of a DER certificate.
+pub fn leaf_info(der: &CertificateDer<'_>) -> Result<LeafInfo, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+    let mut uris = Vec::new();
+    if let Some(san) = cert
+        .subject_alternative_name()
+        .map_err(|e| TlsError::BadCertificate(e.to_string()))?
+    {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(uri) = name {
+                uris.push((*uri).to_owned());
+            }
+        }
+    }
+    let to_system = |t: x509_parser::time::ASN1Time| {
+        let secs = t.timestamp();
+        if secs >= 0 {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+        } else {
+            SystemTime::UNIX_EPOCH
+        }
+    };
+    Ok(LeafInfo {
+        uris,
+        not_before: to_system(cert.validity().not_before),
+        not_after: to_system(cert.validity().not_after),
+    })
+}
+
+/// The identity a verified peer presented: its first URI SAN that is a SPIFFE ID.
+pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>) -> Option<Identity> {
+    let leaf = certs?.first()?;
+    leaf_info(leaf)
+        .ok()?
+        .uris
+        .iter()
+        .find_map(|u| Identity::parse(u).ok())
+}
+
+/// Client config for one dial: present `cert`, accept a server only if it is one of `expected`.
+pub fn client_config(
+    cert: &WorkloadCert,
+    expected: Vec<Identity>,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    let verifier = SpiffeServerVerifier::new(cert.bundle().clone(), expected);
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(FixedCert(cert.certified_key())));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.enable_sni = false;
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Server config for one workload: present `cert`, require a client of its trust domain.
+pub fn server_config(cert: &WorkloadCert) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = SpiffeClientVerifier::new(
+        cert.bundle().clone(),
+        cert.identity().trust_domain().to_owned(),
+    );
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(FixedCert(cert.certified_key())));
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// Always presents one certificate (there is no SNI to choose by).
+#[derive(Debug)]
+struct FixedCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for FixedCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl ResolvesClientCert for FixedCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// No CA hints are sent: the client has exactly one certificate to offer anyway.
+const NO_HINTS: &[DistinguishedName] = &[];
