@@ -1,1 +1,95 @@
-fn main() {}
+//! The `hboned` command line: parses arguments and hands over to `hboned::app`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hboned::app;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "hboned",
+    version,
+    about = "Per-node HBONE (mTLS) proxy for Kubernetes pods"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy. Without a config it runs in loopback mode on the built-in CA: an HBONE
+    /// server and an outbound listener on 127.0.0.1, checked end to end at start.
+    Run {
+        /// Outbound listener (apps connect here to be tunneled).
+        #[arg(long, default_value = "127.0.0.1:15001")]
+        outbound: SocketAddr,
+        /// HBONE listener.
+        #[arg(long, default_value = "127.0.0.1:15008")]
+        inbound: SocketAddr,
+        /// Directory with root-cert.pem and root-key.pem (default: certs-dev/ if present,
+        /// else an ephemeral root).
+        #[arg(long, env = "HBONED_CA_DIR")]
+        ca_dir: Option<PathBuf>,
+        /// Workload certificate lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        cert_lifetime_secs: u64,
+        /// Exit after the start-up self-check.
+        #[arg(long)]
+        check_only: bool,
+    },
+    /// Built-in CA maintenance.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Generate a new development root (root-cert.pem, root-key.pem) into a directory.
+    Init {
+        #[arg(long, default_value = "certs-dev")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Run {
+            outbound,
+            inbound,
+            ca_dir,
+            cert_lifetime_secs,
+            check_only,
+        } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            runtime.block_on(app::run_loopback(app::LoopbackSettings {
+                outbound,
+                inbound,
+                ca_dir,
+                cert_lifetime: Duration::from_secs(cert_lifetime_secs),
+                check_only,
+            }))
+        }
+        Command::Ca {
+            command: CaCommand::Init { dir },
+        } => {
+            let ca = hboned::identity::ca::BuiltinCa::generate(std::time::SystemTime::now())?;
+            ca.write_dir(&dir)?;
+            println!("wrote a new development root to {}", dir.display());
+            Ok(())
+        }
+    }
+}

@@ -1,10 +1,12 @@
-//! The data path. [`pool`] is the HBONE client (connector side: TLS + HTTP/2 connections to peer
-//! proxies, pooled), [`inbound`] the HBONE server (listener side), [`tunnel`] the HTTP/2
+//! The data path. [`outbound`] holds and routes app connections, [`pool`] is the HBONE client
+//! (connector side: TLS + HTTP/2 connections to peer proxies, pooled), [`inbound`] the HBONE
+//! server (listener side), [`tunnel`] the HTTP/2
 //! pieces both share, [`copy`] the byte relay. Wire formats live in `crate::hbone`, TLS in
 //! `crate::tls`; sockets come only from a `crate::netns::SocketFactory`.
 
 pub mod copy;
 pub mod inbound;
+pub mod outbound;
 pub mod pool;
 pub mod tunnel;
 
@@ -16,6 +18,7 @@ use crate::identity::manager::CertError;
 use crate::tls::TlsError;
 
 pub use inbound::{InboundServer, LocalWorkload};
+pub use outbound::{Outbound, Route, Router};
 pub use pool::{HboneClient, PoolKey};
 pub use tunnel::{H2Stream, TunnelSettings};
 

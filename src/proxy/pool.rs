@@ -269,6 +269,9 @@ impl HboneClient {
                 .map_err(|source| ProxyError::Tls { addr, source })
         })
         .await?;
+        let session = tls.get_ref().1;
+        let suite = session.negotiated_cipher_suite().map(|s| s.suite());
+        let kx = session.negotiated_key_exchange_group().map(|g| g.name());
         let (send, mut conn) = deadline("HTTP/2 handshake", addr, s.connect_timeout, async {
             s.client_builder()
                 .handshake::<_, Bytes>(tls)
@@ -286,7 +289,7 @@ impl HboneClient {
             }
             done.store(true, Ordering::Release);
         });
-        tracing::debug!(peer = %addr, source = %key.source, "HBONE connection established");
+        tracing::info!(peer = %addr, source = %key.source, ?suite, ?kx, "HBONE connection established");
         Ok(Arc::new(PooledConn {
             send,
             streams: AtomicUsize::new(0),

@@ -1,0 +1,154 @@
+//! The outbound side: an app connection the proxy accepted is held (not one byte read) while
+//! its route is decided and, for an HBONE route, until the peer answered 200; then bytes flow.
+//! A failed tunnel resets the app connection: an enrolled destination never gets plaintext.
+//!
+//! The routing decision is behind [`Router`] so it stays a pure function of the proxy's state
+//! (the local-config and xDS routers plug in here); this module only executes a [`Route`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::copy::{self, End};
+use super::pool::{HboneClient, PoolKey};
+use super::tunnel::TunnelSettings;
+use crate::hbone::ConnectRequest;
+use crate::netns::{self, SocketFactory};
+use crate::socket;
+
+/// Where one outbound connection goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Through an HBONE tunnel to a peer proxy.
+    Hbone {
+        key: PoolKey,
+        request: ConnectRequest,
+    },
+    /// Plain TCP to a destination that is not enrolled.
+    Passthrough { dst: SocketAddr },
+    /// Refused (reset), with the reason for the log.
+    Refuse { reason: &'static str },
+}
+
+/// Decides the route of a connection from `src` to its original destination `dst`.
+pub trait Router: Send + Sync + std::fmt::Debug {
+    fn route(&self, src: SocketAddr, dst: SocketAddr) -> Route;
+}
+
+/// Serves one outbound listener.
+#[derive(Debug)]
+pub struct Outbound {
+    client: Arc<HboneClient>,
+    sockets: Arc<dyn SocketFactory>,
+    router: Arc<dyn Router>,
+    settings: TunnelSettings,
+}
+
+impl Outbound {
+    pub fn new(
+        client: Arc<HboneClient>,
+        sockets: Arc<dyn SocketFactory>,
+        router: Arc<dyn Router>,
+        settings: TunnelSettings,
+    ) -> Arc<Self> {
+        Arc::new(Outbound {
+            client,
+            sockets,
+            router,
+            settings,
+        })
+    }
+
+    /// Accepts until the task is dropped; `original_dst` recovers where each connection was
+    /// headed (SO_ORIGINAL_DST in a pod, a fixed target in loopback mode).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        original_dst: impl Fn(&TcpStream) -> Option<SocketAddr> + Send + Sync + 'static,
+    ) {
+        let original_dst = Arc::new(original_dst);
+        loop {
+            let (app, src) = match listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let original_dst = original_dst.clone();
+            tokio::spawn(async move {
+                let Some(dst) = original_dst(&app) else {
+                    tracing::info!(%src, "no original destination; resetting");
+                    reset(app);
+                    return;
+                };
+                this.handle(app, src, dst).await;
+            });
+        }
+    }
+
+    /// Routes and relays one app connection; on any failure the app sees a reset.
+    pub async fn handle(&self, app: TcpStream, src: SocketAddr, dst: SocketAddr) {
+        let _ = socket::set_stream_options(&app);
+        match self.router.route(src, dst) {
+            Route::Hbone { key, request } => match self.client.connect(&key, &request).await {
+                Ok(mut tunnel) => {
+                    let mut app = app;
+                    match copy::bidirectional(&mut app, &mut tunnel).await {
+                        Ok(t) => {
+                            tracing::debug!(%src, %dst, sent = t.a_to_b, received = t.b_to_a, "outbound tunnel done")
+                        }
+                        Err(e) => {
+                            match e.end {
+                                End::A => tunnel.reset(h2::Reason::CONNECT_ERROR),
+                                End::B => reset(app),
+                            }
+                            tracing::info!(%src, %dst, error = %e.source, "outbound tunnel failed");
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(%src, %dst, peer = %key.peer(), reason = e.reason(), error = %e, "tunnel failed; resetting the app connection");
+                    reset(app);
+                }
+            },
+            Route::Passthrough { dst } => self.passthrough(app, src, dst).await,
+            Route::Refuse { reason } => {
+                tracing::info!(%src, %dst, reason, "outbound connection refused");
+                reset(app);
+            }
+        }
+    }
+
+    async fn passthrough(&self, mut app: TcpStream, src: SocketAddr, dst: SocketAddr) {
+        let mut upstream =
+            match netns::dial(&*self.sockets, None, dst, self.settings.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(%src, %dst, error = %e, "passthrough dial failed");
+                    reset(app);
+                    return;
+                }
+            };
+        if let Err(e) = copy::bidirectional(&mut app, &mut upstream).await {
+            match e.end {
+                End::A => {
+                    let _ = socket::reset_on_close(&upstream);
+                }
+                End::B => {
+                    let _ = socket::reset_on_close(&app);
+                }
+            }
+            tracing::debug!(%src, %dst, error = %e.source, "passthrough failed");
+        }
+    }
+}
+
+/// Closes `app` with RST, so the application sees a failure rather than a clean EOF.
+fn reset(app: TcpStream) {
+    let _ = socket::reset_on_close(&app);
+    drop(app);
+}

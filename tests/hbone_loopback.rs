@@ -1,0 +1,360 @@
+//! End to end over loopback: HBONE client → HBONE server → app, with the built-in CA.
+//! No root, no namespaces: everything binds 127.0.0.1:0.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hboned::proxy::{ProxyError, TunnelSettings};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_mib_each_way_arrive_intact() {
+    const TOTAL: u64 = 64 * 1024 * 1024;
+    let ca = ca();
+    let srv = server(ca.clone(), id("server")).await;
+    let app = echo_app().await;
+    let hbone = client(ca, TunnelSettings::default());
+    let stream = within(
+        10,
+        hbone.connect(&key(&id("client"), &srv), &request(app.addr)),
+    )
+    .await
+    .unwrap();
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let writer = tokio::spawn(async move {
+        let mut sum = Fnv::default();
+        let mut off = 0;
+        while off < TOTAL {
+            let chunk = pattern(off, 256 * 1024);
+            sum.update(&chunk);
+            wr.write_all(&chunk).await.unwrap();
+            off += chunk.len() as u64;
+        }
+        wr.shutdown().await.unwrap();
+        sum
+    });
+    let reader = tokio::spawn(async move {
+        let mut sum = Fnv::default();
+        let mut buf = vec![0u8; 128 * 1024];
+        let mut n_total = 0u64;
+        loop {
+            let n = rd.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            sum.update(&buf[..n]);
+            n_total += n as u64;
+        }
+        (sum, n_total)
+    });
+    let sent = within(120, writer).await.unwrap();
+    let (echoed, n) = within(120, reader).await.unwrap();
+    assert_eq!(n, TOTAL);
+    assert_eq!(sent, echoed, "checksum of the echoed stream differs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_streams_share_two_pooled_connections() {
+    const STREAMS: usize = 200;
+    let ca = ca();
+    let srv = server(ca.clone(), id("server")).await;
+    let app = echo_app().await;
+    let hbone = Arc::new(client(ca, TunnelSettings::default()));
+    let key = key(&id("client"), &srv);
+    let barrier = Arc::new(tokio::sync::Barrier::new(STREAMS + 1));
+    let mut tasks = Vec::new();
+    for i in 0..STREAMS {
+        let (hbone, key, barrier) = (hbone.clone(), key.clone(), barrier.clone());
+        let target = app.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut s = hbone.connect(&key, &request(target)).await.unwrap();
+            let msg = pattern(i as u64, 16 * 1024);
+            s.write_all(&msg).await.unwrap();
+            let mut back = vec![0u8; msg.len()];
+            s.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, msg);
+            // Hold every stream open at once.
+            barrier.wait().await;
+            barrier.wait().await;
+        }));
+    }
+    within(60, barrier.wait()).await;
+    let stats = hbone.stats();
+    assert_eq!(stats.streams, STREAMS);
+    assert_eq!(
+        stats.connections, 2,
+        "100 streams per connection at most: {stats:?}"
+    );
+    assert_eq!(
+        stats.dials, 2,
+        "one dial per key at a time, no storm: {stats:?}"
+    );
+    barrier.wait().await;
+    for t in tasks {
+        within(30, t).await.unwrap();
+    }
+    assert_eq!(app.accepted(), STREAMS);
+    assert_eq!(hbone.stats().streams, 0);
+}
+
+#[tokio::test]
+async fn client_half_close_still_gets_the_reply() {
+    let ca = ca();
+    let srv = server(ca.clone(), id("server")).await;
+    // Reads to EOF, then answers with the length it saw.
+    let app = app(|mut s| async move {
+        let got = read_all(&mut s).await.unwrap();
+        s.write_all(format!("got {}", got.len()).as_bytes())
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+    })
+    .await;
+    let hbone = client(ca, TunnelSettings::default());
+    let mut s = within(
+        10,
+        hbone.connect(&key(&id("client"), &srv), &request(app.addr)),
+    )
+    .await
+    .unwrap();
+    s.write_all(&[1u8; 5000]).await.unwrap();
+    s.shutdown().await.unwrap();
+    let reply = within(10, read_all(&mut s)).await.unwrap();
+    assert_eq!(reply, b"got 5000");
+}
+
+#[tokio::test]
+async fn server_half_close_still_takes_client_bytes() {
+    let ca = ca();
+    let srv = server(ca.clone(), id("server")).await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
+    let tx = Arc::new(std::sync::Mutex::new(Some(tx)));
+    // Greets, closes its write side, then keeps reading until the client's EOF.
+    let app = app(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            s.write_all(b"hello").await.unwrap();
+            s.shutdown().await.unwrap();
+            let got = read_all(&mut s).await.unwrap();
+            if let Some(tx) = tx.lock().unwrap().take() {
+                let _ = tx.send(got);
+            }
+        }
+    })
+    .await;
+    let hbone = client(ca, TunnelSettings::default());
+    let mut s = within(
+        10,
+        hbone.connect(&key(&id("client"), &srv), &request(app.addr)),
+    )
+    .await
+    .unwrap();
+    let greeting = within(10, read_all(&mut s)).await.unwrap();
+    assert_eq!(greeting, b"hello", "EOF arrives after the greeting");
+    s.write_all(b"after your EOF").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(within(10, rx).await.unwrap(), b"after your EOF");
+}
+
+#[tokio::test]
+async fn refused_target_answers_503_without_hanging() {
+    let ca = ca();
+    let srv = server(ca.clone(), id("server")).await;
+    let closed = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap()
+    };
+    let hbone = client(ca, TunnelSettings::default());
+    let err = within(
+        10,
+        hbone.connect(&key(&id("client"), &srv), &request(closed)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, ProxyError::Status { status, .. } if status == 503),
+        "{err}"
+    );
+    assert_eq!(err.reason(), "connect_refused");
+}
+
+#[tokio::test]
+async fn authority_that_is_not_the_workload_answers_400() {
+    let ca = ca();
+    let srv = server(ca.clone(), id("server")).await;
+    let app = echo_app().await;
+    let hbone = client(ca, TunnelSettings::default());
+    let key = key(&id("client"), &srv);
+    let elsewhere = std::net::SocketAddr::new("127.0.0.2".parse().unwrap(), app.addr.port());
+    let own_port = std::net::SocketAddr::new("127.0.0.1".parse().unwrap(), 15008);
+    for target in [elsewhere, own_port] {
+        let err = within(10, hbone.connect(&key, &request(target)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ProxyError::Status { status, .. } if status == 400),
+            "{target}: {err}"
+        );
+    }
+    assert_eq!(app.accepted(), 0);
+}
+
+#[tokio::test]
+async fn wrong_server_identity_fails_and_delivers_nothing() {
+    let ca = ca();
+    let srv = server(ca.clone(), id("impostor")).await;
+    let app = echo_app().await;
+    let hbone = client(ca, TunnelSettings::default());
+    // The client expects "server" but the peer presents "impostor".
+    let key = hboned::proxy::PoolKey::new(id("client"), vec![id("server")], srv.addr, None);
+    let err = within(10, hbone.connect(&key, &request(app.addr)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ProxyError::Tls { .. }), "{err}");
+    assert!(err.to_string().contains("impostor"), "{err}");
+    assert_eq!(app.accepted(), 0, "not one byte may reach the app");
+    assert_eq!(hbone.stats().connections, 0);
+}
+
+#[tokio::test]
+async fn foreign_ca_is_refused_by_both_sides() {
+    let srv = server(ca(), id("server")).await;
+    let app = echo_app().await;
+    let hbone = client(ca(), TunnelSettings::default());
+    let err = within(
+        10,
+        hbone.connect(&key(&id("client"), &srv), &request(app.addr)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, ProxyError::Tls { .. }), "{err}");
+    assert_eq!(app.accepted(), 0);
+}
+
+#[tokio::test]
+async fn idle_pooled_connections_are_released() {
+    let ca = ca();
+    let srv = server(ca.clone(), id("server")).await;
+    let app = echo_app().await;
+    let settings = TunnelSettings {
+        pool_idle_timeout: Duration::from_millis(200),
+        ..TunnelSettings::default()
+    };
+    let hbone = client(ca, settings);
+    let key = key(&id("client"), &srv);
+    let s = within(10, hbone.connect(&key, &request(app.addr)))
+        .await
+        .unwrap();
+    // A second stream while the first is open reuses the connection.
+    let s2 = within(10, hbone.connect(&key, &request(app.addr)))
+        .await
+        .unwrap();
+    assert_eq!(hbone.stats().dials, 1);
+    drop((s, s2));
+    eventually(10, || hbone.stats().connections == 0).await;
+    // A new stream after release dials again.
+    let _s = within(10, hbone.connect(&key, &request(app.addr)))
+        .await
+        .unwrap();
+    assert_eq!(hbone.stats().dials, 2);
+}
+
+#[tokio::test]
+async fn app_reset_reaches_the_client_as_an_error() {
+    let ca = ca();
+    let srv = server(ca.clone(), id("server")).await;
+    // Accepts, then closes with RST.
+    let app = app(|s| async move {
+        hboned::socket::reset_on_close(&s).unwrap();
+        drop(s);
+    })
+    .await;
+    let hbone = client(ca, TunnelSettings::default());
+    let mut s = within(
+        10,
+        hbone.connect(&key(&id("client"), &srv), &request(app.addr)),
+    )
+    .await
+    .unwrap();
+    let mut buf = [0u8; 16];
+    let res = within(10, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    let err = res.expect_err("a reset must not look like a clean EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
+
+/// A bare TLS + HTTP/2 peer that records the first CONNECT head it receives and answers 200.
+#[tokio::test]
+async fn client_sends_the_exact_connect_head() {
+    use hboned::hbone::{Baggage, ConnectRequest, TraceParent};
+    let ca = ca();
+    let cert = ca
+        .issue(&id("server"), std::time::SystemTime::now())
+        .unwrap();
+    let config = hboned::tls::server_config(&cert).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .unwrap();
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = http::StatusCode::OK;
+        let _send = respond.send_response(resp, false).unwrap();
+        let head = (
+            req.method().clone(),
+            req.uri().clone(),
+            req.headers().clone(),
+        );
+        tx.send(head).unwrap();
+        // Keep serving the connection until the client goes away.
+        while let Some(Ok(_)) = conn.accept().await {}
+    });
+    let hbone = client(ca, TunnelSettings::default());
+    let mut req = ConnectRequest::new("[fd00::7]:9090".parse().unwrap());
+    req.forwarded_for = Some("10.1.2.3:4444".parse().unwrap());
+    let mut baggage = Baggage::default();
+    baggage
+        .push("k8s.namespace.name", "test")
+        .push("service.name", "web");
+    req.baggage = baggage;
+    req.traceparent = Some(TraceParent::random());
+    let key = hboned::proxy::PoolKey::new(id("client"), vec![id("server")], addr, None);
+    let _stream = within(10, hbone.connect(&key, &req)).await.unwrap();
+    let (method, uri, headers) = within(10, rx).await.unwrap();
+    assert_eq!(method, http::Method::CONNECT);
+    assert_eq!(uri.to_string(), "[fd00::7]:9090");
+    assert!(
+        uri.scheme().is_none() && uri.path_and_query().is_none(),
+        "no :scheme/:path"
+    );
+    let names: Vec<&str> = {
+        let mut n: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names, ["baggage", "forwarded", "traceparent"]);
+    assert_eq!(headers["forwarded"], "for=\"10.1.2.3:4444\"");
+    assert_eq!(
+        headers["baggage"],
+        "k8s.namespace.name=test,service.name=web"
+    );
+    let tp = headers["traceparent"].to_str().unwrap();
+    assert_eq!(TraceParent::parse(tp), req.traceparent);
+}

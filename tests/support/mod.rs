@@ -1,0 +1,179 @@
+//! Shared pieces of the loopback tests: a CA, an HBONE server for one workload on 127.0.0.1, a
+//! client, and small target apps. Everything binds 127.0.0.1:0.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use hboned::hbone::ConnectRequest;
+use hboned::identity::ca::BuiltinCa;
+use hboned::identity::{CertificateManager, Identity};
+use hboned::netns::{DefaultSocketFactory, SocketFactory};
+use hboned::proxy::{HboneClient, InboundServer, LocalWorkload, PoolKey, TunnelSettings};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub fn id(sa: &str) -> Identity {
+    Identity::new("cluster.local", "test", sa).unwrap()
+}
+
+/// A CA shared by both ends, the way two nodes of one cluster share a root.
+pub fn ca() -> Arc<BuiltinCa> {
+    Arc::new(BuiltinCa::generate(SystemTime::now()).unwrap())
+}
+
+/// A running HBONE server presenting `identity` for the workload at 127.0.0.1.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub identity: Identity,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn server(ca: Arc<BuiltinCa>, identity: Identity) -> Server {
+    let certs = Arc::new(CertificateManager::new(ca));
+    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
+    let listener = sockets.tcp_bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let workload = LocalWorkload {
+        identity: identity.clone(),
+        addresses: vec!["127.0.0.1".parse().unwrap()],
+    };
+    let server = InboundServer::new(workload, certs, sockets, TunnelSettings::default());
+    let task = tokio::spawn(server.serve(listener));
+    Server {
+        addr,
+        identity,
+        task,
+    }
+}
+
+pub fn client(ca: Arc<BuiltinCa>, settings: TunnelSettings) -> HboneClient {
+    let certs = Arc::new(CertificateManager::new(ca));
+    HboneClient::new(certs, Arc::new(DefaultSocketFactory), settings)
+}
+
+pub fn key(source: &Identity, server: &Server) -> PoolKey {
+    PoolKey::new(
+        source.clone(),
+        vec![server.identity.clone()],
+        server.addr,
+        None,
+    )
+}
+
+pub fn request(target: SocketAddr) -> ConnectRequest {
+    ConnectRequest::new(target)
+}
+
+/// A TCP app on 127.0.0.1 that counts accepted connections and runs `handler` on each.
+pub struct App {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl App {
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+pub async fn app<F, Fut>(handler: F) -> App
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(handler(s));
+        }
+    });
+    App {
+        addr,
+        accepted,
+        task,
+    }
+}
+
+/// Echoes everything back, then closes its write side when the client does.
+pub async fn echo_app() -> App {
+    app(|mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    })
+    .await
+}
+
+/// FNV-1a over a byte stream: the same value however the stream was chunked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub fn update(&mut self, data: &[u8]) {
+        for b in data {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Deterministic, non-repeating-looking test data.
+pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
+    (0..len as u64)
+        .map(|i| {
+            let x = (offset + i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            (x >> 56) as u8
+        })
+        .collect()
+}
+
+/// Fails the test instead of hanging it.
+pub async fn within<T>(secs: u64, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(secs), fut)
+        .await
+        .expect("timed out")
+}
+
+/// Waits until `cond` holds (polling), failing after `secs`.
+pub async fn eventually(secs: u64, mut cond: impl FnMut() -> bool) {
+    within(secs, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// Reads until EOF.
+pub async fn read_all(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    Ok(out)
+}
