@@ -183,7 +183,8 @@ mod tests {
 
     #[test]
     fn rejects_malformed_ids() {
-        let cases: &[(&str, fn(&IdentityError) -> bool)] = &[
+        type Check = fn(&IdentityError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("http://cluster.local/ns/a/sa/b", |e| {
                 matches!(e, IdentityError::NotSpiffe(_))
             }),

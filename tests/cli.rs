@@ -1,5 +1,7 @@
 //! The binary as a newcomer runs it: `ca init`, then `run` in loopback mode with its self-check.
 
+#![allow(clippy::unwrap_used)]
+
 use std::process::Command;
 
 fn hboned() -> Command {

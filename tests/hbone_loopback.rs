@@ -1,6 +1,8 @@
 //! End to end over loopback: HBONE client → HBONE server → app, with the built-in CA.
 //! No root, no namespaces: everything binds 127.0.0.1:0.
 
+#![allow(clippy::unwrap_used)]
+
 mod support;
 
 use std::sync::Arc;

@@ -18,6 +18,9 @@ use crate::netns::{self, SocketFactory};
 use crate::socket;
 
 /// Where one outbound connection goes.
+// One short-lived value per connection, never stored in bulk: boxing would only add an
+// allocation per connection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
     /// Through an HBONE tunnel to a peer proxy.

@@ -1,7 +1,7 @@
 //! Shared pieces of the loopback tests: a CA, an HBONE server for one workload on 127.0.0.1, a
 //! client, and small target apps. Everything binds 127.0.0.1:0.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
