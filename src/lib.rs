@@ -16,9 +16,12 @@
 //! ARCHITECTURE.md has the ports, threads and data path on one page.
 
 pub mod app;
+pub mod config;
 pub mod hbone;
 pub mod identity;
 pub mod netns;
 pub mod proxy;
+pub mod redirect;
 pub mod socket;
+pub mod state;
 pub mod tls;

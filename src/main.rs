@@ -41,10 +41,30 @@ enum Command {
         #[arg(long)]
         check_only: bool,
     },
+    /// Install or remove the redirect rule set (DESIGN §3) in a pod's network namespace.
+    Redirect {
+        #[command(subcommand)]
+        action: RedirectAction,
+    },
     /// Built-in CA maintenance.
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RedirectAction {
+    /// Install the rules (idempotent).
+    Install {
+        /// The pod's netns: /var/run/netns/NAME or /proc/PID/ns/net.
+        #[arg(long)]
+        netns: PathBuf,
+    },
+    /// Remove the rules (idempotent).
+    Remove {
+        #[arg(long)]
+        netns: PathBuf,
     },
 }
 
@@ -82,6 +102,21 @@ fn main() -> anyhow::Result<()> {
                 cert_lifetime: Duration::from_secs(cert_lifetime_secs),
                 check_only,
             }))
+        }
+        Command::Redirect { action } => {
+            let (netns, install) = match action {
+                RedirectAction::Install { netns } => (netns, true),
+                RedirectAction::Remove { netns } => (netns, false),
+            };
+            let ns = hboned::netns::Netns::open(&netns)?;
+            if install {
+                hboned::redirect::install(&ns)?;
+                println!("installed the redirect rules in {}", netns.display());
+            } else {
+                hboned::redirect::remove(&ns)?;
+                println!("removed the redirect rules from {}", netns.display());
+            }
+            Ok(())
         }
         Command::Ca {
             command: CaCommand::Init { dir },

@@ -1,12 +1,22 @@
 //! The socket-creation seam. Every socket the proxy listens or dials on is made by a
 //! [`SocketFactory`], so the same proxy code runs in the node's netns, inside a pod's netns
-//! (where sockets must be created and marked), and in loopback tests.
+//! (where sockets are created by entering it and carry the proxy mark), and in loopback tests.
+//!
+//! A socket belongs to the network namespace it was created in, whatever thread uses it later.
+//! [`Netns::run`] enters a namespace on the calling thread only, for the few syscalls that
+//! create a socket, and always returns the thread to where it was.
 
 use std::fmt;
+use std::fs::File;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::socket;
@@ -40,8 +50,117 @@ impl SocketFactory for DefaultSocketFactory {
     }
 }
 
-/// Dials `dst` through `factory` within `timeout`, from `source` when given (port chosen by
-/// the kernel), with the proxy's stream options set.
+/// A network namespace, held open by a file descriptor.
+#[derive(Debug)]
+pub struct Netns {
+    file: File,
+    name: String,
+}
+
+impl Netns {
+    /// Opens a namespace by path (`/var/run/netns/NAME`, `/proc/PID/ns/net`).
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot open netns {}: {e}", path.display()),
+            )
+        })?;
+        Ok(Netns {
+            file,
+            name: path.display().to_string(),
+        })
+    }
+
+    /// Wraps a namespace fd received from the node agent.
+    pub fn from_fd(fd: OwnedFd, name: String) -> Self {
+        Netns {
+            file: File::from(fd),
+            name,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace's inode: equal inodes are the same namespace.
+    pub fn inode(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.ino())
+    }
+
+    /// Runs `f` with the calling thread inside this namespace, then moves the thread back.
+    pub fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let home = File::open("/proc/thread-self/ns/net")?;
+        setns(&self.file, CloneFlags::CLONE_NEWNET)
+            .map_err(|e| io::Error::other(format!("cannot enter netns {}: {e}", self.name)))?;
+        let _back = Return(home);
+        f()
+    }
+}
+
+/// Puts the thread back into its namespace, also when the closure panicked.
+struct Return(File);
+
+impl Drop for Return {
+    fn drop(&mut self) {
+        if let Err(e) = setns(&self.0, CloneFlags::CLONE_NEWNET) {
+            // A worker thread left in a pod's namespace would create later sockets there:
+            // stopping is the only safe outcome.
+            eprintln!("hboned: cannot return a thread to its network namespace: {e}");
+            std::process::abort();
+        }
+    }
+}
+
+/// Sockets inside a pod's namespace, each carrying the proxy mark (DESIGN §3); listeners set
+/// SO_REUSEPORT so an old and a new proxy can overlap.
+#[derive(Debug, Clone)]
+pub struct PodSocketFactory {
+    netns: Arc<Netns>,
+    mark: u32,
+}
+
+impl PodSocketFactory {
+    pub fn new(netns: Arc<Netns>) -> Self {
+        PodSocketFactory {
+            netns,
+            mark: socket::PROXY_MARK,
+        }
+    }
+
+    fn raw(&self, addr: SocketAddr) -> io::Result<Socket> {
+        let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket::set_mark(&s, self.mark)?;
+        s.set_nonblocking(true)?;
+        s.set_cloexec(true)?;
+        Ok(s)
+    }
+}
+
+impl SocketFactory for PodSocketFactory {
+    fn tcp_socket(&self, addr: SocketAddr) -> io::Result<TcpSocket> {
+        let s = self.netns.run(|| self.raw(addr))?;
+        Ok(TcpSocket::from_std_stream(s.into()))
+    }
+
+    fn tcp_bind(&self, addr: SocketAddr) -> io::Result<TcpListener> {
+        let s = self.netns.run(|| {
+            let s = self.raw(addr)?;
+            s.set_reuse_address(true)?;
+            socket::set_reuse_port(&s)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            Ok(s)
+        })?;
+        TcpListener::from_std(s.into())
+    }
+}
+
+/// Dials `dst` through `factory` within `timeout`, with the proxy's stream options set. With
+/// `source`, the socket binds that address first (IP_TRANSPARENT, so it may be the client's
+/// IP, not ours); where the kernel refuses, it dials from its own address instead.
 pub async fn dial(
     factory: &dyn SocketFactory,
     source: Option<IpAddr>,
@@ -49,8 +168,12 @@ pub async fn dial(
     timeout: Duration,
 ) -> io::Result<TcpStream> {
     let socket = factory.tcp_socket(dst)?;
-    if let Some(ip) = source {
-        socket.bind(SocketAddr::new(ip, 0))?;
+    if let Some(ip) = source.filter(|ip| ip.is_ipv4() == dst.is_ipv4()) {
+        let bound = socket::set_transparent(&SockRef::from(&socket), ip.is_ipv6())
+            .and_then(|()| socket.bind(SocketAddr::new(ip, 0)));
+        if let Err(e) = bound {
+            tracing::debug!(%ip, %dst, error = %e, "cannot dial from the client's address; using our own");
+        }
     }
     let stream = tokio::time::timeout(timeout, socket.connect(dst))
         .await
@@ -93,5 +216,29 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+    }
+
+    #[tokio::test]
+    async fn pod_factory_in_our_own_netns_marks_and_reuses_ports() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: SO_MARK needs CAP_NET_ADMIN");
+            return;
+        }
+        let ns = Arc::new(Netns::open(Path::new("/proc/self/ns/net")).unwrap());
+        let f = PodSocketFactory::new(ns);
+        let l = f.tcp_bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = l.local_addr().unwrap();
+        // SO_REUSEPORT: a second listener on the same port is allowed.
+        let l2 = f.tcp_bind(addr).unwrap();
+        assert_eq!(SockRef::from(&l2).mark().unwrap(), socket::PROXY_MARK);
+        let s = dial(&f, None, addr, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(SockRef::from(&s).mark().unwrap(), socket::PROXY_MARK);
+        drop(l);
+    }
+
+    #[test]
+    fn opening_a_missing_netns_names_it() {
+        let err = Netns::open(Path::new("/var/run/netns/does-not-exist")).unwrap_err();
+        assert!(err.to_string().contains("does-not-exist"), "{err}");
     }
 }

@@ -1,0 +1,449 @@
+//! Configuration: a YAML file (or the embedded default), then `HBONED_*` environment
+//! overrides from an injectable source, then validation that reports every problem at once.
+//! The workload and service tables are a subset of ztunnel's local-config format.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::identity::{DEFAULT_TRUST_DOMAIN, Identity};
+use crate::state::{Protocol, Service, Workload};
+
+/// The configuration `hboned run` uses without `--config`: built-in CA, no static pods, pods
+/// enrolled over ZDS when a node agent's socket is there.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.yaml");
+
+/// The whole configuration of one node's proxy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// The mesh's trust domain; workloads without one get it.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Cluster name, sent in baggage (`k8s.cluster.name`).
+    #[serde(default)]
+    pub cluster_id: String,
+    /// This node's name; workloads whose `node` equals it are local.
+    #[serde(default)]
+    pub node: String,
+    /// The built-in CA.
+    #[serde(default)]
+    pub ca: CaConfig,
+    /// The node agent's ZDS socket; pods are enrolled from it when set.
+    #[serde(default)]
+    pub zds_socket: Option<PathBuf>,
+    /// Pods enrolled from this file (standalone mode), each by its netns path.
+    #[serde(default)]
+    pub pods: Vec<PodConfig>,
+    /// Known workloads (the local equivalent of xDS `Address` resources).
+    #[serde(default)]
+    pub workloads: Vec<WorkloadConfig>,
+    /// Known services.
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+    /// Deliver inbound traffic with the client's source IP (IP_TRANSPARENT).
+    #[serde(default = "yes")]
+    pub preserve_source_ip: bool,
+    /// Seconds to wait for a connect or handshake.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+}
+
+/// The built-in CA's settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaConfig {
+    /// Directory with root-cert.pem and root-key.pem; unset: certs-dev/ if present, else an
+    /// ephemeral root.
+    #[serde(default)]
+    pub root_dir: Option<PathBuf>,
+    /// Lifetime of issued workload certificates, in seconds.
+    #[serde(default = "default_cert_lifetime")]
+    pub cert_lifetime_secs: u64,
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        CaConfig {
+            root_dir: None,
+            cert_lifetime_secs: default_cert_lifetime(),
+        }
+    }
+}
+
+/// A pod enrolled from the config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PodConfig {
+    /// Unique id; defaults to `namespace/name`.
+    #[serde(default)]
+    pub uid: Option<String>,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub service_account: String,
+    /// `/var/run/netns/NAME` or `/proc/PID/ns/net`.
+    pub netns: PathBuf,
+}
+
+impl PodConfig {
+    pub fn uid(&self) -> String {
+        self.uid
+            .clone()
+            .unwrap_or_else(|| format!("{}/{}", self.namespace, self.name))
+    }
+}
+
+/// A workload entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadConfig {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub service_account: String,
+    #[serde(default)]
+    pub trust_domain: String,
+    pub workload_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default = "default_protocol")]
+    pub protocol: Protocol,
+    /// `ns/hostname` → service port → target port.
+    #[serde(default)]
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+}
+
+/// A service entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    /// Service port → target port.
+    #[serde(default)]
+    pub ports: BTreeMap<u16, u16>,
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
+}
+
+/// Why a configuration was refused; every problem found is listed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config is not valid YAML for hboned: {0}")]
+    Parse(String),
+    #[error("invalid config:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+fn default_trust_domain() -> String {
+    DEFAULT_TRUST_DOMAIN.to_owned()
+}
+fn default_cert_lifetime() -> u64 {
+    3600
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_protocol() -> Protocol {
+    Protocol::Tcp
+}
+fn yes() -> bool {
+    true
+}
+
+impl Config {
+    /// Parses YAML, applies `HBONED_*` overrides from `env`, and validates.
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut config: Config =
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut problems = config.apply_env(env);
+        problems.extend(config.problems());
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Reads `path` (or the embedded default when `None`) with the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.display().to_string(),
+                source,
+            })?,
+            None => EMBEDDED_DEFAULT.to_owned(),
+        };
+        Self::parse(&text, &|k| std::env::var(k).ok())
+    }
+
+    fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+        let mut problems = Vec::new();
+        if let Some(v) = env("HBONED_NODE") {
+            self.node = v;
+        }
+        if let Some(v) = env("HBONED_TRUST_DOMAIN") {
+            self.trust_domain = v;
+        }
+        if let Some(v) = env("HBONED_CLUSTER_ID") {
+            self.cluster_id = v;
+        }
+        if let Some(v) = env("HBONED_ZDS_SOCKET") {
+            self.zds_socket = (!v.is_empty()).then(|| PathBuf::from(v));
+        }
+        if let Some(v) = env("HBONED_CA_DIR") {
+            self.ca.root_dir = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("HBONED_CERT_LIFETIME_SECS") {
+            match v.parse() {
+                Ok(n) => self.ca.cert_lifetime_secs = n,
+                Err(_) => problems.push(format!(
+                    "HBONED_CERT_LIFETIME_SECS={v:?} is not a number of seconds"
+                )),
+            }
+        }
+        problems
+    }
+
+    /// Every semantic problem, not just the first.
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if Identity::new(&self.trust_domain, "x", "x").is_err() {
+            p.push(format!(
+                "trustDomain {:?} is not a valid trust domain",
+                self.trust_domain
+            ));
+        }
+        if self.ca.cert_lifetime_secs < 60 {
+            p.push("ca.certLifetimeSecs must be at least 60".into());
+        }
+        if self.connect_timeout_secs == 0 {
+            p.push("connectTimeoutSecs must be at least 1".into());
+        }
+        let mut uids = std::collections::HashSet::new();
+        for (i, pod) in self.pods.iter().enumerate() {
+            if Identity::new(&self.trust_domain, &pod.namespace, &pod.service_account).is_err() {
+                p.push(format!(
+                    "pods[{i}] ({}): namespace/serviceAccount do not form a SPIFFE ID",
+                    pod.name
+                ));
+            }
+            if !uids.insert(pod.uid()) {
+                p.push(format!("pods[{i}]: duplicate uid {}", pod.uid()));
+            }
+        }
+        for (i, w) in self.workloads.iter().enumerate() {
+            if let Err(e) = self.workload(w) {
+                p.push(format!("workloads[{i}] ({}): {e}", w.uid));
+            }
+            if w.workload_ips.is_empty() {
+                p.push(format!("workloads[{i}] ({}): workloadIps is empty", w.uid));
+            }
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            if let Err(e) = self.service(s) {
+                p.push(format!("services[{i}] ({}): {e}", s.hostname));
+            }
+        }
+        p
+    }
+
+    /// Converts a workload entry, defaulting its trust domain to the mesh's.
+    pub fn workload(&self, w: &WorkloadConfig) -> Result<Workload, String> {
+        let td = if w.trust_domain.is_empty() {
+            &self.trust_domain
+        } else {
+            &w.trust_domain
+        };
+        let identity =
+            Identity::new(td, &w.namespace, &w.service_account).map_err(|e| e.to_string())?;
+        Ok(Workload {
+            uid: w.uid.clone(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            identity,
+            addresses: w.workload_ips.clone(),
+            node: w.node.clone(),
+            protocol: w.protocol,
+            services: w.services.clone(),
+        })
+    }
+
+    pub fn service(&self, s: &ServiceConfig) -> Result<Service, String> {
+        let subject_alt_names = s
+            .subject_alt_names
+            .iter()
+            .map(|n| Identity::parse(n).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        Ok(Service {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            hostname: s.hostname.clone(),
+            vips: s.vips.clone(),
+            ports: s.ports.clone(),
+            subject_alt_names,
+        })
+    }
+
+    /// The workload and service tables as a [`crate::state::State`].
+    pub fn state(&self) -> crate::state::State {
+        let mut state = crate::state::State::default();
+        // Entries were validated by `parse`; an invalid one here is skipped, not fatal.
+        for w in self.workloads.iter().filter_map(|w| self.workload(w).ok()) {
+            state.upsert_workload(w);
+        }
+        for s in self.services.iter().filter_map(|s| self.service(s).ok()) {
+            state.upsert_service(s);
+        }
+        state
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+
+    pub fn cert_lifetime(&self) -> Duration {
+        Duration::from_secs(self.ca.cert_lifetime_secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    const SAMPLE: &str = r#"
+trustDomain: example.org
+node: node-a
+clusterId: c1
+pods:
+  - name: a1
+    namespace: default
+    serviceAccount: client
+    netns: /var/run/netns/pod-a1
+workloads:
+  - uid: default/b1
+    name: b1
+    namespace: default
+    serviceAccount: server
+    workloadIps: [10.1.2.2]
+    node: node-b
+    protocol: HBONE
+    services:
+      default/web.default.svc.cluster.local: {80: 8080}
+  - uid: default/plain
+    name: plain
+    namespace: default
+    workloadIps: [10.1.2.3]
+services:
+  - name: web
+    namespace: default
+    hostname: web.default.svc.cluster.local
+    vips: [10.96.0.1]
+    ports: {80: 8080}
+"#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = Config::parse(SAMPLE, &no_env).unwrap();
+        assert_eq!(c.node, "node-a");
+        assert_eq!(c.pods[0].uid(), "default/a1");
+        assert!(c.preserve_source_ip);
+        let state = c.state();
+        let b1 = state.workload_by_ip("10.1.2.2".parse().unwrap()).unwrap();
+        assert_eq!(
+            b1.identity.to_string(),
+            "spiffe://example.org/ns/default/sa/server"
+        );
+        assert_eq!(b1.protocol, Protocol::Hbone);
+        let plain = state.workload("default/plain").unwrap();
+        assert_eq!(plain.protocol, Protocol::Tcp);
+        assert_eq!(plain.identity.service_account(), "default");
+        assert!(state.service_by_vip("10.96.0.1".parse().unwrap()).is_some());
+    }
+
+    #[test]
+    fn embedded_default_parses() {
+        let c = Config::parse(EMBEDDED_DEFAULT, &no_env).unwrap();
+        assert_eq!(c.trust_domain, "cluster.local");
+        assert!(c.pods.is_empty());
+    }
+
+    #[test]
+    fn env_overrides_apply() {
+        let env = |k: &str| match k {
+            "HBONED_NODE" => Some("from-env".to_string()),
+            "HBONED_ZDS_SOCKET" => Some("/tmp/zds.sock".to_string()),
+            _ => None,
+        };
+        let c = Config::parse(SAMPLE, &env).unwrap();
+        assert_eq!(c.node, "from-env");
+        assert_eq!(c.zds_socket.as_deref(), Some(Path::new("/tmp/zds.sock")));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let bad = r#"
+trustDomain: "Bad Domain"
+ca: {certLifetimeSecs: 5}
+workloads:
+  - uid: w
+    name: w
+    namespace: "bad ns"
+    workloadIps: []
+services:
+  - name: s
+    namespace: default
+    hostname: s
+    vips: [10.0.0.1]
+    subjectAltNames: ["not-spiffe"]
+"#;
+        let env = |k: &str| (k == "HBONED_CERT_LIFETIME_SECS").then(|| "soon".to_string());
+        let err = Config::parse(bad, &env).unwrap_err();
+        let ConfigError::Invalid(problems) = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(problems.len(), 6, "{err}");
+        let text = err.to_string();
+        for needle in [
+            "trustDomain",
+            "certLifetimeSecs",
+            "workloadIps is empty",
+            "workloads[0] (w)",
+            "not-spiffe",
+            "HBONED_CERT_LIFETIME_SECS",
+        ] {
+            assert!(text.contains(needle), "missing {needle}: {text}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_ips_are_parse_errors() {
+        let err = Config::parse("nodee: x\n", &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nodee"), "{err}");
+        let err = Config::parse(
+            "workloads: [{uid: a, name: a, namespace: d, workloadIps: [999.1.1.1]}]",
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("invalid IP"), "{err}");
+    }
+}

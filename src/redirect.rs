@@ -1,0 +1,244 @@
+//! Installs and removes the redirect rule set of DESIGN §3 inside one pod's network namespace:
+//! the iptables chains that send the pod's TCP to ports 15001/15006 (skipping packets that
+//! carry the proxy mark), and the policy route that returns replies to transparent sockets.
+//!
+//! The rules are data ([`CHAINS`], [`JUMPS`]); applying them is idempotent: our chains are
+//! replaced atomically with `iptables-restore --noflush`, jumps and the ip rule are added only
+//! when missing. Commands run with the calling thread inside the pod's netns, never elsewhere.
+
+use std::io;
+use std::process::Command;
+
+use crate::netns::Netns;
+
+/// The policy routing table that delivers marked replies locally.
+pub const ROUTE_TABLE: &str = "100";
+/// Priority of the `fwmark 0x111/0xfff lookup 100` rule.
+pub const RULE_PRIORITY: &str = "32764";
+
+/// Our two chains and their rules, per table, in iptables-restore syntax.
+pub const CHAINS: &str = "\
+*mangle
+:HBONE_PRERT - [0:0]
+:HBONE_OUTPUT - [0:0]
+-A HBONE_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
+-A HBONE_OUTPUT -m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff
+COMMIT
+*nat
+:HBONE_PRERT - [0:0]
+:HBONE_OUTPUT - [0:0]
+-A HBONE_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
+-A HBONE_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
+-A HBONE_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
+-A HBONE_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
+COMMIT
+";
+
+/// (table, built-in chain, our chain): the jumps into our chains.
+pub const JUMPS: [(&str, &str, &str); 4] = [
+    ("mangle", "PREROUTING", "HBONE_PRERT"),
+    ("nat", "PREROUTING", "HBONE_PRERT"),
+    ("mangle", "OUTPUT", "HBONE_OUTPUT"),
+    ("nat", "OUTPUT", "HBONE_OUTPUT"),
+];
+
+/// Why the rules could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("cannot run {command}: {source} (is iptables installed?)")]
+    Spawn { command: String, source: io::Error },
+    #[error("`{command}` failed in netns {netns}: {stderr}")]
+    Failed {
+        command: String,
+        netns: String,
+        stderr: String,
+    },
+    #[error(transparent)]
+    Netns(#[from] io::Error),
+}
+
+/// Installs the rule set in `netns`; running it twice leaves one copy.
+pub fn install(netns: &Netns) -> Result<(), RedirectError> {
+    run(netns, "iptables-restore", &["--noflush"], Some(CHAINS))?;
+    for (table, builtin, chain) in JUMPS {
+        let present = run(
+            netns,
+            "iptables",
+            &["-t", table, "-C", builtin, "-j", chain],
+            None,
+        )
+        .is_ok();
+        if !present {
+            run(
+                netns,
+                "iptables",
+                &["-t", table, "-A", builtin, "-j", chain],
+                None,
+            )?;
+        }
+    }
+    if !rule_present(netns)? {
+        run(netns, "ip", &rule_args("add"), None)?;
+    }
+    run(
+        netns,
+        "ip",
+        &[
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            ROUTE_TABLE,
+        ],
+        None,
+    )?;
+    Ok(())
+}
+
+/// Removes everything [`install`] added; removing what is not there is not an error.
+pub fn remove(netns: &Netns) -> Result<(), RedirectError> {
+    for (table, builtin, chain) in JUMPS {
+        while run(
+            netns,
+            "iptables",
+            &["-t", table, "-D", builtin, "-j", chain],
+            None,
+        )
+        .is_ok()
+        {}
+    }
+    for table in ["mangle", "nat"] {
+        for chain in ["HBONE_PRERT", "HBONE_OUTPUT"] {
+            if run(netns, "iptables", &["-t", table, "-F", chain], None).is_ok() {
+                run(netns, "iptables", &["-t", table, "-X", chain], None)?;
+            }
+        }
+    }
+    while rule_present(netns)? {
+        run(netns, "ip", &rule_args("del"), None)?;
+    }
+    // Fails when the table is already empty; that is the state we want.
+    let _ = run(netns, "ip", &["route", "flush", "table", ROUTE_TABLE], None);
+    Ok(())
+}
+
+fn rule_args(verb: &str) -> [&str; 9] {
+    [
+        "-4",
+        "rule",
+        verb,
+        "fwmark",
+        "0x111/0xfff",
+        "pref",
+        RULE_PRIORITY,
+        "lookup",
+        ROUTE_TABLE,
+    ]
+}
+
+fn rule_present(netns: &Netns) -> Result<bool, RedirectError> {
+    let out = run(
+        netns,
+        "ip",
+        &["-4", "rule", "show", "pref", RULE_PRIORITY],
+        None,
+    )?;
+    Ok(out.contains("0x111/0xfff") && out.contains(&format!("lookup {ROUTE_TABLE}")))
+}
+
+/// Runs a command with the calling thread in `netns` (the child inherits the namespace).
+fn run(
+    netns: &Netns,
+    cmd: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<String, RedirectError> {
+    use std::io::Write;
+    let command = format!("{cmd} {}", args.join(" "));
+    let output = netns
+        .run(|| {
+            let mut child = Command::new(cmd)
+                .args(args)
+                .stdin(if stdin.is_some() {
+                    std::process::Stdio::piped()
+                } else {
+                    std::process::Stdio::null()
+                })
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()?;
+            if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+                pipe.write_all(text.as_bytes())?;
+            }
+            child.wait_with_output()
+        })
+        .map_err(|source| RedirectError::Spawn {
+            command: command.clone(),
+            source,
+        })?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(RedirectError::Failed {
+            command,
+            netns: netns.name().to_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The chains say exactly what DESIGN §3 lists, rule for rule.
+    #[test]
+    fn rules_match_the_design() {
+        let design_rules = [
+            (
+                "mangle",
+                "HBONE_PRERT",
+                "-m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff",
+            ),
+            (
+                "nat",
+                "HBONE_PRERT",
+                "! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006",
+            ),
+            (
+                "mangle",
+                "HBONE_OUTPUT",
+                "-m connmark --mark 0x111/0xfff -j CONNMARK --restore-mark --nfmask 0xffffffff --ctmask 0xffffffff",
+            ),
+            (
+                "nat",
+                "HBONE_OUTPUT",
+                "-p tcp -m mark --mark 0x111/0xfff -j ACCEPT",
+            ),
+            ("nat", "HBONE_OUTPUT", "! -d 127.0.0.1/32 -o lo -j ACCEPT"),
+            (
+                "nat",
+                "HBONE_OUTPUT",
+                "! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001",
+            ),
+        ];
+        let mut table = "";
+        let mut found = Vec::new();
+        for line in CHAINS.lines() {
+            if let Some(t) = line.strip_prefix('*') {
+                table = t;
+            } else if let Some(rule) = line.strip_prefix("-A ") {
+                let (chain, spec) = rule.split_once(' ').unwrap();
+                found.push((table, chain, spec));
+            }
+        }
+        let mut want = design_rules.to_vec();
+        want.sort();
+        found.sort();
+        assert_eq!(found, want);
+        assert_eq!(JUMPS.len(), 4);
+    }
+}

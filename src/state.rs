@@ -1,0 +1,220 @@
+//! The proxy's view of the mesh: workloads by uid and by IP, services by `ns/hostname` and by
+//! VIP, and the outbound routing decision. Pure: no I/O, no clock; whoever feeds it (the local
+//! config file, later xDS) converts into these types first.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use crate::identity::Identity;
+
+/// How a workload takes traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    /// Plain TCP: not enrolled, reached by passthrough.
+    #[serde(alias = "NONE")]
+    Tcp,
+    /// Enrolled: reached through an HBONE tunnel to its node's proxy.
+    Hbone,
+}
+
+/// One workload (a pod, or anything else with IPs and an identity).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub identity: Identity,
+    pub addresses: Vec<IpAddr>,
+    pub node: String,
+    pub protocol: Protocol,
+    /// `ns/hostname` → service port → target port.
+    pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+}
+
+/// A service: VIPs in front of the workloads that name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    /// Service port → target port (a workload's own mapping wins).
+    pub ports: BTreeMap<u16, u16>,
+    /// Extra identities its endpoints may present.
+    pub subject_alt_names: Vec<Identity>,
+}
+
+impl Service {
+    /// The key workloads use to name this service.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+}
+
+/// Where an outbound connection goes, decided from the state alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// Through HBONE to the proxy at `target.ip():15008`.
+    Hbone {
+        workload: Arc<Workload>,
+        /// `<podIP>:<targetPort>`, the CONNECT authority.
+        target: SocketAddr,
+        /// Identities the peer may present.
+        expected: Vec<Identity>,
+        /// The service's hostname when reached through a VIP.
+        service: Option<String>,
+    },
+    /// Plain TCP to `target` (not enrolled, or unknown).
+    Passthrough { target: SocketAddr },
+    /// Refused, with a reason for the log.
+    Refuse(&'static str),
+}
+
+/// The ports of the proxy itself (DESIGN §2); a connection to them on a pod would loop.
+pub const PROXY_PORTS: [u16; 3] = [15001, 15006, 15008];
+
+/// Workloads and services, indexed for the data path's lookups.
+#[derive(Debug, Default, Clone)]
+pub struct State {
+    workloads: HashMap<String, Arc<Workload>>,
+    by_ip: HashMap<IpAddr, String>,
+    services: HashMap<String, Arc<Service>>,
+    by_vip: HashMap<IpAddr, String>,
+}
+
+impl State {
+    /// Adds or replaces a workload (by uid), re-indexing its IPs.
+    pub fn upsert_workload(&mut self, w: Workload) {
+        self.remove_workload(&w.uid.clone());
+        for ip in &w.addresses {
+            self.by_ip.insert(*ip, w.uid.clone());
+        }
+        self.workloads.insert(w.uid.clone(), Arc::new(w));
+    }
+
+    pub fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
+        let old = self.workloads.remove(uid)?;
+        for ip in &old.addresses {
+            if self.by_ip.get(ip).is_some_and(|u| u == uid) {
+                self.by_ip.remove(ip);
+            }
+        }
+        Some(old)
+    }
+
+    /// Adds or replaces a service (by `ns/hostname`), re-indexing its VIPs.
+    pub fn upsert_service(&mut self, s: Service) {
+        let key = s.key();
+        self.remove_service(&key);
+        for vip in &s.vips {
+            self.by_vip.insert(*vip, key.clone());
+        }
+        self.services.insert(key, Arc::new(s));
+    }
+
+    pub fn remove_service(&mut self, key: &str) -> Option<Arc<Service>> {
+        let old = self.services.remove(key)?;
+        for vip in &old.vips {
+            if self.by_vip.get(vip).is_some_and(|k| k == key) {
+                self.by_vip.remove(vip);
+            }
+        }
+        Some(old)
+    }
+
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip).and_then(|uid| self.workloads.get(uid))
+    }
+
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.by_vip.get(&ip).and_then(|k| self.services.get(k))
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.values()
+    }
+
+    /// Endpoints of a service, in uid order, with their target port for `port`.
+    fn endpoints(&self, svc: &Service, port: u16) -> Vec<(Arc<Workload>, u16)> {
+        let key = svc.key();
+        let mut eps: Vec<_> = self
+            .workloads
+            .values()
+            .filter_map(|w| {
+                let ports = w.services.get(&key)?;
+                let target = ports.get(&port).or_else(|| svc.ports.get(&port))?;
+                Some((w.clone(), *target))
+            })
+            .collect();
+        eps.sort_by(|a, b| a.0.uid.cmp(&b.0.uid));
+        eps
+    }
+
+    /// Decides where a connection from a pod with `source_ips` to `dst` goes. `pick` chooses
+    /// among a service's endpoints (the caller passes something that varies per connection).
+    pub fn route(&self, source_ips: &[IpAddr], dst: SocketAddr, pick: usize) -> Upstream {
+        let ip = dst.ip();
+        if PROXY_PORTS.contains(&dst.port()) && (ip.is_loopback() || source_ips.contains(&ip)) {
+            return Upstream::Refuse("destination is the proxy itself");
+        }
+        if let Some(svc) = self.service_by_vip(ip) {
+            let eps = self.endpoints(svc, dst.port());
+            if eps.is_empty() {
+                return if svc.ports.contains_key(&dst.port()) {
+                    Upstream::Refuse("service has no endpoints")
+                } else {
+                    Upstream::Refuse("service has no such port")
+                };
+            }
+            let (w, port) = &eps[pick % eps.len()];
+            let Some(addr) = w.addresses.iter().find(|a| a.is_ipv4() == ip.is_ipv4()) else {
+                return Upstream::Refuse("endpoint has no address of the VIP's family");
+            };
+            let target = SocketAddr::new(*addr, *port);
+            return self.to_workload(
+                w.clone(),
+                target,
+                svc.subject_alt_names.clone(),
+                Some(svc.hostname.clone()),
+            );
+        }
+        match self.workload_by_ip(ip) {
+            Some(w) => self.to_workload(w.clone(), dst, Vec::new(), None),
+            None => Upstream::Passthrough { target: dst },
+        }
+    }
+
+    fn to_workload(
+        &self,
+        workload: Arc<Workload>,
+        target: SocketAddr,
+        mut expected: Vec<Identity>,
+        service: Option<String>,
+    ) -> Upstream {
+        match workload.protocol {
+            Protocol::Tcp => Upstream::Passthrough { target },
+            Protocol::Hbone => {
+                expected.insert(0, workload.identity.clone());
+                Upstream::Hbone {
+                    workload,
+                    target,
+                    expected,
+                    service,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

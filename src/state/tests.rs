@@ -1,0 +1,188 @@
+//! Table tests of the store and the routing decision.
+
+use super::*;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn sa(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn workload(uid: &str, addr: &str, sa_name: &str, protocol: Protocol) -> Workload {
+    Workload {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: "default".into(),
+        identity: Identity::new("cluster.local", "default", sa_name).unwrap(),
+        addresses: vec![ip(addr)],
+        node: "n".into(),
+        protocol,
+        services: BTreeMap::new(),
+    }
+}
+
+fn with_service(mut w: Workload, key: &str, ports: &[(u16, u16)]) -> Workload {
+    w.services
+        .insert(key.into(), ports.iter().copied().collect());
+    w
+}
+
+fn service(vip: &str, ports: &[(u16, u16)]) -> Service {
+    Service {
+        name: "web".into(),
+        namespace: "default".into(),
+        hostname: "web.default.svc.cluster.local".into(),
+        vips: vec![ip(vip)],
+        ports: ports.iter().copied().collect(),
+        subject_alt_names: vec![Identity::new("cluster.local", "default", "web-san").unwrap()],
+    }
+}
+
+const SVC: &str = "default/web.default.svc.cluster.local";
+
+fn state() -> State {
+    let mut s = State::default();
+    s.upsert_workload(workload("a", "10.0.1.2", "a", Protocol::Hbone));
+    s.upsert_workload(with_service(
+        workload("b", "10.0.2.2", "b", Protocol::Hbone),
+        SVC,
+        &[(80, 8080)],
+    ));
+    s.upsert_workload(with_service(
+        workload("c", "10.0.2.3", "c", Protocol::Hbone),
+        SVC,
+        &[],
+    ));
+    s.upsert_workload(workload("plain", "10.0.2.9", "p", Protocol::Tcp));
+    s.upsert_service(service("10.96.0.10", &[(80, 9090), (443, 8443)]));
+    s
+}
+
+#[test]
+fn routes() {
+    let s = state();
+    let src = [ip("10.0.1.2")];
+    type Want = fn(&Upstream) -> bool;
+    let cases: &[(&str, &str, usize, Want)] = &[
+        (
+            "enrolled pod → HBONE, same port",
+            "10.0.2.2:8080",
+            0,
+            |u| {
+                matches!(u, Upstream::Hbone { target, service: None, expected, .. }
+                if *target == sa("10.0.2.2:8080") && expected.len() == 1)
+            },
+        ),
+        ("non-enrolled pod → passthrough", "10.0.2.9:80", 0, |u| {
+            *u == Upstream::Passthrough {
+                target: sa("10.0.2.9:80"),
+            }
+        }),
+        ("unknown IP → passthrough", "192.0.2.1:443", 0, |u| {
+            *u == Upstream::Passthrough {
+                target: sa("192.0.2.1:443"),
+            }
+        }),
+        (
+            "VIP → endpoint b with its own port mapping",
+            "10.96.0.10:80",
+            0,
+            |u| matches!(u, Upstream::Hbone { target, service: Some(_), .. } if *target == sa("10.0.2.2:8080")),
+        ),
+        (
+            "VIP → endpoint c with the service's mapping",
+            "10.96.0.10:80",
+            1,
+            |u| matches!(u, Upstream::Hbone { target, .. } if *target == sa("10.0.2.3:9090")),
+        ),
+        (
+            "VIP pick wraps around",
+            "10.96.0.10:80",
+            2,
+            |u| matches!(u, Upstream::Hbone { target, .. } if *target == sa("10.0.2.2:8080")),
+        ),
+        (
+            "VIP on an unknown port → refused",
+            "10.96.0.10:22",
+            0,
+            |u| *u == Upstream::Refuse("service has no such port"),
+        ),
+        (
+            "own proxy port on own IP → loop refused",
+            "10.0.1.2:15008",
+            0,
+            |u| matches!(u, Upstream::Refuse(_)),
+        ),
+        (
+            "proxy port on loopback → loop refused",
+            "127.0.0.1:15001",
+            0,
+            |u| matches!(u, Upstream::Refuse(_)),
+        ),
+        (
+            "another pod's 15008 is just a destination",
+            "10.0.2.2:15008",
+            0,
+            |u| matches!(u, Upstream::Hbone { .. }),
+        ),
+    ];
+    for (name, dst, pick, want) in cases {
+        let got = s.route(&src, sa(dst), *pick);
+        assert!(want(&got), "{name}: got {got:?}");
+    }
+}
+
+#[test]
+fn service_route_expects_endpoint_and_san_identities() {
+    let s = state();
+    let Upstream::Hbone {
+        expected, service, ..
+    } = s.route(&[], sa("10.96.0.10:443"), 1)
+    else {
+        panic!("expected HBONE");
+    };
+    let names: Vec<String> = expected.iter().map(|i| i.to_string()).collect();
+    assert_eq!(
+        names,
+        [
+            "spiffe://cluster.local/ns/default/sa/c",
+            "spiffe://cluster.local/ns/default/sa/web-san"
+        ]
+    );
+    assert_eq!(service.as_deref(), Some("web.default.svc.cluster.local"));
+}
+
+#[test]
+fn service_without_endpoints_is_refused() {
+    let mut s = State::default();
+    s.upsert_service(service("10.96.0.11", &[(80, 80)]));
+    assert_eq!(
+        s.route(&[], sa("10.96.0.11:80"), 0),
+        Upstream::Refuse("service has no endpoints")
+    );
+}
+
+#[test]
+fn replace_and_remove_reindex() {
+    let mut s = state();
+    // b moves to a new IP: the old one no longer resolves to it.
+    s.upsert_workload(workload("b", "10.0.2.20", "b", Protocol::Hbone));
+    assert!(s.workload_by_ip(ip("10.0.2.2")).is_none());
+    assert_eq!(s.workload_by_ip(ip("10.0.2.20")).unwrap().uid, "b");
+    assert!(s.remove_workload("b").is_some());
+    assert!(s.workload_by_ip(ip("10.0.2.20")).is_none());
+    assert!(s.remove_workload("b").is_none());
+    s.remove_service(SVC);
+    assert!(s.service_by_vip(ip("10.96.0.10")).is_none());
+}
+
+#[test]
+fn removing_an_old_owner_keeps_the_new_owner_of_an_ip() {
+    let mut s = State::default();
+    s.upsert_workload(workload("old", "10.0.0.5", "x", Protocol::Hbone));
+    s.upsert_workload(workload("new", "10.0.0.5", "y", Protocol::Hbone));
+    s.remove_workload("old");
+    assert_eq!(s.workload_by_ip(ip("10.0.0.5")).unwrap().uid, "new");
+}
