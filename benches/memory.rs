@@ -61,6 +61,7 @@ async fn run() {
     let workload = LocalWorkload {
         identity: id("server"),
         addresses: vec![echo_addr.ip()],
+        preserve_source_ip: false,
     };
     let server = InboundServer::new(
         workload,

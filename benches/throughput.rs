@@ -79,6 +79,7 @@ async fn rig() -> Rig {
     let workload = LocalWorkload {
         identity: id("server"),
         addresses: vec![sink_addr.ip()],
+        preserve_source_ip: false,
     };
     let server_certs = Arc::new(CertificateManager::new(ca.clone()));
     let server = InboundServer::new(

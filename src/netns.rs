@@ -90,6 +90,30 @@ impl Netns {
         Ok(self.file.metadata()?.ino())
     }
 
+    /// The namespace's global-scope unicast addresses (loopback and link-local left out).
+    pub fn addresses(&self) -> io::Result<Vec<IpAddr>> {
+        let ifaddrs = self.run(|| Ok(nix::ifaddrs::getifaddrs()?))?;
+        let mut out = Vec::new();
+        for ifa in ifaddrs {
+            let Some(addr) = ifa.address else { continue };
+            let ip = if let Some(v4) = addr.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else if let Some(v6) = addr.as_sockaddr_in6() {
+                IpAddr::V6(v6.ip())
+            } else {
+                continue;
+            };
+            let link_local = match ip {
+                IpAddr::V4(v4) => v4.is_link_local(),
+                IpAddr::V6(v6) => v6.is_unicast_link_local(),
+            };
+            if !ip.is_loopback() && !link_local && !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+        Ok(out)
+    }
+
     /// Runs `f` with the calling thread inside this namespace, then moves the thread back.
     pub fn run<T>(&self, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
         let home = File::open("/proc/thread-self/ns/net")?;

@@ -7,6 +7,7 @@
 pub mod copy;
 pub mod inbound;
 pub mod outbound;
+pub mod passthrough;
 pub mod pool;
 pub mod tunnel;
 
@@ -18,7 +19,7 @@ use crate::identity::manager::CertError;
 use crate::tls::TlsError;
 
 pub use inbound::{InboundServer, LocalWorkload};
-pub use outbound::{Outbound, Route, Router};
+pub use outbound::{Outbound, Route, Router, StateRouter};
 pub use pool::{HboneClient, PoolKey};
 pub use tunnel::{H2Stream, TunnelSettings};
 

@@ -3,11 +3,18 @@
 //! IP_TRANSPARENT for delivering with the client's source address. This is the only module
 //! (with `netns`) that touches raw socket options.
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
 use std::time::Duration;
 
+use nix::sys::socket::{
+    AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    UnixAddr, accept4, bind, connect, listen, recvmsg, sendmsg, socket, socketpair,
+};
 use socket2::{SockRef, Socket, TcpKeepalive};
+use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 
 /// The mark on every socket the proxy creates in a pod netns: the redirect rules skip it.
@@ -74,6 +81,156 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     }
 }
 
+/// Most file descriptors one datagram may carry (ZDS sends exactly one).
+const MAX_FDS: usize = 4;
+
+/// A Unix SOCK_SEQPACKET socket (the ZDS transport): one message per datagram, with file
+/// descriptors passed by SCM_RIGHTS.
+#[derive(Debug)]
+pub struct SeqPacket {
+    fd: AsyncFd<OwnedFd>,
+}
+
+/// Registers an owned descriptor with the runtime.
+fn async_fd(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
+    // SAFETY: an OwnedFd is a valid open descriptor that stays open, and always reports the
+    // same number, for as long as it is owned, here by the AsyncFd.
+    unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
+}
+
+fn seqpacket_socket() -> io::Result<OwnedFd> {
+    Ok(socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?)
+}
+
+impl SeqPacket {
+    /// Connects to a listening socket at `path`.
+    pub fn connect(path: &Path) -> io::Result<Self> {
+        let fd = seqpacket_socket()?;
+        connect(fd.as_raw_fd(), &UnixAddr::new(path)?).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("cannot connect to {}: {e}", path.display()),
+            )
+        })?;
+        Ok(SeqPacket { fd: async_fd(fd)? })
+    }
+
+    /// Two connected ends (for tests and in-process agents).
+    pub fn pair() -> io::Result<(Self, Self)> {
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        )?;
+        Ok((
+            SeqPacket { fd: async_fd(a)? },
+            SeqPacket { fd: async_fd(b)? },
+        ))
+    }
+
+    /// Sends one datagram, with `fds` attached.
+    pub async fn send(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        loop {
+            let mut guard = self.fd.writable().await?;
+            let cmsgs: &[ControlMessage] = if raw.is_empty() {
+                &[]
+            } else {
+                &[ControlMessage::ScmRights(&raw)]
+            };
+            match guard.try_io(|fd| {
+                sendmsg::<()>(
+                    fd.as_raw_fd(),
+                    &[IoSlice::new(data)],
+                    cmsgs,
+                    MsgFlags::empty(),
+                    None,
+                )
+                .map_err(io::Error::from)
+            }) {
+                Ok(res) => return res.map(|_| ()),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Receives one datagram into `buf`: its length (0 at EOF) and the fds it carried. A
+    /// datagram larger than `buf` is an error, never silently cut.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| recv_once(fd.as_raw_fd(), buf)) {
+                Ok(res) => return res,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+fn recv_once(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(received) = cmsg {
+            for raw in received {
+                // SAFETY: the kernel just installed `raw` in our table for us; nothing else
+                // owns it, so this OwnedFd is its only owner.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+            }
+        }
+    }
+    if msg
+        .flags
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC)
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "datagram or its file descriptors truncated",
+        ));
+    }
+    Ok((msg.bytes, fds))
+}
+
+/// A listening SOCK_SEQPACKET socket (the node agent's side; tests and the demo use it).
+#[derive(Debug)]
+pub struct SeqPacketListener {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl SeqPacketListener {
+    pub fn bind(path: &Path) -> io::Result<Self> {
+        let fd = seqpacket_socket()?;
+        bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
+        listen(&fd, Backlog::new(16)?)?;
+        Ok(SeqPacketListener { fd: async_fd(fd)? })
+    }
+
+    pub async fn accept(&self) -> io::Result<SeqPacket> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            match guard.try_io(|fd| {
+                accept4(fd, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)
+                    .map_err(io::Error::from)
+            }) {
+                Ok(res) => {
+                    return Ok(SeqPacket {
+                        fd: async_fd(res?)?,
+                    });
+                }
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +244,30 @@ mod tests {
         assert!(SockRef::from(&s).keepalive().unwrap());
         reset_on_close(&s).unwrap();
         assert_eq!(SockRef::from(&s).linger().unwrap(), Some(Duration::ZERO));
+    }
+
+    #[tokio::test]
+    async fn seqpacket_carries_messages_and_fds() {
+        use std::os::fd::AsFd;
+        let (a, b) = SeqPacket::pair().unwrap();
+        let file = std::fs::File::open("/proc/self/ns/net").unwrap();
+        a.send(b"first", &[file.as_fd()]).await.unwrap();
+        a.send(b"second", &[]).await.unwrap();
+        let mut buf = [0u8; 64];
+        let (n, fds) = b.recv(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"first"[..], 1));
+        let (n, fds) = b.recv(&mut buf).await.unwrap();
+        assert_eq!((&buf[..n], fds.len()), (&b"second"[..], 0));
+        // A datagram larger than the buffer is an error, not a silent cut.
+        a.send(&[7u8; 100], &[]).await.unwrap();
+        let mut small = [0u8; 10];
+        assert!(b.recv(&mut small).await.is_err());
+        a.send(b"with a big buffer", &[file.as_fd()]).await.unwrap();
+        let mut big = vec![0u8; 64 * 1024];
+        let (n, fds) = b.recv(&mut big).await.unwrap();
+        assert_eq!((&big[..n], fds.len()), (&b"with a big buffer"[..], 1));
+        drop(a);
+        assert_eq!(b.recv(&mut buf).await.unwrap().0, 0, "EOF");
     }
 
     #[tokio::test]

@@ -22,10 +22,8 @@ use crate::identity::manager::CertError;
 use crate::identity::{CertificateManager, Identity, WorkloadCert};
 use crate::netns::{self, SocketFactory};
 use crate::socket;
+use crate::state::PROXY_PORTS;
 use crate::tls::{self, TlsError};
-
-/// Ports of the proxy itself; a CONNECT to one of them would loop.
-pub const PROXY_PORTS: [u16; 3] = [15001, 15006, hbone::HBONE_PORT];
 
 /// The workload a server speaks for.
 #[derive(Debug, Clone)]
@@ -33,6 +31,8 @@ pub struct LocalWorkload {
     pub identity: Identity,
     /// The workload's IPs: a CONNECT authority must name one of them.
     pub addresses: Vec<IpAddr>,
+    /// Deliver to the app from the client's IP (IP_TRANSPARENT) instead of our own.
+    pub preserve_source_ip: bool,
 }
 
 /// Why an inbound connection (not a single stream) ended early.

@@ -5,17 +5,20 @@
 //! The routing decision is behind [`Router`] so it stays a pure function of the proxy's state
 //! (the local-config and xDS routers plug in here); this module only executes a [`Route`].
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
 
 use tokio::net::{TcpListener, TcpStream};
 
 use super::copy::{self, End};
+use super::passthrough;
 use super::pool::{HboneClient, PoolKey};
 use super::tunnel::TunnelSettings;
-use crate::hbone::ConnectRequest;
-use crate::netns::{self, SocketFactory};
+use crate::hbone::{Baggage, ConnectRequest, HBONE_PORT, TraceParent};
+use crate::identity::Identity;
+use crate::netns::SocketFactory;
 use crate::socket;
+use crate::state::{State, Upstream};
 
 /// Where one outbound connection goes.
 // One short-lived value per connection, never stored in bulk: boxing would only add an
@@ -118,34 +121,20 @@ impl Outbound {
                     reset(app);
                 }
             },
-            Route::Passthrough { dst } => self.passthrough(app, src, dst).await,
+            Route::Passthrough { dst } => {
+                passthrough::relay(
+                    app,
+                    &*self.sockets,
+                    None,
+                    dst,
+                    self.settings.connect_timeout,
+                )
+                .await
+            }
             Route::Refuse { reason } => {
                 tracing::info!(%src, %dst, reason, "outbound connection refused");
                 reset(app);
             }
-        }
-    }
-
-    async fn passthrough(&self, mut app: TcpStream, src: SocketAddr, dst: SocketAddr) {
-        let mut upstream =
-            match netns::dial(&*self.sockets, None, dst, self.settings.connect_timeout).await {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::info!(%src, %dst, error = %e, "passthrough dial failed");
-                    reset(app);
-                    return;
-                }
-            };
-        if let Err(e) = copy::bidirectional(&mut app, &mut upstream).await {
-            match e.end {
-                End::A => {
-                    let _ = socket::reset_on_close(&upstream);
-                }
-                End::B => {
-                    let _ = socket::reset_on_close(&app);
-                }
-            }
-            tracing::debug!(%src, %dst, error = %e.source, "passthrough failed");
         }
     }
 }
@@ -154,4 +143,54 @@ impl Outbound {
 fn reset(app: TcpStream) {
     let _ = socket::reset_on_close(&app);
     drop(app);
+}
+
+/// Routes a pod's connections from the shared workload state (DESIGN §1): enrolled
+/// destinations through HBONE to `<podIP>:15008`, the rest as plain TCP.
+#[derive(Debug)]
+pub struct StateRouter {
+    pub state: Arc<RwLock<State>>,
+    /// The source pod's identity, presented to the peer.
+    pub source: Identity,
+    /// The source pod's name, for baggage.
+    pub source_name: String,
+    pub source_ips: Vec<IpAddr>,
+    pub cluster_id: String,
+}
+
+impl Router for StateRouter {
+    fn route(&self, src: SocketAddr, dst: SocketAddr) -> Route {
+        // The source port varies per connection: it spreads a service's load over endpoints.
+        let upstream = self.state.read().unwrap_or_else(|p| p.into_inner()).route(
+            &self.source_ips,
+            dst,
+            usize::from(src.port()),
+        );
+        match upstream {
+            Upstream::Hbone {
+                target,
+                expected,
+                service,
+                ..
+            } => {
+                let peer = SocketAddr::new(target.ip(), HBONE_PORT);
+                let mut request = ConnectRequest::new(target);
+                request.forwarded_for = Some(src);
+                request.forwarded_host = service;
+                let mut baggage = Baggage::default();
+                baggage
+                    .push("k8s.cluster.name", &self.cluster_id)
+                    .push("k8s.namespace.name", self.source.namespace())
+                    .push("k8s.pod.name", &self.source_name);
+                request.baggage = baggage;
+                request.traceparent = Some(TraceParent::random());
+                Route::Hbone {
+                    key: PoolKey::new(self.source.clone(), expected, peer, None),
+                    request,
+                }
+            }
+            Upstream::Passthrough { target } => Route::Passthrough { dst: target },
+            Upstream::Refuse(reason) => Route::Refuse { reason },
+        }
+    }
 }

@@ -46,6 +46,7 @@ pub async fn server(ca: Arc<BuiltinCa>, identity: Identity) -> Server {
     let workload = LocalWorkload {
         identity: identity.clone(),
         addresses: vec!["127.0.0.1".parse().unwrap()],
+        preserve_source_ip: false,
     };
     let server = InboundServer::new(workload, certs, sockets, TunnelSettings::default());
     let task = tokio::spawn(server.serve(listener));

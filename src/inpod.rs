@@ -1,0 +1,395 @@
+//! Enrolled pods: for each one, the 15001/15006/15008 listeners created inside its network
+//! namespace and the tasks serving them; and the ZDS client through which a node agent adds
+//! and removes pods (DESIGN §6). Pods listed in the config file go through the same
+//! [`PodManager::add`].
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use prost::Message;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::identity::{CertificateManager, Identity};
+use crate::netns::{Netns, PodSocketFactory, SocketFactory};
+use crate::proto::zds;
+use crate::proxy::{
+    HboneClient, InboundServer, LocalWorkload, Outbound, StateRouter, TunnelSettings, passthrough,
+};
+use crate::socket::{self, SeqPacket};
+use crate::state::State;
+
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+pub const INBOUND_HBONE_PORT: u16 = 15008;
+
+/// Who a pod is (ZDS `WorkloadInfo` plus its uid).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodInfo {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+/// What the node proxy needs to serve pods, shared by all of them.
+#[derive(Debug, Clone)]
+pub struct NodeContext {
+    pub certs: Arc<CertificateManager>,
+    pub state: Arc<RwLock<State>>,
+    pub tunnel: TunnelSettings,
+    pub trust_domain: String,
+    pub cluster_id: String,
+    pub preserve_source_ip: bool,
+}
+
+/// The operations a node agent drives; [`PodManager`] is the real one, tests use a double.
+pub trait PodHandler: Send + Sync {
+    /// Enroll (or re-enroll) a pod; the same uid and netns again is a no-op.
+    fn add(&self, info: PodInfo, netns: Netns) -> Result<(), String>;
+    /// Stop serving a pod; unknown uids are fine.
+    fn remove(&self, uid: &str);
+    /// Mark an enrolled pod as still present during a snapshot.
+    fn keep(&self, uid: &str) -> Result<(), String>;
+    /// A new agent session starts: forget which pods it has named so far.
+    fn begin_snapshot(&self);
+    /// The snapshot is complete: remove pods it did not name.
+    fn snapshot_sent(&self);
+}
+
+struct RunningPod {
+    info: PodInfo,
+    netns_inode: u64,
+    identity: Identity,
+    addresses: Vec<IpAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for RunningPod {
+    fn drop(&mut self) {
+        // Closing the listeners stops new connections; live ones run to their end.
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The pods this node serves.
+pub struct PodManager {
+    ctx: NodeContext,
+    pods: Mutex<HashMap<String, RunningPod>>,
+    named: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for PodManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodManager")
+            .field("pods", &self.pods().len())
+            .finish()
+    }
+}
+
+impl PodManager {
+    pub fn new(ctx: NodeContext) -> Self {
+        PodManager {
+            ctx,
+            pods: Mutex::new(HashMap::new()),
+            named: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The enrolled pods, with their identity and addresses.
+    pub fn pods(&self) -> Vec<(PodInfo, Identity, Vec<IpAddr>)> {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        pods.values()
+            .map(|p| (p.info.clone(), p.identity.clone(), p.addresses.clone()))
+            .collect()
+    }
+
+    /// Creates a pod's listeners in its netns and starts serving them. Must run inside the
+    /// tokio runtime.
+    fn start(&self, info: &PodInfo, netns: Netns) -> Result<RunningPod, String> {
+        let ctx = &self.ctx;
+        let identity = Identity::new(&ctx.trust_domain, &info.namespace, &info.service_account)
+            .map_err(|e| format!("pod {}: {e}", info.uid))?;
+        let netns_inode = netns
+            .inode()
+            .map_err(|e| format!("pod {}: {e}", info.uid))?;
+        let netns = Arc::new(netns);
+        let addresses = netns
+            .addresses()
+            .map_err(|e| format!("pod {}: cannot read its addresses: {e}", info.uid))?;
+        let sockets: Arc<dyn SocketFactory> = Arc::new(PodSocketFactory::new(netns.clone()));
+        let bind = |port| {
+            sockets
+                .tcp_bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
+                .map_err(|e| {
+                    format!(
+                        "pod {}: cannot listen on port {port} in {}: {e}",
+                        info.uid,
+                        netns.name()
+                    )
+                })
+        };
+        let (outbound_l, plaintext_l, hbone_l) = (
+            bind(OUTBOUND_PORT)?,
+            bind(INBOUND_PLAINTEXT_PORT)?,
+            bind(INBOUND_HBONE_PORT)?,
+        );
+        let client = Arc::new(HboneClient::new(
+            ctx.certs.clone(),
+            sockets.clone(),
+            ctx.tunnel.clone(),
+        ));
+        let router = Arc::new(StateRouter {
+            state: ctx.state.clone(),
+            source: identity.clone(),
+            source_name: info.name.clone(),
+            source_ips: addresses.clone(),
+            cluster_id: ctx.cluster_id.clone(),
+        });
+        let outbound = Outbound::new(client, sockets.clone(), router, ctx.tunnel.clone());
+        let workload = LocalWorkload {
+            identity: identity.clone(),
+            addresses: addresses.clone(),
+            preserve_source_ip: ctx.preserve_source_ip,
+        };
+        let inbound = InboundServer::new(
+            workload,
+            ctx.certs.clone(),
+            sockets.clone(),
+            ctx.tunnel.clone(),
+        );
+        let certs = ctx.certs.clone();
+        let prefetch = identity.clone();
+        let tasks = vec![
+            tokio::spawn(outbound.serve(outbound_l, |s| socket::original_dst(s).ok())),
+            tokio::spawn(inbound.serve(hbone_l)),
+            tokio::spawn(passthrough::serve_inbound_plaintext(
+                plaintext_l,
+                sockets,
+                addresses.clone(),
+                ctx.preserve_source_ip,
+                ctx.tunnel.connect_timeout,
+            )),
+            // Fetch the certificate now, so the pod's first connection does not wait for it.
+            tokio::spawn(async move {
+                if let Err(e) = certs.fetch(&prefetch).await {
+                    tracing::warn!(identity = %prefetch, error = %e, "no certificate yet for an enrolled pod");
+                }
+            }),
+        ];
+        tracing::info!(uid = %info.uid, %identity, ?addresses, netns = netns.name(), "pod enrolled");
+        Ok(RunningPod {
+            info: info.clone(),
+            netns_inode,
+            identity,
+            addresses,
+            tasks,
+        })
+    }
+}
+
+impl PodHandler for PodManager {
+    fn add(&self, info: PodInfo, netns: Netns) -> Result<(), String> {
+        self.named
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(info.uid.clone());
+        let inode = netns.inode().ok();
+        {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(running) = pods.get(&info.uid)
+                && Some(running.netns_inode) == inode
+                && running.info == info
+            {
+                return Ok(());
+            }
+        }
+        // A changed pod (new netns or identity) is restarted: stop the old listeners first, so
+        // the new ones can bind.
+        self.remove(&info.uid);
+        let running = self.start(&info, netns)?;
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(info.uid, running);
+        Ok(())
+    }
+
+    fn remove(&self, uid: &str) {
+        let removed = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+        if let Some(pod) = removed {
+            let still_used = self
+                .pods
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .any(|p| p.identity == pod.identity);
+            if !still_used {
+                self.ctx.certs.forget(&pod.identity);
+            }
+            tracing::info!(%uid, "pod removed");
+        }
+    }
+
+    fn keep(&self, uid: &str) -> Result<(), String> {
+        if !self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(uid)
+        {
+            return Err(format!(
+                "keep for unknown pod {uid}: send AddWorkload with its netns"
+            ));
+        }
+        self.named
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(uid.to_owned());
+        Ok(())
+    }
+
+    fn begin_snapshot(&self) {
+        self.named.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn snapshot_sent(&self) {
+        let named = self.named.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let stale: Vec<String> = self
+            .pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .filter(|uid| !named.contains(*uid))
+            .cloned()
+            .collect();
+        for uid in stale {
+            self.remove(&uid);
+        }
+    }
+}
+
+/// Why a ZDS session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ZdsError {
+    #[error("ZDS socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Largest ZDS datagram accepted.
+const MAX_ZDS_MESSAGE: usize = 64 * 1024;
+
+/// Serves one agent connection: hello, then one acknowledged request per datagram, until the
+/// agent closes it. `ready` turns true at the first completed snapshot.
+pub async fn zds_session(
+    conn: &SeqPacket,
+    handler: &dyn PodHandler,
+    ready: &watch::Sender<bool>,
+) -> Result<(), ZdsError> {
+    let hello = zds::ZdsHello {
+        version: zds::Version::V1 as i32,
+    };
+    conn.send(&hello.encode_to_vec(), &[]).await?;
+    handler.begin_snapshot();
+    let mut buf = vec![0u8; MAX_ZDS_MESSAGE];
+    loop {
+        let (n, fds) = conn.recv(&mut buf).await?;
+        // A zero-length datagram reads like EOF on SOCK_SEQPACKET; both end the session.
+        if n == 0 {
+            return Ok(());
+        }
+        let result = match zds::WorkloadRequest::decode(&buf[..n]) {
+            Ok(request) => handle_request(request, fds, handler, ready),
+            Err(e) => Err(format!("cannot decode WorkloadRequest: {e}")),
+        };
+        if let Err(error) = &result {
+            tracing::warn!(%error, "ZDS request refused");
+        }
+        let ack = zds::WorkloadResponse {
+            payload: Some(zds::workload_response::Payload::Ack(zds::Ack {
+                error: result.err().unwrap_or_default(),
+            })),
+        };
+        conn.send(&ack.encode_to_vec(), &[]).await?;
+    }
+}
+
+fn handle_request(
+    request: zds::WorkloadRequest,
+    mut fds: Vec<std::os::fd::OwnedFd>,
+    handler: &dyn PodHandler,
+    ready: &watch::Sender<bool>,
+) -> Result<(), String> {
+    use zds::workload_request::Payload;
+    match request.payload {
+        Some(Payload::Add(add)) => {
+            if fds.len() != 1 {
+                return Err(format!(
+                    "AddWorkload {} must carry exactly one netns fd, got {}",
+                    add.uid,
+                    fds.len()
+                ));
+            }
+            let info = add
+                .workload_info
+                .ok_or_else(|| format!("AddWorkload {} has no workload_info", add.uid))?;
+            if add.uid.is_empty() {
+                return Err("AddWorkload has an empty uid".into());
+            }
+            let netns = Netns::from_fd(fds.remove(0), format!("netns of pod {}", add.uid));
+            let pod = PodInfo {
+                uid: add.uid,
+                name: info.name,
+                namespace: info.namespace,
+                service_account: info.service_account,
+            };
+            handler.add(pod, netns)
+        }
+        Some(Payload::Del(del)) => {
+            handler.remove(&del.uid);
+            Ok(())
+        }
+        Some(Payload::Keep(keep)) => handler.keep(&keep.uid),
+        Some(Payload::SnapshotSent(_)) => {
+            handler.snapshot_sent();
+            ready.send_replace(true);
+            Ok(())
+        }
+        None => Err("WorkloadRequest without a payload (a newer agent?)".into()),
+    }
+}
+
+/// Keeps a session with the agent at `path` up, reconnecting with capped, jittered backoff.
+pub async fn run_zds(path: &Path, handler: Arc<dyn PodHandler>, ready: watch::Sender<bool>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match SeqPacket::connect(path) {
+            Ok(conn) => {
+                tracing::info!(path = %path.display(), "connected to the node agent (ZDS)");
+                backoff = Duration::from_millis(100);
+                match zds_session(&conn, &*handler, &ready).await {
+                    Ok(()) => tracing::warn!("node agent closed the ZDS connection; reconnecting"),
+                    Err(e) => tracing::warn!(error = %e, "ZDS session failed; reconnecting"),
+                }
+            }
+            Err(e) => {
+                tracing::debug!(path = %path.display(), error = %e, "node agent not reachable yet")
+            }
+        }
+        let jitter = Duration::from_millis(rand::random::<u64>() % 100);
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(Duration::from_secs(15));
+    }
+}
+
+#[cfg(test)]
+mod tests;
