@@ -1,9 +1,9 @@
-//! Wiring for the binary: builds the CA, certificate manager, HBONE client and server and the
-//! outbound listener from settings, and runs them. No protocol logic lives here.
+//! Wiring for the binary: builds the CA, certificate manager, workload state, pod manager and
+//! ZDS client from a [`Config`], and runs them until SIGINT/SIGTERM. No protocol logic here.
 //!
-//! Today the proxy runs in loopback mode: one "client" and one "server" workload on
-//! 127.0.0.1, an HBONE server for the server workload, an outbound listener that tunnels every
-//! connection to the server's app (a built-in echo), and a self-check through the tunnel.
+//! [`run_node`] is the node proxy. [`run_loopback`] is a self-contained mode for machines
+//! without namespaces: one "client" and one "server" workload on 127.0.0.1, an HBONE server,
+//! an outbound listener tunneling to a built-in echo app, and a self-check through the tunnel.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,9 +14,12 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::config::Config;
 use crate::hbone::{Baggage, ConnectRequest, TraceParent};
 use crate::identity::ca::{self, BuiltinCa};
 use crate::identity::{CertificateManager, Identity};
+use crate::inpod::{NodeContext, PodHandler, PodInfo, PodManager};
+use crate::netns::Netns;
 use crate::netns::{DefaultSocketFactory, SocketFactory};
 use crate::proxy::{
     HboneClient, InboundServer, LocalWorkload, Outbound, PoolKey, Route, Router, TunnelSettings,
@@ -58,6 +61,57 @@ pub fn load_ca(dir: Option<&std::path::Path>, lifetime: Duration) -> anyhow::Res
         }
     };
     Ok(ca.with_lifetime(lifetime))
+}
+
+/// Runs the node proxy: enrolls the config's pods, follows the node agent over ZDS when a
+/// socket is configured, and serves until SIGINT/SIGTERM.
+pub async fn run_node(config: Config) -> anyhow::Result<()> {
+    let ca = Arc::new(load_ca(
+        config.ca.root_dir.as_deref(),
+        config.cert_lifetime(),
+    )?);
+    let tunnel = TunnelSettings {
+        connect_timeout: config.connect_timeout(),
+        ..TunnelSettings::default()
+    };
+    let ctx = NodeContext {
+        certs: Arc::new(CertificateManager::new(ca)),
+        state: Arc::new(std::sync::RwLock::new(config.state())),
+        tunnel,
+        trust_domain: config.trust_domain.clone(),
+        cluster_id: config.cluster_id.clone(),
+        preserve_source_ip: config.preserve_source_ip,
+    };
+    let manager = Arc::new(PodManager::new(ctx));
+    tracing::info!(node = %config.node, trust_domain = %config.trust_domain, pods = config.pods.len(), workloads = config.workloads.len(), services = config.services.len(), "hboned node proxy starting");
+    for pod in &config.pods {
+        let info = PodInfo {
+            uid: pod.uid(),
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+        };
+        // One broken pod entry must not take the others down: report it and go on.
+        let result = Netns::open(&pod.netns)
+            .map_err(|e| e.to_string())
+            .and_then(|ns| manager.add(info, ns));
+        if let Err(e) = result {
+            tracing::error!(pod = %pod.uid(), error = %e, "cannot enroll pod from the config");
+        }
+    }
+    let (ready_tx, _ready_rx) = tokio::sync::watch::channel(config.zds_socket.is_none());
+    if let Some(path) = config.zds_socket.clone() {
+        tracing::info!(path = %path.display(), "enrolling pods from the node agent (ZDS)");
+        let handler: Arc<dyn PodHandler> = manager.clone();
+        tokio::spawn(async move { crate::inpod::run_zds(&path, handler, ready_tx).await });
+    }
+    println!(
+        "hboned: serving {} pod(s); Ctrl-C stops",
+        manager.pods().len()
+    );
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    Ok(())
 }
 
 /// Tunnels every connection to one fixed workload: the loopback mode's whole routing table.

@@ -17,6 +17,7 @@
 
 pub mod app;
 pub mod config;
+pub mod demo;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;

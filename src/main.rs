@@ -21,9 +21,23 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the proxy. Without a config it runs in loopback mode on the built-in CA: an HBONE
-    /// server and an outbound listener on 127.0.0.1, checked end to end at start.
+    /// Run the node proxy: enroll pods (from the config file and/or a node agent over ZDS) and
+    /// serve them. Without --config it uses the embedded default (config/default.yaml).
     Run {
+        /// YAML configuration (see README.md).
+        #[arg(long, env = "HBONED_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Build a two-node, five-pod topology in network namespaces (root needed), run one hboned
+    /// per node, send traffic, show that the wire carried only TLS, and tear it all down.
+    Demo {
+        /// Also measure pod-to-pod throughput through the proxies next to raw TCP.
+        #[arg(long)]
+        throughput: bool,
+    },
+    /// Loopback mode, no namespaces or root: an HBONE server and an outbound listener on
+    /// 127.0.0.1 with the built-in CA, checked end to end at start.
+    Loopback {
         /// Outbound listener (apps connect here to be tunneled).
         #[arg(long, default_value = "127.0.0.1:15001")]
         outbound: SocketAddr,
@@ -77,6 +91,10 @@ enum CaCommand {
     },
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("starting the tokio runtime")
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -87,22 +105,27 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Run {
+        Command::Run { config } => {
+            let config = hboned::config::Config::load(config.as_deref())?;
+            runtime()?.block_on(app::run_node(config))
+        }
+        Command::Demo { throughput } => {
+            let bin = std::env::current_exe().context("locating the hboned binary")?;
+            runtime()?.block_on(hboned::demo::run(&bin, throughput))
+        }
+        Command::Loopback {
             outbound,
             inbound,
             ca_dir,
             cert_lifetime_secs,
             check_only,
-        } => {
-            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
-            runtime.block_on(app::run_loopback(app::LoopbackSettings {
-                outbound,
-                inbound,
-                ca_dir,
-                cert_lifetime: Duration::from_secs(cert_lifetime_secs),
-                check_only,
-            }))
-        }
+        } => runtime()?.block_on(app::run_loopback(app::LoopbackSettings {
+            outbound,
+            inbound,
+            ca_dir,
+            cert_lifetime: Duration::from_secs(cert_lifetime_secs),
+            check_only,
+        })),
         Command::Redirect { action } => {
             let (netns, install) = match action {
                 RedirectAction::Install { netns } => (netns, true),

@@ -1,4 +1,5 @@
-//! The binary as a newcomer runs it: `ca init`, then `run` in loopback mode with its self-check.
+//! The binary as a newcomer runs it: `ca init`, `loopback` with its self-check, and config
+//! errors from `run`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -19,7 +20,7 @@ fn run_check_only_carries_traffic_through_the_tunnel() {
     assert!(init.status.success(), "{init:?}");
     let out = hboned()
         .args([
-            "run",
+            "loopback",
             "--check-only",
             "--outbound",
             "127.0.0.1:0",
@@ -46,7 +47,7 @@ fn missing_ca_dir_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let out = hboned()
         .args([
-            "run",
+            "loopback",
             "--check-only",
             "--outbound",
             "127.0.0.1:0",
@@ -60,4 +61,22 @@ fn missing_ca_dir_is_a_clear_error() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("root-cert.pem"), "{stderr}");
+}
+
+#[test]
+fn run_with_a_bad_config_lists_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "trustDomain: \"Bad\"\nca: {certLifetimeSecs: 1}\n").unwrap();
+    let out = hboned()
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("trustDomain") && stderr.contains("certLifetimeSecs"),
+        "{stderr}"
+    );
 }

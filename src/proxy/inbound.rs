@@ -177,8 +177,15 @@ impl InboundServer {
             }
         };
         let target = connect.authority;
-        let mut app = match netns::dial(&*self.sockets, None, target, self.settings.connect_timeout)
-            .await
+        // The HBONE connection was dialed from inside the client pod: its address is the pod's.
+        let source = self.workload.preserve_source_ip.then_some(peer.ip());
+        let mut app = match netns::dial(
+            &*self.sockets,
+            source,
+            target,
+            self.settings.connect_timeout,
+        )
+        .await
         {
             Ok(s) => s,
             Err(e) => {

@@ -1,0 +1,695 @@
+//! A two-node topology in network namespaces, for `hboned demo`, the integration test and the
+//! netns throughput measurement. Needs root, iproute2, iptables and tcpdump.
+//!
+//! ```text
+//!  pod a1 (enrolled, sa client)  ─┐                          ┌─ pod b1 (enrolled, sa server)
+//!  pod a2 (not enrolled)         ─┼─ node A ══ veth ══ node B ┼─ pod b2 (not enrolled)
+//!                                 │  hboned                hboned └─ pod b3 (enrolled, sa b3)
+//! ```
+//! Node A's workload table names b3's service account wrongly, so a1 → b3 must fail closed.
+//! Every address is in 198.18.0.0/15 (the benchmarking range) inside namespaces made here;
+//! [`Topology`]'s `Drop` kills the proxies and deletes every namespace, also on a panic.
+
+use std::io::Read;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+use crate::netns::Netns;
+
+/// One pod of the topology.
+#[derive(Debug, Clone, Copy)]
+pub struct Pod {
+    pub name: &'static str,
+    pub node: char,
+    pub ip: Ipv4Addr,
+    pub enrolled: bool,
+    pub service_account: &'static str,
+}
+
+pub const A1: Pod = pod("a1", 'a', 11, true, "client");
+pub const A2: Pod = pod("a2", 'a', 12, false, "plain-a");
+pub const B1: Pod = pod("b1", 'b', 21, true, "server");
+pub const B2: Pod = pod("b2", 'b', 22, false, "plain-b");
+pub const B3: Pod = pod("b3", 'b', 23, true, "b3");
+pub const PODS: [Pod; 5] = [A1, A2, B1, B2, B3];
+/// What node A wrongly believes b3's service account is.
+pub const B3_AS_SEEN_BY_A: &str = "someone-else";
+/// The app port every test server listens on.
+pub const APP_PORT: u16 = 7000;
+
+const fn pod(name: &'static str, node: char, subnet: u8, enrolled: bool, sa: &'static str) -> Pod {
+    Pod {
+        name,
+        node,
+        ip: Ipv4Addr::new(198, 18, subnet, 2),
+        enrolled,
+        service_account: sa,
+    }
+}
+
+impl Pod {
+    pub fn gateway(&self) -> Ipv4Addr {
+        let [a, b, c, _] = self.ip.octets();
+        Ipv4Addr::new(a, b, c, 1)
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.ip), port)
+    }
+}
+
+/// Runs a command, failing with its stderr.
+fn sh(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The namespaces, links and proxies; torn down on drop.
+#[derive(Debug)]
+pub struct Topology {
+    prefix: String,
+    namespaces: Vec<String>,
+    proxies: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl Topology {
+    /// Checks for root and the tools, then builds everything and starts one proxy per node
+    /// (`bin run --config ...`), returning once every enrolled pod is served.
+    pub async fn start(bin: &Path) -> anyhow::Result<Self> {
+        if !nix::unistd::Uid::effective().is_root() {
+            bail!("the netns topology needs root (network namespaces, iptables, SO_MARK)");
+        }
+        for tool in ["ip", "iptables", "tcpdump"] {
+            sh(&["sh", "-c", &format!("command -v {tool}")])
+                .with_context(|| format!("{tool} is not installed"))?;
+        }
+        // Unique per process and per topology, short enough for interface names (≤15 bytes).
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+        let prefix = format!("hb{:03}{n}", std::process::id() % 1000);
+        let dir = std::env::temp_dir().join(format!("hboned-{prefix}"));
+        std::fs::create_dir_all(&dir)?;
+        let mut topo = Topology {
+            prefix,
+            namespaces: Vec::new(),
+            proxies: Vec::new(),
+            dir,
+        };
+        topo.build()?;
+        for pod in PODS.iter().filter(|p| p.enrolled) {
+            let out = Command::new(bin)
+                .args(["redirect", "install", "--netns"])
+                .arg(topo.netns_path(pod.name))
+                .output()?;
+            if !out.status.success() {
+                bail!(
+                    "hboned redirect install failed for {}: {}",
+                    pod.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        for node in ['a', 'b'] {
+            topo.spawn_proxy(bin, node)?;
+        }
+        topo.wait_ready().await?;
+        Ok(topo)
+    }
+
+    pub fn netns_name(&self, short: &str) -> String {
+        format!("{}-{short}", self.prefix)
+    }
+
+    pub fn netns_path(&self, short: &str) -> PathBuf {
+        Path::new("/var/run/netns").join(self.netns_name(short))
+    }
+
+    /// The node-to-node link as seen from node A (where captures run).
+    pub fn node_link(&self) -> (String, String) {
+        (self.netns_name("na"), format!("{}ab", self.prefix))
+    }
+
+    fn add_netns(&mut self, short: &str) -> anyhow::Result<String> {
+        let name = self.netns_name(short);
+        sh(&["ip", "netns", "add", &name])?;
+        self.namespaces.push(name.clone());
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    fn build(&mut self) -> anyhow::Result<()> {
+        let p = self.prefix.clone();
+        let na = self.add_netns("na")?;
+        let nb = self.add_netns("nb")?;
+        let (ab, ba) = (format!("{p}ab"), format!("{p}ba"));
+        sh(&[
+            "ip", "link", "add", &ab, "netns", &na, "type", "veth", "peer", "name", &ba, "netns",
+            &nb,
+        ])?;
+        for (ns, dev, addr) in [(&na, &ab, "198.18.0.1/24"), (&nb, &ba, "198.18.0.2/24")] {
+            sh(&["ip", "-n", ns, "addr", "add", addr, "dev", dev])?;
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])?;
+        }
+        for pod in PODS {
+            let ns = self.add_netns(pod.name)?;
+            let node_ns = if pod.node == 'a' { &na } else { &nb };
+            let host_dev = format!("{p}{}", pod.name);
+            sh(&[
+                "ip", "link", "add", &host_dev, "netns", node_ns, "type", "veth", "peer", "name",
+                "eth0", "netns", &ns,
+            ])?;
+            let gw = format!("{}/24", pod.gateway());
+            sh(&["ip", "-n", node_ns, "addr", "add", &gw, "dev", &host_dev])?;
+            sh(&["ip", "-n", node_ns, "link", "set", &host_dev, "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{}/24", pod.ip),
+                "dev",
+                "eth0",
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &pod.gateway().to_string(),
+            ])?;
+            let (other_ns, via) = if pod.node == 'a' {
+                (&nb, "198.18.0.1")
+            } else {
+                (&na, "198.18.0.2")
+            };
+            let [a, b, c, _] = pod.ip.octets();
+            let subnet = format!("{a}.{b}.{c}.0/24");
+            sh(&["ip", "-n", other_ns, "route", "add", &subnet, "via", via])?;
+        }
+        Ok(())
+    }
+
+    /// The YAML config of one node's proxy.
+    fn config(&self, node: char) -> String {
+        let mut y = String::from("trustDomain: cluster.local\nclusterId: demo\n");
+        y += &format!("node: node-{node}\nconnectTimeoutSecs: 5\npods:\n");
+        for pod in PODS.iter().filter(|p| p.node == node && p.enrolled) {
+            y += &format!(
+                "  - {{uid: demo/{n}, name: {n}, namespace: demo, serviceAccount: {sa}, netns: {path}}}\n",
+                n = pod.name,
+                sa = pod.service_account,
+                path = self.netns_path(pod.name).display()
+            );
+        }
+        y += "workloads:\n";
+        for pod in PODS {
+            let sa = if node == 'a' && pod.name == B3.name {
+                B3_AS_SEEN_BY_A
+            } else {
+                pod.service_account
+            };
+            y += &format!(
+                "  - {{uid: demo/{n}, name: {n}, namespace: demo, serviceAccount: {sa}, workloadIps: [{ip}], node: node-{nd}, protocol: {proto}}}\n",
+                n = pod.name,
+                ip = pod.ip,
+                nd = pod.node,
+                proto = if pod.enrolled { "HBONE" } else { "TCP" },
+            );
+        }
+        y
+    }
+
+    fn spawn_proxy(&mut self, bin: &Path, node: char) -> anyhow::Result<()> {
+        let config = self.dir.join(format!("node-{node}.yaml"));
+        std::fs::write(&config, self.config(node))?;
+        let log = std::fs::File::create(self.dir.join(format!("node-{node}.log")))?;
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.netns_name(&format!("n{node}"))])
+            .arg(bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .env_remove("HBONED_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting hboned")?;
+        self.proxies.push(child);
+        Ok(())
+    }
+
+    /// Waits until every enrolled pod's HBONE listener accepts.
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for pod in PODS.iter().filter(|p| p.enrolled) {
+            let ns = self.netns(pod.name)?;
+            loop {
+                let probe = self
+                    .connect_from(&ns, SocketAddr::from(([127, 0, 0, 1], 15008)))
+                    .await;
+                if probe.is_ok() {
+                    break;
+                }
+                for child in &mut self.proxies {
+                    if let Some(status) = child.try_wait()? {
+                        bail!("hboned exited early ({status}):\n{}", self.logs());
+                    }
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "pod {} was not served within 30 s:\n{}",
+                        pod.name,
+                        self.logs()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Both proxies' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        ['a', 'b']
+            .iter()
+            .map(|n| {
+                let text = std::fs::read_to_string(self.dir.join(format!("node-{n}.log")))
+                    .unwrap_or_default();
+                format!("--- hboned on node {n} ---\n{text}")
+            })
+            .collect()
+    }
+
+    pub fn netns(&self, short: &str) -> anyhow::Result<Netns> {
+        Ok(Netns::open(&self.netns_path(short))?)
+    }
+
+    /// A listener on `port` inside a pod (an app socket: no mark).
+    pub fn listen(&self, short: &str, port: u16) -> anyhow::Result<TcpListener> {
+        let ns = self.netns(short)?;
+        let std = ns.run(|| {
+            let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })?;
+        Ok(TcpListener::from_std(std)?)
+    }
+
+    /// Connects from inside a pod, as its app would (no mark: the redirect applies).
+    pub async fn connect(&self, short: &str, to: SocketAddr) -> std::io::Result<TcpStream> {
+        let ns = self.netns(short).map_err(std::io::Error::other)?;
+        self.connect_from(&ns, to).await
+    }
+
+    async fn connect_from(&self, ns: &Netns, to: SocketAddr) -> std::io::Result<TcpStream> {
+        let socket = ns.run(TcpSocket::new_v4)?;
+        tokio::time::timeout(Duration::from_secs(10), socket.connect(to))
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("connect to {to} timed out"),
+                )
+            })?
+    }
+
+    /// Stops the proxies (SIGTERM, then SIGKILL) and reports whether each exited.
+    pub fn stop_proxies(&mut self) -> Vec<bool> {
+        self.proxies
+            .iter_mut()
+            .map(|child| {
+                let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                child.wait().is_ok()
+            })
+            .collect()
+    }
+
+    /// Names of this topology's namespaces that still exist.
+    pub fn leftover_namespaces(prefix: &str) -> Vec<String> {
+        sh(&["ip", "netns", "list"])
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&format!("{prefix}-")))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+        self.stop_proxies();
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = sh(&["ip", "netns", "del", &ns]);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A tcpdump on one interface, written to a pcap file.
+#[derive(Debug)]
+pub struct Capture {
+    child: Child,
+    file: PathBuf,
+}
+
+/// One captured TCP segment.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+impl Capture {
+    pub async fn start(netns: &str, iface: &str, file: &Path) -> anyhow::Result<Self> {
+        let mut child = Command::new("ip")
+            .args([
+                "netns", "exec", netns, "tcpdump", "-i", iface, "-U", "-s", "0", "-B", "65536",
+                "-w",
+            ])
+            .arg(file)
+            .arg("tcp")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting tcpdump")?;
+        // tcpdump says "listening on" once the capture is armed.
+        let mut stderr = child.stderr.take().context("tcpdump stderr")?;
+        let armed = tokio::task::spawn_blocking(move || {
+            let mut seen = Vec::new();
+            let mut byte = [0u8; 1];
+            while stderr.read(&mut byte).map(|n| n == 1).unwrap_or(false) {
+                seen.push(byte[0]);
+                if String::from_utf8_lossy(&seen).contains("listening on") {
+                    return Ok(stderr);
+                }
+            }
+            Err(String::from_utf8_lossy(&seen).into_owned())
+        });
+        match tokio::time::timeout(Duration::from_secs(10), armed).await {
+            Ok(Ok(Ok(rest))) => {
+                // Keep draining stderr so tcpdump never blocks on it.
+                std::thread::spawn(move || std::io::copy(&mut { rest }, &mut std::io::sink()));
+            }
+            other => {
+                let _ = child.kill();
+                bail!("tcpdump did not start: {other:?}");
+            }
+        }
+        Ok(Capture {
+            child,
+            file: file.to_owned(),
+        })
+    }
+
+    /// Stops the capture and returns the TCP segments it saw.
+    pub fn stop(mut self) -> anyhow::Result<Vec<Segment>> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
+        self.child.wait()?;
+        parse_pcap(&std::fs::read(&self.file)?)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads the IPv4 TCP segments of an Ethernet pcap file.
+pub fn parse_pcap(data: &[u8]) -> anyhow::Result<Vec<Segment>> {
+    let u32_at = |b: &[u8], i: usize| -> anyhow::Result<u32> {
+        let s = b.get(i..i + 4).context("truncated pcap")?;
+        Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    };
+    if u32_at(data, 0)? != 0xa1b2c3d4 || u32_at(data, 20)? != 1 {
+        bail!("not a little-endian Ethernet pcap");
+    }
+    let mut segments = Vec::new();
+    let mut off = 24;
+    while off + 16 <= data.len() {
+        let caplen = u32_at(data, off + 8)? as usize;
+        let frame = data
+            .get(off + 16..off + 16 + caplen)
+            .context("truncated pcap record")?;
+        off += 16 + caplen;
+        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+            continue;
+        }
+        let ip = &frame[14..];
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
+        if ip[9] != 6 || total < ihl + 20 {
+            continue;
+        }
+        let tcp = &ip[ihl..total];
+        let data_off = usize::from(tcp[12] >> 4) * 4;
+        let addr = |o: usize, p: usize| {
+            SocketAddr::from((
+                [ip[o], ip[o + 1], ip[o + 2], ip[o + 3]],
+                u16::from_be_bytes([tcp[p], tcp[p + 1]]),
+            ))
+        };
+        segments.push(Segment {
+            src: addr(12, 0),
+            dst: addr(16, 2),
+            payload: tcp.get(data_off..).unwrap_or_default().to_vec(),
+        });
+    }
+    Ok(segments)
+}
+
+/// Echoes every connection on `listener`, recording each peer address.
+pub fn spawn_echo(
+    listener: TcpListener,
+) -> (
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+) {
+    let peers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = peers.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, peer)) = listener.accept().await {
+            seen.lock().unwrap_or_else(|p| p.into_inner()).push(peer);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    (task, peers)
+}
+
+/// Sends `data` on `stream` right after connect (no wait), reads the echo to EOF.
+pub async fn echo_roundtrip(stream: TcpStream, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let (mut r, mut w) = stream.into_split();
+    let (sent, got) = tokio::join!(
+        async {
+            w.write_all(data).await?;
+            w.shutdown().await
+        },
+        async {
+            let mut back = Vec::with_capacity(data.len());
+            r.read_to_end(&mut back).await.map(|_| back)
+        }
+    );
+    sent?;
+    got
+}
+
+/// What `hboned demo` prints: traffic through the topology and what the wire carried.
+pub async fn run(bin: &Path, throughput: bool) -> anyhow::Result<()> {
+    println!("building two nodes and five pods in network namespaces...");
+    let topo = Topology::start(bin).await?;
+    let (_echo_b1, peers_b1) = spawn_echo(topo.listen(B1.name, APP_PORT)?);
+    let (_echo_b2, _) = spawn_echo(topo.listen(B2.name, APP_PORT)?);
+    let (_echo_a1, peers_a1) = spawn_echo(topo.listen(A1.name, APP_PORT)?);
+    let marker = b"PLAINTEXT-MARKER-hboned-demo";
+    let mut data = Vec::new();
+    while data.len() < 4 << 20 {
+        data.extend_from_slice(marker);
+    }
+    let (ns, iface) = topo.node_link();
+    let pcap = std::env::temp_dir().join(format!("{}-link.pcap", topo.prefix()));
+    let capture = Capture::start(&ns, &iface, &pcap).await?;
+    let started = Instant::now();
+    let back = echo_roundtrip(topo.connect(A1.name, B1.addr(APP_PORT)).await?, &data).await?;
+    let took = started.elapsed();
+    let segments = capture.stop()?;
+    let _ = std::fs::remove_file(&pcap);
+    anyhow::ensure!(back == data, "the echo through the tunnel differs");
+    let with_data: Vec<&Segment> = segments.iter().filter(|s| !s.payload.is_empty()).collect();
+    let all_hbone = with_data
+        .iter()
+        .all(|s| s.src.port() == 15008 || s.dst.port() == 15008);
+    let leaked = with_data
+        .iter()
+        .any(|s| s.payload.windows(marker.len()).any(|w| w == marker));
+    let bytes: usize = with_data.iter().map(|s| s.payload.len()).sum();
+    println!(
+        "a1 (enrolled) → b1 (enrolled): {} MiB echoed intact in {:.0} ms",
+        data.len() >> 20,
+        took.as_secs_f64() * 1e3
+    );
+    println!(
+        "  b1's app saw the client as {:?} (a1 is {})",
+        peers_b1.lock().unwrap_or_else(|p| p.into_inner()),
+        A1.ip
+    );
+    println!(
+        "  node link capture: {} TCP segments with payload, {} bytes; all to/from port 15008: {}; plaintext marker seen: {}",
+        with_data.len(),
+        bytes,
+        all_hbone,
+        leaked
+    );
+    anyhow::ensure!(
+        all_hbone && !leaked,
+        "the node link carried something other than HBONE"
+    );
+
+    let back = echo_roundtrip(topo.connect(A1.name, B2.addr(APP_PORT)).await?, b"hello b2").await?;
+    println!(
+        "a1 (enrolled) → b2 (not enrolled): plaintext passthrough echoed {:?}",
+        String::from_utf8_lossy(&back)
+    );
+    let back = echo_roundtrip(topo.connect(B2.name, A1.addr(APP_PORT)).await?, b"hello a1").await?;
+    println!(
+        "b2 (not enrolled) → a1 (enrolled): plaintext via 15006 echoed {:?}, a1's app saw {:?}",
+        String::from_utf8_lossy(&back),
+        peers_a1.lock().unwrap_or_else(|p| p.into_inner()).last()
+    );
+    let _b3 = spawn_echo(topo.listen(B3.name, APP_PORT)?);
+    let refused = echo_roundtrip(topo.connect(A1.name, B3.addr(APP_PORT)).await?, b"secret").await;
+    println!(
+        "a1 → b3 (node A expects sa {B3_AS_SEEN_BY_A}, b3 presents sa {}): {}",
+        B3.service_account,
+        match refused {
+            Ok(b) if b.is_empty() => "closed, nothing delivered".to_string(),
+            Ok(b) => format!("UNEXPECTED echo {b:?}"),
+            Err(e) => format!("reset ({e})"),
+        }
+    );
+    if throughput {
+        let report = measure_throughput(&topo, 3).await?;
+        println!("{report}");
+    }
+    if std::env::var_os("HBONED_DEMO_LOGS").is_some() {
+        println!("{}", topo.logs());
+    }
+    println!("tearing down...");
+    drop(topo);
+    println!("done");
+    Ok(())
+}
+
+/// Pod-to-pod throughput: a1 → b1 through both proxies, next to a2 → b2 (raw TCP over the
+/// same nodes and link), `runs` times each, alternating; reports medians and the ratio.
+pub async fn measure_throughput(topo: &Topology, runs: usize) -> anyhow::Result<String> {
+    const BYTES: usize = 512 << 20;
+    let sink = |l: TcpListener| {
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 256 << 10];
+                    let mut n = 0u64;
+                    while let Ok(k) = s.read(&mut buf).await {
+                        if k == 0 {
+                            break;
+                        }
+                        n += k as u64;
+                    }
+                    let _ = s.write_all(&n.to_be_bytes()).await;
+                });
+            }
+        })
+    };
+    let _s1 = sink(topo.listen(B1.name, 7100)?);
+    let _s2 = sink(topo.listen(B2.name, 7100)?);
+    let push = |from: &'static str, to: SocketAddr| async move {
+        let mut s = topo.connect(from, to).await?;
+        let chunk = vec![0x42u8; 256 << 10];
+        let t = Instant::now();
+        let mut left = BYTES;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            s.write_all(&chunk[..n]).await?;
+            left -= n;
+        }
+        s.shutdown().await?;
+        let mut count = [0u8; 8];
+        s.read_exact(&mut count).await?;
+        anyhow::ensure!(u64::from_be_bytes(count) == BYTES as u64, "short transfer");
+        Ok::<f64, anyhow::Error>(BYTES as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9)
+    };
+    let (mut raw, mut tunnel) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        raw.push(push(A2.name, B2.addr(7100)).await?);
+        tunnel.push(push(A1.name, B1.addr(7100)).await?);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (r, t) = (median(&mut raw), median(&mut tunnel));
+    Ok(format!(
+        "pod-to-pod throughput, {} MiB per run, median of {runs}: raw TCP a2→b2 {r:.2} Gbit/s, HBONE a1→b1 {t:.2} Gbit/s, tunnel/raw {:.2}",
+        BYTES >> 20,
+        t / r
+    ))
+}
