@@ -142,9 +142,14 @@ impl Topology {
         Path::new("/var/run/netns").join(self.netns_name(short))
     }
 
-    /// The node-to-node link as seen from node A (where captures run).
-    pub fn node_link(&self) -> (String, String) {
-        (self.netns_name("na"), format!("{}ab", self.prefix))
+    /// The node-to-node link as seen from node A, where captures run: (netns, interface, a
+    /// closed port on node B for [`Capture::stop`]'s sentinel).
+    pub fn node_link(&self) -> (String, String, SocketAddr) {
+        (
+            self.netns_name("na"),
+            format!("{}ab", self.prefix),
+            SocketAddr::from(([198, 18, 0, 2], 9)),
+        )
     }
 
     fn add_netns(&mut self, short: &str) -> anyhow::Result<String> {
@@ -454,8 +459,29 @@ impl Capture {
         })
     }
 
-    /// Stops the capture and returns the TCP segments it saw.
-    pub fn stop(mut self) -> anyhow::Result<Vec<Segment>> {
+    /// Stops the capture and returns the TCP segments it saw. tcpdump may still be reading its
+    /// ring buffer when the traffic ends, so first a SYN goes to `sentinel` (a closed port
+    /// across the link, sent from `netns`) until it shows up in the file: tcpdump writes in
+    /// order, so everything before it is in the file too.
+    pub fn stop(mut self, netns: &Netns, sentinel: SocketAddr) -> anyhow::Result<Vec<Segment>> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // Refused at once (RST); only the SYN on the wire matters.
+            let _ = netns.run(|| {
+                std::net::TcpStream::connect_timeout(&sentinel, Duration::from_millis(200))
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            let seen = std::fs::read(&self.file)
+                .ok()
+                .and_then(|d| parse_pcap(&d).ok())
+                .is_some_and(|segs| segs.iter().any(|s| s.dst == sentinel));
+            if seen {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the capture never saw the sentinel SYN to {sentinel}");
+            }
+        }
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT)?;
         self.child.wait()?;
@@ -564,13 +590,13 @@ pub async fn run(bin: &Path, throughput: bool) -> anyhow::Result<()> {
     while data.len() < 4 << 20 {
         data.extend_from_slice(marker);
     }
-    let (ns, iface) = topo.node_link();
+    let (ns, iface, sentinel) = topo.node_link();
     let pcap = std::env::temp_dir().join(format!("{}-link.pcap", topo.prefix()));
     let capture = Capture::start(&ns, &iface, &pcap).await?;
     let started = Instant::now();
     let back = echo_roundtrip(topo.connect(A1.name, B1.addr(APP_PORT)).await?, &data).await?;
     let took = started.elapsed();
-    let segments = capture.stop()?;
+    let segments = capture.stop(&topo.netns("na")?, sentinel)?;
     let _ = std::fs::remove_file(&pcap);
     anyhow::ensure!(back == data, "the echo through the tunnel differs");
     let with_data: Vec<&Segment> = segments.iter().filter(|s| !s.payload.is_empty()).collect();

@@ -47,7 +47,7 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     let marker = b"hboned-PLAINTEXT-marker-7f3a";
 
     // The capture runs on the node-to-node link through (c) and (a).
-    let (ns, iface) = topo.node_link();
+    let (ns, iface, sentinel) = topo.node_link();
     let pcap = std::env::temp_dir().join(format!("{prefix}-link.pcap"));
     let capture = Capture::start(&ns, &iface, &pcap).await.unwrap();
 
@@ -84,7 +84,7 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     );
 
     // (b) The link carried only TLS to/from 15008, never the plaintext.
-    let segments = capture.stop().unwrap();
+    let segments = capture.stop(&topo.netns("na").unwrap(), sentinel).unwrap();
     let _ = std::fs::remove_file(&pcap);
     let with_data: Vec<_> = segments.iter().filter(|s| !s.payload.is_empty()).collect();
     let total: usize = with_data.iter().map(|s| s.payload.len()).sum();
