@@ -614,7 +614,7 @@ pub async fn run(bin: &Path, throughput: bool) -> anyhow::Result<()> {
     );
     println!(
         "  b1's app saw the client as {:?} (a1 is {})",
-        peers_b1.lock().unwrap_or_else(|p| p.into_inner()),
+        peers_b1.lock().unwrap_or_else(|p| p.into_inner()).last(),
         A1.ip
     );
     println!(
