@@ -43,6 +43,10 @@ pub const PODS: [Pod; 5] = [A1, A2, B1, B2, B3];
 pub const B3_AS_SEEN_BY_A: &str = "someone-else";
 /// The app port every test server listens on.
 pub const APP_PORT: u16 = 7000;
+/// A service whose only endpoint is b1: `VIP:SERVICE_PORT` → `b1:APP_PORT`.
+pub const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
+pub const SERVICE_PORT: u16 = 80;
+const SERVICE_HOST: &str = "echo.demo.svc.cluster.local";
 
 const fn pod(name: &'static str, node: char, subnet: u8, enrolled: bool, sa: &'static str) -> Pod {
     Pod {
@@ -245,14 +249,22 @@ impl Topology {
             } else {
                 pod.service_account
             };
+            let services = if pod.name == B1.name {
+                format!("{{demo/{SERVICE_HOST}: {{{SERVICE_PORT}: {APP_PORT}}}}}")
+            } else {
+                "{}".into()
+            };
             y += &format!(
-                "  - {{uid: demo/{n}, name: {n}, namespace: demo, serviceAccount: {sa}, workloadIps: [{ip}], node: node-{nd}, protocol: {proto}}}\n",
+                "  - {{uid: demo/{n}, name: {n}, namespace: demo, serviceAccount: {sa}, workloadIps: [{ip}], node: node-{nd}, protocol: {proto}, services: {services}}}\n",
                 n = pod.name,
                 ip = pod.ip,
                 nd = pod.node,
                 proto = if pod.enrolled { "HBONE" } else { "TCP" },
             );
         }
+        y += &format!(
+            "services:\n  - {{name: echo, namespace: demo, hostname: {SERVICE_HOST}, vips: [{SERVICE_VIP}], ports: {{{SERVICE_PORT}: {APP_PORT}}}}}\n"
+        );
         y
     }
 

@@ -360,3 +360,59 @@ async fn client_sends_the_exact_connect_head() {
     let tp = headers["traceparent"].to_str().unwrap();
     assert_eq!(TraceParent::parse(tp), req.traceparent);
 }
+
+/// A peer that completes the handshakes and then stops serving its connection never answers
+/// PING: the client must give up on it within interval + timeout, not hang forever.
+#[tokio::test]
+async fn unanswered_ping_closes_the_connection() {
+    let ca = ca();
+    let cert = ca
+        .issue(&id("server"), std::time::SystemTime::now())
+        .unwrap();
+    let config = hboned::tls::server_config(&cert).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let tls = tokio_rustls::TlsAcceptor::from(config)
+            .accept(tcp)
+            .await
+            .unwrap();
+        let mut conn = h2::server::handshake(tls).await.unwrap();
+        let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
+        let mut resp = http::Response::new(());
+        *resp.status_mut() = http::StatusCode::OK;
+        let _send = respond.send_response(resp, false).unwrap();
+        // Drive the connection long enough to flush the 200, then stop polling it (but keep
+        // the socket open): PINGs go unanswered from here on.
+        let _ = tokio::time::timeout(Duration::from_millis(100), conn.accept()).await;
+        let _ = stalled_tx.send(());
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop((conn, _send));
+    });
+    let settings = TunnelSettings {
+        ping_interval: Duration::from_millis(100),
+        ping_timeout: Duration::from_millis(300),
+        ..TunnelSettings::default()
+    };
+    let hbone = client(ca, settings);
+    let key = hboned::proxy::PoolKey::new(id("client"), vec![id("server")], addr, None);
+    let mut stream = within(
+        10,
+        hbone.connect(&key, &request("127.0.0.1:9".parse().unwrap())),
+    )
+    .await
+    .unwrap();
+    within(10, stalled_rx).await.unwrap();
+    assert_eq!(hbone.stats().connections, 1);
+    // Within interval + timeout (plus slack) the connection is declared dead...
+    eventually(5, || hbone.stats().connections == 0).await;
+    // ...and its stream fails instead of hanging.
+    let mut buf = [0u8; 8];
+    let res = within(5, stream.read(&mut buf)).await;
+    assert!(
+        res.is_err() || res.as_ref().is_ok_and(|n| *n == 0),
+        "{res:?}"
+    );
+}

@@ -122,6 +122,24 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
         A1.ip
     );
 
+    // A service VIP resolves to its endpoint (b1) with the port translated, through HBONE.
+    let before = peers_b1.lock().unwrap().len();
+    let vip = std::net::SocketAddr::from((demo::SERVICE_VIP, demo::SERVICE_PORT));
+    let s = topo.connect(A1.name, vip).await.unwrap();
+    assert_eq!(
+        within(20, demo::echo_roundtrip(s, b"via the VIP"))
+            .await
+            .unwrap(),
+        b"via the VIP"
+    );
+    let peers = peers_b1.lock().unwrap().clone();
+    assert_eq!(
+        peers.len(),
+        before + 1,
+        "the VIP connection did not reach b1's app"
+    );
+    assert_eq!(peers.last().unwrap().ip(), A1.ip);
+
     // (d) Enrolled ↔ not enrolled: plaintext both ways, no errors.
     let s = topo.connect(A1.name, B2.addr(APP_PORT)).await.unwrap();
     assert_eq!(
@@ -234,20 +252,26 @@ async fn zds_agent_adds_and_removes_a_pod() {
     let agent = SeqPacketListener::bind(&sock).unwrap();
     let config = dir.path().join("node.yaml");
     std::fs::write(&config, format!("zdsSocket: {}\n", sock.display())).unwrap();
+    let log = dir.path().join("hboned.log");
     let mut proxy = std::process::Command::new(bin())
         .args(["run", "--config"])
         .arg(&config)
         .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    struct Kill<'a>(&'a mut std::process::Child);
+    /// Stops the proxy; shows its log if the test failed.
+    struct Kill<'a>(&'a mut std::process::Child, std::path::PathBuf);
     impl Drop for Kill<'_> {
         fn drop(&mut self) {
             let _ = self.0.kill();
             let _ = self.0.wait();
+            if std::thread::panicking() {
+                eprintln!("{}", std::fs::read_to_string(&self.1).unwrap_or_default());
+            }
         }
     }
-    let _kill = Kill(&mut proxy);
+    let _kill = Kill(&mut proxy, log);
 
     let conn = within(20, agent.accept()).await.unwrap();
     let mut buf = vec![0u8; 4096];
@@ -316,4 +340,55 @@ async fn zds_agent_adds_and_removes_a_pod() {
     let (n, _) = within(20, conn.recv(&mut buf)).await.unwrap();
     assert_eq!(ack(&buf[..n]), "");
     support::eventually(10, || probe(&ns).is_err()).await;
+}
+
+/// `hboned redirect install` twice leaves one copy of the rules; `remove` twice leaves none.
+#[test]
+fn redirect_rules_install_and_remove_idempotently() {
+    if !can_run() {
+        return;
+    }
+    let pod = ScratchNetns::new(&format!("hbr{}", std::process::id() % 100_000));
+    let hboned = |verb: &str| {
+        let out = std::process::Command::new(bin())
+            .args(["redirect", verb, "--netns"])
+            .arg(pod.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let in_pod = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &pod.0])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let count = || {
+        let rules = in_pod(&["iptables-save"]);
+        let hbone_rules = rules
+            .lines()
+            .filter(|l| l.starts_with("-A") && l.contains("HBONE"))
+            .count();
+        let ip_rules = in_pod(&["ip", "rule"])
+            .lines()
+            .filter(|l| l.contains("fwmark 0x111/0xfff lookup 100"))
+            .count();
+        let routes = in_pod(&["ip", "route", "show", "table", "100"])
+            .lines()
+            .count();
+        (hbone_rules, ip_rules, routes)
+    };
+    hboned("install");
+    hboned("install");
+    // 6 rules in our chains + 4 jumps into them; one policy rule; one local route.
+    assert_eq!(count(), (10, 1, 1));
+    hboned("remove");
+    hboned("remove");
+    assert_eq!(count(), (0, 0, 0));
 }
