@@ -7,11 +7,12 @@
 //!                                 │  hboned                hboned └─ pod b3 (enrolled, sa b3)
 //! ```
 //! Node A's workload table names b3's service account wrongly, so a1 → b3 must fail closed.
-//! Every address is in 198.18.0.0/15 (the benchmarking range) inside namespaces made here;
+//! Every address is in 198.18.0.0/15 (the benchmarking range) or fd00:198:18::/48, inside
+//! namespaces made here;
 //! [`Topology`]'s `Drop` kills the proxies and deletes every namespace, also on a panic.
 
 use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -29,6 +30,7 @@ pub struct Pod {
     pub name: &'static str,
     pub node: char,
     pub ip: Ipv4Addr,
+    pub ip6: Ipv6Addr,
     pub enrolled: bool,
     pub service_account: &'static str,
 }
@@ -53,6 +55,7 @@ const fn pod(name: &'static str, node: char, subnet: u8, enrolled: bool, sa: &'s
         name,
         node,
         ip: Ipv4Addr::new(198, 18, subnet, 2),
+        ip6: Ipv6Addr::new(0xfd00, 198, 18, subnet as u16, 0, 0, 0, 2),
         enrolled,
         service_account: sa,
     }
@@ -64,8 +67,17 @@ impl Pod {
         Ipv4Addr::new(a, b, c, 1)
     }
 
+    pub fn gateway6(&self) -> Ipv6Addr {
+        let s = self.ip6.segments();
+        Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 1)
+    }
+
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.ip), port)
+    }
+
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(IpAddr::V6(self.ip6), port)
     }
 }
 
@@ -161,11 +173,22 @@ impl Topology {
         sh(&["ip", "netns", "add", &name])?;
         self.namespaces.push(name.clone());
         sh(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
+        // No duplicate address detection: interfaces created later would otherwise hold their
+        // link-local addresses tentative for a second or two and stall neighbor discovery.
+        for knob in [
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.accept_dad=0",
+        ] {
+            sh(&["ip", "netns", "exec", &name, "sysctl", "-qw", knob])?;
+        }
         Ok(name)
     }
 
+    /// Two nodes joined by a veth, each pod behind its node on a veth of its own; dual stack
+    /// (198.18.x.0/24 and fd00:198:18:x::/64, with `nodad` so IPv6 is usable at once).
     fn build(&mut self) -> anyhow::Result<()> {
         let p = self.prefix.clone();
+        let ip = |ns: &str, args: &[&str]| sh(&[&["ip", "-n", ns][..], args].concat());
         let na = self.add_netns("na")?;
         let nb = self.add_netns("nb")?;
         let (ab, ba) = (format!("{p}ab"), format!("{p}ba"));
@@ -173,59 +196,117 @@ impl Topology {
             "ip", "link", "add", &ab, "netns", &na, "type", "veth", "peer", "name", &ba, "netns",
             &nb,
         ])?;
-        for (ns, dev, addr) in [(&na, &ab, "198.18.0.1/24"), (&nb, &ba, "198.18.0.2/24")] {
-            sh(&["ip", "-n", ns, "addr", "add", addr, "dev", dev])?;
-            sh(&["ip", "-n", ns, "link", "set", dev, "up"])?;
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
+        for (ns, dev, host) in [(&na, &ab, 1), (&nb, &ba, 2)] {
+            ip(
                 ns,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ])?;
+                &["addr", "add", &format!("198.18.0.{host}/24"), "dev", dev],
+            )?;
+            ip(
+                ns,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("fd00:198:18::{host}/64"),
+                    "dev",
+                    dev,
+                    "nodad",
+                ],
+            )?;
+            ip(ns, &["link", "set", dev, "up"])?;
+            for knob in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+                sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", knob])?;
+            }
         }
         for pod in PODS {
             let ns = self.add_netns(pod.name)?;
-            let node_ns = if pod.node == 'a' { &na } else { &nb };
+            let (node_ns, other_ns, peer) = if pod.node == 'a' {
+                (&na, &nb, 1)
+            } else {
+                (&nb, &na, 2)
+            };
             let host_dev = format!("{p}{}", pod.name);
             sh(&[
                 "ip", "link", "add", &host_dev, "netns", node_ns, "type", "veth", "peer", "name",
                 "eth0", "netns", &ns,
             ])?;
-            let gw = format!("{}/24", pod.gateway());
-            sh(&["ip", "-n", node_ns, "addr", "add", &gw, "dev", &host_dev])?;
-            sh(&["ip", "-n", node_ns, "link", "set", &host_dev, "up"])?;
-            sh(&[
-                "ip",
-                "-n",
+            ip(
+                node_ns,
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/24", pod.gateway()),
+                    "dev",
+                    &host_dev,
+                ],
+            )?;
+            ip(
+                node_ns,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{}/64", pod.gateway6()),
+                    "dev",
+                    &host_dev,
+                    "nodad",
+                ],
+            )?;
+            ip(node_ns, &["link", "set", &host_dev, "up"])?;
+            ip(
                 &ns,
-                "addr",
-                "add",
-                &format!("{}/24", pod.ip),
-                "dev",
-                "eth0",
-            ])?;
-            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
-            sh(&[
-                "ip",
-                "-n",
+                &["addr", "add", &format!("{}/24", pod.ip), "dev", "eth0"],
+            )?;
+            ip(
                 &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &pod.gateway().to_string(),
-            ])?;
-            let (other_ns, via) = if pod.node == 'a' {
-                (&nb, "198.18.0.1")
-            } else {
-                (&na, "198.18.0.2")
-            };
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{}/64", pod.ip6),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ],
+            )?;
+            ip(&ns, &["link", "set", "eth0", "up"])?;
+            ip(
+                &ns,
+                &["route", "add", "default", "via", &pod.gateway().to_string()],
+            )?;
+            ip(
+                &ns,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &pod.gateway6().to_string(),
+                ],
+            )?;
             let [a, b, c, _] = pod.ip.octets();
-            let subnet = format!("{a}.{b}.{c}.0/24");
-            sh(&["ip", "-n", other_ns, "route", "add", &subnet, "via", via])?;
+            ip(
+                other_ns,
+                &[
+                    "route",
+                    "add",
+                    &format!("{a}.{b}.{c}.0/24"),
+                    "via",
+                    &format!("198.18.0.{peer}"),
+                ],
+            )?;
+            ip(
+                other_ns,
+                &[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{}/64", pod.gateway6()),
+                    "via",
+                    &format!("fd00:198:18::{peer}"),
+                ],
+            )?;
         }
         Ok(())
     }
@@ -255,9 +336,10 @@ impl Topology {
                 "{}".into()
             };
             y += &format!(
-                "  - {{uid: demo/{n}, name: {n}, namespace: demo, serviceAccount: {sa}, workloadIps: [{ip}], node: node-{nd}, protocol: {proto}, services: {services}}}\n",
+                "  - {{uid: demo/{n}, name: {n}, namespace: demo, serviceAccount: {sa}, workloadIps: [{ip}, \"{ip6}\"], node: node-{nd}, protocol: {proto}, services: {services}}}\n",
                 n = pod.name,
                 ip = pod.ip,
+                ip6 = pod.ip6,
                 nd = pod.node,
                 proto = if pod.enrolled { "HBONE" } else { "TCP" },
             );
@@ -340,7 +422,8 @@ impl Topology {
     pub fn listen(&self, short: &str, port: u16) -> anyhow::Result<TcpListener> {
         let ns = self.netns(short)?;
         let std = ns.run(|| {
-            let l = std::net::TcpListener::bind(("0.0.0.0", port))?;
+            // A dual-stack app socket ([::], v6only off) takes both families.
+            let l = std::net::TcpListener::bind(("::", port))?;
             l.set_nonblocking(true)?;
             Ok(l)
         })?;
@@ -354,7 +437,13 @@ impl Topology {
     }
 
     async fn connect_from(&self, ns: &Netns, to: SocketAddr) -> std::io::Result<TcpStream> {
-        let socket = ns.run(TcpSocket::new_v4)?;
+        let socket = ns.run(|| {
+            if to.is_ipv4() {
+                TcpSocket::new_v4()
+            } else {
+                TcpSocket::new_v6()
+            }
+        })?;
         tokio::time::timeout(Duration::from_secs(10), socket.connect(to))
             .await
             .map_err(|_| {
@@ -508,7 +597,41 @@ impl Drop for Capture {
     }
 }
 
-/// Reads the IPv4 TCP segments of an Ethernet pcap file.
+/// The TCP segment in an IPv4 packet, if it carries one.
+fn tcp_in_ipv4(ip: &[u8]) -> Option<Segment> {
+    let ihl = usize::from(*ip.first()? & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([*ip.get(2)?, *ip.get(3)?])).min(ip.len());
+    if *ip.get(9)? != 6 || total < ihl + 20 {
+        return None;
+    }
+    let v4 = |o: usize| IpAddr::V4(Ipv4Addr::new(ip[o], ip[o + 1], ip[o + 2], ip[o + 3]));
+    tcp_segment(v4(12), v4(16), &ip[ihl..total])
+}
+
+/// The TCP segment in an IPv6 packet (no extension headers), if it carries one.
+fn tcp_in_ipv6(ip: &[u8]) -> Option<Segment> {
+    if ip.len() < 40 + 20 || ip[6] != 6 {
+        return None;
+    }
+    let total = (40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]))).min(ip.len());
+    let v6 = |o: usize| {
+        let b: [u8; 16] = ip[o..o + 16].try_into().unwrap_or_default();
+        IpAddr::V6(Ipv6Addr::from(b))
+    };
+    tcp_segment(v6(8), v6(24), &ip[40..total])
+}
+
+fn tcp_segment(src: IpAddr, dst: IpAddr, tcp: &[u8]) -> Option<Segment> {
+    let data_off = usize::from(*tcp.get(12)? >> 4) * 4;
+    let port = |o: usize| u16::from_be_bytes([tcp[o], tcp[o + 1]]);
+    Some(Segment {
+        src: SocketAddr::new(src, port(0)),
+        dst: SocketAddr::new(dst, port(2)),
+        payload: tcp.get(data_off..).unwrap_or_default().to_vec(),
+    })
+}
+
+/// Reads the TCP segments (IPv4 and IPv6) of an Ethernet pcap file.
 pub fn parse_pcap(data: &[u8]) -> anyhow::Result<Vec<Segment>> {
     let u32_at = |b: &[u8], i: usize| -> anyhow::Result<u32> {
         let s = b.get(i..i + 4).context("truncated pcap")?;
@@ -525,33 +648,18 @@ pub fn parse_pcap(data: &[u8]) -> anyhow::Result<Vec<Segment>> {
             .get(off + 16..off + 16 + caplen)
             .context("truncated pcap record")?;
         off += 16 + caplen;
-        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
-            continue;
+        if let Some(segment) = frame.get(14..).and_then(|ip| match frame[12..14] {
+            [0x08, 0x00] => tcp_in_ipv4(ip),
+            [0x86, 0xdd] => tcp_in_ipv6(ip),
+            _ => None,
+        }) {
+            segments.push(segment);
         }
-        let ip = &frame[14..];
-        let ihl = usize::from(ip[0] & 0x0f) * 4;
-        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
-        if ip[9] != 6 || total < ihl + 20 {
-            continue;
-        }
-        let tcp = &ip[ihl..total];
-        let data_off = usize::from(tcp[12] >> 4) * 4;
-        let addr = |o: usize, p: usize| {
-            SocketAddr::from((
-                [ip[o], ip[o + 1], ip[o + 2], ip[o + 3]],
-                u16::from_be_bytes([tcp[p], tcp[p + 1]]),
-            ))
-        };
-        segments.push(Segment {
-            src: addr(12, 0),
-            dst: addr(16, 2),
-            payload: tcp.get(data_off..).unwrap_or_default().to_vec(),
-        });
     }
     Ok(segments)
 }
 
-/// Echoes every connection on `listener`, recording each peer address.
+/// Echoes every connection on `listener`, recording each peer address (IPv4 unmapped).
 pub fn spawn_echo(
     listener: TcpListener,
 ) -> (
@@ -562,6 +670,8 @@ pub fn spawn_echo(
     let seen = peers.clone();
     let task = tokio::spawn(async move {
         while let Ok((mut s, peer)) = listener.accept().await {
+            // The app socket is dual-stack: IPv4 peers show up v4-mapped.
+            let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
             seen.lock().unwrap_or_else(|p| p.into_inner()).push(peer);
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();

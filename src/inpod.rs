@@ -4,7 +4,7 @@
 //! [`PodManager::add`].
 
 use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -123,22 +123,20 @@ impl PodManager {
             .addresses()
             .map_err(|e| format!("pod {}: cannot read its addresses: {e}", info.uid))?;
         let sockets: Arc<dyn SocketFactory> = Arc::new(PodSocketFactory::new(netns.clone()));
-        let bind = |port| {
-            sockets
-                .tcp_bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
-                .map_err(|e| {
-                    format!(
-                        "pod {}: cannot listen on port {port} in {}: {e}",
-                        info.uid,
-                        netns.name()
-                    )
-                })
+        // IPv4 always; IPv6 (v6-only sockets) too when the pod has an IPv6 address.
+        let mut unspecified = vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)];
+        if addresses.iter().any(IpAddr::is_ipv6) {
+            unspecified.push(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+        }
+        let bind = |ip: IpAddr, port| {
+            sockets.tcp_bind(SocketAddr::new(ip, port)).map_err(|e| {
+                format!(
+                    "pod {}: cannot listen on port {port} in {}: {e}",
+                    info.uid,
+                    netns.name()
+                )
+            })
         };
-        let (outbound_l, plaintext_l, hbone_l) = (
-            bind(OUTBOUND_PORT)?,
-            bind(INBOUND_PLAINTEXT_PORT)?,
-            bind(INBOUND_HBONE_PORT)?,
-        );
         let client = Arc::new(HboneClient::new(
             ctx.certs.clone(),
             sockets.clone(),
@@ -163,25 +161,39 @@ impl PodManager {
             sockets.clone(),
             ctx.tunnel.clone(),
         );
-        let certs = ctx.certs.clone();
-        let prefetch = identity.clone();
-        let tasks = vec![
-            tokio::spawn(outbound.serve(outbound_l, |s| socket::original_dst(s).ok())),
-            tokio::spawn(inbound.serve(hbone_l)),
-            tokio::spawn(passthrough::serve_inbound_plaintext(
+        // Bind everything before spawning anything, so a failure leaves no half-served pod.
+        let mut listeners = Vec::new();
+        for ip in unspecified {
+            listeners.push((
+                bind(ip, OUTBOUND_PORT)?,
+                bind(ip, INBOUND_PLAINTEXT_PORT)?,
+                bind(ip, INBOUND_HBONE_PORT)?,
+            ));
+        }
+        let mut tasks = Vec::new();
+        for (outbound_l, plaintext_l, hbone_l) in listeners {
+            tasks.push(tokio::spawn(
+                outbound
+                    .clone()
+                    .serve(outbound_l, |s| socket::original_dst(s).ok()),
+            ));
+            tasks.push(tokio::spawn(inbound.clone().serve(hbone_l)));
+            tasks.push(tokio::spawn(passthrough::serve_inbound_plaintext(
                 plaintext_l,
-                sockets,
+                sockets.clone(),
                 addresses.clone(),
                 ctx.preserve_source_ip,
                 ctx.tunnel.connect_timeout,
-            )),
-            // Fetch the certificate now, so the pod's first connection does not wait for it.
-            tokio::spawn(async move {
-                if let Err(e) = certs.fetch(&prefetch).await {
-                    tracing::warn!(identity = %prefetch, error = %e, "no certificate yet for an enrolled pod");
-                }
-            }),
-        ];
+            )));
+        }
+        // Fetch the certificate now, so the pod's first connection does not wait for it.
+        let certs = ctx.certs.clone();
+        let prefetch = identity.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = certs.fetch(&prefetch).await {
+                tracing::warn!(identity = %prefetch, error = %e, "no certificate yet for an enrolled pod");
+            }
+        }));
         tracing::info!(uid = %info.uid, %identity, ?addresses, netns = netns.name(), "pod enrolled");
         Ok(RunningPod {
             info: info.clone(),

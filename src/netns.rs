@@ -172,6 +172,10 @@ impl SocketFactory for PodSocketFactory {
     fn tcp_bind(&self, addr: SocketAddr) -> io::Result<TcpListener> {
         let s = self.netns.run(|| {
             let s = self.raw(addr)?;
+            if addr.is_ipv6() {
+                // IPv4 has its own listener; a dual-stack socket would take its port.
+                s.set_only_v6(true)?;
+            }
             s.set_reuse_address(true)?;
             socket::set_reuse_port(&s)?;
             s.bind(&addr.into())?;

@@ -1,4 +1,5 @@
-//! Installs and removes the redirect rule set of DESIGN §3 inside one pod's network namespace:
+//! Installs and removes the redirect rule set of DESIGN §3 (iptables and ip6tables) inside one
+//! pod's network namespace:
 //! the iptables chains that send the pod's TCP to ports 15001/15006 (skipping packets that
 //! carry the proxy mark), and the policy route that returns replies to transparent sockets.
 //!
@@ -57,77 +58,132 @@ pub enum RedirectError {
     Netns(#[from] io::Error),
 }
 
-/// Installs the rule set in `netns`; running it twice leaves one copy.
-pub fn install(netns: &Netns) -> Result<(), RedirectError> {
-    run(netns, "iptables-restore", &["--noflush"], Some(CHAINS))?;
-    for (table, builtin, chain) in JUMPS {
-        let present = run(
-            netns,
-            "iptables",
-            &["-t", table, "-C", builtin, "-j", chain],
-            None,
-        )
-        .is_ok();
-        if !present {
-            run(
-                netns,
-                "iptables",
-                &["-t", table, "-A", builtin, "-j", chain],
-                None,
-            )?;
+/// One address family's tools and loopback address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    fn iptables(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
         }
     }
-    if !rule_present(netns)? {
-        run(netns, "ip", &rule_args("add"), None)?;
+
+    fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
     }
-    run(
-        netns,
-        "ip",
-        &[
-            "route",
-            "replace",
-            "local",
-            "0.0.0.0/0",
-            "dev",
-            "lo",
-            "table",
-            ROUTE_TABLE,
-        ],
-        None,
-    )?;
+
+    fn ip_flag(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+
+    fn any(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0/0",
+            Family::V6 => "::/0",
+        }
+    }
+
+    /// [`CHAINS`] for this family (IPv6 excludes `::1/128` where IPv4 excludes 127.0.0.1).
+    pub fn chains(self) -> String {
+        match self {
+            Family::V4 => CHAINS.to_owned(),
+            Family::V6 => CHAINS.replace("127.0.0.1/32", "::1/128"),
+        }
+    }
+}
+
+/// Installs the rule set, for IPv4 and IPv6, in `netns`; running it twice leaves one copy.
+pub fn install(netns: &Netns) -> Result<(), RedirectError> {
+    for family in Family::ALL {
+        install_family(netns, family)?;
+    }
     Ok(())
 }
 
 /// Removes everything [`install`] added; removing what is not there is not an error.
 pub fn remove(netns: &Netns) -> Result<(), RedirectError> {
-    for (table, builtin, chain) in JUMPS {
-        while run(
-            netns,
-            "iptables",
-            &["-t", table, "-D", builtin, "-j", chain],
-            None,
-        )
-        .is_ok()
-        {}
+    for family in Family::ALL {
+        remove_family(netns, family)?;
     }
-    for table in ["mangle", "nat"] {
-        for chain in ["HBONE_PRERT", "HBONE_OUTPUT"] {
-            if run(netns, "iptables", &["-t", table, "-F", chain], None).is_ok() {
-                run(netns, "iptables", &["-t", table, "-X", chain], None)?;
-            }
-        }
-    }
-    while rule_present(netns)? {
-        run(netns, "ip", &rule_args("del"), None)?;
-    }
-    // Fails when the table is already empty; that is the state we want.
-    let _ = run(netns, "ip", &["route", "flush", "table", ROUTE_TABLE], None);
     Ok(())
 }
 
-fn rule_args(verb: &str) -> [&str; 9] {
+fn install_family(netns: &Netns, family: Family) -> Result<(), RedirectError> {
+    let ipt = family.iptables();
+    run(
+        netns,
+        family.restore(),
+        &["--noflush"],
+        Some(&family.chains()),
+    )?;
+    for (table, builtin, chain) in JUMPS {
+        if run(netns, ipt, &["-t", table, "-C", builtin, "-j", chain], None).is_err() {
+            run(netns, ipt, &["-t", table, "-A", builtin, "-j", chain], None)?;
+        }
+    }
+    if !rule_present(netns, family)? {
+        run(netns, "ip", &rule_args(family, "add"), None)?;
+    }
+    let route = [
+        "route",
+        "replace",
+        "local",
+        family.any(),
+        "dev",
+        "lo",
+        "table",
+        ROUTE_TABLE,
+    ];
+    run(
+        netns,
+        "ip",
+        &[&[family.ip_flag()][..], &route[..]].concat(),
+        None,
+    )?;
+    Ok(())
+}
+
+fn remove_family(netns: &Netns, family: Family) -> Result<(), RedirectError> {
+    let ipt = family.iptables();
+    for (table, builtin, chain) in JUMPS {
+        while run(netns, ipt, &["-t", table, "-D", builtin, "-j", chain], None).is_ok() {}
+    }
+    for table in ["mangle", "nat"] {
+        for chain in ["HBONE_PRERT", "HBONE_OUTPUT"] {
+            if run(netns, ipt, &["-t", table, "-F", chain], None).is_ok() {
+                run(netns, ipt, &["-t", table, "-X", chain], None)?;
+            }
+        }
+    }
+    while rule_present(netns, family)? {
+        run(netns, "ip", &rule_args(family, "del"), None)?;
+    }
+    // Fails when the table is already empty; that is the state we want.
+    let _ = run(
+        netns,
+        "ip",
+        &[family.ip_flag(), "route", "flush", "table", ROUTE_TABLE],
+        None,
+    );
+    Ok(())
+}
+
+fn rule_args(family: Family, verb: &str) -> [&str; 9] {
     [
-        "-4",
+        family.ip_flag(),
         "rule",
         verb,
         "fwmark",
@@ -139,11 +195,11 @@ fn rule_args(verb: &str) -> [&str; 9] {
     ]
 }
 
-fn rule_present(netns: &Netns) -> Result<bool, RedirectError> {
+fn rule_present(netns: &Netns, family: Family) -> Result<bool, RedirectError> {
     let out = run(
         netns,
         "ip",
-        &["-4", "rule", "show", "pref", RULE_PRIORITY],
+        &[family.ip_flag(), "rule", "show", "pref", RULE_PRIORITY],
         None,
     )?;
     Ok(out.contains("0x111/0xfff") && out.contains(&format!("lookup {ROUTE_TABLE}")))
@@ -240,5 +296,13 @@ mod tests {
         found.sort();
         assert_eq!(found, want);
         assert_eq!(JUMPS.len(), 4);
+    }
+
+    #[test]
+    fn ipv6_rules_exclude_the_ipv6_loopback() {
+        let v6 = Family::V6.chains();
+        assert!(!v6.contains("127.0.0.1"));
+        assert_eq!(v6.matches("! -d ::1/128").count(), 3);
+        assert_eq!(Family::V4.chains(), CHAINS);
     }
 }

@@ -83,6 +83,21 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
         "(a) data changed in the tunnel"
     );
 
+    // IPv6 alike, inside the capture too: a1 → b1 over IPv6 through the tunnel.
+    let mut v6_data = marker.to_vec();
+    v6_data.extend_from_slice(&pattern(6, 256 * 1024));
+    let s = topo.connect(A1.name, B1.addr6(APP_PORT)).await.unwrap();
+    assert_eq!(
+        within(20, demo::echo_roundtrip(s, &v6_data)).await.unwrap(),
+        v6_data
+    );
+    let seen = peers_b1.lock().unwrap().last().copied().unwrap();
+    assert_eq!(
+        seen.ip(),
+        std::net::IpAddr::V6(A1.ip6),
+        "IPv6 delivery keeps the client's address"
+    );
+
     // (b) The link carried only TLS to/from 15008, never the plaintext.
     let segments = capture.stop(&topo.netns("na").unwrap(), sentinel).unwrap();
     let _ = std::fs::remove_file(&pcap);
@@ -104,6 +119,10 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
             "(b) plaintext on the wire"
         );
     }
+    assert!(
+        with_data.iter().any(|s| s.dst == B1.addr6(15008)),
+        "the IPv6 transfer did not cross the link as HBONE"
+    );
     let starts = |prefix: &[u8]| with_data.iter().any(|s| s.payload.starts_with(prefix));
     assert!(
         starts(&[0x16, 0x03, 0x01]),
@@ -117,7 +136,10 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     // (f) The server app saw the client pod's IP.
     let peers = peers_b1.lock().unwrap().clone();
     assert!(
-        !peers.is_empty() && peers.iter().all(|p| p.ip() == A1.ip),
+        !peers.is_empty()
+            && peers
+                .iter()
+                .all(|p| p.ip() == A1.ip || p.ip() == std::net::IpAddr::V6(A1.ip6)),
         "(f) b1's app saw {peers:?}, not {}",
         A1.ip
     );
@@ -156,6 +178,19 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
         last.ip(),
         B2.ip,
         "(d,f) inbound plaintext keeps the client's IP"
+    );
+    let s = topo.connect(B2.name, A1.addr6(APP_PORT)).await.unwrap();
+    assert_eq!(
+        within(20, demo::echo_roundtrip(s, b"v6 to a1"))
+            .await
+            .unwrap(),
+        b"v6 to a1"
+    );
+    let last = *peers_a1.lock().unwrap().last().unwrap();
+    assert_eq!(
+        last.ip(),
+        std::net::IpAddr::V6(B2.ip6),
+        "(d,f) IPv6 inbound plaintext"
     );
 
     // (e) A peer presenting the wrong identity: refused, the client is reset, nothing arrives.
@@ -369,17 +404,23 @@ fn redirect_rules_install_and_remove_idempotently() {
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let count = || {
-        let rules = in_pod(&["iptables-save"]);
+    // Per family: rules in our chains and jumps, policy rules, routes in table 100.
+    let count = |v6: bool| {
+        let (save, flag) = if v6 {
+            ("ip6tables-save", "-6")
+        } else {
+            ("iptables-save", "-4")
+        };
+        let rules = in_pod(&[save]);
         let hbone_rules = rules
             .lines()
             .filter(|l| l.starts_with("-A") && l.contains("HBONE"))
             .count();
-        let ip_rules = in_pod(&["ip", "rule"])
+        let ip_rules = in_pod(&["ip", flag, "rule"])
             .lines()
             .filter(|l| l.contains("fwmark 0x111/0xfff lookup 100"))
             .count();
-        let routes = in_pod(&["ip", "route", "show", "table", "100"])
+        let routes = in_pod(&["ip", flag, "route", "show", "table", "100"])
             .lines()
             .count();
         (hbone_rules, ip_rules, routes)
@@ -387,8 +428,8 @@ fn redirect_rules_install_and_remove_idempotently() {
     hboned("install");
     hboned("install");
     // 6 rules in our chains + 4 jumps into them; one policy rule; one local route.
-    assert_eq!(count(), (10, 1, 1));
+    assert_eq!((count(false), count(true)), ((10, 1, 1), (10, 1, 1)));
     hboned("remove");
     hboned("remove");
-    assert_eq!(count(), (0, 0, 0));
+    assert_eq!((count(false), count(true)), ((0, 0, 0), (0, 0, 0)));
 }
