@@ -15,6 +15,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpStream};
+
 use crate::identity::manager::CertError;
 use crate::tls::TlsError;
 
@@ -79,6 +81,20 @@ impl ProxyError {
             ProxyError::Http2 { .. } => "http2_failed",
             ProxyError::Status { .. } => "connect_refused",
             ProxyError::Timeout { .. } => "timeout",
+        }
+    }
+}
+
+/// Accepts the next connection on `listener`. Accept errors (out of file descriptors and the
+/// like) are logged and retried after a pause instead of spinning or ending the listener.
+async fn accept(listener: &TcpListener, what: &'static str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(conn) => return conn,
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "accept failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 }

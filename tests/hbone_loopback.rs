@@ -301,20 +301,11 @@ async fn app_reset_reaches_the_client_as_an_error() {
 async fn client_sends_the_exact_connect_head() {
     use hboned::hbone::{Baggage, ConnectRequest, TraceParent};
     let ca = ca();
-    let cert = ca
-        .issue(&id("server"), std::time::SystemTime::now())
-        .unwrap();
-    let config = hboned::tls::server_config(&cert).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = bare_peer_listener().await;
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let ca_for_peer = ca.clone();
     tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let tls = tokio_rustls::TlsAcceptor::from(config)
-            .accept(tcp)
-            .await
-            .unwrap();
-        let mut conn = h2::server::handshake(tls).await.unwrap();
+        let mut conn = bare_peer_accept(&ca_for_peer, listener).await;
         let (req, mut respond) = conn.accept().await.unwrap().unwrap();
         let mut resp = http::Response::new(());
         *resp.status_mut() = http::StatusCode::OK;
@@ -366,20 +357,11 @@ async fn client_sends_the_exact_connect_head() {
 #[tokio::test]
 async fn unanswered_ping_closes_the_connection() {
     let ca = ca();
-    let cert = ca
-        .issue(&id("server"), std::time::SystemTime::now())
-        .unwrap();
-    let config = hboned::tls::server_config(&cert).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = bare_peer_listener().await;
     let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel();
+    let ca_for_peer = ca.clone();
     tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        let tls = tokio_rustls::TlsAcceptor::from(config)
-            .accept(tcp)
-            .await
-            .unwrap();
-        let mut conn = h2::server::handshake(tls).await.unwrap();
+        let mut conn = bare_peer_accept(&ca_for_peer, listener).await;
         let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
         let mut resp = http::Response::new(());
         *resp.status_mut() = http::StatusCode::OK;
@@ -415,4 +397,28 @@ async fn unanswered_ping_closes_the_connection() {
         res.is_err() || res.as_ref().is_ok_and(|n| *n == 0),
         "{res:?}"
     );
+}
+
+async fn bare_peer_listener() -> (tokio::net::TcpListener, std::net::SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+/// A bare HBONE peer for tests that need to misbehave: accepts one connection, completes TLS
+/// (presenting "server" from `ca`) and the HTTP/2 handshake, and hands the connection over.
+async fn bare_peer_accept(
+    ca: &hboned::identity::ca::BuiltinCa,
+    listener: tokio::net::TcpListener,
+) -> h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, bytes::Bytes> {
+    let cert = ca
+        .issue(&id("server"), std::time::SystemTime::now())
+        .unwrap();
+    let config = hboned::tls::server_config(&cert).unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    let tls = tokio_rustls::TlsAcceptor::from(config)
+        .accept(tcp)
+        .await
+        .unwrap();
+    h2::server::handshake(tls).await.unwrap()
 }

@@ -80,15 +80,7 @@ impl InboundServer {
     /// Accepts connections until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of fds and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+            let (tcp, peer) = super::accept(&listener, "inbound HBONE").await;
             let server = self.clone();
             tokio::spawn(async move {
                 if let Err(e) = server.connection(tcp, peer).await {

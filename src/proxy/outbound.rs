@@ -75,14 +75,7 @@ impl Outbound {
     ) {
         let original_dst = Arc::new(original_dst);
         loop {
-            let (app, src) = match listener.accept().await {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
+            let (app, src) = super::accept(&listener, "outbound").await;
             let this = self.clone();
             let original_dst = original_dst.clone();
             tokio::spawn(async move {

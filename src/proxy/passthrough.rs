@@ -55,14 +55,7 @@ pub async fn serve_inbound_plaintext(
     timeout: Duration,
 ) {
     loop {
-        let (app, src) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "inbound plaintext accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let (app, src) = super::accept(&listener, "inbound plaintext").await;
         let _ = socket::set_stream_options(&app);
         let dst = match socket::original_dst(&app) {
             Ok(d) => d,
