@@ -1,9 +1,20 @@
-//! Compiles proto/*.proto into Rust with protox (a pure-Rust protobuf compiler) and prost, so a
+//! Compiles proto/ into Rust with protox (a pure-Rust protobuf compiler), prost and tonic, so a
 //! fresh machine needs no protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let descriptors = protox::compile(["zds.proto"], ["proto"])?;
-    prost_build::Config::new().compile_fds(descriptors)?;
+    let descriptors = protox::compile(
+        [
+            "zds.proto",
+            "istio/workload/workload.proto",
+            "istio/security/authorization.proto",
+            "envoy/service/discovery/v3/discovery.proto",
+        ],
+        ["proto"],
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -278,6 +278,7 @@ impl Config {
             node: w.node.clone(),
             protocol: w.protocol,
             services: w.services.clone(),
+            healthy: true,
         })
     }
 

@@ -28,3 +28,4 @@ pub mod redirect;
 pub mod socket;
 pub mod state;
 pub mod tls;
+pub mod xds;

@@ -1,7 +1,42 @@
-//! Protobuf messages generated at build time from proto/ (see build.rs). No hand-written code.
+//! Protobuf messages and gRPC stubs generated at build time from proto/ (see build.rs). No
+//! hand-written code; the module tree mirrors the protobuf packages.
 
-/// ZDS, the node agent ↔ proxy enrollment protocol (DESIGN §6).
-#[allow(clippy::all, missing_debug_implementations)]
-pub mod zds {
-    include!(concat!(env!("OUT_DIR"), "/istio.workload.zds.rs"));
+#![allow(clippy::all, missing_debug_implementations, unreachable_pub)]
+
+pub mod envoy {
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                include!(concat!(env!("OUT_DIR"), "/envoy.config.core.v3.rs"));
+            }
+        }
+    }
+    pub mod service {
+        pub mod discovery {
+            pub mod v3 {
+                include!(concat!(env!("OUT_DIR"), "/envoy.service.discovery.v3.rs"));
+            }
+        }
+    }
 }
+
+pub mod google {
+    pub mod rpc {
+        include!(concat!(env!("OUT_DIR"), "/google.rpc.rs"));
+    }
+}
+
+pub mod istio {
+    pub mod workload {
+        include!(concat!(env!("OUT_DIR"), "/istio.workload.rs"));
+        /// ZDS, the node agent ↔ proxy enrollment protocol (DESIGN §6).
+        pub mod zds {
+            include!(concat!(env!("OUT_DIR"), "/istio.workload.zds.rs"));
+        }
+    }
+    pub mod security {
+        include!(concat!(env!("OUT_DIR"), "/istio.security.rs"));
+    }
+}
+
+pub use istio::workload::zds;

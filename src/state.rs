@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::identity::Identity;
+use crate::proto::istio::security::Authorization;
 
 /// How a workload takes traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -31,6 +32,8 @@ pub struct Workload {
     pub protocol: Protocol,
     /// `ns/hostname` → service port → target port.
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// Unhealthy workloads are never picked as a service endpoint.
+    pub healthy: bool,
 }
 
 /// A service: VIPs in front of the workloads that name it.
@@ -82,6 +85,8 @@ pub struct State {
     by_ip: HashMap<IpAddr, String>,
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<IpAddr, String>,
+    /// Authorization policies by `namespace/name`, as validated from xDS (evaluated by authz).
+    policies: HashMap<String, Arc<Authorization>>,
 }
 
 impl State {
@@ -124,6 +129,24 @@ impl State {
         Some(old)
     }
 
+    pub fn upsert_policy(&mut self, p: Authorization) {
+        self.policies
+            .insert(format!("{}/{}", p.namespace, p.name), Arc::new(p));
+    }
+
+    pub fn remove_policy(&mut self, key: &str) -> Option<Arc<Authorization>> {
+        self.policies.remove(key)
+    }
+
+    pub fn policy(&self, key: &str) -> Option<&Arc<Authorization>> {
+        self.policies.get(key)
+    }
+
+    /// Whether `ip` is a known workload address or service VIP.
+    pub fn knows(&self, ip: IpAddr) -> bool {
+        self.by_ip.contains_key(&ip) || self.by_vip.contains_key(&ip)
+    }
+
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.workloads.get(uid)
     }
@@ -150,6 +173,7 @@ impl State {
         let mut eps: Vec<_> = self
             .workloads
             .values()
+            .filter(|w| w.healthy)
             .filter_map(|w| {
                 let ports = w.services.get(&key)?;
                 let target = ports.get(&port).or_else(|| svc.ports.get(&port))?;

@@ -20,6 +20,7 @@ fn workload(uid: &str, addr: &str, sa_name: &str, protocol: Protocol) -> Workloa
         node: "n".into(),
         protocol,
         services: BTreeMap::new(),
+        healthy: true,
     }
 }
 
@@ -152,6 +153,20 @@ fn service_route_expects_endpoint_and_san_identities() {
         ]
     );
     assert_eq!(service.as_deref(), Some("web.default.svc.cluster.local"));
+}
+
+#[test]
+fn unhealthy_endpoints_are_not_picked() {
+    let mut s = state();
+    let mut c = (**s.workload("c").unwrap()).clone();
+    c.healthy = false;
+    s.upsert_workload(c);
+    for pick in 0..4 {
+        let Upstream::Hbone { target, .. } = s.route(&[], sa("10.96.0.10:80"), pick) else {
+            panic!("expected HBONE");
+        };
+        assert_eq!(target, sa("10.0.2.2:8080"));
+    }
 }
 
 #[test]

@@ -1,0 +1,359 @@
+//! xDS resources → the proxy's state, as pure functions: decoding and validating one resource,
+//! and applying one delta response to a [`State`] (what to upsert, what to remove, what to
+//! reject). A rejected resource leaves the last good version in place.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use prost::Message;
+
+use crate::identity::Identity;
+use crate::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use crate::proto::google::rpc::Status;
+use crate::proto::istio::security::Authorization;
+use crate::proto::istio::workload::{self as pb, address::Type};
+use crate::state::{Protocol, Service, State, Workload};
+
+pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
+pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
+/// gRPC INVALID_ARGUMENT, the code of a NACK's error_detail.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// Why one resource was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConvertError {
+    #[error("resource has no body")]
+    Empty,
+    #[error("resource is a {0}, not of the response's type")]
+    WrongType(String),
+    #[error("cannot decode: {0}")]
+    Decode(String),
+    #[error("workload has no uid")]
+    NoUid,
+    #[error("address of {0} bytes is neither IPv4 (4) nor IPv6 (16)")]
+    BadIp(usize),
+    #[error("bad identity: {0}")]
+    Identity(String),
+    #[error("port {0} is out of range")]
+    BadPort(u32),
+    #[error("prefix length {len} is too long for {addr}")]
+    BadPrefix { addr: IpAddr, len: u32 },
+    #[error("policy has no name")]
+    NoName,
+}
+
+fn ip(bytes: &[u8]) -> Result<IpAddr, ConvertError> {
+    match bytes.len() {
+        4 => Ok(IpAddr::from(
+            <[u8; 4]>::try_from(bytes).map_err(|_| ConvertError::BadIp(4))?,
+        )),
+        16 => Ok(IpAddr::from(
+            <[u8; 16]>::try_from(bytes).map_err(|_| ConvertError::BadIp(16))?,
+        )),
+        n => Err(ConvertError::BadIp(n)),
+    }
+}
+
+fn port(p: u32) -> Result<u16, ConvertError> {
+    u16::try_from(p).map_err(|_| ConvertError::BadPort(p))
+}
+
+/// A workload resource, with `trust_domain` as the default for workloads that name none.
+pub fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, ConvertError> {
+    if w.uid.is_empty() {
+        return Err(ConvertError::NoUid);
+    }
+    let td = if w.trust_domain.is_empty() {
+        trust_domain
+    } else {
+        &w.trust_domain
+    };
+    let identity = Identity::new(td, &w.namespace, &w.service_account)
+        .map_err(|e| ConvertError::Identity(e.to_string()))?;
+    let addresses = w
+        .addresses
+        .iter()
+        .map(|a| ip(a))
+        .collect::<Result<_, _>>()?;
+    let mut services = BTreeMap::new();
+    for (key, list) in &w.services {
+        let mut ports = BTreeMap::new();
+        for p in &list.ports {
+            let target = if p.target_port == 0 {
+                p.service_port
+            } else {
+                p.target_port
+            };
+            ports.insert(port(p.service_port)?, port(target)?);
+        }
+        services.insert(key.clone(), ports);
+    }
+    let protocol = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
+        Ok(pb::TunnelProtocol::Hbone) => Protocol::Hbone,
+        // An unknown protocol is treated as plain TCP: never tunnel to a peer we cannot speak to.
+        _ => Protocol::Tcp,
+    };
+    Ok(Workload {
+        uid: w.uid,
+        name: w.name,
+        namespace: w.namespace,
+        identity,
+        addresses,
+        node: w.node,
+        protocol,
+        services,
+        healthy: w.status == pb::WorkloadStatus::Healthy as i32,
+    })
+}
+
+pub fn service(s: pb::Service) -> Result<Service, ConvertError> {
+    let vips = s
+        .addresses
+        .iter()
+        .map(|a| ip(&a.address))
+        .collect::<Result<_, _>>()?;
+    let mut ports = BTreeMap::new();
+    for p in &s.ports {
+        let target = if p.target_port == 0 {
+            p.service_port
+        } else {
+            p.target_port
+        };
+        ports.insert(port(p.service_port)?, port(target)?);
+    }
+    let subject_alt_names = s
+        .subject_alt_names
+        .iter()
+        .map(|n| Identity::parse(n).map_err(|e| ConvertError::Identity(e.to_string())))
+        .collect::<Result<_, _>>()?;
+    Ok(Service {
+        name: s.name,
+        namespace: s.namespace,
+        hostname: s.hostname,
+        vips,
+        ports,
+        subject_alt_names,
+    })
+}
+
+/// Checks a policy's addresses and ports; evaluation lives in `authz`.
+pub fn authorization(p: Authorization) -> Result<Authorization, ConvertError> {
+    if p.name.is_empty() {
+        return Err(ConvertError::NoName);
+    }
+    for m in p
+        .rules
+        .iter()
+        .flat_map(|r| &r.clauses)
+        .flat_map(|c| &c.matches)
+    {
+        let nets = [
+            &m.source_ips,
+            &m.not_source_ips,
+            &m.destination_ips,
+            &m.not_destination_ips,
+        ];
+        for net in nets.into_iter().flatten() {
+            let addr = ip(&net.address)?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            if net.length > max {
+                return Err(ConvertError::BadPrefix {
+                    addr,
+                    len: net.length,
+                });
+            }
+        }
+        for p in m.destination_ports.iter().chain(&m.not_destination_ports) {
+            port(*p)?;
+        }
+    }
+    Ok(p)
+}
+
+/// What a resource name stands for in the state, so a removal by name finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    Workload(String),
+    Service(String),
+    Policy(String),
+}
+
+/// What the client has accepted from the control plane: per type, name → (version, key).
+#[derive(Debug, Default, Clone)]
+pub struct Tracked {
+    pub by_type: HashMap<String, HashMap<String, (String, Key)>>,
+}
+
+impl Tracked {
+    /// The versions to send as `initial_resource_versions` on a reconnect.
+    pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
+        self.by_type
+            .get(type_url)
+            .map(|m| m.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The outcome of one response: counts for logs and metrics, and the (N)ACK to send.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub upserted: usize,
+    pub removed: usize,
+    /// `name: reason` for every rejected resource.
+    pub rejected: Vec<String>,
+    pub ack: DeltaDiscoveryRequest,
+}
+
+/// Applies one delta response to `state`. Good resources apply even when others are rejected;
+/// a rejected one keeps its last good version. The returned request ACKs the nonce, or NACKs
+/// it with an error_detail naming each rejected resource.
+pub fn apply_delta(
+    state: &mut State,
+    tracked: &mut Tracked,
+    response: &DeltaDiscoveryResponse,
+    trust_domain: &str,
+) -> Applied {
+    let type_url = response.type_url.as_str();
+    let known = tracked.by_type.entry(type_url.to_owned()).or_default();
+    let (mut upserted, mut removed, mut rejected) = (0, 0, Vec::new());
+    for r in &response.resources {
+        match convert_one(type_url, r.resource.as_ref(), trust_domain) {
+            Ok(Converted::Workload(w)) => {
+                let key = Key::Workload(w.uid.clone());
+                state.upsert_workload(w);
+                known.insert(r.name.clone(), (r.version.clone(), key));
+                upserted += 1;
+            }
+            Ok(Converted::Service(s)) => {
+                let key = Key::Service(s.key());
+                state.upsert_service(s);
+                known.insert(r.name.clone(), (r.version.clone(), key));
+                upserted += 1;
+            }
+            Ok(Converted::Policy(p)) => {
+                let key = Key::Policy(format!("{}/{}", p.namespace, p.name));
+                state.upsert_policy(p);
+                known.insert(r.name.clone(), (r.version.clone(), key));
+                upserted += 1;
+            }
+            Err(e) => rejected.push(format!("{}: {e}", r.name)),
+        }
+    }
+    for name in &response.removed_resources {
+        let Some((_, key)) = known.remove(name) else {
+            continue;
+        };
+        let gone = match key {
+            Key::Workload(uid) => state.remove_workload(&uid).is_some(),
+            Key::Service(k) => state.remove_service(&k).is_some(),
+            Key::Policy(k) => state.remove_policy(&k).is_some(),
+        };
+        removed += usize::from(gone);
+    }
+    let error_detail = (!rejected.is_empty()).then(|| Status {
+        code: INVALID_ARGUMENT,
+        message: format!(
+            "rejected {} resource(s): {}",
+            rejected.len(),
+            rejected.join("; ")
+        ),
+        details: Vec::new(),
+    });
+    Applied {
+        upserted,
+        removed,
+        rejected,
+        ack: DeltaDiscoveryRequest {
+            type_url: type_url.to_owned(),
+            response_nonce: response.nonce.clone(),
+            error_detail,
+            ..Default::default()
+        },
+    }
+}
+
+enum Converted {
+    Workload(Workload),
+    Service(Service),
+    Policy(Authorization),
+}
+
+fn convert_one(
+    type_url: &str,
+    any: Option<&prost_types::Any>,
+    trust_domain: &str,
+) -> Result<Converted, ConvertError> {
+    let any = any.ok_or(ConvertError::Empty)?;
+    if any.type_url != type_url {
+        return Err(ConvertError::WrongType(any.type_url.clone()));
+    }
+    let decode = |e: prost::DecodeError| ConvertError::Decode(e.to_string());
+    match type_url {
+        ADDRESS_TYPE => match pb::Address::decode(any.value.as_slice())
+            .map_err(decode)?
+            .r#type
+        {
+            Some(Type::Workload(w)) => workload(w, trust_domain).map(Converted::Workload),
+            Some(Type::Service(s)) => service(s).map(Converted::Service),
+            None => Err(ConvertError::Empty),
+        },
+        AUTHORIZATION_TYPE => {
+            authorization(Authorization::decode(any.value.as_slice()).map_err(decode)?)
+                .map(Converted::Policy)
+        }
+        other => Err(ConvertError::WrongType(other.to_owned())),
+    }
+}
+
+/// Wraps a workload as an xDS `Address` resource (tests, benches, fake control planes).
+pub fn workload_resource(
+    name: &str,
+    version: &str,
+    w: pb::Workload,
+) -> crate::proto::envoy::service::discovery::v3::Resource {
+    let address = pb::Address {
+        r#type: Some(Type::Workload(w)),
+    };
+    resource(name, version, ADDRESS_TYPE, address.encode_to_vec())
+}
+
+/// Wraps a service as an xDS `Address` resource.
+pub fn service_resource(
+    name: &str,
+    version: &str,
+    s: pb::Service,
+) -> crate::proto::envoy::service::discovery::v3::Resource {
+    let address = pb::Address {
+        r#type: Some(Type::Service(s)),
+    };
+    resource(name, version, ADDRESS_TYPE, address.encode_to_vec())
+}
+
+fn resource(
+    name: &str,
+    version: &str,
+    type_url: &str,
+    value: Vec<u8>,
+) -> crate::proto::envoy::service::discovery::v3::Resource {
+    crate::proto::envoy::service::discovery::v3::Resource {
+        name: name.to_owned(),
+        version: version.to_owned(),
+        resource: Some(prost_types::Any {
+            type_url: type_url.to_owned(),
+            value,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Wraps a policy as an xDS resource.
+pub fn authorization_resource(
+    name: &str,
+    version: &str,
+    p: Authorization,
+) -> crate::proto::envoy::service::discovery::v3::Resource {
+    resource(name, version, AUTHORIZATION_TYPE, p.encode_to_vec())
+}
+
+#[cfg(test)]
+mod tests;
