@@ -74,13 +74,26 @@ pub async fn run_node(config: Config) -> anyhow::Result<()> {
         connect_timeout: config.connect_timeout(),
         ..TunnelSettings::default()
     };
+    let state = Arc::new(std::sync::RwLock::new(config.state()));
+    let xds = config
+        .xds_settings()
+        .map(|settings| crate::xds::XdsClient::new(settings, state.clone()));
+    let resolver: Option<Arc<dyn crate::xds::Resolver>> = match &xds {
+        Some(client) if config.xds.on_demand => Some(client.clone()),
+        _ => None,
+    };
+    if let Some(client) = &xds {
+        tracing::info!(address = %config.xds.address, on_demand = config.xds.on_demand, "discovering workloads over xDS (on top of the config file's tables)");
+        tokio::spawn(client.clone().run());
+    }
     let ctx = NodeContext {
         certs: Arc::new(CertificateManager::new(ca)),
-        state: Arc::new(std::sync::RwLock::new(config.state())),
+        state,
         tunnel,
         trust_domain: config.trust_domain.clone(),
         cluster_id: config.cluster_id.clone(),
         preserve_source_ip: config.preserve_source_ip,
+        resolver,
     };
     let manager = Arc::new(PodManager::new(ctx));
     tracing::info!(node = %config.node, trust_domain = %config.trust_domain, pods = config.pods.len(), workloads = config.workloads.len(), services = config.services.len(), "hboned node proxy starting");
@@ -177,7 +190,7 @@ pub async fn run_loopback(settings: LoopbackSettings) -> anyhow::Result<()> {
         .tcp_bind(settings.outbound)
         .with_context(|| format!("binding the outbound listener on {}", settings.outbound))?;
     let outbound_addr = outbound_listener.local_addr()?;
-    let outbound = Outbound::new(client.clone(), sockets, router, tunnel);
+    let outbound = Outbound::new(client.clone(), sockets, router, None, tunnel);
     tokio::spawn(outbound.serve(outbound_listener, |s| s.local_addr().ok()));
 
     tracing::info!(%outbound_addr, %inbound_addr, app = %echo_addr, client = %client_id, server = %server_id, "loopback HBONE proxy up");

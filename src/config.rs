@@ -50,6 +50,39 @@ pub struct Config {
     /// Seconds to wait for a connect or handshake.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    /// The control plane (xDS); without an address, the workload tables above are all there is.
+    #[serde(default)]
+    pub xds: XdsConfig,
+}
+
+/// The control plane connection.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct XdsConfig {
+    /// `https://istiod.istio-system.svc:15012` or `http://...`; empty: no control plane.
+    #[serde(default)]
+    pub address: String,
+    /// PEM root that signed the control plane's certificate.
+    #[serde(default)]
+    pub root_ca: Option<PathBuf>,
+    /// A bearer token file (e.g. a projected service account token), read at every connect.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The xDS node id; defaults to `node`.
+    #[serde(default)]
+    pub node_id: String,
+    /// Extra node metadata sent to the control plane.
+    #[serde(default)]
+    pub node_metadata: BTreeMap<String, String>,
+    /// This proxy's network (prefix of on-demand names `<network>/<ip>`).
+    #[serde(default)]
+    pub network: String,
+    /// Subscribe to no addresses up front; look each unknown destination up when needed.
+    #[serde(default)]
+    pub on_demand: bool,
+    /// How long a connection to an unknown destination is held for its lookup (ms).
+    #[serde(default)]
+    pub on_demand_timeout_ms: Option<u64>,
 }
 
 /// The built-in CA's settings.
@@ -203,6 +236,9 @@ impl Config {
         if let Some(v) = env("HBONED_ZDS_SOCKET") {
             self.zds_socket = (!v.is_empty()).then(|| PathBuf::from(v));
         }
+        if let Some(v) = env("HBONED_XDS_ADDRESS") {
+            self.xds.address = v;
+        }
         if let Some(v) = env("HBONED_CA_DIR") {
             self.ca.root_dir = Some(PathBuf::from(v));
         }
@@ -228,6 +264,15 @@ impl Config {
         }
         if self.ca.cert_lifetime_secs < 60 {
             p.push("ca.certLifetimeSecs must be at least 60".into());
+        }
+        let xds = &self.xds.address;
+        if !xds.is_empty() && !xds.starts_with("http://") && !xds.starts_with("https://") {
+            p.push(format!(
+                "xds.address {xds:?} must start with http:// or https://"
+            ));
+        }
+        if self.xds.on_demand_timeout_ms == Some(0) {
+            p.push("xds.onDemandTimeoutMs must be at least 1".into());
         }
         if self.connect_timeout_secs == 0 {
             p.push("connectTimeoutSecs must be at least 1".into());
@@ -313,6 +358,30 @@ impl Config {
 
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_secs(self.connect_timeout_secs)
+    }
+
+    /// The xDS client's settings, when a control plane is configured.
+    pub fn xds_settings(&self) -> Option<crate::xds::XdsSettings> {
+        if self.xds.address.is_empty() {
+            return None;
+        }
+        let node_id = if self.xds.node_id.is_empty() {
+            self.node.clone()
+        } else {
+            self.xds.node_id.clone()
+        };
+        Some(crate::xds::XdsSettings {
+            address: self.xds.address.clone(),
+            root_ca: self.xds.root_ca.clone(),
+            token_file: self.xds.token_file.clone(),
+            cluster_id: self.cluster_id.clone(),
+            node_id,
+            node_metadata: self.xds.node_metadata.clone(),
+            trust_domain: self.trust_domain.clone(),
+            network: self.xds.network.clone(),
+            on_demand: self.xds.on_demand,
+            on_demand_timeout: Duration::from_millis(self.xds.on_demand_timeout_ms.unwrap_or(5000)),
+        })
     }
 
     pub fn cert_lifetime(&self) -> Duration {

@@ -44,6 +44,8 @@ pub struct NodeContext {
     pub trust_domain: String,
     pub cluster_id: String,
     pub preserve_source_ip: bool,
+    /// On-demand discovery of unknown destinations (xDS), if enabled.
+    pub resolver: Option<Arc<dyn crate::xds::Resolver>>,
 }
 
 /// The operations a node agent drives; [`PodManager`] is the real one, tests use a double.
@@ -149,7 +151,13 @@ impl PodManager {
             source_ips: addresses.clone(),
             cluster_id: ctx.cluster_id.clone(),
         });
-        let outbound = Outbound::new(client, sockets.clone(), router, ctx.tunnel.clone());
+        let outbound = Outbound::new(
+            client,
+            sockets.clone(),
+            router,
+            ctx.resolver.clone(),
+            ctx.tunnel.clone(),
+        );
         let workload = LocalWorkload {
             identity: identity.clone(),
             addresses: addresses.clone(),

@@ -19,6 +19,7 @@ use crate::identity::Identity;
 use crate::netns::SocketFactory;
 use crate::socket;
 use crate::state::{State, Upstream};
+use crate::xds::Resolver;
 
 /// Where one outbound connection goes.
 // One short-lived value per connection, never stored in bulk: boxing would only add an
@@ -48,20 +49,25 @@ pub struct Outbound {
     client: Arc<HboneClient>,
     sockets: Arc<dyn SocketFactory>,
     router: Arc<dyn Router>,
+    resolver: Option<Arc<dyn Resolver>>,
     settings: TunnelSettings,
 }
 
 impl Outbound {
+    /// `resolver`, when given, is asked about destinations the state does not know yet
+    /// (on-demand discovery); the connection stays held while it answers.
     pub fn new(
         client: Arc<HboneClient>,
         sockets: Arc<dyn SocketFactory>,
         router: Arc<dyn Router>,
+        resolver: Option<Arc<dyn Resolver>>,
         settings: TunnelSettings,
     ) -> Arc<Self> {
         Arc::new(Outbound {
             client,
             sockets,
             router,
+            resolver,
             settings,
         })
     }
@@ -92,6 +98,10 @@ impl Outbound {
     /// Routes and relays one app connection; on any failure the app sees a reset.
     pub async fn handle(&self, app: TcpStream, src: SocketAddr, dst: SocketAddr) {
         let _ = socket::set_stream_options(&app);
+        if let Some(resolver) = &self.resolver {
+            // Unknown destinations are looked up first; nothing is read from the app meanwhile.
+            resolver.ensure(dst.ip()).await;
+        }
         match self.router.route(src, dst) {
             Route::Hbone { key, request } => match self.client.connect(&key, &request).await {
                 Ok(mut tunnel) => {

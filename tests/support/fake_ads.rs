@@ -1,0 +1,106 @@
+//! A scripted control plane: a real tonic ADS server on 127.0.0.1 that hands every new stream
+//! to the test, which reads the client's requests and sends responses itself.
+
+use hboned::proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use hboned::proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+/// One client stream, as the server sees it.
+pub struct AdsStream {
+    pub requests: tonic::Streaming<DeltaDiscoveryRequest>,
+    pub responses: mpsc::UnboundedSender<Result<DeltaDiscoveryResponse, tonic::Status>>,
+    pub metadata: tonic::metadata::MetadataMap,
+}
+
+impl AdsStream {
+    /// The next request, failing the test after 10 s.
+    pub async fn next(&mut self) -> DeltaDiscoveryRequest {
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.requests.message())
+            .await
+            .expect("no request from the client")
+            .expect("stream error")
+            .expect("stream ended")
+    }
+
+    pub fn send(&self, type_url: &str, nonce: &str, resources: Vec<Resource>, removed: &[&str]) {
+        self.responses
+            .send(Ok(DeltaDiscoveryResponse {
+                type_url: type_url.into(),
+                nonce: nonce.into(),
+                resources,
+                removed_resources: removed.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }))
+            .expect("client stream gone");
+    }
+}
+
+struct Fake {
+    streams: mpsc::UnboundedSender<AdsStream>,
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Fake {
+    type DeltaAggregatedResourcesStream =
+        UnboundedReceiverStream<Result<DeltaDiscoveryResponse, tonic::Status>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let metadata = request.metadata().clone();
+        let _ = self.streams.send(AdsStream {
+            requests: request.into_inner(),
+            responses: tx,
+            metadata,
+        });
+        Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
+    }
+}
+
+/// A running fake control plane; dropping it stops the server and its streams.
+pub struct FakeAds {
+    pub addr: std::net::SocketAddr,
+    pub streams: mpsc::UnboundedReceiver<AdsStream>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeAds {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeAds {
+    /// Serves on `addr` (use port 0 for any).
+    pub async fn start(addr: std::net::SocketAddr) -> FakeAds {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, streams) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(AggregatedDiscoveryServiceServer::new(Fake { streams: tx }))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                .await;
+        });
+        FakeAds {
+            addr,
+            streams,
+            task,
+        }
+    }
+
+    /// The next client stream, failing the test after 10 s.
+    pub async fn accept(&mut self) -> AdsStream {
+        tokio::time::timeout(std::time::Duration::from_secs(10), self.streams.recv())
+            .await
+            .expect("the client did not connect")
+            .expect("server gone")
+    }
+}

@@ -1,0 +1,397 @@
+//! The delta ADS client against a scripted control plane (a real tonic server on loopback).
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hboned::proto::istio::security::Authorization;
+use hboned::proto::istio::workload as pb;
+use hboned::state::State;
+use hboned::xds::convert::{
+    ADDRESS_TYPE, AUTHORIZATION_TYPE, authorization_resource, service_resource, workload_resource,
+};
+use hboned::xds::{XdsClient, XdsSettings};
+use support::fake_ads::{AdsStream, FakeAds};
+use support::{eventually, within};
+
+fn settings(addr: SocketAddr, on_demand: bool, token: Option<std::path::PathBuf>) -> XdsSettings {
+    XdsSettings {
+        address: format!("http://{addr}"),
+        root_ca: None,
+        token_file: token,
+        cluster_id: "c1".into(),
+        node_id: "node-a".into(),
+        node_metadata: [("NAMESPACE".to_string(), "istio-system".to_string())].into(),
+        trust_domain: "cluster.local".into(),
+        network: String::new(),
+        on_demand,
+        on_demand_timeout: Duration::from_millis(1500),
+    }
+}
+
+fn workload(uid: &str, ip: [u8; 4]) -> pb::Workload {
+    pb::Workload {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: "test".into(),
+        service_account: "server".into(),
+        addresses: vec![ip.to_vec()],
+        tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+        ..Default::default()
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn knows(state: &RwLock<State>, addr: &str) -> bool {
+    state.read().unwrap().knows(ip(addr))
+}
+
+/// Starts a client against `fake` and reads its two initial requests.
+async fn connect(
+    fake: &mut FakeAds,
+    settings: XdsSettings,
+) -> (
+    Arc<XdsClient>,
+    Arc<RwLock<State>>,
+    AdsStream,
+    tokio::task::JoinHandle<()>,
+) {
+    let state = Arc::new(RwLock::new(State::default()));
+    let client = XdsClient::new(settings, state.clone());
+    let task = tokio::spawn(client.clone().run());
+    let mut stream = fake.accept().await;
+    let first = stream.next().await;
+    let second = stream.next().await;
+    assert_eq!(
+        (first.type_url.as_str(), second.type_url.as_str()),
+        (ADDRESS_TYPE, AUTHORIZATION_TYPE)
+    );
+    (client, state, stream, task)
+}
+
+async fn expect_ack(stream: &mut AdsStream, nonce: &str) {
+    let ack = stream.next().await;
+    assert_eq!(ack.response_nonce, nonce);
+    assert!(
+        ack.error_detail.is_none(),
+        "unexpected NACK: {:?}",
+        ack.error_detail
+    );
+}
+
+#[tokio::test]
+async fn initial_sync_update_removal_and_readiness() {
+    let mut fake = FakeAds::start("127.0.0.1:0".parse().unwrap()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let state = Arc::new(RwLock::new(State::default()));
+    let client = XdsClient::new(settings(fake.addr, false, Some(token)), state.clone());
+    let _task = tokio::spawn(client.clone().run());
+    let mut s = fake.accept().await;
+    assert_eq!(s.metadata.get("authorization").unwrap(), "Bearer s3cret");
+    assert_eq!(s.metadata.get("clusterid").unwrap(), "c1");
+    let first = s.next().await;
+    assert_eq!(first.type_url, ADDRESS_TYPE);
+    assert_eq!(first.resource_names_subscribe, ["*"]);
+    let node = first.node.unwrap();
+    assert_eq!(node.id, "node-a");
+    assert!(node.metadata.unwrap().fields.contains_key("CLUSTER_ID"));
+    assert_eq!(s.next().await.type_url, AUTHORIZATION_TYPE);
+    let mut ready = client.ready();
+    assert!(!*ready.borrow());
+
+    let svc = pb::Service {
+        name: "web".into(),
+        namespace: "test".into(),
+        hostname: "web.test.svc".into(),
+        addresses: vec![pb::NetworkAddress {
+            network: String::new(),
+            address: vec![10, 96, 0, 1],
+        }],
+        ..Default::default()
+    };
+    s.send(
+        ADDRESS_TYPE,
+        "a1",
+        vec![
+            workload_resource("w1", "1", workload("w1", [10, 0, 0, 1])),
+            workload_resource("w2", "1", workload("w2", [10, 0, 0, 2])),
+            service_resource("test/web.test.svc", "1", svc),
+        ],
+        &[],
+    );
+    expect_ack(&mut s, "a1").await;
+    assert!(knows(&state, "10.0.0.1") && knows(&state, "10.0.0.2") && knows(&state, "10.96.0.1"));
+    assert!(!*ready.borrow(), "not ready before the policies arrived");
+    let policy = Authorization {
+        name: "p".into(),
+        namespace: "test".into(),
+        ..Default::default()
+    };
+    s.send(
+        AUTHORIZATION_TYPE,
+        "p1",
+        vec![authorization_resource("test/p", "1", policy)],
+        &[],
+    );
+    expect_ack(&mut s, "p1").await;
+    within(5, ready.wait_for(|r| *r)).await.unwrap();
+    assert!(state.read().unwrap().policy("test/p").is_some());
+
+    // Update: w1 moves.
+    s.send(
+        ADDRESS_TYPE,
+        "a2",
+        vec![workload_resource("w1", "2", workload("w1", [10, 0, 0, 11]))],
+        &[],
+    );
+    expect_ack(&mut s, "a2").await;
+    assert!(!knows(&state, "10.0.0.1") && knows(&state, "10.0.0.11"));
+    // Removal.
+    s.send(ADDRESS_TYPE, "a3", vec![], &["w2"]);
+    expect_ack(&mut s, "a3").await;
+    assert!(!knows(&state, "10.0.0.2"));
+}
+
+#[tokio::test]
+async fn malformed_resources_are_nacked_while_the_rest_applies() {
+    let mut fake = FakeAds::start("127.0.0.1:0".parse().unwrap()).await;
+    let addr = fake.addr;
+    let (client, state, mut s, _task) = connect(&mut fake, settings(addr, false, None)).await;
+    s.send(
+        ADDRESS_TYPE,
+        "a1",
+        vec![workload_resource("w1", "1", workload("w1", [10, 0, 0, 1]))],
+        &[],
+    );
+    expect_ack(&mut s, "a1").await;
+
+    let mut bad_ip = workload("w1", [10, 0, 0, 1]);
+    bad_ip.addresses = vec![vec![10, 0, 0]];
+    let mut bad_identity = workload("w3", [10, 0, 0, 3]);
+    bad_identity.namespace = "not a namespace".into();
+    s.send(
+        ADDRESS_TYPE,
+        "a2",
+        vec![
+            workload_resource("w1", "2", bad_ip),
+            workload_resource("w3", "1", bad_identity),
+            workload_resource("w4", "1", workload("w4", [10, 0, 0, 4])),
+        ],
+        &[],
+    );
+    let nack = s.next().await;
+    assert_eq!(nack.response_nonce, "a2");
+    let detail = nack.error_detail.expect("a NACK");
+    assert!(
+        detail.message.contains("w1") && detail.message.contains("w3"),
+        "{}",
+        detail.message
+    );
+    assert!(knows(&state, "10.0.0.1"), "w1 keeps its last good version");
+    assert!(knows(&state, "10.0.0.4"), "the good resource applied");
+    assert!(!knows(&state, "10.0.0.3"));
+    assert_eq!(client.rejected_total(), 2);
+}
+
+#[tokio::test]
+async fn control_plane_restart_keeps_state_and_resyncs() {
+    let mut fake = FakeAds::start("127.0.0.1:0".parse().unwrap()).await;
+    let addr = fake.addr;
+    let (_client, state, mut s, _task) = connect(&mut fake, settings(addr, false, None)).await;
+    s.send(
+        ADDRESS_TYPE,
+        "a1",
+        vec![workload_resource("w1", "7", workload("w1", [10, 0, 0, 1]))],
+        &[],
+    );
+    expect_ack(&mut s, "a1").await;
+
+    drop(s);
+    drop(fake);
+    // While the control plane is gone, the last state keeps serving.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(knows(&state, "10.0.0.1"));
+
+    let mut fake = FakeAds::start(addr).await;
+    let mut s = fake.accept().await;
+    let first = s.next().await;
+    assert_eq!(first.type_url, ADDRESS_TYPE);
+    assert_eq!(
+        first
+            .initial_resource_versions
+            .get("w1")
+            .map(String::as_str),
+        Some("7")
+    );
+    assert_eq!(s.next().await.type_url, AUTHORIZATION_TYPE);
+    s.send(
+        ADDRESS_TYPE,
+        "b1",
+        vec![workload_resource("w2", "1", workload("w2", [10, 0, 0, 2]))],
+        &[],
+    );
+    expect_ack(&mut s, "b1").await;
+    assert!(knows(&state, "10.0.0.1") && knows(&state, "10.0.0.2"));
+}
+
+#[tokio::test]
+async fn on_demand_hit_miss_and_timeout() {
+    let mut fake = FakeAds::start("127.0.0.1:0".parse().unwrap()).await;
+    let state = Arc::new(RwLock::new(State::default()));
+    let client = XdsClient::new(settings(fake.addr, true, None), state.clone());
+    let _task = tokio::spawn(client.clone().run());
+    let mut s = fake.accept().await;
+    let first = s.next().await;
+    assert_eq!(first.type_url, ADDRESS_TYPE);
+    assert!(
+        first.resource_names_subscribe.is_empty(),
+        "nothing subscribed up front"
+    );
+    assert_eq!(first.resource_names_unsubscribe, ["*"]);
+    let _auth = s.next().await;
+
+    // Three concurrent misses for one IP: one subscription.
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.resolve(ip("10.0.0.9")).await })
+        })
+        .collect();
+    let sub = s.next().await;
+    assert_eq!(sub.resource_names_subscribe, ["/10.0.0.9"]);
+    s.send(
+        ADDRESS_TYPE,
+        "o1",
+        vec![workload_resource("w9", "1", workload("w9", [10, 0, 0, 9]))],
+        &[],
+    );
+    for w in waiters {
+        assert!(
+            within(5, w).await.unwrap(),
+            "resolved once the answer arrived"
+        );
+    }
+    expect_ack(&mut s, "o1").await;
+    // A hit answers at once, with no request.
+    assert!(within(1, client.resolve(ip("10.0.0.9"))).await);
+    // A miss the control plane never answers gives up after the timeout.
+    assert!(!within(5, client.resolve(ip("10.0.0.10"))).await);
+    assert_eq!(s.next().await.resource_names_subscribe, ["/10.0.0.10"]);
+    // No duplicate requests were sent for 10.0.0.9.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), s.requests.message())
+            .await
+            .is_err()
+    );
+}
+
+/// A connection to a destination nobody knows yet is held (not one byte lost) until the control
+/// plane answers, then tunneled through HBONE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_to_an_unknown_destination_is_held_then_delivered() {
+    use hboned::netns::{DefaultSocketFactory, SocketFactory};
+    use hboned::proxy::{
+        HboneClient, InboundServer, LocalWorkload, Outbound, StateRouter, TunnelSettings,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let ca = support::ca();
+    // The destination "pod": its app and its HBONE server on 127.0.0.7.
+    let answered = Arc::new(AtomicBool::new(false));
+    let seen_after_answer = Arc::new(AtomicBool::new(false));
+    let (a, s2) = (answered.clone(), seen_after_answer.clone());
+    let app_listener = tokio::net::TcpListener::bind("127.0.0.7:0").await.unwrap();
+    let app_addr = app_listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut sock, _) = app_listener.accept().await.unwrap();
+        s2.store(a.load(Ordering::SeqCst), Ordering::SeqCst);
+        let (mut r, mut w) = sock.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    });
+    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
+    let certs = Arc::new(hboned::identity::CertificateManager::new(ca.clone()));
+    let server_id = hboned::identity::Identity::new("cluster.local", "test", "server").unwrap();
+    let hbone_listener = sockets
+        .tcp_bind("127.0.0.7:15008".parse().unwrap())
+        .unwrap();
+    let inbound = InboundServer::new(
+        LocalWorkload {
+            identity: server_id,
+            addresses: vec![ip("127.0.0.7")],
+            preserve_source_ip: false,
+        },
+        certs.clone(),
+        sockets.clone(),
+        TunnelSettings::default(),
+    );
+    tokio::spawn(inbound.serve(hbone_listener));
+
+    // The source side: empty state, on-demand xDS, outbound listener.
+    let mut fake = FakeAds::start("127.0.0.1:0".parse().unwrap()).await;
+    let state = Arc::new(RwLock::new(State::default()));
+    let xds = XdsClient::new(settings(fake.addr, true, None), state.clone());
+    tokio::spawn(xds.clone().run());
+    let router = Arc::new(StateRouter {
+        state,
+        source: hboned::identity::Identity::new("cluster.local", "test", "client").unwrap(),
+        source_name: "client".into(),
+        source_ips: vec![ip("127.0.0.1")],
+        cluster_id: "c1".into(),
+    });
+    let client = Arc::new(HboneClient::new(
+        certs,
+        sockets.clone(),
+        TunnelSettings::default(),
+    ));
+    let outbound = Outbound::new(
+        client,
+        sockets.clone(),
+        router,
+        Some(xds),
+        TunnelSettings::default(),
+    );
+    let out_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let out_addr = out_listener.local_addr().unwrap();
+    tokio::spawn(outbound.serve(out_listener, move |_| Some(app_addr)));
+
+    let mut s = fake.accept().await;
+    let _ = s.next().await;
+    let _ = s.next().await;
+    // The app connects and writes at once, before its destination is known.
+    let mut app = tokio::net::TcpStream::connect(out_addr).await.unwrap();
+    let data = support::pattern(3, 200_000);
+    app.write_all(&data).await.unwrap();
+    app.shutdown().await.unwrap();
+    let sub = s.next().await;
+    assert_eq!(sub.resource_names_subscribe, ["/127.0.0.7"]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    answered.store(true, Ordering::SeqCst);
+    s.send(
+        ADDRESS_TYPE,
+        "o1",
+        vec![workload_resource(
+            "server",
+            "1",
+            workload("server", [127, 0, 0, 7]),
+        )],
+        &[],
+    );
+    let mut back = Vec::new();
+    within(10, app.read_to_end(&mut back)).await.unwrap();
+    assert_eq!(
+        back, data,
+        "the held bytes arrived intact through the tunnel"
+    );
+    eventually(5, || seen_after_answer.load(Ordering::SeqCst)).await;
+}
