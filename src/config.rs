@@ -503,6 +503,40 @@ services:
     }
 
     #[test]
+    fn xds_settings_follow_the_config() {
+        let c = Config::parse(SAMPLE, &no_env).unwrap();
+        assert!(c.xds_settings().is_none(), "no address: local file only");
+        let yaml = format!(
+            "{SAMPLE}xds:\n  address: https://istiod.istio-system.svc:15012\n  rootCa: /etc/istio/root.pem\n  tokenFile: /var/run/token\n  onDemand: true\n  onDemandTimeoutMs: 250\n  nodeMetadata: {{NAMESPACE: istio-system}}\n"
+        );
+        let x = Config::parse(&yaml, &no_env)
+            .unwrap()
+            .xds_settings()
+            .unwrap();
+        assert_eq!(x.node_id, "node-a", "the node id defaults to the node name");
+        assert_eq!(x.cluster_id, "c1");
+        assert!(x.on_demand);
+        assert_eq!(x.on_demand_timeout, Duration::from_millis(250));
+        assert_eq!(x.root_ca.as_deref(), Some(Path::new("/etc/istio/root.pem")));
+        assert_eq!(x.node_metadata["NAMESPACE"], "istio-system");
+        let env =
+            |k: &str| (k == "HBONED_XDS_ADDRESS").then(|| "http://10.0.0.1:15010".to_string());
+        let from_env = Config::parse(SAMPLE, &env).unwrap().xds_settings().unwrap();
+        assert_eq!(from_env.address, "http://10.0.0.1:15010");
+        assert_eq!(from_env.on_demand_timeout, Duration::from_secs(5));
+        let err = Config::parse(
+            "xds: {address: \"istiod:15012\", onDemandTimeoutMs: 0}\n",
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("http://") && err.contains("onDemandTimeoutMs"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_ips_are_parse_errors() {
         let err = Config::parse("nodee: x\n", &no_env)
             .unwrap_err()

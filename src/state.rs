@@ -82,7 +82,8 @@ pub const PROXY_PORTS: [u16; 3] = [15001, 15006, 15008];
 #[derive(Debug, Default, Clone)]
 pub struct State {
     workloads: HashMap<String, Arc<Workload>>,
-    by_ip: HashMap<IpAddr, String>,
+    /// IP → workload directly: one hash probe on the data path.
+    by_ip: HashMap<IpAddr, Arc<Workload>>,
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<IpAddr, String>,
     /// Authorization policies by `namespace/name`, as validated from xDS (evaluated by authz).
@@ -93,16 +94,17 @@ impl State {
     /// Adds or replaces a workload (by uid), re-indexing its IPs.
     pub fn upsert_workload(&mut self, w: Workload) {
         self.remove_workload(&w.uid.clone());
+        let w = Arc::new(w);
         for ip in &w.addresses {
-            self.by_ip.insert(*ip, w.uid.clone());
+            self.by_ip.insert(*ip, w.clone());
         }
-        self.workloads.insert(w.uid.clone(), Arc::new(w));
+        self.workloads.insert(w.uid.clone(), w);
     }
 
     pub fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
         let old = self.workloads.remove(uid)?;
         for ip in &old.addresses {
-            if self.by_ip.get(ip).is_some_and(|u| u == uid) {
+            if self.by_ip.get(ip).is_some_and(|w| Arc::ptr_eq(w, &old)) {
                 self.by_ip.remove(ip);
             }
         }
@@ -152,7 +154,7 @@ impl State {
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.by_ip.get(&ip).and_then(|uid| self.workloads.get(uid))
+        self.by_ip.get(&ip)
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {

@@ -1,0 +1,86 @@
+//! Workload-store benchmarks: a lookup by IP among 100,000 workloads (what every new outbound
+//! connection pays), and applying a 10,000-workload delta xDS snapshot (decode, validate,
+//! index), which is what a proxy does when it (re)connects to its control plane.
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use hboned::proto::envoy::service::discovery::v3::DeltaDiscoveryResponse;
+use hboned::proto::istio::workload as pb;
+use hboned::state::State;
+use hboned::xds::convert::{ADDRESS_TYPE, Tracked, apply_delta, workload_resource};
+
+fn ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000 + i)
+}
+
+fn snapshot(n: u32) -> DeltaDiscoveryResponse {
+    let resources = (0..n)
+        .map(|i| {
+            let uid = format!("cluster1//v1/Pod/ns{}/pod-{i}", i % 50);
+            let w = pb::Workload {
+                uid: uid.clone(),
+                name: format!("pod-{i}"),
+                namespace: format!("ns{}", i % 50),
+                service_account: format!("sa{}", i % 200),
+                addresses: vec![ip(i).octets().to_vec()],
+                tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+                node: format!("node-{}", i % 100),
+                ..Default::default()
+            };
+            workload_resource(&uid, "1", w)
+        })
+        .collect();
+    DeltaDiscoveryResponse {
+        type_url: ADDRESS_TYPE.into(),
+        nonce: "n".into(),
+        resources,
+        ..Default::default()
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let mut state = State::default();
+    apply_delta(
+        &mut state,
+        &mut Tracked::default(),
+        &snapshot(100_000),
+        "cluster.local",
+    );
+    let mut i = 0u32;
+    c.bench_function("lookup_by_ip_100k", |b| {
+        b.iter(|| {
+            i = (i + 7919) % 100_000;
+            black_box(state.workload_by_ip(IpAddr::V4(ip(i))).is_some())
+        })
+    });
+    let src = [IpAddr::V4(ip(1))];
+    c.bench_function("route_decision_100k", |b| {
+        b.iter(|| {
+            i = (i + 7919) % 100_000;
+            black_box(state.route(&src, SocketAddr::new(IpAddr::V4(ip(i)), 8080), 0))
+        })
+    });
+
+    let snap = snapshot(10_000);
+    let mut group = c.benchmark_group("apply_snapshot");
+    group
+        .throughput(Throughput::Elements(10_000))
+        .sample_size(20);
+    group.bench_function("10k_workloads", |b| {
+        b.iter_batched(
+            || (State::default(), Tracked::default()),
+            |(mut state, mut tracked)| {
+                let applied = apply_delta(&mut state, &mut tracked, &snap, "cluster.local");
+                assert_eq!(applied.upserted, 10_000);
+                state
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(state, benches);
+criterion_main!(state);
