@@ -319,6 +319,7 @@ impl Config {
             name: w.name.clone(),
             namespace: w.namespace.clone(),
             identity,
+            network: self.xds.network.clone(),
             addresses: w.workload_ips.clone(),
             node: w.node.clone(),
             protocol: w.protocol,
@@ -345,7 +346,7 @@ impl Config {
 
     /// The workload and service tables as a [`crate::state::State`].
     pub fn state(&self) -> crate::state::State {
-        let mut state = crate::state::State::default();
+        let mut state = crate::state::State::with_network(&self.xds.network);
         // Entries were validated by `parse`; an invalid one here is skipped, not fatal.
         for w in self.workloads.iter().filter_map(|w| self.workload(w).ok()) {
             state.upsert_workload(w);

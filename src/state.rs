@@ -27,6 +27,8 @@ pub struct Workload {
     pub name: String,
     pub namespace: String,
     pub identity: Identity,
+    /// The network its addresses belong to (empty: the default network).
+    pub network: String,
     pub addresses: Vec<IpAddr>,
     pub node: String,
     pub protocol: Protocol,
@@ -82,8 +84,12 @@ pub const PROXY_PORTS: [u16; 3] = [15001, 15006, 15008];
 #[derive(Debug, Default, Clone)]
 pub struct State {
     workloads: HashMap<String, Arc<Workload>>,
-    /// IP → workload directly: one hash probe on the data path.
+    /// IP → workload in the proxy's own network: one hash probe on the data path.
     by_ip: HashMap<IpAddr, Arc<Workload>>,
+    /// (network, IP) → workload for the other networks (the same IP may exist on two).
+    by_remote_ip: HashMap<(String, IpAddr), Arc<Workload>>,
+    /// The proxy's own network: where [`State::workload_by_ip`] looks.
+    network: String,
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<IpAddr, String>,
     /// Authorization policies by `namespace/name`, as validated from xDS (evaluated by authz).
@@ -96,7 +102,12 @@ impl State {
         self.remove_workload(&w.uid.clone());
         let w = Arc::new(w);
         for ip in &w.addresses {
-            self.by_ip.insert(*ip, w.clone());
+            if w.network == self.network {
+                self.by_ip.insert(*ip, w.clone());
+            } else {
+                self.by_remote_ip
+                    .insert((w.network.clone(), *ip), w.clone());
+            }
         }
         self.workloads.insert(w.uid.clone(), w);
     }
@@ -104,8 +115,19 @@ impl State {
     pub fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
         let old = self.workloads.remove(uid)?;
         for ip in &old.addresses {
-            if self.by_ip.get(ip).is_some_and(|w| Arc::ptr_eq(w, &old)) {
-                self.by_ip.remove(ip);
+            if old.network == self.network {
+                if self.by_ip.get(ip).is_some_and(|w| Arc::ptr_eq(w, &old)) {
+                    self.by_ip.remove(ip);
+                }
+            } else {
+                let key = (old.network.clone(), *ip);
+                if self
+                    .by_remote_ip
+                    .get(&key)
+                    .is_some_and(|w| Arc::ptr_eq(w, &old))
+                {
+                    self.by_remote_ip.remove(&key);
+                }
             }
         }
         Some(old)
@@ -146,15 +168,32 @@ impl State {
 
     /// Whether `ip` is a known workload address or service VIP.
     pub fn knows(&self, ip: IpAddr) -> bool {
-        self.by_ip.contains_key(&ip) || self.by_vip.contains_key(&ip)
+        self.workload_by_ip(ip).is_some() || self.by_vip.contains_key(&ip)
     }
 
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.workloads.get(uid)
     }
 
+    /// A state whose lookups are in `network` (the proxy's own).
+    pub fn with_network(network: &str) -> Self {
+        State {
+            network: network.to_owned(),
+            ..State::default()
+        }
+    }
+
+    /// The workload at `ip` in the proxy's own network.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
+    }
+
+    pub fn workload_by_network_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
+        if network == self.network {
+            self.by_ip.get(&ip)
+        } else {
+            self.by_remote_ip.get(&(network.to_owned(), ip))
+        }
     }
 
     pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {

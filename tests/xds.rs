@@ -395,3 +395,51 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
     );
     eventually(5, || seen_after_answer.load(Ordering::SeqCst)).await;
 }
+
+/// An https control plane is reached through TLS with the configured root; with another root
+/// the connection is refused and no stream is ever opened.
+#[tokio::test]
+async fn tls_to_the_control_plane_uses_the_configured_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (root, wrong_root) = (dir.path().join("root.pem"), dir.path().join("other.pem"));
+    std::fs::write(&root, server.cert.pem()).unwrap();
+    std::fs::write(&wrong_root, other.cert.pem()).unwrap();
+    let mut fake = FakeAds::start_tls(
+        "127.0.0.1:0".parse().unwrap(),
+        &server.cert.pem(),
+        &server.signing_key.serialize_pem(),
+    )
+    .await;
+    let tls_settings = |root_ca: &std::path::Path| XdsSettings {
+        address: format!("https://localhost:{}", fake.addr.port()),
+        root_ca: Some(root_ca.to_owned()),
+        ..settings(fake.addr, false, None)
+    };
+
+    let state = Arc::new(RwLock::new(State::default()));
+    let wrong = XdsClient::new(tls_settings(&wrong_root), state.clone());
+    let wrong_task = tokio::spawn(wrong.run());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(800), fake.streams.recv())
+            .await
+            .is_err(),
+        "a control plane signed by another root must not be talked to"
+    );
+    wrong_task.abort();
+
+    let client = XdsClient::new(tls_settings(&root), state.clone());
+    let _task = tokio::spawn(client.run());
+    let mut s = fake.accept().await;
+    assert_eq!(s.next().await.type_url, ADDRESS_TYPE);
+    let _ = s.next().await;
+    s.send(
+        ADDRESS_TYPE,
+        "t1",
+        vec![workload_resource("w1", "1", workload("w1", [10, 0, 0, 1]))],
+        &[],
+    );
+    expect_ack(&mut s, "t1").await;
+    assert!(knows(&state, "10.0.0.1"));
+}

@@ -16,6 +16,7 @@ fn workload(uid: &str, addr: &str, sa_name: &str, protocol: Protocol) -> Workloa
         name: uid.into(),
         namespace: "default".into(),
         identity: Identity::new("cluster.local", "default", sa_name).unwrap(),
+        network: String::new(),
         addresses: vec![ip(addr)],
         node: "n".into(),
         protocol,
@@ -153,6 +154,31 @@ fn service_route_expects_endpoint_and_san_identities() {
         ]
     );
     assert_eq!(service.as_deref(), Some("web.default.svc.cluster.local"));
+}
+
+#[test]
+fn the_same_ip_on_two_networks_is_two_workloads() {
+    let mut s = State::with_network("net-a");
+    let mut a = workload("a", "10.0.0.5", "a", Protocol::Hbone);
+    a.network = "net-a".into();
+    let mut b = workload("b", "10.0.0.5", "b", Protocol::Hbone);
+    b.network = "net-b".into();
+    s.upsert_workload(a);
+    s.upsert_workload(b);
+    assert_eq!(
+        s.workload_by_ip(ip("10.0.0.5")).unwrap().uid,
+        "a",
+        "own network first"
+    );
+    assert_eq!(
+        s.workload_by_network_ip("net-b", ip("10.0.0.5"))
+            .unwrap()
+            .uid,
+        "b"
+    );
+    s.remove_workload("b");
+    assert!(s.workload_by_network_ip("net-b", ip("10.0.0.5")).is_none());
+    assert!(s.workload_by_ip(ip("10.0.0.5")).is_some());
 }
 
 #[test]

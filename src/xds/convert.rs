@@ -98,6 +98,7 @@ pub fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, Convert
         name: w.name,
         namespace: w.namespace,
         identity,
+        network: w.network,
         addresses,
         node: w.node,
         protocol,

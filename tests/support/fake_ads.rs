@@ -80,11 +80,29 @@ impl Drop for FakeAds {
 impl FakeAds {
     /// Serves on `addr` (use port 0 for any).
     pub async fn start(addr: std::net::SocketAddr) -> FakeAds {
+        Self::start_with(addr, None).await
+    }
+
+    /// Serves TLS with the given (certificate PEM, key PEM).
+    pub async fn start_tls(addr: std::net::SocketAddr, cert: &str, key: &str) -> FakeAds {
+        Self::start_with(addr, Some(tonic::transport::Identity::from_pem(cert, key))).await
+    }
+
+    async fn start_with(
+        addr: std::net::SocketAddr,
+        tls: Option<tonic::transport::Identity>,
+    ) -> FakeAds {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (tx, streams) = mpsc::unbounded_channel();
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(identity) = tls {
+            builder = builder
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .expect("server TLS config");
+        }
         let task = tokio::spawn(async move {
-            let _ = tonic::transport::Server::builder()
+            let _ = builder
                 .add_service(AggregatedDiscoveryServiceServer::new(Fake { streams: tx }))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await;
