@@ -1,0 +1,138 @@
+//! Tests of `copy`.
+
+use super::*;
+use tokio::io::duplex;
+
+#[tokio::test]
+async fn copies_both_ways_and_counts() {
+    let (mut client, mut a) = duplex(1 << 16);
+    let (mut b, mut server) = duplex(1 << 16);
+    let relay = tokio::spawn(async move { bidirectional(&mut a, &mut b).await });
+    let up: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let down = vec![7u8; 123_456];
+    let (up2, down2) = (up.clone(), down.clone());
+    let client_side = tokio::spawn(async move {
+        client.write_all(&up2).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        got
+    });
+    let server_side = tokio::spawn(async move {
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        // Half-closed: the other direction still works after EOF.
+        server.write_all(&down2).await.unwrap();
+        server.shutdown().await.unwrap();
+        got
+    });
+    assert_eq!(server_side.await.unwrap(), up);
+    assert_eq!(client_side.await.unwrap(), down);
+    let t = relay.await.unwrap().unwrap();
+    assert_eq!(
+        t,
+        Transferred {
+            a_to_b: 300_000,
+            b_to_a: 123_456
+        }
+    );
+}
+
+/// Reads fill whatever buffer they are given (until `left` runs out); writes are recorded.
+struct Firehose {
+    left: usize,
+    writes: Vec<usize>,
+}
+impl AsyncRead for Firehose {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let n = buf.remaining().min(self.left);
+        buf.put_slice(&vec![1u8; n]);
+        self.left -= n;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+impl AsyncWrite for Firehose {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        b: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        self.writes.push(b.len());
+        std::task::Poll::Ready(Ok(b.len()))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[tokio::test]
+async fn buffer_grows_under_load_and_is_bounded() {
+    let mut src = Firehose {
+        left: 4 << 20,
+        writes: vec![],
+    };
+    let mut dst = Firehose {
+        left: 0,
+        writes: vec![],
+    };
+    let mut count = 0;
+    one_way(&mut src, &mut dst, &mut count, End::A, End::B)
+        .await
+        .unwrap();
+    assert_eq!(count, 4 << 20);
+    let w = &dst.writes;
+    assert_eq!(&w[..6], &[4096, 4096, 16384, 16384, 65536, 65536]);
+    assert_eq!(w.iter().max(), Some(&MAX_BUFFER));
+}
+
+#[tokio::test]
+async fn error_names_the_failing_end() {
+    struct Broken;
+    impl AsyncRead for Broken {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+    impl AsyncWrite for Broken {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            b: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::task::Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+    let (_keep, mut a) = duplex(64);
+    let err = bidirectional(&mut a, &mut Broken).await.unwrap_err();
+    assert_eq!(err.end, End::B);
+    assert_eq!(err.source.kind(), io::ErrorKind::ConnectionReset);
+}
