@@ -6,6 +6,7 @@
 
 pub mod ca;
 pub mod manager;
+pub mod schedule;
 
 use std::fmt;
 use std::str::FromStr;

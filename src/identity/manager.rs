@@ -2,8 +2,9 @@
 //!
 //! [`CertSource`] is the seam for where certificates come from (the built-in CA today; files,
 //! SPIRE and the Istio CA plug in the same way). [`CertificateManager`] keeps one certificate
-//! per identity, fetches on first use, refreshes one past half of its lifetime, and keeps
-//! serving a still-valid certificate while the source fails. It never serves an expired one.
+//! per identity, fetches on first use, renews it in the background at half of its lifetime
+//! (see `schedule`), and keeps serving a still-valid certificate while the source fails. It
+//! never serves an expired one.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -45,6 +46,10 @@ pub trait CertSource: Send + Sync + 'static {
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, CertError>>;
     /// A short name for logs and errors ("built-in CA", "SPIRE", ...).
     fn name(&self) -> &'static str;
+    /// Sources whose material can change at any time (files) are asked again this often.
+    fn poll_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// A workload's certificate chain and key, ready for rustls, with the bundle that verifies peers.
@@ -142,12 +147,73 @@ impl WorkloadCert {
     }
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Arc<WorkloadCert>>>>;
+/// The time source: `SystemTime::now` in production, a paused-time clock in tests.
+pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
-/// One certificate per identity, fetched from a [`CertSource`] on first use.
+/// After a failed fetch, callers within this window get the same error at once instead of
+/// asking the source again: an unreachable CA is not hammered by every new connection.
+const FAIL_FAST: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One identity's certificate and the machinery that keeps it fresh.
+#[derive(Default)]
+struct Slot {
+    current: Mutex<Option<Arc<WorkloadCert>>>,
+    /// Serializes fetches for this identity (first fetch, renewals).
+    fetching: tokio::sync::Mutex<()>,
+    last_failure: Mutex<Option<(tokio::time::Instant, CertError)>>,
+    renewer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Slot {
+    fn current(&self) -> Option<Arc<WorkloadCert>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Stores `cert` unless it is the very certificate already held (a file source re-read).
+    fn store(&self, cert: WorkloadCert) -> Arc<WorkloadCert> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = current.as_ref()
+            && old.chain() == cert.chain()
+        {
+            return old.clone();
+        }
+        let cert = Arc::new(cert);
+        *current = Some(cert.clone());
+        cert
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .renewer
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// Counters for the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct CertMetrics {
+    pub renewals: std::sync::atomic::AtomicU64,
+    pub renewal_failures: std::sync::atomic::AtomicU64,
+}
+
+/// One certificate per identity: fetched on first use, then renewed in the background at half
+/// of its lifetime (retrying with capped, jittered backoff while the source fails), used while
+/// still valid when renewals fail, and refused once expired (fail closed).
 pub struct CertificateManager {
     source: Arc<dyn CertSource>,
-    slots: Mutex<HashMap<Identity, Slot>>,
+    slots: Mutex<HashMap<Identity, Arc<Slot>>>,
+    clock: Clock,
+    metrics: Arc<CertMetrics>,
 }
 
 impl std::fmt::Debug for CertificateManager {
@@ -160,53 +226,143 @@ impl std::fmt::Debug for CertificateManager {
 
 impl CertificateManager {
     pub fn new(source: Arc<dyn CertSource>) -> Self {
+        Self::with_clock(source, Arc::new(SystemTime::now))
+    }
+
+    pub fn with_clock(source: Arc<dyn CertSource>, clock: Clock) -> Self {
         CertificateManager {
             source,
             slots: Mutex::new(HashMap::new()),
+            clock,
+            metrics: Arc::new(CertMetrics::default()),
         }
     }
 
-    /// The certificate for `id`: cached while in its first half of life, else fetched. A fetch
-    /// failure falls back to the cached certificate while it is still valid (fail closed after).
-    /// Concurrent callers for one identity share one fetch.
+    pub fn metrics(&self) -> &CertMetrics {
+        &self.metrics
+    }
+
+    /// Identities held and the expiry of each one's current certificate.
+    pub fn expiries(&self) -> Vec<(Identity, SystemTime)> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .iter()
+            .filter_map(|(id, slot)| slot.current().map(|c| (id.clone(), c.not_after())))
+            .collect()
+    }
+
+    /// The certificate for `id`. A held certificate is returned while valid (renewal runs in
+    /// the background); with none, or an expired one, the source is asked now. Must be called
+    /// inside a tokio runtime (the renewal task is spawned on first use).
     pub async fn fetch(&self, id: &Identity) -> Result<Arc<WorkloadCert>, CertError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             slots.entry(id.clone()).or_default().clone()
         };
-        let mut cached = slot.lock().await;
-        let now = SystemTime::now();
-        if let Some(cert) = cached.as_ref()
-            && cert.is_valid_at(now)
-            && !cert.wants_refresh_at(now)
+        if let Some(cert) = slot.current()
+            && cert.is_valid_at((self.clock)())
         {
+            return Ok(cert);
+        }
+        let result = self.fetch_now(id, &slot).await;
+        let mut renewer = slot.renewer.lock().unwrap_or_else(|p| p.into_inner());
+        if renewer.is_none() {
+            let task = renew_loop(
+                Arc::downgrade(&slot),
+                id.clone(),
+                self.source.clone(),
+                self.clock.clone(),
+                self.metrics.clone(),
+                u32::from(result.is_err()),
+            );
+            *renewer = Some(tokio::spawn(task));
+        }
+        result
+    }
+
+    async fn fetch_now(&self, id: &Identity, slot: &Slot) -> Result<Arc<WorkloadCert>, CertError> {
+        let _one_at_a_time = slot.fetching.lock().await;
+        let now = (self.clock)();
+        let held = slot.current();
+        if let Some(cert) = held.as_ref().filter(|c| c.is_valid_at(now)) {
             return Ok(cert.clone());
         }
-        match self.source.fetch(id).await {
-            Ok(cert) => {
-                let cert = Arc::new(cert);
-                *cached = Some(cert.clone());
-                Ok(cert)
+        let recent_failure = slot
+            .last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < FAIL_FAST)
+            .map(|(_, e)| e.clone());
+        let outcome = match recent_failure {
+            Some(e) => Err(e),
+            None => self.source.fetch(id).await,
+        };
+        match outcome {
+            Ok(cert) => Ok(slot.store(cert)),
+            Err(err) => {
+                *slot.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((tokio::time::Instant::now(), err.clone()));
+                Err(match held {
+                    Some(_) => CertError::Expired {
+                        identity: id.to_string(),
+                        source_name: self.source.name(),
+                        reason: err.to_string(),
+                    },
+                    None => err,
+                })
             }
-            Err(err) => match cached.as_ref() {
-                Some(cert) if cert.is_valid_at(now) => {
-                    tracing::warn!(identity = %id, error = %err, "certificate renewal failed; using the current certificate until it expires");
-                    Ok(cert.clone())
-                }
-                Some(_) => Err(CertError::Expired {
-                    identity: id.to_string(),
-                    source_name: self.source.name(),
-                    reason: err.to_string(),
-                }),
-                None => Err(err),
-            },
         }
     }
 
-    /// Forgets the certificate of an identity no longer on this node.
+    /// Forgets the certificate of an identity no longer on this node (stops its renewals).
     pub fn forget(&self, id: &Identity) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.remove(id);
+    }
+}
+
+/// Renews one identity's certificate on the [`super::schedule`] until the slot is forgotten.
+async fn renew_loop(
+    slot: std::sync::Weak<Slot>,
+    id: Identity,
+    source: Arc<dyn CertSource>,
+    clock: Clock,
+    metrics: Arc<CertMetrics>,
+    mut failures: u32,
+) {
+    use std::sync::atomic::Ordering;
+    loop {
+        let validity = {
+            let Some(slot) = slot.upgrade() else { return };
+            slot.current().map(|c| (c.not_before(), c.not_after()))
+        };
+        let mut delay = super::schedule::next_attempt(validity, failures, clock(), rand::random());
+        if let Some(poll) = source.poll_interval() {
+            delay = delay.min(poll);
+        }
+        tokio::time::sleep(delay).await;
+        let Some(slot) = slot.upgrade() else { return };
+        let _one_at_a_time = slot.fetching.lock().await;
+        match source.fetch(&id).await {
+            Ok(cert) => {
+                let before = slot.current();
+                let stored = slot.store(cert);
+                if before.is_none_or(|b| !Arc::ptr_eq(&b, &stored)) {
+                    metrics.renewals.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(identity = %id, not_after = ?stored.not_after(), "certificate renewed");
+                }
+                *slot.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                failures = 0;
+            }
+            Err(err) => {
+                failures = failures.saturating_add(1);
+                metrics.renewal_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(identity = %id, error = %err, failures, "certificate renewal failed; keeping the current certificate while it is valid");
+                *slot.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((tokio::time::Instant::now(), err));
+            }
+        }
     }
 }
 

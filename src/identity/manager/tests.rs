@@ -67,15 +67,102 @@ async fn keeps_a_valid_certificate_while_the_source_fails() {
     let src = flaky(Duration::from_secs(3600));
     let mgr = CertificateManager::new(src.clone());
     let id = Identity::new("td", "a", "b").unwrap();
+    src.fail.store(true, Ordering::SeqCst);
+    assert!(
+        mgr.fetch(&id).await.is_err(),
+        "no certificate yet: fail closed"
+    );
+    src.fail.store(false, Ordering::SeqCst);
+    // The failure is remembered for a moment (no hammering), then the source is asked again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let first = mgr.fetch(&id).await.unwrap();
     src.fail.store(true, Ordering::SeqCst);
+    // Already past half of its life: the background renewal tries, fails, and the valid
+    // certificate keeps being served.
+    let calls = src.calls.load(Ordering::SeqCst);
+    for _ in 0..200 {
+        if mgr.metrics().renewal_failures.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(mgr.metrics().renewal_failures.load(Ordering::SeqCst) > 0);
+    assert!(
+        src.calls.load(Ordering::SeqCst) > calls,
+        "a renewal was attempted"
+    );
     let again = mgr.fetch(&id).await.unwrap();
     assert!(Arc::ptr_eq(&first, &again));
-    assert_eq!(
-        src.calls.load(Ordering::SeqCst),
-        2,
-        "a refresh was attempted"
+}
+
+/// A source issuing from a CA at the manager's (paused) clock.
+struct Clocked {
+    ca: BuiltinCa,
+    clock: Clock,
+}
+
+impl CertSource for Clocked {
+    fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, CertError>> {
+        Box::pin(async move {
+            self.ca
+                .issue(id, (self.clock)())
+                .map_err(|e| CertError::Invalid {
+                    identity: id.to_string(),
+                    reason: e.to_string(),
+                })
+        })
+    }
+    fn name(&self) -> &'static str {
+        "clocked"
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn rotation_renews_before_expiry_with_no_gap() {
+    let start = tokio::time::Instant::now();
+    let base = SystemTime::now();
+    let clock: Clock = Arc::new(move || base + start.elapsed());
+    let ca = BuiltinCa::generate(base)
+        .unwrap()
+        .with_lifetime(Duration::from_secs(3600));
+    let src = Arc::new(Clocked {
+        ca,
+        clock: clock.clone(),
+    });
+    let mgr = CertificateManager::with_clock(src, clock.clone());
+    let id = Identity::new("td", "a", "b").unwrap();
+    let mut seen: Vec<Arc<WorkloadCert>> = vec![mgr.fetch(&id).await.unwrap()];
+    // Three simulated hours, checked every simulated minute.
+    for _ in 0..180 {
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for _ in 0..5 {
+            tokio::task::yield_now().await;
+        }
+        let now = clock();
+        let cert = mgr.fetch(&id).await.unwrap();
+        assert!(
+            cert.is_valid_at(now),
+            "a gap: no valid certificate at {now:?}"
+        );
+        let last = seen.last().unwrap();
+        if !Arc::ptr_eq(last, &cert) {
+            // Renewed while the previous one was still valid, around its half-life.
+            assert!(last.is_valid_at(now), "renewed only after expiry");
+            assert!(last.wants_refresh_at(now));
+            seen.push(cert);
+        }
+    }
+    // 1 h certificates renewed every 30 min over 3 h.
+    assert!(
+        (6..=7).contains(&(seen.len() - 1)),
+        "{} renewals",
+        seen.len() - 1
     );
+    assert_eq!(
+        mgr.metrics().renewals.load(Ordering::SeqCst) as usize,
+        seen.len() - 1
+    );
+    assert_eq!(mgr.expiries().len(), 1);
 }
 
 #[tokio::test]
