@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "istio/workload/workload.proto",
             "istio/security/authorization.proto",
             "envoy/service/discovery/v3/discovery.proto",
+            "istio/v1/auth/ca.proto",
         ],
         ["proto"],
     )?;

@@ -37,6 +37,11 @@ pub mod istio {
     pub mod security {
         include!(concat!(env!("OUT_DIR"), "/istio.security.rs"));
     }
+    pub mod v1 {
+        pub mod auth {
+            include!(concat!(env!("OUT_DIR"), "/istio.v1.auth.rs"));
+        }
+    }
 }
 
 pub use istio::workload::zds;

@@ -225,6 +225,57 @@ impl BuiltinCa {
     }
 }
 
+impl BuiltinCa {
+    /// Signs a CSR the way a mesh CA does: the CSR must carry exactly one URI SAN, a SPIFFE ID;
+    /// subject and other extensions are replaced by the CA's own. Returns the chain as PEM, leaf
+    /// first, root last (the Istio CA's response format).
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        now: SystemTime,
+        lifetime: Duration,
+    ) -> Result<Vec<String>, CaError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::Root(format!("invalid CSR: {e}")))?;
+        let uris: Vec<&str> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .filter_map(|san| match san {
+                SanType::URI(uri) => Some(uri.as_str()),
+                _ => None,
+            })
+            .collect();
+        let [uri] = uris.as_slice() else {
+            return Err(CaError::Root(format!(
+                "CSR must carry exactly one URI SAN, found {}",
+                uris.len()
+            )));
+        };
+        let id = Identity::parse(uri).map_err(|e| CaError::Root(format!("CSR SAN: {e}")))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            id.to_string().try_into().map_err(|_| CaError::Validity)?,
+        )];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        params.not_before = to_offset(now.checked_sub(BACKDATE).ok_or(CaError::Validity)?)?;
+        params.not_after = to_offset(now.checked_add(lifetime).ok_or(CaError::Validity)?)?;
+        let leaf = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(vec![leaf.pem(), self.root_pem.clone()])
+    }
+}
+
 impl CertSource for BuiltinCa {
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, CertError>> {
         Box::pin(async move {

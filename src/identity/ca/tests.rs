@@ -63,3 +63,38 @@ fn lifetime_is_configurable() {
     let left = cert.not_after().duration_since(now).unwrap();
     assert!(left <= Duration::from_secs(600) && left > Duration::from_secs(598));
 }
+
+#[test]
+fn sign_csr_requires_exactly_one_spiffe_uri() {
+    let ca = BuiltinCa::generate(SystemTime::now()).unwrap();
+    let csr = |sans: Vec<SanType>| {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    };
+    let uri = |s: &str| SanType::URI(s.try_into().unwrap());
+    let good = ca
+        .sign_csr(
+            &csr(vec![uri("spiffe://td/ns/a/sa/b")]),
+            SystemTime::now(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    assert_eq!(good.len(), 2, "leaf and root");
+    assert_eq!(good[1], ca.root_pem());
+    for sans in [
+        vec![],
+        vec![uri("spiffe://td/ns/a/sa/b"), uri("spiffe://td/ns/a/sa/c")],
+        vec![uri("https://example.com/")],
+    ] {
+        assert!(
+            ca.sign_csr(&csr(sans), SystemTime::now(), Duration::from_secs(600))
+                .is_err()
+        );
+    }
+    assert!(
+        ca.sign_csr("not a csr", SystemTime::now(), Duration::from_secs(600))
+            .is_err()
+    );
+}
