@@ -5,6 +5,7 @@
 //! [`ca`], the certificate cache in [`manager`].
 
 pub mod ca;
+pub mod files;
 pub mod istio_ca;
 pub mod manager;
 pub mod schedule;

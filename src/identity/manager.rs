@@ -172,11 +172,13 @@ impl Slot {
             .clone()
     }
 
-    /// Stores `cert` unless it is the very certificate already held (a file source re-read).
+    /// Stores `cert` unless it is the very certificate and bundle already held (a file source
+    /// re-read); a new bundle alone (root rotation) is a change.
     fn store(&self, cert: WorkloadCert) -> Arc<WorkloadCert> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = current.as_ref()
             && old.chain() == cert.chain()
+            && old.bundle().certs() == cert.bundle().certs()
         {
             return old.clone();
         }
