@@ -66,10 +66,8 @@ pub fn load_ca(dir: Option<&std::path::Path>, lifetime: Duration) -> anyhow::Res
 /// Runs the node proxy: enrolls the config's pods, follows the node agent over ZDS when a
 /// socket is configured, and serves until SIGINT/SIGTERM.
 pub async fn run_node(config: Config) -> anyhow::Result<()> {
-    let ca = Arc::new(load_ca(
-        config.ca.root_dir.as_deref(),
-        config.cert_lifetime(),
-    )?);
+    let source = cert_source(&config)?;
+    tracing::info!(source = source.name(), "workload certificates source");
     let tunnel = TunnelSettings {
         connect_timeout: config.connect_timeout(),
         ..TunnelSettings::default()
@@ -87,7 +85,7 @@ pub async fn run_node(config: Config) -> anyhow::Result<()> {
         tokio::spawn(client.clone().run());
     }
     let ctx = NodeContext {
-        certs: Arc::new(CertificateManager::new(ca)),
+        certs: Arc::new(CertificateManager::new(source)),
         state,
         tunnel,
         trust_domain: config.trust_domain.clone(),
@@ -125,6 +123,30 @@ pub async fn run_node(config: Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down");
     Ok(())
+}
+
+/// The configured certificate source.
+fn cert_source(config: &Config) -> anyhow::Result<Arc<dyn crate::identity::CertSource>> {
+    use crate::config::CertSourceKind;
+    use crate::identity::istio_ca::{IstioCa, IstioCaSettings};
+    let certs = &config.certificates;
+    Ok(match (certs.source, &certs.files, &certs.istio_ca) {
+        (CertSourceKind::Files, Some(f), _) => Arc::new(crate::identity::files::FileSource {
+            cert: f.cert.clone(),
+            key: f.key.clone(),
+            bundle: f.bundle.clone(),
+            poll: Duration::from_secs(f.poll_secs),
+        }),
+        (CertSourceKind::IstioCa, _, Some(c)) => Arc::new(IstioCa::new(IstioCaSettings {
+            address: c.address.clone(),
+            root_ca: c.root_ca.clone(),
+            token_file: c.token_file.clone(),
+            cluster_id: config.cluster_id.clone(),
+            lifetime: config.cert_lifetime(),
+        })?),
+        // Validation guarantees the sections exist; the built-in CA is the default.
+        _ => Arc::new(load_ca(config.ca.root_dir.as_deref(), config.cert_lifetime())?),
+    })
 }
 
 /// Tunnels every connection to one fixed workload: the loopback mode's whole routing table.

@@ -32,6 +32,9 @@ pub struct Config {
     /// The built-in CA.
     #[serde(default)]
     pub ca: CaConfig,
+    /// Where workload certificates come from.
+    #[serde(default)]
+    pub certificates: CertificatesConfig,
     /// The node agent's ZDS socket; pods are enrolled from it when set.
     #[serde(default)]
     pub zds_socket: Option<PathBuf>,
@@ -105,6 +108,56 @@ impl Default for CaConfig {
             cert_lifetime_secs: default_cert_lifetime(),
         }
     }
+}
+
+/// The certificate source.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificatesConfig {
+    /// `builtin` (default: the built-in CA of `ca`), `files` or `istioCa`.
+    #[serde(default)]
+    pub source: CertSourceKind,
+    #[serde(default)]
+    pub files: Option<FilesConfig>,
+    #[serde(default)]
+    pub istio_ca: Option<IstioCaConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum CertSourceKind {
+    #[default]
+    Builtin,
+    Files,
+    IstioCa,
+}
+
+/// Certificate, key and bundle files (one identity).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FilesConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle: PathBuf,
+    /// Seconds between re-reads.
+    #[serde(default = "default_poll")]
+    pub poll_secs: u64,
+}
+
+/// The Istio CA endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IstioCaConfig {
+    /// `https://istiod.istio-system.svc:15012`.
+    pub address: String,
+    #[serde(default)]
+    pub root_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+fn default_poll() -> u64 {
+    5
 }
 
 /// A pod enrolled from the config file.
@@ -273,6 +326,25 @@ impl Config {
         }
         if self.xds.on_demand_timeout_ms == Some(0) {
             p.push("xds.onDemandTimeoutMs must be at least 1".into());
+        }
+        let certs = &self.certificates;
+        match certs.source {
+            CertSourceKind::Files if certs.files.is_none() => {
+                p.push("certificates.source is files but certificates.files is missing".into())
+            }
+            CertSourceKind::IstioCa if certs.istio_ca.is_none() => {
+                p.push("certificates.source is istioCa but certificates.istioCa is missing".into())
+            }
+            _ => {}
+        }
+        if let Some(ca) = &certs.istio_ca
+            && !ca.address.starts_with("http://")
+            && !ca.address.starts_with("https://")
+        {
+            p.push(format!("certificates.istioCa.address {:?} must start with http:// or https://", ca.address));
+        }
+        if certs.files.as_ref().is_some_and(|f| f.poll_secs == 0) {
+            p.push("certificates.files.pollSecs must be at least 1".into());
         }
         if self.connect_timeout_secs == 0 {
             p.push("connectTimeoutSecs must be at least 1".into());
@@ -535,6 +607,21 @@ services:
             err.contains("http://") && err.contains("onDemandTimeoutMs"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn certificate_sources_are_validated() {
+        let c = Config::parse(SAMPLE, &no_env).unwrap();
+        assert_eq!(c.certificates.source, CertSourceKind::Builtin);
+        let files = format!("{SAMPLE}certificates: {{source: files, files: {{cert: /c, key: /k, bundle: /b}}}}\n");
+        let c = Config::parse(&files, &no_env).unwrap();
+        assert_eq!(c.certificates.files.unwrap().poll_secs, 5);
+        let missing = format!("{SAMPLE}certificates: {{source: istioCa}}\n");
+        let err = Config::parse(&missing, &no_env).unwrap_err().to_string();
+        assert!(err.contains("certificates.istioCa is missing"), "{err}");
+        let bad = format!("{SAMPLE}certificates: {{source: istioCa, istioCa: {{address: istiod}}}}\n");
+        assert!(Config::parse(&bad, &no_env).unwrap_err().to_string().contains("http://"));
+        assert!(Config::parse(&format!("{SAMPLE}certificates: {{source: vault}}\n"), &no_env).is_err());
     }
 
     #[test]
