@@ -145,7 +145,10 @@ fn cert_source(config: &Config) -> anyhow::Result<Arc<dyn crate::identity::CertS
             lifetime: config.cert_lifetime(),
         })?),
         // Validation guarantees the sections exist; the built-in CA is the default.
-        _ => Arc::new(load_ca(config.ca.root_dir.as_deref(), config.cert_lifetime())?),
+        _ => Arc::new(load_ca(
+            config.ca.root_dir.as_deref(),
+            config.cert_lifetime(),
+        )?),
     })
 }
 

@@ -341,7 +341,10 @@ impl Config {
             && !ca.address.starts_with("http://")
             && !ca.address.starts_with("https://")
         {
-            p.push(format!("certificates.istioCa.address {:?} must start with http:// or https://", ca.address));
+            p.push(format!(
+                "certificates.istioCa.address {:?} must start with http:// or https://",
+                ca.address
+            ));
         }
         if certs.files.as_ref().is_some_and(|f| f.poll_secs == 0) {
             p.push("certificates.files.pollSecs must be at least 1".into());
@@ -613,15 +616,29 @@ services:
     fn certificate_sources_are_validated() {
         let c = Config::parse(SAMPLE, &no_env).unwrap();
         assert_eq!(c.certificates.source, CertSourceKind::Builtin);
-        let files = format!("{SAMPLE}certificates: {{source: files, files: {{cert: /c, key: /k, bundle: /b}}}}\n");
+        let files = format!(
+            "{SAMPLE}certificates: {{source: files, files: {{cert: /c, key: /k, bundle: /b}}}}\n"
+        );
         let c = Config::parse(&files, &no_env).unwrap();
         assert_eq!(c.certificates.files.unwrap().poll_secs, 5);
         let missing = format!("{SAMPLE}certificates: {{source: istioCa}}\n");
         let err = Config::parse(&missing, &no_env).unwrap_err().to_string();
         assert!(err.contains("certificates.istioCa is missing"), "{err}");
-        let bad = format!("{SAMPLE}certificates: {{source: istioCa, istioCa: {{address: istiod}}}}\n");
-        assert!(Config::parse(&bad, &no_env).unwrap_err().to_string().contains("http://"));
-        assert!(Config::parse(&format!("{SAMPLE}certificates: {{source: vault}}\n"), &no_env).is_err());
+        let bad =
+            format!("{SAMPLE}certificates: {{source: istioCa, istioCa: {{address: istiod}}}}\n");
+        assert!(
+            Config::parse(&bad, &no_env)
+                .unwrap_err()
+                .to_string()
+                .contains("http://")
+        );
+        assert!(
+            Config::parse(
+                &format!("{SAMPLE}certificates: {{source: vault}}\n"),
+                &no_env
+            )
+            .is_err()
+        );
     }
 
     #[test]

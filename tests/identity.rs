@@ -184,3 +184,125 @@ async fn unreachable_istio_ca_fails_closed_with_a_clear_error() {
         "{err}"
     );
 }
+
+/// A TLS + HTTP/2 peer that records the client certificate of every connection, answers every
+/// CONNECT with 200 and echoes the stream.
+async fn recording_peer(
+    ca: &BuiltinCa,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+) {
+    let cert = ca
+        .issue(
+            &Identity::new("cluster.local", "test", "server").unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let config = hboned::tls::server_config(&cert).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (config, tx) = (config.clone(), tx.clone());
+            tokio::spawn(async move {
+                let tls = tokio_rustls::TlsAcceptor::from(config)
+                    .accept(tcp)
+                    .await
+                    .unwrap();
+                let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+                tx.send(leaf).unwrap();
+                let mut conn = h2::server::handshake(tls).await.unwrap();
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let send = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    let mut stream = hboned::proxy::H2Stream::new(send, req.into_body());
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = stream.read(&mut buf).await {
+                            if n == 0 || stream.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = stream.shutdown().await;
+                    });
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+async fn ping(stream: &mut hboned::proxy::H2Stream, msg: &[u8]) {
+    stream.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    within(10, stream.read_exact(&mut back)).await.unwrap();
+    assert_eq!(back, msg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_lived_tunnel_survives_rotations_and_new_tunnels_use_the_new_certificate() {
+    let ca = Arc::new(
+        BuiltinCa::generate(SystemTime::now())
+            .unwrap()
+            .with_lifetime(Duration::from_secs(4)),
+    );
+    let (addr, mut presented) = recording_peer(&ca).await;
+    let certs = Arc::new(CertificateManager::new(ca.clone()));
+    let client_id = Identity::new("cluster.local", "test", "client").unwrap();
+    let server_id = Identity::new("cluster.local", "test", "server").unwrap();
+    let key = PoolKey::new(client_id.clone(), vec![server_id], addr, None);
+    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
+    let first_client = HboneClient::new(certs.clone(), sockets.clone(), TunnelSettings::default());
+    let mut long_lived = within(
+        10,
+        first_client.connect(&key, &request("127.0.0.1:9".parse().unwrap())),
+    )
+    .await
+    .unwrap();
+    ping(&mut long_lived, b"before").await;
+    let first_cert = within(10, presented.recv()).await.unwrap();
+
+    // Wait through two rotations (2 s each for a 4 s lifetime), pinging on the old tunnel.
+    let mut distinct = vec![certs.fetch(&client_id).await.unwrap().chain()[0].to_vec()];
+    while distinct.len() < 3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ping(&mut long_lived, b"during").await;
+        let now = certs.fetch(&client_id).await.unwrap().chain()[0].to_vec();
+        if distinct.last() != Some(&now) {
+            distinct.push(now);
+        }
+        assert!(
+            distinct.len() < 3
+                || certs
+                    .metrics()
+                    .renewals
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    >= 2
+        );
+    }
+    // The tunnel opened with the first certificate still carries bytes, after it expired.
+    ping(&mut long_lived, b"after two rotations").await;
+
+    // A new connection (a new client: no pooled connection to reuse) presents the current one.
+    let second_client = HboneClient::new(certs.clone(), sockets, TunnelSettings::default());
+    let mut fresh = within(
+        10,
+        second_client.connect(&key, &request("127.0.0.1:9".parse().unwrap())),
+    )
+    .await
+    .unwrap();
+    ping(&mut fresh, b"fresh").await;
+    let second_cert = within(10, presented.recv()).await.unwrap();
+    assert_ne!(
+        second_cert, first_cert,
+        "the new tunnel presented the old certificate"
+    );
+    assert_eq!(
+        &second_cert,
+        distinct.last().unwrap(),
+        "the new tunnel presented the current certificate"
+    );
+}

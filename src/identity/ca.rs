@@ -179,7 +179,9 @@ impl BuiltinCa {
 
     /// Issues a certificate for `id` valid from shortly before `now` for the configured lifetime.
     pub fn issue(&self, id: &Identity, now: SystemTime) -> Result<WorkloadCert, CaError> {
-        let not_before = now.checked_sub(BACKDATE).ok_or(CaError::Validity)?;
+        let not_before = now
+            .checked_sub(backdate(self.lifetime))
+            .ok_or(CaError::Validity)?;
         let not_after = now.checked_add(self.lifetime).ok_or(CaError::Validity)?;
         self.issue_between(id, not_before, not_after)
     }
@@ -269,7 +271,10 @@ impl BuiltinCa {
         ];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
-        params.not_before = to_offset(now.checked_sub(BACKDATE).ok_or(CaError::Validity)?)?;
+        params.not_before = to_offset(
+            now.checked_sub(backdate(lifetime))
+                .ok_or(CaError::Validity)?,
+        )?;
         params.not_after = to_offset(now.checked_add(lifetime).ok_or(CaError::Validity)?)?;
         let leaf = params.signed_by(&csr.public_key, &self.issuer)?;
         Ok(vec![leaf.pem(), self.root_pem.clone()])
@@ -291,6 +296,12 @@ impl CertSource for BuiltinCa {
     fn name(&self) -> &'static str {
         "built-in CA"
     }
+}
+
+/// How far back `not_before` is set: a minute of clock skew, but never so much of a short
+/// lifetime that the certificate is born past its renewal point (half of its lifetime).
+fn backdate(lifetime: Duration) -> Duration {
+    BACKDATE.min(lifetime / 4)
 }
 
 fn random_serial() -> SerialNumber {

@@ -154,6 +154,9 @@ pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 /// asking the source again: an unreachable CA is not hammered by every new connection.
 const FAIL_FAST: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The least time between two renewal attempts of one identity.
+const RENEW_FLOOR: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// One identity's certificate and the machinery that keeps it fresh.
 #[derive(Default)]
 struct Slot {
@@ -343,6 +346,9 @@ async fn renew_loop(
         if let Some(poll) = source.poll_interval() {
             delay = delay.min(poll);
         }
+        // A source that hands back a certificate already past its renewal point (an old file,
+        // a CA issuing very short lifetimes) must not turn this loop into a busy spin.
+        delay = delay.max(RENEW_FLOOR);
         tokio::time::sleep(delay).await;
         let Some(slot) = slot.upgrade() else { return };
         let _one_at_a_time = slot.fetching.lock().await;

@@ -98,3 +98,21 @@ fn sign_csr_requires_exactly_one_spiffe_uri() {
             .is_err()
     );
 }
+
+#[test]
+fn short_lifetimes_are_not_born_past_their_renewal_point() {
+    for secs in [4, 60, 120, 3600] {
+        let lifetime = Duration::from_secs(secs);
+        let ca = BuiltinCa::generate(SystemTime::now())
+            .unwrap()
+            .with_lifetime(lifetime);
+        let now = SystemTime::now();
+        let cert = ca
+            .issue(&Identity::new("td", "a", "b").unwrap(), now)
+            .unwrap();
+        assert!(
+            !cert.wants_refresh_at(now),
+            "{secs} s: due for renewal at birth"
+        );
+    }
+}
