@@ -144,6 +144,12 @@ fn cert_source(config: &Config) -> anyhow::Result<Arc<dyn crate::identity::CertS
             cluster_id: config.cluster_id.clone(),
             lifetime: config.cert_lifetime(),
         })?),
+        (CertSourceKind::Spire, _, _) => match &certs.spire_socket {
+            Some(socket) => Arc::new(crate::identity::spire::Spire::new(socket.clone())?),
+            None => anyhow::bail!(
+                "certificates.source is spire but certificates.spireSocket is missing"
+            ),
+        },
         // Validation guarantees the sections exist; the built-in CA is the default.
         _ => Arc::new(load_ca(
             config.ca.root_dir.as_deref(),

@@ -114,9 +114,12 @@ impl Default for CaConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CertificatesConfig {
-    /// `builtin` (default: the built-in CA of `ca`), `files` or `istioCa`.
+    /// `builtin` (default: the built-in CA of `ca`), `files`, `istioCa` or `spire`.
     #[serde(default)]
     pub source: CertSourceKind,
+    /// The SPIRE agent's admin socket (Delegated Identity API).
+    #[serde(default)]
+    pub spire_socket: Option<PathBuf>,
     #[serde(default)]
     pub files: Option<FilesConfig>,
     #[serde(default)]
@@ -130,6 +133,7 @@ pub enum CertSourceKind {
     Builtin,
     Files,
     IstioCa,
+    Spire,
 }
 
 /// Certificate, key and bundle files (one identity).
@@ -335,6 +339,9 @@ impl Config {
             CertSourceKind::IstioCa if certs.istio_ca.is_none() => {
                 p.push("certificates.source is istioCa but certificates.istioCa is missing".into())
             }
+            CertSourceKind::Spire if certs.spire_socket.is_none() => p.push(
+                "certificates.source is spire but certificates.spireSocket is missing".into(),
+            ),
             _ => {}
         }
         if let Some(ca) = &certs.istio_ca
@@ -639,6 +646,9 @@ services:
             )
             .is_err()
         );
+        let spire = format!("{SAMPLE}certificates: {{source: spire}}\n");
+        let err = Config::parse(&spire, &no_env).unwrap_err().to_string();
+        assert!(err.contains("spireSocket"), "{err}");
     }
 
     #[test]

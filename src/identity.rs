@@ -9,6 +9,7 @@ pub mod files;
 pub mod istio_ca;
 pub mod manager;
 pub mod schedule;
+pub mod spire;
 
 use std::fmt;
 use std::str::FromStr;

@@ -26,6 +26,24 @@ pub mod google {
     }
 }
 
+pub mod spire {
+    pub mod api {
+        pub mod types {
+            include!(concat!(env!("OUT_DIR"), "/spire.api.types.rs"));
+        }
+        pub mod agent {
+            pub mod delegatedidentity {
+                pub mod v1 {
+                    include!(concat!(
+                        env!("OUT_DIR"),
+                        "/spire.api.agent.delegatedidentity.v1.rs"
+                    ));
+                }
+            }
+        }
+    }
+}
+
 pub mod istio {
     pub mod workload {
         include!(concat!(env!("OUT_DIR"), "/istio.workload.rs"));

@@ -306,3 +306,226 @@ async fn a_long_lived_tunnel_survives_rotations_and_new_tunnels_use_the_new_cert
         "the new tunnel presented the current certificate"
     );
 }
+
+mod fake_spire {
+    //! A SPIRE agent stand-in: the Delegated Identity API on a Unix socket, minting SVIDs (from
+    //! a built-in CA) for the identity the k8s selectors describe, and able to push a rotation.
+
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, SystemTime};
+
+    use hboned::identity::ca::BuiltinCa;
+    use hboned::proto::spire::api::agent::delegatedidentity::v1::delegated_identity_server::{
+        DelegatedIdentity, DelegatedIdentityServer,
+    };
+    use hboned::proto::spire::api::agent::delegatedidentity::v1::*;
+    use hboned::proto::spire::api::types::{Spiffeid, X509svid};
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    use tokio::sync::mpsc;
+    use tokio_stream::wrappers::UnboundedReceiverStream;
+
+    type Svids = mpsc::UnboundedSender<Result<SubscribeToX509sviDsResponse, tonic::Status>>;
+    /// Open SVID streams by (namespace, service account).
+    pub type Streams = Arc<Mutex<HashMap<(String, String), Vec<Svids>>>>;
+
+    pub struct FakeSpire {
+        pub ca: Arc<BuiltinCa>,
+        pub streams: Streams,
+    }
+
+    /// A freshly minted SVID response for ns/sa.
+    pub fn mint(ca: &BuiltinCa, ns: &str, sa: &str) -> SubscribeToX509sviDsResponse {
+        let id = format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.clone().try_into().unwrap())];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let chain = ca
+            .sign_csr(&csr, SystemTime::now(), Duration::from_secs(3600))
+            .unwrap();
+        let leaf = rustls_pemfile::certs(&mut chain[0].as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        SubscribeToX509sviDsResponse {
+            x509_svids: vec![X509svidWithKey {
+                x509_svid: Some(X509svid {
+                    cert_chain: vec![leaf.to_vec()],
+                    id: Some(Spiffeid {
+                        trust_domain: "cluster.local".into(),
+                        path: format!("/ns/{ns}/sa/{sa}"),
+                    }),
+                    expires_at: 0,
+                    hint: String::new(),
+                }),
+                x509_svid_key: key.serialize_der(),
+            }],
+            federates_with: vec![],
+        }
+    }
+
+    #[tonic::async_trait]
+    impl DelegatedIdentity for FakeSpire {
+        type SubscribeToX509SVIDsStream =
+            UnboundedReceiverStream<Result<SubscribeToX509sviDsResponse, tonic::Status>>;
+        type SubscribeToX509BundlesStream =
+            UnboundedReceiverStream<Result<SubscribeToX509BundlesResponse, tonic::Status>>;
+
+        async fn subscribe_to_x509svi_ds(
+            &self,
+            request: tonic::Request<SubscribeToX509sviDsRequest>,
+        ) -> Result<tonic::Response<Self::SubscribeToX509SVIDsStream>, tonic::Status> {
+            let selectors = request.into_inner().selectors;
+            let find = |prefix: &str| {
+                selectors.iter().find_map(|s| {
+                    (s.r#type == "k8s")
+                        .then(|| s.value.strip_prefix(prefix))
+                        .flatten()
+                        .map(str::to_owned)
+                })
+            };
+            let (Some(ns), Some(sa)) = (find("ns:"), find("sa:")) else {
+                return Err(tonic::Status::invalid_argument(
+                    "k8s ns/sa selectors required",
+                ));
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            tx.send(Ok(mint(&self.ca, &ns, &sa))).unwrap();
+            self.streams
+                .lock()
+                .unwrap()
+                .entry((ns, sa))
+                .or_default()
+                .push(tx);
+            Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
+        }
+
+        async fn subscribe_to_x509_bundles(
+            &self,
+            _request: tonic::Request<SubscribeToX509BundlesRequest>,
+        ) -> Result<tonic::Response<Self::SubscribeToX509BundlesStream>, tonic::Status> {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let root = rustls_pemfile::certs(&mut self.ca.root_pem().as_bytes())
+                .next()
+                .unwrap()
+                .unwrap();
+            let bundles = SubscribeToX509BundlesResponse {
+                ca_certificates: [("cluster.local".to_string(), root.to_vec())].into(),
+            };
+            tx.send(Ok(bundles)).unwrap();
+            // Keep the stream open for the subscriber's lifetime.
+            std::mem::forget(tx);
+            Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
+        }
+    }
+
+    pub async fn start(
+        socket: &std::path::Path,
+    ) -> (
+        Arc<BuiltinCa>,
+        Arc<Mutex<HashMap<(String, String), Vec<Svids>>>>,
+    ) {
+        let ca = Arc::new(BuiltinCa::generate(SystemTime::now()).unwrap());
+        let streams = Arc::new(Mutex::new(HashMap::new()));
+        let fake = FakeSpire {
+            ca: ca.clone(),
+            streams: streams.clone(),
+        };
+        let listener = tokio::net::UnixListener::bind(socket).unwrap();
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(DelegatedIdentityServer::new(fake))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+                .await;
+        });
+        (ca, streams)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spire_svids_carry_a_real_tunnel_and_pushed_rotations_arrive() {
+    use hboned::identity::spire::Spire;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let (ca, streams) = fake_spire::start(&socket).await;
+    let client_id = Identity::new("cluster.local", "test", "client").unwrap();
+    let server_id = Identity::new("cluster.local", "test", "server").unwrap();
+
+    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
+    let listener = sockets.tcp_bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hbone_addr = listener.local_addr().unwrap();
+    let server_certs = Arc::new(CertificateManager::new(Arc::new(
+        Spire::new(socket.clone()).unwrap(),
+    )));
+    let workload = LocalWorkload {
+        identity: server_id.clone(),
+        addresses: vec!["127.0.0.1".parse().unwrap()],
+        preserve_source_ip: false,
+    };
+    tokio::spawn(
+        InboundServer::new(
+            workload,
+            server_certs,
+            sockets.clone(),
+            TunnelSettings::default(),
+        )
+        .serve(listener),
+    );
+    let app = echo_app().await;
+    let client_certs = Arc::new(CertificateManager::new(Arc::new(
+        Spire::new(socket).unwrap(),
+    )));
+    let hbone = HboneClient::new(client_certs.clone(), sockets, TunnelSettings::default());
+    let key = PoolKey::new(client_id.clone(), vec![server_id], hbone_addr, None);
+    let mut stream = within(10, hbone.connect(&key, &request(app.addr)))
+        .await
+        .unwrap();
+    stream.write_all(b"SVIDs from SPIRE").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    within(10, stream.read_to_end(&mut back)).await.unwrap();
+    assert_eq!(back, b"SVIDs from SPIRE");
+
+    // SPIRE pushes a rotated SVID on the open subscription: the manager picks it up.
+    let before = client_certs.fetch(&client_id).await.unwrap();
+    let rotated = fake_spire::mint(&ca, "test", "client");
+    for tx in streams
+        .lock()
+        .unwrap()
+        .get(&("test".to_string(), "client".to_string()))
+        .unwrap()
+    {
+        let _ = tx.send(Ok(rotated.clone()));
+    }
+    let mut after = before.clone();
+    for _ in 0..100 {
+        after = client_certs.fetch(&client_id).await.unwrap();
+        if after.chain() != before.chain() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(
+        after.chain(),
+        before.chain(),
+        "the pushed SVID was not picked up"
+    );
+    // Forgetting the identity ends its subscription.
+    client_certs.forget(&client_id);
+}
+
+#[tokio::test]
+async fn unreachable_spire_agent_fails_closed_naming_the_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = CertificateManager::new(Arc::new(
+        hboned::identity::spire::Spire::new(dir.path().join("missing.sock")).unwrap(),
+    ));
+    let id = Identity::new("cluster.local", "test", "client").unwrap();
+    let err = within(20, certs.fetch(&id)).await.unwrap_err().to_string();
+    assert!(
+        err.contains("SPIRE agent") && err.contains("spiffe://cluster.local/ns/test/sa/client"),
+        "{err}"
+    );
+    assert!(err.contains("missing.sock"), "{err}");
+}

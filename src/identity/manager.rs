@@ -50,6 +50,8 @@ pub trait CertSource: Send + Sync + 'static {
     fn poll_interval(&self) -> Option<std::time::Duration> {
         None
     }
+    /// The identity left the node: drop whatever the source keeps for it (subscriptions).
+    fn forget(&self, _id: &Identity) {}
 }
 
 /// A workload's certificate chain and key, ready for rustls, with the bundle that verifies peers.
@@ -324,6 +326,7 @@ impl CertificateManager {
     pub fn forget(&self, id: &Identity) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         slots.remove(id);
+        self.source.forget(id);
     }
 }
 
