@@ -83,8 +83,13 @@ impl InboundServer {
             let (tcp, peer) = super::accept(&listener, "inbound HBONE").await;
             let server = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = server.connection(tcp, peer).await {
-                    tracing::info!(%peer, error = %e, "inbound HBONE connection failed");
+                match server.connection(tcp, peer).await {
+                    Ok(()) => {}
+                    // A TCP probe (kubelet, a load balancer) connects and leaves without TLS.
+                    Err(InboundError::Tls(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!(%peer, "connection closed before the TLS handshake");
+                    }
+                    Err(e) => tracing::info!(%peer, error = %e, "inbound HBONE connection failed"),
                 }
             });
         }
