@@ -16,6 +16,7 @@
 //! ARCHITECTURE.md has the ports, threads and data path on one page.
 
 pub mod app;
+pub mod authz;
 pub mod config;
 pub mod demo;
 pub mod hbone;
