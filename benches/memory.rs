@@ -62,6 +62,7 @@ async fn run() {
         identity: id("server"),
         addresses: vec![echo_addr.ip()],
         preserve_source_ip: false,
+        policies: None,
     };
     let server = InboundServer::new(
         workload,

@@ -203,6 +203,7 @@ pub async fn run_loopback(settings: LoopbackSettings) -> anyhow::Result<()> {
         identity: server_id.clone(),
         addresses: vec![echo_addr.ip()],
         preserve_source_ip: false,
+        policies: None,
     };
     let server = InboundServer::new(workload, certs.clone(), sockets.clone(), tunnel.clone());
     tokio::spawn(server.serve(inbound_listener));

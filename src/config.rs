@@ -47,6 +47,9 @@ pub struct Config {
     /// Known services.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// L4 authorization policies (DESIGN §5), in addition to those from xDS.
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
     /// Deliver inbound traffic with the client's source IP (IP_TRANSPARENT).
     #[serde(default = "yes")]
     pub preserve_source_ip: bool,
@@ -223,6 +226,174 @@ pub struct ServiceConfig {
     pub subject_alt_names: Vec<String>,
 }
 
+/// An authorization policy, shaped like `istio.security.Authorization`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PolicyConfig {
+    pub name: String,
+    pub namespace: String,
+    /// `namespace` (default: workloads in `namespace`) or `global`.
+    #[serde(default)]
+    pub scope: PolicyScope,
+    pub action: PolicyAction,
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Rules OR; each rule's clauses AND; each clause's matches OR.
+    pub rules: Vec<Vec<Vec<MatchConfig>>>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PolicyScope {
+    #[default]
+    Namespace,
+    Global,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PolicyAction {
+    Allow,
+    Deny,
+}
+
+/// One match: every field given must hold (`not*` fields must not).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct MatchConfig {
+    pub namespaces: Vec<StringMatchConfig>,
+    pub not_namespaces: Vec<StringMatchConfig>,
+    pub principals: Vec<StringMatchConfig>,
+    pub not_principals: Vec<StringMatchConfig>,
+    /// `10.0.0.0/8`, `fd00::/64` or a bare address.
+    pub source_ips: Vec<String>,
+    pub not_source_ips: Vec<String>,
+    pub destination_ips: Vec<String>,
+    pub not_destination_ips: Vec<String>,
+    pub destination_ports: Vec<u32>,
+    pub not_destination_ports: Vec<u32>,
+    pub service_accounts: Vec<ServiceAccountConfig>,
+    pub not_service_accounts: Vec<ServiceAccountConfig>,
+}
+
+/// Exactly one of `exact`, `prefix`, `suffix` or `presence: true`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct StringMatchConfig {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub suffix: Option<String>,
+    pub presence: Option<bool>,
+}
+
+impl StringMatchConfig {
+    fn to_proto(&self) -> Result<crate::proto::istio::security::StringMatch, String> {
+        use crate::proto::istio::security::string_match::MatchType;
+        let kind =
+            match (&self.exact, &self.prefix, &self.suffix, self.presence) {
+                (Some(v), None, None, None) => MatchType::Exact(v.clone()),
+                (None, Some(v), None, None) => MatchType::Prefix(v.clone()),
+                (None, None, Some(v), None) => MatchType::Suffix(v.clone()),
+                (None, None, None, Some(true)) => MatchType::Presence(()),
+                _ => return Err(
+                    "a string match takes exactly one of exact, prefix, suffix or presence: true"
+                        .into(),
+                ),
+            };
+        Ok(crate::proto::istio::security::StringMatch {
+            match_type: Some(kind),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceAccountConfig {
+    #[serde(default)]
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl PolicyConfig {
+    /// The policy as the xDS resource type, validated like one.
+    pub fn to_authorization(&self) -> Result<crate::proto::istio::security::Authorization, String> {
+        use crate::proto::istio::security as pb;
+        let strings = |list: &[StringMatchConfig]| -> Result<Vec<pb::StringMatch>, String> {
+            list.iter().map(StringMatchConfig::to_proto).collect()
+        };
+        let nets = |list: &[String]| -> Result<Vec<pb::Address>, String> {
+            list.iter()
+                .map(|cidr| {
+                    let (addr, len) = cidr.split_once('/').unwrap_or((cidr.as_str(), ""));
+                    let ip: IpAddr = addr
+                        .parse()
+                        .map_err(|_| format!("{cidr:?} is not an IP or CIDR"))?;
+                    let max = if ip.is_ipv4() { 32 } else { 128 };
+                    let length = if len.is_empty() {
+                        max
+                    } else {
+                        len.parse()
+                            .map_err(|_| format!("{cidr:?}: bad prefix length"))?
+                    };
+                    let address = match ip {
+                        IpAddr::V4(v4) => v4.octets().to_vec(),
+                        IpAddr::V6(v6) => v6.octets().to_vec(),
+                    };
+                    Ok(pb::Address { address, length })
+                })
+                .collect()
+        };
+        let accounts = |list: &[ServiceAccountConfig]| -> Vec<pb::ServiceAccountMatch> {
+            list.iter()
+                .map(|a| pb::ServiceAccountMatch {
+                    namespace: a.namespace.clone(),
+                    service_account: a.service_account.clone(),
+                })
+                .collect()
+        };
+        let mut rules = Vec::new();
+        for rule in &self.rules {
+            let mut clauses = Vec::new();
+            for clause in rule {
+                let mut matches = Vec::new();
+                for m in clause {
+                    matches.push(pb::Match {
+                        namespaces: strings(&m.namespaces)?,
+                        not_namespaces: strings(&m.not_namespaces)?,
+                        principals: strings(&m.principals)?,
+                        not_principals: strings(&m.not_principals)?,
+                        source_ips: nets(&m.source_ips)?,
+                        not_source_ips: nets(&m.not_source_ips)?,
+                        destination_ips: nets(&m.destination_ips)?,
+                        not_destination_ips: nets(&m.not_destination_ips)?,
+                        destination_ports: m.destination_ports.clone(),
+                        not_destination_ports: m.not_destination_ports.clone(),
+                        service_accounts: accounts(&m.service_accounts),
+                        not_service_accounts: accounts(&m.not_service_accounts),
+                    });
+                }
+                clauses.push(pb::Clause { matches });
+            }
+            rules.push(pb::Rule { clauses });
+        }
+        let policy = pb::Authorization {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            scope: match self.scope {
+                PolicyScope::Namespace => pb::Scope::Namespace as i32,
+                PolicyScope::Global => pb::Scope::Global as i32,
+            },
+            action: match self.action {
+                PolicyAction::Allow => pb::Action::Allow as i32,
+                PolicyAction::Deny => pb::Action::Deny as i32,
+            },
+            rules,
+            dry_run: self.dry_run,
+        };
+        crate::xds::convert::authorization(policy).map_err(|e| e.to_string())
+    }
+}
+
 /// Why a configuration was refused; every problem found is listed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -384,6 +555,11 @@ impl Config {
                 p.push(format!("services[{i}] ({}): {e}", s.hostname));
             }
         }
+        for (i, policy) in self.policies.iter().enumerate() {
+            if let Err(e) = policy.to_authorization() {
+                p.push(format!("policies[{i}] ({}): {e}", policy.name));
+            }
+        }
         p
     }
 
@@ -435,6 +611,13 @@ impl Config {
         }
         for s in self.services.iter().filter_map(|s| self.service(s).ok()) {
             state.upsert_service(s);
+        }
+        for p in self
+            .policies
+            .iter()
+            .filter_map(|p| p.to_authorization().ok())
+        {
+            state.upsert_policy(p);
         }
         state
     }
@@ -649,6 +832,29 @@ services:
         let spire = format!("{SAMPLE}certificates: {{source: spire}}\n");
         let err = Config::parse(&spire, &no_env).unwrap_err().to_string();
         assert!(err.contains("spireSocket"), "{err}");
+    }
+
+    #[test]
+    fn policies_load_and_bad_ones_are_reported() {
+        let yaml = format!(
+            "{SAMPLE}policies:\n  - name: no-plaintext\n    namespace: default\n    action: deny\n    rules: [[[{{destinationPorts: [7001], notPrincipals: [{{presence: true}}], sourceIps: [10.0.0.0/8, \"fd00::1\"]}}]]]\n"
+        );
+        let c = Config::parse(&yaml, &no_env).unwrap();
+        let state = c.state();
+        let p = state.policy("default/no-plaintext").unwrap();
+        let m = &p.rules[0].clauses[0].matches[0];
+        assert_eq!(m.destination_ports, [7001]);
+        assert_eq!((m.source_ips[0].length, m.source_ips[1].length), (8, 128));
+        assert_eq!(state.policies_for("default").count(), 1);
+        assert_eq!(state.policies_for("other").count(), 0);
+        let bad = format!(
+            "{SAMPLE}policies:\n  - {{name: p, namespace: n, action: allow, rules: [[[{{sourceIps: [10.0.0.0/40]}}]]]}}\n"
+        );
+        let err = Config::parse(&bad, &no_env).unwrap_err().to_string();
+        assert!(
+            err.contains("policies[0]") && err.contains("prefix"),
+            "{err}"
+        );
     }
 
     #[test]

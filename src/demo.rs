@@ -47,6 +47,8 @@ pub const PODS: [Pod; 5] = [A1, A2, B1, B2, B3];
 pub const B3_AS_SEEN_BY_A: &str = "someone-else";
 /// The app port every test server listens on.
 pub const APP_PORT: u16 = 7000;
+/// On node A, a policy denies plaintext (identity-less) connections to this port of a1.
+pub const DENIED_PLAINTEXT_PORT: u16 = 7001;
 /// A service whose only endpoint is b1: `VIP:SERVICE_PORT` → `b1:APP_PORT`.
 pub const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
 pub const SERVICE_PORT: u16 = 80;
@@ -349,6 +351,12 @@ impl Topology {
         y += &format!(
             "services:\n  - {{name: echo, namespace: demo, hostname: {SERVICE_HOST}, vips: [{SERVICE_VIP}], ports: {{{SERVICE_PORT}: {APP_PORT}}}}}\n"
         );
+        if node == 'a' {
+            // Plaintext (no identity) to a1's port DENIED_PLAINTEXT_PORT is refused.
+            y += &format!(
+                "policies:\n  - {{name: no-plaintext, namespace: demo, action: deny, rules: [[[{{destinationPorts: [{DENIED_PLAINTEXT_PORT}], notPrincipals: [{{presence: true}}]}}]]]}}\n"
+            );
+        }
         y
     }
 

@@ -162,9 +162,10 @@ impl PodManager {
             identity: identity.clone(),
             addresses: addresses.clone(),
             preserve_source_ip: ctx.preserve_source_ip,
+            policies: Some(ctx.state.clone()),
         };
         let inbound = InboundServer::new(
-            workload,
+            workload.clone(),
             ctx.certs.clone(),
             sockets.clone(),
             ctx.tunnel.clone(),
@@ -189,8 +190,7 @@ impl PodManager {
             tasks.push(tokio::spawn(passthrough::serve_inbound_plaintext(
                 plaintext_l,
                 sockets.clone(),
-                addresses.clone(),
-                ctx.preserve_source_ip,
+                workload.clone(),
                 ctx.tunnel.connect_timeout,
             )));
         }

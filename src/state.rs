@@ -166,6 +166,17 @@ impl State {
         self.policies.get(key)
     }
 
+    /// The policies that apply to a workload in `namespace`.
+    pub fn policies_for<'a>(
+        &'a self,
+        namespace: &'a str,
+    ) -> impl Iterator<Item = &'a Authorization> + 'a {
+        self.policies
+            .values()
+            .map(|p| p.as_ref())
+            .filter(move |p| crate::authz::applies(p, namespace))
+    }
+
     /// Whether `ip` is a known workload address or service VIP.
     pub fn knows(&self, ip: IpAddr) -> bool {
         self.workload_by_ip(ip).is_some() || self.by_vip.contains_key(&ip)

@@ -422,3 +422,80 @@ async fn bare_peer_accept(
         .unwrap();
     h2::server::handshake(tls).await.unwrap()
 }
+
+/// Policies on the server side (DESIGN §5): a DENY answers 401, an ALLOW list that does not name
+/// the client answers 401, and a policy change applies to the next stream.
+#[tokio::test]
+async fn policies_are_enforced_on_inbound_hbone() {
+    use hboned::proto::istio::security::{
+        Action, Authorization, Clause, Match, Rule, Scope, StringMatch, string_match::MatchType,
+    };
+    let principal = |p: &str| StringMatch {
+        match_type: Some(MatchType::Exact(p.into())),
+    };
+    let policy = |name: &str, action: Action, who: &str| Authorization {
+        name: name.into(),
+        namespace: "test".into(),
+        scope: Scope::Namespace as i32,
+        action: action as i32,
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![Match {
+                    principals: vec![principal(who)],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        dry_run: false,
+    };
+    let ca = ca();
+    let state = Arc::new(std::sync::RwLock::new(hboned::state::State::default()));
+    let srv = server_with_policies(ca.clone(), id("server"), Some(state.clone())).await;
+    let app = echo_app().await;
+    let hbone = client(ca, TunnelSettings::default());
+    let key = key(&id("client"), &srv);
+    let status = |r: Result<hboned::proxy::H2Stream, ProxyError>| match r {
+        Ok(_) => 200,
+        Err(ProxyError::Status { status, .. }) => status.as_u16(),
+        Err(e) => panic!("unexpected error {e}"),
+    };
+    // No policy: allowed.
+    assert_eq!(
+        status(within(10, hbone.connect(&key, &request(app.addr))).await),
+        200
+    );
+    // DENY naming the client.
+    state.write().unwrap().upsert_policy(policy(
+        "deny",
+        Action::Deny,
+        "cluster.local/ns/test/sa/client",
+    ));
+    assert_eq!(
+        status(within(10, hbone.connect(&key, &request(app.addr))).await),
+        401
+    );
+    // An ALLOW list without the client (the DENY removed).
+    state.write().unwrap().remove_policy("test/deny");
+    state.write().unwrap().upsert_policy(policy(
+        "allow-other",
+        Action::Allow,
+        "cluster.local/ns/test/sa/other",
+    ));
+    assert_eq!(
+        status(within(10, hbone.connect(&key, &request(app.addr))).await),
+        401
+    );
+    // ...and with it: bytes flow.
+    state.write().unwrap().upsert_policy(policy(
+        "allow-client",
+        Action::Allow,
+        "cluster.local/ns/test/sa/client",
+    ));
+    let mut s = within(10, hbone.connect(&key, &request(app.addr)))
+        .await
+        .unwrap();
+    s.write_all(b"allowed").await.unwrap();
+    s.shutdown().await.unwrap();
+    assert_eq!(within(10, read_all(&mut s)).await.unwrap(), b"allowed");
+    assert_eq!(app.accepted(), 2, "denied streams never reached the app");
+}

@@ -123,6 +123,7 @@ async fn istio_ca_certificates_carry_a_real_tunnel() {
         identity: server_id.clone(),
         addresses: vec!["127.0.0.1".parse().unwrap()],
         preserve_source_ip: false,
+        policies: None,
     };
     tokio::spawn(
         InboundServer::new(
@@ -462,6 +463,7 @@ async fn spire_svids_carry_a_real_tunnel_and_pushed_rotations_arrive() {
         identity: server_id.clone(),
         addresses: vec!["127.0.0.1".parse().unwrap()],
         preserve_source_ip: false,
+        policies: None,
     };
     tokio::spawn(
         InboundServer::new(

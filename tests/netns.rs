@@ -193,6 +193,24 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
         "(d,f) IPv6 inbound plaintext"
     );
 
+    // Policy on 15006: plaintext to a1's port 7001 is denied (reset, never delivered).
+    let (_e5, peers_a1_denied) =
+        demo::spawn_echo(topo.listen(A1.name, demo::DENIED_PLAINTEXT_PORT).unwrap());
+    let s = topo
+        .connect(B2.name, A1.addr(demo::DENIED_PLAINTEXT_PORT))
+        .await
+        .unwrap();
+    let denied = within(20, demo::echo_roundtrip(s, b"let me in")).await;
+    assert!(
+        matches!(&denied, Err(e) if e.kind() == ErrorKind::ConnectionReset)
+            || matches!(&denied, Ok(b) if b.is_empty()),
+        "plaintext to a denied port must not be answered: {denied:?}"
+    );
+    assert!(
+        peers_a1_denied.lock().unwrap().is_empty(),
+        "the denied app was reached"
+    );
+
     // (e) A peer presenting the wrong identity: refused, the client is reset, nothing arrives.
     let mut s = topo.connect(A1.name, B3.addr(APP_PORT)).await.unwrap();
     let _ = s.write_all(b"secret").await;

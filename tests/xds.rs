@@ -330,6 +330,7 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
             identity: server_id,
             addresses: vec![ip("127.0.0.7")],
             preserve_source_ip: false,
+            policies: None,
         },
         certs.clone(),
         sockets.clone(),

@@ -7,7 +7,7 @@
 //! app cannot be dialed.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -17,12 +17,13 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::copy::{self, End};
 use super::tunnel::{H2Stream, TunnelSettings, drive_with_keepalive};
+use crate::authz;
 use crate::hbone::{self, ConnectRequest};
 use crate::identity::manager::CertError;
 use crate::identity::{CertificateManager, Identity, WorkloadCert};
 use crate::netns::{self, SocketFactory};
 use crate::socket;
-use crate::state::PROXY_PORTS;
+use crate::state::{PROXY_PORTS, State};
 use crate::tls::{self, TlsError};
 
 /// The workload a server speaks for.
@@ -33,6 +34,19 @@ pub struct LocalWorkload {
     pub addresses: Vec<IpAddr>,
     /// Deliver to the app from the client's IP (IP_TRANSPARENT) instead of our own.
     pub preserve_source_ip: bool,
+    /// Where the authorization policies are (checked per stream); `None`: no policy applies.
+    pub policies: Option<Arc<RwLock<State>>>,
+}
+
+impl LocalWorkload {
+    /// The policy decision for one connection to this workload (DESIGN §5).
+    pub fn authorize(&self, conn: &authz::Connection<'_>) -> authz::Decision {
+        let Some(state) = &self.policies else {
+            return authz::Decision::Allow;
+        };
+        let state = state.read().unwrap_or_else(|p| p.into_inner());
+        authz::evaluate(state.policies_for(self.identity.namespace()), conn)
+    }
 }
 
 /// Why an inbound connection (not a single stream) ended early.
@@ -174,6 +188,17 @@ impl InboundServer {
             }
         };
         let target = connect.authority;
+        let decision = self.workload.authorize(&authz::Connection {
+            source: client.as_ref(),
+            source_ip: peer.ip(),
+            destination_ip: target.ip(),
+            destination_port: target.port(),
+        });
+        if !decision.is_allowed() {
+            tracing::info!(%peer, client = ?client.as_ref().map(Identity::to_string), %target, ?decision, "denied by policy; answering 401");
+            let _ = respond.send_response(hbone::response(StatusCode::UNAUTHORIZED), true);
+            return;
+        }
         // The HBONE connection was dialed from inside the client pod: its address is the pod's.
         let source = self.workload.preserve_source_ip.then_some(peer.ip());
         let mut app = match netns::dial(

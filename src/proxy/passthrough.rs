@@ -10,6 +10,8 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::copy::{self, End};
+use super::inbound::LocalWorkload;
+use crate::authz;
 use crate::netns::{self, SocketFactory};
 use crate::socket;
 use crate::state::PROXY_PORTS;
@@ -46,14 +48,15 @@ pub async fn relay(
     }
 }
 
-/// Serves the inbound plaintext listener (15006) of a pod whose addresses are `local`.
+/// Serves the inbound plaintext listener (15006) of the pod `workload`: connections without an
+/// identity, authorized by source and destination alone.
 pub async fn serve_inbound_plaintext(
     listener: TcpListener,
     sockets: Arc<dyn SocketFactory>,
-    local: Vec<IpAddr>,
-    preserve_source_ip: bool,
+    workload: LocalWorkload,
     timeout: Duration,
 ) {
+    let local = &workload.addresses;
     loop {
         let (app, src) = super::accept(&listener, "inbound plaintext").await;
         let _ = socket::set_stream_options(&app);
@@ -70,8 +73,19 @@ pub async fn serve_inbound_plaintext(
             let _ = socket::reset_on_close(&app);
             continue;
         }
+        let decision = workload.authorize(&authz::Connection {
+            source: None,
+            source_ip: src.ip(),
+            destination_ip: dst.ip(),
+            destination_port: dst.port(),
+        });
+        if !decision.is_allowed() {
+            tracing::info!(%src, %dst, ?decision, "plaintext connection denied by policy; resetting");
+            let _ = socket::reset_on_close(&app);
+            continue;
+        }
         let sockets = sockets.clone();
-        let source = preserve_source_ip.then_some(src.ip());
+        let source = workload.preserve_source_ip.then_some(src.ip());
         tokio::spawn(async move { relay(app, &*sockets, source, dst, timeout).await });
     }
 }

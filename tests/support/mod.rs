@@ -41,6 +41,15 @@ impl Drop for Server {
 }
 
 pub async fn server(ca: Arc<BuiltinCa>, identity: Identity) -> Server {
+    server_with_policies(ca, identity, None).await
+}
+
+/// Like [`server`], enforcing the policies in `policies`.
+pub async fn server_with_policies(
+    ca: Arc<BuiltinCa>,
+    identity: Identity,
+    policies: Option<Arc<std::sync::RwLock<hboned::state::State>>>,
+) -> Server {
     let certs = Arc::new(CertificateManager::new(ca));
     let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
     let listener = sockets.tcp_bind("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -49,6 +58,7 @@ pub async fn server(ca: Arc<BuiltinCa>, identity: Identity) -> Server {
         identity: identity.clone(),
         addresses: vec!["127.0.0.1".parse().unwrap()],
         preserve_source_ip: false,
+        policies,
     };
     let server = InboundServer::new(workload, certs, sockets, TunnelSettings::default());
     let task = tokio::spawn(server.serve(listener));
