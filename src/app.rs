@@ -110,11 +110,22 @@ pub async fn run_node(config: Config) -> anyhow::Result<()> {
             tracing::error!(pod = %pod.uid(), error = %e, "cannot enroll pod from the config");
         }
     }
-    let (ready_tx, _ready_rx) = tokio::sync::watch::channel(config.zds_socket.is_none());
+    let (ready_tx, zds_ready) = tokio::sync::watch::channel(config.zds_socket.is_none());
     if let Some(path) = config.zds_socket.clone() {
         tracing::info!(path = %path.display(), "enrolling pods from the node agent (ZDS)");
         let handler: Arc<dyn PodHandler> = manager.clone();
         tokio::spawn(async move { crate::inpod::run_zds(&path, handler, ready_tx).await });
+    }
+    // Ready once the node agent's first snapshot and the control plane's first state arrived.
+    let mut sources = vec![zds_ready];
+    sources.extend(xds.as_ref().map(|c| c.ready()));
+    let ready = crate::admin::all_ready(sources);
+    if let Some(addr) = config.readiness_address {
+        let listener = crate::admin::bind_readiness(addr).await.with_context(|| {
+            format!("binding the readiness listener on {addr} (readinessAddress)")
+        })?;
+        tracing::info!(addr = %listener.local_addr()?, "readiness at /healthz/ready");
+        tokio::spawn(crate::admin::serve_readiness(listener, ready));
     }
     println!(
         "hboned: serving {} pod(s); Ctrl-C stops",

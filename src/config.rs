@@ -56,6 +56,9 @@ pub struct Config {
     /// Seconds to wait for a connect or handshake.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    /// Where `GET /healthz/ready` is served (in the proxy's netns); `null` turns it off.
+    #[serde(default = "default_readiness")]
+    pub readiness_address: Option<std::net::SocketAddr>,
     /// The control plane (xDS); without an address, the workload tables above are all there is.
     #[serde(default)]
     pub xds: XdsConfig,
@@ -161,6 +164,13 @@ pub struct IstioCaConfig {
     pub root_ca: Option<PathBuf>,
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+}
+
+fn default_readiness() -> Option<std::net::SocketAddr> {
+    Some(std::net::SocketAddr::from((
+        [0, 0, 0, 0],
+        crate::admin::READINESS_PORT,
+    )))
 }
 
 fn default_poll() -> u64 {

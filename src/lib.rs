@@ -15,6 +15,7 @@
 //!
 //! ARCHITECTURE.md has the ports, threads and data path on one page.
 
+pub mod admin;
 pub mod app;
 pub mod authz;
 pub mod config;

@@ -196,11 +196,14 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     // Policy on 15006: plaintext to a1's port 7001 is denied (reset, never delivered).
     let (_e5, peers_a1_denied) =
         demo::spawn_echo(topo.listen(A1.name, demo::DENIED_PLAINTEXT_PORT).unwrap());
-    let s = topo
+    // The reset can land before connect() even returns: both are a refusal.
+    let denied = match topo
         .connect(B2.name, A1.addr(demo::DENIED_PLAINTEXT_PORT))
         .await
-        .unwrap();
-    let denied = within(20, demo::echo_roundtrip(s, b"let me in")).await;
+    {
+        Ok(s) => within(20, demo::echo_roundtrip(s, b"let me in")).await,
+        Err(e) => Err(e),
+    };
     assert!(
         matches!(&denied, Err(e) if e.kind() == ErrorKind::ConnectionReset)
             || matches!(&denied, Ok(b) if b.is_empty()),
@@ -224,6 +227,27 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
         peers_b3.lock().unwrap().is_empty(),
         "(e) b3's app must not be reached"
     );
+
+    // Each proxy answers readiness (15021, in its node's netns) once its pods are served.
+    for node in ["na", "nb"] {
+        let ns = topo.netns(node).unwrap();
+        let reply = ns
+            .run(|| {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect_timeout(
+                    &"127.0.0.1:15021".parse().unwrap(),
+                    Duration::from_secs(5),
+                )?;
+                s.write_all(
+                    b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                )?;
+                let mut out = String::new();
+                s.read_to_string(&mut out)?;
+                Ok(out)
+            })
+            .unwrap();
+        assert!(reply.starts_with("HTTP/1.1 200"), "{node}: {reply}");
+    }
 
     // (g) Nothing is left behind.
     let mut topo = topo;
@@ -304,7 +328,14 @@ async fn zds_agent_adds_and_removes_a_pod() {
     let sock = dir.path().join("ztunnel.sock");
     let agent = SeqPacketListener::bind(&sock).unwrap();
     let config = dir.path().join("node.yaml");
-    std::fs::write(&config, format!("zdsSocket: {}\n", sock.display())).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "zdsSocket: {}\nreadinessAddress: 127.0.0.1:0\n",
+            sock.display()
+        ),
+    )
+    .unwrap();
     let log = dir.path().join("hboned.log");
     let mut proxy = std::process::Command::new(bin())
         .args(["run", "--config"])

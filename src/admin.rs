@@ -1,0 +1,125 @@
+//! The proxy's own HTTP endpoints, in its own netns. Today: readiness on 15021
+//! (`GET /healthz/ready`: 200 once every configured enrollment and discovery source delivered
+//! its first full state, 503 before). Metrics (15020) and the admin page (15000) come next.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The readiness port (DESIGN §2).
+pub const READINESS_PORT: u16 = 15021;
+
+fn respond(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Answers one readiness request from the current state of `ready`.
+pub fn readiness(req: &Request<Incoming>, ready: bool) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz/ready") if ready => respond(StatusCode::OK, "ready\n"),
+        (&Method::GET, "/healthz/ready") => respond(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        _ => respond(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Serves readiness on `listener` until the task is dropped.
+pub async fn serve_readiness(listener: TcpListener, ready: watch::Receiver<bool>) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let now = *ready.borrow();
+                async move { Ok::<_, Infallible>(readiness(&req, now)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "readiness connection failed");
+            }
+        });
+    }
+}
+
+/// Binds the readiness listener (all addresses of the proxy's netns, for the kubelet).
+pub async fn bind_readiness(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// True once every given source is ready.
+pub fn all_ready(mut sources: Vec<watch::Receiver<bool>>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(sources.iter().all(|s| *s.borrow()));
+    tokio::spawn(async move {
+        for source in &mut sources {
+            if source.wait_for(|r| *r).await.is_err() {
+                return;
+            }
+        }
+        tracing::info!("ready");
+        tx.send_replace(true);
+        // Keep the sender alive so readers see `true`, not a closed channel.
+        tx.closed().await;
+    });
+    rx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn get(addr: SocketAddr, path: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out[9..12].parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn ready_only_after_every_source() {
+        let (zds_tx, zds) = watch::channel(false);
+        let (xds_tx, xds) = watch::channel(false);
+        let ready = all_ready(vec![zds, xds]);
+        let listener = bind_readiness("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_readiness(listener, ready.clone()));
+        assert_eq!(get(addr, "/healthz/ready").await, 503);
+        zds_tx.send_replace(true);
+        tokio::task::yield_now().await;
+        assert_eq!(get(addr, "/healthz/ready").await, 503, "xDS not ready yet");
+        xds_tx.send_replace(true);
+        let mut r = ready.clone();
+        tokio::time::timeout(std::time::Duration::from_secs(5), r.wait_for(|v| *v))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(get(addr, "/healthz/ready").await, 200);
+        assert_eq!(get(addr, "/nope").await, 404);
+    }
+
+    #[tokio::test]
+    async fn nothing_to_wait_for_is_ready() {
+        let ready = all_ready(vec![]);
+        assert!(*ready.borrow());
+    }
+}
