@@ -195,27 +195,7 @@ impl BuiltinCa {
         not_after: SystemTime,
     ) -> Result<WorkloadCert, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        let uri = id
-            .to_string()
-            .try_into()
-            .map_err(|_| CaError::Root(format!("identity {id} is not an IA5 string")))?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        params.not_before = to_offset(not_before)?;
-        params.not_after = to_offset(not_after)?;
-        let leaf = params.signed_by(&key, &self.issuer)?;
+        let leaf = leaf_params(id, not_before, not_after)?.signed_by(&key, &self.issuer)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         WorkloadCert::new(
             id.clone(),
@@ -255,28 +235,12 @@ impl BuiltinCa {
             )));
         };
         let id = Identity::parse(uri).map_err(|e| CaError::Root(format!("CSR SAN: {e}")))?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            id.to_string().try_into().map_err(|_| CaError::Validity)?,
-        )];
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        params.serial_number = Some(random_serial());
-        params.not_before = to_offset(
-            now.checked_sub(backdate(lifetime))
-                .ok_or(CaError::Validity)?,
-        )?;
-        params.not_after = to_offset(now.checked_add(lifetime).ok_or(CaError::Validity)?)?;
-        let leaf = params.signed_by(&csr.public_key, &self.issuer)?;
+        let not_before = now
+            .checked_sub(backdate(lifetime))
+            .ok_or(CaError::Validity)?;
+        let not_after = now.checked_add(lifetime).ok_or(CaError::Validity)?;
+        let leaf =
+            leaf_params(&id, not_before, not_after)?.signed_by(&csr.public_key, &self.issuer)?;
         Ok(vec![leaf.pem(), self.root_pem.clone()])
     }
 }
@@ -296,6 +260,36 @@ impl CertSource for BuiltinCa {
     fn name(&self) -> &'static str {
         "built-in CA"
     }
+}
+
+/// A workload leaf: exactly one URI SAN (the SPIFFE ID), no subject, not a CA, usable for
+/// TLS client and server authentication, with a random serial.
+fn leaf_params(
+    id: &Identity,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let uri = id
+        .to_string()
+        .try_into()
+        .map_err(|_| CaError::Root(format!("identity {id} is not an IA5 string")))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    params.not_before = to_offset(not_before)?;
+    params.not_after = to_offset(not_after)?;
+    Ok(params)
 }
 
 /// How far back `not_before` is set: a minute of clock skew, but never so much of a short

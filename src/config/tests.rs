@@ -1,0 +1,214 @@
+//! Tests of `config`.
+
+use super::*;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+const SAMPLE: &str = r#"
+trustDomain: example.org
+node: node-a
+clusterId: c1
+pods:
+  - name: a1
+    namespace: default
+    serviceAccount: client
+    netns: /var/run/netns/pod-a1
+workloads:
+  - uid: default/b1
+    name: b1
+    namespace: default
+    serviceAccount: server
+    workloadIps: [10.1.2.2]
+    node: node-b
+    protocol: HBONE
+    services:
+      default/web.default.svc.cluster.local: {80: 8080}
+  - uid: default/plain
+    name: plain
+    namespace: default
+    workloadIps: [10.1.2.3]
+services:
+  - name: web
+    namespace: default
+    hostname: web.default.svc.cluster.local
+    vips: [10.96.0.1]
+    ports: {80: 8080}
+"#;
+
+#[test]
+fn parses_a_full_config() {
+    let c = Config::parse(SAMPLE, &no_env).unwrap();
+    assert_eq!(c.node, "node-a");
+    assert_eq!(c.pods[0].uid(), "default/a1");
+    assert!(c.preserve_source_ip);
+    let state = c.state();
+    let b1 = state.workload_by_ip("10.1.2.2".parse().unwrap()).unwrap();
+    assert_eq!(
+        b1.identity.to_string(),
+        "spiffe://example.org/ns/default/sa/server"
+    );
+    assert_eq!(b1.protocol, Protocol::Hbone);
+    let plain = state.workload("default/plain").unwrap();
+    assert_eq!(plain.protocol, Protocol::Tcp);
+    assert_eq!(plain.identity.service_account(), "default");
+    assert!(state.service_by_vip("10.96.0.1".parse().unwrap()).is_some());
+}
+
+#[test]
+fn embedded_default_parses() {
+    let c = Config::parse(EMBEDDED_DEFAULT, &no_env).unwrap();
+    assert_eq!(c.trust_domain, "cluster.local");
+    assert!(c.pods.is_empty());
+}
+
+#[test]
+fn env_overrides_apply() {
+    let env = |k: &str| match k {
+        "HBONED_NODE" => Some("from-env".to_string()),
+        "HBONED_ZDS_SOCKET" => Some("/tmp/zds.sock".to_string()),
+        _ => None,
+    };
+    let c = Config::parse(SAMPLE, &env).unwrap();
+    assert_eq!(c.node, "from-env");
+    assert_eq!(c.zds_socket.as_deref(), Some(Path::new("/tmp/zds.sock")));
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let bad = r#"
+trustDomain: "Bad Domain"
+ca: {certLifetimeSecs: 5}
+workloads:
+  - uid: w
+    name: w
+    namespace: "bad ns"
+    workloadIps: []
+services:
+  - name: s
+    namespace: default
+    hostname: s
+    vips: [10.0.0.1]
+    subjectAltNames: ["not-spiffe"]
+"#;
+    let env = |k: &str| (k == "HBONED_CERT_LIFETIME_SECS").then(|| "soon".to_string());
+    let err = Config::parse(bad, &env).unwrap_err();
+    let ConfigError::Invalid(problems) = &err else {
+        panic!("{err}");
+    };
+    assert_eq!(problems.len(), 6, "{err}");
+    let text = err.to_string();
+    for needle in [
+        "trustDomain",
+        "certLifetimeSecs",
+        "workloadIps is empty",
+        "workloads[0] (w)",
+        "not-spiffe",
+        "HBONED_CERT_LIFETIME_SECS",
+    ] {
+        assert!(text.contains(needle), "missing {needle}: {text}");
+    }
+}
+
+#[test]
+fn xds_settings_follow_the_config() {
+    let c = Config::parse(SAMPLE, &no_env).unwrap();
+    assert!(c.xds_settings().is_none(), "no address: local file only");
+    let yaml = format!(
+        "{SAMPLE}xds:\n  address: https://istiod.istio-system.svc:15012\n  rootCa: /etc/istio/root.pem\n  tokenFile: /var/run/token\n  onDemand: true\n  onDemandTimeoutMs: 250\n  nodeMetadata: {{NAMESPACE: istio-system}}\n"
+    );
+    let x = Config::parse(&yaml, &no_env)
+        .unwrap()
+        .xds_settings()
+        .unwrap();
+    assert_eq!(x.node_id, "node-a", "the node id defaults to the node name");
+    assert_eq!(x.cluster_id, "c1");
+    assert!(x.on_demand);
+    assert_eq!(x.on_demand_timeout, Duration::from_millis(250));
+    assert_eq!(x.root_ca.as_deref(), Some(Path::new("/etc/istio/root.pem")));
+    assert_eq!(x.node_metadata["NAMESPACE"], "istio-system");
+    let env = |k: &str| (k == "HBONED_XDS_ADDRESS").then(|| "http://10.0.0.1:15010".to_string());
+    let from_env = Config::parse(SAMPLE, &env).unwrap().xds_settings().unwrap();
+    assert_eq!(from_env.address, "http://10.0.0.1:15010");
+    assert_eq!(from_env.on_demand_timeout, Duration::from_secs(5));
+    let err = Config::parse(
+        "xds: {address: \"istiod:15012\", onDemandTimeoutMs: 0}\n",
+        &no_env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("http://") && err.contains("onDemandTimeoutMs"),
+        "{err}"
+    );
+}
+
+#[test]
+fn certificate_sources_are_validated() {
+    let c = Config::parse(SAMPLE, &no_env).unwrap();
+    assert_eq!(c.certificates.source, CertSourceKind::Builtin);
+    let files = format!(
+        "{SAMPLE}certificates: {{source: files, files: {{cert: /c, key: /k, bundle: /b}}}}\n"
+    );
+    let c = Config::parse(&files, &no_env).unwrap();
+    assert_eq!(c.certificates.files.unwrap().poll_secs, 5);
+    let missing = format!("{SAMPLE}certificates: {{source: istioCa}}\n");
+    let err = Config::parse(&missing, &no_env).unwrap_err().to_string();
+    assert!(err.contains("certificates.istioCa is missing"), "{err}");
+    let bad = format!("{SAMPLE}certificates: {{source: istioCa, istioCa: {{address: istiod}}}}\n");
+    assert!(
+        Config::parse(&bad, &no_env)
+            .unwrap_err()
+            .to_string()
+            .contains("http://")
+    );
+    assert!(
+        Config::parse(
+            &format!("{SAMPLE}certificates: {{source: vault}}\n"),
+            &no_env
+        )
+        .is_err()
+    );
+    let spire = format!("{SAMPLE}certificates: {{source: spire}}\n");
+    let err = Config::parse(&spire, &no_env).unwrap_err().to_string();
+    assert!(err.contains("spireSocket"), "{err}");
+}
+
+#[test]
+fn policies_load_and_bad_ones_are_reported() {
+    let yaml = format!(
+        "{SAMPLE}policies:\n  - name: no-plaintext\n    namespace: default\n    action: deny\n    rules: [[[{{destinationPorts: [7001], notPrincipals: [{{presence: true}}], sourceIps: [10.0.0.0/8, \"fd00::1\"]}}]]]\n"
+    );
+    let c = Config::parse(&yaml, &no_env).unwrap();
+    let state = c.state();
+    let p = state.policy("default/no-plaintext").unwrap();
+    let m = &p.rules[0].clauses[0].matches[0];
+    assert_eq!(m.destination_ports, [7001]);
+    assert_eq!((m.source_ips[0].length, m.source_ips[1].length), (8, 128));
+    assert_eq!(state.policies_for("default").count(), 1);
+    assert_eq!(state.policies_for("other").count(), 0);
+    let bad = format!(
+        "{SAMPLE}policies:\n  - {{name: p, namespace: n, action: allow, rules: [[[{{sourceIps: [10.0.0.0/40]}}]]]}}\n"
+    );
+    let err = Config::parse(&bad, &no_env).unwrap_err().to_string();
+    assert!(
+        err.contains("policies[0]") && err.contains("prefix"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_keys_and_bad_ips_are_parse_errors() {
+    let err = Config::parse("nodee: x\n", &no_env)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nodee"), "{err}");
+    let err = Config::parse(
+        "workloads: [{uid: a, name: a, namespace: d, workloadIps: [999.1.1.1]}]",
+        &no_env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("invalid IP"), "{err}");
+}
