@@ -93,6 +93,44 @@ async fn start_fake_ca() -> (
     (addr, seen, task)
 }
 
+/// Runs an HBONE server presenting `server_id` (certificates from `server_certs`) and a client
+/// presenting `client_id`, and echoes `msg` through a tunnel between them.
+async fn echo_through_a_tunnel(
+    client_certs: Arc<CertificateManager>,
+    server_certs: Arc<CertificateManager>,
+    client_id: &Identity,
+    server_id: &Identity,
+    msg: &[u8],
+) {
+    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
+    let listener = sockets.tcp_bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let hbone_addr = listener.local_addr().unwrap();
+    let workload = LocalWorkload {
+        identity: server_id.clone(),
+        addresses: vec!["127.0.0.1".parse().unwrap()],
+        preserve_source_ip: false,
+        policies: None,
+    };
+    let server = InboundServer::new(
+        workload,
+        server_certs,
+        sockets.clone(),
+        TunnelSettings::default(),
+    );
+    tokio::spawn(server.serve(listener));
+    let app = echo_app().await;
+    let hbone = HboneClient::new(client_certs, sockets, TunnelSettings::default());
+    let key = PoolKey::new(client_id.clone(), vec![server_id.clone()], hbone_addr, None);
+    let mut stream = within(10, hbone.connect(&key, &request(app.addr)))
+        .await
+        .unwrap();
+    stream.write_all(msg).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    within(10, stream.read_to_end(&mut back)).await.unwrap();
+    assert_eq!(back, msg);
+}
+
 fn istio_ca(addr: std::net::SocketAddr, token: &std::path::Path) -> Arc<IstioCa> {
     Arc::new(
         IstioCa::new(IstioCaSettings {
@@ -115,37 +153,16 @@ async fn istio_ca_certificates_carry_a_real_tunnel() {
     let client_id = Identity::new("cluster.local", "test", "client").unwrap();
     let server_id = Identity::new("cluster.local", "test", "server").unwrap();
 
-    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
-    let listener = sockets.tcp_bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let hbone_addr = listener.local_addr().unwrap();
-    let server_certs = Arc::new(CertificateManager::new(istio_ca(addr, &token)));
-    let workload = LocalWorkload {
-        identity: server_id.clone(),
-        addresses: vec!["127.0.0.1".parse().unwrap()],
-        preserve_source_ip: false,
-        policies: None,
-    };
-    tokio::spawn(
-        InboundServer::new(
-            workload,
-            server_certs,
-            sockets.clone(),
-            TunnelSettings::default(),
-        )
-        .serve(listener),
-    );
-    let app = echo_app().await;
     let client_certs = Arc::new(CertificateManager::new(istio_ca(addr, &token)));
-    let hbone = HboneClient::new(client_certs.clone(), sockets, TunnelSettings::default());
-    let key = PoolKey::new(client_id.clone(), vec![server_id.clone()], hbone_addr, None);
-    let mut stream = within(10, hbone.connect(&key, &request(app.addr)))
-        .await
-        .unwrap();
-    stream.write_all(b"issued by the Istio CA").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    within(10, stream.read_to_end(&mut back)).await.unwrap();
-    assert_eq!(back, b"issued by the Istio CA");
+    let server_certs = Arc::new(CertificateManager::new(istio_ca(addr, &token)));
+    echo_through_a_tunnel(
+        client_certs.clone(),
+        server_certs,
+        &client_id,
+        &server_id,
+        b"issued by the Istio CA",
+    )
+    .await;
 
     let cert = client_certs.fetch(&client_id).await.unwrap();
     assert_eq!(
@@ -453,41 +470,17 @@ async fn spire_svids_carry_a_real_tunnel_and_pushed_rotations_arrive() {
     let client_id = Identity::new("cluster.local", "test", "client").unwrap();
     let server_id = Identity::new("cluster.local", "test", "server").unwrap();
 
-    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
-    let listener = sockets.tcp_bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let hbone_addr = listener.local_addr().unwrap();
-    let server_certs = Arc::new(CertificateManager::new(Arc::new(
-        Spire::new(socket.clone()).unwrap(),
-    )));
-    let workload = LocalWorkload {
-        identity: server_id.clone(),
-        addresses: vec!["127.0.0.1".parse().unwrap()],
-        preserve_source_ip: false,
-        policies: None,
-    };
-    tokio::spawn(
-        InboundServer::new(
-            workload,
-            server_certs,
-            sockets.clone(),
-            TunnelSettings::default(),
-        )
-        .serve(listener),
-    );
-    let app = echo_app().await;
-    let client_certs = Arc::new(CertificateManager::new(Arc::new(
-        Spire::new(socket).unwrap(),
-    )));
-    let hbone = HboneClient::new(client_certs.clone(), sockets, TunnelSettings::default());
-    let key = PoolKey::new(client_id.clone(), vec![server_id], hbone_addr, None);
-    let mut stream = within(10, hbone.connect(&key, &request(app.addr)))
-        .await
-        .unwrap();
-    stream.write_all(b"SVIDs from SPIRE").await.unwrap();
-    stream.shutdown().await.unwrap();
-    let mut back = Vec::new();
-    within(10, stream.read_to_end(&mut back)).await.unwrap();
-    assert_eq!(back, b"SVIDs from SPIRE");
+    let spire = |socket: &std::path::Path| Arc::new(Spire::new(socket.to_owned()).unwrap());
+    let client_certs = Arc::new(CertificateManager::new(spire(&socket)));
+    let server_certs = Arc::new(CertificateManager::new(spire(&socket)));
+    echo_through_a_tunnel(
+        client_certs.clone(),
+        server_certs,
+        &client_id,
+        &server_id,
+        b"SVIDs from SPIRE",
+    )
+    .await;
 
     // SPIRE pushes a rotated SVID on the open subscription: the manager picks it up.
     let before = client_certs.fetch(&client_id).await.unwrap();
