@@ -62,7 +62,8 @@ async fn run() {
         identity: id("server"),
         addresses: vec![echo_addr.ip()],
         preserve_source_ip: false,
-        policies: None,
+        state: None,
+        metrics: None,
     };
     let server = InboundServer::new(
         workload,

@@ -80,7 +80,8 @@ async fn rig() -> Rig {
         identity: id("server"),
         addresses: vec![sink_addr.ip()],
         preserve_source_ip: false,
-        policies: None,
+        state: None,
+        metrics: None,
     };
     let server_certs = Arc::new(CertificateManager::new(ca.clone()));
     let server = InboundServer::new(

@@ -1,6 +1,7 @@
-//! The proxy's own HTTP endpoints, in its own netns. Today: readiness on 15021
-//! (`GET /healthz/ready`: 200 once every configured enrollment and discovery source delivered
-//! its first full state, 503 before). Metrics (15020) and the admin page (15000) come next.
+//! The proxy's own HTTP endpoints, in its own netns: readiness on 15021 (`GET /healthz/ready`:
+//! 200 once every configured enrollment and discovery source delivered its first full state,
+//! 503 before) and Prometheus metrics on 15020 (`/metrics`, `/stats/prometheus`). The admin
+//! page (15000) comes next.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,6 +15,8 @@ use tokio::sync::watch;
 
 /// The readiness port (DESIGN §2).
 pub const READINESS_PORT: u16 = 15021;
+/// The Prometheus port (DESIGN §2).
+pub const METRICS_PORT: u16 = 15020;
 
 fn respond(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -32,30 +35,54 @@ pub fn readiness(req: &Request<Incoming>, ready: bool) -> Response<Full<Bytes>> 
 
 /// Serves readiness on `listener` until the task is dropped.
 pub async fn serve_readiness(listener: TcpListener, ready: watch::Receiver<bool>) {
+    serve(listener, move |req| readiness(&req, *ready.borrow())).await
+}
+
+/// Answers a metrics request with `render()`'s text exposition.
+pub fn metrics(req: &Request<Incoming>, render: impl Fn() -> String) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics" | "/stats/prometheus") => {
+            let mut resp = Response::new(Full::new(Bytes::from(render())));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        _ => respond(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Serves HTTP/1.1 on `listener`, answering each request with `handler`.
+pub async fn serve<F>(listener: TcpListener, handler: F)
+where
+    F: Fn(Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let handler = std::sync::Arc::new(handler);
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
-        let ready = ready.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let now = *ready.borrow();
-                async move { Ok::<_, Infallible>(readiness(&req, now)) }
+                let resp = handler(req);
+                async move { Ok::<_, Infallible>(resp) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(io, service)
                 .await
             {
-                tracing::debug!(%peer, error = %e, "readiness connection failed");
+                tracing::debug!(%peer, error = %e, "HTTP connection failed");
             }
         });
     }
 }
 
-/// Binds the readiness listener (all addresses of the proxy's netns, for the kubelet).
-pub async fn bind_readiness(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// Binds one of the proxy's own listeners.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
@@ -98,9 +125,7 @@ mod tests {
         let (zds_tx, zds) = watch::channel(false);
         let (xds_tx, xds) = watch::channel(false);
         let ready = all_ready(vec![zds, xds]);
-        let listener = bind_readiness("127.0.0.1:0".parse().unwrap())
-            .await
-            .unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve_readiness(listener, ready.clone()));
         assert_eq!(get(addr, "/healthz/ready").await, 503);

@@ -84,8 +84,30 @@ pub async fn run_node(config: Config) -> anyhow::Result<()> {
         tracing::info!(address = %config.xds.address, on_demand = config.xds.on_demand, "discovering workloads over xDS (on top of the config file's tables)");
         tokio::spawn(client.clone().run());
     }
+    let certs = Arc::new(CertificateManager::new(source));
+    let mut counters = vec![
+        (
+            "hboned_certificate_renewals",
+            "Certificate renewals",
+            certs.metrics().renewals.clone(),
+        ),
+        (
+            "hboned_certificate_renewal_failures",
+            "Failed certificate renewals",
+            certs.metrics().renewal_failures.clone(),
+        ),
+    ];
+    if let Some(client) = &xds {
+        counters.push((
+            "hboned_xds_rejected_resources",
+            "xDS resources rejected (NACKed)",
+            client.rejected_counter(),
+        ));
+    }
+    let metrics = crate::metrics::Metrics::new(counters);
     let ctx = NodeContext {
-        certs: Arc::new(CertificateManager::new(source)),
+        metrics: metrics.clone(),
+        certs: certs.clone(),
         state,
         tunnel,
         trust_domain: config.trust_domain.clone(),
@@ -121,11 +143,24 @@ pub async fn run_node(config: Config) -> anyhow::Result<()> {
     sources.extend(xds.as_ref().map(|c| c.ready()));
     let ready = crate::admin::all_ready(sources);
     if let Some(addr) = config.readiness_address {
-        let listener = crate::admin::bind_readiness(addr).await.with_context(|| {
+        let listener = crate::admin::bind(addr).await.with_context(|| {
             format!("binding the readiness listener on {addr} (readinessAddress)")
         })?;
         tracing::info!(addr = %listener.local_addr()?, "readiness at /healthz/ready");
         tokio::spawn(crate::admin::serve_readiness(listener, ready));
+    }
+    if let Some(addr) = config.metrics_address {
+        let listener = crate::admin::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics listener on {addr} (metricsAddress)"))?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics and /stats/prometheus");
+        let (metrics, certs) = (metrics.clone(), certs.clone());
+        tokio::spawn(crate::admin::serve(listener, move |req| {
+            crate::admin::metrics(&req, || {
+                metrics.set_certificate_expiries(&certs.expiries());
+                metrics.encode()
+            })
+        }));
     }
     println!(
         "hboned: serving {} pod(s); Ctrl-C stops",
@@ -186,9 +221,12 @@ impl Router for FixedRouter {
             .push("service.name", "echo");
         request.baggage = baggage;
         request.traceparent = Some(TraceParent::random());
+        let source = crate::metrics::Peer::new("client", Some(self.key.source()));
+        let destination = crate::metrics::Peer::new("echo", None);
         Route::Hbone {
             key: self.key.clone(),
             request,
+            peers: (source, destination),
         }
     }
 }
@@ -214,7 +252,8 @@ pub async fn run_loopback(settings: LoopbackSettings) -> anyhow::Result<()> {
         identity: server_id.clone(),
         addresses: vec![echo_addr.ip()],
         preserve_source_ip: false,
-        policies: None,
+        state: None,
+        metrics: None,
     };
     let server = InboundServer::new(workload, certs.clone(), sockets.clone(), tunnel.clone());
     tokio::spawn(server.serve(inbound_listener));
@@ -233,7 +272,7 @@ pub async fn run_loopback(settings: LoopbackSettings) -> anyhow::Result<()> {
         .tcp_bind(settings.outbound)
         .with_context(|| format!("binding the outbound listener on {}", settings.outbound))?;
     let outbound_addr = outbound_listener.local_addr()?;
-    let outbound = Outbound::new(client.clone(), sockets, router, None, tunnel);
+    let outbound = Outbound::new(client.clone(), sockets, router, None, tunnel, None);
     tokio::spawn(outbound.serve(outbound_listener, |s| s.local_addr().ok()));
 
     tracing::info!(%outbound_addr, %inbound_addr, app = %echo_addr, client = %client_id, server = %server_id, "loopback HBONE proxy up");

@@ -59,6 +59,9 @@ pub struct Config {
     /// Where `GET /healthz/ready` is served (in the proxy's netns); `null` turns it off.
     #[serde(default = "default_readiness")]
     pub readiness_address: Option<std::net::SocketAddr>,
+    /// Where Prometheus metrics are served (in the proxy's netns); `null` turns them off.
+    #[serde(default = "default_metrics")]
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// The control plane (xDS); without an address, the workload tables above are all there is.
     #[serde(default)]
     pub xds: XdsConfig,
@@ -170,6 +173,13 @@ fn default_readiness() -> Option<std::net::SocketAddr> {
     Some(std::net::SocketAddr::from((
         [0, 0, 0, 0],
         crate::admin::READINESS_PORT,
+    )))
+}
+
+fn default_metrics() -> Option<std::net::SocketAddr> {
+    Some(std::net::SocketAddr::from((
+        [0, 0, 0, 0],
+        crate::admin::METRICS_PORT,
     )))
 }
 

@@ -46,6 +46,7 @@ pub struct NodeContext {
     pub preserve_source_ip: bool,
     /// On-demand discovery of unknown destinations (xDS), if enabled.
     pub resolver: Option<Arc<dyn crate::xds::Resolver>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// The operations a node agent drives; [`PodManager`] is the real one, tests use a double.
@@ -157,12 +158,14 @@ impl PodManager {
             router,
             ctx.resolver.clone(),
             ctx.tunnel.clone(),
+            Some(ctx.metrics.clone()),
         );
         let workload = LocalWorkload {
             identity: identity.clone(),
             addresses: addresses.clone(),
             preserve_source_ip: ctx.preserve_source_ip,
-            policies: Some(ctx.state.clone()),
+            state: Some(ctx.state.clone()),
+            metrics: Some(ctx.metrics.clone()),
         };
         let inbound = InboundServer::new(
             workload.clone(),
@@ -233,19 +236,19 @@ impl PodHandler for PodManager {
         // the new ones can bind.
         self.remove(&info.uid);
         let running = self.start(&info, netns)?;
-        self.pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(info.uid, running);
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        pods.insert(info.uid, running);
+        self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
         Ok(())
     }
 
     fn remove(&self, uid: &str) {
-        let removed = self
-            .pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(uid);
+        let removed = {
+            let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            let removed = pods.remove(uid);
+            self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
+            removed
+        };
         if let Some(pod) = removed {
             let still_used = self
                 .pods

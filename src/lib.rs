@@ -23,6 +23,7 @@ pub mod demo;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
+pub mod metrics;
 pub mod netns;
 pub mod proto;
 pub mod proxy;

@@ -11,7 +11,6 @@ pub mod convert;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -85,7 +84,7 @@ pub struct XdsClient {
     changed: watch::Sender<u64>,
     ready: watch::Sender<bool>,
     applied_types: Mutex<HashSet<String>>,
-    rejected: AtomicU64,
+    rejected: prometheus_client::metrics::counter::Counter,
 }
 
 impl XdsClient {
@@ -99,7 +98,7 @@ impl XdsClient {
             changed: watch::channel(0).0,
             ready: watch::channel(false).0,
             applied_types: Mutex::new(HashSet::new()),
-            rejected: AtomicU64::new(0),
+            rejected: Default::default(),
         })
     }
 
@@ -110,7 +109,12 @@ impl XdsClient {
 
     /// Resources rejected (NACKed) since start: the metric behind the NACK log lines.
     pub fn rejected_total(&self) -> u64 {
-        self.rejected.load(Ordering::Relaxed)
+        self.rejected.get()
+    }
+
+    /// The rejection counter, to register with the metrics registry.
+    pub fn rejected_counter(&self) -> prometheus_client::metrics::counter::Counter {
+        self.rejected.clone()
     }
 
     /// The types whose first response makes the client ready. With on-demand discovery nothing
@@ -301,8 +305,7 @@ impl XdsClient {
         if applied.rejected.is_empty() {
             tracing::debug!(type_url = %response.type_url, upserted = applied.upserted, removed = applied.removed, "xDS update applied");
         } else {
-            self.rejected
-                .fetch_add(applied.rejected.len() as u64, Ordering::Relaxed);
+            self.rejected.inc_by(applied.rejected.len() as u64);
             tracing::warn!(type_url = %response.type_url, rejected = ?applied.rejected, upserted = applied.upserted, "xDS resources rejected (NACK); keeping their last good versions");
         }
         self.changed.send_modify(|generation| *generation += 1);

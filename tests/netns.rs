@@ -11,10 +11,37 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::Duration;
 
-use hboned::demo::{self, A1, APP_PORT, B1, B2, B3, Capture, Topology};
+use hboned::demo::{self, A1, APP_PORT, B1, B2, B3, B3_AS_SEEN_BY_A, Capture, Topology};
 use prost::Message;
 use support::{Fnv, pattern, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// GET `path` on 127.0.0.1:`port` inside a namespace of the topology; the whole response.
+fn http_get(topo: &Topology, netns: &str, port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    topo.netns(netns)
+        .unwrap()
+        .run(|| {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .unwrap()
+}
+
+/// The value of `name{labels}` in a Prometheus text exposition.
+fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let series = format!("{name}{labels} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+}
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_hboned"))
@@ -230,24 +257,76 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
 
     // Each proxy answers readiness (15021, in its node's netns) once its pods are served.
     for node in ["na", "nb"] {
-        let ns = topo.netns(node).unwrap();
-        let reply = ns
-            .run(|| {
-                use std::io::{Read, Write};
-                let mut s = std::net::TcpStream::connect_timeout(
-                    &"127.0.0.1:15021".parse().unwrap(),
-                    Duration::from_secs(5),
-                )?;
-                s.write_all(
-                    b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-                )?;
-                let mut out = String::new();
-                s.read_to_string(&mut out)?;
-                Ok(out)
-            })
-            .unwrap();
+        let reply = http_get(&topo, node, 15021, "/healthz/ready");
         assert!(reply.starts_with("HTTP/1.1 200"), "{node}: {reply}");
     }
+
+    // Metrics after real traffic, with ztunnel's names and labels (15020 in each node's netns).
+    let labels = |reporter: &str, dst: &str, dst_sa: &str, security: &str, flags: &str| {
+        let dst_principal = if dst_sa.is_empty() {
+            "unknown".to_string()
+        } else {
+            format!("spiffe://cluster.local/ns/demo/sa/{dst_sa}")
+        };
+        format!(
+            "{{reporter=\"{reporter}\",source_workload=\"a1\",source_workload_namespace=\"demo\",source_principal=\"spiffe://cluster.local/ns/demo/sa/client\",destination_workload=\"{dst}\",destination_workload_namespace=\"demo\",destination_principal=\"{dst_principal}\",connection_security_policy=\"{security}\",response_flags=\"{flags}\"}}"
+        )
+    };
+    let to_b1 = |reporter| labels(reporter, "b1", "server", "mutual_tls", "-");
+    // (c), (a), IPv6 and the VIP: four tunnels to b1, counted by both ends.
+    support::eventually(10, || {
+        let a = metric(
+            &http_get(&topo, "na", 15020, "/metrics"),
+            "istio_tcp_connections_closed_total",
+            &to_b1("source"),
+        );
+        let b = metric(
+            &http_get(&topo, "nb", 15020, "/stats/prometheus"),
+            "istio_tcp_connections_closed_total",
+            &to_b1("destination"),
+        );
+        a == Some(4.0) && b == Some(4.0)
+    })
+    .await;
+    let node_a = http_get(&topo, "na", 15020, "/metrics");
+    let node_b = http_get(&topo, "nb", 15020, "/metrics");
+    assert_eq!(
+        metric(
+            &node_a,
+            "istio_tcp_connections_opened_total",
+            &to_b1("source")
+        ),
+        Some(4.0),
+        "{node_a}"
+    );
+    let sent = metric(&node_b, "istio_tcp_sent_bytes_total", &to_b1("destination")).unwrap_or(0.0);
+    assert!(
+        sent >= data.len() as f64,
+        "b1 received {sent} bytes through tunnels, sent {}",
+        data.len()
+    );
+    // The plaintext passthrough a1 → b2, and the refused tunnel to b3.
+    assert_eq!(
+        metric(
+            &node_a,
+            "istio_tcp_connections_opened_total",
+            &labels("source", "b2", "", "unknown", "-")
+        ),
+        Some(1.0),
+        "{node_a}"
+    );
+    assert_eq!(
+        metric(
+            &node_a,
+            "istio_tcp_connections_failed_total",
+            &labels("source", "b3", B3_AS_SEEN_BY_A, "mutual_tls", "tls_failed")
+        ),
+        Some(1.0),
+        "{node_a}"
+    );
+    assert_eq!(metric(&node_a, "hboned_enrolled_pods", ""), Some(1.0));
+    assert_eq!(metric(&node_b, "hboned_enrolled_pods", ""), Some(2.0));
+    assert!(node_b.contains("hboned_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/demo/sa/server\"}"), "{node_b}");
 
     // (g) Nothing is left behind.
     let mut topo = topo;
@@ -331,7 +410,7 @@ async fn zds_agent_adds_and_removes_a_pod() {
     std::fs::write(
         &config,
         format!(
-            "zdsSocket: {}\nreadinessAddress: 127.0.0.1:0\n",
+            "zdsSocket: {}\nreadinessAddress: 127.0.0.1:0\nmetricsAddress: 127.0.0.1:0\n",
             sock.display()
         ),
     )

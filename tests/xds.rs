@@ -330,7 +330,8 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
             identity: server_id,
             addresses: vec![ip("127.0.0.7")],
             preserve_source_ip: false,
-            policies: None,
+            state: None,
+            metrics: None,
         },
         certs.clone(),
         sockets.clone(),
@@ -361,6 +362,7 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
         router,
         Some(xds),
         TunnelSettings::default(),
+        None,
     );
     let out_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let out_addr = out_listener.local_addr().unwrap();

@@ -206,11 +206,11 @@ impl Drop for Slot {
     }
 }
 
-/// Counters for the metrics endpoint.
+/// Counters for the metrics endpoint (shared atomics: clones count together).
 #[derive(Debug, Default)]
 pub struct CertMetrics {
-    pub renewals: std::sync::atomic::AtomicU64,
-    pub renewal_failures: std::sync::atomic::AtomicU64,
+    pub renewals: prometheus_client::metrics::counter::Counter,
+    pub renewal_failures: prometheus_client::metrics::counter::Counter,
 }
 
 /// One certificate per identity: fetched on first use, then renewed in the background at half
@@ -339,7 +339,6 @@ async fn renew_loop(
     metrics: Arc<CertMetrics>,
     mut failures: u32,
 ) {
-    use std::sync::atomic::Ordering;
     loop {
         let validity = {
             let Some(slot) = slot.upgrade() else { return };
@@ -360,7 +359,7 @@ async fn renew_loop(
                 let before = slot.current();
                 let stored = slot.store(cert);
                 if before.is_none_or(|b| !Arc::ptr_eq(&b, &stored)) {
-                    metrics.renewals.fetch_add(1, Ordering::Relaxed);
+                    metrics.renewals.inc();
                     tracing::info!(identity = %id, not_after = ?stored.not_after(), "certificate renewed");
                 }
                 *slot.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -368,7 +367,7 @@ async fn renew_loop(
             }
             Err(err) => {
                 failures = failures.saturating_add(1);
-                metrics.renewal_failures.fetch_add(1, Ordering::Relaxed);
+                metrics.renewal_failures.inc();
                 tracing::warn!(identity = %id, error = %err, failures, "certificate renewal failed; keeping the current certificate while it is valid");
                 *slot.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some((tokio::time::Instant::now(), err));

@@ -21,6 +21,7 @@ use crate::authz;
 use crate::hbone::{self, ConnectRequest};
 use crate::identity::manager::CertError;
 use crate::identity::{CertificateManager, Identity, WorkloadCert};
+use crate::metrics::{self, ConnectionLabels, Metrics, Peer, Reporter};
 use crate::netns::{self, SocketFactory};
 use crate::socket;
 use crate::state::{PROXY_PORTS, State};
@@ -34,14 +35,45 @@ pub struct LocalWorkload {
     pub addresses: Vec<IpAddr>,
     /// Deliver to the app from the client's IP (IP_TRANSPARENT) instead of our own.
     pub preserve_source_ip: bool,
-    /// Where the authorization policies are (checked per stream); `None`: no policy applies.
-    pub policies: Option<Arc<RwLock<State>>>,
+    /// The shared state: the policies checked per stream, and the names of peers for metrics
+    /// and access logs. `None`: no policy applies, peers stay unnamed.
+    pub state: Option<Arc<RwLock<State>>>,
+    /// Where connection metrics go, if anywhere.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl LocalWorkload {
+    /// The workload at `ip` as metrics name it (name from the state, if any).
+    pub fn peer_at(&self, ip: IpAddr, identity: Option<&Identity>) -> Peer {
+        let state = self
+            .state
+            .as_ref()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()));
+        let known = state.as_ref().and_then(|s| s.workload_by_ip(ip));
+        let mut peer = Peer::new(known.map_or("", |w| w.name.as_str()), identity);
+        if peer.namespace.is_empty()
+            && let Some(w) = known
+        {
+            peer.namespace = w.namespace.clone();
+        }
+        peer
+    }
+
+    /// Labels for a connection from `src` to this workload at `dst`.
+    pub fn labels(&self, src: IpAddr, client: Option<&Identity>, dst: IpAddr) -> ConnectionLabels {
+        let source = self.peer_at(src, client);
+        let destination = self.peer_at(dst, Some(&self.identity));
+        ConnectionLabels::new(
+            Reporter::Destination,
+            &source,
+            &destination,
+            client.is_some(),
+        )
+    }
+
     /// The policy decision for one connection to this workload (DESIGN §5).
     pub fn authorize(&self, conn: &authz::Connection<'_>) -> authz::Decision {
-        let Some(state) = &self.policies else {
+        let Some(state) = &self.state else {
             return authz::Decision::Allow;
         };
         let state = state.read().unwrap_or_else(|p| p.into_inner());
@@ -162,6 +194,27 @@ impl InboundServer {
         Ok(())
     }
 
+    fn record_failure(
+        &self,
+        labels: &ConnectionLabels,
+        peer: SocketAddr,
+        target: SocketAddr,
+        reason: &str,
+    ) {
+        if let Some(m) = &self.workload.metrics {
+            m.failed(&labels.clone().failed(reason));
+        }
+        metrics::access_log(
+            labels,
+            peer,
+            target,
+            0,
+            0,
+            std::time::Duration::ZERO,
+            Some(reason),
+        );
+    }
+
     /// Checks a CONNECT request against this workload; `Err` is the status to refuse it with.
     fn admit(&self, request: &Request<h2::RecvStream>) -> Result<ConnectRequest, StatusCode> {
         let connect = ConnectRequest::from_http(request).map_err(|_| StatusCode::BAD_REQUEST)?;
@@ -188,6 +241,9 @@ impl InboundServer {
             }
         };
         let target = connect.authority;
+        let labels = self
+            .workload
+            .labels(peer.ip(), client.as_ref(), target.ip());
         let decision = self.workload.authorize(&authz::Connection {
             source: client.as_ref(),
             source_ip: peer.ip(),
@@ -196,6 +252,7 @@ impl InboundServer {
         });
         if !decision.is_allowed() {
             tracing::info!(%peer, client = ?client.as_ref().map(Identity::to_string), %target, ?decision, "denied by policy; answering 401");
+            self.record_failure(&labels, peer, target, "denied");
             let _ = respond.send_response(hbone::response(StatusCode::UNAUTHORIZED), true);
             return;
         }
@@ -212,6 +269,7 @@ impl InboundServer {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%peer, %target, error = %e, "cannot reach the app; answering 503");
+                self.record_failure(&labels, peer, target, "connect_failed");
                 let _ =
                     respond.send_response(hbone::response(StatusCode::SERVICE_UNAVAILABLE), true);
                 return;
@@ -225,11 +283,12 @@ impl InboundServer {
             }
         };
         let mut tunnel = H2Stream::new(send, request.into_body());
-        let client = client.map(|c| c.to_string()).unwrap_or_default();
-        match copy::bidirectional(&mut tunnel, &mut app).await {
-            Ok(t) => {
-                tracing::debug!(%peer, %client, %target, sent = t.b_to_a, received = t.a_to_b, "inbound stream done")
-            }
+        let started = std::time::Instant::now();
+        if let Some(m) = &self.workload.metrics {
+            m.opened(&labels);
+        }
+        let (t, error) = match copy::bidirectional(&mut tunnel, &mut app).await {
+            Ok(t) => (t, None),
             Err(e) => {
                 // Pass a reset through to whichever side did not cause it.
                 match e.end {
@@ -238,8 +297,21 @@ impl InboundServer {
                     }
                     End::B => tunnel.reset(h2::Reason::CONNECT_ERROR),
                 }
-                tracing::info!(%peer, %client, %target, error = %e.source, "inbound stream failed");
+                (e.transferred, Some(e.source.to_string()))
             }
+        };
+        // Seen from the destination: "sent" is what reached the app.
+        if let Some(m) = &self.workload.metrics {
+            m.closed(&labels, t.a_to_b, t.b_to_a);
         }
+        metrics::access_log(
+            &labels,
+            peer,
+            target,
+            t.a_to_b,
+            t.b_to_a,
+            started.elapsed(),
+            error.as_deref(),
+        );
     }
 }

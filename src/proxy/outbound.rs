@@ -10,12 +10,13 @@ use std::sync::{Arc, RwLock};
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::copy::{self, End};
+use super::copy::{self, End, Transferred};
 use super::passthrough;
 use super::pool::{HboneClient, PoolKey};
 use super::tunnel::TunnelSettings;
 use crate::hbone::{Baggage, ConnectRequest, HBONE_PORT, TraceParent};
 use crate::identity::Identity;
+use crate::metrics::{self, ConnectionLabels, Metrics, Peer, Reporter};
 use crate::netns::SocketFactory;
 use crate::socket;
 use crate::state::{State, Upstream};
@@ -31,9 +32,14 @@ pub enum Route {
     Hbone {
         key: PoolKey,
         request: ConnectRequest,
+        /// The two ends, for metrics and access logs.
+        peers: (Peer, Peer),
     },
     /// Plain TCP to a destination that is not enrolled.
-    Passthrough { dst: SocketAddr },
+    Passthrough {
+        dst: SocketAddr,
+        peers: (Peer, Peer),
+    },
     /// Refused (reset), with the reason for the log.
     Refuse { reason: &'static str },
 }
@@ -51,6 +57,7 @@ pub struct Outbound {
     router: Arc<dyn Router>,
     resolver: Option<Arc<dyn Resolver>>,
     settings: TunnelSettings,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Outbound {
@@ -62,6 +69,7 @@ impl Outbound {
         router: Arc<dyn Router>,
         resolver: Option<Arc<dyn Resolver>>,
         settings: TunnelSettings,
+        metrics: Option<Arc<Metrics>>,
     ) -> Arc<Self> {
         Arc::new(Outbound {
             client,
@@ -69,6 +77,7 @@ impl Outbound {
             router,
             resolver,
             settings,
+            metrics,
         })
     }
 
@@ -102,43 +111,97 @@ impl Outbound {
             // Unknown destinations are looked up first; nothing is read from the app meanwhile.
             resolver.ensure(dst.ip()).await;
         }
+        let started = std::time::Instant::now();
         match self.router.route(src, dst) {
-            Route::Hbone { key, request } => match self.client.connect(&key, &request).await {
-                Ok(mut tunnel) => {
-                    let mut app = app;
-                    match copy::bidirectional(&mut app, &mut tunnel).await {
-                        Ok(t) => {
-                            tracing::debug!(%src, %dst, sent = t.a_to_b, received = t.b_to_a, "outbound tunnel done")
-                        }
-                        Err(e) => {
-                            match e.end {
-                                End::A => tunnel.reset(h2::Reason::CONNECT_ERROR),
-                                End::B => reset(app),
+            Route::Hbone {
+                key,
+                request,
+                peers,
+            } => {
+                let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, true);
+                match self.client.connect(&key, &request).await {
+                    Ok(mut tunnel) => {
+                        self.record_opened(&labels);
+                        let mut app = app;
+                        let (t, error) = match copy::bidirectional(&mut app, &mut tunnel).await {
+                            Ok(t) => (t, None),
+                            Err(e) => {
+                                match e.end {
+                                    End::A => tunnel.reset(h2::Reason::CONNECT_ERROR),
+                                    End::B => reset(app),
+                                }
+                                (e.transferred, Some(e.source.to_string()))
                             }
-                            tracing::info!(%src, %dst, error = %e.source, "outbound tunnel failed");
+                        };
+                        self.record_closed(&labels, src, request.authority, t, started, error);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%src, %dst, peer = %key.peer(), reason = e.reason(), error = %e, "tunnel failed; resetting the app connection");
+                        if let Some(m) = &self.metrics {
+                            m.failed(&labels.clone().failed(e.reason()));
                         }
+                        metrics::access_log(
+                            &labels,
+                            src,
+                            dst,
+                            0,
+                            0,
+                            started.elapsed(),
+                            Some(e.reason()),
+                        );
+                        reset(app);
                     }
                 }
-                Err(e) => {
-                    tracing::warn!(%src, %dst, peer = %key.peer(), reason = e.reason(), error = %e, "tunnel failed; resetting the app connection");
-                    reset(app);
-                }
-            },
-            Route::Passthrough { dst } => {
-                passthrough::relay(
+            }
+            Route::Passthrough { dst, peers } => {
+                let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, false);
+                self.record_opened(&labels);
+                let (t, error) = passthrough::relay(
                     app,
                     &*self.sockets,
                     None,
                     dst,
                     self.settings.connect_timeout,
                 )
-                .await
+                .await;
+                self.record_closed(&labels, src, dst, t, started, error);
             }
             Route::Refuse { reason } => {
                 tracing::info!(%src, %dst, reason, "outbound connection refused");
                 reset(app);
             }
         }
+    }
+}
+
+impl Outbound {
+    fn record_opened(&self, labels: &ConnectionLabels) {
+        if let Some(m) = &self.metrics {
+            m.opened(labels);
+        }
+    }
+
+    fn record_closed(
+        &self,
+        labels: &ConnectionLabels,
+        src: SocketAddr,
+        dst: SocketAddr,
+        t: Transferred,
+        started: std::time::Instant,
+        error: Option<String>,
+    ) {
+        if let Some(m) = &self.metrics {
+            m.closed(labels, t.a_to_b, t.b_to_a);
+        }
+        metrics::access_log(
+            labels,
+            src,
+            dst,
+            t.a_to_b,
+            t.b_to_a,
+            started.elapsed(),
+            error.as_deref(),
+        );
     }
 }
 
@@ -164,18 +227,17 @@ pub struct StateRouter {
 impl Router for StateRouter {
     fn route(&self, src: SocketAddr, dst: SocketAddr) -> Route {
         // The source port varies per connection: it spreads a service's load over endpoints.
-        let upstream = self.state.read().unwrap_or_else(|p| p.into_inner()).route(
-            &self.source_ips,
-            dst,
-            usize::from(src.port()),
-        );
+        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let upstream = state.route(&self.source_ips, dst, usize::from(src.port()));
+        let source = Peer::new(&self.source_name, Some(&self.source));
         match upstream {
             Upstream::Hbone {
+                workload,
                 target,
                 expected,
                 service,
-                ..
             } => {
+                let destination = Peer::new(&workload.name, Some(&workload.identity));
                 let peer = SocketAddr::new(target.ip(), HBONE_PORT);
                 let mut request = ConnectRequest::new(target);
                 request.forwarded_for = Some(src);
@@ -190,9 +252,24 @@ impl Router for StateRouter {
                 Route::Hbone {
                     key: PoolKey::new(self.source.clone(), expected, peer, None),
                     request,
+                    peers: (source, destination),
                 }
             }
-            Upstream::Passthrough { target } => Route::Passthrough { dst: target },
+            Upstream::Passthrough { target } => {
+                // Plaintext: the destination is named if known, but has no principal.
+                let destination =
+                    state
+                        .workload_by_ip(target.ip())
+                        .map_or_else(Peer::default, |w| Peer {
+                            workload: w.name.clone(),
+                            namespace: w.namespace.clone(),
+                            principal: String::new(),
+                        });
+                Route::Passthrough {
+                    dst: target,
+                    peers: (source, destination),
+                }
+            }
             Upstream::Refuse(reason) => Route::Refuse { reason },
         }
     }

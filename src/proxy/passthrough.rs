@@ -9,41 +9,41 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::copy::{self, End};
+use super::copy::{self, End, Transferred};
 use super::inbound::LocalWorkload;
 use crate::authz;
+use crate::metrics;
 use crate::netns::{self, SocketFactory};
 use crate::socket;
 use crate::state::PROXY_PORTS;
 
-/// Relays `app` to `dst` over plain TCP, from `source` when given (the client's IP).
+/// Relays `app` to `dst` over plain TCP, from `source` when given (the client's IP). Returns
+/// what moved (app → dst, dst → app) and the error that ended it, if any.
 pub async fn relay(
     mut app: TcpStream,
     sockets: &dyn SocketFactory,
     source: Option<IpAddr>,
     dst: SocketAddr,
     timeout: Duration,
-) {
+) -> (Transferred, Option<String>) {
     let peer = app.peer_addr().ok();
     let mut upstream = match netns::dial(sockets, source, dst, timeout).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(?peer, %dst, error = %e, "plaintext dial failed; resetting");
             let _ = socket::reset_on_close(&app);
-            return;
+            return (Transferred::default(), Some(format!("connect_failed: {e}")));
         }
     };
     match copy::bidirectional(&mut app, &mut upstream).await {
-        Ok(t) => {
-            tracing::debug!(?peer, %dst, sent = t.a_to_b, received = t.b_to_a, "plaintext relay done")
-        }
+        Ok(t) => (t, None),
         Err(e) => {
             let other = match e.end {
                 End::A => &upstream,
                 End::B => &app,
             };
             let _ = socket::reset_on_close(other);
-            tracing::debug!(?peer, %dst, error = %e.source, "plaintext relay failed");
+            (e.transferred, Some(e.source.to_string()))
         }
     }
 }
@@ -79,13 +79,37 @@ pub async fn serve_inbound_plaintext(
             destination_ip: dst.ip(),
             destination_port: dst.port(),
         });
+        let labels = workload.labels(src.ip(), None, dst.ip());
         if !decision.is_allowed() {
             tracing::info!(%src, %dst, ?decision, "plaintext connection denied by policy; resetting");
+            if let Some(m) = &workload.metrics {
+                m.failed(&labels.clone().failed("denied"));
+            }
+            metrics::access_log(&labels, src, dst, 0, 0, Duration::ZERO, Some("denied"));
             let _ = socket::reset_on_close(&app);
             continue;
         }
         let sockets = sockets.clone();
         let source = workload.preserve_source_ip.then_some(src.ip());
-        tokio::spawn(async move { relay(app, &*sockets, source, dst, timeout).await });
+        let metrics = workload.metrics.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            if let Some(m) = &metrics {
+                m.opened(&labels);
+            }
+            let (t, error) = relay(app, &*sockets, source, dst, timeout).await;
+            if let Some(m) = &metrics {
+                m.closed(&labels, t.a_to_b, t.b_to_a);
+            }
+            metrics::access_log(
+                &labels,
+                src,
+                dst,
+                t.a_to_b,
+                t.b_to_a,
+                started.elapsed(),
+                error.as_deref(),
+            );
+        });
     }
 }

@@ -58,7 +58,8 @@ pub async fn server_with_policies(
         identity: identity.clone(),
         addresses: vec!["127.0.0.1".parse().unwrap()],
         preserve_source_ip: false,
-        policies,
+        state: policies,
+        metrics: None,
     };
     let server = InboundServer::new(workload, certs, sockets, TunnelSettings::default());
     let task = tokio::spawn(server.serve(listener));

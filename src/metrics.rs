@@ -1,0 +1,279 @@
+//! Prometheus metrics (DESIGN §2, port 15020), named and labelled like ztunnel's so existing
+//! dashboards work, and the per-connection access log. Labels are workload names, namespaces
+//! and SPIFFE principals — never IPs or ports — so cardinality is bounded by the workloads.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::identity::Identity;
+
+/// One end of a connection, as metrics and access logs name it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peer {
+    pub workload: String,
+    pub namespace: String,
+    /// The SPIFFE ID, when known (mutual TLS).
+    pub principal: String,
+}
+
+impl Peer {
+    pub fn new(workload: &str, identity: Option<&Identity>) -> Self {
+        Peer {
+            workload: workload.to_owned(),
+            namespace: identity
+                .map(|i| i.namespace().to_owned())
+                .unwrap_or_default(),
+            principal: identity.map(Identity::to_string).unwrap_or_default(),
+        }
+    }
+}
+
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s.to_owned()
+    }
+}
+
+/// ztunnel's TCP metric labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub source_principal: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub destination_principal: String,
+    pub connection_security_policy: String,
+    pub response_flags: String,
+}
+
+/// Which side of the tunnel reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reporter {
+    Source,
+    Destination,
+}
+
+impl ConnectionLabels {
+    pub fn new(reporter: Reporter, source: &Peer, destination: &Peer, mutual_tls: bool) -> Self {
+        ConnectionLabels {
+            reporter: match reporter {
+                Reporter::Source => "source",
+                Reporter::Destination => "destination",
+            }
+            .into(),
+            source_workload: or_unknown(&source.workload),
+            source_workload_namespace: or_unknown(&source.namespace),
+            source_principal: or_unknown(&source.principal),
+            destination_workload: or_unknown(&destination.workload),
+            destination_workload_namespace: or_unknown(&destination.namespace),
+            destination_principal: or_unknown(&destination.principal),
+            connection_security_policy: if mutual_tls { "mutual_tls" } else { "unknown" }.into(),
+            response_flags: "-".into(),
+        }
+    }
+
+    /// The same connection, failed for `reason` (a metrics-safe short string).
+    pub fn failed(mut self, reason: &str) -> Self {
+        self.response_flags = reason.to_owned();
+        self
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabel {
+    identity: String,
+}
+
+/// Every metric hboned exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    opened: Family<ConnectionLabels, Counter>,
+    closed: Family<ConnectionLabels, Counter>,
+    sent: Family<ConnectionLabels, Counter>,
+    received: Family<ConnectionLabels, Counter>,
+    failed: Family<ConnectionLabels, Counter>,
+    /// Pods this node serves.
+    pub enrolled_pods: Gauge,
+    cert_expiry: Family<IdentityLabel, Gauge>,
+}
+
+impl Metrics {
+    /// `counters`: counters kept by other modules (renewals, xDS rejections), shared here.
+    pub fn new(counters: Vec<(&str, &str, Counter)>) -> Arc<Self> {
+        let mut registry = Registry::default();
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter);
+        }
+        let opened = Family::<ConnectionLabels, Counter>::default();
+        let closed = Family::<ConnectionLabels, Counter>::default();
+        let sent = Family::<ConnectionLabels, Counter>::default();
+        let received = Family::<ConnectionLabels, Counter>::default();
+        let failed = Family::<ConnectionLabels, Counter>::default();
+        let enrolled_pods = Gauge::default();
+        let cert_expiry = Family::<IdentityLabel, Gauge>::default();
+        // Counters get their `_total` suffix from the encoder.
+        registry.register(
+            "istio_tcp_connections_opened",
+            "TCP connections opened",
+            opened.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_closed",
+            "TCP connections closed",
+            closed.clone(),
+        );
+        registry.register(
+            "istio_tcp_sent_bytes",
+            "Bytes sent to the destination, per closed connection",
+            sent.clone(),
+        );
+        registry.register(
+            "istio_tcp_received_bytes",
+            "Bytes received from the destination, per closed connection",
+            received.clone(),
+        );
+        registry.register(
+            "istio_tcp_connections_failed",
+            "TCP connections that failed",
+            failed.clone(),
+        );
+        registry.register(
+            "hboned_enrolled_pods",
+            "Pods this node's proxy serves",
+            enrolled_pods.clone(),
+        );
+        registry.register(
+            "hboned_certificate_expiry_seconds",
+            "Expiry of the current certificate, seconds since the epoch",
+            cert_expiry.clone(),
+        );
+        Arc::new(Metrics {
+            registry,
+            opened,
+            closed,
+            sent,
+            received,
+            failed,
+            enrolled_pods,
+            cert_expiry,
+        })
+    }
+
+    pub fn opened(&self, labels: &ConnectionLabels) {
+        self.opened.get_or_create(labels).inc();
+    }
+
+    /// A connection ended after moving `sent` bytes to and `received` from the destination.
+    pub fn closed(&self, labels: &ConnectionLabels, sent: u64, received: u64) {
+        self.closed.get_or_create(labels).inc();
+        self.sent.get_or_create(labels).inc_by(sent);
+        self.received.get_or_create(labels).inc_by(received);
+    }
+
+    pub fn failed(&self, labels: &ConnectionLabels) {
+        self.failed.get_or_create(labels).inc();
+    }
+
+    /// Sets the per-identity certificate expiry gauges (called before each scrape).
+    pub fn set_certificate_expiries(&self, expiries: &[(Identity, std::time::SystemTime)]) {
+        self.cert_expiry.clear();
+        for (id, at) in expiries {
+            let secs = at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            self.cert_expiry
+                .get_or_create(&IdentityLabel {
+                    identity: id.to_string(),
+                })
+                .set(i64::try_from(secs).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// One access log line per proxied connection (text or JSON, as the log format is set).
+#[allow(clippy::too_many_arguments)]
+pub fn access_log(
+    labels: &ConnectionLabels,
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+    sent: u64,
+    received: u64,
+    duration: std::time::Duration,
+    error: Option<&str>,
+) {
+    tracing::info!(
+        target: "access",
+        reporter = %labels.reporter,
+        src.addr = %src,
+        src.workload = %labels.source_workload,
+        src.identity = %labels.source_principal,
+        dst.addr = %dst,
+        dst.workload = %labels.destination_workload,
+        dst.identity = %labels.destination_principal,
+        security = %labels.connection_security_policy,
+        bytes_sent = sent,
+        bytes_received = received,
+        duration_ms = duration.as_millis() as u64,
+        error = error.unwrap_or(""),
+        "connection complete"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_uses_ztunnel_names_and_labels() {
+        let renewals = Counter::default();
+        renewals.inc();
+        let m = Metrics::new(vec![("hboned_certificate_renewals", "renewals", renewals)]);
+        let id = Identity::new("cluster.local", "prod", "web").unwrap();
+        let labels = ConnectionLabels::new(
+            Reporter::Source,
+            &Peer::new("web", Some(&id)),
+            &Peer::default(),
+            true,
+        );
+        m.opened(&labels);
+        m.closed(&labels, 100, 42);
+        m.failed(&labels.clone().failed("connect_failed"));
+        m.enrolled_pods.set(3);
+        m.set_certificate_expiries(&[(
+            id,
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_900_000_000),
+        )]);
+        let text = m.encode();
+        for line in [
+            "istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"web\",source_workload_namespace=\"prod\",source_principal=\"spiffe://cluster.local/ns/prod/sa/web\",destination_workload=\"unknown\",destination_workload_namespace=\"unknown\",destination_principal=\"unknown\",connection_security_policy=\"mutual_tls\",response_flags=\"-\"} 1",
+            "istio_tcp_sent_bytes_total{",
+            "} 100",
+            "} 42",
+            "response_flags=\"connect_failed\"} 1",
+            "hboned_enrolled_pods 3",
+            "hboned_certificate_renewals_total 1",
+            "hboned_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/prod/sa/web\"} 1900000000",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}
