@@ -64,6 +64,7 @@ async fn run() {
         preserve_source_ip: false,
         state: None,
         metrics: None,
+        drain: None,
     };
     let server = InboundServer::new(
         workload,

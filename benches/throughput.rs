@@ -82,6 +82,7 @@ async fn rig() -> Rig {
         preserve_source_ip: false,
         state: None,
         metrics: None,
+        drain: None,
     };
     let server_certs = Arc::new(CertificateManager::new(ca.clone()));
     let server = InboundServer::new(

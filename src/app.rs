@@ -105,7 +105,9 @@ pub async fn run_node(config: Config) -> anyhow::Result<()> {
         ));
     }
     let metrics = crate::metrics::Metrics::new(counters);
+    let drain = crate::drain::Drain::default();
     let ctx = NodeContext {
+        drain: drain.clone(),
         metrics: metrics.clone(),
         certs: certs.clone(),
         state,
@@ -167,7 +169,20 @@ pub async fn run_node(config: Config) -> anyhow::Result<()> {
         manager.pods().len()
     );
     shutdown_signal().await;
-    tracing::info!("shutting down");
+    // Drain: stop accepting (a proxy started beside this one takes new connections), GOAWAY the
+    // HBONE connections, and let live connections finish up to the deadline.
+    let deadline = config.drain_timeout();
+    tracing::info!(live = drain.active(), ?deadline, "draining");
+    drain.start();
+    manager.stop_listening();
+    if drain.wait(deadline).await {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!(
+            live = drain.active(),
+            "drain deadline passed; closing the remaining connections"
+        );
+    }
     Ok(())
 }
 
@@ -254,6 +269,7 @@ pub async fn run_loopback(settings: LoopbackSettings) -> anyhow::Result<()> {
         preserve_source_ip: false,
         state: None,
         metrics: None,
+        drain: None,
     };
     let server = InboundServer::new(workload, certs.clone(), sockets.clone(), tunnel.clone());
     tokio::spawn(server.serve(inbound_listener));
@@ -272,7 +288,7 @@ pub async fn run_loopback(settings: LoopbackSettings) -> anyhow::Result<()> {
         .tcp_bind(settings.outbound)
         .with_context(|| format!("binding the outbound listener on {}", settings.outbound))?;
     let outbound_addr = outbound_listener.local_addr()?;
-    let outbound = Outbound::new(client.clone(), sockets, router, None, tunnel, None);
+    let outbound = Outbound::new(client.clone(), sockets, router, None, tunnel, None, None);
     tokio::spawn(outbound.serve(outbound_listener, |s| s.local_addr().ok()));
 
     tracing::info!(%outbound_addr, %inbound_addr, app = %echo_addr, client = %client_id, server = %server_id, "loopback HBONE proxy up");

@@ -62,6 +62,9 @@ pub struct Config {
     /// Where Prometheus metrics are served (in the proxy's netns); `null` turns them off.
     #[serde(default = "default_metrics")]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// On SIGTERM, how long live connections may run on before the process exits (seconds).
+    #[serde(default = "default_drain")]
+    pub drain_timeout_secs: u64,
     /// The control plane (xDS); without an address, the workload tables above are all there is.
     #[serde(default)]
     pub xds: XdsConfig,
@@ -181,6 +184,10 @@ fn default_metrics() -> Option<std::net::SocketAddr> {
         [0, 0, 0, 0],
         crate::admin::METRICS_PORT,
     )))
+}
+
+fn default_drain() -> u64 {
+    30
 }
 
 fn default_poll() -> u64 {
@@ -668,6 +675,10 @@ impl Config {
             on_demand: self.xds.on_demand,
             on_demand_timeout: Duration::from_millis(self.xds.on_demand_timeout_ms.unwrap_or(5000)),
         })
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
     }
 
     pub fn cert_lifetime(&self) -> Duration {

@@ -361,9 +361,45 @@ impl Topology {
     }
 
     fn spawn_proxy(&mut self, bin: &Path, node: char) -> anyhow::Result<()> {
-        let config = self.dir.join(format!("node-{node}.yaml"));
-        std::fs::write(&config, self.config(node))?;
-        let log = std::fs::File::create(self.dir.join(format!("node-{node}.log")))?;
+        self.spawn_named(bin, node, &format!("node-{node}"), "")
+    }
+
+    /// Starts one more proxy on `node` (an upgrade's new proxy), its config extended by
+    /// `extra` (YAML keys), with its own log; returns its index for [`Topology::terminate`].
+    pub fn spawn_extra_proxy(
+        &mut self,
+        bin: &Path,
+        node: char,
+        extra: &str,
+    ) -> anyhow::Result<usize> {
+        let name = format!("node-{node}-{}", self.proxies.len());
+        self.spawn_named(bin, node, &name, extra)?;
+        Ok(self.proxies.len() - 1)
+    }
+
+    /// Sends SIGTERM to proxy `index` (0: node A's, 1: node B's, then extra ones).
+    pub fn terminate(&self, index: usize) -> anyhow::Result<()> {
+        let child = self.proxies.get(index).context("no such proxy")?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        Ok(())
+    }
+
+    /// The exit status of proxy `index`, if it has exited.
+    pub fn exited(&mut self, index: usize) -> Option<std::process::ExitStatus> {
+        self.proxies.get_mut(index)?.try_wait().ok().flatten()
+    }
+
+    fn spawn_named(
+        &mut self,
+        bin: &Path,
+        node: char,
+        name: &str,
+        extra: &str,
+    ) -> anyhow::Result<()> {
+        let config = self.dir.join(format!("{name}.yaml"));
+        std::fs::write(&config, self.config(node) + extra)?;
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let child = Command::new("ip")
             .args(["netns", "exec", &self.netns_name(&format!("n{node}"))])
             .arg(bin)

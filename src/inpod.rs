@@ -47,6 +47,7 @@ pub struct NodeContext {
     /// On-demand discovery of unknown destinations (xDS), if enabled.
     pub resolver: Option<Arc<dyn crate::xds::Resolver>>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub drain: crate::drain::Drain,
 }
 
 /// The operations a node agent drives; [`PodManager`] is the real one, tests use a double.
@@ -112,6 +113,14 @@ impl PodManager {
             .collect()
     }
 
+    /// Closes every pod's listeners (drain): live connections keep running, new ones go to
+    /// whichever proxy still listens on the same ports (SO_REUSEPORT), or are refused.
+    pub fn stop_listening(&self) {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        pods.clear();
+        self.ctx.metrics.enrolled_pods.set(0);
+    }
+
     /// Creates a pod's listeners in its netns and starts serving them. Must run inside the
     /// tokio runtime.
     fn start(&self, info: &PodInfo, netns: Netns) -> Result<RunningPod, String> {
@@ -159,6 +168,7 @@ impl PodManager {
             ctx.resolver.clone(),
             ctx.tunnel.clone(),
             Some(ctx.metrics.clone()),
+            Some(ctx.drain.clone()),
         );
         let workload = LocalWorkload {
             identity: identity.clone(),
@@ -166,6 +176,7 @@ impl PodManager {
             preserve_source_ip: ctx.preserve_source_ip,
             state: Some(ctx.state.clone()),
             metrics: Some(ctx.metrics.clone()),
+            drain: Some(ctx.drain.clone()),
         };
         let inbound = InboundServer::new(
             workload.clone(),

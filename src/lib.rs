@@ -20,6 +20,7 @@ pub mod app;
 pub mod authz;
 pub mod config;
 pub mod demo;
+pub mod drain;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;

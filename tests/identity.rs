@@ -111,6 +111,7 @@ async fn echo_through_a_tunnel(
         preserve_source_ip: false,
         state: None,
         metrics: None,
+        drain: None,
     };
     let server = InboundServer::new(
         workload,

@@ -561,3 +561,71 @@ fn redirect_rules_install_and_remove_idempotently() {
     hboned("remove");
     assert_eq!((count(false), count(true)), ((0, 0, 0), (0, 0, 0)));
 }
+
+/// An upgrade: a second proxy starts beside node A's (SO_REUSEPORT), the first gets SIGTERM
+/// and drains. New connections keep working, a long-lived one opened through the first proxy
+/// survives the switch, and the first proxy exits once that connection closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_overlap_keeps_long_lived_connections() {
+    if !can_run() {
+        return;
+    }
+    let mut topo = Topology::start(bin()).await.unwrap();
+    let (_echo, _peers) = demo::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
+    let ping = |mut s: tokio::net::TcpStream, msg: &'static [u8]| async move {
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        within(10, s.read_exact(&mut back)).await.unwrap();
+        assert_eq!(back, msg);
+        s
+    };
+    let long = ping(
+        topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap(),
+        b"before",
+    )
+    .await;
+
+    // The new proxy: same pods and ports (SO_REUSEPORT), its own admin ports in node A's netns.
+    let extra = "readinessAddress: 127.0.0.1:15121\nmetricsAddress: null\ndrainTimeoutSecs: 20\n";
+    let new = topo.spawn_extra_proxy(bin(), 'a', extra).unwrap();
+    support::eventually(20, || {
+        let ns = topo.netns("na").unwrap();
+        ns.run(|| {
+            std::net::TcpStream::connect_timeout(
+                &"127.0.0.1:15121".parse().unwrap(),
+                Duration::from_secs(1),
+            )
+        })
+        .is_ok()
+    })
+    .await;
+    let reply = http_get(&topo, "na", 15121, "/healthz/ready");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+
+    // The old proxy drains: it stops listening, its live connection goes on.
+    topo.terminate(0).unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        topo.exited(0).is_none(),
+        "the old proxy must wait for its live connection"
+    );
+    for _ in 0..5 {
+        let fresh = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
+        ping(fresh, b"served by the new proxy").await;
+    }
+    let mut long = ping(long, b"still alive during the drain").await;
+
+    // Closing the long-lived connection lets the old proxy finish its drain and exit cleanly.
+    long.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within(10, long.read_to_end(&mut rest)).await.unwrap();
+    drop(long);
+    support::eventually(15, || topo.exited(0).is_some()).await;
+    assert!(
+        topo.exited(0).unwrap().success(),
+        "the drained proxy exits cleanly"
+    );
+    assert!(topo.exited(new).is_none(), "the new proxy keeps serving");
+    let after = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
+    ping(after, b"after the old proxy left").await;
+}

@@ -332,6 +332,7 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
             preserve_source_ip: false,
             state: None,
             metrics: None,
+            drain: None,
         },
         certs.clone(),
         sockets.clone(),
@@ -362,6 +363,7 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
         router,
         Some(xds),
         TunnelSettings::default(),
+        None,
         None,
     );
     let out_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::copy::{self, End};
 use super::tunnel::{H2Stream, TunnelSettings, drive_with_keepalive};
 use crate::authz;
+use crate::drain::{self, Drain};
 use crate::hbone::{self, ConnectRequest};
 use crate::identity::manager::CertError;
 use crate::identity::{CertificateManager, Identity, WorkloadCert};
@@ -40,6 +41,8 @@ pub struct LocalWorkload {
     pub state: Option<Arc<RwLock<State>>>,
     /// Where connection metrics go, if anywhere.
     pub metrics: Option<Arc<Metrics>>,
+    /// The node's drain: live streams hold it open; HBONE connections get GOAWAY when it starts.
+    pub drain: Option<Drain>,
 }
 
 impl LocalWorkload {
@@ -180,13 +183,28 @@ impl InboundServer {
         .map_err(InboundError::Http2)?;
         let ping = conn.ping_pong();
         let accept_loop = async {
-            while let Some(next) = conn.accept().await {
-                let (request, respond) = next?;
-                let server = self.clone();
-                let client = client.clone();
-                tokio::spawn(async move { server.stream(request, respond, client, peer).await });
+            let mut draining = std::pin::pin!(drain::signaled(self.workload.drain.as_ref()));
+            let mut goaway_sent = false;
+            loop {
+                tokio::select! {
+                    next = conn.accept() => {
+                        let Some(next) = next else { return Ok(()) };
+                        let (request, respond) = next?;
+                        let server = self.clone();
+                        let client = client.clone();
+                        let guard = self.workload.drain.as_ref().map(Drain::guard);
+                        tokio::spawn(async move {
+                            server.stream(request, respond, client, peer).await;
+                            drop(guard);
+                        });
+                    }
+                    _ = &mut draining, if !goaway_sent => {
+                        // GOAWAY: the client opens no new streams here; live ones finish.
+                        conn.graceful_shutdown();
+                        goaway_sent = true;
+                    }
+                }
             }
-            Ok(())
         };
         if let Err(reason) = drive_with_keepalive(accept_loop, ping, &self.settings).await {
             tracing::debug!(%peer, %reason, "inbound HBONE connection closed");

@@ -14,6 +14,7 @@ use super::copy::{self, End, Transferred};
 use super::passthrough;
 use super::pool::{HboneClient, PoolKey};
 use super::tunnel::TunnelSettings;
+use crate::drain::Drain;
 use crate::hbone::{Baggage, ConnectRequest, HBONE_PORT, TraceParent};
 use crate::identity::Identity;
 use crate::metrics::{self, ConnectionLabels, Metrics, Peer, Reporter};
@@ -58,6 +59,7 @@ pub struct Outbound {
     resolver: Option<Arc<dyn Resolver>>,
     settings: TunnelSettings,
     metrics: Option<Arc<Metrics>>,
+    drain: Option<Drain>,
 }
 
 impl Outbound {
@@ -70,6 +72,7 @@ impl Outbound {
         resolver: Option<Arc<dyn Resolver>>,
         settings: TunnelSettings,
         metrics: Option<Arc<Metrics>>,
+        drain: Option<Drain>,
     ) -> Arc<Self> {
         Arc::new(Outbound {
             client,
@@ -78,6 +81,7 @@ impl Outbound {
             resolver,
             settings,
             metrics,
+            drain,
         })
     }
 
@@ -107,6 +111,7 @@ impl Outbound {
     /// Routes and relays one app connection; on any failure the app sees a reset.
     pub async fn handle(&self, app: TcpStream, src: SocketAddr, dst: SocketAddr) {
         let _ = socket::set_stream_options(&app);
+        let _live = self.drain.as_ref().map(Drain::guard);
         if let Some(resolver) = &self.resolver {
             // Unknown destinations are looked up first; nothing is read from the app meanwhile.
             resolver.ensure(dst.ip()).await;

@@ -92,7 +92,9 @@ pub async fn serve_inbound_plaintext(
         let sockets = sockets.clone();
         let source = workload.preserve_source_ip.then_some(src.ip());
         let metrics = workload.metrics.clone();
+        let live = workload.drain.as_ref().map(crate::drain::Drain::guard);
         tokio::spawn(async move {
+            let _live = live;
             let started = std::time::Instant::now();
             if let Some(m) = &metrics {
                 m.opened(&labels);

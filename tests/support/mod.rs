@@ -60,6 +60,7 @@ pub async fn server_with_policies(
         preserve_source_ip: false,
         state: policies,
         metrics: None,
+        drain: None,
     };
     let server = InboundServer::new(workload, certs, sockets, TunnelSettings::default());
     let task = tokio::spawn(server.serve(listener));
