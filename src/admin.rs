@@ -1,7 +1,7 @@
 //! The proxy's own HTTP endpoints, in its own netns: readiness on 15021 (`GET /healthz/ready`:
 //! 200 once every configured enrollment and discovery source delivered its first full state,
-//! 503 before) and Prometheus metrics on 15020 (`/metrics`, `/stats/prometheus`). The admin
-//! page (15000) comes next.
+//! 503 before), Prometheus metrics on 15020 (`/metrics`, `/stats/prometheus`), and the admin
+//! page on localhost:15000 (`/config_dump`, `POST /quitquitquit`, `POST /logging?level=`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -17,6 +17,8 @@ use tokio::sync::watch;
 pub const READINESS_PORT: u16 = 15021;
 /// The Prometheus port (DESIGN §2).
 pub const METRICS_PORT: u16 = 15020;
+/// The admin port, localhost only (DESIGN §2).
+pub const ADMIN_PORT: u16 = 15000;
 
 fn respond(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -147,4 +149,115 @@ mod tests {
         let ready = all_ready(vec![]);
         assert!(*ready.borrow());
     }
+}
+
+/// What the admin page (localhost:15000) reads and controls.
+pub struct AdminContext {
+    /// The effective configuration, as loaded.
+    pub config: serde_json::Value,
+    pub state: std::sync::Arc<std::sync::RwLock<crate::state::State>>,
+    pub certs: std::sync::Arc<crate::identity::CertificateManager>,
+    pub pods: std::sync::Arc<crate::inpod::PodManager>,
+    /// Notified by `POST /quitquitquit`: the process drains and exits as on SIGTERM.
+    pub quit: std::sync::Arc<tokio::sync::Notify>,
+    /// Replaces the log filter (`POST /logging?level=hboned=debug,info`).
+    pub set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+}
+
+impl std::fmt::Debug for AdminContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminContext").finish_non_exhaustive()
+    }
+}
+
+/// The admin page: `GET /config_dump`, `POST /quitquitquit`, `POST /logging?level=…`.
+pub fn admin(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    ctx: &AdminContext,
+) -> (StatusCode, String) {
+    match (method, path) {
+        (&Method::GET, "/config_dump") => (StatusCode::OK, config_dump(ctx).to_string() + "\n"),
+        (&Method::POST, "/quitquitquit") => {
+            ctx.quit.notify_one();
+            (StatusCode::OK, "draining and exiting\n".into())
+        }
+        (&Method::POST, "/logging") => {
+            let level = query
+                .unwrap_or_default()
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("level="));
+            match level {
+                Some(level) => match (ctx.set_log_level)(level) {
+                    Ok(()) => (StatusCode::OK, format!("log level set to {level}\n")),
+                    Err(e) => (
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid level {level:?}: {e}\n"),
+                    ),
+                },
+                None => (
+                    StatusCode::BAD_REQUEST,
+                    "use /logging?level=<filter>\n".into(),
+                ),
+            }
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            "GET /config_dump, POST /quitquitquit, POST /logging?level=...\n".into(),
+        ),
+    }
+}
+
+fn config_dump(ctx: &AdminContext) -> serde_json::Value {
+    use serde_json::json;
+    let state = ctx.state.read().unwrap_or_else(|p| p.into_inner());
+    let mut workloads: Vec<_> = state
+        .workloads()
+        .map(|w| {
+            json!({
+                "uid": w.uid, "name": w.name, "namespace": w.namespace,
+                "identity": w.identity.to_string(), "network": w.network,
+                "addresses": w.addresses, "node": w.node, "protocol": w.protocol,
+                "healthy": w.healthy, "services": w.services,
+            })
+        })
+        .collect();
+    workloads.sort_by(|a, b| a["uid"].as_str().cmp(&b["uid"].as_str()));
+    let services: Vec<_> = state
+        .services()
+        .map(|s| {
+            json!({
+                "name": s.name, "namespace": s.namespace, "hostname": s.hostname, "vips": s.vips,
+                "ports": s.ports,
+                "subjectAltNames": s.subject_alt_names.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let policies: Vec<_> = state
+        .all_policies()
+        .map(|p| json!({"namespace": p.namespace, "name": p.name, "scope": p.scope, "action": p.action, "dryRun": p.dry_run, "rules": p.rules.len()}))
+        .collect();
+    let certificates: Vec<_> = ctx
+        .certs
+        .expiries()
+        .into_iter()
+        .map(|(id, at)| {
+            let secs = at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            json!({"identity": id.to_string(), "expiresUnixSeconds": secs})
+        })
+        .collect();
+    let pods: Vec<_> = ctx
+        .pods
+        .pods()
+        .into_iter()
+        .map(|(info, id, addresses)| json!({"uid": info.uid, "name": info.name, "namespace": info.namespace, "identity": id.to_string(), "addresses": addresses}))
+        .collect();
+    json!({
+        "config": ctx.config, "pods": pods, "workloads": workloads, "services": services,
+        "policies": policies, "certificates": certificates,
+    })
 }

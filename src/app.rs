@@ -65,7 +65,10 @@ pub fn load_ca(dir: Option<&std::path::Path>, lifetime: Duration) -> anyhow::Res
 
 /// Runs the node proxy: enrolls the config's pods, follows the node agent over ZDS when a
 /// socket is configured, and serves until SIGINT/SIGTERM.
-pub async fn run_node(config: Config) -> anyhow::Result<()> {
+pub async fn run_node(
+    config: Config,
+    set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+) -> anyhow::Result<()> {
     let source = cert_source(&config)?;
     tracing::info!(source = source.name(), "workload certificates source");
     let tunnel = TunnelSettings {
@@ -73,6 +76,7 @@ pub async fn run_node(config: Config) -> anyhow::Result<()> {
         ..TunnelSettings::default()
     };
     let state = Arc::new(std::sync::RwLock::new(config.state()));
+    let ctx_state = state.clone();
     let xds = config
         .xds_settings()
         .map(|settings| crate::xds::XdsClient::new(settings, state.clone()));
@@ -168,7 +172,32 @@ pub async fn run_node(config: Config) -> anyhow::Result<()> {
         "hboned: serving {} pod(s); Ctrl-C stops",
         manager.pods().len()
     );
-    shutdown_signal().await;
+    let quit = Arc::new(tokio::sync::Notify::new());
+    if let Some(addr) = config.admin_address {
+        let listener = crate::admin::bind(addr)
+            .await
+            .with_context(|| format!("binding the admin listener on {addr} (adminAddress)"))?;
+        tracing::info!(addr = %listener.local_addr()?, "admin page at /config_dump");
+        let admin = Arc::new(crate::admin::AdminContext {
+            config: serde_json::to_value(&config)?,
+            state: ctx_state,
+            certs: certs.clone(),
+            pods: manager.clone(),
+            quit: quit.clone(),
+            set_log_level,
+        });
+        tokio::spawn(crate::admin::serve(listener, move |req| {
+            let (status, body) =
+                crate::admin::admin(req.method(), req.uri().path(), req.uri().query(), &admin);
+            let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+            *resp.status_mut() = status;
+            resp
+        }));
+    }
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = quit.notified() => tracing::info!("quit requested on the admin page"),
+    }
     // Drain: stop accepting (a proxy started beside this one takes new connections), GOAWAY the
     // HBONE connections, and let live connections finish up to the deadline.
     let deadline = config.drain_timeout();

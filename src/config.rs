@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::identity::{DEFAULT_TRUST_DOMAIN, Identity};
 use crate::state::{Protocol, Service, Workload};
@@ -17,7 +17,7 @@ use crate::state::{Protocol, Service, Workload};
 pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.yaml");
 
 /// The whole configuration of one node's proxy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
     /// The mesh's trust domain; workloads without one get it.
@@ -62,6 +62,10 @@ pub struct Config {
     /// Where Prometheus metrics are served (in the proxy's netns); `null` turns them off.
     #[serde(default = "default_metrics")]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// The admin page (`/config_dump`, `/quitquitquit`, `/logging`); keep it on localhost.
+    /// `null` turns it off.
+    #[serde(default = "default_admin")]
+    pub admin_address: Option<std::net::SocketAddr>,
     /// On SIGTERM, how long live connections may run on before the process exits (seconds).
     #[serde(default = "default_drain")]
     pub drain_timeout_secs: u64,
@@ -71,7 +75,7 @@ pub struct Config {
 }
 
 /// The control plane connection.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct XdsConfig {
     /// `https://istiod.istio-system.svc:15012` or `http://...`; empty: no control plane.
@@ -101,7 +105,7 @@ pub struct XdsConfig {
 }
 
 /// The built-in CA's settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CaConfig {
     /// Directory with root-cert.pem and root-key.pem; unset: certs-dev/ if present, else an
@@ -123,7 +127,7 @@ impl Default for CaConfig {
 }
 
 /// The certificate source.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CertificatesConfig {
     /// `builtin` (default: the built-in CA of `ca`), `files`, `istioCa` or `spire`.
@@ -138,7 +142,7 @@ pub struct CertificatesConfig {
     pub istio_ca: Option<IstioCaConfig>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum CertSourceKind {
     #[default]
@@ -149,7 +153,7 @@ pub enum CertSourceKind {
 }
 
 /// Certificate, key and bundle files (one identity).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FilesConfig {
     pub cert: PathBuf,
@@ -161,7 +165,7 @@ pub struct FilesConfig {
 }
 
 /// The Istio CA endpoint.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IstioCaConfig {
     /// `https://istiod.istio-system.svc:15012`.
@@ -186,6 +190,13 @@ fn default_metrics() -> Option<std::net::SocketAddr> {
     )))
 }
 
+fn default_admin() -> Option<std::net::SocketAddr> {
+    Some(std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        crate::admin::ADMIN_PORT,
+    )))
+}
+
 fn default_drain() -> u64 {
     30
 }
@@ -195,7 +206,7 @@ fn default_poll() -> u64 {
 }
 
 /// A pod enrolled from the config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PodConfig {
     /// Unique id; defaults to `namespace/name`.
@@ -218,7 +229,7 @@ impl PodConfig {
 }
 
 /// A workload entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadConfig {
     pub uid: String,
@@ -239,7 +250,7 @@ pub struct WorkloadConfig {
 }
 
 /// A service entry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceConfig {
     pub name: String,
@@ -254,7 +265,7 @@ pub struct ServiceConfig {
 }
 
 /// An authorization policy, shaped like `istio.security.Authorization`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyConfig {
     pub name: String,
@@ -269,7 +280,7 @@ pub struct PolicyConfig {
     pub rules: Vec<Vec<Vec<MatchConfig>>>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum PolicyScope {
     #[default]
@@ -277,7 +288,7 @@ pub enum PolicyScope {
     Global,
 }
 
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub enum PolicyAction {
     Allow,
@@ -285,7 +296,7 @@ pub enum PolicyAction {
 }
 
 /// One match: every field given must hold (`not*` fields must not).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct MatchConfig {
     pub namespaces: Vec<StringMatchConfig>,
@@ -304,7 +315,7 @@ pub struct MatchConfig {
 }
 
 /// Exactly one of `exact`, `prefix`, `suffix` or `presence: true`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct StringMatchConfig {
     pub exact: Option<String>,
@@ -333,7 +344,7 @@ impl StringMatchConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceAccountConfig {
     #[serde(default)]

@@ -97,21 +97,27 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, filter_handle) = reload::Layer::new(filter);
+    let logs = tracing_subscriber::registry().with(filter);
     // HBONED_LOG_FORMAT=json: one JSON object per line (access logs included).
     if std::env::var("HBONED_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        logs.json().init();
+        logs.with(fmt::layer().json().with_writer(std::io::stderr))
+            .init();
     } else {
-        logs.init();
+        logs.with(fmt::layer().with_writer(std::io::stderr)).init();
     }
+    let set_log_level = move |level: &str| -> Result<(), String> {
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        filter_handle.reload(filter).map_err(|e| e.to_string())
+    };
     match cli.command {
         Command::Run { config } => {
             let config = hboned::config::Config::load(config.as_deref())?;
-            runtime()?.block_on(app::run_node(config))
+            runtime()?.block_on(app::run_node(config, Box::new(set_log_level)))
         }
         Command::Demo { throughput } => {
             let bin = std::env::current_exe().context("locating the hboned binary")?;

@@ -10,7 +10,7 @@ use crate::identity::Identity;
 use crate::proto::istio::security::Authorization;
 
 /// How a workload takes traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Protocol {
     /// Plain TCP: not enrolled, reached by passthrough.
@@ -164,6 +164,11 @@ impl State {
 
     pub fn policy(&self, key: &str) -> Option<&Arc<Authorization>> {
         self.policies.get(key)
+    }
+
+    /// Every policy held.
+    pub fn all_policies(&self) -> impl Iterator<Item = &Authorization> {
+        self.policies.values().map(|p| p.as_ref())
     }
 
     /// The policies that apply to a workload in `namespace`.

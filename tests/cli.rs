@@ -80,3 +80,52 @@ fn run_with_a_bad_config_lists_every_problem() {
         "{stderr}"
     );
 }
+
+#[test]
+fn quitquitquit_drains_and_exits_cleanly() {
+    use std::io::{Read, Write};
+    let free_port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (admin, ready) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.yaml");
+    std::fs::write(
+        &config,
+        format!("zdsSocket: null\nadminAddress: 127.0.0.1:{admin}\nreadinessAddress: 127.0.0.1:{ready}\nmetricsAddress: null\n"),
+    )
+    .unwrap();
+    let mut proxy = hboned()
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut reply = String::new();
+    while std::time::Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", admin)) {
+            s.write_all(b"POST /quitquitquit HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+            s.read_to_string(&mut reply).unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let status = loop {
+        if let Some(status) = proxy.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = proxy.kill();
+            panic!("hboned did not exit after /quitquitquit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}

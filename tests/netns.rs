@@ -18,6 +18,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// GET `path` on 127.0.0.1:`port` inside a namespace of the topology; the whole response.
 fn http_get(topo: &Topology, netns: &str, port: u16, path: &str) -> String {
+    http(topo, netns, port, "GET", path)
+}
+
+/// `method path` on 127.0.0.1:`port` inside a namespace of the topology; the whole response.
+fn http(topo: &Topology, netns: &str, port: u16, method: &str, path: &str) -> String {
     use std::io::{Read, Write};
     topo.netns(netns)
         .unwrap()
@@ -26,7 +31,7 @@ fn http_get(topo: &Topology, netns: &str, port: u16, path: &str) -> String {
             let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
             write!(
                 s,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
             )?;
             let mut out = String::new();
             s.read_to_string(&mut out)?;
@@ -328,6 +333,38 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     assert_eq!(metric(&node_b, "hboned_enrolled_pods", ""), Some(2.0));
     assert!(node_b.contains("hboned_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/demo/sa/server\"}"), "{node_b}");
 
+    // The admin page (localhost:15000 in the proxy's netns).
+    let dump = http_get(&topo, "na", 15000, "/config_dump");
+    assert!(dump.starts_with("HTTP/1.1 200"), "{dump}");
+    let body = dump.split("\r\n\r\n").nth(1).unwrap();
+    let dump: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(dump["pods"][0]["name"], "a1");
+    assert_eq!(dump["workloads"].as_array().unwrap().len(), 5);
+    assert_eq!(dump["policies"][0]["name"], "no-plaintext");
+    assert_eq!(dump["config"]["node"], "node-a");
+    let identities: Vec<&str> = dump["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["identity"].as_str())
+        .collect();
+    assert!(
+        identities.contains(&"spiffe://cluster.local/ns/demo/sa/client"),
+        "{identities:?}"
+    );
+    assert!(
+        http(
+            &topo,
+            "na",
+            15000,
+            "POST",
+            "/logging?level=hboned=debug,info"
+        )
+        .starts_with("HTTP/1.1 200")
+    );
+    assert!(http(&topo, "na", 15000, "POST", "/logging?level=%%%").starts_with("HTTP/1.1 400"));
+    assert!(http_get(&topo, "na", 15000, "/nope").starts_with("HTTP/1.1 404"));
+
     // (g) Nothing is left behind.
     let mut topo = topo;
     assert!(
@@ -410,7 +447,7 @@ async fn zds_agent_adds_and_removes_a_pod() {
     std::fs::write(
         &config,
         format!(
-            "zdsSocket: {}\nreadinessAddress: 127.0.0.1:0\nmetricsAddress: 127.0.0.1:0\n",
+            "zdsSocket: {}\nreadinessAddress: 127.0.0.1:0\nmetricsAddress: 127.0.0.1:0\nadminAddress: 127.0.0.1:0\n",
             sock.display()
         ),
     )
@@ -586,7 +623,7 @@ async fn upgrade_overlap_keeps_long_lived_connections() {
     .await;
 
     // The new proxy: same pods and ports (SO_REUSEPORT), its own admin ports in node A's netns.
-    let extra = "readinessAddress: 127.0.0.1:15121\nmetricsAddress: null\ndrainTimeoutSecs: 20\n";
+    let extra = "readinessAddress: 127.0.0.1:15121\nmetricsAddress: null\nadminAddress: null\ndrainTimeoutSecs: 20\n";
     let new = topo.spawn_extra_proxy(bin(), 'a', extra).unwrap();
     support::eventually(20, || {
         let ns = topo.netns("na").unwrap();
