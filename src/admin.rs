@@ -105,51 +105,8 @@ pub fn all_ready(mut sources: Vec<watch::Receiver<bool>>) -> watch::Receiver<boo
     rx
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn get(addr: SocketAddr, path: &str) -> u16 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out[9..12].parse().unwrap()
-    }
-
-    #[tokio::test]
-    async fn ready_only_after_every_source() {
-        let (zds_tx, zds) = watch::channel(false);
-        let (xds_tx, xds) = watch::channel(false);
-        let ready = all_ready(vec![zds, xds]);
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(serve_readiness(listener, ready.clone()));
-        assert_eq!(get(addr, "/healthz/ready").await, 503);
-        zds_tx.send_replace(true);
-        tokio::task::yield_now().await;
-        assert_eq!(get(addr, "/healthz/ready").await, 503, "xDS not ready yet");
-        xds_tx.send_replace(true);
-        let mut r = ready.clone();
-        tokio::time::timeout(std::time::Duration::from_secs(5), r.wait_for(|v| *v))
-            .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(get(addr, "/healthz/ready").await, 200);
-        assert_eq!(get(addr, "/nope").await, 404);
-    }
-
-    #[tokio::test]
-    async fn nothing_to_wait_for_is_ready() {
-        let ready = all_ready(vec![]);
-        assert!(*ready.borrow());
-    }
-}
+/// Replaces the process's log filter with a new `EnvFilter` directive string.
+pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// What the admin page (localhost:15000) reads and controls.
 pub struct AdminContext {
@@ -161,7 +118,7 @@ pub struct AdminContext {
     /// Notified by `POST /quitquitquit`: the process drains and exits as on SIGTERM.
     pub quit: std::sync::Arc<tokio::sync::Notify>,
     /// Replaces the log filter (`POST /logging?level=hboned=debug,info`).
-    pub set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    pub set_log_level: LogLevelSetter,
 }
 
 impl std::fmt::Debug for AdminContext {
@@ -261,3 +218,6 @@ fn config_dump(ctx: &AdminContext) -> serde_json::Value {
         "policies": policies, "certificates": certificates,
     })
 }
+
+#[cfg(test)]
+mod tests;

@@ -67,7 +67,7 @@ pub fn load_ca(dir: Option<&std::path::Path>, lifetime: Duration) -> anyhow::Res
 /// socket is configured, and serves until SIGINT/SIGTERM.
 pub async fn run_node(
     config: Config,
-    set_log_level: Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>,
+    set_log_level: crate::admin::LogLevelSetter,
 ) -> anyhow::Result<()> {
     let source = cert_source(&config)?;
     tracing::info!(source = source.name(), "workload certificates source");
