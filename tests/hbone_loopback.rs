@@ -499,3 +499,59 @@ async fn policies_are_enforced_on_inbound_hbone() {
     assert_eq!(within(10, read_all(&mut s)).await.unwrap(), b"allowed");
     assert_eq!(app.accepted(), 2, "denied streams never reached the app");
 }
+
+/// A policy change closes live connections it now denies (DESIGN §5).
+#[tokio::test]
+async fn a_policy_change_closes_live_connections_it_denies() {
+    use hboned::proto::istio::security::{
+        Action, Authorization, Clause, Match, Rule, Scope, StringMatch, string_match::MatchType,
+    };
+    let ca = ca();
+    let state = Arc::new(std::sync::RwLock::new(hboned::state::State::default()));
+    let srv = server_with_policies(ca.clone(), id("server"), Some(state.clone())).await;
+    let app = echo_app().await;
+    let hbone = client(ca, TunnelSettings::default());
+    let mut live = within(
+        10,
+        hbone.connect(&key(&id("client"), &srv), &request(app.addr)),
+    )
+    .await
+    .unwrap();
+    live.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    within(10, live.read_exact(&mut buf)).await.unwrap();
+
+    let deny_client = Authorization {
+        name: "deny-client".into(),
+        namespace: "test".into(),
+        scope: Scope::Namespace as i32,
+        action: Action::Deny as i32,
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![Match {
+                    principals: vec![StringMatch {
+                        match_type: Some(MatchType::Suffix("/sa/client".into())),
+                    }],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        dry_run: false,
+    };
+    state.write().unwrap().upsert_policy(deny_client);
+    // Within a few re-check periods the stream is reset by the server.
+    let res = within(10, async {
+        loop {
+            match live.read(&mut buf).await {
+                Ok(0) => return Ok(0),
+                Ok(_) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    assert!(
+        matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the denied live stream must be reset: {res:?}"
+    );
+}

@@ -45,7 +45,40 @@ pub struct LocalWorkload {
     pub drain: Option<Drain>,
 }
 
+/// The facts a policy looks at for a connection from `peer` (as `client`) to `target`.
+pub fn authz_facts<'a>(
+    client: Option<&'a Identity>,
+    peer: SocketAddr,
+    target: SocketAddr,
+) -> authz::Connection<'a> {
+    authz::Connection {
+        source: client,
+        source_ip: peer.ip(),
+        destination_ip: target.ip(),
+        destination_port: target.port(),
+    }
+}
+
+/// How often live connections are checked against the current policies.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl LocalWorkload {
+    /// Resolves with the decision once the current policies no longer allow `conn` (checked
+    /// every second, so a policy change reaches live connections within about a second);
+    /// never resolves without policies.
+    pub async fn revoked(&self, conn: &authz::Connection<'_>) -> authz::Decision {
+        if self.state.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(RECHECK).await;
+            let decision = self.authorize(conn);
+            if !decision.is_allowed() {
+                return decision;
+            }
+        }
+    }
+
     /// The workload at `ip` as metrics name it (name from the state, if any).
     pub fn peer_at(&self, ip: IpAddr, identity: Option<&Identity>) -> Peer {
         let state = self
@@ -262,12 +295,9 @@ impl InboundServer {
         let labels = self
             .workload
             .labels(peer.ip(), client.as_ref(), target.ip());
-        let decision = self.workload.authorize(&authz::Connection {
-            source: client.as_ref(),
-            source_ip: peer.ip(),
-            destination_ip: target.ip(),
-            destination_port: target.port(),
-        });
+        let decision = self
+            .workload
+            .authorize(&authz_facts(client.as_ref(), peer, target));
         if !decision.is_allowed() {
             tracing::info!(%peer, client = ?client.as_ref().map(Identity::to_string), %target, ?decision, "denied by policy; answering 401");
             self.record_failure(&labels, peer, target, "denied");
@@ -305,7 +335,22 @@ impl InboundServer {
         if let Some(m) = &self.workload.metrics {
             m.opened(&labels);
         }
-        let (t, error) = match copy::bidirectional(&mut tunnel, &mut app).await {
+        let conn = authz_facts(client.as_ref(), peer, target);
+        let relay = copy::bidirectional(&mut tunnel, &mut app);
+        let outcome = tokio::select! {
+            res = relay => Some(res),
+            denied = self.workload.revoked(&conn) => {
+                tracing::info!(%peer, %target, ?denied, "a policy change now denies this connection; closing it");
+                None
+            }
+        };
+        let Some(outcome) = outcome else {
+            tunnel.reset(h2::Reason::CONNECT_ERROR);
+            let _ = socket::reset_on_close(&app);
+            self.record_failure(&labels, peer, target, "denied");
+            return;
+        };
+        let (t, error) = match outcome {
             Ok(t) => (t, None),
             Err(e) => {
                 // Pass a reset through to whichever side did not cause it.

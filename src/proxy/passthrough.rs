@@ -56,6 +56,7 @@ pub async fn serve_inbound_plaintext(
     workload: LocalWorkload,
     timeout: Duration,
 ) {
+    let workload = Arc::new(workload);
     let local = &workload.addresses;
     loop {
         let (app, src) = super::accept(&listener, "inbound plaintext").await;
@@ -93,13 +94,22 @@ pub async fn serve_inbound_plaintext(
         let source = workload.preserve_source_ip.then_some(src.ip());
         let metrics = workload.metrics.clone();
         let live = workload.drain.as_ref().map(crate::drain::Drain::guard);
+        let workload = workload.clone();
         tokio::spawn(async move {
             let _live = live;
             let started = std::time::Instant::now();
             if let Some(m) = &metrics {
                 m.opened(&labels);
             }
-            let (t, error) = relay(app, &*sockets, source, dst, timeout).await;
+            let conn = super::inbound::authz_facts(None, src, dst);
+            let (t, error) = tokio::select! {
+                done = relay(app, &*sockets, source, dst, timeout) => done,
+                denied = workload.revoked(&conn) => {
+                    // Dropping the relay closes both sockets.
+                    tracing::info!(%src, %dst, ?denied, "a policy change now denies this connection; closing it");
+                    (Transferred::default(), Some("denied".to_owned()))
+                }
+            };
             if let Some(m) = &metrics {
                 m.closed(&labels, t.a_to_b, t.b_to_a);
             }
