@@ -43,14 +43,18 @@ impl Decision {
     }
 }
 
-/// Whether `policy` applies to a workload in `namespace`: GLOBAL ones everywhere, NAMESPACE ones
-/// in their namespace. WORKLOAD_SELECTOR policies need the workload's list of selected
-/// policies, which hboned does not read yet: they do not apply (documented gap).
-pub fn applies(policy: &Authorization, namespace: &str) -> bool {
+/// Whether `policy` applies to a workload in `namespace` whose selected policies (its
+/// `authorization_policies`, `namespace/name`) are `selected`: GLOBAL ones everywhere,
+/// NAMESPACE ones in their namespace, WORKLOAD_SELECTOR ones where the workload names them.
+pub fn applies(policy: &Authorization, namespace: &str, selected: &[String]) -> bool {
     match Scope::try_from(policy.scope) {
         Ok(Scope::Global) => true,
         Ok(Scope::Namespace) => policy.namespace == namespace,
-        _ => false,
+        Ok(Scope::WorkloadSelector) => {
+            let key = format!("{}/{}", policy.namespace, policy.name);
+            selected.contains(&key)
+        }
+        Err(_) => false,
     }
 }
 

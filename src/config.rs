@@ -621,6 +621,7 @@ impl Config {
             protocol: w.protocol,
             services: w.services.clone(),
             healthy: true,
+            authorization_policies: Vec::new(),
         })
     }
 

@@ -36,6 +36,8 @@ pub struct Workload {
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
     /// Unhealthy workloads are never picked as a service endpoint.
     pub healthy: bool,
+    /// WORKLOAD_SELECTOR policies (`namespace/name`) that select this workload.
+    pub authorization_policies: Vec<String>,
 }
 
 /// A service: VIPs in front of the workloads that name it.
@@ -171,15 +173,16 @@ impl State {
         self.policies.values().map(|p| p.as_ref())
     }
 
-    /// The policies that apply to a workload in `namespace`.
+    /// The policies that apply to a workload in `namespace` that selects `selected`.
     pub fn policies_for<'a>(
         &'a self,
         namespace: &'a str,
+        selected: &'a [String],
     ) -> impl Iterator<Item = &'a Authorization> + 'a {
         self.policies
             .values()
             .map(|p| p.as_ref())
-            .filter(move |p| crate::authz::applies(p, namespace))
+            .filter(move |p| crate::authz::applies(p, namespace, selected))
     }
 
     /// Whether `ip` is a known workload address or service VIP.

@@ -555,3 +555,55 @@ async fn a_policy_change_closes_live_connections_it_denies() {
         "the denied live stream must be reset: {res:?}"
     );
 }
+
+/// A WORKLOAD_SELECTOR policy applies only to the workloads that list it.
+#[tokio::test]
+async fn selector_policies_apply_to_the_workloads_that_list_them() {
+    use hboned::proto::istio::security::{Action, Authorization, Clause, Match, Rule, Scope};
+    let ca = ca();
+    let state = Arc::new(std::sync::RwLock::new(hboned::state::State::default()));
+    state.write().unwrap().upsert_policy(Authorization {
+        name: "deny-all".into(),
+        namespace: "test".into(),
+        scope: Scope::WorkloadSelector as i32,
+        action: Action::Deny as i32,
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![Match::default()],
+            }],
+        }],
+        dry_run: false,
+    });
+    let srv = server_with_policies(ca.clone(), id("server"), Some(state.clone())).await;
+    let app = echo_app().await;
+    let hbone = client(ca, TunnelSettings::default());
+    let key = key(&id("client"), &srv);
+    // Not listed by the destination workload: the policy does not apply.
+    assert!(
+        within(10, hbone.connect(&key, &request(app.addr)))
+            .await
+            .is_ok()
+    );
+    // The destination workload (127.0.0.1) lists it: denied.
+    let server = hboned::state::Workload {
+        uid: "server".into(),
+        name: "server".into(),
+        namespace: "test".into(),
+        identity: id("server"),
+        network: String::new(),
+        addresses: vec!["127.0.0.1".parse().unwrap()],
+        node: String::new(),
+        protocol: hboned::state::Protocol::Hbone,
+        services: Default::default(),
+        healthy: true,
+        authorization_policies: vec!["test/deny-all".into()],
+    };
+    state.write().unwrap().upsert_workload(server);
+    let err = within(10, hbone.connect(&key, &request(app.addr)))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ProxyError::Status { status, .. } if status == 401),
+        "{err}"
+    );
+}

@@ -564,10 +564,13 @@ fn unknown_action_fails_closed() {
 
 #[test]
 fn scope_decides_where_a_policy_applies() {
+    let none: &[String] = &[];
     let mut p = policy("p", Action::Deny, vec![]);
-    assert!(applies(&p, "prod") && !applies(&p, "dev"));
+    assert!(applies(&p, "prod", none) && !applies(&p, "dev", none));
     p.scope = Scope::Global as i32;
-    assert!(applies(&p, "dev"));
+    assert!(applies(&p, "dev", none));
     p.scope = Scope::WorkloadSelector as i32;
-    assert!(!applies(&p, "prod"));
+    assert!(!applies(&p, "prod", none), "not selected by the workload");
+    assert!(applies(&p, "prod", &["prod/p".to_string()]));
+    assert!(!applies(&p, "prod", &["prod/other".to_string()]));
 }

@@ -186,8 +186,8 @@ fn policies_load_and_bad_ones_are_reported() {
     let m = &p.rules[0].clauses[0].matches[0];
     assert_eq!(m.destination_ports, [7001]);
     assert_eq!((m.source_ips[0].length, m.source_ips[1].length), (8, 128));
-    assert_eq!(state.policies_for("default").count(), 1);
-    assert_eq!(state.policies_for("other").count(), 0);
+    assert_eq!(state.policies_for("default", &[]).count(), 1);
+    assert_eq!(state.policies_for("other", &[]).count(), 0);
     let bad = format!(
         "{SAMPLE}policies:\n  - {{name: p, namespace: n, action: allow, rules: [[[{{sourceIps: [10.0.0.0/40]}}]]]}}\n"
     );

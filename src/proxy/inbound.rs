@@ -113,7 +113,15 @@ impl LocalWorkload {
             return authz::Decision::Allow;
         };
         let state = state.read().unwrap_or_else(|p| p.into_inner());
-        authz::evaluate(state.policies_for(self.identity.namespace()), conn)
+        // Selector-scoped policies are those the destination workload lists.
+        let selected = state
+            .workload_by_ip(conn.destination_ip)
+            .map(|w| w.authorization_policies.as_slice())
+            .unwrap_or_default();
+        authz::evaluate(
+            state.policies_for(self.identity.namespace(), selected),
+            conn,
+        )
     }
 }
 

@@ -22,6 +22,7 @@ fn workload(uid: &str, addr: &str, sa_name: &str, protocol: Protocol) -> Workloa
         protocol,
         services: BTreeMap::new(),
         healthy: true,
+        authorization_policies: Vec::new(),
     }
 }
 

@@ -104,6 +104,7 @@ pub fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, Convert
         protocol,
         services,
         healthy: w.status == pb::WorkloadStatus::Healthy as i32,
+        authorization_policies: w.authorization_policies,
     })
 }
 
