@@ -129,3 +129,49 @@ fn quitquitquit_drains_and_exits_cleanly() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// With HBONED_LOG_FORMAT=json, every log line is JSON; the access log has one line per
+/// connection and reporter, with addresses, identities and bytes.
+#[test]
+fn json_access_log_lines_describe_each_connection() {
+    let out = hboned()
+        .args([
+            "loopback",
+            "--check-only",
+            "--outbound",
+            "127.0.0.1:0",
+            "--inbound",
+            "127.0.0.1:0",
+        ])
+        .env("HBONED_LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let access: Vec<&serde_json::Value> =
+        lines.iter().filter(|l| l["target"] == "access").collect();
+    let reporters: Vec<&str> = access
+        .iter()
+        .filter_map(|l| l["fields"]["reporter"].as_str())
+        .collect();
+    assert!(
+        reporters.contains(&"source") && reporters.contains(&"destination"),
+        "{access:?}"
+    );
+    for line in access {
+        let f = &line["fields"];
+        assert_eq!(f["message"], "connection complete");
+        assert_eq!(f["bytes_sent"], 1024 * 1024, "{f}");
+        assert_eq!(f["bytes_received"], 1024 * 1024, "{f}");
+        assert_eq!(f["security"], "mutual_tls");
+        assert!(
+            f["src.identity"].as_str().unwrap().starts_with("spiffe://"),
+            "{f}"
+        );
+    }
+}
