@@ -3,15 +3,26 @@
 //!
 //! A tour, from the wire up:
 //! - [`hbone`]: the CONNECT request/response codec and its headers. Pure.
-//! - [`identity`]: the SPIFFE [`identity::Identity`], the built-in CA ([`identity::ca`]) and the
-//!   per-identity certificate cache behind the [`identity::CertSource`] seam.
+//! - [`identity`]: the SPIFFE [`identity::Identity`]; certificate sources behind the
+//!   [`identity::CertSource`] seam (built-in [`identity::ca`], [`identity::files`],
+//!   [`identity::istio_ca`], [`identity::spire`]); the per-identity certificate and its
+//!   renewal ([`identity::manager`], on the pure [`identity::schedule`]).
 //! - [`tls`]: rustls configs for DESIGN §4 and the SPIFFE verifiers.
-//! - [`proxy`]: the data path: the pooled HBONE client ([`proxy::pool`]), the HBONE server
-//!   ([`proxy::inbound`]), the HTTP/2 stream adapter ([`proxy::tunnel`]) and the relay
+//! - [`proxy`]: the data path: outbound hold-and-route ([`proxy::outbound`]), the pooled HBONE
+//!   client ([`proxy::pool`]), the HBONE server ([`proxy::inbound`]), plain TCP both ways
+//!   ([`proxy::passthrough`]), the HTTP/2 stream adapter ([`proxy::tunnel`]), the relay
 //!   ([`proxy::copy`]).
+//! - [`state`]: workloads, services and policies, and the routing decision. Pure.
+//! - [`authz`]: L4 policy evaluation. Pure.
+//! - [`xds`]: the delta ADS client; [`xds::convert`] turns resources into state. Pure.
+//! - [`inpod`]: enrolled pods (listeners in their netns) and the ZDS client; [`redirect`]: the
+//!   pods' iptables rules.
 //! - [`netns`]: the [`netns::SocketFactory`] seam every socket is made through; [`socket`]: the
-//!   socket options (the only other place that touches them).
-//! - [`app`]: wiring for the `hboned` binary.
+//!   socket options and SEQPACKET (the only other place that touches the OS directly).
+//! - [`metrics`], [`admin`], [`drain`]: Prometheus metrics and access logs, the proxy's own HTTP
+//!   endpoints, graceful drain.
+//! - [`config`]: the YAML configuration; [`app`]: wiring for the `hboned` binary; [`demo`]: the
+//!   namespace topology of `hboned demo` and the netns tests; [`proto`]: generated protobufs.
 //!
 //! ARCHITECTURE.md has the ports, threads and data path on one page.
 
