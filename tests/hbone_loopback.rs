@@ -305,11 +305,7 @@ async fn client_sends_the_exact_connect_head() {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let ca_for_peer = ca.clone();
     tokio::spawn(async move {
-        let mut conn = bare_peer_accept(&ca_for_peer, listener).await;
-        let (req, mut respond) = conn.accept().await.unwrap().unwrap();
-        let mut resp = http::Response::new(());
-        *resp.status_mut() = http::StatusCode::OK;
-        let _send = respond.send_response(resp, false).unwrap();
+        let (mut conn, req, _send) = bare_peer_first_stream(&ca_for_peer, listener).await;
         let head = (
             req.method().clone(),
             req.uri().clone(),
@@ -361,11 +357,7 @@ async fn unanswered_ping_closes_the_connection() {
     let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel();
     let ca_for_peer = ca.clone();
     tokio::spawn(async move {
-        let mut conn = bare_peer_accept(&ca_for_peer, listener).await;
-        let (_req, mut respond) = conn.accept().await.unwrap().unwrap();
-        let mut resp = http::Response::new(());
-        *resp.status_mut() = http::StatusCode::OK;
-        let _send = respond.send_response(resp, false).unwrap();
+        let (mut conn, _req, _send) = bare_peer_first_stream(&ca_for_peer, listener).await;
         // Drive the connection long enough to flush the 200, then stop polling it (but keep
         // the socket open): PINGs go unanswered from here on.
         let _ = tokio::time::timeout(Duration::from_millis(100), conn.accept()).await;
@@ -399,6 +391,27 @@ async fn unanswered_ping_closes_the_connection() {
     );
 }
 
+type BarePeer =
+    h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, bytes::Bytes>;
+
+/// [`bare_peer_accept`], then the first CONNECT, answered 200: the connection, the request and
+/// the response stream (dropping it resets the stream).
+async fn bare_peer_first_stream(
+    ca: &hboned::identity::ca::BuiltinCa,
+    listener: tokio::net::TcpListener,
+) -> (
+    BarePeer,
+    http::Request<h2::RecvStream>,
+    h2::SendStream<bytes::Bytes>,
+) {
+    let mut conn = bare_peer_accept(ca, listener).await;
+    let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+    let mut resp = http::Response::new(());
+    *resp.status_mut() = http::StatusCode::OK;
+    let send = respond.send_response(resp, false).unwrap();
+    (conn, req, send)
+}
+
 async fn bare_peer_listener() -> (tokio::net::TcpListener, std::net::SocketAddr) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -410,7 +423,7 @@ async fn bare_peer_listener() -> (tokio::net::TcpListener, std::net::SocketAddr)
 async fn bare_peer_accept(
     ca: &hboned::identity::ca::BuiltinCa,
     listener: tokio::net::TcpListener,
-) -> h2::server::Connection<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, bytes::Bytes> {
+) -> BarePeer {
     let cert = ca
         .issue(&id("server"), std::time::SystemTime::now())
         .unwrap();
