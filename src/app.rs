@@ -139,11 +139,11 @@ pub async fn run_node(
         }
     }
     let (ready_tx, zds_ready) = tokio::sync::watch::channel(config.zds_socket.is_none());
-    if let Some(path) = config.zds_socket.clone() {
+    let zds = config.zds_socket.clone().map(|path| {
         tracing::info!(path = %path.display(), "enrolling pods from the node agent (ZDS)");
         let handler: Arc<dyn PodHandler> = manager.clone();
-        tokio::spawn(async move { crate::inpod::run_zds(&path, handler, ready_tx).await });
-    }
+        tokio::spawn(async move { crate::inpod::run_zds(&path, handler, ready_tx).await })
+    });
     // Ready once the node agent's first snapshot and the control plane's first state arrived.
     let mut sources = vec![zds_ready];
     sources.extend(xds.as_ref().map(|c| c.ready()));
@@ -203,6 +203,10 @@ pub async fn run_node(
     let deadline = config.drain_timeout();
     tracing::info!(live = drain.active(), ?deadline, "draining");
     drain.start();
+    // No more enrollments: an Add during the drain must not open listeners again.
+    if let Some(zds) = zds {
+        zds.abort();
+    }
     manager.stop_listening();
     if drain.wait(deadline).await {
         tracing::info!("drained; exiting");
