@@ -281,6 +281,7 @@ impl Router for FixedRouter {
 
 /// Runs the loopback proxy until SIGINT/SIGTERM (or only the self-check).
 pub async fn run_loopback(settings: LoopbackSettings) -> anyhow::Result<()> {
+    let drain = crate::drain::Drain::default();
     let ca = Arc::new(load_ca(settings.ca_dir.as_deref(), settings.cert_lifetime)?);
     let certs = Arc::new(CertificateManager::new(ca));
     let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
@@ -302,7 +303,7 @@ pub async fn run_loopback(settings: LoopbackSettings) -> anyhow::Result<()> {
         preserve_source_ip: false,
         state: None,
         metrics: None,
-        drain: None,
+        drain: Some(drain.clone()),
     };
     let server = InboundServer::new(workload, certs.clone(), sockets.clone(), tunnel.clone());
     tokio::spawn(server.serve(inbound_listener));
@@ -321,12 +322,24 @@ pub async fn run_loopback(settings: LoopbackSettings) -> anyhow::Result<()> {
         .tcp_bind(settings.outbound)
         .with_context(|| format!("binding the outbound listener on {}", settings.outbound))?;
     let outbound_addr = outbound_listener.local_addr()?;
-    let outbound = Outbound::new(client.clone(), sockets, router, None, tunnel, None, None);
+    let outbound = Outbound::new(
+        client.clone(),
+        sockets,
+        router,
+        None,
+        tunnel,
+        None,
+        Some(drain.clone()),
+    );
     tokio::spawn(outbound.serve(outbound_listener, |s| s.local_addr().ok()));
 
     tracing::info!(%outbound_addr, %inbound_addr, app = %echo_addr, client = %client_id, server = %server_id, "loopback HBONE proxy up");
     self_check(outbound_addr).await?;
     if settings.check_only {
+        // Let the self-check's connections finish on both proxies (their access-log lines
+        // included) before exiting.
+        drain.start();
+        drain.wait(Duration::from_secs(5)).await;
         return Ok(());
     }
     println!(
