@@ -5,12 +5,26 @@
 
 use std::process::Command;
 
+/// `hboned loopback --check-only` on ephemeral loopback ports.
+fn loopback_check() -> Command {
+    let mut cmd = hboned();
+    cmd.args([
+        "loopback",
+        "--check-only",
+        "--outbound",
+        "127.0.0.1:0",
+        "--inbound",
+        "127.0.0.1:0",
+    ]);
+    cmd
+}
+
 fn hboned() -> Command {
     Command::new(env!("CARGO_BIN_EXE_hboned"))
 }
 
 #[test]
-fn run_check_only_carries_traffic_through_the_tunnel() {
+fn loopback_check_only_carries_traffic_through_the_tunnel() {
     let dir = tempfile::tempdir().unwrap();
     let init = hboned()
         .args(["ca", "init", "--dir"])
@@ -18,16 +32,8 @@ fn run_check_only_carries_traffic_through_the_tunnel() {
         .output()
         .unwrap();
     assert!(init.status.success(), "{init:?}");
-    let out = hboned()
-        .args([
-            "loopback",
-            "--check-only",
-            "--outbound",
-            "127.0.0.1:0",
-            "--inbound",
-            "127.0.0.1:0",
-            "--ca-dir",
-        ])
+    let out = loopback_check()
+        .arg("--ca-dir")
         .arg(dir.path())
         .env("RUST_LOG", "info")
         .output()
@@ -45,16 +51,8 @@ fn run_check_only_carries_traffic_through_the_tunnel() {
 #[test]
 fn missing_ca_dir_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = hboned()
-        .args([
-            "loopback",
-            "--check-only",
-            "--outbound",
-            "127.0.0.1:0",
-            "--inbound",
-            "127.0.0.1:0",
-            "--ca-dir",
-        ])
+    let out = loopback_check()
+        .arg("--ca-dir")
         .arg(dir.path().join("nope"))
         .output()
         .unwrap();
@@ -134,15 +132,7 @@ fn quitquitquit_drains_and_exits_cleanly() {
 /// connection and reporter, with addresses, identities and bytes.
 #[test]
 fn json_access_log_lines_describe_each_connection() {
-    let out = hboned()
-        .args([
-            "loopback",
-            "--check-only",
-            "--outbound",
-            "127.0.0.1:0",
-            "--inbound",
-            "127.0.0.1:0",
-        ])
+    let out = loopback_check()
         .env("HBONED_LOG_FORMAT", "json")
         .env("RUST_LOG", "info")
         .output()
