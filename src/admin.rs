@@ -112,7 +112,7 @@ pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 pub struct AdminContext {
     /// The effective configuration, as loaded.
     pub config: serde_json::Value,
-    pub state: std::sync::Arc<std::sync::RwLock<crate::state::State>>,
+    pub state: std::sync::Arc<crate::state::SharedState>,
     pub certs: std::sync::Arc<crate::identity::CertificateManager>,
     pub pods: std::sync::Arc<crate::inpod::PodManager>,
     /// Notified by `POST /quitquitquit`: the process drains and exits as on SIGTERM.
@@ -168,7 +168,7 @@ pub fn admin(
 
 fn config_dump(ctx: &AdminContext) -> serde_json::Value {
     use serde_json::json;
-    let state = ctx.state.read().unwrap_or_else(|p| p.into_inner());
+    let state = ctx.state.read();
     let mut workloads: Vec<_> = state
         .workloads()
         .map(|w| {
@@ -191,10 +191,8 @@ fn config_dump(ctx: &AdminContext) -> serde_json::Value {
             })
         })
         .collect();
-    let policies: Vec<_> = state
-        .all_policies()
-        .map(|p| json!({"namespace": p.namespace, "name": p.name, "scope": p.scope, "action": p.action, "dryRun": p.dry_run, "rules": p.rules.len()}))
-        .collect();
+    let mut policies: Vec<_> = state.all_policies().collect();
+    policies.sort_by_key(|p| (&p.namespace, &p.name));
     let certificates: Vec<_> = ctx
         .certs
         .expiries()

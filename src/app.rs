@@ -75,7 +75,7 @@ pub async fn run_node(
         connect_timeout: config.connect_timeout(),
         ..TunnelSettings::default()
     };
-    let state = Arc::new(std::sync::RwLock::new(config.state()));
+    let state = Arc::new(crate::state::SharedState::new(config.state()));
     let ctx_state = state.clone();
     let xds = config
         .xds_settings()
@@ -106,6 +106,11 @@ pub async fn run_node(
             "hboned_xds_rejected_resources",
             "xDS resources rejected (NACKed)",
             client.rejected_counter(),
+        ));
+        counters.push((
+            "hboned_xds_policy_entries_dropped",
+            "Unreadable authorization policy entries dropped from xDS policies",
+            client.dropped_policy_entries_counter(),
         ));
     }
     let metrics = crate::metrics::Metrics::new(counters);

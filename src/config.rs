@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::authz;
 use crate::identity::{DEFAULT_TRUST_DOMAIN, Identity};
 use crate::state::{Protocol, Service, Workload};
 
@@ -47,7 +48,8 @@ pub struct Config {
     /// Known services.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
-    /// L4 authorization policies (DESIGN §5), in addition to those from xDS.
+    /// L4 authorization policies (README "Authorization policies"), in addition to those from
+    /// xDS.
     #[serde(default)]
     pub policies: Vec<PolicyConfig>,
     /// Deliver inbound traffic with the client's source IP (IP_TRANSPARENT).
@@ -276,7 +278,8 @@ pub struct PolicyConfig {
     pub action: PolicyAction,
     #[serde(default)]
     pub dry_run: bool,
-    /// Rules OR; each rule's clauses AND; each clause's matches OR.
+    /// Rules OR; each rule's clauses AND; each clause's matches OR. `[]` matches nothing;
+    /// `[[]]` (a rule with no clauses) matches everything, as istiod encodes `rules: [{}]`.
     pub rules: Vec<Vec<Vec<MatchConfig>>>,
 }
 
@@ -325,22 +328,15 @@ pub struct StringMatchConfig {
 }
 
 impl StringMatchConfig {
-    fn to_proto(&self) -> Result<crate::proto::istio::security::StringMatch, String> {
-        use crate::proto::istio::security::string_match::MatchType;
-        let kind =
-            match (&self.exact, &self.prefix, &self.suffix, self.presence) {
-                (Some(v), None, None, None) => MatchType::Exact(v.clone()),
-                (None, Some(v), None, None) => MatchType::Prefix(v.clone()),
-                (None, None, Some(v), None) => MatchType::Suffix(v.clone()),
-                (None, None, None, Some(true)) => MatchType::Presence(()),
-                _ => return Err(
-                    "a string match takes exactly one of exact, prefix, suffix or presence: true"
-                        .into(),
-                ),
-            };
-        Ok(crate::proto::istio::security::StringMatch {
-            match_type: Some(kind),
-        })
+    fn to_match(&self) -> Result<authz::StringMatch, PolicyError> {
+        use authz::StringMatch as S;
+        match (&self.exact, &self.prefix, &self.suffix, self.presence) {
+            (Some(v), None, None, None) => Ok(S::Exact(v.clone())),
+            (None, Some(v), None, None) => Ok(S::Prefix(v.clone())),
+            (None, None, Some(v), None) => Ok(S::Suffix(v.clone())),
+            (None, None, None, Some(true)) => Ok(S::Presence),
+            _ => Err(PolicyError::StringMatch),
+        }
     }
 }
 
@@ -352,83 +348,90 @@ pub struct ServiceAccountConfig {
     pub service_account: String,
 }
 
+/// Why a policy of the config file cannot be read. The file is the operator's: a bad entry
+/// refuses the whole config rather than being dropped (as an unreadable xDS entry is).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("a string match takes exactly one of exact, prefix, suffix or presence: true")]
+    StringMatch,
+    #[error(transparent)]
+    Net(#[from] authz::NetError),
+    #[error("port {0} is out of range")]
+    Port(u32),
+}
+
 impl PolicyConfig {
-    /// The policy as the xDS resource type, validated like one.
-    pub fn to_authorization(&self) -> Result<crate::proto::istio::security::Authorization, String> {
-        use crate::proto::istio::security as pb;
-        let strings = |list: &[StringMatchConfig]| -> Result<Vec<pb::StringMatch>, String> {
-            list.iter().map(StringMatchConfig::to_proto).collect()
+    /// The policy as the evaluator takes it. `rules: []` matches nothing, `rules: [[]]` (a
+    /// rule with no clauses) and `rules: [[[]]]` (a clause with no matches) match everything,
+    /// `rules: [[[{}]]]` (a match with no conditions) matches nothing.
+    pub fn to_policy(&self) -> Result<authz::Policy, PolicyError> {
+        let rules = self
+            .rules
+            .iter()
+            .map(|rule| {
+                let clauses = rule
+                    .iter()
+                    .map(|clause| {
+                        let matches: Result<_, _> =
+                            clause.iter().map(MatchConfig::to_match).collect();
+                        matches.map(|matches| authz::Clause { matches })
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(authz::Rule { clauses })
+            })
+            .collect::<Result<_, PolicyError>>()?;
+        Ok(authz::Policy {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            scope: match self.scope {
+                PolicyScope::Namespace => authz::Scope::Namespace,
+                PolicyScope::Global => authz::Scope::Global,
+            },
+            action: match self.action {
+                PolicyAction::Allow => authz::Action::Allow,
+                PolicyAction::Deny => authz::Action::Deny,
+            },
+            rules,
+            dry_run: self.dry_run,
+        })
+    }
+}
+
+impl MatchConfig {
+    fn to_match(&self) -> Result<authz::Match, PolicyError> {
+        let strings = |list: &[StringMatchConfig]| -> Result<Vec<_>, PolicyError> {
+            list.iter().map(StringMatchConfig::to_match).collect()
         };
-        let nets = |list: &[String]| -> Result<Vec<pb::Address>, String> {
+        let nets = |list: &[String]| -> Result<Vec<authz::IpNet>, PolicyError> {
+            Ok(list.iter().map(|n| n.parse()).collect::<Result<_, _>>()?)
+        };
+        let ports = |list: &[u32]| -> Result<Vec<u16>, PolicyError> {
             list.iter()
-                .map(|cidr| {
-                    let (addr, len) = cidr.split_once('/').unwrap_or((cidr.as_str(), ""));
-                    let ip: IpAddr = addr
-                        .parse()
-                        .map_err(|_| format!("{cidr:?} is not an IP or CIDR"))?;
-                    let max = if ip.is_ipv4() { 32 } else { 128 };
-                    let length = if len.is_empty() {
-                        max
-                    } else {
-                        len.parse()
-                            .map_err(|_| format!("{cidr:?}: bad prefix length"))?
-                    };
-                    let address = match ip {
-                        IpAddr::V4(v4) => v4.octets().to_vec(),
-                        IpAddr::V6(v6) => v6.octets().to_vec(),
-                    };
-                    Ok(pb::Address { address, length })
-                })
+                .map(|p| u16::try_from(*p).map_err(|_| PolicyError::Port(*p)))
                 .collect()
         };
-        let accounts = |list: &[ServiceAccountConfig]| -> Vec<pb::ServiceAccountMatch> {
+        let accounts = |list: &[ServiceAccountConfig]| -> Vec<authz::ServiceAccountMatch> {
             list.iter()
-                .map(|a| pb::ServiceAccountMatch {
+                .map(|a| authz::ServiceAccountMatch {
                     namespace: a.namespace.clone(),
                     service_account: a.service_account.clone(),
                 })
                 .collect()
         };
-        let mut rules = Vec::new();
-        for rule in &self.rules {
-            let mut clauses = Vec::new();
-            for clause in rule {
-                let mut matches = Vec::new();
-                for m in clause {
-                    matches.push(pb::Match {
-                        namespaces: strings(&m.namespaces)?,
-                        not_namespaces: strings(&m.not_namespaces)?,
-                        principals: strings(&m.principals)?,
-                        not_principals: strings(&m.not_principals)?,
-                        source_ips: nets(&m.source_ips)?,
-                        not_source_ips: nets(&m.not_source_ips)?,
-                        destination_ips: nets(&m.destination_ips)?,
-                        not_destination_ips: nets(&m.not_destination_ips)?,
-                        destination_ports: m.destination_ports.clone(),
-                        not_destination_ports: m.not_destination_ports.clone(),
-                        service_accounts: accounts(&m.service_accounts),
-                        not_service_accounts: accounts(&m.not_service_accounts),
-                    });
-                }
-                clauses.push(pb::Clause { matches });
-            }
-            rules.push(pb::Rule { clauses });
-        }
-        let policy = pb::Authorization {
-            name: self.name.clone(),
-            namespace: self.namespace.clone(),
-            scope: match self.scope {
-                PolicyScope::Namespace => pb::Scope::Namespace as i32,
-                PolicyScope::Global => pb::Scope::Global as i32,
-            },
-            action: match self.action {
-                PolicyAction::Allow => pb::Action::Allow as i32,
-                PolicyAction::Deny => pb::Action::Deny as i32,
-            },
-            rules,
-            dry_run: self.dry_run,
-        };
-        crate::xds::convert::authorization(policy).map_err(|e| e.to_string())
+        Ok(authz::Match {
+            namespaces: strings(&self.namespaces)?,
+            not_namespaces: strings(&self.not_namespaces)?,
+            principals: strings(&self.principals)?,
+            not_principals: strings(&self.not_principals)?,
+            source_ips: nets(&self.source_ips)?,
+            not_source_ips: nets(&self.not_source_ips)?,
+            destination_ips: nets(&self.destination_ips)?,
+            not_destination_ips: nets(&self.not_destination_ips)?,
+            destination_ports: ports(&self.destination_ports)?,
+            not_destination_ports: ports(&self.not_destination_ports)?,
+            service_accounts: accounts(&self.service_accounts),
+            not_service_accounts: accounts(&self.not_service_accounts),
+        })
     }
 }
 
@@ -594,7 +597,10 @@ impl Config {
             }
         }
         for (i, policy) in self.policies.iter().enumerate() {
-            if let Err(e) = policy.to_authorization() {
+            if policy.name.is_empty() {
+                p.push(format!("policies[{i}]: name is empty"));
+            }
+            if let Err(e) = policy.to_policy() {
                 p.push(format!("policies[{i}] ({}): {e}", policy.name));
             }
         }
@@ -651,11 +657,7 @@ impl Config {
         for s in self.services.iter().filter_map(|s| self.service(s).ok()) {
             state.upsert_service(s);
         }
-        for p in self
-            .policies
-            .iter()
-            .filter_map(|p| p.to_authorization().ok())
-        {
+        for p in self.policies.iter().filter_map(|p| p.to_policy().ok()) {
             state.upsert_policy(p);
         }
         state

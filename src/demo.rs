@@ -114,6 +114,14 @@ impl Topology {
     /// Checks for root and the tools, then builds everything and starts one proxy per node
     /// (`bin run --config ...`), returning once every enrolled pod is served.
     pub async fn start(bin: &Path) -> anyhow::Result<Self> {
+        let mut topo = Topology::create(bin)?;
+        topo.start_proxies(bin, "", "").await?;
+        Ok(topo)
+    }
+
+    /// The namespaces, links and enrolled pods' rules, without proxies: for a test that must
+    /// set something up inside a node first (see [`Topology::start_proxies`]).
+    pub fn create(bin: &Path) -> anyhow::Result<Self> {
         if !nix::unistd::Uid::effective().is_root() {
             bail!("the netns topology needs root (network namespaces, iptables, SO_MARK)");
         }
@@ -147,11 +155,20 @@ impl Topology {
                 );
             }
         }
-        for node in ['a', 'b'] {
-            topo.spawn_proxy(bin, node)?;
-        }
-        topo.wait_ready().await?;
         Ok(topo)
+    }
+
+    /// Starts one proxy per node, each config extended by `extra_a` / `extra_b` (YAML keys),
+    /// and returns once every enrolled pod is served.
+    pub async fn start_proxies(
+        &mut self,
+        bin: &Path,
+        extra_a: &str,
+        extra_b: &str,
+    ) -> anyhow::Result<()> {
+        self.spawn_named(bin, 'a', "node-a", extra_a)?;
+        self.spawn_named(bin, 'b', "node-b", extra_b)?;
+        self.wait_ready().await
     }
 
     pub fn netns_name(&self, short: &str) -> String {
@@ -358,10 +375,6 @@ impl Topology {
             );
         }
         y
-    }
-
-    fn spawn_proxy(&mut self, bin: &Path, node: char) -> anyhow::Result<()> {
-        self.spawn_named(bin, node, &format!("node-{node}"), "")
     }
 
     /// Starts one more proxy on `node` (an upgrade's new proxy), its config extended by

@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prost::Message;
@@ -20,7 +20,7 @@ use crate::proxy::{
     HboneClient, InboundServer, LocalWorkload, Outbound, StateRouter, TunnelSettings, passthrough,
 };
 use crate::socket::{self, SeqPacket};
-use crate::state::State;
+use crate::state::SharedState;
 
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
@@ -39,7 +39,7 @@ pub struct PodInfo {
 #[derive(Debug, Clone)]
 pub struct NodeContext {
     pub certs: Arc<CertificateManager>,
-    pub state: Arc<RwLock<State>>,
+    pub state: Arc<SharedState>,
     pub tunnel: TunnelSettings,
     pub trust_domain: String,
     pub cluster_id: String,

@@ -93,6 +93,11 @@ struct IdentityLabel {
     identity: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DecisionLabel {
+    decision: &'static str,
+}
+
 /// Every metric hboned exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -105,6 +110,7 @@ pub struct Metrics {
     /// Pods this node serves.
     pub enrolled_pods: Gauge,
     cert_expiry: Family<IdentityLabel, Gauge>,
+    dry_run: Family<DecisionLabel, Counter>,
 }
 
 impl Metrics {
@@ -121,6 +127,7 @@ impl Metrics {
         let failed = Family::<ConnectionLabels, Counter>::default();
         let enrolled_pods = Gauge::default();
         let cert_expiry = Family::<IdentityLabel, Gauge>::default();
+        let dry_run = Family::<DecisionLabel, Counter>::default();
         // Counters get their `_total` suffix from the encoder.
         registry.register(
             "istio_tcp_connections_opened",
@@ -157,6 +164,11 @@ impl Metrics {
             "Expiry of the current certificate, seconds since the epoch",
             cert_expiry.clone(),
         );
+        registry.register(
+            "hboned_policy_dry_run_decisions",
+            "Connections to which dry-run policies applied, by the decision they would make",
+            dry_run.clone(),
+        );
         Arc::new(Metrics {
             registry,
             opened,
@@ -166,6 +178,7 @@ impl Metrics {
             failed,
             enrolled_pods,
             cert_expiry,
+            dry_run,
         })
     }
 
@@ -182,6 +195,14 @@ impl Metrics {
 
     pub fn failed(&self, labels: &ConnectionLabels) {
         self.failed.get_or_create(labels).inc();
+    }
+
+    /// Dry-run policies applied to a connection and would have allowed (or denied) it.
+    pub fn dry_run_decision(&self, allowed: bool) {
+        let decision = if allowed { "allow" } else { "deny" };
+        self.dry_run
+            .get_or_create(&DecisionLabel { decision })
+            .inc();
     }
 
     /// Sets the per-identity certificate expiry gauges (called before each scrape).
@@ -258,6 +279,7 @@ mod tests {
         m.closed(&labels, 100, 42);
         m.failed(&labels.clone().failed("connect_failed"));
         m.enrolled_pods.set(3);
+        m.dry_run_decision(false);
         m.set_certificate_expiries(&[(
             id,
             std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_900_000_000),
@@ -270,6 +292,7 @@ mod tests {
             "} 42",
             "response_flags=\"connect_failed\"} 1",
             "hboned_enrolled_pods 3",
+            "hboned_policy_dry_run_decisions_total{decision=\"deny\"} 1",
             "hboned_certificate_renewals_total 1",
             "hboned_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/prod/sa/web\"} 1900000000",
         ] {

@@ -1,13 +1,17 @@
 //! The proxy's view of the mesh: workloads by uid and by IP, services by `ns/hostname` and by
-//! VIP, and the outbound routing decision. Pure: no I/O, no clock; whoever feeds it (the local
-//! config file, later xDS) converts into these types first.
+//! VIP, authorization policies by scope, and the outbound routing decision. Pure: no I/O, no
+//! clock; whoever feeds it (the local config file, xDS) converts into these types first.
+//! [`SharedState`] is the handle the proxy shares it through.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use crate::authz::{Policy, Scope};
 use crate::identity::Identity;
-use crate::proto::istio::security::Authorization;
+
+mod shared;
+pub use shared::SharedState;
 
 /// How a workload takes traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -94,14 +98,27 @@ pub struct State {
     network: String,
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<IpAddr, String>,
-    /// Authorization policies by `namespace/name`, as validated from xDS (evaluated by authz).
-    policies: HashMap<String, Arc<Authorization>>,
+    /// Authorization policies by `namespace/name` (evaluated by `authz`).
+    policies: HashMap<String, Arc<Policy>>,
+    /// GLOBAL policies, and NAMESPACE policies by namespace: the candidates of one decision
+    /// without a scan of every policy.
+    global_policies: Vec<Arc<Policy>>,
+    namespace_policies: HashMap<String, Vec<Arc<Policy>>>,
+    /// Bumped whenever what a policy decision could depend on changes (a policy, or the
+    /// policies a workload selects), so live connections know when to re-check.
+    policy_generation: u64,
 }
 
 impl State {
     /// Adds or replaces a workload (by uid), re-indexing its IPs.
     pub fn upsert_workload(&mut self, w: Workload) {
-        self.remove_workload(&w.uid.clone());
+        let old = self.unindex_workload(&w.uid.clone());
+        let old_selected = old
+            .as_ref()
+            .map_or(&[][..], |o| &o.authorization_policies[..]);
+        if old_selected != &w.authorization_policies[..] {
+            self.policy_generation += 1;
+        }
         let w = Arc::new(w);
         for ip in &w.addresses {
             if w.network == self.network {
@@ -115,6 +132,14 @@ impl State {
     }
 
     pub fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
+        self.unindex_workload(uid).inspect(|old| {
+            if !old.authorization_policies.is_empty() {
+                self.policy_generation += 1;
+            }
+        })
+    }
+
+    fn unindex_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
         let old = self.workloads.remove(uid)?;
         for ip in &old.addresses {
             if old.network == self.network {
@@ -155,34 +180,69 @@ impl State {
         Some(old)
     }
 
-    pub fn upsert_policy(&mut self, p: Authorization) {
-        self.policies
-            .insert(format!("{}/{}", p.namespace, p.name), Arc::new(p));
+    /// Adds or replaces a policy (by `namespace/name`).
+    pub fn upsert_policy(&mut self, p: Policy) {
+        let key = p.key();
+        self.remove_policy(&key);
+        let p = Arc::new(p);
+        match p.scope {
+            Scope::Global => self.global_policies.push(p.clone()),
+            Scope::Namespace => self
+                .namespace_policies
+                .entry(p.namespace.clone())
+                .or_default()
+                .push(p.clone()),
+            // Found through the workloads that list them.
+            Scope::WorkloadSelector => {}
+        }
+        self.policies.insert(key, p);
+        self.policy_generation += 1;
     }
 
-    pub fn remove_policy(&mut self, key: &str) -> Option<Arc<Authorization>> {
-        self.policies.remove(key)
+    pub fn remove_policy(&mut self, key: &str) -> Option<Arc<Policy>> {
+        let old = self.policies.remove(key)?;
+        self.global_policies.retain(|p| !Arc::ptr_eq(p, &old));
+        if let Some(list) = self.namespace_policies.get_mut(&old.namespace) {
+            list.retain(|p| !Arc::ptr_eq(p, &old));
+            if list.is_empty() {
+                self.namespace_policies.remove(&old.namespace);
+            }
+        }
+        self.policy_generation += 1;
+        Some(old)
     }
 
-    pub fn policy(&self, key: &str) -> Option<&Arc<Authorization>> {
+    pub fn policy(&self, key: &str) -> Option<&Arc<Policy>> {
         self.policies.get(key)
     }
 
     /// Every policy held.
-    pub fn all_policies(&self) -> impl Iterator<Item = &Authorization> {
+    pub fn all_policies(&self) -> impl Iterator<Item = &Policy> {
         self.policies.values().map(|p| p.as_ref())
     }
 
-    /// The policies that apply to a workload in `namespace` that selects `selected`.
+    /// The policies that apply to a workload in `namespace` that selects `selected` (its
+    /// `authorization_policies`): exactly those `authz::applies` accepts, from the indexes.
     pub fn policies_for<'a>(
         &'a self,
         namespace: &'a str,
         selected: &'a [String],
-    ) -> impl Iterator<Item = &'a Authorization> + 'a {
-        self.policies
-            .values()
+    ) -> impl Iterator<Item = &'a Policy> + 'a {
+        let scoped = self.namespace_policies.get(namespace).into_iter().flatten();
+        let chosen = selected
+            .iter()
+            .filter_map(|key| self.policies.get(key))
+            .filter(|p| p.scope == Scope::WorkloadSelector);
+        self.global_policies
+            .iter()
+            .chain(scoped)
+            .chain(chosen)
             .map(|p| p.as_ref())
-            .filter(move |p| crate::authz::applies(p, namespace, selected))
+    }
+
+    /// Changes whenever a policy decision could change (see [`SharedState::policy_changes`]).
+    pub fn policy_generation(&self) -> u64 {
+        self.policy_generation
     }
 
     /// Whether `ip` is a known workload address or service VIP.

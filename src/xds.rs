@@ -11,7 +11,7 @@ pub mod convert;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -21,7 +21,7 @@ use crate::identity::manager::BoxFuture;
 use crate::proto::envoy::config::core::v3::Node;
 use crate::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use crate::state::State;
+use crate::state::SharedState;
 use convert::{ADDRESS_TYPE, AUTHORIZATION_TYPE, Tracked};
 
 /// How to reach and talk to the control plane.
@@ -74,7 +74,7 @@ pub trait Resolver: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct XdsClient {
     settings: XdsSettings,
-    state: Arc<RwLock<State>>,
+    state: Arc<SharedState>,
     tracked: Mutex<Tracked>,
     /// The live stream's request sender, if connected.
     requests: Mutex<Option<mpsc::UnboundedSender<DeltaDiscoveryRequest>>>,
@@ -85,10 +85,11 @@ pub struct XdsClient {
     ready: watch::Sender<bool>,
     applied_types: Mutex<HashSet<String>>,
     rejected: prometheus_client::metrics::counter::Counter,
+    dropped: prometheus_client::metrics::counter::Counter,
 }
 
 impl XdsClient {
-    pub fn new(settings: XdsSettings, state: Arc<RwLock<State>>) -> Arc<Self> {
+    pub fn new(settings: XdsSettings, state: Arc<SharedState>) -> Arc<Self> {
         Arc::new(XdsClient {
             settings,
             state,
@@ -99,6 +100,7 @@ impl XdsClient {
             ready: watch::channel(false).0,
             applied_types: Mutex::new(HashSet::new()),
             rejected: Default::default(),
+            dropped: Default::default(),
         })
     }
 
@@ -115,6 +117,12 @@ impl XdsClient {
     /// The rejection counter, to register with the metrics registry.
     pub fn rejected_counter(&self) -> prometheus_client::metrics::counter::Counter {
         self.rejected.clone()
+    }
+
+    /// The counter of unreadable policy entries dropped (each logged as it is), to register
+    /// with the metrics registry.
+    pub fn dropped_policy_entries_counter(&self) -> prometheus_client::metrics::counter::Counter {
+        self.dropped.clone()
     }
 
     /// The types whose first response makes the client ready. With on-demand discovery nothing
@@ -292,16 +300,14 @@ impl XdsClient {
         &self,
         response: &crate::proto::envoy::service::discovery::v3::DeltaDiscoveryResponse,
     ) -> DeltaDiscoveryRequest {
-        let applied = {
-            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let applied = self.state.write(|state| {
             let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
-            convert::apply_delta(
-                &mut state,
-                &mut tracked,
-                response,
-                &self.settings.trust_domain,
-            )
-        };
+            convert::apply_delta(state, &mut tracked, response, &self.settings.trust_domain)
+        });
+        if !applied.dropped.is_empty() {
+            self.dropped.inc_by(applied.dropped.len() as u64);
+            tracing::warn!(dropped = ?applied.dropped, "unreadable policy entries dropped; the rest of each policy applies, never allowing more than it says");
+        }
         if applied.rejected.is_empty() {
             tracing::debug!(type_url = %response.type_url, upserted = applied.upserted, removed = applied.removed, "xDS update applied");
         } else {
@@ -319,10 +325,7 @@ impl XdsClient {
     }
 
     fn knows(&self, ip: IpAddr) -> bool {
-        self.state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .knows(ip)
+        self.state.read().knows(ip)
     }
 
     /// Waits until `ip` is known: at once if it is, else (on-demand mode) subscribes to it and

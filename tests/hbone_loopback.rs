@@ -8,7 +8,9 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hboned::authz::{Action, Clause, Match, Policy, Rule, Scope, StringMatch};
 use hboned::proxy::{ProxyError, TunnelSettings};
+use hboned::state::SharedState;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -436,33 +438,12 @@ async fn bare_peer_accept(
     h2::server::handshake(tls).await.unwrap()
 }
 
-/// Policies on the server side (DESIGN §5): a DENY answers 401, an ALLOW list that does not name
-/// the client answers 401, and a policy change applies to the next stream.
+/// Policies on the HBONE server: a DENY naming the client gets 401, an ALLOW list without it
+/// too, and a policy change applies to the next stream.
 #[tokio::test]
 async fn policies_are_enforced_on_inbound_hbone() {
-    use hboned::proto::istio::security::{
-        Action, Authorization, Clause, Match, Rule, Scope, StringMatch, string_match::MatchType,
-    };
-    let principal = |p: &str| StringMatch {
-        match_type: Some(MatchType::Exact(p.into())),
-    };
-    let policy = |name: &str, action: Action, who: &str| Authorization {
-        name: name.into(),
-        namespace: "test".into(),
-        scope: Scope::Namespace as i32,
-        action: action as i32,
-        rules: vec![Rule {
-            clauses: vec![Clause {
-                matches: vec![Match {
-                    principals: vec![principal(who)],
-                    ..Default::default()
-                }],
-            }],
-        }],
-        dry_run: false,
-    };
     let ca = ca();
-    let state = Arc::new(std::sync::RwLock::new(hboned::state::State::default()));
+    let state = Arc::new(SharedState::default());
     let srv = server_with_policies(ca.clone(), id("server"), Some(state.clone())).await;
     let app = echo_app().await;
     let hbone = client(ca, TunnelSettings::default());
@@ -478,32 +459,24 @@ async fn policies_are_enforced_on_inbound_hbone() {
         200
     );
     // DENY naming the client.
-    state.write().unwrap().upsert_policy(policy(
-        "deny",
-        Action::Deny,
-        "cluster.local/ns/test/sa/client",
-    ));
+    let client_id = "cluster.local/ns/test/sa/client";
+    state.write(|s| s.upsert_policy(principal_policy("deny", Action::Deny, client_id)));
     assert_eq!(
         status(within(10, hbone.connect(&key, &request(app.addr))).await),
         401
     );
     // An ALLOW list without the client (the DENY removed).
-    state.write().unwrap().remove_policy("test/deny");
-    state.write().unwrap().upsert_policy(policy(
-        "allow-other",
-        Action::Allow,
-        "cluster.local/ns/test/sa/other",
-    ));
+    state.write(|s| {
+        s.remove_policy("test/deny");
+        let other = "cluster.local/ns/test/sa/other";
+        s.upsert_policy(principal_policy("allow-other", Action::Allow, other));
+    });
     assert_eq!(
         status(within(10, hbone.connect(&key, &request(app.addr))).await),
         401
     );
     // ...and with it: bytes flow.
-    state.write().unwrap().upsert_policy(policy(
-        "allow-client",
-        Action::Allow,
-        "cluster.local/ns/test/sa/client",
-    ));
+    state.write(|s| s.upsert_policy(principal_policy("allow-client", Action::Allow, client_id)));
     let mut s = within(10, hbone.connect(&key, &request(app.addr)))
         .await
         .unwrap();
@@ -513,15 +486,39 @@ async fn policies_are_enforced_on_inbound_hbone() {
     assert_eq!(app.accepted(), 2, "denied streams never reached the app");
 }
 
-/// A policy change closes live connections it now denies (DESIGN §5).
+/// A NAMESPACE policy in `test` with one match on the client's principal.
+fn principal_policy(name: &str, action: Action, principal: &str) -> Policy {
+    Policy {
+        name: name.into(),
+        namespace: "test".into(),
+        scope: Scope::Namespace,
+        action,
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![Match {
+                    principals: vec![StringMatch::Exact(principal.into())],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        dry_run: false,
+    }
+}
+
+/// A policy change resets the live connections it now denies, at once (no timer), and the
+/// destination's metrics count them closed with `denied` as the reason.
 #[tokio::test]
-async fn a_policy_change_closes_live_connections_it_denies() {
-    use hboned::proto::istio::security::{
-        Action, Authorization, Clause, Match, Rule, Scope, StringMatch, string_match::MatchType,
-    };
+async fn a_policy_change_resets_live_connections_it_denies() {
     let ca = ca();
-    let state = Arc::new(std::sync::RwLock::new(hboned::state::State::default()));
-    let srv = server_with_policies(ca.clone(), id("server"), Some(state.clone())).await;
+    let state = Arc::new(SharedState::default());
+    let metrics = hboned::metrics::Metrics::new(Vec::new());
+    let srv = server_with(
+        ca.clone(),
+        id("server"),
+        Some(state.clone()),
+        Some(metrics.clone()),
+    )
+    .await;
     let app = echo_app().await;
     let hbone = client(ca, TunnelSettings::default());
     let mut live = within(
@@ -530,29 +527,22 @@ async fn a_policy_change_closes_live_connections_it_denies() {
     )
     .await
     .unwrap();
-    live.write_all(b"ping").await.unwrap();
     let mut buf = [0u8; 4];
+    live.write_all(b"ping").await.unwrap();
     within(10, live.read_exact(&mut buf)).await.unwrap();
 
-    let deny_client = Authorization {
-        name: "deny-client".into(),
-        namespace: "test".into(),
-        scope: Scope::Namespace as i32,
-        action: Action::Deny as i32,
-        rules: vec![Rule {
-            clauses: vec![Clause {
-                matches: vec![Match {
-                    principals: vec![StringMatch {
-                        match_type: Some(MatchType::Suffix("/sa/client".into())),
-                    }],
-                    ..Default::default()
-                }],
-            }],
-        }],
-        dry_run: false,
+    // An unrelated change re-checks and keeps the connection.
+    state.write(|s| s.upsert_policy(principal_policy("other", Action::Deny, "nobody")));
+    live.write_all(b"pong").await.unwrap();
+    within(10, live.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"pong");
+
+    // DENY everything: a rule with no clauses.
+    let deny_all = Policy {
+        rules: vec![Rule::default()],
+        ..principal_policy("deny-all", Action::Deny, "")
     };
-    state.write().unwrap().upsert_policy(deny_client);
-    // Within a few re-check periods the stream is reset by the server.
+    state.write(|s| s.upsert_policy(deny_all));
     let res = within(10, async {
         loop {
             match live.read(&mut buf).await {
@@ -567,25 +557,45 @@ async fn a_policy_change_closes_live_connections_it_denies() {
         matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
         "the denied live stream must be reset: {res:?}"
     );
+    // Recorded by the server's stream task right after it sent the reset.
+    let denied = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name) && l.contains("response_flags=\"denied\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    eventually(10, || {
+        denied(&metrics.encode(), "istio_tcp_connections_closed_total{").is_some()
+    })
+    .await;
+    let text = metrics.encode();
+    assert_eq!(
+        denied(&text, "istio_tcp_connections_closed_total{").as_deref(),
+        Some("1"),
+        "closed, with the denial as the reason:\n{text}"
+    );
+    assert_eq!(
+        denied(&text, "istio_tcp_sent_bytes_total{").as_deref(),
+        Some("8"),
+        "what moved until the reset counts:\n{text}"
+    );
 }
 
 /// A WORKLOAD_SELECTOR policy applies only to the workloads that list it.
 #[tokio::test]
 async fn selector_policies_apply_to_the_workloads_that_list_them() {
-    use hboned::proto::istio::security::{Action, Authorization, Clause, Match, Rule, Scope};
     let ca = ca();
-    let state = Arc::new(std::sync::RwLock::new(hboned::state::State::default()));
-    state.write().unwrap().upsert_policy(Authorization {
-        name: "deny-all".into(),
-        namespace: "test".into(),
-        scope: Scope::WorkloadSelector as i32,
-        action: Action::Deny as i32,
-        rules: vec![Rule {
-            clauses: vec![Clause {
-                matches: vec![Match::default()],
-            }],
-        }],
-        dry_run: false,
+    let state = Arc::new(SharedState::default());
+    state.write(|s| {
+        s.upsert_policy(Policy {
+            name: "deny-all".into(),
+            namespace: "test".into(),
+            scope: Scope::WorkloadSelector,
+            action: Action::Deny,
+            // A rule with no clauses: matches everything.
+            rules: vec![Rule::default()],
+            dry_run: false,
+        })
     });
     let srv = server_with_policies(ca.clone(), id("server"), Some(state.clone())).await;
     let app = echo_app().await;
@@ -611,7 +621,7 @@ async fn selector_policies_apply_to_the_workloads_that_list_them() {
         healthy: true,
         authorization_policies: vec!["test/deny-all".into()],
     };
-    state.write().unwrap().upsert_workload(server);
+    state.write(|s| s.upsert_workload(server));
     let err = within(10, hbone.connect(&key, &request(app.addr)))
         .await
         .unwrap_err();

@@ -11,7 +11,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::Duration;
 
-use hboned::demo::{self, A1, APP_PORT, B1, B2, B3, B3_AS_SEEN_BY_A, Capture, Topology};
+use hboned::demo::{self, A1, A2, APP_PORT, B1, B2, B3, B3_AS_SEEN_BY_A, Capture, Topology};
 use prost::Message;
 use support::{Fnv, pattern, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -665,4 +665,160 @@ async fn upgrade_overlap_keeps_long_lived_connections() {
     assert!(topo.exited(new).is_none(), "the new proxy keeps serving");
     let after = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
     ping(after, b"after the old proxy left").await;
+}
+
+/// Reads until the connection ends; `Err` with the kind when it was reset.
+async fn until_closed(s: &mut tokio::net::TcpStream) -> Result<usize, ErrorKind> {
+    let mut buf = [0u8; 1024];
+    let mut total = 0;
+    within(10, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(total),
+                Ok(n) => total += n,
+                Err(e) => return Err(e.kind()),
+            }
+        }
+    })
+    .await
+}
+
+/// Writes `msg` and expects it echoed back.
+async fn echoes(s: &mut tokio::net::TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    within(10, s.read_exact(&mut back)).await.unwrap();
+    assert_eq!(back, msg);
+}
+
+/// Sends one delta response and waits for its ACK.
+async fn push(
+    xds: &mut support::fake_ads::AdsStream,
+    nonce: &str,
+    type_url: &str,
+    resources: Vec<hboned::proto::envoy::service::discovery::v3::Resource>,
+    removed: &[&str],
+) {
+    xds.send(type_url, nonce, resources, removed);
+    let ack = xds.next().await;
+    assert_eq!(
+        (ack.response_nonce.as_str(), ack.error_detail),
+        (nonce, None)
+    );
+}
+
+/// The empty forms of Istio policies on real traffic, served to node B's proxy over xDS by a
+/// fake control plane inside node B: ALLOW with `rules: [{}]` (one rule, no clauses) allows
+/// everything, HBONE and plaintext; DENY with `rules: [{}]` denies everything, and pushing it
+/// resets the live connections at once, on 15008 as on 15006, counted closed as `denied`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_decide_on_real_traffic_and_changes_reset_live_connections() {
+    use hboned::proto::istio::security::{Action, Authorization, Rule, Scope};
+    use hboned::xds::convert::{ADDRESS_TYPE, AUTHORIZATION_TYPE, authorization_resource};
+    if !can_run() {
+        return;
+    }
+    let mut topo = Topology::create(bin()).unwrap();
+    let listener = topo
+        .netns("nb")
+        .unwrap()
+        .run(|| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .unwrap();
+    let mut ads = support::fake_ads::FakeAds::serve(listener);
+    let extra_b = format!("xds: {{address: \"http://{}\"}}\n", ads.addr);
+    topo.start_proxies(bin(), "", &extra_b).await.unwrap();
+    let (_echo, _peers) = demo::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
+    let mut xds = ads.accept().await;
+    assert_eq!(xds.next().await.type_url, ADDRESS_TYPE);
+    assert_eq!(xds.next().await.type_url, AUTHORIZATION_TYPE);
+    push(&mut xds, "a0", ADDRESS_TYPE, Vec::new(), &[]).await;
+    push(&mut xds, "p0", AUTHORIZATION_TYPE, Vec::new(), &[]).await;
+    // Istio's `rules: [{}]`, as istiod sends it: one rule with no clauses.
+    let everything = |name: &str, action: Action| Authorization {
+        name: name.into(),
+        namespace: "demo".into(),
+        scope: Scope::Namespace as i32,
+        action: action as i32,
+        rules: vec![Rule { clauses: vec![] }],
+        dry_run: false,
+    };
+    let to_b1 = B1.addr(APP_PORT);
+
+    // Live before any policy: one HBONE (a1) and one plaintext (a2, through 15006).
+    let mut hbone_live = topo.connect(A1.name, to_b1).await.unwrap();
+    echoes(&mut hbone_live, b"hbone before").await;
+    let mut plain_live = topo.connect(A2.name, to_b1).await.unwrap();
+    echoes(&mut plain_live, b"plaintext before").await;
+
+    // ALLOW everything: new connections of both kinds get in; live ones stay.
+    let allow = authorization_resource(
+        "demo/allow-all",
+        "1",
+        everything("allow-all", Action::Allow),
+    );
+    push(&mut xds, "p1", AUTHORIZATION_TYPE, vec![allow], &[]).await;
+    for pod in [A1.name, A2.name] {
+        let mut s = topo.connect(pod, to_b1).await.unwrap();
+        echoes(&mut s, b"allowed by ALLOW rules: [{}]").await;
+    }
+    echoes(&mut hbone_live, b"hbone still live").await;
+    echoes(&mut plain_live, b"plaintext still live").await;
+
+    // DENY everything: the live connections are reset at once, new ones are refused.
+    let deny = authorization_resource("demo/deny-all", "1", everything("deny-all", Action::Deny));
+    push(&mut xds, "p2", AUTHORIZATION_TYPE, vec![deny], &[]).await;
+    assert_eq!(
+        until_closed(&mut hbone_live).await,
+        Err(ErrorKind::ConnectionReset),
+        "live HBONE"
+    );
+    assert_eq!(
+        until_closed(&mut plain_live).await,
+        Err(ErrorKind::ConnectionReset),
+        "live plaintext"
+    );
+    for pod in [A1.name, A2.name] {
+        // Reset right after the handshake: connect() itself may already see it.
+        let refused = match topo.connect(pod, to_b1).await {
+            Ok(mut s) => {
+                let _ = s.write_all(b"denied by DENY rules: [{}]").await;
+                until_closed(&mut s).await
+            }
+            Err(e) => Err(e.kind()),
+        };
+        assert_eq!(refused, Err(ErrorKind::ConnectionReset), "new from {pod}");
+    }
+    // At least the live one of each kind (an allowed connection still closing when the DENY
+    // arrived counts too), once the relays have recorded them.
+    let closed_as_denied = |text: &str, security: &str| {
+        let (src, principal) = match security {
+            "unknown" => ("a2", "unknown"),
+            _ => ("a1", "spiffe://cluster.local/ns/demo/sa/client"),
+        };
+        let labels = format!(
+            "{{reporter=\"destination\",source_workload=\"{src}\",source_workload_namespace=\"demo\",source_principal=\"{principal}\",destination_workload=\"b1\",destination_workload_namespace=\"demo\",destination_principal=\"spiffe://cluster.local/ns/demo/sa/server\",connection_security_policy=\"{security}\",response_flags=\"denied\"}}"
+        );
+        metric(text, "istio_tcp_connections_closed_total", &labels).is_some_and(|n| n >= 1.0)
+    };
+    support::eventually(10, || {
+        let text = http_get(&topo, "nb", 15020, "/metrics");
+        closed_as_denied(&text, "mutual_tls") && closed_as_denied(&text, "unknown")
+    })
+    .await;
+
+    // The DENY removed: the ALLOW applies again.
+    push(
+        &mut xds,
+        "p3",
+        AUTHORIZATION_TYPE,
+        Vec::new(),
+        &["demo/deny-all"],
+    )
+    .await;
+    let mut s = topo.connect(A1.name, to_b1).await.unwrap();
+    echoes(&mut s, b"allowed again").await;
 }

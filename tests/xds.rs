@@ -5,13 +5,13 @@
 mod support;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hboned::proto::istio::security::Authorization;
 use hboned::proto::istio::workload as pb;
-use hboned::state::State;
+use hboned::state::SharedState;
 use hboned::xds::convert::{
     ADDRESS_TYPE, AUTHORIZATION_TYPE, authorization_resource, service_resource, workload_resource,
 };
@@ -50,8 +50,8 @@ fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-fn knows(state: &RwLock<State>, addr: &str) -> bool {
-    state.read().unwrap().knows(ip(addr))
+fn knows(state: &SharedState, addr: &str) -> bool {
+    state.read().knows(ip(addr))
 }
 
 /// Starts a client against `fake` and reads its two initial requests.
@@ -60,11 +60,11 @@ async fn connect(
     settings: XdsSettings,
 ) -> (
     Arc<XdsClient>,
-    Arc<RwLock<State>>,
+    Arc<SharedState>,
     AdsStream,
     tokio::task::JoinHandle<()>,
 ) {
-    let state = Arc::new(RwLock::new(State::default()));
+    let state = Arc::new(SharedState::default());
     let client = XdsClient::new(settings, state.clone());
     let task = tokio::spawn(client.clone().run());
     let mut stream = fake.accept().await;
@@ -93,7 +93,7 @@ async fn initial_sync_update_removal_and_readiness() {
     let dir = tempfile::tempdir().unwrap();
     let token = dir.path().join("token");
     std::fs::write(&token, "s3cret\n").unwrap();
-    let state = Arc::new(RwLock::new(State::default()));
+    let state = Arc::new(SharedState::default());
     let client = XdsClient::new(settings(fake.addr, false, Some(token)), state.clone());
     let _task = tokio::spawn(client.clone().run());
     let mut s = fake.accept().await;
@@ -145,7 +145,7 @@ async fn initial_sync_update_removal_and_readiness() {
     );
     expect_ack(&mut s, "p1").await;
     within(5, ready.wait_for(|r| *r)).await.unwrap();
-    assert!(state.read().unwrap().policy("test/p").is_some());
+    assert!(state.read().policy("test/p").is_some());
 
     // Update: w1 moves.
     s.send(
@@ -247,7 +247,7 @@ async fn control_plane_restart_keeps_state_and_resyncs() {
 #[tokio::test]
 async fn on_demand_hit_miss_and_timeout() {
     let mut fake = FakeAds::start("127.0.0.1:0".parse().unwrap()).await;
-    let state = Arc::new(RwLock::new(State::default()));
+    let state = Arc::new(SharedState::default());
     let client = XdsClient::new(settings(fake.addr, true, None), state.clone());
     let _task = tokio::spawn(client.clone().run());
     let mut s = fake.accept().await;
@@ -342,7 +342,7 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
 
     // The source side: empty state, on-demand xDS, outbound listener.
     let mut fake = FakeAds::start("127.0.0.1:0".parse().unwrap()).await;
-    let state = Arc::new(RwLock::new(State::default()));
+    let state = Arc::new(SharedState::default());
     let xds = XdsClient::new(settings(fake.addr, true, None), state.clone());
     tokio::spawn(xds.clone().run());
     let router = Arc::new(StateRouter {
@@ -423,7 +423,7 @@ async fn tls_to_the_control_plane_uses_the_configured_root() {
         ..settings(fake.addr, false, None)
     };
 
-    let state = Arc::new(RwLock::new(State::default()));
+    let state = Arc::new(SharedState::default());
     let wrong = XdsClient::new(tls_settings(&wrong_root), state.clone());
     let wrong_task = tokio::spawn(wrong.run());
     assert!(

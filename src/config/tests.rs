@@ -185,7 +185,8 @@ fn policies_load_and_bad_ones_are_reported() {
     let p = state.policy("default/no-plaintext").unwrap();
     let m = &p.rules[0].clauses[0].matches[0];
     assert_eq!(m.destination_ports, [7001]);
-    assert_eq!((m.source_ips[0].length, m.source_ips[1].length), (8, 128));
+    let nets: Vec<String> = m.source_ips.iter().map(ToString::to_string).collect();
+    assert_eq!(nets, ["10.0.0.0/8", "fd00::1/128"]);
     assert_eq!(state.policies_for("default", &[]).count(), 1);
     assert_eq!(state.policies_for("other", &[]).count(), 0);
     let bad = format!(
@@ -211,4 +212,42 @@ fn unknown_keys_and_bad_ips_are_parse_errors() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("invalid IP"), "{err}");
+}
+
+/// The empty forms in the config file read as Istio reads them: `rules: []` matches nothing,
+/// `[[]]` (a rule with no clauses) and `[[[]]]` (a clause with no matches) everything, and
+/// `[[[{}]]]` (a match with no conditions) nothing.
+#[test]
+fn policy_empty_forms_decide_as_in_istio() {
+    use crate::authz::{self, Decision};
+    let web = Identity::new("cluster.local", "default", "web").unwrap();
+    let conn = authz::Connection {
+        source: Some(&web),
+        source_ip: "10.0.0.1".parse().unwrap(),
+        destination_ip: "10.0.0.2".parse().unwrap(),
+        destination_port: 80,
+    };
+    let decide = |action: &str, rules: &str| {
+        let yaml = format!(
+            "{SAMPLE}policies:\n  - {{name: p, namespace: default, action: {action}, rules: {rules}}}\n"
+        );
+        let state = Config::parse(&yaml, &no_env).unwrap().state();
+        authz::evaluate(state.policies_for("default", &[]), &conn).decision
+    };
+    let denied = || Decision::Denied {
+        policy: "default/p".into(),
+    };
+    let rows = [
+        ("allow", "[]", Decision::NotAllowed),
+        ("deny", "[]", Decision::Allow),
+        ("allow", "[[]]", Decision::Allow),
+        ("deny", "[[]]", denied()),
+        ("allow", "[[[]]]", Decision::Allow),
+        ("deny", "[[[]]]", denied()),
+        ("allow", "[[[{}]]]", Decision::NotAllowed),
+        ("deny", "[[[{}]]]", Decision::Allow),
+    ];
+    for (action, rules, want) in rows {
+        assert_eq!(decide(action, rules), want, "{action} rules: {rules}");
+    }
 }

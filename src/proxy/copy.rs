@@ -54,21 +54,56 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    let never = std::future::pending::<std::convert::Infallible>();
+    match bidirectional_until(a, b, never).await {
+        Ended::Copied(res) => res,
+        Ended::Stopped { reason, .. } => match reason {},
+    }
+}
+
+/// How a copy with a stop signal ended.
+#[derive(Debug)]
+pub enum Ended<S> {
+    /// Both directions finished, or one failed.
+    Copied(Result<Transferred, CopyError>),
+    /// `stop` resolved first (with `reason`); the streams are left as they are, for the caller
+    /// to reset or close.
+    Stopped { reason: S, transferred: Transferred },
+}
+
+/// [`bidirectional`], until `stop` resolves (a policy change, for one), counting what moved
+/// either way.
+pub async fn bidirectional_until<A, B, S>(a: &mut A, b: &mut B, stop: S) -> Ended<S::Output>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    S: std::future::Future,
+{
     let (mut ar, mut aw) = tokio::io::split(a);
     let (mut br, mut bw) = tokio::io::split(b);
     let mut a_to_b = 0u64;
     let mut b_to_a = 0u64;
-    let forward = one_way(&mut ar, &mut bw, &mut a_to_b, End::A, End::B);
-    let backward = one_way(&mut br, &mut aw, &mut b_to_a, End::B, End::A);
-    let res = tokio::try_join!(forward, backward);
+    let copied = {
+        let forward = one_way(&mut ar, &mut bw, &mut a_to_b, End::A, End::B);
+        let backward = one_way(&mut br, &mut aw, &mut b_to_a, End::B, End::A);
+        let both = async { tokio::try_join!(forward, backward) };
+        tokio::select! {
+            res = both => Ok(res),
+            reason = stop => Err(reason),
+        }
+    };
     let transferred = Transferred { a_to_b, b_to_a };
-    match res {
-        Ok(_) => Ok(transferred),
-        Err((end, source)) => Err(CopyError {
+    match copied {
+        Ok(Ok(_)) => Ended::Copied(Ok(transferred)),
+        Ok(Err((end, source))) => Ended::Copied(Err(CopyError {
             end,
             source,
             transferred,
-        }),
+        })),
+        Err(reason) => Ended::Stopped {
+            reason,
+            transferred,
+        },
     }
 }
 

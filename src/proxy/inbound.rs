@@ -7,7 +7,7 @@
 //! app cannot be dialed.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -15,7 +15,7 @@ use http::{Request, StatusCode};
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::copy::{self, End};
+use super::copy::{self, End, Ended};
 use super::tunnel::{H2Stream, TunnelSettings, drive_with_keepalive};
 use crate::authz;
 use crate::drain::{self, Drain};
@@ -25,8 +25,11 @@ use crate::identity::{CertificateManager, Identity, WorkloadCert};
 use crate::metrics::{self, ConnectionLabels, Metrics, Peer, Reporter};
 use crate::netns::{self, SocketFactory};
 use crate::socket;
-use crate::state::{PROXY_PORTS, State};
+use crate::state::{PROXY_PORTS, SharedState};
 use crate::tls::{self, TlsError};
+
+/// The reason (`response_flags`, access log `error`) of a connection a policy refused or closed.
+pub const DENIED: &str = "denied";
 
 /// The workload a server speaks for.
 #[derive(Debug, Clone)]
@@ -38,7 +41,7 @@ pub struct LocalWorkload {
     pub preserve_source_ip: bool,
     /// The shared state: the policies checked per stream, and the names of peers for metrics
     /// and access logs. `None`: no policy applies, peers stay unnamed.
-    pub state: Option<Arc<RwLock<State>>>,
+    pub state: Option<Arc<SharedState>>,
     /// Where connection metrics go, if anywhere.
     pub metrics: Option<Arc<Metrics>>,
     /// The node's drain: live streams hold it open; HBONE connections get GOAWAY when it starts.
@@ -59,32 +62,31 @@ pub fn authz_facts<'a>(
     }
 }
 
-/// How often live connections are checked against the current policies.
-const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
-
 impl LocalWorkload {
-    /// Resolves with the decision once the current policies no longer allow `conn` (checked
-    /// every second, so a policy change reaches live connections within about a second);
-    /// never resolves without policies.
+    /// Resolves with the decision once the current policies no longer allow `conn`: woken by
+    /// every policy change (not a timer), so a change reaches live connections at once; never
+    /// resolves without policies.
     pub async fn revoked(&self, conn: &authz::Connection<'_>) -> authz::Decision {
-        if self.state.is_none() {
+        let Some(state) = &self.state else {
             return std::future::pending().await;
-        }
+        };
+        // Subscribed before the first check, so a change between admission and here counts.
+        let mut changes = state.policy_changes();
         loop {
-            tokio::time::sleep(RECHECK).await;
-            let decision = self.authorize(conn);
+            let decision = self.decide(conn).decision;
             if !decision.is_allowed() {
                 return decision;
+            }
+            if changes.changed().await.is_err() {
+                // The state is gone: nothing can change any more.
+                return std::future::pending().await;
             }
         }
     }
 
     /// The workload at `ip` as metrics name it (name from the state, if any).
     pub fn peer_at(&self, ip: IpAddr, identity: Option<&Identity>) -> Peer {
-        let state = self
-            .state
-            .as_ref()
-            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()));
+        let state = self.state.as_ref().map(|s| s.read());
         let known = state.as_ref().and_then(|s| s.workload_by_ip(ip));
         let mut peer = Peer::new(known.map_or("", |w| w.name.as_str()), identity);
         if peer.namespace.is_empty()
@@ -107,12 +109,37 @@ impl LocalWorkload {
         )
     }
 
-    /// The policy decision for one connection to this workload (DESIGN §5).
+    /// The policy decision for one connection to this workload (the policies that apply to
+    /// it, see `authz`). A dry-run decision that differs is logged and counted, not enforced.
     pub fn authorize(&self, conn: &authz::Connection<'_>) -> authz::Decision {
+        let verdict = self.decide(conn);
+        if let Some(dry_run) = verdict.dry_run {
+            if let Some(m) = &self.metrics {
+                m.dry_run_decision(dry_run.is_allowed());
+            }
+            if dry_run != verdict.decision {
+                tracing::info!(
+                    source = %conn.source_ip,
+                    destination = %conn.destination_ip,
+                    port = conn.destination_port,
+                    enforced = ?verdict.decision,
+                    ?dry_run,
+                    "a dry-run policy would decide this connection differently"
+                );
+            }
+        }
+        verdict.decision
+    }
+
+    /// The policies' verdict on `conn`, with no logging or counting.
+    fn decide(&self, conn: &authz::Connection<'_>) -> authz::Verdict {
         let Some(state) = &self.state else {
-            return authz::Decision::Allow;
+            return authz::Verdict {
+                decision: authz::Decision::Allow,
+                dry_run: None,
+            };
         };
-        let state = state.read().unwrap_or_else(|p| p.into_inner());
+        let state = state.read();
         // Selector-scoped policies are those the destination workload lists.
         let selected = state
             .workload_by_ip(conn.destination_ip)
@@ -308,7 +335,7 @@ impl InboundServer {
             .authorize(&authz_facts(client.as_ref(), peer, target));
         if !decision.is_allowed() {
             tracing::info!(%peer, client = ?client.as_ref().map(Identity::to_string), %target, ?decision, "denied by policy; answering 401");
-            self.record_failure(&labels, peer, target, "denied");
+            self.record_failure(&labels, peer, target, DENIED);
             let _ = respond.send_response(hbone::response(StatusCode::UNAUTHORIZED), true);
             return;
         }
@@ -344,23 +371,10 @@ impl InboundServer {
             m.opened(&labels);
         }
         let conn = authz_facts(client.as_ref(), peer, target);
-        let relay = copy::bidirectional(&mut tunnel, &mut app);
-        let outcome = tokio::select! {
-            res = relay => Some(res),
-            denied = self.workload.revoked(&conn) => {
-                tracing::info!(%peer, %target, ?denied, "a policy change now denies this connection; closing it");
-                None
-            }
-        };
-        let Some(outcome) = outcome else {
-            tunnel.reset(h2::Reason::CONNECT_ERROR);
-            let _ = socket::reset_on_close(&app);
-            self.record_failure(&labels, peer, target, "denied");
-            return;
-        };
-        let (t, error) = match outcome {
-            Ok(t) => (t, None),
-            Err(e) => {
+        let revoked = self.workload.revoked(&conn);
+        let (t, error) = match copy::bidirectional_until(&mut tunnel, &mut app, revoked).await {
+            Ended::Copied(Ok(t)) => (t, None),
+            Ended::Copied(Err(e)) => {
                 // Pass a reset through to whichever side did not cause it.
                 match e.end {
                     End::A => {
@@ -369,6 +383,22 @@ impl InboundServer {
                     End::B => tunnel.reset(h2::Reason::CONNECT_ERROR),
                 }
                 (e.transferred, Some(e.source.to_string()))
+            }
+            Ended::Stopped {
+                reason,
+                transferred,
+            } => {
+                tracing::info!(%peer, %target, decision = ?reason, "a policy change now denies this connection; resetting it");
+                tunnel.reset(h2::Reason::CONNECT_ERROR);
+                let _ = socket::reset_on_close(&app);
+                let labels = labels.failed(DENIED);
+                if let Some(m) = &self.workload.metrics {
+                    m.closed(&labels, transferred.a_to_b, transferred.b_to_a);
+                }
+                let elapsed = started.elapsed();
+                let (sent, received) = (transferred.a_to_b, transferred.b_to_a);
+                metrics::access_log(&labels, peer, target, sent, received, elapsed, Some(DENIED));
+                return;
             }
         };
         // Seen from the destination: "sent" is what reached the app.

@@ -6,7 +6,7 @@
 //! (the local-config and xDS routers plug in here); this module only executes a [`Route`].
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -20,7 +20,7 @@ use crate::identity::Identity;
 use crate::metrics::{self, ConnectionLabels, Metrics, Peer, Reporter};
 use crate::netns::SocketFactory;
 use crate::socket;
-use crate::state::{State, Upstream};
+use crate::state::{SharedState, Upstream};
 use crate::xds::Resolver;
 
 /// Where one outbound connection goes.
@@ -161,15 +161,11 @@ impl Outbound {
             Route::Passthrough { dst, peers } => {
                 let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, false);
                 self.record_opened(&labels);
-                let (t, error) = passthrough::relay(
-                    app,
-                    &*self.sockets,
-                    None,
-                    dst,
-                    self.settings.connect_timeout,
-                )
-                .await;
-                self.record_closed(&labels, src, dst, t, started, error);
+                let timeout = self.settings.connect_timeout;
+                // No policy applies on the way out: nothing revokes the relay.
+                let never = std::future::pending();
+                let done = passthrough::relay(app, &*self.sockets, None, dst, timeout, never).await;
+                self.record_closed(&labels, src, dst, done.transferred, started, done.error);
             }
             Route::Refuse { reason } => {
                 tracing::info!(%src, %dst, reason, "outbound connection refused");
@@ -220,7 +216,7 @@ fn reset(app: TcpStream) {
 /// destinations through HBONE to `<podIP>:15008`, the rest as plain TCP.
 #[derive(Debug)]
 pub struct StateRouter {
-    pub state: Arc<RwLock<State>>,
+    pub state: Arc<SharedState>,
     /// The source pod's identity, presented to the peer.
     pub source: Identity,
     /// The source pod's name, for baggage.
@@ -232,7 +228,7 @@ pub struct StateRouter {
 impl Router for StateRouter {
     fn route(&self, src: SocketAddr, dst: SocketAddr) -> Route {
         // The source port varies per connection: it spreads a service's load over endpoints.
-        let state = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let state = self.state.read();
         let upstream = state.route(&self.source_ips, dst, usize::from(src.port()));
         let source = Peer::new(&self.source_name, Some(&self.source));
         match upstream {

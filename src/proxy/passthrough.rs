@@ -9,41 +9,68 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::copy::{self, End, Transferred};
-use super::inbound::LocalWorkload;
+use super::copy::{self, End, Ended, Transferred};
+use super::inbound::{DENIED, LocalWorkload};
 use crate::authz;
 use crate::metrics;
 use crate::netns::{self, SocketFactory};
 use crate::socket;
 use crate::state::PROXY_PORTS;
 
-/// Relays `app` to `dst` over plain TCP, from `source` when given (the client's IP). Returns
-/// what moved (app → dst, dst → app) and the error that ended it, if any.
+/// How a plain TCP relay ended.
+#[derive(Debug)]
+pub struct Relayed {
+    /// app → dst, dst → app.
+    pub transferred: Transferred,
+    /// The error that ended it (a failed dial, a reset), if any.
+    pub error: Option<String>,
+    /// Set when `revoked` ended it: both sockets were reset.
+    pub revoked: Option<authz::Decision>,
+}
+
+/// Relays `app` to `dst` over plain TCP, from `source` when given (the client's IP), until
+/// both sides finish or `revoked` resolves (a policy change: both sockets are then reset).
 pub async fn relay(
     mut app: TcpStream,
     sockets: &dyn SocketFactory,
     source: Option<IpAddr>,
     dst: SocketAddr,
     timeout: Duration,
-) -> (Transferred, Option<String>) {
+    revoked: impl Future<Output = authz::Decision>,
+) -> Relayed {
     let peer = app.peer_addr().ok();
+    let ended = |transferred, error, revoked| Relayed {
+        transferred,
+        error,
+        revoked,
+    };
     let mut upstream = match netns::dial(sockets, source, dst, timeout).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(?peer, %dst, error = %e, "plaintext dial failed; resetting");
             let _ = socket::reset_on_close(&app);
-            return (Transferred::default(), Some(format!("connect_failed: {e}")));
+            let error = format!("connect_failed: {e}");
+            return ended(Transferred::default(), Some(error), None);
         }
     };
-    match copy::bidirectional(&mut app, &mut upstream).await {
-        Ok(t) => (t, None),
-        Err(e) => {
+    match copy::bidirectional_until(&mut app, &mut upstream, revoked).await {
+        Ended::Copied(Ok(t)) => ended(t, None, None),
+        Ended::Copied(Err(e)) => {
             let other = match e.end {
                 End::A => &upstream,
                 End::B => &app,
             };
             let _ = socket::reset_on_close(other);
-            (e.transferred, Some(e.source.to_string()))
+            ended(e.transferred, Some(e.source.to_string()), None)
+        }
+        Ended::Stopped {
+            reason,
+            transferred,
+        } => {
+            tracing::info!(?peer, %dst, decision = ?reason, "a policy change now denies this connection; resetting it");
+            let _ = socket::reset_on_close(&app);
+            let _ = socket::reset_on_close(&upstream);
+            ended(transferred, Some(DENIED.to_owned()), Some(reason))
         }
     }
 }
@@ -74,54 +101,42 @@ pub async fn serve_inbound_plaintext(
             let _ = socket::reset_on_close(&app);
             continue;
         }
-        let decision = workload.authorize(&authz::Connection {
-            source: None,
-            source_ip: src.ip(),
-            destination_ip: dst.ip(),
-            destination_port: dst.port(),
-        });
+        let conn = super::inbound::authz_facts(None, src, dst);
+        let decision = workload.authorize(&conn);
         let labels = workload.labels(src.ip(), None, dst.ip());
         if !decision.is_allowed() {
             tracing::info!(%src, %dst, ?decision, "plaintext connection denied by policy; resetting");
             if let Some(m) = &workload.metrics {
-                m.failed(&labels.clone().failed("denied"));
+                m.failed(&labels.clone().failed(DENIED));
             }
-            metrics::access_log(&labels, src, dst, 0, 0, Duration::ZERO, Some("denied"));
+            metrics::access_log(&labels, src, dst, 0, 0, Duration::ZERO, Some(DENIED));
             let _ = socket::reset_on_close(&app);
             continue;
         }
         let sockets = sockets.clone();
         let source = workload.preserve_source_ip.then_some(src.ip());
-        let metrics = workload.metrics.clone();
         let live = workload.drain.as_ref().map(crate::drain::Drain::guard);
         let workload = workload.clone();
         tokio::spawn(async move {
             let _live = live;
             let started = std::time::Instant::now();
-            if let Some(m) = &metrics {
+            if let Some(m) = &workload.metrics {
                 m.opened(&labels);
             }
             let conn = super::inbound::authz_facts(None, src, dst);
-            let (t, error) = tokio::select! {
-                done = relay(app, &*sockets, source, dst, timeout) => done,
-                denied = workload.revoked(&conn) => {
-                    // Dropping the relay closes both sockets.
-                    tracing::info!(%src, %dst, ?denied, "a policy change now denies this connection; closing it");
-                    (Transferred::default(), Some("denied".to_owned()))
-                }
+            let revoked = workload.revoked(&conn);
+            let done = relay(app, &*sockets, source, dst, timeout, revoked).await;
+            let labels = match done.revoked {
+                Some(_) => labels.failed(DENIED),
+                None => labels,
             };
-            if let Some(m) = &metrics {
+            let t = done.transferred;
+            if let Some(m) = &workload.metrics {
                 m.closed(&labels, t.a_to_b, t.b_to_a);
             }
-            metrics::access_log(
-                &labels,
-                src,
-                dst,
-                t.a_to_b,
-                t.b_to_a,
-                started.elapsed(),
-                error.as_deref(),
-            );
+            let elapsed = started.elapsed();
+            let error = done.error.as_deref();
+            metrics::access_log(&labels, src, dst, t.a_to_b, t.b_to_a, elapsed, error);
         });
     }
 }

@@ -1,6 +1,7 @@
 //! Table tests of the store and the routing decision.
 
 use super::*;
+use crate::authz::{Policy, Scope};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -227,4 +228,98 @@ fn removing_an_old_owner_keeps_the_new_owner_of_an_ip() {
     s.upsert_workload(workload("new", "10.0.0.5", "y", Protocol::Hbone));
     s.remove_workload("old");
     assert_eq!(s.workload_by_ip(ip("10.0.0.5")).unwrap().uid, "new");
+}
+
+fn policy(name: &str, namespace: &str, scope: Scope) -> Policy {
+    Policy {
+        name: name.into(),
+        namespace: namespace.into(),
+        scope,
+        action: crate::authz::Action::Deny,
+        rules: Vec::new(),
+        dry_run: false,
+    }
+}
+
+/// The keys of the policies `s` hands over for a workload, sorted.
+fn keys(s: &State, namespace: &str, selected: &[String]) -> Vec<String> {
+    let mut k: Vec<String> = s
+        .policies_for(namespace, selected)
+        .map(Policy::key)
+        .collect();
+    k.sort();
+    k
+}
+
+#[test]
+fn policies_are_indexed_by_scope() {
+    let mut s = State::default();
+    s.upsert_policy(policy("g", "istio-system", Scope::Global));
+    s.upsert_policy(policy("n", "prod", Scope::Namespace));
+    s.upsert_policy(policy("other", "dev", Scope::Namespace));
+    s.upsert_policy(policy("sel", "prod", Scope::WorkloadSelector));
+    assert_eq!(keys(&s, "prod", &[]), ["istio-system/g", "prod/n"]);
+    // A selected key naming a NAMESPACE policy does not pull it in twice or elsewhere.
+    let selected = [
+        "prod/sel".to_owned(),
+        "dev/other".to_owned(),
+        "x/missing".to_owned(),
+    ];
+    assert_eq!(
+        keys(&s, "prod", &selected),
+        ["istio-system/g", "prod/n", "prod/sel"]
+    );
+    assert_eq!(keys(&s, "dev", &[]), ["dev/other", "istio-system/g"]);
+    // Every candidate is one `authz::applies` accepts, and none it accepts is missing.
+    for (ns, sel) in [
+        ("prod", &selected[..]),
+        ("dev", &[][..]),
+        ("none", &selected[..]),
+    ] {
+        let mut applying: Vec<String> = s
+            .all_policies()
+            .filter(|p| crate::authz::applies(p, ns, sel))
+            .map(Policy::key)
+            .collect();
+        applying.sort();
+        assert_eq!(keys(&s, ns, sel), applying, "{ns}");
+    }
+    // Replacing moves a policy between indexes; removing takes it out of them.
+    s.upsert_policy(policy("n", "prod", Scope::Global));
+    assert_eq!(
+        keys(&s, "dev", &[]),
+        ["dev/other", "istio-system/g", "prod/n"]
+    );
+    s.remove_policy("prod/n");
+    s.remove_policy("istio-system/g");
+    assert_eq!(keys(&s, "prod", &[]), Vec::<String>::new());
+}
+
+#[test]
+fn the_policy_generation_moves_with_what_decisions_depend_on() {
+    let shared = SharedState::default();
+    let mut changes = shared.policy_changes();
+    let moved = |changes: &mut tokio::sync::watch::Receiver<u64>| {
+        let m = changes.has_changed().unwrap();
+        changes.mark_unchanged();
+        m
+    };
+    shared.write(|s| s.upsert_workload(workload("w", "10.0.0.1", "w", Protocol::Hbone)));
+    assert!(!moved(&mut changes), "a workload that selects no policy");
+    shared.write(|s| s.upsert_policy(policy("p", "prod", Scope::Namespace)));
+    assert!(moved(&mut changes), "a new policy");
+    let mut selecting = workload("w", "10.0.0.1", "w", Protocol::Hbone);
+    selecting.authorization_policies = vec!["prod/p".into()];
+    shared.write(|s| s.upsert_workload(selecting.clone()));
+    assert!(moved(&mut changes), "a workload now selecting a policy");
+    shared.write(|s| s.upsert_workload(selecting));
+    assert!(!moved(&mut changes), "the same selection again");
+    shared.write(|s| s.upsert_service(service("10.96.0.1", &[(80, 8080)])));
+    assert!(!moved(&mut changes), "a service");
+    shared.write(|s| s.remove_workload("w"));
+    assert!(moved(&mut changes), "a selecting workload removed");
+    shared.write(|s| s.remove_policy("prod/p"));
+    assert!(moved(&mut changes), "a policy removed");
+    shared.write(|s| s.remove_policy("prod/p"));
+    assert!(!moved(&mut changes), "removing what is not there");
 }

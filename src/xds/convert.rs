@@ -7,10 +7,13 @@ use std::net::IpAddr;
 
 use prost::Message;
 
+use crate::authz::{
+    Action, Clause, IpNet, Match, Policy, Rule, Scope, ServiceAccountMatch, StringMatch,
+};
 use crate::identity::Identity;
 use crate::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use crate::proto::google::rpc::Status;
-use crate::proto::istio::security::Authorization;
+use crate::proto::istio::security::{self as pb_security, Authorization, string_match::MatchType};
 use crate::proto::istio::workload::{self as pb, address::Type};
 use crate::state::{Protocol, Service, State, Workload};
 
@@ -36,8 +39,6 @@ pub enum ConvertError {
     Identity(String),
     #[error("port {0} is out of range")]
     BadPort(u32),
-    #[error("prefix length {len} is too long for {addr}")]
-    BadPrefix { addr: IpAddr, len: u32 },
     #[error("policy has no name")]
     NoName,
 }
@@ -138,38 +139,169 @@ pub fn service(s: pb::Service) -> Result<Service, ConvertError> {
     })
 }
 
-/// Checks a policy's addresses and ports; evaluation lives in `authz`.
-pub fn authorization(p: Authorization) -> Result<Authorization, ConvertError> {
+/// Converts a policy into the evaluator's form, once, here at the xDS boundary.
+///
+/// What cannot be read is never a reason to allow more (ztunnel, `src/rbac.rs`, drops an
+/// unreadable address entry too, but would let an ALLOW widen; rejecting a whole DENY policy
+/// would fail open):
+/// - an unreadable entry (a bad address or prefix length, a port past 65535, a string match
+///   with no type) is dropped and named in the returned list (logged and counted by the
+///   caller); the rest of the policy applies. In an ALLOW policy the match that held it
+///   matches nothing instead, so the ALLOW cannot widen; in a DENY policy a match left with no
+///   condition matches every connection, so the DENY cannot vanish;
+/// - an unknown action makes the policy a DENY of everything in its scope; an unknown scope
+///   makes it a NAMESPACE policy (its own namespace).
+pub fn policy(p: Authorization) -> Result<(Policy, Vec<String>), ConvertError> {
+    use crate::proto::istio::security::{Action as PbAction, Scope as PbScope};
     if p.name.is_empty() {
         return Err(ConvertError::NoName);
     }
-    for m in p
-        .rules
-        .iter()
-        .flat_map(|r| &r.clauses)
-        .flat_map(|c| &c.matches)
-    {
-        let nets = [
-            &m.source_ips,
-            &m.not_source_ips,
-            &m.destination_ips,
-            &m.not_destination_ips,
-        ];
-        for net in nets.into_iter().flatten() {
-            let addr = ip(&net.address)?;
-            let max = if addr.is_ipv4() { 32 } else { 128 };
-            if net.length > max {
-                return Err(ConvertError::BadPrefix {
-                    addr,
-                    len: net.length,
+    let key = format!("{}/{}", p.namespace, p.name);
+    let mut dropped = Vec::new();
+    let action = match PbAction::try_from(p.action) {
+        Ok(PbAction::Allow) => Some(Action::Allow),
+        Ok(PbAction::Deny) => Some(Action::Deny),
+        Err(_) => {
+            dropped.push(format!(
+                "{key}: unknown action {}; denying everything it covers",
+                p.action
+            ));
+            None
+        }
+    };
+    let scope = match PbScope::try_from(p.scope) {
+        Ok(PbScope::Global) => Scope::Global,
+        Ok(PbScope::Namespace) => Scope::Namespace,
+        Ok(PbScope::WorkloadSelector) => Scope::WorkloadSelector,
+        Err(_) => {
+            dropped.push(format!(
+                "{key}: unknown scope {}; applying it to its namespace",
+                p.scope
+            ));
+            Scope::Namespace
+        }
+    };
+    let rules = match action {
+        // A rule with no clauses matches everything.
+        None => vec![Rule::default()],
+        Some(action) => p
+            .rules
+            .into_iter()
+            .map(|r| Rule {
+                clauses: r
+                    .clauses
+                    .into_iter()
+                    .map(|c| Clause {
+                        matches: c
+                            .matches
+                            .iter()
+                            .map(|m| policy_match(m, action, &key, &mut dropped))
+                            .collect(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+    };
+    let policy = Policy {
+        name: p.name,
+        namespace: p.namespace,
+        scope,
+        action: action.unwrap_or(Action::Deny),
+        rules,
+        dry_run: p.dry_run,
+    };
+    Ok((policy, dropped))
+}
+
+/// One match, its unreadable entries dropped (see [`policy`]).
+fn policy_match(
+    m: &pb_security::Match,
+    action: Action,
+    key: &str,
+    dropped: &mut Vec<String>,
+) -> Match {
+    let before = dropped.len();
+    let mut strings = |list: &[pb_security::StringMatch], field: &str| -> Vec<StringMatch> {
+        list.iter()
+            .filter_map(|s| {
+                let converted = s.match_type.as_ref().map(|t| match t {
+                    MatchType::Exact(v) => StringMatch::Exact(v.clone()),
+                    MatchType::Prefix(v) => StringMatch::Prefix(v.clone()),
+                    MatchType::Suffix(v) => StringMatch::Suffix(v.clone()),
+                    MatchType::Presence(()) => StringMatch::Presence,
                 });
-            }
-        }
-        for p in m.destination_ports.iter().chain(&m.not_destination_ports) {
-            port(*p)?;
-        }
+                if converted.is_none() {
+                    dropped.push(format!("{key}: {field}: a string match with no type"));
+                }
+                converted
+            })
+            .collect()
+    };
+    let namespaces = strings(&m.namespaces, "namespaces");
+    let not_namespaces = strings(&m.not_namespaces, "notNamespaces");
+    let principals = strings(&m.principals, "principals");
+    let not_principals = strings(&m.not_principals, "notPrincipals");
+    let mut nets = |list: &[pb_security::Address], field: &str| -> Vec<IpNet> {
+        list.iter()
+            .filter_map(|a| {
+                let net = ip(&a.address)
+                    .map_err(|e| e.to_string())
+                    .and_then(|addr| IpNet::new(addr, a.length).map_err(|e| e.to_string()));
+                net.map_err(|e| dropped.push(format!("{key}: {field}: {e}")))
+                    .ok()
+            })
+            .collect()
+    };
+    let source_ips = nets(&m.source_ips, "sourceIps");
+    let not_source_ips = nets(&m.not_source_ips, "notSourceIps");
+    let destination_ips = nets(&m.destination_ips, "destinationIps");
+    let not_destination_ips = nets(&m.not_destination_ips, "notDestinationIps");
+    let mut ports = |list: &[u32], field: &str| -> Vec<u16> {
+        list.iter()
+            .filter_map(|p| {
+                port(*p)
+                    .map_err(|e| dropped.push(format!("{key}: {field}: {e}")))
+                    .ok()
+            })
+            .collect()
+    };
+    let destination_ports = ports(&m.destination_ports, "destinationPorts");
+    let not_destination_ports = ports(&m.not_destination_ports, "notDestinationPorts");
+    let accounts = |list: &[pb_security::ServiceAccountMatch]| -> Vec<ServiceAccountMatch> {
+        list.iter()
+            .map(|a| ServiceAccountMatch {
+                namespace: a.namespace.clone(),
+                service_account: a.service_account.clone(),
+            })
+            .collect()
+    };
+    let converted = Match {
+        namespaces,
+        not_namespaces,
+        principals,
+        not_principals,
+        source_ips,
+        not_source_ips,
+        destination_ips,
+        not_destination_ips,
+        destination_ports,
+        not_destination_ports,
+        service_accounts: accounts(&m.service_accounts),
+        not_service_accounts: accounts(&m.not_service_accounts),
+    };
+    if dropped.len() == before {
+        return converted;
     }
-    Ok(p)
+    match action {
+        // No condition: this match matches nothing, and the ALLOW cannot widen.
+        Action::Allow => Match::default(),
+        // Every entry gone: a condition every connection meets, so the DENY still holds.
+        Action::Deny if converted.is_empty() => Match {
+            source_ips: vec![IpNet::ANY_V4, IpNet::ANY_V6],
+            ..Match::default()
+        },
+        Action::Deny => converted,
+    }
 }
 
 /// What a resource name stands for in the state, so a removal by name finds it.
@@ -203,6 +335,8 @@ pub struct Applied {
     pub removed: usize,
     /// `name: reason` for every rejected resource.
     pub rejected: Vec<String>,
+    /// `policy: what` for every unreadable policy entry dropped (the policy itself applied).
+    pub dropped: Vec<String>,
     pub ack: DeltaDiscoveryRequest,
 }
 
@@ -218,6 +352,7 @@ pub fn apply_delta(
     let type_url = response.type_url.as_str();
     let known = tracked.by_type.entry(type_url.to_owned()).or_default();
     let (mut upserted, mut removed, mut rejected) = (0, 0, Vec::new());
+    let mut dropped = Vec::new();
     for r in &response.resources {
         match convert_one(type_url, r.resource.as_ref(), trust_domain) {
             Ok(Converted::Workload(w)) => {
@@ -232,8 +367,9 @@ pub fn apply_delta(
                 known.insert(r.name.clone(), (r.version.clone(), key));
                 upserted += 1;
             }
-            Ok(Converted::Policy(p)) => {
-                let key = Key::Policy(format!("{}/{}", p.namespace, p.name));
+            Ok(Converted::Policy(p, unreadable)) => {
+                let key = Key::Policy(p.key());
+                dropped.extend(unreadable);
                 state.upsert_policy(p);
                 known.insert(r.name.clone(), (r.version.clone(), key));
                 upserted += 1;
@@ -265,6 +401,7 @@ pub fn apply_delta(
         upserted,
         removed,
         rejected,
+        dropped,
         ack: DeltaDiscoveryRequest {
             type_url: type_url.to_owned(),
             response_nonce: response.nonce.clone(),
@@ -277,7 +414,7 @@ pub fn apply_delta(
 enum Converted {
     Workload(Workload),
     Service(Service),
-    Policy(Authorization),
+    Policy(Policy, Vec<String>),
 }
 
 fn convert_one(
@@ -300,8 +437,9 @@ fn convert_one(
             None => Err(ConvertError::Empty),
         },
         AUTHORIZATION_TYPE => {
-            authorization(Authorization::decode(any.value.as_slice()).map_err(decode)?)
-                .map(Converted::Policy)
+            let (p, dropped) =
+                policy(Authorization::decode(any.value.as_slice()).map_err(decode)?)?;
+            Ok(Converted::Policy(p, dropped))
         }
         other => Err(ConvertError::WrongType(other.to_owned())),
     }

@@ -88,11 +88,25 @@ impl FakeAds {
         Self::start_with(addr, Some(tonic::transport::Identity::from_pem(cert, key))).await
     }
 
+    /// Serves plaintext on `listener` (bound by the caller, e.g. inside a test's network
+    /// namespace; non-blocking).
+    pub fn serve(listener: std::net::TcpListener) -> FakeAds {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+        Self::serve_with(listener, None)
+    }
+
     async fn start_with(
         addr: std::net::SocketAddr,
         tls: Option<tonic::transport::Identity>,
     ) -> FakeAds {
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        Self::serve_with(listener, tls)
+    }
+
+    fn serve_with(
+        listener: tokio::net::TcpListener,
+        tls: Option<tonic::transport::Identity>,
+    ) -> FakeAds {
         let addr = listener.local_addr().expect("addr");
         let (tx, streams) = mpsc::unbounded_channel();
         let mut builder = tonic::transport::Server::builder();

@@ -48,7 +48,17 @@ pub async fn server(ca: Arc<BuiltinCa>, identity: Identity) -> Server {
 pub async fn server_with_policies(
     ca: Arc<BuiltinCa>,
     identity: Identity,
-    policies: Option<Arc<std::sync::RwLock<hboned::state::State>>>,
+    policies: Option<Arc<hboned::state::SharedState>>,
+) -> Server {
+    server_with(ca, identity, policies, None).await
+}
+
+/// Like [`server_with_policies`], counting connections in `metrics`.
+pub async fn server_with(
+    ca: Arc<BuiltinCa>,
+    identity: Identity,
+    policies: Option<Arc<hboned::state::SharedState>>,
+    metrics: Option<Arc<hboned::metrics::Metrics>>,
 ) -> Server {
     let certs = Arc::new(CertificateManager::new(ca));
     let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
@@ -59,7 +69,7 @@ pub async fn server_with_policies(
         addresses: vec!["127.0.0.1".parse().unwrap()],
         preserve_source_ip: false,
         state: policies,
-        metrics: None,
+        metrics,
         drain: None,
     };
     let server = InboundServer::new(workload, certs, sockets, TunnelSettings::default());

@@ -1,6 +1,7 @@
 //! Table tests of conversion and of applying delta responses.
 
 use super::*;
+use crate::authz;
 use crate::proto::istio::security::{Address as Net, Clause, Match, Rule};
 
 fn wl(uid: &str, ip: &[u8]) -> pb::Workload {
@@ -141,44 +142,110 @@ fn service_converts_and_rejects_bad_sans() {
     assert!(matches!(service(bad), Err(ConvertError::Identity(_))));
 }
 
-#[test]
-fn policy_addresses_are_validated() {
-    let policy = |net: Net| Authorization {
+fn pb_policy(action: i32, scope: i32, matches: Vec<Match>) -> Authorization {
+    Authorization {
         name: "p".into(),
         namespace: "ns".into(),
+        scope,
+        action,
         rules: vec![Rule {
-            clauses: vec![Clause {
-                matches: vec![Match {
-                    source_ips: vec![net],
-                    ..Default::default()
-                }],
-            }],
+            clauses: vec![Clause { matches }],
         }],
-        ..Default::default()
+        dry_run: false,
+    }
+}
+
+fn v4(a: [u8; 4], length: u32) -> Net {
+    Net {
+        address: a.to_vec(),
+        length,
+    }
+}
+
+/// The one match of a converted one-match policy, and how many entries were dropped.
+fn converted_match(action: pb_security::Action, m: Match) -> (authz::Match, usize) {
+    let (p, dropped) = policy(pb_policy(action as i32, 1, vec![m])).unwrap();
+    (p.rules[0].clauses[0].matches[0].clone(), dropped.len())
+}
+
+#[test]
+#[rustfmt::skip]
+fn policy_entries_convert_and_unreadable_ones_never_widen_a_policy() {
+    use pb_security::Action::{Allow, Deny};
+    use pb_security::StringMatch as PbString;
+    let any = || vec![IpNet::ANY_V4, IpNet::ANY_V6];
+    let net = |s: &str| s.parse::<IpNet>().unwrap();
+    let rows: Vec<(&str, pb_security::Action, Match, authz::Match, usize)> = vec![
+        ("a good prefix converts", Allow,
+            Match { source_ips: vec![v4([10, 0, 0, 0], 8)], ..Default::default() },
+            authz::Match { source_ips: vec![net("10.0.0.0/8")], ..Default::default() }, 0),
+        ("ports convert", Deny,
+            Match { destination_ports: vec![80], not_destination_ports: vec![22], ..Default::default() },
+            authz::Match { destination_ports: vec![80], not_destination_ports: vec![22], ..Default::default() }, 0),
+        ("ALLOW, a bad prefix length: the match matches nothing", Allow,
+            Match { source_ips: vec![v4([10, 0, 0, 0], 33), v4([10, 1, 0, 0], 16)], destination_ports: vec![80], ..Default::default() },
+            authz::Match::default(), 1),
+        ("ALLOW, a 1-byte address: the match matches nothing", Allow,
+            Match { not_source_ips: vec![Net { address: vec![10], length: 8 }], ..Default::default() },
+            authz::Match::default(), 1),
+        ("ALLOW, a port past 65535: the match matches nothing", Allow,
+            Match { destination_ports: vec![70_000], ..Default::default() },
+            authz::Match::default(), 1),
+        ("DENY, a bad entry is dropped, the rest of the match stays", Deny,
+            Match { source_ips: vec![v4([10, 0, 0, 0], 33), v4([10, 1, 0, 0], 16)], destination_ports: vec![80], ..Default::default() },
+            authz::Match { source_ips: vec![net("10.1.0.0/16")], destination_ports: vec![80], ..Default::default() }, 1),
+        ("DENY, a bad not_ entry is dropped", Deny,
+            Match { not_destination_ports: vec![70_000, 22], ..Default::default() },
+            authz::Match { not_destination_ports: vec![22], ..Default::default() }, 1),
+        ("DENY, every entry bad: the match holds for every connection", Deny,
+            Match { source_ips: vec![v4([10, 0, 0, 0], 40)], ..Default::default() },
+            authz::Match { source_ips: any(), ..Default::default() }, 1),
+        ("DENY, a string match with no type is dropped", Deny,
+            Match { principals: vec![PbString { match_type: None }], destination_ports: vec![80], ..Default::default() },
+            authz::Match { destination_ports: vec![80], ..Default::default() }, 1),
+        ("an empty match stays empty (it matches nothing, as in Istio)", Deny,
+            Match::default(), authz::Match::default(), 0),
+    ];
+    for (row, action, m, want, dropped) in rows {
+        assert_eq!(converted_match(action, m), (want, dropped), "row: {row}");
+    }
+}
+
+#[test]
+fn policy_empty_forms_and_unknown_enums() {
+    use authz::{Action, Rule as DomainRule, Scope};
+    let with_rules = |rules: Vec<Rule>| Authorization {
+        rules,
+        ..pb_policy(0, 1, vec![])
     };
+    let (p, _) = policy(with_rules(vec![])).unwrap();
     assert!(
-        authorization(policy(Net {
-            address: vec![10, 0, 0, 0],
-            length: 8
-        }))
-        .is_ok()
+        p.rules.is_empty(),
+        "no rules stays no rules (matches nothing)"
     );
-    assert!(matches!(
-        authorization(policy(Net {
-            address: vec![10, 0, 0, 0],
-            length: 33
-        })),
-        Err(ConvertError::BadPrefix { .. })
-    ));
-    assert!(matches!(
-        authorization(policy(Net {
-            address: vec![10],
-            length: 8
-        })),
-        Err(ConvertError::BadIp(1))
-    ));
+    let (p, _) = policy(with_rules(vec![Rule { clauses: vec![] }])).unwrap();
     assert_eq!(
-        authorization(Authorization::default()).unwrap_err(),
+        p.rules,
+        vec![DomainRule::default()],
+        "a rule with no clauses stays (matches everything)"
+    );
+    let (p, _) = policy(pb_policy(1, 1, vec![])).unwrap();
+    assert_eq!(
+        p.rules[0].clauses[0].matches,
+        vec![],
+        "a clause with no matches stays"
+    );
+    // An action we cannot read: a DENY of everything in scope.
+    let (p, dropped) = policy(pb_policy(7, 0, vec![Match::default()])).unwrap();
+    assert_eq!((p.action, p.scope), (Action::Deny, Scope::Global));
+    assert_eq!(p.rules, vec![DomainRule::default()]);
+    assert!(dropped[0].contains("unknown action 7"), "{dropped:?}");
+    // A scope we cannot read: the policy's own namespace.
+    let (p, dropped) = policy(pb_policy(0, 9, vec![])).unwrap();
+    assert_eq!((p.action, p.scope), (Action::Allow, Scope::Namespace));
+    assert!(dropped[0].contains("unknown scope 9"), "{dropped:?}");
+    assert_eq!(
+        policy(Authorization::default()).unwrap_err(),
         ConvertError::NoName
     );
 }

@@ -1,0 +1,62 @@
+//! [`SharedState`]: the one handle through which the proxy's tasks read and change the
+//! [`State`]. It hides the lock (a poisoned lock is recovered: every change to the state is a
+//! whole upsert or removal, so a panic elsewhere cannot leave it half-written) and tells
+//! whoever watches when the policies changed, so live connections are re-checked on a change
+//! rather than on a timer.
+
+use std::sync::{RwLock, RwLockReadGuard};
+
+use tokio::sync::watch;
+
+use super::State;
+
+/// The state, shared between the xDS client, the listeners and the admin page.
+#[derive(Debug)]
+pub struct SharedState {
+    state: RwLock<State>,
+    /// The state's policy generation, published after each change that moved it.
+    policies: watch::Sender<u64>,
+}
+
+impl SharedState {
+    pub fn new(state: State) -> Self {
+        let (policies, _) = watch::channel(state.policy_generation());
+        SharedState {
+            state: RwLock::new(state),
+            policies,
+        }
+    }
+
+    /// A read view; hold it only for a lookup, never across an await.
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies `change`; watchers of [`SharedState::policy_changes`] are told when it moved
+    /// the policy generation.
+    pub fn write<R>(&self, change: impl FnOnce(&mut State) -> R) -> R {
+        let (out, generation) = {
+            let mut state = self.state.write().unwrap_or_else(|p| p.into_inner());
+            let before = state.policy_generation();
+            let out = change(&mut state);
+            let after = state.policy_generation();
+            (out, (after != before).then_some(after))
+        };
+        if let Some(g) = generation {
+            self.policies.send_replace(g);
+        }
+        out
+    }
+
+    /// Resolves (via `changed()`) each time the policies, or the policies a workload selects,
+    /// changed; many changes in a row may be seen as one.
+    pub fn policy_changes(&self) -> watch::Receiver<u64> {
+        self.policies.subscribe()
+    }
+}
+
+impl Default for SharedState {
+    fn default() -> Self {
+        SharedState::new(State::default())
+    }
+}
