@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -12,6 +13,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+
+pub mod log_filter;
 
 /// The readiness port (DESIGN §2).
 pub const READINESS_PORT: u16 = 15021;
@@ -55,37 +58,87 @@ pub fn metrics(req: &Request<Incoming>, render: impl Fn() -> String) -> Response
     }
 }
 
-/// Serves HTTP/1.1 on `listener`, answering each request with `handler`.
+/// Connections one of these ports serves at once; more are closed as they arrive.
+pub const MAX_CONNECTIONS: usize = 32;
+/// A request's head must arrive within this (a silent or half-sent request is closed).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// No connection to these ports lives longer (keep-alive included).
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serves HTTP/1.1 on `listener`, answering each request with `handler`; at most
+/// [`MAX_CONNECTIONS`] at once, each closed when its request head is slower than
+/// [`HEADER_READ_TIMEOUT`] or it outlives [`CONNECTION_LIFETIME`].
 pub async fn serve<F>(listener: TcpListener, handler: F)
 where
     F: Fn(Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
     let handler = std::sync::Arc::new(handler);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, most likely: back off instead of spinning.
+                tracing::debug!(error = %e, "accept failed on an admin port; backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "too many connections on an admin port; closing this one");
             continue;
         };
         let handler = handler.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = handler(req);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "HTTP connection failed");
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(io, service);
+            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "HTTP connection failed"),
+                Err(_) => tracing::debug!(%peer, "HTTP connection closed at its lifetime"),
             }
         });
     }
 }
 
-/// Binds one of the proxy's own listeners.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+/// Binds one of the proxy's own listeners with SO_REUSEPORT, so a new proxy can start beside
+/// a draining one in the same network namespace (a hostNetwork DaemonSet's rolling update).
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(128)
+}
+
+/// Binds the admin listener, which takes no partner: while an older proxy still holds the
+/// port (an upgrade's overlap), retries every second until it is free.
+pub async fn bind_exclusive(addr: SocketAddr) -> TcpListener {
+    let mut warned = false;
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return listener,
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(%addr, error = %e, "admin address busy (a proxy draining beside this one?); retrying every second");
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 /// True once every given source is ready.
@@ -145,14 +198,18 @@ pub fn admin(
                 .unwrap_or_default()
                 .split('&')
                 .find_map(|kv| kv.strip_prefix("level="));
-            match level {
-                Some(level) => match (ctx.set_log_level)(level) {
+            match level.map(log_filter::parse) {
+                Some(Ok(level)) => match (ctx.set_log_level)(&level) {
                     Ok(()) => (StatusCode::OK, format!("log level set to {level}\n")),
                     Err(e) => (
                         StatusCode::BAD_REQUEST,
                         format!("invalid level {level:?}: {e}\n"),
                     ),
                 },
+                Some(Err(e)) => (
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid level: {e}; nothing changed\n"),
+                ),
                 None => (
                     StatusCode::BAD_REQUEST,
                     "use /logging?level=<filter>\n".into(),

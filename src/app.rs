@@ -44,8 +44,13 @@ pub struct LoopbackSettings {
 /// Loads the CA root: the configured directory, else ./certs-dev, else a fresh ephemeral root.
 pub fn load_ca(dir: Option<&std::path::Path>, lifetime: Duration) -> anyhow::Result<BuiltinCa> {
     let ca = match dir {
-        Some(dir) => BuiltinCa::load_dir(dir)
-            .with_context(|| format!("loading the CA root from {}", dir.display()))?,
+        Some(dir) => BuiltinCa::load_dir(dir).with_context(|| {
+            format!(
+                "loading the CA root from {} (ca.rootDir; `hboned ca init --dir {}` writes one)",
+                dir.display(),
+                dir.display()
+            )
+        })?,
         None if std::path::Path::new("certs-dev")
             .join(ca::ROOT_CERT_FILE)
             .exists() =>
@@ -154,7 +159,7 @@ pub async fn run_node(
     sources.extend(xds.as_ref().map(|c| c.ready()));
     let ready = crate::admin::all_ready(sources);
     if let Some(addr) = config.readiness_address {
-        let listener = crate::admin::bind(addr).await.with_context(|| {
+        let listener = crate::admin::bind(addr).with_context(|| {
             format!("binding the readiness listener on {addr} (readinessAddress)")
         })?;
         tracing::info!(addr = %listener.local_addr()?, "readiness at /healthz/ready");
@@ -162,7 +167,6 @@ pub async fn run_node(
     }
     if let Some(addr) = config.metrics_address {
         let listener = crate::admin::bind(addr)
-            .await
             .with_context(|| format!("binding the metrics listener on {addr} (metricsAddress)"))?;
         tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics and /stats/prometheus");
         let (metrics, certs) = (metrics.clone(), certs.clone());
@@ -179,10 +183,6 @@ pub async fn run_node(
     );
     let quit = Arc::new(tokio::sync::Notify::new());
     if let Some(addr) = config.admin_address {
-        let listener = crate::admin::bind(addr)
-            .await
-            .with_context(|| format!("binding the admin listener on {addr} (adminAddress)"))?;
-        tracing::info!(addr = %listener.local_addr()?, "admin page at /config_dump");
         let admin = Arc::new(crate::admin::AdminContext {
             config: serde_json::to_value(&config)?,
             state: ctx_state,
@@ -191,13 +191,21 @@ pub async fn run_node(
             quit: quit.clone(),
             set_log_level,
         });
-        tokio::spawn(crate::admin::serve(listener, move |req| {
-            let (status, body) =
-                crate::admin::admin(req.method(), req.uri().path(), req.uri().query(), &admin);
-            let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
-            *resp.status_mut() = status;
-            resp
-        }));
+        tokio::spawn(async move {
+            let listener = crate::admin::bind_exclusive(addr).await;
+            if let Ok(bound) = listener.local_addr() {
+                tracing::info!(addr = %bound, "admin page at /config_dump");
+            }
+            crate::admin::serve(listener, move |req| {
+                let (status, body) =
+                    crate::admin::admin(req.method(), req.uri().path(), req.uri().query(), &admin);
+                let mut resp =
+                    http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+                *resp.status_mut() = status;
+                resp
+            })
+            .await
+        });
     }
     tokio::select! {
         _ = shutdown_signal() => {}

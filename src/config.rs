@@ -531,17 +531,11 @@ impl Config {
                 self.trust_domain
             ));
         }
-        if self.ca.cert_lifetime_secs < 60 {
-            p.push("ca.certLifetimeSecs must be at least 60".into());
-        }
         let xds = &self.xds.address;
         if !xds.is_empty() && !xds.starts_with("http://") && !xds.starts_with("https://") {
             p.push(format!(
                 "xds.address {xds:?} must start with http:// or https://"
             ));
-        }
-        if self.xds.on_demand_timeout_ms == Some(0) {
-            p.push("xds.onDemandTimeoutMs must be at least 1".into());
         }
         let certs = &self.certificates;
         match certs.source {
@@ -565,11 +559,16 @@ impl Config {
                 ca.address
             ));
         }
-        if certs.files.as_ref().is_some_and(|f| f.poll_secs == 0) {
-            p.push("certificates.files.pollSecs must be at least 1".into());
-        }
-        if self.connect_timeout_secs == 0 {
-            p.push("connectTimeoutSecs must be at least 1".into());
+        for (key, value, range) in self.numeric_settings() {
+            if let Some(v) = value
+                && !range.contains(&v)
+            {
+                p.push(format!(
+                    "{key} is {v}, outside {}..={}",
+                    range.start(),
+                    range.end()
+                ));
+            }
         }
         let mut uids = std::collections::HashSet::new();
         for (i, pod) in self.pods.iter().enumerate() {
@@ -605,6 +604,35 @@ impl Config {
             }
         }
         p
+    }
+
+    /// Every numeric setting with the range it must fall in, checked at load: a value past
+    /// them (a lifetime of 2^64 seconds) would only fail later, at every use.
+    fn numeric_settings(&self) -> [(&'static str, Option<u64>, std::ops::RangeInclusive<u64>); 5] {
+        [
+            // Istio's CA caps workload certificates at 90 days (MAX_WORKLOAD_CERT_TTL).
+            (
+                "ca.certLifetimeSecs",
+                Some(self.ca.cert_lifetime_secs),
+                60..=90 * 24 * 3600,
+            ),
+            (
+                "connectTimeoutSecs",
+                Some(self.connect_timeout_secs),
+                1..=300,
+            ),
+            ("drainTimeoutSecs", Some(self.drain_timeout_secs), 0..=3600),
+            (
+                "certificates.files.pollSecs",
+                self.certificates.files.as_ref().map(|f| f.poll_secs),
+                1..=3600,
+            ),
+            (
+                "xds.onDemandTimeoutMs",
+                self.xds.on_demand_timeout_ms,
+                1..=60_000,
+            ),
+        ]
     }
 
     /// Converts a workload entry, defaulting its trust domain to the mesh's.

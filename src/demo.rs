@@ -107,6 +107,8 @@ pub struct Topology {
     prefix: String,
     namespaces: Vec<String>,
     proxies: Vec<Child>,
+    /// Log names of the proxies started after the nodes' first two.
+    extra_names: Vec<String>,
     dir: PathBuf,
 }
 
@@ -139,6 +141,7 @@ impl Topology {
             prefix,
             namespaces: Vec::new(),
             proxies: Vec::new(),
+            extra_names: Vec::new(),
             dir,
         };
         topo.build()?;
@@ -387,6 +390,7 @@ impl Topology {
     ) -> anyhow::Result<usize> {
         let name = format!("node-{node}-{}", self.proxies.len());
         self.spawn_named(bin, node, &name, extra)?;
+        self.extra_names.push(name);
         Ok(self.proxies.len() - 1)
     }
 
@@ -461,16 +465,25 @@ impl Topology {
         Ok(())
     }
 
-    /// Both proxies' logs, for failure messages.
+    /// Every proxy's log (the nodes' first ones, then extra ones), for failure messages.
     pub fn logs(&self) -> String {
-        ['a', 'b']
-            .iter()
-            .map(|n| {
-                let text = std::fs::read_to_string(self.dir.join(format!("node-{n}.log")))
-                    .unwrap_or_default();
-                format!("--- hboned on node {n} ---\n{text}")
-            })
+        (0..self.proxies.len().max(2))
+            .map(|i| format!("--- hboned {} ---\n{}", self.proxy_name(i), self.log(i)))
             .collect()
+    }
+
+    /// The log of proxy `index` so far (see [`Topology::terminate`] for the numbering).
+    pub fn log(&self, index: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{}.log", self.proxy_name(index))))
+            .unwrap_or_default()
+    }
+
+    fn proxy_name(&self, index: usize) -> String {
+        match index {
+            0 => "node-a".into(),
+            1 => "node-b".into(),
+            i => self.extra_names.get(i - 2).cloned().unwrap_or_default(),
+        }
     }
 
     pub fn netns(&self, short: &str) -> anyhow::Result<Netns> {

@@ -134,6 +134,10 @@ impl PodManager {
         let addresses = netns
             .addresses()
             .map_err(|e| format!("pod {}: cannot read its addresses: {e}", info.uid))?;
+        if let Err(e) = netns.enable_accept_queue_migration() {
+            // An older kernel: an upgrade's overlap may then reset a connection or two.
+            tracing::debug!(pod = %info.uid, error = %e, "cannot enable tcp_migrate_req");
+        }
         let sockets: Arc<dyn SocketFactory> = Arc::new(PodSocketFactory::new(netns.clone()));
         // IPv4 always; IPv6 (v6-only sockets) too when the pod has an IPv6 address.
         let mut unspecified = vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)];

@@ -124,6 +124,15 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Lets connections waiting in a closing listener's accept queue move to another listener
+    /// of its SO_REUSEPORT group (`net.ipv4.tcp_migrate_req`, Linux 5.14+), so a proxy that
+    /// stops listening during an upgrade's drain resets none of them. Scoped to this netns.
+    pub fn enable_accept_queue_migration(&self) -> io::Result<()> {
+        self.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))
+    }
+}
+
 /// Puts the thread back into its namespace, also when the closure panicked.
 struct Return(File);
 

@@ -151,14 +151,11 @@ pub fn leaf_info(der: &CertificateDer<'_>) -> Result<LeafInfo, TlsError> {
     })
 }
 
-/// The identity a verified peer presented: its first URI SAN that is a SPIFFE ID.
+/// The identity a verified peer presented: the one URI SAN of its leaf (the verifiers refuse
+/// any other shape, so this is the identity they checked).
 pub fn peer_identity(certs: Option<&[CertificateDer<'static>]>) -> Option<Identity> {
     let leaf = certs?.first()?;
-    leaf_info(leaf)
-        .ok()?
-        .uris
-        .iter()
-        .find_map(|u| Identity::parse(u).ok())
+    verify::svid_identity(&leaf_info(leaf).ok()?.uris).ok()
 }
 
 /// Client config for one dial: present `cert`, accept a server only if it is one of `expected`.

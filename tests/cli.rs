@@ -62,6 +62,33 @@ fn missing_ca_dir_is_a_clear_error() {
 }
 
 #[test]
+fn run_with_a_missing_ca_directory_names_the_setting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.yaml");
+    let missing = dir.path().join("no-such-ca");
+    std::fs::write(
+        &path,
+        format!(
+            "ca: {{rootDir: {}}}
+",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let out = hboned()
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ca.rootDir") && stderr.contains("no-such-ca"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn run_with_a_bad_config_lists_every_problem() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");

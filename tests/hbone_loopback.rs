@@ -630,3 +630,46 @@ async fn selector_policies_apply_to_the_workloads_that_list_them() {
         "{err}"
     );
 }
+
+/// The peer proxy drains (GOAWAY) while a long-lived stream keeps its connection open, and its
+/// successor listens on the same address: every new stream succeeds (the pooled connection
+/// takes no new stream after GOAWAY; one it did not process is retried on a new connection),
+/// and the long-lived stream goes on.
+#[tokio::test]
+async fn new_streams_survive_a_draining_peer() {
+    let ca = ca();
+    let drain = hboned::drain::Drain::default();
+    let any = "127.0.0.1:0".parse().unwrap();
+    let old = server_on(ca.clone(), id("server"), any, Some(drain.clone()));
+    let app = echo_app().await;
+    let hbone = client(ca.clone(), TunnelSettings::default());
+    let k = key(&id("client"), &old);
+    let echo = |mut s: hboned::proxy::H2Stream, msg: &'static [u8]| async move {
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        within(10, s.read_exact(&mut back)).await.unwrap();
+        assert_eq!(back, msg);
+        s
+    };
+    let long = within(10, hbone.connect(&k, &request(app.addr)))
+        .await
+        .unwrap();
+    let long = echo(long, b"before the drain").await;
+
+    // The old proxy stops accepting and drains; the new one takes its address.
+    old.stop_accepting();
+    eventually(10, || std::net::TcpListener::bind(old.addr).is_ok()).await;
+    let _new = server_on(ca, id("server"), old.addr, None);
+    drain.start();
+    // Let the GOAWAY reach the client before it asks for streams.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..20 {
+        let s = within(10, hbone.connect(&k, &request(app.addr)))
+            .await
+            .expect("a new stream during the peer's drain");
+        echo(s, b"served by the successor").await;
+    }
+    let mut long = echo(long, b"still alive").await;
+    long.shutdown().await.unwrap();
+    assert_eq!(hbone.stats().dials, 2, "one connection to each proxy");
+}

@@ -599,57 +599,60 @@ fn redirect_rules_install_and_remove_idempotently() {
     assert_eq!((count(false), count(true)), ((0, 0, 0), (0, 0, 0)));
 }
 
-/// An upgrade: a second proxy starts beside node A's (SO_REUSEPORT), the first gets SIGTERM
-/// and drains. New connections keep working, a long-lived one opened through the first proxy
-/// survives the switch, and the first proxy exits once that connection closed.
+/// An upgrade of node A's proxy (the client side of the pod's tunnels).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upgrade_overlap_keeps_long_lived_connections() {
-    if !can_run() {
-        return;
+async fn upgrade_overlap_on_the_source_node() {
+    if can_run() {
+        upgrade_overlap('a').await;
     }
+}
+
+/// An upgrade of node B's proxy (the server side): node A's pooled connection gets GOAWAY
+/// while a long-lived stream keeps it open, and every new connection from node A goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_overlap_on_the_destination_node() {
+    if can_run() {
+        upgrade_overlap('b').await;
+    }
+}
+
+/// An upgrade as a hostNetwork DaemonSet does it: a second proxy starts beside `node`'s, in
+/// the same netns with the same ports and addresses (SO_REUSEPORT; the admin port waits), the
+/// first gets SIGTERM and drains. New connections a1 → b1 made during the drain all succeed, a
+/// long-lived one opened through the first proxy survives the switch, and the first proxy exits
+/// cleanly once that connection closed.
+async fn upgrade_overlap(node: char) {
     let mut topo = Topology::start(bin()).await.unwrap();
     let (_echo, _peers) = demo::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
-    let ping = |mut s: tokio::net::TcpStream, msg: &'static [u8]| async move {
-        s.write_all(msg).await.unwrap();
-        let mut back = vec![0u8; msg.len()];
-        within(10, s.read_exact(&mut back)).await.unwrap();
-        assert_eq!(back, msg);
-        s
-    };
+    let old = if node == 'a' { 0 } else { 1 };
     let long = ping(
         topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap(),
         b"before",
     )
     .await;
 
-    // The new proxy: same pods and ports (SO_REUSEPORT), its own admin ports in node A's netns.
-    let extra = "readinessAddress: 127.0.0.1:15121\nmetricsAddress: null\nadminAddress: null\ndrainTimeoutSecs: 20\n";
-    let new = topo.spawn_extra_proxy(bin(), 'a', extra).unwrap();
-    support::eventually(20, || {
-        let ns = topo.netns("na").unwrap();
-        ns.run(|| {
-            std::net::TcpStream::connect_timeout(
-                &"127.0.0.1:15121".parse().unwrap(),
-                Duration::from_secs(1),
-            )
-        })
-        .is_ok()
-    })
-    .await;
-    let reply = http_get(&topo, "na", 15121, "/healthz/ready");
+    // The new proxy: same config, pods, ports and admin addresses as the old one.
+    let new = topo
+        .spawn_extra_proxy(bin(), node, "drainTimeoutSecs: 20\n")
+        .unwrap();
+    support::eventually(20, || topo.log(new).contains("metrics at /metrics")).await;
+    assert!(topo.exited(new).is_none(), "{}", topo.log(new));
+    let ns = format!("n{node}");
+    let reply = http_get(&topo, &ns, 15021, "/healthz/ready");
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 
-    // The old proxy drains: it stops listening, its live connection goes on.
-    topo.terminate(0).unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The old proxy drains: it stops listening, its live connection goes on; new connections
+    // made meanwhile (20 over about 2 s) all succeed.
+    topo.terminate(old).unwrap();
+    for _ in 0..20 {
+        let fresh = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
+        ping(fresh, b"made during the drain").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
-        topo.exited(0).is_none(),
+        topo.exited(old).is_none(),
         "the old proxy must wait for its live connection"
     );
-    for _ in 0..5 {
-        let fresh = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
-        ping(fresh, b"served by the new proxy").await;
-    }
     let mut long = ping(long, b"still alive during the drain").await;
 
     // Closing the long-lived connection lets the old proxy finish its drain and exit cleanly.
@@ -657,14 +660,25 @@ async fn upgrade_overlap_keeps_long_lived_connections() {
     let mut rest = Vec::new();
     within(10, long.read_to_end(&mut rest)).await.unwrap();
     drop(long);
-    support::eventually(15, || topo.exited(0).is_some()).await;
+    support::eventually(15, || topo.exited(old).is_some()).await;
     assert!(
-        topo.exited(0).unwrap().success(),
+        topo.exited(old).unwrap().success(),
         "the drained proxy exits cleanly"
     );
     assert!(topo.exited(new).is_none(), "the new proxy keeps serving");
     let after = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
     ping(after, b"after the old proxy left").await;
+    // The successor took the admin port once the old proxy released it.
+    support::eventually(10, || topo.log(new).contains("admin page at /config_dump")).await;
+}
+
+/// Writes `msg`, expects it echoed, and hands the stream back.
+async fn ping(mut s: tokio::net::TcpStream, msg: &'static [u8]) -> tokio::net::TcpStream {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    within(10, s.read_exact(&mut back)).await.unwrap();
+    assert_eq!(back, msg);
+    s
 }
 
 /// Reads until the connection ends; `Err` with the kind when it was reset.
@@ -821,4 +835,35 @@ async fn policies_decide_on_real_traffic_and_changes_reset_live_connections() {
     .await;
     let mut s = topo.connect(A1.name, to_b1).await.unwrap();
     echoes(&mut s, b"allowed again").await;
+}
+
+/// The proxy's own HTTP ports listen on every address of the proxy's netns (15020, 15021) or
+/// its localhost (15000). A tunnel or plaintext connection to those ports on a pod is dialed in
+/// the pod's netns, never the proxy's, so it cannot reach them: it is refused (reset), while
+/// the proxy's own ports answer in its netns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_cannot_reach_the_proxys_own_ports() {
+    if !can_run() {
+        return;
+    }
+    let topo = Topology::start(bin()).await.unwrap();
+    for port in [15000, 15020, 15021] {
+        for pod in [A1.name, A2.name] {
+            let refused = match topo.connect(pod, B1.addr(port)).await {
+                Ok(mut s) => {
+                    let _ = s
+                        .write_all(b"GET /config_dump HTTP/1.1\r\nHost: x\r\n\r\n")
+                        .await;
+                    until_closed(&mut s).await
+                }
+                Err(e) => Err(e.kind()),
+            };
+            assert!(
+                matches!(refused, Err(_) | Ok(0)),
+                "{pod} → b1:{port} must not be answered: {refused:?}"
+            );
+        }
+    }
+    let reply = http_get(&topo, "nb", 15021, "/healthz/ready");
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 }

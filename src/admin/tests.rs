@@ -18,7 +18,7 @@ async fn ready_only_after_every_source() {
     let (zds_tx, zds) = watch::channel(false);
     let (xds_tx, xds) = watch::channel(false);
     let ready = all_ready(vec![zds, xds]);
-    let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(serve_readiness(listener, ready.clone()));
     assert_eq!(get(addr, "/healthz/ready").await, 503);
@@ -39,4 +39,75 @@ async fn ready_only_after_every_source() {
 async fn nothing_to_wait_for_is_ready() {
     let ready = all_ready(vec![]);
     assert!(*ready.borrow());
+}
+
+/// A silent or half-sent request is closed once its head is late; connections past the cap are
+/// closed at once, and the port serves again when they go. Paused time: the timeouts pass
+/// without waiting.
+#[tokio::test(start_paused = true)]
+async fn slow_and_surplus_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, |_req| respond(StatusCode::OK, "ok\n")));
+    let closed_within = |mut s: tokio::net::TcpStream, limit: std::time::Duration| async move {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(limit, s.read(&mut buf)).await;
+        matches!(read, Ok(Ok(0)) | Ok(Err(_)))
+    };
+    let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut half = tokio::net::TcpStream::connect(addr).await.unwrap();
+    half.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let limit = HEADER_READ_TIMEOUT + std::time::Duration::from_secs(5);
+    assert!(
+        closed_within(silent, limit).await,
+        "a silent connection must be closed"
+    );
+    assert!(
+        closed_within(half, limit).await,
+        "a half-sent request must be closed"
+    );
+
+    // Fill every slot with idle keep-alive-less connections; the next one is closed at once.
+    let mut held = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let surplus = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed_within(surplus, std::time::Duration::from_secs(1)).await,
+        "a connection past the cap must be closed"
+    );
+    drop(held);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(
+        get(addr, "/").await,
+        200,
+        "serving again once the slots are free"
+    );
+}
+
+/// Two proxies in one network namespace (a hostNetwork rolling update): the readiness and
+/// metrics listeners bind beside each other; the admin listener waits for the old one to go.
+#[tokio::test]
+async fn a_successor_binds_beside_the_draining_proxy() {
+    let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = first.local_addr().unwrap();
+    let second = bind(addr).expect("SO_REUSEPORT lets the successor bind the same address");
+    drop(second);
+    let exclusive = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = exclusive.local_addr().unwrap();
+    let waiting = tokio::spawn(bind_exclusive(admin_addr));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished(), "the admin port is still held");
+    drop(exclusive);
+    let bound = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+        .await
+        .expect("bound once the old proxy let go")
+        .unwrap();
+    assert_eq!(bound.local_addr().unwrap(), admin_addr);
+    drop(first);
 }

@@ -251,3 +251,32 @@ fn policy_empty_forms_decide_as_in_istio() {
         assert_eq!(decide(action, rules), want, "{action} rules: {rules}");
     }
 }
+
+/// Numbers past their range are refused at load, naming the key and the range, instead of
+/// failing at every use later (a 2^64-second lifetime overflows every issuance).
+#[test]
+#[rustfmt::skip]
+fn numeric_settings_are_range_checked_at_load() {
+    let rows = [
+        ("ca: {certLifetimeSecs: 18446744073709551615}", "ca.certLifetimeSecs is 18446744073709551615, outside 60..=7776000"),
+        ("ca: {certLifetimeSecs: 59}", "ca.certLifetimeSecs is 59"),
+        ("connectTimeoutSecs: 0", "connectTimeoutSecs is 0, outside 1..=300"),
+        ("connectTimeoutSecs: 100000", "connectTimeoutSecs is 100000"),
+        ("drainTimeoutSecs: 18446744073709551615", "drainTimeoutSecs is 18446744073709551615"),
+        ("certificates: {source: files, files: {cert: /c, key: /k, bundle: /b, pollSecs: 0}}", "certificates.files.pollSecs is 0"),
+        ("xds: {onDemandTimeoutMs: 0}", "xds.onDemandTimeoutMs is 0"),
+    ];
+    for (yaml, needle) in rows {
+        let err = Config::parse(&format!("{SAMPLE}{yaml}\n"), &no_env)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{yaml}: {err}");
+    }
+    let env = |k: &str| (k == "HBONED_CERT_LIFETIME_SECS").then(|| u64::MAX.to_string());
+    let err = Config::parse(SAMPLE, &env).map(|_| ()).unwrap_err().to_string();
+    assert!(err.contains("ca.certLifetimeSecs is 18446744073709551615"), "{err}");
+    // The edges are accepted.
+    let ok = format!("{SAMPLE}ca: {{certLifetimeSecs: 7776000}}\nconnectTimeoutSecs: 300\ndrainTimeoutSecs: 0\n");
+    assert!(Config::parse(&ok, &no_env).is_ok());
+}

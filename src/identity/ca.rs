@@ -207,6 +207,28 @@ impl BuiltinCa {
     }
 }
 
+#[cfg(test)]
+impl BuiltinCa {
+    /// A leaf chain for `id` whose URI SANs are `uris` instead (tests of the one-URI-SAN
+    /// rule).
+    pub(crate) fn issue_with_uris(
+        &self,
+        id: &Identity,
+        uris: &[&str],
+    ) -> Vec<rustls_pki_types::CertificateDer<'static>> {
+        let now = SystemTime::now();
+        let mut params = leaf_params(id, now - Duration::from_secs(60), now + self.lifetime)
+            .expect("leaf parameters");
+        params.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().expect("an IA5 URI")))
+            .collect();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let leaf = params.signed_by(&key, &self.issuer).expect("signed leaf");
+        vec![leaf.der().clone()]
+    }
+}
+
 impl BuiltinCa {
     /// Signs a CSR the way a mesh CA does: the CSR must carry exactly one URI SAN, a SPIFFE ID;
     /// subject and other extensions are replaced by the CA's own. Returns the chain as PEM, leaf

@@ -88,11 +88,15 @@ impl WorkloadCert {
         };
         let leaf = chain.first().ok_or_else(|| invalid("empty chain".into()))?;
         let info = tls::leaf_info(leaf).map_err(|e| invalid(e.to_string()))?;
-        if !info.uris.iter().any(|u| u == &identity.to_string()) {
-            return Err(invalid(format!(
-                "leaf names {:?}, not the requested identity",
-                info.uris
-            )));
+        // An X.509-SVID names exactly one SPIFFE ID; peers refuse any other shape.
+        match tls::verify::svid_identity(&info.uris) {
+            Ok(named) if named == identity => {}
+            Ok(named) => {
+                return Err(invalid(format!(
+                    "leaf names {named}, not the requested identity"
+                )));
+            }
+            Err(e) => return Err(invalid(e.to_string())),
         }
         let signer = tls::provider()
             .key_provider

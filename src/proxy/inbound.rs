@@ -199,7 +199,12 @@ impl InboundServer {
         loop {
             let (tcp, peer) = super::accept(&listener, "inbound HBONE").await;
             let server = self.clone();
+            // The connection, not only its streams, holds the drain open: after its last
+            // stream it still has to write out the final frames and close cleanly (GOAWAY),
+            // or a peer would see its last streams cut off by the process exiting.
+            let live = self.workload.drain.as_ref().map(Drain::guard);
             tokio::spawn(async move {
+                let _live = live;
                 match server.connection(tcp, peer).await {
                     Ok(()) => {}
                     // A TCP probe (kubelet, a load balancer) connects and leaves without TLS.
@@ -341,14 +346,23 @@ impl InboundServer {
         }
         // The HBONE connection was dialed from inside the client pod: its address is the pod's.
         let source = self.workload.preserve_source_ip.then_some(peer.ip());
-        let mut app = match netns::dial(
+        let dial = netns::dial(
             &*self.sockets,
             source,
             target,
             self.settings.connect_timeout,
-        )
-        .await
-        {
+        );
+        // A client that resets the stream (or goes away) stops the dial at once: its work must
+        // not outlive it (rapid reset, CVE-2023-44487 style, against a target whose dial hangs).
+        let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+        let dialed = tokio::select! {
+            dialed = dial => dialed,
+            reason = reset => {
+                tracing::debug!(%peer, %target, ?reason, "stream reset by the client before the app answered; dial abandoned");
+                return;
+            }
+        };
+        let mut app = match dialed {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%peer, %target, error = %e, "cannot reach the app; answering 503");

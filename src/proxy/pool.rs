@@ -5,8 +5,10 @@
 //! Only one dial per key runs at a time: callers that find no free connection wait for the dial
 //! in progress and then share its connection, so a burst of new app connections makes one
 //! handshake, not a storm. Connections idle (no stream) for `pool_idle_timeout` are dropped by
-//! a reaper task; a connection whose driver ended (GOAWAY, error, missed PING) is never handed
-//! out again.
+//! a reaper task; a connection whose driver ended (error, missed PING) or that answered a
+//! stream with GOAWAY or REFUSED_STREAM is never handed out again, and a stream it did not
+//! process is retried once on a fresh connection (how new connections keep working while the
+//! peer proxy drains in an upgrade, with its successor listening beside it).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -215,8 +217,15 @@ impl HboneClient {
     ) -> Result<H2Stream, ProxyError> {
         let permit = self.checkout(key).await?;
         match self.open(&permit, key, request).await {
-            Err(ProxyError::Http2 { .. }) if permit.conn.closed.load(Ordering::Acquire) => {
-                // The connection died between checkout and use: one fresh try.
+            Err(ProxyError::Http2 { source, .. })
+                if never_processed(&source) || permit.conn.closed.load(Ordering::Acquire) =>
+            {
+                // The peer is going away (GOAWAY: a draining proxy whose successor listens
+                // beside it), refused the stream, or the connection died between checkout and
+                // use. The server did not process the stream and no app byte has left (hold
+                // inline): retire the connection for new streams and try once on a fresh one.
+                tracing::debug!(peer = %key.peer, error = %source, "stream not processed; retrying on a new connection");
+                permit.conn.closed.store(true, Ordering::Release);
                 drop(permit);
                 let permit = self.checkout(key).await?;
                 self.open(&permit, key, request)
@@ -322,6 +331,12 @@ impl HboneClient {
         })
         .await
     }
+}
+
+/// Whether the peer cannot have processed a stream that failed with `e`: a GOAWAY (the stream
+/// was above its last stream id, or sent after it) or REFUSED_STREAM (RFC 9113 §8.7).
+fn never_processed(e: &h2::Error) -> bool {
+    e.is_go_away() || e.reason() == Some(h2::Reason::REFUSED_STREAM)
 }
 
 fn spawn_reaper(pool: Weak<Pool>, idle_timeout: Duration) {

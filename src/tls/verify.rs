@@ -1,5 +1,8 @@
-//! SPIFFE certificate verifiers: chain to the trust bundle with webpki, then check URI SANs.
-//! DNS names and SNI are never looked at. Pure functions of their inputs (the time comes from
+//! SPIFFE certificate verifiers: chain to the trust bundle with webpki, then check the
+//! certificate's one URI SAN: an X.509-SVID carries exactly one, a SPIFFE ID (SPIFFE
+//! X509-SVID §2), so a certificate with none, two, or a non-SPIFFE one is refused both ways and
+//! nobody is ever named by a URI that was not the one verified. DNS names and SNI are never
+//! looked at. Pure functions of their inputs (the time comes from
 //! rustls), so they are unit-tested with certificates from the built-in CA.
 
 use std::sync::Arc;
@@ -13,7 +16,7 @@ use webpki::KeyUsage;
 use super::{NO_HINTS, TrustBundle, leaf_info, provider};
 use crate::identity::Identity;
 
-/// The client's check of a server: chain (serverAuth), then a URI SAN equal to an expected
+/// The client's check of a server: chain (serverAuth), then its SPIFFE ID equal to an expected
 /// identity (the destination workload's, or one of its service's `subject_alt_names`).
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
@@ -28,7 +31,7 @@ impl SpiffeServerVerifier {
     }
 }
 
-/// The server's check of a client: chain (clientAuth), then some URI SAN in the trust domain.
+/// The server's check of a client: chain (clientAuth), then its SPIFFE ID in the trust domain.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
     bundle: Arc<TrustBundle>,
@@ -57,6 +60,22 @@ pub enum IdentityMismatch {
         presented: Vec<String>,
         trust_domain: String,
     },
+    #[error(
+        "certificate presented {presented:?}: an X.509-SVID has exactly one URI SAN, a SPIFFE ID"
+    )]
+    NotAnSvid { presented: Vec<String> },
+}
+
+/// The SPIFFE ID of a leaf whose URI SANs are `uris`: exactly one, and a SPIFFE ID.
+pub fn svid_identity(uris: &[String]) -> Result<Identity, IdentityMismatch> {
+    match uris {
+        [one] => Identity::parse(one).map_err(|_| IdentityMismatch::NotAnSvid {
+            presented: uris.to_vec(),
+        }),
+        _ => Err(IdentityMismatch::NotAnSvid {
+            presented: uris.to_vec(),
+        }),
+    }
 }
 
 fn verify_chain(
@@ -144,7 +163,8 @@ impl ServerCertVerifier for SpiffeServerVerifier {
             now,
             KeyUsage::server_auth(),
         )?;
-        if uris.iter().any(|u| self.expected.contains(u)) {
+        let presented = svid_identity(&uris).map_err(mismatch)?.to_string();
+        if self.expected.contains(&presented) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(mismatch(IdentityMismatch::Server {
@@ -195,10 +215,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             now,
             KeyUsage::client_auth(),
         )?;
-        let in_domain = uris
-            .iter()
-            .any(|u| Identity::parse(u).is_ok_and(|id| id.trust_domain() == self.trust_domain));
-        if in_domain {
+        let presented = svid_identity(&uris).map_err(mismatch)?;
+        if presented.trust_domain() == self.trust_domain {
             Ok(ClientCertVerified::assertion())
         } else {
             Err(mismatch(IdentityMismatch::Client {

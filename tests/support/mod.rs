@@ -34,6 +34,13 @@ pub struct Server {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl Server {
+    /// Stops accepting (its connections go on), as a draining proxy does.
+    pub fn stop_accepting(&self) {
+        self.task.abort();
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.task.abort();
@@ -60,10 +67,6 @@ pub async fn server_with(
     policies: Option<Arc<hboned::state::SharedState>>,
     metrics: Option<Arc<hboned::metrics::Metrics>>,
 ) -> Server {
-    let certs = Arc::new(CertificateManager::new(ca));
-    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
-    let listener = sockets.tcp_bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = listener.local_addr().unwrap();
     let workload = LocalWorkload {
         identity: identity.clone(),
         addresses: vec!["127.0.0.1".parse().unwrap()],
@@ -72,6 +75,33 @@ pub async fn server_with(
         metrics,
         drain: None,
     };
+    serve_workload(ca, workload, "127.0.0.1:0".parse().unwrap())
+}
+
+/// A server on `addr` (port 0: any) whose connections follow `drain`.
+pub fn server_on(
+    ca: Arc<BuiltinCa>,
+    identity: Identity,
+    addr: SocketAddr,
+    drain: Option<hboned::drain::Drain>,
+) -> Server {
+    let workload = LocalWorkload {
+        identity,
+        addresses: vec!["127.0.0.1".parse().unwrap()],
+        preserve_source_ip: false,
+        state: None,
+        metrics: None,
+        drain,
+    };
+    serve_workload(ca, workload, addr)
+}
+
+fn serve_workload(ca: Arc<BuiltinCa>, workload: LocalWorkload, addr: SocketAddr) -> Server {
+    let identity = workload.identity.clone();
+    let certs = Arc::new(CertificateManager::new(ca));
+    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
+    let listener = sockets.tcp_bind(addr).unwrap();
+    let addr = listener.local_addr().unwrap();
     let server = InboundServer::new(workload, certs, sockets, TunnelSettings::default());
     let task = tokio::spawn(server.serve(listener));
     Server {

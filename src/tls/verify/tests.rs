@@ -255,3 +255,71 @@ async fn handshake_with_wrong_server_identity_fails_on_the_client() {
     let err = c.unwrap_err().to_string();
     assert!(err.contains("mallory"), "{err}");
 }
+
+/// SPIFFE X509-SVID: exactly one URI SAN, a SPIFFE ID. A foreign ID listed first and ours
+/// second must not get in (it would be named by the foreign one), nor a leaf with none.
+#[test]
+fn only_a_leaf_with_exactly_one_spiffe_uri_is_accepted() {
+    let ca = BuiltinCa::generate(SystemTime::now()).unwrap();
+    let ours = id("cluster.local", "ns", "web");
+    let rows: [(&str, &[&str], bool); 6] = [
+        (
+            "one SPIFFE ID",
+            &["spiffe://cluster.local/ns/ns/sa/web"],
+            true,
+        ),
+        (
+            "foreign first, ours second",
+            &[
+                "spiffe://evil.example/ns/ns/sa/web",
+                "spiffe://cluster.local/ns/ns/sa/web",
+            ],
+            false,
+        ),
+        (
+            "ours first, foreign second",
+            &[
+                "spiffe://cluster.local/ns/ns/sa/web",
+                "spiffe://evil.example/ns/ns/sa/web",
+            ],
+            false,
+        ),
+        (
+            "ours twice",
+            &[
+                "spiffe://cluster.local/ns/ns/sa/web",
+                "spiffe://cluster.local/ns/ns/sa/web",
+            ],
+            false,
+        ),
+        ("no URI SAN", &[], false),
+        (
+            "one URI, not SPIFFE",
+            &["https://cluster.local/ns/ns/sa/web"],
+            false,
+        ),
+    ];
+    let name = ServerName::try_from("ignored.example").unwrap();
+    for (row, uris, ok) in rows {
+        let chain = ca.issue_with_uris(&ours, uris);
+        let client = SpiffeClientVerifier::new(ca.bundle(), "cluster.local".into())
+            .verify_client_cert(&chain[0], &[], now())
+            .map(|_| ());
+        let server = SpiffeServerVerifier::new(ca.bundle(), vec![ours.clone()])
+            .verify_server_cert(&chain[0], &[], &name, &[], now())
+            .map(|_| ());
+        assert_eq!(client.is_ok(), ok, "as a client, {row}: {client:?}");
+        assert_eq!(server.is_ok(), ok, "as a server, {row}: {server:?}");
+        if !ok {
+            assert!(is_identity_mismatch(&client.unwrap_err()), "{row}");
+        }
+        let named = crate::tls::peer_identity(Some(&chain));
+        assert_eq!(named.is_some(), ok, "{row}: named {named:?}");
+        // A source handing us such a leaf is refused before we ever present it.
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(
+            rcgen::KeyPair::generate().unwrap().serialize_der().into(),
+        );
+        let loaded = WorkloadCert::new(ours.clone(), chain, key, ca.bundle());
+        assert_eq!(loaded.is_ok(), ok, "{row}: loaded as our own certificate");
+    }
+}
