@@ -340,14 +340,19 @@ pub async fn zds_session(
     handler.begin_snapshot();
     let mut buf = vec![0u8; MAX_ZDS_MESSAGE];
     loop {
-        let (n, fds) = conn.recv(&mut buf).await?;
-        // A zero-length datagram reads like EOF on SOCK_SEQPACKET; both end the session.
-        if n == 0 {
-            return Ok(());
-        }
-        let result = match zds::WorkloadRequest::decode(&buf[..n]) {
-            Ok(request) => handle_request(request, fds, handler, ready),
-            Err(e) => Err(format!("cannot decode WorkloadRequest: {e}")),
+        let result = match conn.recv(&mut buf).await {
+            // A zero-length datagram reads like EOF on SOCK_SEQPACKET; both end the session.
+            Ok((0, _)) => return Ok(()),
+            Ok((n, fds)) => match zds::WorkloadRequest::decode(&buf[..n]) {
+                Ok(request) => handle_request(request, fds, handler, ready),
+                Err(e) => Err(format!("cannot decode WorkloadRequest: {e}")),
+            },
+            // One oversized datagram (or too many descriptors) is refused; SEQPACKET keeps the
+            // boundaries, so the next one is whole again. Descriptors it carried are closed.
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(format!(
+                "request refused: {e} (at most {MAX_ZDS_MESSAGE} bytes)"
+            )),
+            Err(e) => return Err(e.into()),
         };
         if let Err(error) = &result {
             tracing::warn!(%error, "ZDS request refused");

@@ -48,6 +48,18 @@ pub struct LocalWorkload {
     pub drain: Option<Drain>,
 }
 
+/// Admission of one CONNECT to the workload at `addresses` (a pure function of the request
+/// head): 400 for another method, an unparsable authority, an authority IP that is not the
+/// workload's, or one of the proxy's own ports.
+pub fn admit<B>(request: &Request<B>, addresses: &[IpAddr]) -> Result<ConnectRequest, StatusCode> {
+    let connect = ConnectRequest::from_http(request).map_err(|_| StatusCode::BAD_REQUEST)?;
+    let target = connect.authority;
+    if !addresses.contains(&target.ip()) || PROXY_PORTS.contains(&target.port()) {
+        return Err(StatusCode::BAD_REQUEST);
+    }
+    Ok(connect)
+}
+
 /// The facts a policy looks at for a connection from `peer` (as `client`) to `target`.
 pub fn authz_facts<'a>(
     client: Option<&'a Identity>,
@@ -307,15 +319,6 @@ impl InboundServer {
     }
 
     /// Checks a CONNECT request against this workload; `Err` is the status to refuse it with.
-    fn admit(&self, request: &Request<h2::RecvStream>) -> Result<ConnectRequest, StatusCode> {
-        let connect = ConnectRequest::from_http(request).map_err(|_| StatusCode::BAD_REQUEST)?;
-        let target = connect.authority;
-        if !self.workload.addresses.contains(&target.ip()) || PROXY_PORTS.contains(&target.port()) {
-            return Err(StatusCode::BAD_REQUEST);
-        }
-        Ok(connect)
-    }
-
     async fn stream(
         self: Arc<Self>,
         request: Request<h2::RecvStream>,
@@ -323,7 +326,7 @@ impl InboundServer {
         client: Option<Identity>,
         peer: SocketAddr,
     ) {
-        let connect = match self.admit(&request) {
+        let connect = match admit(&request, &self.workload.addresses) {
             Ok(c) => c,
             Err(status) => {
                 tracing::info!(%peer, uri = %request.uri(), %status, "refused CONNECT");

@@ -97,12 +97,38 @@ pub fn server_on(
 }
 
 fn serve_workload(ca: Arc<BuiltinCa>, workload: LocalWorkload, addr: SocketAddr) -> Server {
+    serve_workload_with(ca, workload, addr, TunnelSettings::default())
+}
+
+/// A server for the workload at 127.0.0.1 with these tunnel settings (short timeouts).
+pub fn server_with_settings(
+    ca: Arc<BuiltinCa>,
+    identity: Identity,
+    settings: TunnelSettings,
+) -> Server {
+    let workload = LocalWorkload {
+        identity,
+        addresses: vec!["127.0.0.1".parse().unwrap()],
+        preserve_source_ip: false,
+        state: None,
+        metrics: None,
+        drain: None,
+    };
+    serve_workload_with(ca, workload, "127.0.0.1:0".parse().unwrap(), settings)
+}
+
+fn serve_workload_with(
+    ca: Arc<BuiltinCa>,
+    workload: LocalWorkload,
+    addr: SocketAddr,
+    settings: TunnelSettings,
+) -> Server {
     let identity = workload.identity.clone();
     let certs = Arc::new(CertificateManager::new(ca));
     let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
     let listener = sockets.tcp_bind(addr).unwrap();
     let addr = listener.local_addr().unwrap();
-    let server = InboundServer::new(workload, certs, sockets, TunnelSettings::default());
+    let server = InboundServer::new(workload, certs, sockets, settings);
     let task = tokio::spawn(server.serve(listener));
     Server {
         addr,
