@@ -74,6 +74,7 @@ pub async fn run_node(
     config: Config,
     set_log_level: crate::admin::LogLevelSetter,
 ) -> anyhow::Result<()> {
+    raise_descriptor_limit();
     let source = cert_source(&config)?;
     tracing::info!(source = source.name(), "workload certificates source");
     let tunnel = TunnelSettings {
@@ -148,6 +149,13 @@ pub async fn run_node(
             tracing::error!(pod = %pod.uid(), error = %e, "cannot enroll pod from the config");
         }
     }
+    // Without a node agent to say so, a config pod is gone when its netns is.
+    let by_path = config
+        .pods
+        .iter()
+        .map(|p| (p.uid(), p.netns.clone()))
+        .collect();
+    manager.follow_netns_paths(by_path, Duration::from_secs(2));
     let (ready_tx, zds_ready) = tokio::sync::watch::channel(config.zds_socket.is_none());
     let zds = config.zds_socket.clone().map(|path| {
         tracing::info!(path = %path.display(), "enrolling pods from the node agent (ZDS)");
@@ -230,6 +238,23 @@ pub async fn run_node(
         );
     }
     Ok(())
+}
+
+/// Raises the soft limit on open descriptors to the hard one, as ztunnel does: every proxied
+/// connection costs two or three descriptors, and the soft default (often 1,024) is reached by
+/// a few hundred connections. Accept loops back off at the limit rather than spin.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-descriptor limit"),
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-descriptor limit")
+            }
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-descriptor limit"),
+    }
 }
 
 /// The configured certificate source.

@@ -109,6 +109,8 @@ pub struct Topology {
     proxies: Vec<Child>,
     /// Log names of the proxies started after the nodes' first two.
     extra_names: Vec<String>,
+    /// Open-descriptor limits (soft, hard) the next proxies start with.
+    nofile: Option<(u64, u64)>,
     dir: PathBuf,
 }
 
@@ -142,6 +144,7 @@ impl Topology {
             namespaces: Vec::new(),
             proxies: Vec::new(),
             extra_names: Vec::new(),
+            nofile: None,
             dir,
         };
         topo.build()?;
@@ -394,6 +397,24 @@ impl Topology {
         Ok(self.proxies.len() - 1)
     }
 
+    /// Starts the next proxies with these open-descriptor limits (`prlimit --nofile`).
+    pub fn limit_descriptors(&mut self, soft: u64, hard: u64) {
+        self.nofile = Some((soft, hard));
+    }
+
+    /// The process id of proxy `index`.
+    pub fn pid(&self, index: usize) -> Option<u32> {
+        self.proxies.get(index).map(Child::id)
+    }
+
+    /// Kills proxy `index` with SIGKILL (a crash: no drain).
+    pub fn kill(&mut self, index: usize) -> anyhow::Result<()> {
+        let child = self.proxies.get_mut(index).context("no such proxy")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
     /// Sends SIGTERM to proxy `index` (0: node A's, 1: node B's, then extra ones).
     pub fn terminate(&self, index: usize) -> anyhow::Result<()> {
         let child = self.proxies.get(index).context("no such proxy")?;
@@ -417,8 +438,12 @@ impl Topology {
         let config = self.dir.join(format!("{name}.yaml"));
         std::fs::write(&config, self.config(node) + extra)?;
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.netns_name(&format!("n{node}"))])
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns_name(&format!("n{node}"))]);
+        if let Some((soft, hard)) = self.nofile {
+            command.args(["prlimit", &format!("--nofile={soft}:{hard}")]);
+        }
+        let child = command
             .arg(bin)
             .args(["run", "--config"])
             .arg(&config)

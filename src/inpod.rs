@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -313,6 +313,47 @@ impl PodHandler for PodManager {
         for uid in stale {
             self.remove(&uid);
         }
+    }
+}
+
+impl PodManager {
+    /// Follows pods enrolled from a netns path (the config file's pods): when the path is gone
+    /// (`ip netns del`, the process behind `/proc/PID/ns/net` exited) or names another
+    /// namespace, the pod is removed, its listeners and tasks with it. Checks every `period`,
+    /// until the manager is dropped.
+    pub fn follow_netns_paths(self: &Arc<Self>, pods: Vec<(String, PathBuf)>, period: Duration) {
+        let manager = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut pods = pods;
+            while !pods.is_empty() {
+                tokio::time::sleep(period).await;
+                let Some(manager) = manager.upgrade() else {
+                    return;
+                };
+                pods.retain(|(uid, path)| {
+                    let enrolled = manager
+                        .pods
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get(uid)
+                        .map(|p| p.netns_inode);
+                    let now = std::fs::metadata(path).map(|m| {
+                        use std::os::unix::fs::MetadataExt;
+                        m.ino()
+                    });
+                    match (enrolled, now) {
+                        (Some(inode), Ok(current)) if inode == current => true,
+                        (Some(_), _) => {
+                            tracing::info!(%uid, path = %path.display(), "pod netns gone; removing the pod");
+                            manager.remove(uid);
+                            false
+                        }
+                        // Removed some other way: stop following it.
+                        (None, _) => false,
+                    }
+                });
+            }
+        });
     }
 }
 

@@ -12,7 +12,8 @@
 //!   client ([`proxy::pool`]), the HBONE server ([`proxy::inbound`]), plain TCP both ways
 //!   ([`proxy::passthrough`]), the HTTP/2 stream adapter ([`proxy::tunnel`]), the relay
 //!   ([`proxy::copy`]).
-//! - [`state`]: workloads, services and policies, and the routing decision. Pure.
+//! - [`state`]: workloads, services and policies, and the routing decision. Pure; shared
+//!   through [`state::SharedState`], which tells live connections when policies change.
 //! - [`authz`]: L4 policy evaluation. Pure.
 //! - [`xds`]: the delta ADS client; [`xds::convert`] turns resources into state. Pure.
 //! - [`inpod`]: enrolled pods (listeners in their netns) and the ZDS client; [`redirect`]: the

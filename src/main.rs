@@ -8,6 +8,17 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hboned::app;
 
+/// jemalloc for the long-running proxy: it hands freed memory back to the system (a background
+/// thread purges pages unused for a few seconds), where glibc's malloc kept a burst of 10,000
+/// connections' memory for good (benches/README.md, soak).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read at its start: purge with a background thread.
+#[allow(non_upper_case_globals, unsafe_code)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:5000,muzzy_decay_ms:5000\0";
+
 #[derive(Parser, Debug)]
 #[command(
     name = "hboned",

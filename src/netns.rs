@@ -206,7 +206,10 @@ pub async fn dial(
 ) -> io::Result<TcpStream> {
     let socket = factory.tcp_socket(dst)?;
     if let Some(ip) = source.filter(|ip| ip.is_ipv4() == dst.is_ipv4()) {
-        let bound = socket::set_transparent(&SockRef::from(&socket), ip.is_ipv6())
+        let sock = SockRef::from(&socket);
+        // Best effort: without it the bind below still works, only slower under load.
+        let _ = socket::set_bind_address_no_port(&sock);
+        let bound = socket::set_transparent(&sock, ip.is_ipv6())
             .and_then(|()| socket.bind(SocketAddr::new(ip, 0)));
         if let Err(e) = bound {
             tracing::debug!(%ip, %dst, error = %e, "cannot dial from the client's address; using our own");

@@ -88,11 +88,23 @@ impl ProxyError {
 /// Accepts the next connection on `listener`. Accept errors (out of file descriptors and the
 /// like) are logged and retried after a pause instead of spinning or ending the listener.
 async fn accept(listener: &TcpListener, what: &'static str) -> (TcpStream, SocketAddr) {
+    let mut failures = 0u64;
     loop {
         match listener.accept().await {
-            Ok(conn) => return conn,
+            Ok(conn) => {
+                if failures > 0 {
+                    tracing::info!(listener = what, failures, "accepting again");
+                }
+                return conn;
+            }
             Err(e) => {
-                tracing::warn!(listener = what, error = %e, "accept failed; retrying");
+                // One warning a streak: at the descriptor limit this repeats ten times a second.
+                if failures == 0 {
+                    tracing::warn!(listener = what, error = %e, "accept failed; retrying every 100 ms");
+                } else {
+                    tracing::debug!(listener = what, error = %e, "accept failed again");
+                }
+                failures += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

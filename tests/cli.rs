@@ -61,27 +61,24 @@ fn missing_ca_dir_is_a_clear_error() {
     assert!(stderr.contains("root-cert.pem"), "{stderr}");
 }
 
-#[test]
-fn run_with_a_missing_ca_directory_names_the_setting() {
+/// `hboned run` on a config file holding `yaml`: whether it failed, and its stderr.
+fn run_refused(yaml: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.yaml");
-    let missing = dir.path().join("no-such-ca");
-    std::fs::write(
-        &path,
-        format!(
-            "ca: {{rootDir: {}}}
-",
-            missing.display()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&path, yaml).unwrap();
     let out = hboned()
         .args(["run", "--config"])
         .arg(&path)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (!out.status.success(), stderr)
+}
+
+#[test]
+fn run_with_a_missing_ca_directory_names_the_setting() {
+    let (refused, stderr) = run_refused("ca: {rootDir: /nonexistent/no-such-ca}\n");
+    assert!(refused, "{stderr}");
     assert!(
         stderr.contains("ca.rootDir") && stderr.contains("no-such-ca"),
         "{stderr}"
@@ -90,16 +87,8 @@ fn run_with_a_missing_ca_directory_names_the_setting() {
 
 #[test]
 fn run_with_a_bad_config_lists_every_problem() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.yaml");
-    std::fs::write(&path, "trustDomain: \"Bad\"\nca: {certLifetimeSecs: 1}\n").unwrap();
-    let out = hboned()
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (refused, stderr) = run_refused("trustDomain: \"Bad\"\nca: {certLifetimeSecs: 1}\n");
+    assert!(refused, "{stderr}");
     assert!(
         stderr.contains("trustDomain") && stderr.contains("certLifetimeSecs"),
         "{stderr}"

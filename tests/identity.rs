@@ -16,7 +16,7 @@ use hboned::proto::istio::v1::auth::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 use hboned::proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
-use hboned::proxy::{HboneClient, InboundServer, LocalWorkload, PoolKey, TunnelSettings};
+use hboned::proxy::{HboneClient, PoolKey, TunnelSettings};
 use support::{echo_app, request, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -31,6 +31,8 @@ struct Seen {
 struct FakeIstioCa {
     ca: BuiltinCa,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Set: every request fails UNAVAILABLE, as from a CA that is down.
+    down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[tonic::async_trait]
@@ -46,6 +48,9 @@ impl IstioCertificateService for FakeIstioCa {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned)
         };
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(tonic::Status::unavailable("the CA is down"));
+        }
         let (authorization, clusterid) = (header("authorization"), header("clusterid"));
         let body = request.into_inner();
         let impersonated = body
@@ -77,12 +82,24 @@ async fn start_fake_ca() -> (
     Arc<Mutex<Vec<Seen>>>,
     tokio::task::JoinHandle<()>,
 ) {
+    let (addr, seen, task, _down) = start_fake_ca_with_switch().await;
+    (addr, seen, task)
+}
+
+async fn start_fake_ca_with_switch() -> (
+    std::net::SocketAddr,
+    Arc<Mutex<Vec<Seen>>>,
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let fake = FakeIstioCa {
         ca: BuiltinCa::generate(SystemTime::now()).unwrap(),
         seen: seen.clone(),
+        down: down.clone(),
     };
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
@@ -90,7 +107,7 @@ async fn start_fake_ca() -> (
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await;
     });
-    (addr, seen, task)
+    (addr, seen, task, down)
 }
 
 /// Runs an HBONE server presenting `server_id` (certificates from `server_certs`) and a client
@@ -103,23 +120,10 @@ async fn echo_through_a_tunnel(
     msg: &[u8],
 ) {
     let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
-    let listener = sockets.tcp_bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let hbone_addr = listener.local_addr().unwrap();
-    let workload = LocalWorkload {
-        identity: server_id.clone(),
-        addresses: vec!["127.0.0.1".parse().unwrap()],
-        preserve_source_ip: false,
-        state: None,
-        metrics: None,
-        drain: None,
-    };
-    let server = InboundServer::new(
-        workload,
-        server_certs,
-        sockets.clone(),
-        TunnelSettings::default(),
-    );
-    tokio::spawn(server.serve(listener));
+    let any = "127.0.0.1:0".parse().unwrap();
+    let workload = support::localhost_workload(server_id.clone());
+    let srv = support::serve(server_certs, workload, any, TunnelSettings::default());
+    let hbone_addr = srv.addr;
     let app = echo_app().await;
     let hbone = HboneClient::new(client_certs, sockets, TunnelSettings::default());
     let key = PoolKey::new(client_id.clone(), vec![server_id.clone()], hbone_addr, None);
@@ -518,4 +522,78 @@ async fn unreachable_spire_agent_fails_closed_naming_the_socket() {
         "{err}"
     );
     assert!(err.contains("missing.sock"), "{err}");
+}
+
+/// The CA goes away before a renewal: the certificate in hand keeps serving new tunnels while
+/// it is valid, then new tunnels fail closed with an error naming the expiry (never a tunnel
+/// on an expired certificate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_down_at_renewal_keeps_the_valid_certificate_then_fails_closed() {
+    let (addr, _seen, _server, down) = start_fake_ca_with_switch().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let client_id = Identity::new("cluster.local", "test", "client").unwrap();
+    let server_id = Identity::new("cluster.local", "test", "server").unwrap();
+    let short = |lifetime| {
+        Arc::new(
+            IstioCa::new(IstioCaSettings {
+                address: format!("http://{addr}"),
+                root_ca: None,
+                token_file: Some(token.clone()),
+                cluster_id: "c1".into(),
+                lifetime,
+            })
+            .unwrap(),
+        )
+    };
+    // The client's certificate lives 6 s; the server's an hour (fetched before the CA goes).
+    let client_certs = Arc::new(CertificateManager::new(short(Duration::from_secs(6))));
+    let server_certs = Arc::new(CertificateManager::new(short(Duration::from_secs(3600))));
+    server_certs.fetch(&server_id).await.unwrap();
+    let first = client_certs.fetch(&client_id).await.unwrap();
+    down.store(true, std::sync::atomic::Ordering::SeqCst);
+
+    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
+    let any = "127.0.0.1:0".parse().unwrap();
+    let workload = support::localhost_workload(server_id.clone());
+    let srv = support::serve(server_certs, workload, any, TunnelSettings::default());
+    let hbone_addr = srv.addr;
+    let app = echo_app().await;
+    let key = PoolKey::new(client_id.clone(), vec![server_id.clone()], hbone_addr, None);
+    // Each attempt is a fresh client: a new TLS handshake with the certificate of the moment.
+    let fresh_tunnel = || {
+        let hbone = HboneClient::new(
+            client_certs.clone(),
+            sockets.clone(),
+            TunnelSettings::default(),
+        );
+        let (key, app) = (key.clone(), app.addr);
+        async move { hbone.connect(&key, &request(app)).await.map(|_| ()) }
+    };
+    // Past the renewal point the renewal fails, and the valid certificate still serves.
+    support::eventually(10, || client_certs.metrics().renewal_failures.get() > 0).await;
+    assert!(
+        SystemTime::now() < first.not_after(),
+        "still within the lifetime"
+    );
+    within(10, fresh_tunnel())
+        .await
+        .expect("the valid certificate keeps serving");
+    // Past the expiry: fail closed, with the reason.
+    let wait = first
+        .not_after()
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(500)).await;
+    let err = within(10, fresh_tunnel()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            hboned::proxy::ProxyError::Certificate(
+                hboned::identity::manager::CertError::Expired { .. }
+            )
+        ),
+        "{err}"
+    );
 }

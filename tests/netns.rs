@@ -13,57 +13,9 @@ use std::time::Duration;
 
 use hboned::demo::{self, A1, A2, APP_PORT, B1, B2, B3, B3_AS_SEEN_BY_A, Capture, Topology};
 use prost::Message;
+use support::topo::*;
 use support::{Fnv, pattern, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// GET `path` on 127.0.0.1:`port` inside a namespace of the topology; the whole response.
-fn http_get(topo: &Topology, netns: &str, port: u16, path: &str) -> String {
-    http(topo, netns, port, "GET", path)
-}
-
-/// `method path` on 127.0.0.1:`port` inside a namespace of the topology; the whole response.
-fn http(topo: &Topology, netns: &str, port: u16, method: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    topo.netns(netns)
-        .unwrap()
-        .run(|| {
-            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-            write!(
-                s,
-                "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .unwrap()
-}
-
-/// The value of `name{labels}` in a Prometheus text exposition.
-fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
-    let series = format!("{name}{labels} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .and_then(|v| v.trim().parse().ok())
-}
-
-fn bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_hboned"))
-}
-
-/// False (and a note) when these tests cannot run here; a panic on CI, where they must.
-fn can_run() -> bool {
-    if nix::unistd::Uid::effective().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").is_err(),
-        "the netns tests must run as root on CI"
-    );
-    eprintln!("skipped: needs root (network namespaces, iptables)");
-    false
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_carry_pod_traffic_over_hbone_only() {
@@ -431,7 +383,8 @@ impl Drop for ScratchNetns {
     }
 }
 
-/// A fake node agent enrolls a pod over ZDS (netns fd by SCM_RIGHTS), then removes it.
+/// A fake node agent enrolls a pod over ZDS (netns fd by SCM_RIGHTS), restarts (the pod is
+/// re-enrolled, once), then removes it.
 #[tokio::test]
 async fn zds_agent_adds_and_removes_a_pod() {
     use hboned::proto::zds;
@@ -528,6 +481,32 @@ async fn zds_agent_adds_and_removes_a_pod() {
         probe(&ns).is_ok(),
         "15008 is not listening in the enrolled pod"
     );
+    let listeners = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &pod.0, "ss", "-Hltn", "sport = :15008"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    assert_eq!(listeners(), 1);
+
+    // The agent restarts: the proxy reconnects, the agent replays its pods (the same Add)
+    // and a snapshot; the pod stays enrolled once, with no second set of listeners.
+    drop(conn);
+    let conn = within(20, agent.accept()).await.unwrap();
+    let (n, _) = within(20, conn.recv(&mut buf)).await.unwrap();
+    assert!(zds::ZdsHello::decode(&buf[..n]).is_ok());
+    conn.send(&add, &[netns.as_fd()]).await.unwrap();
+    let (n, _) = within(20, conn.recv(&mut buf)).await.unwrap();
+    assert_eq!(ack(&buf[..n]), "");
+    let snapshot = send(zds::workload_request::Payload::SnapshotSent(
+        zds::SnapshotSent {},
+    ));
+    conn.send(&snapshot, &[]).await.unwrap();
+    let (n, _) = within(20, conn.recv(&mut buf)).await.unwrap();
+    assert_eq!(ack(&buf[..n]), "");
+    assert!(probe(&ns).is_ok(), "re-enrolled after the agent restarted");
+    assert_eq!(listeners(), 1, "no duplicate listeners");
 
     conn.send(
         &send(zds::workload_request::Payload::Del(zds::DelWorkload {
@@ -625,11 +604,8 @@ async fn upgrade_overlap(node: char) {
     let mut topo = Topology::start(bin()).await.unwrap();
     let (_echo, _peers) = demo::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     let old = if node == 'a' { 0 } else { 1 };
-    let long = ping(
-        topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap(),
-        b"before",
-    )
-    .await;
+    let mut long = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
+    echoes(&mut long, b"before").await;
 
     // The new proxy: same config, pods, ports and admin addresses as the old one.
     let new = topo
@@ -645,15 +621,15 @@ async fn upgrade_overlap(node: char) {
     // made meanwhile (20 over about 2 s) all succeed.
     topo.terminate(old).unwrap();
     for _ in 0..20 {
-        let fresh = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
-        ping(fresh, b"made during the drain").await;
+        let mut fresh = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
+        echoes(&mut fresh, b"made during the drain").await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
         topo.exited(old).is_none(),
         "the old proxy must wait for its live connection"
     );
-    let mut long = ping(long, b"still alive during the drain").await;
+    echoes(&mut long, b"still alive during the drain").await;
 
     // Closing the long-lived connection lets the old proxy finish its drain and exit cleanly.
     long.shutdown().await.unwrap();
@@ -666,59 +642,10 @@ async fn upgrade_overlap(node: char) {
         "the drained proxy exits cleanly"
     );
     assert!(topo.exited(new).is_none(), "the new proxy keeps serving");
-    let after = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
-    ping(after, b"after the old proxy left").await;
+    let mut after = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
+    echoes(&mut after, b"after the old proxy left").await;
     // The successor took the admin port once the old proxy released it.
     support::eventually(10, || topo.log(new).contains("admin page at /config_dump")).await;
-}
-
-/// Writes `msg`, expects it echoed, and hands the stream back.
-async fn ping(mut s: tokio::net::TcpStream, msg: &'static [u8]) -> tokio::net::TcpStream {
-    s.write_all(msg).await.unwrap();
-    let mut back = vec![0u8; msg.len()];
-    within(10, s.read_exact(&mut back)).await.unwrap();
-    assert_eq!(back, msg);
-    s
-}
-
-/// Reads until the connection ends; `Err` with the kind when it was reset.
-async fn until_closed(s: &mut tokio::net::TcpStream) -> Result<usize, ErrorKind> {
-    let mut buf = [0u8; 1024];
-    let mut total = 0;
-    within(10, async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) => return Ok(total),
-                Ok(n) => total += n,
-                Err(e) => return Err(e.kind()),
-            }
-        }
-    })
-    .await
-}
-
-/// Writes `msg` and expects it echoed back.
-async fn echoes(s: &mut tokio::net::TcpStream, msg: &[u8]) {
-    s.write_all(msg).await.unwrap();
-    let mut back = vec![0u8; msg.len()];
-    within(10, s.read_exact(&mut back)).await.unwrap();
-    assert_eq!(back, msg);
-}
-
-/// Sends one delta response and waits for its ACK.
-async fn push(
-    xds: &mut support::fake_ads::AdsStream,
-    nonce: &str,
-    type_url: &str,
-    resources: Vec<hboned::proto::envoy::service::discovery::v3::Resource>,
-    removed: &[&str],
-) {
-    xds.send(type_url, nonce, resources, removed);
-    let ack = xds.next().await;
-    assert_eq!(
-        (ack.response_nonce.as_str(), ack.error_detail),
-        (nonce, None)
-    );
 }
 
 /// The empty forms of Istio policies on real traffic, served to node B's proxy over xDS by a
@@ -728,28 +655,12 @@ async fn push(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_decide_on_real_traffic_and_changes_reset_live_connections() {
     use hboned::proto::istio::security::{Action, Authorization, Rule, Scope};
-    use hboned::xds::convert::{ADDRESS_TYPE, AUTHORIZATION_TYPE, authorization_resource};
+    use hboned::xds::convert::{AUTHORIZATION_TYPE, authorization_resource};
     if !can_run() {
         return;
     }
-    let mut topo = Topology::create(bin()).unwrap();
-    let listener = topo
-        .netns("nb")
-        .unwrap()
-        .run(|| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })
-        .unwrap();
-    let mut ads = support::fake_ads::FakeAds::serve(listener);
-    let extra_b = format!("xds: {{address: \"http://{}\"}}\n", ads.addr);
-    topo.start_proxies(bin(), "", &extra_b).await.unwrap();
+    let (topo, _ads, mut xds) = with_control_plane_on_b().await;
     let (_echo, _peers) = demo::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
-    let mut xds = ads.accept().await;
-    assert_eq!(xds.next().await.type_url, ADDRESS_TYPE);
-    assert_eq!(xds.next().await.type_url, AUTHORIZATION_TYPE);
-    push(&mut xds, "a0", ADDRESS_TYPE, Vec::new(), &[]).await;
     push(&mut xds, "p0", AUTHORIZATION_TYPE, Vec::new(), &[]).await;
     // Istio's `rules: [{}]`, as istiod sends it: one rule with no clauses.
     let everything = |name: &str, action: Action| Authorization {

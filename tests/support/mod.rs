@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod fake_ads;
+pub mod topo;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -68,14 +69,16 @@ pub async fn server_with(
     metrics: Option<Arc<hboned::metrics::Metrics>>,
 ) -> Server {
     let workload = LocalWorkload {
-        identity: identity.clone(),
-        addresses: vec!["127.0.0.1".parse().unwrap()],
-        preserve_source_ip: false,
         state: policies,
         metrics,
-        drain: None,
+        ..localhost_workload(identity)
     };
-    serve_workload(ca, workload, "127.0.0.1:0".parse().unwrap())
+    serve(
+        certs_of(ca),
+        workload,
+        any_port(),
+        TunnelSettings::default(),
+    )
 }
 
 /// A server on `addr` (port 0: any) whose connections follow `drain`.
@@ -86,18 +89,10 @@ pub fn server_on(
     drain: Option<hboned::drain::Drain>,
 ) -> Server {
     let workload = LocalWorkload {
-        identity,
-        addresses: vec!["127.0.0.1".parse().unwrap()],
-        preserve_source_ip: false,
-        state: None,
-        metrics: None,
         drain,
+        ..localhost_workload(identity)
     };
-    serve_workload(ca, workload, addr)
-}
-
-fn serve_workload(ca: Arc<BuiltinCa>, workload: LocalWorkload, addr: SocketAddr) -> Server {
-    serve_workload_with(ca, workload, addr, TunnelSettings::default())
+    serve(certs_of(ca), workload, addr, TunnelSettings::default())
 }
 
 /// A server for the workload at 127.0.0.1 with these tunnel settings (short timeouts).
@@ -106,25 +101,42 @@ pub fn server_with_settings(
     identity: Identity,
     settings: TunnelSettings,
 ) -> Server {
-    let workload = LocalWorkload {
+    serve(
+        certs_of(ca),
+        localhost_workload(identity),
+        any_port(),
+        settings,
+    )
+}
+
+fn certs_of(ca: Arc<BuiltinCa>) -> Arc<CertificateManager> {
+    Arc::new(CertificateManager::new(ca))
+}
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// The workload at 127.0.0.1 presenting `identity`: no policies, metrics or drain.
+pub fn localhost_workload(identity: Identity) -> LocalWorkload {
+    LocalWorkload {
         identity,
         addresses: vec!["127.0.0.1".parse().unwrap()],
         preserve_source_ip: false,
         state: None,
         metrics: None,
         drain: None,
-    };
-    serve_workload_with(ca, workload, "127.0.0.1:0".parse().unwrap(), settings)
+    }
 }
 
-fn serve_workload_with(
-    ca: Arc<BuiltinCa>,
+/// Serves HBONE for `workload` on `addr` (port 0: any), certificates from `certs`.
+pub fn serve(
+    certs: Arc<CertificateManager>,
     workload: LocalWorkload,
     addr: SocketAddr,
     settings: TunnelSettings,
 ) -> Server {
     let identity = workload.identity.clone();
-    let certs = Arc::new(CertificateManager::new(ca));
     let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
     let listener = sockets.tcp_bind(addr).unwrap();
     let addr = listener.local_addr().unwrap();

@@ -1,0 +1,129 @@
+//! Helpers of the network-namespace tests (tests/netns.rs, tests/faults.rs): HTTP to the
+//! proxies' own ports inside a node, metrics, the proxy binary, and byte-stream checks.
+
+use std::io::ErrorKind;
+use std::path::Path;
+use std::time::Duration;
+
+use hboned::demo::Topology;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::within;
+
+/// GET `path` on 127.0.0.1:`port` inside a namespace of the topology; the whole response.
+pub fn http_get(topo: &Topology, netns: &str, port: u16, path: &str) -> String {
+    http(topo, netns, port, "GET", path)
+}
+
+/// `method path` on 127.0.0.1:`port` inside a namespace of the topology; the whole response.
+pub fn http(topo: &Topology, netns: &str, port: u16, method: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    topo.netns(netns)
+        .unwrap()
+        .run(|| {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            write!(
+                s,
+                "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .unwrap()
+}
+
+/// The value of `name{labels}` in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let series = format!("{name}{labels} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+pub fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_hboned"))
+}
+
+/// False (and a note) when these tests cannot run here; a panic on CI, where they must.
+pub fn can_run() -> bool {
+    if nix::unistd::Uid::effective().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").is_err(),
+        "the netns tests must run as root on CI"
+    );
+    eprintln!("skipped: needs root (network namespaces, iptables)");
+    false
+}
+
+/// Reads until the connection ends; `Err` with the kind when it was reset.
+pub async fn until_closed(s: &mut tokio::net::TcpStream) -> Result<usize, ErrorKind> {
+    let mut buf = [0u8; 1024];
+    let mut total = 0;
+    within(10, async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(total),
+                Ok(n) => total += n,
+                Err(e) => return Err(e.kind()),
+            }
+        }
+    })
+    .await
+}
+
+/// Writes `msg` and expects it echoed back.
+pub async fn echoes(s: &mut tokio::net::TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    within(10, s.read_exact(&mut back)).await.unwrap();
+    assert_eq!(back, msg);
+}
+
+/// Sends one delta response and waits for its ACK.
+pub async fn push(
+    xds: &mut super::fake_ads::AdsStream,
+    nonce: &str,
+    type_url: &str,
+    resources: Vec<hboned::proto::envoy::service::discovery::v3::Resource>,
+    removed: &[&str],
+) {
+    xds.send(type_url, nonce, resources, removed);
+    let ack = xds.next().await;
+    assert_eq!(
+        (ack.response_nonce.as_str(), ack.error_detail),
+        (nonce, None)
+    );
+}
+
+/// The topology with node B's proxy on a fake control plane that listens inside node B's netns
+/// (the proxy reaches it on 127.0.0.1 there): returns once both proxies serve and the stream
+/// has subscribed to addresses and policies, with the first (empty) address push ACKed.
+pub async fn with_control_plane_on_b() -> (
+    Topology,
+    super::fake_ads::FakeAds,
+    super::fake_ads::AdsStream,
+) {
+    use hboned::xds::convert::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
+    let mut topo = Topology::create(bin()).unwrap();
+    let listener = topo
+        .netns("nb")
+        .unwrap()
+        .run(|| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .unwrap();
+    let mut ads = super::fake_ads::FakeAds::serve(listener);
+    let extra_b = format!("xds: {{address: \"http://{}\"}}\n", ads.addr);
+    topo.start_proxies(bin(), "", &extra_b).await.unwrap();
+    let mut xds = ads.accept().await;
+    assert_eq!(xds.next().await.type_url, ADDRESS_TYPE);
+    assert_eq!(xds.next().await.type_url, AUTHORIZATION_TYPE);
+    push(&mut xds, "a0", ADDRESS_TYPE, Vec::new(), &[]).await;
+    (topo, ads, xds)
+}
