@@ -120,9 +120,7 @@ async fn echo_through_a_tunnel(
     msg: &[u8],
 ) {
     let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
-    let any = "127.0.0.1:0".parse().unwrap();
-    let workload = support::localhost_workload(server_id.clone());
-    let srv = support::serve(server_certs, workload, any, TunnelSettings::default());
+    let srv = serve_as(server_id, server_certs);
     let hbone_addr = srv.addr;
     let app = echo_app().await;
     let hbone = HboneClient::new(client_certs, sockets, TunnelSettings::default());
@@ -138,16 +136,32 @@ async fn echo_through_a_tunnel(
 }
 
 fn istio_ca(addr: std::net::SocketAddr, token: &std::path::Path) -> Arc<IstioCa> {
+    istio_ca_for(addr, token, Duration::from_secs(3600))
+}
+
+/// An Istio CA source asking for certificates that live `lifetime`.
+fn istio_ca_for(
+    addr: std::net::SocketAddr,
+    token: &std::path::Path,
+    lifetime: Duration,
+) -> Arc<IstioCa> {
     Arc::new(
         IstioCa::new(IstioCaSettings {
             address: format!("http://{addr}"),
             root_ca: None,
             token_file: Some(token.to_owned()),
             cluster_id: "c1".into(),
-            lifetime: Duration::from_secs(3600),
+            lifetime,
         })
         .unwrap(),
     )
+}
+
+/// An HBONE server on 127.0.0.1 presenting `server_id` with certificates from `certs`.
+fn serve_as(server_id: &Identity, certs: Arc<CertificateManager>) -> support::Server {
+    let workload = support::localhost_workload(server_id.clone());
+    let any = "127.0.0.1:0".parse().unwrap();
+    support::serve(certs, workload, any, TunnelSettings::default())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,29 +549,19 @@ async fn a_ca_down_at_renewal_keeps_the_valid_certificate_then_fails_closed() {
     std::fs::write(&token, "t0ken\n").unwrap();
     let client_id = Identity::new("cluster.local", "test", "client").unwrap();
     let server_id = Identity::new("cluster.local", "test", "server").unwrap();
-    let short = |lifetime| {
-        Arc::new(
-            IstioCa::new(IstioCaSettings {
-                address: format!("http://{addr}"),
-                root_ca: None,
-                token_file: Some(token.clone()),
-                cluster_id: "c1".into(),
-                lifetime,
-            })
-            .unwrap(),
-        )
-    };
     // The client's certificate lives 6 s; the server's an hour (fetched before the CA goes).
-    let client_certs = Arc::new(CertificateManager::new(short(Duration::from_secs(6))));
-    let server_certs = Arc::new(CertificateManager::new(short(Duration::from_secs(3600))));
+    let client_certs = Arc::new(CertificateManager::new(istio_ca_for(
+        addr,
+        &token,
+        Duration::from_secs(6),
+    )));
+    let server_certs = Arc::new(CertificateManager::new(istio_ca(addr, &token)));
     server_certs.fetch(&server_id).await.unwrap();
     let first = client_certs.fetch(&client_id).await.unwrap();
     down.store(true, std::sync::atomic::Ordering::SeqCst);
 
     let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
-    let any = "127.0.0.1:0".parse().unwrap();
-    let workload = support::localhost_workload(server_id.clone());
-    let srv = support::serve(server_certs, workload, any, TunnelSettings::default());
+    let srv = serve_as(&server_id, server_certs);
     let hbone_addr = srv.addr;
     let app = echo_app().await;
     let key = PoolKey::new(client_id.clone(), vec![server_id.clone()], hbone_addr, None);
