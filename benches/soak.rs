@@ -16,7 +16,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use hboned::demo::{A1, APP_PORT, B1, Topology};
+use hboned::testbed::{A1, APP_PORT, B1, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONNECTIONS: usize = 10_000;
@@ -226,5 +226,10 @@ async fn soak(duration: Duration) {
     );
     let _ = echo.kill();
     let _ = echo.wait();
-    drop(topo);
+    if std::env::var_os("HBONED_SOAK_JESTATS").is_some() {
+        let mut topo = std::sync::Arc::into_inner(topo).unwrap();
+        topo.stop_proxies();
+        std::fs::write("/tmp/soak-a.log", topo.log(0)).unwrap();
+        std::fs::write("/tmp/soak-b.log", topo.log(1)).unwrap();
+    }
 }

@@ -16,13 +16,6 @@ use tokio::sync::watch;
 
 pub mod log_filter;
 
-/// The readiness port (DESIGN §2).
-pub const READINESS_PORT: u16 = 15021;
-/// The Prometheus port (DESIGN §2).
-pub const METRICS_PORT: u16 = 15020;
-/// The admin port, localhost only (DESIGN §2).
-pub const ADMIN_PORT: u16 = 15000;
-
 fn respond(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
@@ -158,8 +151,17 @@ pub fn all_ready(mut sources: Vec<watch::Receiver<bool>>) -> watch::Receiver<boo
     rx
 }
 
+/// Why the log filter was not replaced (the old one stays).
+#[derive(Debug, thiserror::Error)]
+pub enum LogLevelError {
+    #[error("not a log filter: {0}")]
+    Filter(#[from] tracing_subscriber::filter::ParseError),
+    #[error("cannot install the filter: {0}")]
+    Reload(#[from] tracing_subscriber::reload::Error),
+}
+
 /// Replaces the process's log filter with a new `EnvFilter` directive string.
-pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), LogLevelError> + Send + Sync>;
 
 /// What the admin page (localhost:15000) reads and controls.
 pub struct AdminContext {

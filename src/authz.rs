@@ -1,6 +1,6 @@
 //! L4 authorization: Istio's `istio.security.Authorization` semantics as one pure function,
 //! [`evaluate`], over the domain type [`Policy`]. No I/O, no state, no protobuf: policies are
-//! converted once where they enter (xDS in `xds::convert`, the config file in `config`).
+//! converted once where they enter (xDS in `xds::convert`, the config file in [`config`]).
 //!
 //! The semantics, as ztunnel (`src/rbac.rs`) and istiod decide them:
 //! - A policy matches a connection when any of its rules does (rules OR). A rule matches when
@@ -27,6 +27,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 
 use crate::identity::Identity;
+
+pub mod config;
+pub use config::PolicyConfig;
 
 /// The facts about one connection that policies look at.
 #[derive(Debug, Clone, Copy)]

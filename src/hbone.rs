@@ -8,9 +8,6 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 
-/// The inbound HBONE port.
-pub const HBONE_PORT: u16 = 15008;
-
 pub const FORWARDED: &str = "forwarded";
 pub const BAGGAGE: &str = "baggage";
 pub const TRACEPARENT: &str = "traceparent";

@@ -6,25 +6,24 @@
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::backoff::Backoff;
 use crate::identity::{CertificateManager, Identity};
 use crate::netns::{Netns, PodSocketFactory, SocketFactory};
+use crate::ports;
 use crate::proto::zds;
 use crate::proxy::{
     HboneClient, InboundServer, LocalWorkload, Outbound, StateRouter, TunnelSettings, passthrough,
 };
 use crate::socket::{self, SeqPacket};
 use crate::state::SharedState;
-
-pub const OUTBOUND_PORT: u16 = 15001;
-pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
-pub const INBOUND_HBONE_PORT: u16 = 15008;
+use crate::sync::Lock;
 
 /// Who a pod is (ZDS `WorkloadInfo` plus its uid).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,11 +52,11 @@ pub struct NodeContext {
 /// The operations a node agent drives; [`PodManager`] is the real one, tests use a double.
 pub trait PodHandler: Send + Sync {
     /// Enroll (or re-enroll) a pod; the same uid and netns again is a no-op.
-    fn add(&self, info: PodInfo, netns: Netns) -> Result<(), String>;
+    fn add(&self, info: PodInfo, netns: Netns) -> Result<(), PodError>;
     /// Stop serving a pod; unknown uids are fine.
     fn remove(&self, uid: &str);
     /// Mark an enrolled pod as still present during a snapshot.
-    fn keep(&self, uid: &str) -> Result<(), String>;
+    fn keep(&self, uid: &str) -> Result<(), PodError>;
     /// A new agent session starts: forget which pods it has named so far.
     fn begin_snapshot(&self);
     /// The snapshot is complete: remove pods it did not name.
@@ -84,8 +83,8 @@ impl Drop for RunningPod {
 /// The pods this node serves.
 pub struct PodManager {
     ctx: NodeContext,
-    pods: Mutex<HashMap<String, RunningPod>>,
-    named: Mutex<HashSet<String>>,
+    pods: Lock<HashMap<String, RunningPod>>,
+    named: Lock<HashSet<String>>,
 }
 
 impl std::fmt::Debug for PodManager {
@@ -100,14 +99,14 @@ impl PodManager {
     pub fn new(ctx: NodeContext) -> Self {
         PodManager {
             ctx,
-            pods: Mutex::new(HashMap::new()),
-            named: Mutex::new(HashSet::new()),
+            pods: Lock::new(HashMap::new()),
+            named: Lock::new(HashSet::new()),
         }
     }
 
     /// The enrolled pods, with their identity and addresses.
     pub fn pods(&self) -> Vec<(PodInfo, Identity, Vec<IpAddr>)> {
-        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let pods = self.pods.lock();
         pods.values()
             .map(|p| (p.info.clone(), p.identity.clone(), p.addresses.clone()))
             .collect()
@@ -116,24 +115,25 @@ impl PodManager {
     /// Closes every pod's listeners (drain): live connections keep running, new ones go to
     /// whichever proxy still listens on the same ports (SO_REUSEPORT), or are refused.
     pub fn stop_listening(&self) {
-        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pods = self.pods.lock();
         pods.clear();
         self.ctx.metrics.enrolled_pods.set(0);
     }
 
     /// Creates a pod's listeners in its netns and starts serving them. Must run inside the
     /// tokio runtime.
-    fn start(&self, info: &PodInfo, netns: Netns) -> Result<RunningPod, String> {
+    fn start(&self, info: &PodInfo, netns: Netns) -> Result<RunningPod, PodError> {
         let ctx = &self.ctx;
+        let uid = || info.uid.clone();
         let identity = Identity::new(&ctx.trust_domain, &info.namespace, &info.service_account)
-            .map_err(|e| format!("pod {}: {e}", info.uid))?;
+            .map_err(|source| PodError::Identity { uid: uid(), source })?;
         let netns_inode = netns
             .inode()
-            .map_err(|e| format!("pod {}: {e}", info.uid))?;
+            .map_err(|source| PodError::Netns { uid: uid(), source })?;
         let netns = Arc::new(netns);
         let addresses = netns
             .addresses()
-            .map_err(|e| format!("pod {}: cannot read its addresses: {e}", info.uid))?;
+            .map_err(|source| PodError::Addresses { uid: uid(), source })?;
         if let Err(e) = netns.enable_accept_queue_migration() {
             // An older kernel: an upgrade's overlap may then reset a connection or two.
             tracing::debug!(pod = %info.uid, error = %e, "cannot enable tcp_migrate_req");
@@ -145,13 +145,14 @@ impl PodManager {
             unspecified.push(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
         }
         let bind = |ip: IpAddr, port| {
-            sockets.tcp_bind(SocketAddr::new(ip, port)).map_err(|e| {
-                format!(
-                    "pod {}: cannot listen on port {port} in {}: {e}",
-                    info.uid,
-                    netns.name()
-                )
-            })
+            sockets
+                .tcp_bind(SocketAddr::new(ip, port))
+                .map_err(|source| PodError::Listen {
+                    uid: uid(),
+                    port,
+                    netns: netns.name().to_owned(),
+                    source,
+                })
         };
         let client = Arc::new(HboneClient::new(
             ctx.certs.clone(),
@@ -192,9 +193,9 @@ impl PodManager {
         let mut listeners = Vec::new();
         for ip in unspecified {
             listeners.push((
-                bind(ip, OUTBOUND_PORT)?,
-                bind(ip, INBOUND_PLAINTEXT_PORT)?,
-                bind(ip, INBOUND_HBONE_PORT)?,
+                bind(ip, ports::OUTBOUND)?,
+                bind(ip, ports::INBOUND_PLAINTEXT)?,
+                bind(ip, ports::HBONE)?,
             ));
         }
         let mut tasks = Vec::new();
@@ -232,14 +233,11 @@ impl PodManager {
 }
 
 impl PodHandler for PodManager {
-    fn add(&self, info: PodInfo, netns: Netns) -> Result<(), String> {
-        self.named
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(info.uid.clone());
+    fn add(&self, info: PodInfo, netns: Netns) -> Result<(), PodError> {
+        self.named.lock().insert(info.uid.clone());
         let inode = netns.inode().ok();
         {
-            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            let pods = self.pods.lock();
             if let Some(running) = pods.get(&info.uid)
                 && Some(running.netns_inode) == inode
                 && running.info == info
@@ -251,7 +249,7 @@ impl PodHandler for PodManager {
         // the new ones can bind.
         self.remove(&info.uid);
         let running = self.start(&info, netns)?;
-        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let mut pods = self.pods.lock();
         pods.insert(info.uid, running);
         self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
         Ok(())
@@ -259,7 +257,7 @@ impl PodHandler for PodManager {
 
     fn remove(&self, uid: &str) {
         let removed = {
-            let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            let mut pods = self.pods.lock();
             let removed = pods.remove(uid);
             self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
             removed
@@ -268,7 +266,6 @@ impl PodHandler for PodManager {
             let still_used = self
                 .pods
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
                 .values()
                 .any(|p| p.identity == pod.identity);
             if !still_used {
@@ -278,34 +275,23 @@ impl PodHandler for PodManager {
         }
     }
 
-    fn keep(&self, uid: &str) -> Result<(), String> {
-        if !self
-            .pods
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(uid)
-        {
-            return Err(format!(
-                "keep for unknown pod {uid}: send AddWorkload with its netns"
-            ));
+    fn keep(&self, uid: &str) -> Result<(), PodError> {
+        if !self.pods.lock().contains_key(uid) {
+            return Err(PodError::NotEnrolled(uid.to_owned()));
         }
-        self.named
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(uid.to_owned());
+        self.named.lock().insert(uid.to_owned());
         Ok(())
     }
 
     fn begin_snapshot(&self) {
-        self.named.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.named.lock().clear();
     }
 
     fn snapshot_sent(&self) {
-        let named = self.named.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let named = self.named.lock().clone();
         let stale: Vec<String> = self
             .pods
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .keys()
             .filter(|uid| !named.contains(*uid))
             .cloned()
@@ -334,7 +320,6 @@ impl PodManager {
                     let enrolled = manager
                         .pods
                         .lock()
-                        .unwrap_or_else(|p| p.into_inner())
                         .get(uid)
                         .map(|p| p.netns_inode);
                     let now = std::fs::metadata(path).map(|m| {
@@ -355,6 +340,55 @@ impl PodManager {
             }
         });
     }
+}
+
+/// Why a pod could not be enrolled or kept; the ZDS Ack carries it to the node agent.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("cannot open the netns {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("pod {uid}: {source}")]
+    Identity {
+        uid: String,
+        source: crate::identity::IdentityError,
+    },
+    #[error("pod {uid}: cannot inspect its netns: {source}")]
+    Netns { uid: String, source: std::io::Error },
+    #[error("pod {uid}: cannot read its addresses: {source}")]
+    Addresses { uid: String, source: std::io::Error },
+    #[error(
+        "pod {uid}: cannot listen on port {port} in {netns}: {source} (is another proxy without SO_REUSEPORT holding it?)"
+    )]
+    Listen {
+        uid: String,
+        port: u16,
+        netns: String,
+        source: std::io::Error,
+    },
+    #[error("keep for pod {0}, which is not enrolled: send AddWorkload with its netns")]
+    NotEnrolled(String),
+}
+
+/// Why one ZDS request was refused (the Ack's error; the session goes on).
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("cannot decode WorkloadRequest: {0}")]
+    Decode(prost::DecodeError),
+    #[error("request refused: {0} (at most {MAX_ZDS_MESSAGE} bytes)")]
+    Oversized(std::io::Error),
+    #[error("AddWorkload {uid} must carry exactly one netns fd, got {got}")]
+    Descriptors { uid: String, got: usize },
+    #[error("AddWorkload {0} has no workload_info")]
+    NoWorkloadInfo(String),
+    #[error("AddWorkload has an empty uid")]
+    EmptyUid,
+    #[error("WorkloadRequest without a payload (a newer agent?)")]
+    NoPayload,
+    #[error(transparent)]
+    Pod(#[from] PodError),
 }
 
 /// Why a ZDS session ended.
@@ -386,13 +420,13 @@ pub async fn zds_session(
             Ok((0, _)) => return Ok(()),
             Ok((n, fds)) => match zds::WorkloadRequest::decode(&buf[..n]) {
                 Ok(request) => handle_request(request, fds, handler, ready),
-                Err(e) => Err(format!("cannot decode WorkloadRequest: {e}")),
+                Err(e) => Err(RequestError::Decode(e)),
             },
             // One oversized datagram (or too many descriptors) is refused; SEQPACKET keeps the
             // boundaries, so the next one is whole again. Descriptors it carried are closed.
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(format!(
-                "request refused: {e} (at most {MAX_ZDS_MESSAGE} bytes)"
-            )),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Err(RequestError::Oversized(e))
+            }
             Err(e) => return Err(e.into()),
         };
         if let Err(error) = &result {
@@ -400,7 +434,7 @@ pub async fn zds_session(
         }
         let ack = zds::WorkloadResponse {
             payload: Some(zds::workload_response::Payload::Ack(zds::Ack {
-                error: result.err().unwrap_or_default(),
+                error: result.err().map(|e| e.to_string()).unwrap_or_default(),
             })),
         };
         conn.send(&ack.encode_to_vec(), &[]).await?;
@@ -412,22 +446,21 @@ fn handle_request(
     mut fds: Vec<std::os::fd::OwnedFd>,
     handler: &dyn PodHandler,
     ready: &watch::Sender<bool>,
-) -> Result<(), String> {
+) -> Result<(), RequestError> {
     use zds::workload_request::Payload;
     match request.payload {
         Some(Payload::Add(add)) => {
             if fds.len() != 1 {
-                return Err(format!(
-                    "AddWorkload {} must carry exactly one netns fd, got {}",
-                    add.uid,
-                    fds.len()
-                ));
+                return Err(RequestError::Descriptors {
+                    uid: add.uid,
+                    got: fds.len(),
+                });
             }
-            let info = add
-                .workload_info
-                .ok_or_else(|| format!("AddWorkload {} has no workload_info", add.uid))?;
+            let Some(info) = add.workload_info else {
+                return Err(RequestError::NoWorkloadInfo(add.uid));
+            };
             if add.uid.is_empty() {
-                return Err("AddWorkload has an empty uid".into());
+                return Err(RequestError::EmptyUid);
             }
             let netns = Netns::from_fd(fds.remove(0), format!("netns of pod {}", add.uid));
             let pod = PodInfo {
@@ -436,30 +469,30 @@ fn handle_request(
                 namespace: info.namespace,
                 service_account: info.service_account,
             };
-            handler.add(pod, netns)
+            Ok(handler.add(pod, netns)?)
         }
         Some(Payload::Del(del)) => {
             handler.remove(&del.uid);
             Ok(())
         }
-        Some(Payload::Keep(keep)) => handler.keep(&keep.uid),
+        Some(Payload::Keep(keep)) => Ok(handler.keep(&keep.uid)?),
         Some(Payload::SnapshotSent(_)) => {
             handler.snapshot_sent();
             ready.send_replace(true);
             Ok(())
         }
-        None => Err("WorkloadRequest without a payload (a newer agent?)".into()),
+        None => Err(RequestError::NoPayload),
     }
 }
 
 /// Keeps a session with the agent at `path` up, reconnecting with capped, jittered backoff.
 pub async fn run_zds(path: &Path, handler: Arc<dyn PodHandler>, ready: watch::Sender<bool>) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
     loop {
         match SeqPacket::connect(path) {
             Ok(conn) => {
                 tracing::info!(path = %path.display(), "connected to the node agent (ZDS)");
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 match zds_session(&conn, &*handler, &ready).await {
                     Ok(()) => tracing::warn!("node agent closed the ZDS connection; reconnecting"),
                     Err(e) => tracing::warn!(error = %e, "ZDS session failed; reconnecting"),
@@ -469,9 +502,7 @@ pub async fn run_zds(path: &Path, handler: Arc<dyn PodHandler>, ready: watch::Se
                 tracing::debug!(path = %path.display(), error = %e, "node agent not reachable yet")
             }
         }
-        let jitter = Duration::from_millis(rand::random::<u64>() % 100);
-        tokio::time::sleep(backoff + jitter).await;
-        backoff = (backoff * 2).min(Duration::from_secs(15));
+        backoff.wait().await;
     }
 }
 

@@ -22,26 +22,34 @@
 //!   socket options and SEQPACKET (the only other place that touches the OS directly).
 //! - [`metrics`], [`admin`], [`drain`]: Prometheus metrics and access logs, the proxy's own HTTP
 //!   endpoints, graceful drain.
-//! - [`config`]: the YAML configuration; [`app`]: wiring for the `hboned` binary; [`demo`]: the
-//!   namespace topology of `hboned demo` and the netns tests; [`proto`]: generated protobufs.
+//! - [`config`]: the YAML configuration; [`app`]: wiring for the `hboned` binary;
+//!   [`proto`]: generated protobufs.
+//! - `testbed` (cargo feature `testbed`, off in the release image): the namespace topology of
+//!   `hboned demo`, the netns tests and benches.
 //!
 //! ARCHITECTURE.md has the ports, threads and data path on one page.
 
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod backoff;
 pub mod config;
-pub mod demo;
+pub mod control_plane;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
 pub mod metrics;
 pub mod netns;
+pub mod ports;
 pub mod proto;
 pub mod proxy;
 pub mod redirect;
 pub mod socket;
 pub mod state;
+pub mod sync;
 pub mod tls;
 pub mod xds;
+
+#[cfg(feature = "testbed")]
+pub mod testbed;

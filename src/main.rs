@@ -41,6 +41,8 @@ enum Command {
     },
     /// Build a two-node, five-pod topology in network namespaces (root needed), run one hboned
     /// per node, send traffic, show that the wire carried only TLS, and tear it all down.
+    /// (Built with the `testbed` feature only: `bash scripts/demo`.)
+    #[cfg(feature = "testbed")]
     Demo {
         /// Also measure pod-to-pod throughput through the proxies next to raw TCP.
         #[arg(long)]
@@ -121,18 +123,22 @@ fn main() -> anyhow::Result<()> {
     } else {
         logs.with(fmt::layer().with_writer(std::io::stderr)).init();
     }
-    let set_log_level = move |level: &str| -> Result<(), String> {
-        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
-        filter_handle.reload(filter).map_err(|e| e.to_string())
+    let set_log_level = move |level: &str| -> Result<(), hboned::admin::LogLevelError> {
+        Ok(filter_handle.reload(EnvFilter::try_new(level)?)?)
     };
     match cli.command {
         Command::Run { config } => {
             let config = hboned::config::Config::load(config.as_deref())?;
-            runtime()?.block_on(app::run_node(config, Box::new(set_log_level)))
+            runtime()?.block_on(app::run(
+                config,
+                Box::new(set_log_level),
+                app::shutdown_signal(),
+            ))
         }
+        #[cfg(feature = "testbed")]
         Command::Demo { throughput } => {
             let bin = std::env::current_exe().context("locating the hboned binary")?;
-            runtime()?.block_on(hboned::demo::run(&bin, throughput))
+            runtime()?.block_on(hboned::testbed::run(&bin, throughput))
         }
         Command::Loopback {
             outbound,
@@ -140,13 +146,16 @@ fn main() -> anyhow::Result<()> {
             ca_dir,
             cert_lifetime_secs,
             check_only,
-        } => runtime()?.block_on(app::run_loopback(app::LoopbackSettings {
-            outbound,
-            inbound,
-            ca_dir,
-            cert_lifetime: Duration::from_secs(cert_lifetime_secs),
-            check_only,
-        })),
+        } => runtime()?.block_on(app::run_loopback(
+            app::LoopbackSettings {
+                outbound,
+                inbound,
+                ca_dir,
+                cert_lifetime: Duration::from_secs(cert_lifetime_secs),
+                check_only,
+            },
+            app::shutdown_signal(),
+        )),
         Command::Redirect { action } => {
             let (netns, install) = match action {
                 RedirectAction::Install { netns } => (netns, true),

@@ -64,6 +64,7 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Where the failure lies: our own state (a certificate) or the peer (logged with it).
     pub fn side(&self) -> Side {
         match self {
             ProxyError::Certificate(_) | ProxyError::TlsConfig(_) => Side::Internal,

@@ -54,8 +54,6 @@ pub enum RedirectError {
         netns: String,
         stderr: String,
     },
-    #[error(transparent)]
-    Netns(#[from] io::Error),
 }
 
 /// One address family's tools and loopback address.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::authz::{Policy, Scope};
 use crate::identity::Identity;
 
+pub mod from_config;
 mod shared;
 pub use shared::SharedState;
 
@@ -82,9 +83,6 @@ pub enum Upstream {
     /// Refused, with a reason for the log.
     Refuse(&'static str),
 }
-
-/// The ports of the proxy itself (DESIGN §2); a connection to them on a pod would loop.
-pub const PROXY_PORTS: [u16; 3] = [15001, 15006, 15008];
 
 /// Workloads and services, indexed for the data path's lookups.
 #[derive(Debug, Default, Clone)]
@@ -308,7 +306,9 @@ impl State {
     /// among a service's endpoints (the caller passes something that varies per connection).
     pub fn route(&self, source_ips: &[IpAddr], dst: SocketAddr, pick: usize) -> Upstream {
         let ip = dst.ip();
-        if PROXY_PORTS.contains(&dst.port()) && (ip.is_loopback() || source_ips.contains(&ip)) {
+        if crate::ports::POD_LISTENERS.contains(&dst.port())
+            && (ip.is_loopback() || source_ips.contains(&ip))
+        {
             return Upstream::Refuse("destination is the proxy itself");
         }
         if let Some(svc) = self.service_by_vip(ip) {

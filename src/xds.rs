@@ -11,17 +11,19 @@ pub mod convert;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+use crate::backoff::Backoff;
 use crate::identity::manager::BoxFuture;
 use crate::proto::envoy::config::core::v3::Node;
 use crate::proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use crate::proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use crate::state::SharedState;
+use crate::sync::Lock;
 use convert::{ADDRESS_TYPE, AUTHORIZATION_TYPE, Tracked};
 
 /// How to reach and talk to the control plane.
@@ -35,7 +37,9 @@ pub struct XdsSettings {
     pub token_file: Option<PathBuf>,
     /// Sent as `clusterid` metadata and in the node metadata.
     pub cluster_id: String,
+    /// The Node id (`ztunnel~<ip>~<pod>.<ns>~<ns>.svc.cluster.local` for istiod).
     pub node_id: String,
+    /// Node metadata, besides what the client adds itself.
     pub node_metadata: BTreeMap<String, String>,
     /// Default trust domain for resources that name none.
     pub trust_domain: String,
@@ -47,17 +51,39 @@ pub struct XdsSettings {
     pub on_demand_timeout: Duration,
 }
 
+impl XdsSettings {
+    /// The settings from the config, when it names a control plane (`xds.address`).
+    pub fn from_config(config: &crate::config::Config) -> Option<Self> {
+        let xds = &config.xds;
+        if xds.address.is_empty() {
+            return None;
+        }
+        Some(XdsSettings {
+            address: xds.address.clone(),
+            root_ca: xds.root_ca.clone(),
+            token_file: xds.token_file.clone(),
+            cluster_id: config.cluster_id.clone(),
+            node_id: if xds.node_id.is_empty() {
+                config.node.clone()
+            } else {
+                xds.node_id.clone()
+            },
+            node_metadata: xds.node_metadata.clone(),
+            trust_domain: config.trust_domain.clone(),
+            network: xds.network.clone(),
+            on_demand: xds.on_demand,
+            on_demand_timeout: Duration::from_millis(xds.on_demand_timeout_ms.unwrap_or(5000)),
+        })
+    }
+}
+
 /// Why a stream ended.
 #[derive(Debug, thiserror::Error)]
 pub enum XdsError {
-    #[error("invalid control plane address {address:?}: {reason}")]
-    Address { address: String, reason: String },
-    #[error("cannot read {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Channel(#[from] crate::control_plane::ChannelError),
+    #[error(transparent)]
+    Token(#[from] crate::control_plane::TokenError),
     #[error("cannot connect to the control plane: {0} (is the address right and reachable?)")]
     Connect(#[from] tonic::transport::Error),
     #[error("control plane stream failed: {0}")]
@@ -75,15 +101,15 @@ pub trait Resolver: Send + Sync + std::fmt::Debug {
 pub struct XdsClient {
     settings: XdsSettings,
     state: Arc<SharedState>,
-    tracked: Mutex<Tracked>,
+    tracked: Lock<Tracked>,
     /// The live stream's request sender, if connected.
-    requests: Mutex<Option<mpsc::UnboundedSender<DeltaDiscoveryRequest>>>,
+    requests: Lock<Option<mpsc::UnboundedSender<DeltaDiscoveryRequest>>>,
     /// Names subscribed on demand; resent on every reconnect.
-    on_demand: Mutex<BTreeSet<String>>,
+    on_demand: Lock<BTreeSet<String>>,
     /// Bumped after every applied response (on-demand waiters watch it).
     changed: watch::Sender<u64>,
     ready: watch::Sender<bool>,
-    applied_types: Mutex<HashSet<String>>,
+    applied_types: Lock<HashSet<String>>,
     rejected: prometheus_client::metrics::counter::Counter,
     dropped: prometheus_client::metrics::counter::Counter,
 }
@@ -93,12 +119,12 @@ impl XdsClient {
         Arc::new(XdsClient {
             settings,
             state,
-            tracked: Mutex::new(Tracked::default()),
-            requests: Mutex::new(None),
-            on_demand: Mutex::new(BTreeSet::new()),
+            tracked: Lock::new(Tracked::default()),
+            requests: Lock::new(None),
+            on_demand: Lock::new(BTreeSet::new()),
             changed: watch::channel(0).0,
             ready: watch::channel(false).0,
-            applied_types: Mutex::new(HashSet::new()),
+            applied_types: Lock::new(HashSet::new()),
             rejected: Default::default(),
             dropped: Default::default(),
         })
@@ -137,7 +163,7 @@ impl XdsClient {
 
     /// Keeps a stream to the control plane up, forever.
     pub async fn run(self: Arc<Self>) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
         loop {
             let before = *self.changed.borrow();
             match self.session().await {
@@ -148,41 +174,15 @@ impl XdsClient {
             }
             // A stream that delivered something was healthy: start the backoff over.
             if *self.changed.borrow() != before {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
             }
-            let jitter =
-                Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
-            tokio::time::sleep(backoff + jitter).await;
-            backoff = (backoff * 2).min(Duration::from_secs(15));
+            backoff.wait().await;
         }
     }
 
     async fn channel(&self) -> Result<tonic::transport::Channel, XdsError> {
-        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-        let address = &self.settings.address;
-        let bad = |reason: String| XdsError::Address {
-            address: address.clone(),
-            reason,
-        };
-        let mut endpoint = Endpoint::from_shared(address.clone())
-            .map_err(|e| bad(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30));
-        if address.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new();
-            if let Some(path) = &self.settings.root_ca {
-                let pem = std::fs::read(path).map_err(|source| XdsError::Read {
-                    what: "control plane root CA",
-                    path: path.display().to_string(),
-                    source,
-                })?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint = endpoint.tls_config(tls)?;
-        } else if !address.starts_with("http://") {
-            return Err(bad("use http:// or https://".into()));
-        }
+        let root_ca = self.settings.root_ca.as_deref();
+        let endpoint = crate::control_plane::endpoint(&self.settings.address, root_ca)?;
         Ok(endpoint.connect().await?)
     }
 
@@ -225,7 +225,7 @@ impl XdsClient {
         type_url: &str,
         on_demand: &BTreeSet<String>,
     ) -> DeltaDiscoveryRequest {
-        let tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        let tracked = self.tracked.lock();
         let (subscribe, unsubscribe) = if self.settings.on_demand && type_url == ADDRESS_TYPE {
             (on_demand.iter().cloned().collect(), vec!["*".to_owned()])
         } else {
@@ -249,14 +249,18 @@ impl XdsClient {
         {
             // Under the on-demand lock: a lookup either lands in these initial requests or is
             // sent on `tx` after it, never lost in between.
-            let names = self.on_demand.lock().unwrap_or_else(|p| p.into_inner());
+            let names = self.on_demand.lock();
             for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
                 let _ = tx.send(self.initial_request(type_url, &names));
             }
-            *self.requests.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+            *self.requests.lock() = Some(tx.clone());
         }
         let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx));
-        self.add_metadata(&mut request)?;
+        crate::control_plane::add_metadata(
+            &mut request,
+            self.settings.token_file.as_deref(),
+            &self.settings.cluster_id,
+        )?;
         let result = async {
             let mut stream = client.delta_aggregated_resources(request).await?.into_inner();
             tracing::info!(address = %self.settings.address, on_demand = self.settings.on_demand, "xDS stream open");
@@ -266,33 +270,8 @@ impl XdsClient {
             Ok(())
         }
         .await;
-        *self.requests.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.requests.lock() = None;
         result
-    }
-
-    fn add_metadata<T>(&self, request: &mut tonic::Request<T>) -> Result<(), XdsError> {
-        use tonic::metadata::MetadataValue;
-        if let Some(path) = &self.settings.token_file {
-            let token = std::fs::read_to_string(path).map_err(|source| XdsError::Read {
-                what: "token file",
-                path: path.display().to_string(),
-                source,
-            })?;
-            let value =
-                MetadataValue::try_from(format!("Bearer {}", token.trim())).map_err(|e| {
-                    XdsError::Address {
-                        address: path.display().to_string(),
-                        reason: format!("token is not a valid header value: {e}"),
-                    }
-                })?;
-            request.metadata_mut().insert("authorization", value);
-        }
-        if !self.settings.cluster_id.is_empty()
-            && let Ok(value) = MetadataValue::try_from(self.settings.cluster_id.as_str())
-        {
-            request.metadata_mut().insert("clusterid", value);
-        }
-        Ok(())
     }
 
     /// Applies a response and returns its (N)ACK.
@@ -301,7 +280,7 @@ impl XdsClient {
         response: &crate::proto::envoy::service::discovery::v3::DeltaDiscoveryResponse,
     ) -> DeltaDiscoveryRequest {
         let applied = self.state.write(|state| {
-            let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+            let mut tracked = self.tracked.lock();
             convert::apply_delta(state, &mut tracked, response, &self.settings.trust_domain)
         });
         if !applied.dropped.is_empty() {
@@ -315,7 +294,7 @@ impl XdsClient {
             tracing::warn!(type_url = %response.type_url, rejected = ?applied.rejected, upserted = applied.upserted, "xDS resources rejected (NACK); keeping their last good versions");
         }
         self.changed.send_modify(|generation| *generation += 1);
-        let mut seen = self.applied_types.lock().unwrap_or_else(|p| p.into_inner());
+        let mut seen = self.applied_types.lock();
         seen.insert(response.type_url.clone());
         if !*self.ready.borrow() && self.required_types().iter().all(|t| seen.contains(*t)) {
             tracing::info!("xDS ready: every subscribed type applied");
@@ -340,13 +319,9 @@ impl XdsClient {
         }
         let name = format!("{}/{ip}", self.settings.network);
         {
-            let mut names = self.on_demand.lock().unwrap_or_else(|p| p.into_inner());
+            let mut names = self.on_demand.lock();
             if names.insert(name.clone())
-                && let Some(tx) = self
-                    .requests
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .as_ref()
+                && let Some(tx) = self.requests.lock().as_ref()
             {
                 let _ = tx.send(DeltaDiscoveryRequest {
                     type_url: ADDRESS_TYPE.to_owned(),

@@ -660,12 +660,16 @@ async fn catalogue_admin_ports() {
 struct Refusing;
 
 impl hboned::inpod::PodHandler for Refusing {
-    fn add(&self, _: hboned::inpod::PodInfo, _: hboned::netns::Netns) -> Result<(), String> {
+    fn add(
+        &self,
+        _: hboned::inpod::PodInfo,
+        _: hboned::netns::Netns,
+    ) -> Result<(), hboned::inpod::PodError> {
         Ok(())
     }
     fn remove(&self, _: &str) {}
-    fn keep(&self, uid: &str) -> Result<(), String> {
-        Err(format!("pod {uid} is not enrolled"))
+    fn keep(&self, uid: &str) -> Result<(), hboned::inpod::PodError> {
+        Err(hboned::inpod::PodError::NotEnrolled(uid.to_owned()))
     }
     fn begin_snapshot(&self) {}
     fn snapshot_sent(&self) {}

@@ -11,7 +11,7 @@ mod support;
 use std::io::ErrorKind;
 use std::time::Duration;
 
-use hboned::demo::{self, A1, A2, APP_PORT, B1, B3, Topology};
+use hboned::testbed::{self, A1, A2, APP_PORT, B1, B3, Topology};
 use support::topo::*;
 use support::{eventually, within};
 use tokio::io::AsyncWriteExt;
@@ -34,7 +34,7 @@ async fn a_peer_proxy_killed_mid_stream_resets_and_never_falls_back_to_plaintext
         return;
     }
     let mut topo = Topology::start(bin()).await.unwrap();
-    let (_echo, peers) = demo::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
+    let (_echo, peers) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     let mut live = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
     echoes(&mut live, b"before the crash").await;
     let seen = peers.lock().unwrap().len();
@@ -71,7 +71,7 @@ async fn with_the_control_plane_gone_the_last_state_keeps_serving() {
         return;
     }
     let (mut topo, ads, mut xds) = with_control_plane_on_b().await;
-    let (_echo, _peers) = demo::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
+    let (_echo, _peers) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     // Plaintext (no principal) to b1 denied, by a policy only the control plane knows.
     let deny_plaintext = Authorization {
         name: "no-plaintext".into(),
@@ -152,7 +152,7 @@ async fn a_pod_whose_netns_is_deleted_is_removed() {
     // `b3` (our open handle) keeps the namespace itself alive: the listener must go anyway.
     eventually(10, || !listening(&b3)).await;
     eventually(10, || topo.log(1).contains("pod netns gone")).await;
-    let (_echo, _peers) = demo::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
+    let (_echo, _peers) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     let mut s = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
     echoes(&mut s, b"the other pods go on").await;
 }
@@ -167,7 +167,7 @@ async fn at_the_descriptor_limit_the_proxy_backs_off_and_recovers() {
     }
     let mut topo = Topology::create(bin()).unwrap();
     topo.limit_descriptors(64, 128);
-    topo.start_proxies(bin(), "", "").await.unwrap();
+    topo.start_proxies(bin(), |_| {}, |_| {}).await.unwrap();
     let pid = topo.pid(1).unwrap();
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let open_files = limits
@@ -180,7 +180,7 @@ async fn at_the_descriptor_limit_the_proxy_backs_off_and_recovers() {
         .collect();
     assert_eq!(nums, ["128", "128"], "soft raised to hard: {open_files}");
 
-    let (_echo, _peers) = demo::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
+    let (_echo, _peers) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     // Plaintext a2 → b1 costs node B's proxy two descriptors a connection (accepted, dialed).
     let mut held = Vec::new();
     let mut refused = Vec::new();

@@ -11,7 +11,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::Duration;
 
-use hboned::demo::{self, A1, A2, APP_PORT, B1, B2, B3, B3_AS_SEEN_BY_A, Capture, Topology};
+use hboned::testbed::{self, A1, A2, APP_PORT, B1, B2, B3, B3_AS_SEEN_BY_A, Capture, Topology};
 use prost::Message;
 use support::topo::*;
 use support::{Fnv, pattern, within};
@@ -24,10 +24,10 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     }
     let topo = Topology::start(bin()).await.unwrap();
     let prefix = topo.prefix().to_owned();
-    let (_e1, peers_b1) = demo::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
-    let (_e2, _) = demo::spawn_echo(topo.listen(B2.name, APP_PORT).unwrap());
-    let (_e3, peers_b3) = demo::spawn_echo(topo.listen(B3.name, APP_PORT).unwrap());
-    let (_e4, peers_a1) = demo::spawn_echo(topo.listen(A1.name, APP_PORT).unwrap());
+    let (_e1, peers_b1) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
+    let (_e2, _) = testbed::spawn_echo(topo.listen(B2.name, APP_PORT).unwrap());
+    let (_e3, peers_b3) = testbed::spawn_echo(topo.listen(B3.name, APP_PORT).unwrap());
+    let (_e4, peers_a1) = testbed::spawn_echo(topo.listen(A1.name, APP_PORT).unwrap());
     let marker = b"hboned-PLAINTEXT-marker-7f3a";
 
     // The capture runs on the node-to-node link through (c) and (a).
@@ -40,7 +40,7 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     let first = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
     let mut early = marker.to_vec();
     early.extend_from_slice(&pattern(1, 64 * 1024));
-    let back = within(20, demo::echo_roundtrip(first, &early))
+    let back = within(20, testbed::echo_roundtrip(first, &early))
         .await
         .unwrap();
     assert_eq!(
@@ -55,7 +55,7 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
         data.extend_from_slice(&pattern(data.len() as u64, 4000));
     }
     let stream = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
-    let back = within(60, demo::echo_roundtrip(stream, &data))
+    let back = within(60, testbed::echo_roundtrip(stream, &data))
         .await
         .unwrap();
     let (mut sent, mut got) = (Fnv::default(), Fnv::default());
@@ -72,7 +72,9 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     v6_data.extend_from_slice(&pattern(6, 256 * 1024));
     let s = topo.connect(A1.name, B1.addr6(APP_PORT)).await.unwrap();
     assert_eq!(
-        within(20, demo::echo_roundtrip(s, &v6_data)).await.unwrap(),
+        within(20, testbed::echo_roundtrip(s, &v6_data))
+            .await
+            .unwrap(),
         v6_data
     );
     let seen = peers_b1.lock().unwrap().last().copied().unwrap();
@@ -130,10 +132,10 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
 
     // A service VIP resolves to its endpoint (b1) with the port translated, through HBONE.
     let before = peers_b1.lock().unwrap().len();
-    let vip = std::net::SocketAddr::from((demo::SERVICE_VIP, demo::SERVICE_PORT));
+    let vip = std::net::SocketAddr::from((testbed::SERVICE_VIP, testbed::SERVICE_PORT));
     let s = topo.connect(A1.name, vip).await.unwrap();
     assert_eq!(
-        within(20, demo::echo_roundtrip(s, b"via the VIP"))
+        within(20, testbed::echo_roundtrip(s, b"via the VIP"))
             .await
             .unwrap(),
         b"via the VIP"
@@ -149,12 +151,16 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     // (d) Enrolled ↔ not enrolled: plaintext both ways, no errors.
     let s = topo.connect(A1.name, B2.addr(APP_PORT)).await.unwrap();
     assert_eq!(
-        within(20, demo::echo_roundtrip(s, b"to b2")).await.unwrap(),
+        within(20, testbed::echo_roundtrip(s, b"to b2"))
+            .await
+            .unwrap(),
         b"to b2"
     );
     let s = topo.connect(B2.name, A1.addr(APP_PORT)).await.unwrap();
     assert_eq!(
-        within(20, demo::echo_roundtrip(s, b"to a1")).await.unwrap(),
+        within(20, testbed::echo_roundtrip(s, b"to a1"))
+            .await
+            .unwrap(),
         b"to a1"
     );
     let last = *peers_a1.lock().unwrap().last().unwrap();
@@ -165,7 +171,7 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     );
     let s = topo.connect(B2.name, A1.addr6(APP_PORT)).await.unwrap();
     assert_eq!(
-        within(20, demo::echo_roundtrip(s, b"v6 to a1"))
+        within(20, testbed::echo_roundtrip(s, b"v6 to a1"))
             .await
             .unwrap(),
         b"v6 to a1"
@@ -178,14 +184,16 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     );
 
     // Policy on 15006: plaintext to a1's port 7001 is denied (reset, never delivered).
-    let (_e5, peers_a1_denied) =
-        demo::spawn_echo(topo.listen(A1.name, demo::DENIED_PLAINTEXT_PORT).unwrap());
+    let (_e5, peers_a1_denied) = testbed::spawn_echo(
+        topo.listen(A1.name, testbed::DENIED_PLAINTEXT_PORT)
+            .unwrap(),
+    );
     // The reset can land before connect() even returns: both are a refusal.
     let denied = match topo
-        .connect(B2.name, A1.addr(demo::DENIED_PLAINTEXT_PORT))
+        .connect(B2.name, A1.addr(testbed::DENIED_PLAINTEXT_PORT))
         .await
     {
-        Ok(s) => within(20, demo::echo_roundtrip(s, b"let me in")).await,
+        Ok(s) => within(20, testbed::echo_roundtrip(s, b"let me in")).await,
         Err(e) => Err(e),
     };
     assert!(
@@ -602,14 +610,14 @@ async fn upgrade_overlap_on_the_destination_node() {
 /// cleanly once that connection closed.
 async fn upgrade_overlap(node: char) {
     let mut topo = Topology::start(bin()).await.unwrap();
-    let (_echo, _peers) = demo::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
+    let (_echo, _peers) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     let old = if node == 'a' { 0 } else { 1 };
     let mut long = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
     echoes(&mut long, b"before").await;
 
     // The new proxy: same config, pods, ports and admin addresses as the old one.
     let new = topo
-        .spawn_extra_proxy(bin(), node, "drainTimeoutSecs: 20\n")
+        .spawn_extra_proxy(bin(), node, |c| c.drain_timeout_secs = 20)
         .unwrap();
     support::eventually(20, || topo.log(new).contains("metrics at /metrics")).await;
     assert!(topo.exited(new).is_none(), "{}", topo.log(new));
@@ -660,7 +668,7 @@ async fn policies_decide_on_real_traffic_and_changes_reset_live_connections() {
         return;
     }
     let (topo, _ads, mut xds) = with_control_plane_on_b().await;
-    let (_echo, _peers) = demo::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
+    let (_echo, _peers) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     push(&mut xds, "p0", AUTHORIZATION_TYPE, Vec::new(), &[]).await;
     // Istio's `rules: [{}]`, as istiod sends it: one rule with no clauses.
     let everything = |name: &str, action: Action| Authorization {

@@ -1,6 +1,9 @@
 //! Tests of `config`.
 
 use super::*;
+use crate::identity::Identity;
+use crate::state::{Protocol, State};
+use crate::xds::XdsSettings;
 
 fn no_env(_: &str) -> Option<String> {
     None
@@ -43,7 +46,7 @@ fn parses_a_full_config() {
     assert_eq!(c.node, "node-a");
     assert_eq!(c.pods[0].uid(), "default/a1");
     assert!(c.preserve_source_ip);
-    let state = c.state();
+    let state = State::from_config(&c);
     let b1 = state.workload_by_ip("10.1.2.2".parse().unwrap()).unwrap();
     assert_eq!(
         b1.identity.to_string(),
@@ -114,14 +117,14 @@ services:
 #[test]
 fn xds_settings_follow_the_config() {
     let c = Config::parse(SAMPLE, &no_env).unwrap();
-    assert!(c.xds_settings().is_none(), "no address: local file only");
+    assert!(
+        XdsSettings::from_config(&c).is_none(),
+        "no address: local file only"
+    );
     let yaml = format!(
         "{SAMPLE}xds:\n  address: https://istiod.istio-system.svc:15012\n  rootCa: /etc/istio/root.pem\n  tokenFile: /var/run/token\n  onDemand: true\n  onDemandTimeoutMs: 250\n  nodeMetadata: {{NAMESPACE: istio-system}}\n"
     );
-    let x = Config::parse(&yaml, &no_env)
-        .unwrap()
-        .xds_settings()
-        .unwrap();
+    let x = XdsSettings::from_config(&Config::parse(&yaml, &no_env).unwrap()).unwrap();
     assert_eq!(x.node_id, "node-a", "the node id defaults to the node name");
     assert_eq!(x.cluster_id, "c1");
     assert!(x.on_demand);
@@ -129,7 +132,7 @@ fn xds_settings_follow_the_config() {
     assert_eq!(x.root_ca.as_deref(), Some(Path::new("/etc/istio/root.pem")));
     assert_eq!(x.node_metadata["NAMESPACE"], "istio-system");
     let env = |k: &str| (k == "HBONED_XDS_ADDRESS").then(|| "http://10.0.0.1:15010".to_string());
-    let from_env = Config::parse(SAMPLE, &env).unwrap().xds_settings().unwrap();
+    let from_env = XdsSettings::from_config(&Config::parse(SAMPLE, &env).unwrap()).unwrap();
     assert_eq!(from_env.address, "http://10.0.0.1:15010");
     assert_eq!(from_env.on_demand_timeout, Duration::from_secs(5));
     let err = Config::parse(
@@ -181,7 +184,7 @@ fn policies_load_and_bad_ones_are_reported() {
         "{SAMPLE}policies:\n  - name: no-plaintext\n    namespace: default\n    action: deny\n    rules: [[[{{destinationPorts: [7001], notPrincipals: [{{presence: true}}], sourceIps: [10.0.0.0/8, \"fd00::1\"]}}]]]\n"
     );
     let c = Config::parse(&yaml, &no_env).unwrap();
-    let state = c.state();
+    let state = State::from_config(&c);
     let p = state.policy("default/no-plaintext").unwrap();
     let m = &p.rules[0].clauses[0].matches[0];
     assert_eq!(m.destination_ports, [7001]);
@@ -231,7 +234,7 @@ fn policy_empty_forms_decide_as_in_istio() {
         let yaml = format!(
             "{SAMPLE}policies:\n  - {{name: p, namespace: default, action: {action}, rules: {rules}}}\n"
         );
-        let state = Config::parse(&yaml, &no_env).unwrap().state();
+        let state = State::from_config(&Config::parse(&yaml, &no_env).unwrap());
         authz::evaluate(state.policies_for("default", &[]), &conn).decision
     };
     let denied = || Decision::Denied {

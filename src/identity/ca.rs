@@ -271,11 +271,7 @@ impl CertSource for BuiltinCa {
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, CertError>> {
         Box::pin(async move {
             self.issue(id, SystemTime::now())
-                .map_err(|e| CertError::Source {
-                    identity: id.to_string(),
-                    source_name: "built-in CA",
-                    reason: e.to_string(),
-                })
+                .map_err(|e| CertError::from_source(id, "built-in CA", e))
         })
     }
 

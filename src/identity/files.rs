@@ -23,37 +23,78 @@ pub struct FileSource {
     pub poll: Duration,
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+/// Why the files gave no certificate; each names the file to check.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    #[error("cannot read {path}: {source} (certificates.files)")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid PEM: {source}")]
+    Pem {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} holds no CERTIFICATE")]
+    NoCertificate(PathBuf),
+    #[error("{0} holds no private key")]
+    NoKey(PathBuf),
+    #[error("{0} is not text")]
+    NotText(PathBuf),
+    #[error("{path}: {source}")]
+    Bundle {
+        path: PathBuf,
+        source: crate::tls::TlsError,
+    },
 }
 
+fn read(path: &Path) -> Result<Vec<u8>, FilesError> {
+    std::fs::read(path).map_err(|source| FilesError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The chain, key and bundle as the files hold them now.
+type Material = (
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+    TrustBundle,
+);
+
 impl FileSource {
-    fn load(&self, id: &Identity) -> Result<WorkloadCert, String> {
+    fn material(&self) -> Result<Material, FilesError> {
+        let pem = |path: &Path| {
+            let path = path.to_owned();
+            move |source| FilesError::Pem { path, source }
+        };
         let chain = rustls_pemfile::certs(&mut read(&self.cert)?.as_slice())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: {e}", self.cert.display()))?;
+            .map_err(pem(&self.cert))?;
         if chain.is_empty() {
-            return Err(format!("{} holds no CERTIFICATE", self.cert.display()));
+            return Err(FilesError::NoCertificate(self.cert.clone()));
         }
         let key = rustls_pemfile::private_key(&mut read(&self.key)?.as_slice())
-            .map_err(|e| format!("{}: {e}", self.key.display()))?
-            .ok_or_else(|| format!("{} holds no private key", self.key.display()))?;
+            .map_err(pem(&self.key))?
+            .ok_or_else(|| FilesError::NoKey(self.key.clone()))?;
         let bundle_pem = String::from_utf8(read(&self.bundle)?)
-            .map_err(|_| format!("{} is not text", self.bundle.display()))?;
-        let bundle = TrustBundle::from_pem(&bundle_pem)
-            .map_err(|e| format!("{}: {e}", self.bundle.display()))?;
-        WorkloadCert::new(id.clone(), chain, key, Arc::new(bundle)).map_err(|e| e.to_string())
+            .map_err(|_| FilesError::NotText(self.bundle.clone()))?;
+        let bundle = TrustBundle::from_pem(&bundle_pem).map_err(|source| FilesError::Bundle {
+            path: self.bundle.clone(),
+            source,
+        })?;
+        Ok((chain, key, bundle))
     }
 }
 
 impl CertSource for FileSource {
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, CertError>> {
         Box::pin(async move {
-            self.load(id).map_err(|reason| CertError::Source {
-                identity: id.to_string(),
-                source_name: NAME,
-                reason,
-            })
+            let (chain, key, bundle) = self
+                .material()
+                .map_err(|e| CertError::from_source(id, NAME, e))?;
+            WorkloadCert::new(id.clone(), chain, key, Arc::new(bundle))
         })
     }
 

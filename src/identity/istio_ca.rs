@@ -38,49 +38,63 @@ pub struct IstioCa {
     channel: tonic::transport::Channel,
 }
 
+/// Why the Istio CA gave no certificate; each says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum IstioCaError {
+    #[error("cannot make a key pair: {0}")]
+    Key(rcgen::Error),
+    #[error("{0} cannot go into a certificate request (not IA5)")]
+    NotIa5(String),
+    #[error("cannot build the certificate request: {0}")]
+    Csr(rcgen::Error),
+    #[error(transparent)]
+    Token(#[from] crate::control_plane::TokenError),
+    #[error("CreateCertificate: {message} ({code:?}); is the CA reachable and the token valid?")]
+    Call { code: tonic::Code, message: String },
+    #[error("the CA's certificate chain is not PEM: {0}")]
+    Chain(std::io::Error),
+    #[error("the CA returned no certificate")]
+    Empty,
+    #[error("the CA returned no root with the leaf")]
+    NoRoot,
+    #[error("the CA's root: {0}")]
+    Root(crate::tls::TlsError),
+}
+
 impl IstioCa {
     /// Prepares the (lazily connected) channel; fails only on a bad address or root file.
-    pub fn new(settings: IstioCaSettings) -> Result<Self, CertError> {
-        use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
-        let bad = |reason: String| CertError::Source {
-            identity: String::new(),
-            source_name: NAME,
-            reason,
-        };
-        let mut endpoint = Endpoint::from_shared(settings.address.clone())
-            .map_err(|e| bad(format!("address {:?}: {e}", settings.address)))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(15));
-        if settings.address.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new();
-            if let Some(path) = &settings.root_ca {
-                let pem = std::fs::read(path)
-                    .map_err(|e| bad(format!("root CA {}: {e}", path.display())))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
-        }
+    pub fn new(settings: IstioCaSettings) -> Result<Self, crate::control_plane::ChannelError> {
+        let endpoint =
+            crate::control_plane::endpoint(&settings.address, settings.root_ca.as_deref())?
+                .timeout(Duration::from_secs(15));
         Ok(IstioCa {
             channel: endpoint.connect_lazy(),
             settings,
         })
     }
 
-    async fn request(&self, id: &Identity) -> Result<WorkloadCert, String> {
-        use prost_types::{Struct, Value, value::Kind};
+    /// A CSR for `id`, signed by a fresh key: (CSR PEM, key).
+    fn csr(id: &Identity) -> Result<(String, KeyPair), IstioCaError> {
         let key =
-            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(IstioCaError::Key)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         let uri = id
             .to_string()
             .try_into()
-            .map_err(|_| "identity is not IA5".to_string())?;
+            .map_err(|_| IstioCaError::NotIa5(id.to_string()))?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         let csr = params
             .serialize_request(&key)
             .and_then(|r| r.pem())
-            .map_err(|e| format!("building the CSR: {e}"))?;
+            .map_err(IstioCaError::Csr)?;
+        Ok((csr, key))
+    }
+
+    async fn request(&self, id: &Identity) -> Result<WorkloadCert, CertError> {
+        use prost_types::{Struct, Value, value::Kind};
+        let failed = |e: IstioCaError| CertError::from_source(id, NAME, e);
+        let (csr, key) = Self::csr(id).map_err(failed)?;
         let metadata = Struct {
             fields: [(
                 "ImpersonatedIdentity".to_string(),
@@ -95,56 +109,47 @@ impl IstioCa {
             validity_duration: i64::try_from(self.settings.lifetime.as_secs()).unwrap_or(i64::MAX),
             metadata: Some(metadata),
         });
-        if let Some(path) = &self.settings.token_file {
-            let token = std::fs::read_to_string(path)
-                .map_err(|e| format!("token file {}: {e}", path.display()))?;
-            let value = format!("Bearer {}", token.trim())
-                .parse()
-                .map_err(|_| "the token is not a valid header value".to_string())?;
-            request.metadata_mut().insert("authorization", value);
-        }
-        if let Ok(value) = self.settings.cluster_id.parse() {
-            request.metadata_mut().insert("clusterid", value);
-        }
+        crate::control_plane::add_metadata(
+            &mut request,
+            self.settings.token_file.as_deref(),
+            &self.settings.cluster_id,
+        )
+        .map_err(|e| failed(e.into()))?;
         let response = IstioCertificateServiceClient::new(self.channel.clone())
             .create_certificate(request)
             .await
             .map_err(|status| {
-                format!(
-                    "CreateCertificate: {} ({:?}); is the CA reachable and the token valid?",
-                    status.message(),
-                    status.code()
-                )
+                failed(IstioCaError::Call {
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                })
             })?
             .into_inner();
         let mut chain = Vec::new();
         for pem in &response.cert_chain {
             for der in rustls_pemfile::certs(&mut pem.as_bytes()) {
-                chain.push(der.map_err(|e| format!("certificate chain: {e}"))?);
+                chain.push(der.map_err(|e| failed(IstioCaError::Chain(e)))?);
             }
         }
         // The last certificate is the root: it goes into the trust bundle, not on the wire.
-        let root: CertificateDer<'static> = match chain.len() {
-            0 => return Err("the CA returned no certificate".into()),
-            1 => return Err("the CA returned no root with the leaf".into()),
-            _ => chain.pop().ok_or("empty chain")?,
-        };
-        let bundle = TrustBundle::new(vec![root]).map_err(|e| format!("root: {e}"))?;
+        if chain.len() < 2 {
+            let e = if chain.is_empty() {
+                IstioCaError::Empty
+            } else {
+                IstioCaError::NoRoot
+            };
+            return Err(failed(e));
+        }
+        let root: Vec<CertificateDer<'static>> = chain.split_off(chain.len() - 1);
+        let bundle = TrustBundle::new(root).map_err(|e| failed(IstioCaError::Root(e)))?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         WorkloadCert::new(id.clone(), chain, key, std::sync::Arc::new(bundle))
-            .map_err(|e| e.to_string())
     }
 }
 
 impl CertSource for IstioCa {
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, CertError>> {
-        Box::pin(async move {
-            self.request(id).await.map_err(|reason| CertError::Source {
-                identity: id.to_string(),
-                source_name: NAME,
-                reason,
-            })
-        })
+        Box::pin(async move { self.request(id).await })
     }
 
     fn name(&self) -> &'static str {

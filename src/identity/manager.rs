@@ -9,13 +9,14 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::Identity;
+use crate::sync::Lock;
 use crate::tls::{self, TrustBundle};
 
 /// A boxed future, so that [`CertSource`] stays object safe.
@@ -28,7 +29,7 @@ pub enum CertError {
     Source {
         identity: String,
         source_name: &'static str,
-        reason: String,
+        reason: SourceError,
     },
     #[error("invalid certificate for {identity}: {reason}")]
     Invalid { identity: String, reason: String },
@@ -36,8 +37,61 @@ pub enum CertError {
     Expired {
         identity: String,
         source_name: &'static str,
-        reason: String,
+        reason: Box<CertError>,
     },
+}
+
+/// What went wrong inside a certificate source, as that source's own error (shared, so a
+/// failure remembered for fast retries is the same value the first caller saw).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Ca(Arc<super::ca::CaError>),
+    #[error(transparent)]
+    Files(Arc<super::files::FilesError>),
+    #[error(transparent)]
+    IstioCa(Arc<super::istio_ca::IstioCaError>),
+    #[error(transparent)]
+    Spire(Arc<super::spire::SpireError>),
+}
+
+impl From<super::ca::CaError> for SourceError {
+    fn from(e: super::ca::CaError) -> Self {
+        SourceError::Ca(Arc::new(e))
+    }
+}
+
+impl From<super::files::FilesError> for SourceError {
+    fn from(e: super::files::FilesError) -> Self {
+        SourceError::Files(Arc::new(e))
+    }
+}
+
+impl From<super::istio_ca::IstioCaError> for SourceError {
+    fn from(e: super::istio_ca::IstioCaError) -> Self {
+        SourceError::IstioCa(Arc::new(e))
+    }
+}
+
+impl From<super::spire::SpireError> for SourceError {
+    fn from(e: super::spire::SpireError) -> Self {
+        SourceError::Spire(Arc::new(e))
+    }
+}
+
+impl CertError {
+    /// A source's failure for `identity`.
+    pub fn from_source(
+        identity: &Identity,
+        source_name: &'static str,
+        e: impl Into<SourceError>,
+    ) -> Self {
+        CertError::Source {
+            identity: identity.to_string(),
+            source_name,
+            reason: e.into(),
+        }
+    }
 }
 
 /// Where workload certificates come from.
@@ -166,25 +220,22 @@ const RENEW_FLOOR: std::time::Duration = std::time::Duration::from_millis(500);
 /// One identity's certificate and the machinery that keeps it fresh.
 #[derive(Default)]
 struct Slot {
-    current: Mutex<Option<Arc<WorkloadCert>>>,
+    current: Lock<Option<Arc<WorkloadCert>>>,
     /// Serializes fetches for this identity (first fetch, renewals).
     fetching: tokio::sync::Mutex<()>,
-    last_failure: Mutex<Option<(tokio::time::Instant, CertError)>>,
-    renewer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    last_failure: Lock<Option<(tokio::time::Instant, CertError)>>,
+    renewer: Lock<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Slot {
     fn current(&self) -> Option<Arc<WorkloadCert>> {
-        self.current
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.lock().clone()
     }
 
     /// Stores `cert` unless it is the very certificate and bundle already held (a file source
     /// re-read); a new bundle alone (root rotation) is a change.
     fn store(&self, cert: WorkloadCert) -> Arc<WorkloadCert> {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.current.lock();
         if let Some(old) = current.as_ref()
             && old.chain() == cert.chain()
             && old.bundle().certs() == cert.bundle().certs()
@@ -199,12 +250,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(task) = self
-            .renewer
-            .get_mut()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
+        if let Some(task) = self.renewer.get_mut().take() {
             task.abort();
         }
     }
@@ -222,7 +268,7 @@ pub struct CertMetrics {
 /// still valid when renewals fail, and refused once expired (fail closed).
 pub struct CertificateManager {
     source: Arc<dyn CertSource>,
-    slots: Mutex<HashMap<Identity, Arc<Slot>>>,
+    slots: Lock<HashMap<Identity, Arc<Slot>>>,
     clock: Clock,
     metrics: Arc<CertMetrics>,
 }
@@ -243,7 +289,7 @@ impl CertificateManager {
     pub fn with_clock(source: Arc<dyn CertSource>, clock: Clock) -> Self {
         CertificateManager {
             source,
-            slots: Mutex::new(HashMap::new()),
+            slots: Lock::new(HashMap::new()),
             clock,
             metrics: Arc::new(CertMetrics::default()),
         }
@@ -255,7 +301,7 @@ impl CertificateManager {
 
     /// Identities held and the expiry of each one's current certificate.
     pub fn expiries(&self) -> Vec<(Identity, SystemTime)> {
-        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let slots = self.slots.lock();
         slots
             .iter()
             .filter_map(|(id, slot)| slot.current().map(|c| (id.clone(), c.not_after())))
@@ -267,7 +313,7 @@ impl CertificateManager {
     /// inside a tokio runtime (the renewal task is spawned on first use).
     pub async fn fetch(&self, id: &Identity) -> Result<Arc<WorkloadCert>, CertError> {
         let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slots = self.slots.lock();
             slots.entry(id.clone()).or_default().clone()
         };
         if let Some(cert) = slot.current()
@@ -276,7 +322,7 @@ impl CertificateManager {
             return Ok(cert);
         }
         let result = self.fetch_now(id, &slot).await;
-        let mut renewer = slot.renewer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut renewer = slot.renewer.lock();
         if renewer.is_none() {
             let task = renew_loop(
                 Arc::downgrade(&slot),
@@ -301,7 +347,6 @@ impl CertificateManager {
         let recent_failure = slot
             .last_failure
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .filter(|(at, _)| at.elapsed() < FAIL_FAST)
             .map(|(_, e)| e.clone());
@@ -312,13 +357,12 @@ impl CertificateManager {
         match outcome {
             Ok(cert) => Ok(slot.store(cert)),
             Err(err) => {
-                *slot.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((tokio::time::Instant::now(), err.clone()));
+                *slot.last_failure.lock() = Some((tokio::time::Instant::now(), err.clone()));
                 Err(match held {
                     Some(_) => CertError::Expired {
                         identity: id.to_string(),
                         source_name: self.source.name(),
-                        reason: err.to_string(),
+                        reason: Box::new(err),
                     },
                     None => err,
                 })
@@ -328,7 +372,7 @@ impl CertificateManager {
 
     /// Forgets the certificate of an identity no longer on this node (stops its renewals).
     pub fn forget(&self, id: &Identity) {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = self.slots.lock();
         slots.remove(id);
         self.source.forget(id);
     }
@@ -366,15 +410,14 @@ async fn renew_loop(
                     metrics.renewals.inc();
                     tracing::info!(identity = %id, not_after = ?stored.not_after(), "certificate renewed");
                 }
-                *slot.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *slot.last_failure.lock() = None;
                 failures = 0;
             }
             Err(err) => {
                 failures = failures.saturating_add(1);
                 metrics.renewal_failures.inc();
                 tracing::warn!(identity = %id, error = %err, failures, "certificate renewal failed; keeping the current certificate while it is valid");
-                *slot.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((tokio::time::Instant::now(), err));
+                *slot.last_failure.lock() = Some((tokio::time::Instant::now(), err));
             }
         }
     }

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -15,11 +15,13 @@ use tokio::sync::watch;
 
 use super::Identity;
 use super::manager::{BoxFuture, CertError, CertSource, WorkloadCert};
+use crate::backoff::Backoff;
 use crate::proto::spire::api::agent::delegatedidentity::v1::delegated_identity_client::DelegatedIdentityClient;
 use crate::proto::spire::api::agent::delegatedidentity::v1::{
     SubscribeToX509BundlesRequest, SubscribeToX509sviDsRequest, SubscribeToX509sviDsResponse,
 };
 use crate::proto::spire::api::types::Selector;
+use crate::sync::Lock;
 use crate::tls::TrustBundle;
 
 const NAME: &str = "SPIRE agent";
@@ -28,13 +30,37 @@ const FIRST_ANSWER: Duration = Duration::from_secs(10);
 /// How often the manager looks for pushed updates.
 const POLL: Duration = Duration::from_secs(1);
 
-type Latest = watch::Receiver<Option<Result<WorkloadCert, String>>>;
+type Latest = watch::Receiver<Option<Result<WorkloadCert, CertError>>>;
+
+/// Why the SPIRE agent gave no (usable) SVID; each says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum SpireError {
+    #[error("cannot subscribe: {0} (is the SPIRE agent's admin socket right?)")]
+    Subscribe(String),
+    #[error("the {0} stream ended")]
+    Ended(&'static str),
+    #[error("{stream} stream: {message}")]
+    Stream {
+        stream: &'static str,
+        message: String,
+    },
+    #[error("no SVID for {identity} among the {count} SPIRE returned")]
+    NoSvid { identity: String, count: usize },
+    #[error("bundle: {0}")]
+    Bundle(String),
+    #[error("bundle: {0}")]
+    BundleTls(crate::tls::TlsError),
+    #[error("no answer from the SPIRE agent within {0:?}")]
+    Timeout(Duration),
+    #[error("the SPIRE subscription stopped")]
+    Stopped,
+}
 
 /// A [`CertSource`] backed by a SPIRE agent.
 #[derive(Debug)]
 pub struct Spire {
     channel: tonic::transport::Channel,
-    subscriptions: Mutex<HashMap<Identity, (Latest, tokio::task::JoinHandle<()>)>>,
+    subscriptions: Lock<HashMap<Identity, (Latest, tokio::task::JoinHandle<()>)>>,
 }
 
 impl Spire {
@@ -58,12 +84,12 @@ impl Spire {
         });
         Ok(Spire {
             channel: endpoint.connect_with_connector_lazy(connector),
-            subscriptions: Mutex::new(HashMap::new()),
+            subscriptions: Lock::new(HashMap::new()),
         })
     }
 
     fn subscription(&self, id: &Identity) -> Latest {
-        let mut subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        let mut subs = self.subscriptions.lock();
         if let Some((latest, _)) = subs.get(id) {
             return latest.clone();
         }
@@ -78,17 +104,16 @@ impl Spire {
 async fn subscribe(
     channel: tonic::transport::Channel,
     id: Identity,
-    tx: watch::Sender<Option<Result<WorkloadCert, String>>>,
+    tx: watch::Sender<Option<Result<WorkloadCert, CertError>>>,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         let err = stream_once(channel.clone(), &id, &tx).await;
         tracing::warn!(identity = %id, error = %err, "SPIRE subscription ended; re-subscribing");
         if tx.borrow().as_ref().is_none_or(|r| r.is_err()) {
-            tx.send_replace(Some(Err(err)));
+            tx.send_replace(Some(Err(CertError::from_source(&id, NAME, err))));
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff.wait().await;
     }
 }
 
@@ -96,8 +121,8 @@ async fn subscribe(
 async fn stream_once(
     channel: tonic::transport::Channel,
     id: &Identity,
-    tx: &watch::Sender<Option<Result<WorkloadCert, String>>>,
-) -> String {
+    tx: &watch::Sender<Option<Result<WorkloadCert, CertError>>>,
+) -> SpireError {
     let mut client = DelegatedIdentityClient::new(channel);
     let selectors = vec![
         Selector {
@@ -118,10 +143,7 @@ async fn stream_once(
     let (mut svids, mut bundles) = match (svids, bundles) {
         (Ok(s), Ok(b)) => (s.into_inner(), b.into_inner()),
         (Err(e), _) | (_, Err(e)) => {
-            return format!(
-                "cannot subscribe: {} (is the SPIRE agent's admin socket right?)",
-                e.message()
-            );
+            return SpireError::Subscribe(e.message().to_owned());
         }
     };
     let mut svid: Option<SubscribeToX509sviDsResponse> = None;
@@ -130,8 +152,8 @@ async fn stream_once(
         tokio::select! {
             msg = svids.message() => match msg {
                 Ok(Some(m)) => svid = Some(m),
-                Ok(None) => return "the SVID stream ended".into(),
-                Err(e) => return format!("SVID stream: {}", e.message()),
+                Ok(None) => return SpireError::Ended("SVID"),
+                Err(e) => return SpireError::Stream { stream: "SVID", message: e.message().to_owned() },
             },
             msg = bundles.message() => match msg {
                 Ok(Some(m)) => match m.ca_certificates.get(id.trust_domain()).map(|der| split_der(der)) {
@@ -139,8 +161,8 @@ async fn stream_once(
                     Some(Err(e)) => tracing::warn!(identity = %id, error = %e, "SPIRE sent an unreadable bundle; keeping the last one"),
                     None => tracing::warn!(identity = %id, "SPIRE sent no bundle for the trust domain"),
                 },
-                Ok(None) => return "the bundle stream ended".into(),
-                Err(e) => return format!("bundle stream: {}", e.message()),
+                Ok(None) => return SpireError::Ended("bundle"),
+                Err(e) => return SpireError::Stream { stream: "bundle", message: e.message().to_owned() },
             },
         }
         if let (Some(s), Some(b)) = (&svid, &bundle) {
@@ -161,7 +183,7 @@ fn build(
     id: &Identity,
     response: &SubscribeToX509sviDsResponse,
     bundle: &[CertificateDer<'static>],
-) -> Result<WorkloadCert, String> {
+) -> Result<WorkloadCert, CertError> {
     let want_path = format!("/ns/{}/sa/{}", id.namespace(), id.service_account());
     let with_key = response
         .x509_svids
@@ -173,10 +195,11 @@ fn build(
                 .is_some_and(|sid| sid.trust_domain == id.trust_domain() && sid.path == want_path)
         })
         .ok_or_else(|| {
-            format!(
-                "no SVID for {id} among the {} SPIRE returned",
-                response.x509_svids.len()
-            )
+            let e = SpireError::NoSvid {
+                identity: id.to_string(),
+                count: response.x509_svids.len(),
+            };
+            CertError::from_source(id, NAME, e)
         })?;
     let chain: Vec<CertificateDer<'static>> = with_key
         .x509_svid
@@ -189,16 +212,17 @@ fn build(
         })
         .unwrap_or_default();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(with_key.x509_svid_key.to_vec()));
-    let bundle = TrustBundle::new(bundle.to_vec()).map_err(|e| e.to_string())?;
-    WorkloadCert::new(id.clone(), chain, key, Arc::new(bundle)).map_err(|e| e.to_string())
+    let bundle = TrustBundle::new(bundle.to_vec())
+        .map_err(|e| CertError::from_source(id, NAME, SpireError::BundleTls(e)))?;
+    WorkloadCert::new(id.clone(), chain, key, Arc::new(bundle))
 }
 
 /// Splits concatenated DER certificates.
-fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, SpireError> {
     let mut certs = Vec::new();
     while !der.is_empty() {
-        let (rest, _) =
-            x509_parser::parse_x509_certificate(der).map_err(|e| format!("bundle: {e}"))?;
+        let (rest, _) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| SpireError::Bundle(e.to_string()))?;
         let len = der.len() - rest.len();
         certs.push(CertificateDer::from(der[..len].to_vec()));
         der = rest;
@@ -209,26 +233,14 @@ fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
 impl CertSource for Spire {
     fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, CertError>> {
         Box::pin(async move {
-            let err = |reason: String| CertError::Source {
-                identity: id.to_string(),
-                source_name: NAME,
-                reason,
-            };
+            let err = |e: SpireError| CertError::from_source(id, NAME, e);
             let mut latest = self.subscription(id);
             let answer = tokio::time::timeout(FIRST_ANSWER, latest.wait_for(Option::is_some))
                 .await
-                .map_err(|_| {
-                    err(format!(
-                        "no answer from the SPIRE agent within {FIRST_ANSWER:?}"
-                    ))
-                })?
-                .map_err(|_| err("the SPIRE subscription stopped".into()))?
+                .map_err(|_| err(SpireError::Timeout(FIRST_ANSWER)))?
+                .map_err(|_| err(SpireError::Stopped))?
                 .clone();
-            match answer {
-                Some(Ok(cert)) => Ok(cert),
-                Some(Err(reason)) => Err(err(reason)),
-                None => Err(err("no answer".into())),
-            }
+            answer.unwrap_or(Err(err(SpireError::Stopped)))
         })
     }
 
@@ -241,12 +253,7 @@ impl CertSource for Spire {
     }
 
     fn forget(&self, id: &Identity) {
-        if let Some((_, task)) = self
-            .subscriptions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id)
-        {
+        if let Some((_, task)) = self.subscriptions.lock().remove(id) {
             task.abort();
         }
     }

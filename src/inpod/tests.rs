@@ -12,7 +12,7 @@ struct Recorder {
 }
 
 impl PodHandler for Recorder {
-    fn add(&self, info: PodInfo, netns: Netns) -> Result<(), String> {
+    fn add(&self, info: PodInfo, netns: Netns) -> Result<(), PodError> {
         assert!(netns.inode().is_ok(), "a live netns fd arrives");
         self.known.lock().unwrap().insert(info.uid.clone());
         self.events.lock().unwrap().push(format!(
@@ -24,12 +24,12 @@ impl PodHandler for Recorder {
     fn remove(&self, uid: &str) {
         self.events.lock().unwrap().push(format!("del {uid}"));
     }
-    fn keep(&self, uid: &str) -> Result<(), String> {
+    fn keep(&self, uid: &str) -> Result<(), PodError> {
         self.events.lock().unwrap().push(format!("keep {uid}"));
         if self.known.lock().unwrap().contains(uid) {
             Ok(())
         } else {
-            Err(format!("unknown {uid}"))
+            Err(PodError::NotEnrolled(uid.to_owned()))
         }
     }
     fn begin_snapshot(&self) {

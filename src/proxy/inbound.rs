@@ -7,7 +7,7 @@
 //! app cannot be dialed.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -24,8 +24,10 @@ use crate::identity::manager::CertError;
 use crate::identity::{CertificateManager, Identity, WorkloadCert};
 use crate::metrics::{self, ConnectionLabels, Metrics, Peer, Reporter};
 use crate::netns::{self, SocketFactory};
+use crate::ports::POD_LISTENERS;
 use crate::socket;
-use crate::state::{PROXY_PORTS, SharedState};
+use crate::state::SharedState;
+use crate::sync::Lock;
 use crate::tls::{self, TlsError};
 
 /// The reason (`response_flags`, access log `error`) of a connection a policy refused or closed.
@@ -54,7 +56,7 @@ pub struct LocalWorkload {
 pub fn admit<B>(request: &Request<B>, addresses: &[IpAddr]) -> Result<ConnectRequest, StatusCode> {
     let connect = ConnectRequest::from_http(request).map_err(|_| StatusCode::BAD_REQUEST)?;
     let target = connect.authority;
-    if !addresses.contains(&target.ip()) || PROXY_PORTS.contains(&target.port()) {
+    if !addresses.contains(&target.ip()) || POD_LISTENERS.contains(&target.port()) {
         return Err(StatusCode::BAD_REQUEST);
     }
     Ok(connect)
@@ -187,7 +189,7 @@ pub struct InboundServer {
     sockets: Arc<dyn SocketFactory>,
     settings: Arc<TunnelSettings>,
     /// The server config of the current certificate; rebuilt when the certificate changes.
-    tls: Mutex<Option<(Arc<WorkloadCert>, Arc<ServerConfig>)>>,
+    tls: Lock<Option<(Arc<WorkloadCert>, Arc<ServerConfig>)>>,
 }
 
 impl InboundServer {
@@ -202,7 +204,7 @@ impl InboundServer {
             certs,
             sockets,
             settings: Arc::new(settings),
-            tls: Mutex::new(None),
+            tls: Lock::new(None),
         })
     }
 
@@ -231,7 +233,7 @@ impl InboundServer {
 
     async fn server_config(&self) -> Result<Arc<ServerConfig>, InboundError> {
         let cert = self.certs.fetch(&self.workload.identity).await?;
-        let mut cache = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = self.tls.lock();
         if let Some((cached, config)) = cache.as_ref()
             && Arc::ptr_eq(cached, &cert)
         {

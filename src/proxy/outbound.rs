@@ -15,7 +15,7 @@ use super::passthrough;
 use super::pool::{HboneClient, PoolKey};
 use super::tunnel::TunnelSettings;
 use crate::drain::Drain;
-use crate::hbone::{Baggage, ConnectRequest, HBONE_PORT, TraceParent};
+use crate::hbone::{Baggage, ConnectRequest, TraceParent};
 use crate::identity::Identity;
 use crate::metrics::{self, ConnectionLabels, Metrics, Peer, Reporter};
 use crate::netns::SocketFactory;
@@ -141,7 +141,7 @@ impl Outbound {
                         self.record_closed(&labels, src, request.authority, t, started, error);
                     }
                     Err(e) => {
-                        tracing::warn!(%src, %dst, peer = %key.peer(), reason = e.reason(), error = %e, "tunnel failed; resetting the app connection");
+                        tracing::warn!(%src, %dst, peer = %key.peer(), side = ?e.side(), reason = e.reason(), error = %e, "tunnel failed; resetting the app connection");
                         if let Some(m) = &self.metrics {
                             m.failed(&labels.clone().failed(e.reason()));
                         }
@@ -239,7 +239,7 @@ impl Router for StateRouter {
                 service,
             } => {
                 let destination = Peer::new(&workload.name, Some(&workload.identity));
-                let peer = SocketAddr::new(target.ip(), HBONE_PORT);
+                let peer = SocketAddr::new(target.ip(), crate::ports::HBONE);
                 let mut request = ConnectRequest::new(target);
                 request.forwarded_for = Some(src);
                 request.forwarded_host = service;

@@ -14,8 +14,8 @@ use super::inbound::{DENIED, LocalWorkload};
 use crate::authz;
 use crate::metrics;
 use crate::netns::{self, SocketFactory};
+use crate::ports::POD_LISTENERS;
 use crate::socket;
-use crate::state::PROXY_PORTS;
 
 /// How a plain TCP relay ended.
 #[derive(Debug)]
@@ -96,7 +96,7 @@ pub async fn serve_inbound_plaintext(
                 continue;
             }
         };
-        if PROXY_PORTS.contains(&dst.port()) || !local.contains(&dst.ip()) {
+        if POD_LISTENERS.contains(&dst.port()) || !local.contains(&dst.ip()) {
             tracing::info!(%src, %dst, "plaintext for a proxy port or another address; resetting");
             let _ = socket::reset_on_close(&app);
             continue;

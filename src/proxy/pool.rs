@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,6 +24,7 @@ use super::{ProxyError, deadline};
 use crate::hbone::ConnectRequest;
 use crate::identity::{CertificateManager, Identity};
 use crate::netns::{self, SocketFactory};
+use crate::sync::Lock;
 use crate::tls;
 
 /// What makes two tunnels shareable over one connection (DESIGN §4 pooling key).
@@ -79,7 +80,7 @@ struct PooledConn {
     streams: AtomicUsize,
     max_streams: usize,
     closed: Arc<AtomicBool>,
-    idle_since: Mutex<Instant>,
+    idle_since: Lock<Instant>,
 }
 
 impl PooledConn {
@@ -104,8 +105,7 @@ impl PooledConn {
     fn reapable(&self, now: Instant, idle_timeout: Duration) -> bool {
         self.closed.load(Ordering::Acquire)
             || (self.streams.load(Ordering::Acquire) == 0
-                && now.duration_since(*self.idle_since.lock().unwrap_or_else(|p| p.into_inner()))
-                    >= idle_timeout)
+                && now.duration_since(*self.idle_since.lock()) >= idle_timeout)
     }
 }
 
@@ -118,11 +118,7 @@ struct StreamPermit {
 impl Drop for StreamPermit {
     fn drop(&mut self) {
         if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *self
-                .conn
-                .idle_since
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            *self.conn.idle_since.lock() = Instant::now();
         }
     }
 }
@@ -131,33 +127,33 @@ impl Drop for StreamPermit {
 #[derive(Debug, Default)]
 struct KeyConns {
     dial: tokio::sync::Mutex<()>,
-    conns: Mutex<Vec<Arc<PooledConn>>>,
+    conns: Lock<Vec<Arc<PooledConn>>>,
 }
 
 impl KeyConns {
     fn checkout(&self) -> Option<StreamPermit> {
-        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = self.conns.lock();
         conns.iter().find_map(PooledConn::try_reserve)
     }
 }
 
 #[derive(Debug, Default)]
 struct Pool {
-    keys: Mutex<HashMap<PoolKey, Arc<KeyConns>>>,
+    keys: Lock<HashMap<PoolKey, Arc<KeyConns>>>,
     dials: AtomicUsize,
 }
 
 impl Pool {
     fn entry(&self, key: &PoolKey) -> Arc<KeyConns> {
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keys = self.keys.lock();
         keys.entry(key.clone()).or_default().clone()
     }
 
     fn reap(&self, idle_timeout: Duration) {
         let now = Instant::now();
-        let mut keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keys = self.keys.lock();
         keys.retain(|_, entry| {
-            let mut conns = entry.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let mut conns = entry.conns.lock();
             conns.retain(|c| !c.reapable(now, idle_timeout));
             // Keep the entry while someone (a dialer) holds it besides the map.
             !conns.is_empty() || Arc::strong_count(entry) > 1
@@ -165,13 +161,13 @@ impl Pool {
     }
 
     fn stats(&self) -> PoolStats {
-        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let keys = self.keys.lock();
         let mut stats = PoolStats {
             dials: self.dials.load(Ordering::Relaxed),
             ..PoolStats::default()
         };
         for entry in keys.values() {
-            let conns = entry.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let conns = entry.conns.lock();
             for c in conns.iter().filter(|c| !c.closed.load(Ordering::Acquire)) {
                 stats.connections += 1;
                 stats.streams += c.streams.load(Ordering::Acquire);
@@ -252,11 +248,7 @@ impl HboneClient {
         }
         let conn = self.dial(key).await?;
         let permit = conn.try_reserve();
-        entry
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(conn);
+        entry.conns.lock().push(conn);
         permit.ok_or_else(|| ProxyError::Http2 {
             addr: key.peer,
             source: h2::Error::from(h2::Reason::REFUSED_STREAM),
@@ -304,7 +296,7 @@ impl HboneClient {
             streams: AtomicUsize::new(0),
             max_streams: s.client_max_streams,
             closed,
-            idle_since: Mutex::new(Instant::now()),
+            idle_since: Lock::new(Instant::now()),
         }))
     }
 

@@ -90,13 +90,24 @@ impl TunnelSettings {
     }
 }
 
+/// Why an HBONE connection ended other than cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionEnd {
+    #[error("{0}")]
+    Http2(h2::Error),
+    #[error("keepalive ping failed: {0}")]
+    Ping(h2::Error),
+    #[error("no PING answer within {0:?} (is the peer or the path between the nodes stalled?)")]
+    NoPong(Duration),
+}
+
 /// Drives `conn` to completion while pinging the peer; a missing PONG ends the connection
 /// (dropping `conn` closes the socket and fails its streams).
 pub async fn drive_with_keepalive<F>(
     conn: F,
     ping: Option<h2::PingPong>,
     settings: &TunnelSettings,
-) -> Result<(), String>
+) -> Result<(), ConnectionEnd>
 where
     F: Future<Output = Result<(), h2::Error>>,
 {
@@ -108,15 +119,13 @@ where
             tokio::time::sleep(settings.ping_interval).await;
             match tokio::time::timeout(settings.ping_timeout, ping.ping(h2::Ping::opaque())).await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => return format!("keepalive ping failed: {e}"),
-                Err(_) => {
-                    return format!("no PING answer within {:?}", settings.ping_timeout);
-                }
+                Ok(Err(e)) => return ConnectionEnd::Ping(e),
+                Err(_) => return ConnectionEnd::NoPong(settings.ping_timeout),
             }
         }
     };
     tokio::select! {
-        res = conn => res.map_err(|e| e.to_string()),
+        res = conn => res.map_err(ConnectionEnd::Http2),
         reason = keepalive => Err(reason),
     }
 }

@@ -5,7 +5,7 @@ use std::io::ErrorKind;
 use std::path::Path;
 use std::time::Duration;
 
-use hboned::demo::Topology;
+use hboned::testbed::Topology;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::within;
@@ -119,8 +119,10 @@ pub async fn with_control_plane_on_b() -> (
         })
         .unwrap();
     let mut ads = super::fake_ads::FakeAds::serve(listener);
-    let extra_b = format!("xds: {{address: \"http://{}\"}}\n", ads.addr);
-    topo.start_proxies(bin(), "", &extra_b).await.unwrap();
+    let address = format!("http://{}", ads.addr);
+    topo.start_proxies(bin(), |_| {}, |b| b.xds.address = address)
+        .await
+        .unwrap();
     let mut xds = ads.accept().await;
     assert_eq!(xds.next().await.type_url, ADDRESS_TYPE);
     assert_eq!(xds.next().await.type_url, AUTHORIZATION_TYPE);

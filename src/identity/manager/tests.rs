@@ -19,11 +19,11 @@ impl CertSource for Flaky {
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
             if self.fail.load(Ordering::SeqCst) {
-                return Err(CertError::Source {
-                    identity: id.to_string(),
-                    source_name: "test",
-                    reason: "down".into(),
-                });
+                return Err(CertError::from_source(
+                    id,
+                    "test",
+                    crate::identity::ca::CaError::Root("down".into()),
+                ));
             }
             let now = SystemTime::now();
             // Already past half of life when issued, so every fetch refreshes.

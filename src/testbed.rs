@@ -11,6 +11,7 @@
 //! namespaces made here;
 //! [`Topology`]'s `Drop` kills the proxies and deletes every namespace, also on a panic.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,7 +22,12 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use crate::authz::config::{
+    MatchConfig, PolicyAction, PolicyConfig, PolicyScope, StringMatchConfig,
+};
+use crate::config::{Config, PodConfig, ServiceConfig, WorkloadConfig};
 use crate::netns::Netns;
+use crate::state::Protocol;
 
 mod capture;
 pub use capture::{Capture, Segment, parse_pcap};
@@ -119,7 +125,7 @@ impl Topology {
     /// (`bin run --config ...`), returning once every enrolled pod is served.
     pub async fn start(bin: &Path) -> anyhow::Result<Self> {
         let mut topo = Topology::create(bin)?;
-        topo.start_proxies(bin, "", "").await?;
+        topo.start_proxies(bin, |_| {}, |_| {}).await?;
         Ok(topo)
     }
 
@@ -139,6 +145,9 @@ impl Topology {
         let prefix = format!("hb{:03}{n}", std::process::id() % 1000);
         let dir = std::env::temp_dir().join(format!("hboned-{prefix}"));
         std::fs::create_dir_all(&dir)?;
+        // One root for both nodes, made for this topology (node mode reads no ./certs-dev).
+        crate::identity::ca::BuiltinCa::generate(std::time::SystemTime::now())?
+            .write_dir(&dir.join("ca"))?;
         let mut topo = Topology {
             prefix,
             namespaces: Vec::new(),
@@ -164,16 +173,16 @@ impl Topology {
         Ok(topo)
     }
 
-    /// Starts one proxy per node, each config extended by `extra_a` / `extra_b` (YAML keys),
-    /// and returns once every enrolled pod is served.
+    /// Starts one proxy per node, each config changed by `adjust_a` / `adjust_b`, and returns
+    /// once every enrolled pod is served.
     pub async fn start_proxies(
         &mut self,
         bin: &Path,
-        extra_a: &str,
-        extra_b: &str,
+        adjust_a: impl FnOnce(&mut Config),
+        adjust_b: impl FnOnce(&mut Config),
     ) -> anyhow::Result<()> {
-        self.spawn_named(bin, 'a', "node-a", extra_a)?;
-        self.spawn_named(bin, 'b', "node-b", extra_b)?;
+        self.spawn_named(bin, 'a', "node-a", adjust_a)?;
+        self.spawn_named(bin, 'b', "node-b", adjust_b)?;
         self.wait_ready().await
     }
 
@@ -338,61 +347,97 @@ impl Topology {
         Ok(())
     }
 
-    /// The YAML config of one node's proxy.
-    fn config(&self, node: char) -> String {
-        let mut y = String::from("trustDomain: cluster.local\nclusterId: demo\n");
-        y += &format!("node: node-{node}\nconnectTimeoutSecs: 5\npods:\n");
-        for pod in PODS.iter().filter(|p| p.node == node && p.enrolled) {
-            y += &format!(
-                "  - {{uid: demo/{n}, name: {n}, namespace: demo, serviceAccount: {sa}, netns: {path}}}\n",
-                n = pod.name,
-                sa = pod.service_account,
-                path = self.netns_path(pod.name).display()
-            );
-        }
-        y += "workloads:\n";
-        for pod in PODS {
-            let sa = if node == 'a' && pod.name == B3.name {
-                B3_AS_SEEN_BY_A
-            } else {
-                pod.service_account
-            };
-            let services = if pod.name == B1.name {
-                format!("{{demo/{SERVICE_HOST}: {{{SERVICE_PORT}: {APP_PORT}}}}}")
-            } else {
-                "{}".into()
-            };
-            y += &format!(
-                "  - {{uid: demo/{n}, name: {n}, namespace: demo, serviceAccount: {sa}, workloadIps: [{ip}, \"{ip6}\"], node: node-{nd}, protocol: {proto}, services: {services}}}\n",
-                n = pod.name,
-                ip = pod.ip,
-                ip6 = pod.ip6,
-                nd = pod.node,
-                proto = if pod.enrolled { "HBONE" } else { "TCP" },
-            );
-        }
-        y += &format!(
-            "services:\n  - {{name: echo, namespace: demo, hostname: {SERVICE_HOST}, vips: [{SERVICE_VIP}], ports: {{{SERVICE_PORT}: {APP_PORT}}}}}\n"
-        );
+    /// The config of one node's proxy, built from the typed [`Config`].
+    fn config(&self, node: char) -> Config {
+        let mut config = Config {
+            cluster_id: "demo".into(),
+            node: format!("node-{node}"),
+            connect_timeout_secs: 5,
+            ..Config::default()
+        };
+        config.ca.root_dir = Some(self.dir.join("ca"));
+        config.pods = PODS
+            .iter()
+            .filter(|p| p.node == node && p.enrolled)
+            .map(|pod| PodConfig {
+                uid: Some(format!("demo/{}", pod.name)),
+                name: pod.name.into(),
+                namespace: "demo".into(),
+                service_account: pod.service_account.into(),
+                netns: self.netns_path(pod.name),
+            })
+            .collect();
+        config.workloads = PODS
+            .iter()
+            .map(|pod| {
+                let service_account = if node == 'a' && pod.name == B3.name {
+                    B3_AS_SEEN_BY_A
+                } else {
+                    pod.service_account
+                };
+                let mut services = BTreeMap::new();
+                if pod.name == B1.name {
+                    services.insert(
+                        format!("demo/{SERVICE_HOST}"),
+                        BTreeMap::from([(SERVICE_PORT, APP_PORT)]),
+                    );
+                }
+                WorkloadConfig {
+                    uid: format!("demo/{}", pod.name),
+                    name: pod.name.into(),
+                    namespace: "demo".into(),
+                    service_account: service_account.into(),
+                    trust_domain: String::new(),
+                    workload_ips: vec![IpAddr::V4(pod.ip), IpAddr::V6(pod.ip6)],
+                    node: format!("node-{}", pod.node),
+                    protocol: if pod.enrolled {
+                        Protocol::Hbone
+                    } else {
+                        Protocol::Tcp
+                    },
+                    services,
+                }
+            })
+            .collect();
+        config.services = vec![ServiceConfig {
+            name: "echo".into(),
+            namespace: "demo".into(),
+            hostname: SERVICE_HOST.into(),
+            vips: vec![IpAddr::V4(SERVICE_VIP)],
+            ports: BTreeMap::from([(SERVICE_PORT, APP_PORT)]),
+            subject_alt_names: Vec::new(),
+        }];
         if node == 'a' {
             // Plaintext (no identity) to a1's port DENIED_PLAINTEXT_PORT is refused.
-            y += &format!(
-                "policies:\n  - {{name: no-plaintext, namespace: demo, action: deny, rules: [[[{{destinationPorts: [{DENIED_PLAINTEXT_PORT}], notPrincipals: [{{presence: true}}]}}]]]}}\n"
-            );
+            config.policies = vec![PolicyConfig {
+                name: "no-plaintext".into(),
+                namespace: "demo".into(),
+                scope: PolicyScope::Namespace,
+                action: PolicyAction::Deny,
+                dry_run: false,
+                rules: vec![vec![vec![MatchConfig {
+                    destination_ports: vec![u32::from(DENIED_PLAINTEXT_PORT)],
+                    not_principals: vec![StringMatchConfig {
+                        presence: Some(true),
+                        ..StringMatchConfig::default()
+                    }],
+                    ..MatchConfig::default()
+                }]]],
+            }];
         }
-        y
+        config
     }
 
-    /// Starts one more proxy on `node` (an upgrade's new proxy), its config extended by
-    /// `extra` (YAML keys), with its own log; returns its index for [`Topology::terminate`].
+    /// Starts one more proxy on `node` (an upgrade's new proxy), its config changed by
+    /// `adjust`, with its own log; returns its index for [`Topology::terminate`].
     pub fn spawn_extra_proxy(
         &mut self,
         bin: &Path,
         node: char,
-        extra: &str,
+        adjust: impl FnOnce(&mut Config),
     ) -> anyhow::Result<usize> {
         let name = format!("node-{node}-{}", self.proxies.len());
-        self.spawn_named(bin, node, &name, extra)?;
+        self.spawn_named(bin, node, &name, adjust)?;
         self.extra_names.push(name);
         Ok(self.proxies.len() - 1)
     }
@@ -433,10 +478,12 @@ impl Topology {
         bin: &Path,
         node: char,
         name: &str,
-        extra: &str,
+        adjust: impl FnOnce(&mut Config),
     ) -> anyhow::Result<()> {
+        let mut typed = self.config(node);
+        adjust(&mut typed);
         let config = self.dir.join(format!("{name}.yaml"));
-        std::fs::write(&config, self.config(node) + extra)?;
+        std::fs::write(&config, serde_yaml_ng::to_string(&typed)?)?;
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.netns_name(&format!("n{node}"))]);

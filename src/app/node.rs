@@ -1,0 +1,287 @@
+//! The node proxy in three steps: [`Node::build`] turns a [`Config`] into running parts (state,
+//! discovery, certificates, enrolled pods, the ZDS client, the proxy's own HTTP ports);
+//! [`Node::serve`] waits for the shutdown future the caller passes in (or the admin page's
+//! quit) and then drains. Tests run a node in-process with any future as its shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::admin::LogLevelSetter;
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::identity::CertificateManager;
+use crate::inpod::{NodeContext, PodError, PodHandler, PodInfo, PodManager};
+use crate::metrics::Metrics;
+use crate::netns::Netns;
+use crate::proxy::TunnelSettings;
+use crate::state::{SharedState, State};
+use crate::xds::{Resolver, XdsClient, XdsSettings};
+
+/// A running node proxy, between [`Node::build`] and the end of [`Node::serve`].
+#[derive(Debug)]
+pub struct Node {
+    drain: Drain,
+    drain_timeout: Duration,
+    manager: Arc<PodManager>,
+    zds: Option<tokio::task::JoinHandle<()>>,
+    quit: Arc<tokio::sync::Notify>,
+    readiness: Option<SocketAddr>,
+    metrics: Option<SocketAddr>,
+}
+
+/// Builds a node from `config` and serves it until `shutdown` resolves, then drains.
+pub async fn run(
+    config: Config,
+    set_log_level: LogLevelSetter,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    Node::build(config, set_log_level)?.serve(shutdown).await;
+    Ok(())
+}
+
+impl Node {
+    /// Starts every part of the node inside the current tokio runtime. Fails on what the node
+    /// cannot run without (its certificate source, its readiness and metrics ports); a broken
+    /// config pod is reported and skipped.
+    pub fn build(config: Config, set_log_level: LogLevelSetter) -> anyhow::Result<Node> {
+        raise_descriptor_limit();
+        let source = super::certs::source(&config)?;
+        tracing::info!(source = source.name(), "workload certificates source");
+        let state = Arc::new(SharedState::new(State::from_config(&config)));
+        let xds = XdsSettings::from_config(&config).map(|s| XdsClient::new(s, state.clone()));
+        let resolver: Option<Arc<dyn Resolver>> = match &xds {
+            Some(client) if config.xds.on_demand => Some(client.clone()),
+            _ => None,
+        };
+        if let Some(client) = &xds {
+            tracing::info!(address = %config.xds.address, on_demand = config.xds.on_demand, "discovering workloads over xDS (on top of the config file's tables)");
+            tokio::spawn(client.clone().run());
+        }
+        let certs = Arc::new(CertificateManager::new(source));
+        let metrics = node_metrics(&certs, xds.as_ref());
+        let drain = Drain::default();
+        let manager = Arc::new(PodManager::new(NodeContext {
+            drain: drain.clone(),
+            metrics: metrics.clone(),
+            certs: certs.clone(),
+            state: state.clone(),
+            tunnel: TunnelSettings {
+                connect_timeout: config.connect_timeout(),
+                ..TunnelSettings::default()
+            },
+            trust_domain: config.trust_domain.clone(),
+            cluster_id: config.cluster_id.clone(),
+            preserve_source_ip: config.preserve_source_ip,
+            resolver,
+        }));
+        tracing::info!(node = %config.node, trust_domain = %config.trust_domain, pods = config.pods.len(), workloads = config.workloads.len(), services = config.services.len(), "hboned node proxy starting");
+        enroll_config_pods(&config, &manager);
+        let (ready_tx, zds_ready) = tokio::sync::watch::channel(config.zds_socket.is_none());
+        let zds = config.zds_socket.clone().map(|path| {
+            tracing::info!(path = %path.display(), "enrolling pods from the node agent (ZDS)");
+            let handler: Arc<dyn PodHandler> = manager.clone();
+            tokio::spawn(async move { crate::inpod::run_zds(&path, handler, ready_tx).await })
+        });
+        // Ready once the node agent's first snapshot and the control plane's first state arrived.
+        let mut sources = vec![zds_ready];
+        sources.extend(xds.as_ref().map(|c| c.ready()));
+        let readiness = match config.readiness_address {
+            Some(addr) => Some(serve_readiness(addr, crate::admin::all_ready(sources))?),
+            None => None,
+        };
+        let metrics_addr = match config.metrics_address {
+            Some(addr) => Some(serve_metrics(addr, metrics, certs.clone())?),
+            None => None,
+        };
+        println!(
+            "hboned: serving {} pod(s); Ctrl-C stops",
+            manager.pods().len()
+        );
+        let quit = Arc::new(tokio::sync::Notify::new());
+        if let Some(addr) = config.admin_address {
+            let admin = crate::admin::AdminContext {
+                config: serde_json::to_value(&config)?,
+                state,
+                certs,
+                pods: manager.clone(),
+                quit: quit.clone(),
+                set_log_level,
+            };
+            tokio::spawn(serve_admin(addr, admin));
+        }
+        Ok(Node {
+            drain,
+            drain_timeout: config.drain_timeout(),
+            manager,
+            zds,
+            quit,
+            readiness,
+            metrics: metrics_addr,
+        })
+    }
+
+    /// Where readiness is served, when it is.
+    pub fn readiness_address(&self) -> Option<SocketAddr> {
+        self.readiness
+    }
+
+    /// Where metrics are served, when they are.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics
+    }
+
+    /// Serves until `shutdown` resolves or the admin page asks to quit, then drains.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = self.quit.notified() => tracing::info!("quit requested on the admin page"),
+        }
+        self.drain().await;
+    }
+
+    /// Stops accepting (a proxy started beside this one takes new connections), sends GOAWAY
+    /// on the HBONE connections, and lets live connections finish up to the drain timeout.
+    async fn drain(self) {
+        let deadline = self.drain_timeout;
+        tracing::info!(live = self.drain.active(), ?deadline, "draining");
+        self.drain.start();
+        // No more enrollments: an Add during the drain must not open listeners again.
+        if let Some(zds) = self.zds {
+            zds.abort();
+        }
+        self.manager.stop_listening();
+        if self.drain.wait(deadline).await {
+            tracing::info!("drained; exiting");
+        } else {
+            tracing::warn!(
+                live = self.drain.active(),
+                "drain deadline passed; closing the remaining connections"
+            );
+        }
+    }
+}
+
+/// The registry with the certificate and xDS counters.
+fn node_metrics(certs: &CertificateManager, xds: Option<&Arc<XdsClient>>) -> Arc<Metrics> {
+    let mut counters = vec![
+        (
+            "hboned_certificate_renewals",
+            "Certificate renewals",
+            certs.metrics().renewals.clone(),
+        ),
+        (
+            "hboned_certificate_renewal_failures",
+            "Failed certificate renewals",
+            certs.metrics().renewal_failures.clone(),
+        ),
+    ];
+    if let Some(client) = xds {
+        counters.push((
+            "hboned_xds_rejected_resources",
+            "xDS resources rejected (NACKed)",
+            client.rejected_counter(),
+        ));
+        counters.push((
+            "hboned_xds_policy_entries_dropped",
+            "Unreadable authorization policy entries dropped from xDS policies",
+            client.dropped_policy_entries_counter(),
+        ));
+    }
+    Metrics::new(counters)
+}
+
+/// Enrolls the config file's pods, and removes each one when its netns path goes (there is no
+/// node agent to say so). One broken entry does not take the others down: it is reported.
+fn enroll_config_pods(config: &Config, manager: &Arc<PodManager>) {
+    for pod in &config.pods {
+        let info = PodInfo {
+            uid: pod.uid(),
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+        };
+        let result = Netns::open(&pod.netns)
+            .map_err(|source| PodError::Open {
+                path: pod.netns.clone(),
+                source,
+            })
+            .and_then(|ns| manager.add(info, ns));
+        if let Err(e) = result {
+            tracing::error!(pod = %pod.uid(), error = %e, "cannot enroll pod from the config");
+        }
+    }
+    let by_path = config
+        .pods
+        .iter()
+        .map(|p| (p.uid(), p.netns.clone()))
+        .collect();
+    manager.follow_netns_paths(by_path, Duration::from_secs(2));
+}
+
+fn serve_readiness(
+    addr: SocketAddr,
+    ready: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = crate::admin::bind(addr)
+        .with_context(|| format!("binding the readiness listener on {addr} (readinessAddress)"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "readiness at /healthz/ready");
+    tokio::spawn(crate::admin::serve_readiness(listener, ready));
+    Ok(bound)
+}
+
+fn serve_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    certs: Arc<CertificateManager>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = crate::admin::bind(addr)
+        .with_context(|| format!("binding the metrics listener on {addr} (metricsAddress)"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "metrics at /metrics and /stats/prometheus");
+    tokio::spawn(crate::admin::serve(listener, move |req| {
+        crate::admin::metrics(&req, || {
+            metrics.set_certificate_expiries(&certs.expiries());
+            metrics.encode()
+        })
+    }));
+    Ok(bound)
+}
+
+/// The admin page; its port is taken once a predecessor beside this proxy has let it go.
+async fn serve_admin(addr: SocketAddr, admin: crate::admin::AdminContext) {
+    let admin = Arc::new(admin);
+    let listener = crate::admin::bind_exclusive(addr).await;
+    if let Ok(bound) = listener.local_addr() {
+        tracing::info!(addr = %bound, "admin page at /config_dump");
+    }
+    crate::admin::serve(listener, move |req| {
+        let (status, body) =
+            crate::admin::admin(req.method(), req.uri().path(), req.uri().query(), &admin);
+        let mut resp = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+        *resp.status_mut() = status;
+        resp
+    })
+    .await
+}
+
+/// Raises the soft limit on open descriptors to the hard one, as ztunnel does: every proxied
+/// connection costs two or three descriptors, and the soft default (often 1,024) is reached by
+/// a few hundred connections. Accept loops back off at the limit rather than spin.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "raised the open-descriptor limit"),
+            Err(e) => {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-descriptor limit")
+            }
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-descriptor limit"),
+    }
+}

@@ -1,0 +1,88 @@
+//! `HBONED_*` environment overrides, one table row each, applied after the file and before
+//! validation. The environment is read through the source passed in (tests pass a closure),
+//! never from the process directly.
+
+use std::path::PathBuf;
+
+use super::Config;
+
+/// An override: the variable, the key it replaces (for docs and errors), and how it applies.
+/// `set` returns a problem when the value cannot be read.
+#[derive(Debug)]
+pub struct Override {
+    /// The environment variable.
+    pub var: &'static str,
+    /// The config key it replaces.
+    pub key: &'static str,
+    set: fn(&mut Config, String) -> Result<(), String>,
+}
+
+/// Every override, in the order they apply.
+pub const OVERRIDES: &[Override] = &[
+    Override {
+        var: "HBONED_NODE",
+        key: "node",
+        set: |c, v| {
+            c.node = v;
+            Ok(())
+        },
+    },
+    Override {
+        var: "HBONED_TRUST_DOMAIN",
+        key: "trustDomain",
+        set: |c, v| {
+            c.trust_domain = v;
+            Ok(())
+        },
+    },
+    Override {
+        var: "HBONED_CLUSTER_ID",
+        key: "clusterId",
+        set: |c, v| {
+            c.cluster_id = v;
+            Ok(())
+        },
+    },
+    Override {
+        var: "HBONED_ZDS_SOCKET",
+        key: "zdsSocket (empty: none)",
+        set: |c, v| {
+            c.zds_socket = (!v.is_empty()).then(|| PathBuf::from(v));
+            Ok(())
+        },
+    },
+    Override {
+        var: "HBONED_XDS_ADDRESS",
+        key: "xds.address",
+        set: |c, v| {
+            c.xds.address = v;
+            Ok(())
+        },
+    },
+    Override {
+        var: "HBONED_CA_DIR",
+        key: "ca.rootDir",
+        set: |c, v| {
+            c.ca.root_dir = Some(PathBuf::from(v));
+            Ok(())
+        },
+    },
+    Override {
+        var: "HBONED_CERT_LIFETIME_SECS",
+        key: "ca.certLifetimeSecs",
+        set: |c, v| {
+            c.ca.cert_lifetime_secs = v.parse().map_err(|_| {
+                format!("HBONED_CERT_LIFETIME_SECS={v:?} is not a number of seconds")
+            })?;
+            Ok(())
+        },
+    },
+];
+
+/// Applies every override `env` has a value for; returns the values that could not be read.
+pub(super) fn apply(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+    OVERRIDES
+        .iter()
+        .filter_map(|o| env(o.var).and_then(|v| (o.set)(config, v).err()))
+        .collect()
+}

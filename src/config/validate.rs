@@ -1,0 +1,128 @@
+//! Validation of a parsed [`Config`]: every problem at once, each naming its key, so an
+//! operator fixes the file in one pass. Checks here are about the file itself; nothing is
+//! connected to or opened.
+
+use std::ops::RangeInclusive;
+
+use super::Config;
+use crate::identity::Identity;
+
+/// Every semantic problem, not just the first.
+pub(super) fn problems(config: &Config) -> Vec<String> {
+    let mut p = Vec::new();
+    if Identity::new(&config.trust_domain, "x", "x").is_err() {
+        p.push(format!(
+            "trustDomain {:?} is not a valid trust domain",
+            config.trust_domain
+        ));
+    }
+    let xds = &config.xds.address;
+    if !xds.is_empty() && !is_http_url(xds) {
+        p.push(format!(
+            "xds.address {xds:?} must start with http:// or https://"
+        ));
+    }
+    let certs = &config.certificates;
+    if let Err(e) = certs.selected(&config.ca) {
+        p.push(e.to_string());
+    }
+    if let Some(ca) = &certs.istio_ca
+        && !is_http_url(&ca.address)
+    {
+        p.push(format!(
+            "certificates.istioCa.address {:?} must start with http:// or https://",
+            ca.address
+        ));
+    }
+    for (key, value, range) in numeric_settings(config) {
+        if let Some(v) = value
+            && !range.contains(&v)
+        {
+            p.push(format!(
+                "{key} is {v}, outside {}..={}",
+                range.start(),
+                range.end()
+            ));
+        }
+    }
+    let mut uids = std::collections::HashSet::new();
+    for (i, pod) in config.pods.iter().enumerate() {
+        if Identity::new(&config.trust_domain, &pod.namespace, &pod.service_account).is_err() {
+            p.push(format!(
+                "pods[{i}] ({}): namespace/serviceAccount do not form a SPIFFE ID",
+                pod.name
+            ));
+        }
+        if !uids.insert(pod.uid()) {
+            p.push(format!("pods[{i}]: duplicate uid {}", pod.uid()));
+        }
+    }
+    for (i, w) in config.workloads.iter().enumerate() {
+        let trust_domain = if w.trust_domain.is_empty() {
+            &config.trust_domain
+        } else {
+            &w.trust_domain
+        };
+        if let Err(e) = Identity::new(trust_domain, &w.namespace, &w.service_account) {
+            p.push(format!("workloads[{i}] ({}): {e}", w.uid));
+        }
+        if w.workload_ips.is_empty() {
+            p.push(format!("workloads[{i}] ({}): workloadIps is empty", w.uid));
+        }
+    }
+    for (i, s) in config.services.iter().enumerate() {
+        if let Some(e) = s
+            .subject_alt_names
+            .iter()
+            .find_map(|n| Identity::parse(n).err())
+        {
+            p.push(format!("services[{i}] ({}): {e}", s.hostname));
+        }
+    }
+    for (i, policy) in config.policies.iter().enumerate() {
+        if policy.name.is_empty() {
+            p.push(format!("policies[{i}]: name is empty"));
+        }
+        if let Err(e) = policy.to_policy() {
+            p.push(format!("policies[{i}] ({}): {e}", policy.name));
+        }
+    }
+    p
+}
+
+fn is_http_url(address: &str) -> bool {
+    address.starts_with("http://") || address.starts_with("https://")
+}
+
+/// Every numeric setting with the range it must fall in, checked at load: a value past
+/// them (a lifetime of 2^64 seconds) would only fail later, at every use.
+fn numeric_settings(config: &Config) -> [(&'static str, Option<u64>, RangeInclusive<u64>); 5] {
+    [
+        // Istio's CA caps workload certificates at 90 days (MAX_WORKLOAD_CERT_TTL).
+        (
+            "ca.certLifetimeSecs",
+            Some(config.ca.cert_lifetime_secs),
+            60..=90 * 24 * 3600,
+        ),
+        (
+            "connectTimeoutSecs",
+            Some(config.connect_timeout_secs),
+            1..=300,
+        ),
+        (
+            "drainTimeoutSecs",
+            Some(config.drain_timeout_secs),
+            0..=3600,
+        ),
+        (
+            "certificates.files.pollSecs",
+            config.certificates.files.as_ref().map(|f| f.poll_secs),
+            1..=3600,
+        ),
+        (
+            "xds.onDemandTimeoutMs",
+            config.xds.on_demand_timeout_ms,
+            1..=60_000,
+        ),
+    ]
+}

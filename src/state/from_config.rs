@@ -1,0 +1,66 @@
+//! The config file's workload, service and policy tables as state entries. Entries were
+//! validated when the file was parsed (`config::validate`); converting one here cannot fail
+//! for a parsed config, and one that does anyway is skipped, never fatal.
+
+use super::{Service, State, Workload};
+use crate::config::{Config, ServiceConfig, WorkloadConfig};
+use crate::identity::{Identity, IdentityError};
+
+impl State {
+    /// The config's workload, service and policy tables, on the config's network.
+    pub fn from_config(config: &Config) -> State {
+        let mut state = State::with_network(&config.xds.network);
+        for w in config
+            .workloads
+            .iter()
+            .filter_map(|w| workload(config, w).ok())
+        {
+            state.upsert_workload(w);
+        }
+        for s in config.services.iter().filter_map(|s| service(s).ok()) {
+            state.upsert_service(s);
+        }
+        for p in config.policies.iter().filter_map(|p| p.to_policy().ok()) {
+            state.upsert_policy(p);
+        }
+        state
+    }
+}
+
+/// A workload entry, its trust domain defaulting to the mesh's.
+pub fn workload(config: &Config, w: &WorkloadConfig) -> Result<Workload, IdentityError> {
+    let trust_domain = if w.trust_domain.is_empty() {
+        &config.trust_domain
+    } else {
+        &w.trust_domain
+    };
+    Ok(Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        identity: Identity::new(trust_domain, &w.namespace, &w.service_account)?,
+        network: config.xds.network.clone(),
+        addresses: w.workload_ips.clone(),
+        node: w.node.clone(),
+        protocol: w.protocol,
+        services: w.services.clone(),
+        healthy: true,
+        authorization_policies: Vec::new(),
+    })
+}
+
+/// A service entry.
+pub fn service(s: &ServiceConfig) -> Result<Service, IdentityError> {
+    Ok(Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        hostname: s.hostname.clone(),
+        vips: s.vips.clone(),
+        ports: s.ports.clone(),
+        subject_alt_names: s
+            .subject_alt_names
+            .iter()
+            .map(|n| Identity::parse(n))
+            .collect::<Result<_, _>>()?,
+    })
+}
