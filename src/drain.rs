@@ -1,4 +1,4 @@
-//! Graceful drain (DESIGN §8): a "draining" signal, and a count of live connections that each
+//! Graceful drain (docs/design.md §9): a "draining" signal, and a count of live connections that each
 //! hold a [`Guard`]. On SIGTERM the node stops accepting (its pod listeners close, so a new
 //! proxy started beside it with SO_REUSEPORT takes the new connections), HBONE servers send
 //! GOAWAY, and the process waits for the guards to drop, up to a deadline.

@@ -1,4 +1,4 @@
-//! The HBONE CONNECT codec (DESIGN §4): request and response heads as `http` values, with the
+//! The HBONE CONNECT codec (docs/design.md §4): request and response heads as `http` values, with the
 //! `forwarded`, `baggage` and `traceparent` headers. Pure: no I/O, no clock, no randomness
 //! except [`TraceParent::random`]. Parsing of the optional headers is tolerant (a malformed
 //! header is ignored, never an error); the authority is strict (it decides where bytes go).

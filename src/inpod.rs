@@ -1,6 +1,6 @@
 //! Enrolled pods: for each one, the 15001/15006/15008 listeners created inside its network
 //! namespace and the tasks serving them; and the ZDS client through which a node agent adds
-//! and removes pods (DESIGN §6). Pods listed in the config file go through the same
+//! and removes pods (docs/design.md §6). Pods listed in the config file go through the same
 //! [`PodManager::add`].
 
 use std::collections::{HashMap, HashSet};

@@ -7,7 +7,7 @@
 //!   [`identity::CertSource`] seam (built-in [`identity::ca`], [`identity::files`],
 //!   [`identity::istio_ca`], [`identity::spire`]); the per-identity certificate and its
 //!   renewal ([`identity::manager`], on the pure [`identity::schedule`]).
-//! - [`tls`]: rustls configs for DESIGN §4 and the SPIFFE verifiers.
+//! - [`tls`]: rustls configs for docs/design.md §4 and the SPIFFE verifiers.
 //! - [`proxy`]: the data path: outbound hold-and-route ([`proxy::outbound`]), the pooled HBONE
 //!   client ([`proxy::pool`]), the HBONE server ([`proxy::inbound`]), plain TCP both ways
 //!   ([`proxy::passthrough`]), the HTTP/2 stream adapter ([`proxy::tunnel`]), the relay
@@ -29,6 +29,8 @@
 //!
 //! ARCHITECTURE.md has the ports, threads and data path on one page.
 
+#![deny(unsafe_code)]
+
 pub mod admin;
 pub mod app;
 pub mod authz;
@@ -45,6 +47,9 @@ pub mod ports;
 pub mod proto;
 pub mod proxy;
 pub mod redirect;
+// The OS seam: its two `unsafe` blocks (registering a descriptor, adopting one received by
+// SCM_RIGHTS) each carry their SAFETY argument.
+#[allow(unsafe_code)]
 pub mod socket;
 pub mod state;
 pub mod sync;

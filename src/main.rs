@@ -1,5 +1,7 @@
 //! The `hboned` command line: parses arguments and hands over to `hboned::app`.
 
+#![deny(unsafe_code)]
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -68,7 +70,7 @@ enum Command {
         #[arg(long)]
         check_only: bool,
     },
-    /// Install or remove the redirect rule set (DESIGN §3) in a pod's network namespace.
+    /// Install or remove the redirect rule set (docs/design.md §3) in a pod's network namespace.
     Redirect {
         #[command(subcommand)]
         action: RedirectAction,

@@ -1,4 +1,4 @@
-//! Prometheus metrics (DESIGN §2, port 15020), named and labelled like ztunnel's so existing
+//! Prometheus metrics (docs/design.md §2, port 15020), named and labelled like ztunnel's so existing
 //! dashboards work, and the per-connection access log. Labels are workload names, namespaces
 //! and SPIFFE principals — never IPs or ports — so cardinality is bounded by the workloads.
 

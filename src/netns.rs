@@ -147,7 +147,7 @@ impl Drop for Return {
     }
 }
 
-/// Sockets inside a pod's namespace, each carrying the proxy mark (DESIGN §3); listeners set
+/// Sockets inside a pod's namespace, each carrying the proxy mark (docs/design.md §3); listeners set
 /// SO_REUSEPORT so an old and a new proxy can overlap.
 #[derive(Debug, Clone)]
 pub struct PodSocketFactory {

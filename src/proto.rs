@@ -47,7 +47,7 @@ pub mod spire {
 pub mod istio {
     pub mod workload {
         include!(concat!(env!("OUT_DIR"), "/istio.workload.rs"));
-        /// ZDS, the node agent ↔ proxy enrollment protocol (DESIGN §6).
+        /// ZDS, the node agent ↔ proxy enrollment protocol (docs/design.md §6).
         pub mod zds {
             include!(concat!(env!("OUT_DIR"), "/istio.workload.zds.rs"));
         }

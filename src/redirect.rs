@@ -1,4 +1,4 @@
-//! Installs and removes the redirect rule set of DESIGN §3 (iptables and ip6tables) inside one
+//! Installs and removes the redirect rule set of docs/design.md §3 (iptables and ip6tables) inside one
 //! pod's network namespace:
 //! the iptables chains that send the pod's TCP to ports 15001/15006 (skipping packets that
 //! carry the proxy mark), and the policy route that returns replies to transparent sockets.

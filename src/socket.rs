@@ -30,7 +30,7 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(180);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(180);
 const KEEPALIVE_RETRIES: u32 = 9;
 
-/// TCP_NODELAY and TCP keepalive, for every socket the proxy reads or writes (DESIGN §4).
+/// TCP_NODELAY and TCP keepalive, for every socket the proxy reads or writes (docs/design.md §4).
 pub fn set_stream_options(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let keepalive = TcpKeepalive::new()

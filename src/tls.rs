@@ -1,4 +1,4 @@
-//! rustls configuration for HBONE, per DESIGN §4: TLS 1.3 only, the two AES-GCM suites,
+//! rustls configuration for HBONE, per docs/design.md §4: TLS 1.3 only, the two AES-GCM suites,
 //! ALPN `h2`, no SNI, no resumption, mandatory client certificates, and SPIFFE verification
 //! (in [`verify`]) instead of DNS names.
 //!
@@ -36,7 +36,7 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
 }
 
-/// The crypto provider: aws-lc-rs restricted to DESIGN §4's suites and key exchange groups.
+/// The crypto provider: aws-lc-rs restricted to docs/design.md §4's suites and key exchange groups.
 /// The post-quantum hybrid X25519MLKEM768 is offered first, then X25519 and P-256.
 pub fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();

@@ -1,4 +1,4 @@
-//! Discovery over delta ADS (DESIGN §5): one gRPC stream to the control plane carrying
+//! Discovery over delta ADS (docs/design.md §5): one gRPC stream to the control plane carrying
 //! `istio.workload.Address` and `istio.security.Authorization`, applied to the shared
 //! [`State`]. Conversion and the (N)ACK decision are pure ([`convert`]); this module owns the
 //! stream: reconnects with capped, jittered backoff, resends what it has

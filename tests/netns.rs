@@ -1,4 +1,4 @@
-//! The two-node integration test (DESIGN §1, §3, §6), on real network namespaces, iptables
+//! The two-node integration test (docs/design.md §1, §3, §6), on real network namespaces, iptables
 //! rules installed by `hboned redirect install`, and one `hboned run` per node. Needs root; off
 //! CI it is skipped when not root, on CI (CI=true) it fails instead.
 

@@ -1,4 +1,4 @@
-//! Certificates from files (DESIGN §7): a PEM chain (leaf first), its PKCS#8/SEC1 key and a PEM
+//! Certificates from files (docs/design.md §7): a PEM chain (leaf first), its PKCS#8/SEC1 key and a PEM
 //! trust bundle, written by something else (cert-manager, a CSI driver, an init container).
 //! The files are read again every `poll` so rotated material, a new root included, is picked
 //! up without a restart; one set of files serves one identity.

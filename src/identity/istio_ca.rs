@@ -1,4 +1,4 @@
-//! The Istio CA as a certificate source (DESIGN §7): for each identity, a fresh P-256 key and a
+//! The Istio CA as a certificate source (docs/design.md §7): for each identity, a fresh P-256 key and a
 //! CSR with one URI SAN, sent to `istio.v1.auth.IstioCertificateService/CreateCertificate` over
 //! TLS with a bearer token, impersonating the workload (`ImpersonatedIdentity`), as ztunnel does.
 //! The key never leaves this process.

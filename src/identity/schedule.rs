@@ -1,5 +1,5 @@
 //! When to renew a certificate, as pure functions of the certificate's validity, the number of
-//! failed attempts and a jitter value: no clock, no randomness of its own (DESIGN §7).
+//! failed attempts and a jitter value: no clock, no randomness of its own (docs/design.md §7).
 //!
 //! A certificate is renewed at half of its lifetime. A failed renewal is retried after a
 //! capped, jittered exponential backoff, and never later than its expiry, so a recovering CA

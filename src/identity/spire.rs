@@ -1,4 +1,4 @@
-//! SPIRE as a certificate source (DESIGN §7), through the agent's Delegated Identity API on its
+//! SPIRE as a certificate source (docs/design.md §7), through the agent's Delegated Identity API on its
 //! admin Unix socket. Each identity gets one long-lived subscription, by the Kubernetes
 //! selectors `k8s:ns:<namespace>` and `k8s:sa:<service account>`, plus the agent's bundle
 //! stream; every SVID or bundle update SPIRE pushes rebuilds the certificate, and the manager

@@ -2,7 +2,7 @@
 //! the workload's certificate, HTTP/2, and per CONNECT stream: check the request, dial the app
 //! through the socket factory, answer 200 only once that dial succeeded, then relay.
 //!
-//! Answers (DESIGN §4): 400 for a method other than CONNECT, an unparsable authority, an
+//! Answers (docs/design.md §4): 400 for a method other than CONNECT, an unparsable authority, an
 //! authority IP that is not this workload, or a target on the proxy's own ports; 503 when the
 //! app cannot be dialed.
 

@@ -212,7 +212,7 @@ fn reset(app: TcpStream) {
     drop(app);
 }
 
-/// Routes a pod's connections from the shared workload state (DESIGN §1): enrolled
+/// Routes a pod's connections from the shared workload state (docs/design.md §1): enrolled
 /// destinations through HBONE to `<podIP>:15008`, the rest as plain TCP.
 #[derive(Debug)]
 pub struct StateRouter {

@@ -27,7 +27,7 @@ use crate::netns::{self, SocketFactory};
 use crate::sync::Lock;
 use crate::tls;
 
-/// What makes two tunnels shareable over one connection (DESIGN §4 pooling key).
+/// What makes two tunnels shareable over one connection (docs/design.md §4 pooling key).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     source: Identity,

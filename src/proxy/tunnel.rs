@@ -1,4 +1,4 @@
-//! The HTTP/2 layer of a tunnel, shared by both ends: the §4 settings, the PING keepalive, and
+//! The HTTP/2 layer of a tunnel, shared by both ends: the settings of docs/design.md §4, the PING keepalive, and
 //! [`H2Stream`], one CONNECT stream as `AsyncRead + AsyncWrite`.
 //!
 //! Half-close: a write shutdown sends END_STREAM; a received END_STREAM reads as EOF.
@@ -14,7 +14,7 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// HTTP/2 and timing settings of HBONE (DESIGN §4, ztunnel's values).
+/// HTTP/2 and timing settings of HBONE (docs/design.md §4, ztunnel's values).
 #[derive(Debug, Clone)]
 pub struct TunnelSettings {
     /// Per-stream receive window.

@@ -2,7 +2,7 @@
 
 use super::*;
 
-/// The chains say exactly what DESIGN §3 lists, rule for rule.
+/// The chains say exactly what docs/design.md §3 lists, rule for rule.
 #[test]
 fn rules_match_the_design() {
     let design_rules = [
