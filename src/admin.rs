@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub mod log_filter;
+pub(crate) mod log_filter;
 
 fn respond(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
@@ -23,7 +23,7 @@ fn respond(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
 }
 
 /// Answers one readiness request from the current state of `ready`.
-pub fn readiness(req: &Request<Incoming>, ready: bool) -> Response<Full<Bytes>> {
+pub(crate) fn readiness(req: &Request<Incoming>, ready: bool) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz/ready") if ready => respond(StatusCode::OK, "ready\n"),
         (&Method::GET, "/healthz/ready") => respond(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
@@ -37,7 +37,10 @@ pub async fn serve_readiness(listener: TcpListener, ready: watch::Receiver<bool>
 }
 
 /// Answers a metrics request with `render()`'s text exposition.
-pub fn metrics(req: &Request<Incoming>, render: impl Fn() -> String) -> Response<Full<Bytes>> {
+pub(crate) fn metrics(
+    req: &Request<Incoming>,
+    render: impl Fn() -> String,
+) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/metrics" | "/stats/prometheus") => {
             let mut resp = Response::new(Full::new(Bytes::from(render())));
@@ -52,16 +55,16 @@ pub fn metrics(req: &Request<Incoming>, render: impl Fn() -> String) -> Response
 }
 
 /// Connections one of these ports serves at once; more are closed as they arrive.
-pub const MAX_CONNECTIONS: usize = 32;
+pub(crate) const MAX_CONNECTIONS: usize = 32;
 /// A request's head must arrive within this (a silent or half-sent request is closed).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// No connection to these ports lives longer (keep-alive included).
-pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+pub(crate) const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Serves HTTP/1.1 on `listener`, answering each request with `handler`; at most
 /// [`MAX_CONNECTIONS`] at once, each closed when its request head is slower than
 /// [`HEADER_READ_TIMEOUT`] or it outlives [`CONNECTION_LIFETIME`].
-pub async fn serve<F>(listener: TcpListener, handler: F)
+pub(crate) async fn serve<F>(listener: TcpListener, handler: F)
 where
     F: Fn(Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
@@ -118,7 +121,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Binds the admin listener, which takes no partner: while an older proxy still holds the
 /// port (an upgrade's overlap), retries every second until it is free.
-pub async fn bind_exclusive(addr: SocketAddr) -> TcpListener {
+pub(crate) async fn bind_exclusive(addr: SocketAddr) -> TcpListener {
     let mut warned = false;
     loop {
         match TcpListener::bind(addr).await {
@@ -135,7 +138,7 @@ pub async fn bind_exclusive(addr: SocketAddr) -> TcpListener {
 }
 
 /// True once every given source is ready.
-pub fn all_ready(mut sources: Vec<watch::Receiver<bool>>) -> watch::Receiver<bool> {
+pub(crate) fn all_ready(mut sources: Vec<watch::Receiver<bool>>) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(sources.iter().all(|s| *s.borrow()));
     tokio::spawn(async move {
         for source in &mut sources {
@@ -161,10 +164,10 @@ pub enum LogLevelError {
 }
 
 /// Replaces the process's log filter with a new `EnvFilter` directive string.
-pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), LogLevelError> + Send + Sync>;
+pub(crate) type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), LogLevelError> + Send + Sync>;
 
 /// What the admin page (localhost:15000) reads and controls.
-pub struct AdminContext {
+pub(crate) struct AdminContext {
     /// The effective configuration, as loaded.
     pub config: serde_json::Value,
     pub state: std::sync::Arc<crate::state::SharedState>,
@@ -183,7 +186,7 @@ impl std::fmt::Debug for AdminContext {
 }
 
 /// The admin page: `GET /config_dump`, `POST /quitquitquit`, `POST /logging?level=…`.
-pub fn admin(
+pub(crate) fn admin(
     method: &Method,
     path: &str,
     query: Option<&str>,

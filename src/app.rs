@@ -4,8 +4,8 @@
 //! `certs` picks the certificate source the config names.
 
 mod certs;
-pub mod loopback;
-pub mod node;
+pub(crate) mod loopback;
+pub(crate) mod node;
 
 pub use loopback::{LoopbackSettings, run_loopback};
 pub use node::{Node, run};

@@ -28,8 +28,8 @@ use std::str::FromStr;
 
 use crate::identity::Identity;
 
-pub mod config;
-pub use config::PolicyConfig;
+pub(crate) mod config;
+pub(crate) use config::PolicyConfig;
 
 /// The facts about one connection that policies look at.
 #[derive(Debug, Clone, Copy)]
@@ -156,18 +156,18 @@ pub enum NetError {
 
 impl IpNet {
     /// Every IPv4 address.
-    pub const ANY_V4: IpNet = IpNet {
+    pub(crate) const ANY_V4: IpNet = IpNet {
         addr: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         len: 0,
     };
     /// Every IPv6 address.
-    pub const ANY_V6: IpNet = IpNet {
+    pub(crate) const ANY_V6: IpNet = IpNet {
         addr: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
         len: 0,
     };
 
     /// The prefix of `len` bits at `addr` (bits past the prefix are ignored).
-    pub fn new(addr: IpAddr, len: u32) -> Result<Self, NetError> {
+    pub(crate) fn new(addr: IpAddr, len: u32) -> Result<Self, NetError> {
         let max = if addr.is_ipv4() { 32 } else { 128 };
         match u8::try_from(len) {
             Ok(l) if len <= max => Ok(IpNet { addr, len: l }),
@@ -176,7 +176,7 @@ impl IpNet {
     }
 
     /// Whether `ip` is inside the prefix (never across families).
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => prefix_eq(
                 u128::from(net.to_bits()),
@@ -357,7 +357,7 @@ impl<'a> Facts<'a> {
 
 impl Policy {
     /// `namespace/name`, as workloads and xDS name it.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
 
@@ -378,7 +378,7 @@ impl Policy {
 
 impl Match {
     /// Whether the match sets no condition at all (and so matches nothing).
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.namespaces.is_empty()
             && self.not_namespaces.is_empty()
             && self.principals.is_empty()
@@ -420,7 +420,7 @@ fn field<T>(any: &[T], none: &[T], hit: impl Fn(&T) -> bool) -> bool {
 }
 
 impl StringMatch {
-    pub fn matches(&self, value: &str) -> bool {
+    pub(crate) fn matches(&self, value: &str) -> bool {
         match self {
             StringMatch::Exact(s) => value == s,
             StringMatch::Prefix(s) => value.starts_with(s.as_str()),

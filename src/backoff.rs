@@ -6,7 +6,7 @@ use std::time::Duration;
 
 /// One reconnect loop's backoff.
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     delay: Duration,
@@ -14,7 +14,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// Starts at `initial` and never waits more than `max` (plus jitter).
-    pub fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Backoff {
             initial,
             max,
@@ -23,7 +23,7 @@ impl Backoff {
     }
 
     /// The next wait, given a random `roll` in `0..=u64::MAX`; advances the backoff.
-    pub fn next_with(&mut self, roll: u64) -> Duration {
+    pub(crate) fn next_with(&mut self, roll: u64) -> Duration {
         let half = self.delay.as_millis() as u64 / 2;
         let wait = self.delay + Duration::from_millis(roll % (half + 1));
         self.delay = (self.delay * 2).min(self.max);
@@ -31,17 +31,17 @@ impl Backoff {
     }
 
     /// The next wait with a random jitter.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         self.next_with(rand::random())
     }
 
     /// Sleeps for the next wait.
-    pub async fn wait(&mut self) {
+    pub(crate) async fn wait(&mut self) {
         tokio::time::sleep(self.next_delay()).await;
     }
 
     /// After a healthy session: the next failure waits `initial` again.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.delay = self.initial;
     }
 }

@@ -21,11 +21,9 @@ use crate::state::Protocol;
 mod env;
 mod validate;
 
-pub use env::OVERRIDES;
-
 /// The configuration `hboned run` uses without `--config`: built-in CA, no static pods, pods
 /// enrolled over ZDS when a node agent's socket is there.
-pub const EMBEDDED_DEFAULT: &str = include_str!("../config/default.yaml");
+pub(crate) const EMBEDDED_DEFAULT: &str = include_str!("../config/default.yaml");
 
 /// The whole configuration of one node's proxy. A key left out of the file takes its value
 /// from `Config::default()`.
@@ -183,14 +181,17 @@ pub enum CertSource<'a> {
 /// A certificate source named without the section it needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("certificates.source is {kind} but certificates.{section} is missing")]
-pub struct MissingSection {
+pub(crate) struct MissingSection {
     kind: &'static str,
     section: &'static str,
 }
 
 impl CertificatesConfig {
     /// The chosen source with its section (`ca` for the built-in CA, which always has one).
-    pub fn selected<'a>(&'a self, ca: &'a CaConfig) -> Result<CertSource<'a>, MissingSection> {
+    pub(crate) fn selected<'a>(
+        &'a self,
+        ca: &'a CaConfig,
+    ) -> Result<CertSource<'a>, MissingSection> {
         let missing = |kind, section| MissingSection { kind, section };
         match self.source {
             CertSourceKind::Builtin => Ok(CertSource::Builtin(ca)),
@@ -268,7 +269,7 @@ pub struct PodConfig {
 
 impl PodConfig {
     /// The uid, or `namespace/name` when none is given.
-    pub fn uid(&self) -> String {
+    pub(crate) fn uid(&self) -> String {
         self.uid
             .clone()
             .unwrap_or_else(|| format!("{}/{}", self.namespace, self.name))

@@ -41,7 +41,7 @@ pub enum TokenError {
 /// The endpoint for `address` (`http://` or `https://`, the latter verified against
 /// `root_ca` when given, else the system roots): 5 s connect timeout, TCP_NODELAY, HTTP/2
 /// keepalive every 30 s. Callers add their own request timeout.
-pub fn endpoint(address: &str, root_ca: Option<&Path>) -> Result<Endpoint, ChannelError> {
+pub(crate) fn endpoint(address: &str, root_ca: Option<&Path>) -> Result<Endpoint, ChannelError> {
     let mut endpoint = Endpoint::from_shared(address.to_owned())
         .map_err(|e| ChannelError::Address {
             address: address.to_owned(),
@@ -67,7 +67,7 @@ pub fn endpoint(address: &str, root_ca: Option<&Path>) -> Result<Endpoint, Chann
 }
 
 /// Adds `authorization: Bearer <token>` (the file read now) and, when set, `clusterid`.
-pub fn add_metadata<T>(
+pub(crate) fn add_metadata<T>(
     request: &mut tonic::Request<T>,
     token_file: Option<&Path>,
     cluster_id: &str,

@@ -36,7 +36,7 @@ impl Default for Drain {
 
 /// Held for the life of one connection.
 #[derive(Debug)]
-pub struct Guard(Arc<Inner>);
+pub(crate) struct Guard(Arc<Inner>);
 
 impl Drop for Guard {
     fn drop(&mut self) {
@@ -47,13 +47,13 @@ impl Drop for Guard {
 }
 
 impl Drain {
-    pub fn guard(&self) -> Guard {
+    pub(crate) fn guard(&self) -> Guard {
         self.inner.active.fetch_add(1, Ordering::AcqRel);
         Guard(self.inner.clone())
     }
 
     /// Live connections.
-    pub fn active(&self) -> usize {
+    pub(crate) fn active(&self) -> usize {
         self.inner.active.load(Ordering::Acquire)
     }
 
@@ -63,13 +63,13 @@ impl Drain {
     }
 
     /// Resolves once draining has started.
-    pub async fn draining(&self) {
+    pub(crate) async fn draining(&self) {
         let mut rx = self.inner.draining.subscribe();
         let _ = rx.wait_for(|d| *d).await;
     }
 
     /// Waits until no connection is live, or `deadline` passed; true when all finished.
-    pub async fn wait(&self, deadline: Duration) -> bool {
+    pub(crate) async fn wait(&self, deadline: Duration) -> bool {
         let idle = async {
             loop {
                 let notified = self.inner.idle.notified();
@@ -84,7 +84,7 @@ impl Drain {
 }
 
 /// `drain.draining()`, or never when there is no drain.
-pub async fn signaled(drain: Option<&Drain>) {
+pub(crate) async fn signaled(drain: Option<&Drain>) {
     match drain {
         Some(d) => d.draining().await,
         None => std::future::pending().await,

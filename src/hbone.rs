@@ -8,9 +8,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 
-pub const FORWARDED: &str = "forwarded";
-pub const BAGGAGE: &str = "baggage";
-pub const TRACEPARENT: &str = "traceparent";
+pub(crate) const FORWARDED: &str = "forwarded";
+pub(crate) const BAGGAGE: &str = "baggage";
+pub(crate) const TRACEPARENT: &str = "traceparent";
 
 /// What a CONNECT request carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,11 +103,6 @@ impl ConnectRequest {
             traceparent: header(TRACEPARENT).and_then(TraceParent::parse),
         })
     }
-
-    /// The client IP the peer should see, from `forwarded: for=`.
-    pub fn client_ip(&self) -> Option<IpAddr> {
-        self.forwarded_for.map(|a| a.ip())
-    }
 }
 
 /// Reads `for="<ip:port>"` and `host=` from the first element of a `forwarded` header.
@@ -158,7 +153,7 @@ impl Baggage {
         self.0.is_empty()
     }
 
-    pub fn to_header(&self) -> Option<String> {
+    pub(crate) fn to_header(&self) -> Option<String> {
         if self.0.is_empty() {
             return None;
         }
@@ -167,7 +162,7 @@ impl Baggage {
     }
 
     /// Tolerant: members without `=` or with empty parts are skipped, properties dropped.
-    pub fn parse(value: &str) -> Self {
+    pub(crate) fn parse(value: &str) -> Self {
         let mut b = Baggage::default();
         for member in value.split(',') {
             let member = member.split(';').next().unwrap_or_default();
@@ -228,7 +223,7 @@ impl fmt::Display for TraceParent {
 }
 
 /// The response head for a status (200 only after the dial to the app succeeded).
-pub fn response(status: StatusCode) -> Response<()> {
+pub(crate) fn response(status: StatusCode) -> Response<()> {
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     resp

@@ -5,10 +5,10 @@
 //! [`ca`], the certificate cache in [`manager`].
 
 pub mod ca;
-pub mod files;
+pub(crate) mod files;
 pub mod istio_ca;
 pub mod manager;
-pub mod schedule;
+pub(crate) mod schedule;
 pub mod spire;
 
 use std::fmt;
@@ -17,9 +17,9 @@ use std::str::FromStr;
 pub use manager::{CertSource, CertificateManager, WorkloadCert};
 
 /// The trust domain used when a workload names none.
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub(crate) const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// The service account used when a workload names none.
-pub const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+pub(crate) const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
 const SCHEME: &str = "spiffe://";
 
@@ -100,15 +100,15 @@ impl Identity {
         Identity::new(trust_domain, ns, sa)
     }
 
-    pub fn trust_domain(&self) -> &str {
+    pub(crate) fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
-    pub fn namespace(&self) -> &str {
+    pub(crate) fn namespace(&self) -> &str {
         &self.namespace
     }
 
-    pub fn service_account(&self) -> &str {
+    pub(crate) fn service_account(&self) -> &str {
         &self.service_account
     }
 }

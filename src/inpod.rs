@@ -36,7 +36,7 @@ pub struct PodInfo {
 
 /// What the node proxy needs to serve pods, shared by all of them.
 #[derive(Debug, Clone)]
-pub struct NodeContext {
+pub(crate) struct NodeContext {
     pub certs: Arc<CertificateManager>,
     pub state: Arc<SharedState>,
     pub tunnel: TunnelSettings,
@@ -81,7 +81,7 @@ impl Drop for RunningPod {
 }
 
 /// The pods this node serves.
-pub struct PodManager {
+pub(crate) struct PodManager {
     ctx: NodeContext,
     pods: Lock<HashMap<String, RunningPod>>,
     named: Lock<HashSet<String>>,
@@ -96,7 +96,7 @@ impl std::fmt::Debug for PodManager {
 }
 
 impl PodManager {
-    pub fn new(ctx: NodeContext) -> Self {
+    pub(crate) fn new(ctx: NodeContext) -> Self {
         PodManager {
             ctx,
             pods: Lock::new(HashMap::new()),
@@ -105,7 +105,7 @@ impl PodManager {
     }
 
     /// The enrolled pods, with their identity and addresses.
-    pub fn pods(&self) -> Vec<(PodInfo, Identity, Vec<IpAddr>)> {
+    pub(crate) fn pods(&self) -> Vec<(PodInfo, Identity, Vec<IpAddr>)> {
         let pods = self.pods.lock();
         pods.values()
             .map(|p| (p.info.clone(), p.identity.clone(), p.addresses.clone()))
@@ -114,7 +114,7 @@ impl PodManager {
 
     /// Closes every pod's listeners (drain): live connections keep running, new ones go to
     /// whichever proxy still listens on the same ports (SO_REUSEPORT), or are refused.
-    pub fn stop_listening(&self) {
+    pub(crate) fn stop_listening(&self) {
         let mut pods = self.pods.lock();
         pods.clear();
         self.ctx.metrics.enrolled_pods.set(0);
@@ -307,7 +307,11 @@ impl PodManager {
     /// (`ip netns del`, the process behind `/proc/PID/ns/net` exited) or names another
     /// namespace, the pod is removed, its listeners and tasks with it. Checks every `period`,
     /// until the manager is dropped.
-    pub fn follow_netns_paths(self: &Arc<Self>, pods: Vec<(String, PathBuf)>, period: Duration) {
+    pub(crate) fn follow_netns_paths(
+        self: &Arc<Self>,
+        pods: Vec<(String, PathBuf)>,
+        period: Duration,
+    ) {
         let manager = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut pods = pods;
@@ -486,7 +490,7 @@ fn handle_request(
 }
 
 /// Keeps a session with the agent at `path` up, reconnecting with capped, jittered backoff.
-pub async fn run_zds(path: &Path, handler: Arc<dyn PodHandler>, ready: watch::Sender<bool>) {
+pub(crate) async fn run_zds(path: &Path, handler: Arc<dyn PodHandler>, ready: watch::Sender<bool>) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
     loop {
         match SeqPacket::connect(path) {

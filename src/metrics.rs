@@ -22,7 +22,7 @@ pub struct Peer {
 }
 
 impl Peer {
-    pub fn new(workload: &str, identity: Option<&Identity>) -> Self {
+    pub(crate) fn new(workload: &str, identity: Option<&Identity>) -> Self {
         Peer {
             workload: workload.to_owned(),
             namespace: identity
@@ -43,7 +43,7 @@ fn or_unknown(s: &str) -> String {
 
 /// ztunnel's TCP metric labels.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ConnectionLabels {
+pub(crate) struct ConnectionLabels {
     pub reporter: String,
     pub source_workload: String,
     pub source_workload_namespace: String,
@@ -57,13 +57,18 @@ pub struct ConnectionLabels {
 
 /// Which side of the tunnel reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reporter {
+pub(crate) enum Reporter {
     Source,
     Destination,
 }
 
 impl ConnectionLabels {
-    pub fn new(reporter: Reporter, source: &Peer, destination: &Peer, mutual_tls: bool) -> Self {
+    pub(crate) fn new(
+        reporter: Reporter,
+        source: &Peer,
+        destination: &Peer,
+        mutual_tls: bool,
+    ) -> Self {
         ConnectionLabels {
             reporter: match reporter {
                 Reporter::Source => "source",
@@ -82,7 +87,7 @@ impl ConnectionLabels {
     }
 
     /// The same connection, failed for `reason` (a metrics-safe short string).
-    pub fn failed(mut self, reason: &str) -> Self {
+    pub(crate) fn failed(mut self, reason: &str) -> Self {
         self.response_flags = reason.to_owned();
         self
     }
@@ -182,23 +187,23 @@ impl Metrics {
         })
     }
 
-    pub fn opened(&self, labels: &ConnectionLabels) {
+    pub(crate) fn opened(&self, labels: &ConnectionLabels) {
         self.opened.get_or_create(labels).inc();
     }
 
     /// A connection ended after moving `sent` bytes to and `received` from the destination.
-    pub fn closed(&self, labels: &ConnectionLabels, sent: u64, received: u64) {
+    pub(crate) fn closed(&self, labels: &ConnectionLabels, sent: u64, received: u64) {
         self.closed.get_or_create(labels).inc();
         self.sent.get_or_create(labels).inc_by(sent);
         self.received.get_or_create(labels).inc_by(received);
     }
 
-    pub fn failed(&self, labels: &ConnectionLabels) {
+    pub(crate) fn failed(&self, labels: &ConnectionLabels) {
         self.failed.get_or_create(labels).inc();
     }
 
     /// Dry-run policies applied to a connection and would have allowed (or denied) it.
-    pub fn dry_run_decision(&self, allowed: bool) {
+    pub(crate) fn dry_run_decision(&self, allowed: bool) {
         let decision = if allowed { "allow" } else { "deny" };
         self.dry_run
             .get_or_create(&DecisionLabel { decision })
@@ -206,7 +211,7 @@ impl Metrics {
     }
 
     /// Sets the per-identity certificate expiry gauges (called before each scrape).
-    pub fn set_certificate_expiries(&self, expiries: &[(Identity, std::time::SystemTime)]) {
+    pub(crate) fn set_certificate_expiries(&self, expiries: &[(Identity, std::time::SystemTime)]) {
         self.cert_expiry.clear();
         for (id, at) in expiries {
             let secs = at
@@ -232,7 +237,7 @@ impl Metrics {
 
 /// One access log line per proxied connection (text or JSON, as the log format is set).
 #[allow(clippy::too_many_arguments)]
-pub fn access_log(
+pub(crate) fn access_log(
     labels: &ConnectionLabels,
     src: std::net::SocketAddr,
     dst: std::net::SocketAddr,

@@ -73,25 +73,25 @@ impl Netns {
     }
 
     /// Wraps a namespace fd received from the node agent.
-    pub fn from_fd(fd: OwnedFd, name: String) -> Self {
+    pub(crate) fn from_fd(fd: OwnedFd, name: String) -> Self {
         Netns {
             file: File::from(fd),
             name,
         }
     }
 
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// The namespace's inode: equal inodes are the same namespace.
-    pub fn inode(&self) -> io::Result<u64> {
+    pub(crate) fn inode(&self) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         Ok(self.file.metadata()?.ino())
     }
 
     /// The namespace's global-scope unicast addresses (loopback and link-local left out).
-    pub fn addresses(&self) -> io::Result<Vec<IpAddr>> {
+    pub(crate) fn addresses(&self) -> io::Result<Vec<IpAddr>> {
         let ifaddrs = self.run(|| Ok(nix::ifaddrs::getifaddrs()?))?;
         let mut out = Vec::new();
         for ifa in ifaddrs {
@@ -128,7 +128,7 @@ impl Netns {
     /// Lets connections waiting in a closing listener's accept queue move to another listener
     /// of its SO_REUSEPORT group (`net.ipv4.tcp_migrate_req`, Linux 5.14+), so a proxy that
     /// stops listening during an upgrade's drain resets none of them. Scoped to this netns.
-    pub fn enable_accept_queue_migration(&self) -> io::Result<()> {
+    pub(crate) fn enable_accept_queue_migration(&self) -> io::Result<()> {
         self.run(|| std::fs::write("/proc/sys/net/ipv4/tcp_migrate_req", "1"))
     }
 }
@@ -150,13 +150,13 @@ impl Drop for Return {
 /// Sockets inside a pod's namespace, each carrying the proxy mark (docs/design.md §3); listeners set
 /// SO_REUSEPORT so an old and a new proxy can overlap.
 #[derive(Debug, Clone)]
-pub struct PodSocketFactory {
+pub(crate) struct PodSocketFactory {
     netns: Arc<Netns>,
     mark: u32,
 }
 
 impl PodSocketFactory {
-    pub fn new(netns: Arc<Netns>) -> Self {
+    pub(crate) fn new(netns: Arc<Netns>) -> Self {
         PodSocketFactory {
             netns,
             mark: socket::PROXY_MARK,
@@ -198,7 +198,7 @@ impl SocketFactory for PodSocketFactory {
 /// Dials `dst` through `factory` within `timeout`, with the proxy's stream options set. With
 /// `source`, the socket binds that address first (IP_TRANSPARENT, so it may be the client's
 /// IP, not ours); where the kernel refuses, it dials from its own address instead.
-pub async fn dial(
+pub(crate) async fn dial(
     factory: &dyn SocketFactory,
     source: Option<IpAddr>,
     dst: SocketAddr,

@@ -3,18 +3,18 @@
 //! are where Kubernetes probes and Prometheus look.
 
 /// Outbound capture inside each enrolled pod: the pod's iptables redirect its TCP here.
-pub const OUTBOUND: u16 = 15001;
+pub(crate) const OUTBOUND: u16 = 15001;
 /// Inbound plaintext capture inside each enrolled pod (sources that are not enrolled).
-pub const INBOUND_PLAINTEXT: u16 = 15006;
+pub(crate) const INBOUND_PLAINTEXT: u16 = 15006;
 /// Inbound HBONE (TLS 1.3 mTLS + HTTP/2 CONNECT) inside each enrolled pod; also the port a
 /// client proxy dials on the destination pod's IP.
-pub const HBONE: u16 = 15008;
+pub(crate) const HBONE: u16 = 15008;
 /// The proxy's admin page, on localhost of its own netns.
-pub const ADMIN: u16 = 15000;
+pub(crate) const ADMIN: u16 = 15000;
 /// Prometheus metrics, in the proxy's own netns.
-pub const METRICS: u16 = 15020;
+pub(crate) const METRICS: u16 = 15020;
 /// Readiness (`GET /healthz/ready`), in the proxy's own netns.
-pub const READINESS: u16 = 15021;
+pub(crate) const READINESS: u16 = 15021;
 
 /// The pod ports the proxy listens on: a connection aimed at one of them would loop.
-pub const POD_LISTENERS: [u16; 3] = [OUTBOUND, INBOUND_PLAINTEXT, HBONE];
+pub(crate) const POD_LISTENERS: [u16; 3] = [OUTBOUND, INBOUND_PLAINTEXT, HBONE];

@@ -4,12 +4,12 @@
 //! pieces both share, [`copy`] the byte relay. Wire formats live in `crate::hbone`, TLS in
 //! `crate::tls`; sockets come only from a `crate::netns::SocketFactory`.
 
-pub mod copy;
+pub(crate) mod copy;
 pub mod inbound;
-pub mod outbound;
-pub mod passthrough;
-pub mod pool;
-pub mod tunnel;
+pub(crate) mod outbound;
+pub(crate) mod passthrough;
+pub(crate) mod pool;
+pub(crate) mod tunnel;
 
 use std::io;
 use std::net::SocketAddr;
@@ -27,9 +27,7 @@ pub use tunnel::{H2Stream, TunnelSettings};
 
 /// Which side of the proxy an error came from, as pingora records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Side {
-    /// The application or peer proxy that connected to us.
-    Downstream,
+pub(crate) enum Side {
     /// The peer proxy or application we connected to.
     Upstream,
     /// Our own state (certificates, configuration).
@@ -65,7 +63,7 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// Where the failure lies: our own state (a certificate) or the peer (logged with it).
-    pub fn side(&self) -> Side {
+    pub(crate) fn side(&self) -> Side {
         match self {
             ProxyError::Certificate(_) | ProxyError::TlsConfig(_) => Side::Internal,
             _ => Side::Upstream,

@@ -13,12 +13,12 @@ use std::process::Command;
 use crate::netns::Netns;
 
 /// The policy routing table that delivers marked replies locally.
-pub const ROUTE_TABLE: &str = "100";
+pub(crate) const ROUTE_TABLE: &str = "100";
 /// Priority of the `fwmark 0x111/0xfff lookup 100` rule.
-pub const RULE_PRIORITY: &str = "32764";
+pub(crate) const RULE_PRIORITY: &str = "32764";
 
 /// Our two chains and their rules, per table, in iptables-restore syntax.
-pub const CHAINS: &str = "\
+pub(crate) const CHAINS: &str = "\
 *mangle
 :HBONE_PRERT - [0:0]
 :HBONE_OUTPUT - [0:0]
@@ -36,7 +36,7 @@ COMMIT
 ";
 
 /// (table, built-in chain, our chain): the jumps into our chains.
-pub const JUMPS: [(&str, &str, &str); 4] = [
+pub(crate) const JUMPS: [(&str, &str, &str); 4] = [
     ("mangle", "PREROUTING", "HBONE_PRERT"),
     ("nat", "PREROUTING", "HBONE_PRERT"),
     ("mangle", "OUTPUT", "HBONE_OUTPUT"),
@@ -58,13 +58,13 @@ pub enum RedirectError {
 
 /// One address family's tools and loopback address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
+pub(crate) enum Family {
     V4,
     V6,
 }
 
 impl Family {
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+    pub(crate) const ALL: [Family; 2] = [Family::V4, Family::V6];
 
     fn iptables(self) -> &'static str {
         match self {
@@ -95,7 +95,7 @@ impl Family {
     }
 
     /// [`CHAINS`] for this family (IPv6 excludes `::1/128` where IPv4 excludes 127.0.0.1).
-    pub fn chains(self) -> String {
+    pub(crate) fn chains(self) -> String {
         match self {
             Family::V4 => CHAINS.to_owned(),
             Family::V6 => CHAINS.replace("127.0.0.1/32", "::1/128"),

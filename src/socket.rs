@@ -18,12 +18,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
 
 /// The mark on every socket the proxy creates in a pod netns: the redirect rules skip it.
-pub const PROXY_MARK: u32 = 0x539;
-/// The mark the rules give to connections that arrived carrying [`PROXY_MARK`] (connmark), so
-/// that replies route back to the proxy through table 100.
-pub const CONN_MARK: u32 = 0x111;
-/// The bits of the mark the rules look at.
-pub const MARK_MASK: u32 = 0xfff;
+pub(crate) const PROXY_MARK: u32 = 0x539;
 
 /// Keepalive probes start after this much idle time.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(180);
@@ -31,7 +26,7 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(180);
 const KEEPALIVE_RETRIES: u32 = 9;
 
 /// TCP_NODELAY and TCP keepalive, for every socket the proxy reads or writes (docs/design.md §4).
-pub fn set_stream_options(stream: &TcpStream) -> io::Result<()> {
+pub(crate) fn set_stream_options(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let keepalive = TcpKeepalive::new()
         .with_time(KEEPALIVE_IDLE)
@@ -47,17 +42,17 @@ pub fn reset_on_close(stream: &TcpStream) -> io::Result<()> {
 }
 
 /// Marks a socket so the pod's redirect rules let its packets through.
-pub fn set_mark(socket: &Socket, mark: u32) -> io::Result<()> {
+pub(crate) fn set_mark(socket: &Socket, mark: u32) -> io::Result<()> {
     socket.set_mark(mark)
 }
 
 /// Lets an old and a new proxy listen on the same port during an upgrade.
-pub fn set_reuse_port(socket: &Socket) -> io::Result<()> {
+pub(crate) fn set_reuse_port(socket: &Socket) -> io::Result<()> {
     socket.set_reuse_port(true)
 }
 
 /// Allows binding a non-local source address (the client's IP) before connecting.
-pub fn set_transparent(socket: &Socket, ipv6: bool) -> io::Result<()> {
+pub(crate) fn set_transparent(socket: &Socket, ipv6: bool) -> io::Result<()> {
     if ipv6 {
         socket.set_ip_transparent_v6(true)
     } else {
@@ -69,7 +64,7 @@ pub fn set_transparent(socket: &Socket, ipv6: bool) -> io::Result<()> {
 /// binding the client's address with port 0 would otherwise search the ephemeral range for a
 /// port free on that address alone, a search that grows with every connection from that client
 /// (seen as seconds of CPU and CONNECT timeouts with 10,000 connections from one pod).
-pub fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
+pub(crate) fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
     nix::sys::socket::setsockopt(
         socket,
         nix::sys::socket::sockopt::IpBindAddressNoPort,
@@ -80,7 +75,7 @@ pub fn set_bind_address_no_port(socket: &Socket) -> io::Result<()> {
 
 /// Where a redirected connection was headed: SO_ORIGINAL_DST (REDIRECT), else the socket's
 /// local address (TPROXY keeps the original destination there).
-pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+pub(crate) fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
     let sock = SockRef::from(stream);
     let local = stream.local_addr()?;
     let orig = if local.is_ipv4() {
@@ -122,7 +117,7 @@ fn seqpacket_socket() -> io::Result<OwnedFd> {
 
 impl SeqPacket {
     /// Connects to a listening socket at `path`.
-    pub fn connect(path: &Path) -> io::Result<Self> {
+    pub(crate) fn connect(path: &Path) -> io::Result<Self> {
         let fd = seqpacket_socket()?;
         connect(fd.as_raw_fd(), &UnixAddr::new(path)?).map_err(|e| {
             io::Error::new(

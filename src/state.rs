@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::authz::{Policy, Scope};
 use crate::identity::Identity;
 
-pub mod from_config;
+pub(crate) mod from_config;
 mod shared;
 pub use shared::SharedState;
 
@@ -47,7 +47,7 @@ pub struct Workload {
 
 /// A service: VIPs in front of the workloads that name it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Service {
+pub(crate) struct Service {
     pub name: String,
     pub namespace: String,
     pub hostname: String,
@@ -60,7 +60,7 @@ pub struct Service {
 
 impl Service {
     /// The key workloads use to name this service.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)
     }
 }
@@ -129,7 +129,7 @@ impl State {
         self.workloads.insert(w.uid.clone(), w);
     }
 
-    pub fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
+    pub(crate) fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
         self.unindex_workload(uid).inspect(|old| {
             if !old.authorization_policies.is_empty() {
                 self.policy_generation += 1;
@@ -159,7 +159,7 @@ impl State {
     }
 
     /// Adds or replaces a service (by `ns/hostname`), re-indexing its VIPs.
-    pub fn upsert_service(&mut self, s: Service) {
+    pub(crate) fn upsert_service(&mut self, s: Service) {
         let key = s.key();
         self.remove_service(&key);
         for vip in &s.vips {
@@ -168,7 +168,7 @@ impl State {
         self.services.insert(key, Arc::new(s));
     }
 
-    pub fn remove_service(&mut self, key: &str) -> Option<Arc<Service>> {
+    pub(crate) fn remove_service(&mut self, key: &str) -> Option<Arc<Service>> {
         let old = self.services.remove(key)?;
         for vip in &old.vips {
             if self.by_vip.get(vip).is_some_and(|k| k == key) {
@@ -215,7 +215,7 @@ impl State {
     }
 
     /// Every policy held.
-    pub fn all_policies(&self) -> impl Iterator<Item = &Policy> {
+    pub(crate) fn all_policies(&self) -> impl Iterator<Item = &Policy> {
         self.policies.values().map(|p| p.as_ref())
     }
 
@@ -239,7 +239,7 @@ impl State {
     }
 
     /// Changes whenever a policy decision could change (see [`SharedState::policy_changes`]).
-    pub fn policy_generation(&self) -> u64 {
+    pub(crate) fn policy_generation(&self) -> u64 {
         self.policy_generation
     }
 
@@ -248,12 +248,13 @@ impl State {
         self.workload_by_ip(ip).is_some() || self.by_vip.contains_key(&ip)
     }
 
+    /// The workload with this uid.
     pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
         self.workloads.get(uid)
     }
 
     /// A state whose lookups are in `network` (the proxy's own).
-    pub fn with_network(network: &str) -> Self {
+    pub(crate) fn with_network(network: &str) -> Self {
         State {
             network: network.to_owned(),
             ..State::default()
@@ -265,6 +266,7 @@ impl State {
         self.by_ip.get(&ip)
     }
 
+    /// The workload at `ip` in `network`.
     pub fn workload_by_network_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
         if network == self.network {
             self.by_ip.get(&ip)
@@ -273,15 +275,15 @@ impl State {
         }
     }
 
-    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+    pub(crate) fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
         self.by_vip.get(&ip).and_then(|k| self.services.get(k))
     }
 
-    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+    pub(crate) fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.workloads.values()
     }
 
-    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+    pub(crate) fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
         self.services.values()
     }
 

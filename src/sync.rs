@@ -7,20 +7,20 @@ use std::sync::{Mutex, MutexGuard};
 
 /// A mutex that hides lock poisoning.
 #[derive(Debug, Default)]
-pub struct Lock<T>(Mutex<T>);
+pub(crate) struct Lock<T>(Mutex<T>);
 
 impl<T> Lock<T> {
-    pub fn new(value: T) -> Self {
+    pub(crate) fn new(value: T) -> Self {
         Lock(Mutex::new(value))
     }
 
     /// The value, through an exclusive borrow (no locking needed).
-    pub fn get_mut(&mut self) -> &mut T {
+    pub(crate) fn get_mut(&mut self) -> &mut T {
         self.0.get_mut().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The guard, even after a panic in another holder.
-    pub fn lock(&self) -> MutexGuard<'_, T> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -5,7 +5,7 @@
 //! Configs are built per workload certificate (server) or per dial (client, since the expected
 //! peer identities differ per destination); both are cheap next to a handshake.
 
-pub mod verify;
+pub(crate) mod verify;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -20,10 +20,10 @@ use rustls_pki_types::TrustAnchor;
 
 use crate::identity::{Identity, WorkloadCert};
 
-pub use verify::{SpiffeClientVerifier, SpiffeServerVerifier};
+pub(crate) use verify::{SpiffeClientVerifier, SpiffeServerVerifier};
 
 /// The ALPN protocol HBONE negotiates.
-pub const ALPN_H2: &[u8] = b"h2";
+pub(crate) const ALPN_H2: &[u8] = b"h2";
 
 /// Errors building TLS material.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +67,7 @@ pub struct TrustBundle {
 }
 
 impl TrustBundle {
-    pub fn new(certs: Vec<CertificateDer<'static>>) -> Result<Self, TlsError> {
+    pub(crate) fn new(certs: Vec<CertificateDer<'static>>) -> Result<Self, TlsError> {
         if certs.is_empty() {
             return Err(TlsError::EmptyBundle);
         }
@@ -83,7 +83,7 @@ impl TrustBundle {
     }
 
     /// Parses every CERTIFICATE block of a PEM text.
-    pub fn from_pem(pem: &str) -> Result<Self, TlsError> {
+    pub(crate) fn from_pem(pem: &str) -> Result<Self, TlsError> {
         let certs = rustls_pemfile::certs(&mut pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
@@ -103,11 +103,11 @@ impl TrustBundle {
         TrustBundle { certs, anchors }
     }
 
-    pub fn certs(&self) -> &[CertificateDer<'static>] {
+    pub(crate) fn certs(&self) -> &[CertificateDer<'static>] {
         &self.certs
     }
 
-    pub fn anchors(&self) -> &[TrustAnchor<'static>] {
+    pub(crate) fn anchors(&self) -> &[TrustAnchor<'static>] {
         &self.anchors
     }
 }

@@ -79,7 +79,7 @@ impl XdsSettings {
 
 /// Why a stream ended.
 #[derive(Debug, thiserror::Error)]
-pub enum XdsError {
+pub(crate) enum XdsError {
     #[error(transparent)]
     Channel(#[from] crate::control_plane::ChannelError),
     #[error(transparent)]
@@ -141,13 +141,15 @@ impl XdsClient {
     }
 
     /// The rejection counter, to register with the metrics registry.
-    pub fn rejected_counter(&self) -> prometheus_client::metrics::counter::Counter {
+    pub(crate) fn rejected_counter(&self) -> prometheus_client::metrics::counter::Counter {
         self.rejected.clone()
     }
 
     /// The counter of unreadable policy entries dropped (each logged as it is), to register
     /// with the metrics registry.
-    pub fn dropped_policy_entries_counter(&self) -> prometheus_client::metrics::counter::Counter {
+    pub(crate) fn dropped_policy_entries_counter(
+        &self,
+    ) -> prometheus_client::metrics::counter::Counter {
         self.dropped.clone()
     }
 

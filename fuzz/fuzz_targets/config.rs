@@ -6,10 +6,16 @@ use hboned::config::Config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(config) = Config::parse(text, &|_| None) {
-        let _ = config.state();
-        let _ = config.xds_settings();
-        let _ = (config.connect_timeout(), config.drain_timeout(), config.cert_lifetime());
+        let _ = hboned::state::State::from_config(&config);
+        let _ = hboned::xds::XdsSettings::from_config(&config);
+        let _ = (
+            config.connect_timeout(),
+            config.drain_timeout(),
+            config.cert_lifetime(),
+        );
     }
 });

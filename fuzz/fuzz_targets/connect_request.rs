@@ -18,7 +18,9 @@ fuzz_target!(|data: &[u8]| {
     for (name, value) in ["forwarded", "baggage", "traceparent"].iter().zip(parts) {
         builder = builder.header(*name, value);
     }
-    let Ok(request) = builder.body(()) else { return };
+    let Ok(request) = builder.body(()) else {
+        return;
+    };
     let addresses: [IpAddr; 2] = ["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
     if let Ok(connect) = admit(&request, &addresses) {
         assert_eq!(request.method(), http::Method::CONNECT);

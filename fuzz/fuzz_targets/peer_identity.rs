@@ -16,7 +16,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let leaf = [CertificateDer::from(data.to_vec())];
     if let Some(id) = hboned::tls::peer_identity(Some(&leaf)) {
-        let uris = hboned::tls::leaf_info(&leaf[0]).expect("named leaves parse").uris;
+        let uris = hboned::tls::leaf_info(&leaf[0])
+            .expect("named leaves parse")
+            .uris;
         assert_eq!(uris, [id.to_string()]);
     }
 });

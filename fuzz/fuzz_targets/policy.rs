@@ -32,7 +32,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let verdict = authz::evaluate([&policy], &conn);
     if policy.dry_run {
-        assert!(verdict.decision.is_allowed(), "a dry-run policy alone never denies");
+        assert!(
+            verdict.decision.is_allowed(),
+            "a dry-run policy alone never denies"
+        );
     } else if policy.action == Action::Deny {
         // Alone, a DENY either matched (denied) or did not (allowed): never NotAllowed.
         assert_ne!(verdict.decision, authz::Decision::NotAllowed);

@@ -16,7 +16,10 @@ fuzz_target!(|data: &[u8]| {
     let mut tracked = Tracked::default();
     let applied = apply_delta(&mut state, &mut tracked, &response, "cluster.local");
     assert_eq!(applied.ack.response_nonce, response.nonce);
-    assert_eq!(applied.ack.error_detail.is_some(), !applied.rejected.is_empty());
+    assert_eq!(
+        applied.ack.error_detail.is_some(),
+        !applied.rejected.is_empty()
+    );
     // The same resources as each type we subscribe to.
     for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
         response.type_url = type_url.into();

@@ -14,11 +14,11 @@ use libfuzzer_sys::fuzz_target;
 struct Accepting;
 
 impl PodHandler for Accepting {
-    fn add(&self, _info: PodInfo, _netns: Netns) -> Result<(), String> {
+    fn add(&self, _info: PodInfo, _netns: Netns) -> Result<(), hboned::inpod::PodError> {
         Ok(())
     }
     fn remove(&self, _uid: &str) {}
-    fn keep(&self, _uid: &str) -> Result<(), String> {
+    fn keep(&self, _uid: &str) -> Result<(), hboned::inpod::PodError> {
         Ok(())
     }
     fn begin_snapshot(&self) {}

@@ -5,13 +5,13 @@
 //! and silently turn every other log line off.
 
 /// The longest filter accepted.
-pub const MAX_LEN: usize = 1024;
+pub(crate) const MAX_LEN: usize = 1024;
 
 const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
 /// Why a filter was refused; the admin page answers 400 with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FilterError {
+pub(crate) enum FilterError {
     #[error("the filter is empty")]
     Empty,
     #[error("the filter is longer than {MAX_LEN} bytes")]
@@ -23,7 +23,7 @@ pub enum FilterError {
 }
 
 /// Decodes and checks a `level=` query value; returns the filter to install.
-pub fn parse(raw: &str) -> Result<String, FilterError> {
+pub(crate) fn parse(raw: &str) -> Result<String, FilterError> {
     if raw.len() > 3 * MAX_LEN {
         return Err(FilterError::TooLong);
     }

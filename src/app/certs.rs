@@ -15,7 +15,7 @@ use crate::identity::istio_ca::{IstioCa, IstioCaSettings};
 use crate::identity::spire::Spire;
 
 /// The configured certificate source.
-pub fn source(config: &Config) -> anyhow::Result<Arc<dyn Source>> {
+pub(crate) fn source(config: &Config) -> anyhow::Result<Arc<dyn Source>> {
     // `Config::parse` refused a source without its section; this only repeats the check.
     Ok(match config.certificates.selected(&config.ca)? {
         CertSource::Builtin(ca) => {
@@ -53,7 +53,7 @@ fn builtin_ca(dir: Option<&Path>) -> anyhow::Result<BuiltinCa> {
 }
 
 /// Loads a root (root-cert.pem, root-key.pem) from `dir`, naming the key to check on failure.
-pub fn load_root(dir: &Path) -> anyhow::Result<BuiltinCa> {
+pub(crate) fn load_root(dir: &Path) -> anyhow::Result<BuiltinCa> {
     BuiltinCa::load_dir(dir).with_context(|| {
         format!(
             "loading the CA root from {} (ca.rootDir; `hboned ca init --dir {}` writes one)",

@@ -119,7 +119,7 @@ pub struct ServiceAccountConfig {
 /// Why a policy of the config file cannot be read. The file is the operator's: a bad entry
 /// refuses the whole config rather than being dropped (as an unreadable xDS entry is).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PolicyError {
+pub(crate) enum PolicyError {
     #[error("a string match takes exactly one of exact, prefix, suffix or presence: true")]
     StringMatch,
     #[error(transparent)]
@@ -132,7 +132,7 @@ impl PolicyConfig {
     /// The policy as the evaluator takes it. `rules: []` matches nothing, `rules: [[]]` (a
     /// rule with no clauses) and `rules: [[[]]]` (a clause with no matches) match everything,
     /// `rules: [[[{}]]]` (a match with no conditions) matches nothing.
-    pub fn to_policy(&self) -> Result<Policy, PolicyError> {
+    pub(crate) fn to_policy(&self) -> Result<Policy, PolicyError> {
         let rules = self
             .rules
             .iter()

@@ -6,22 +6,19 @@ use std::path::PathBuf;
 
 use super::Config;
 
-/// An override: the variable, the key it replaces (for docs and errors), and how it applies.
-/// `set` returns a problem when the value cannot be read.
+/// An override: the variable and how it applies; `set` returns a problem when the value
+/// cannot be read.
 #[derive(Debug)]
-pub struct Override {
+pub(super) struct Override {
     /// The environment variable.
-    pub var: &'static str,
-    /// The config key it replaces.
-    pub key: &'static str,
+    pub(super) var: &'static str,
     set: fn(&mut Config, String) -> Result<(), String>,
 }
 
 /// Every override, in the order they apply.
-pub const OVERRIDES: &[Override] = &[
+pub(super) const OVERRIDES: &[Override] = &[
     Override {
         var: "HBONED_NODE",
-        key: "node",
         set: |c, v| {
             c.node = v;
             Ok(())
@@ -29,7 +26,6 @@ pub const OVERRIDES: &[Override] = &[
     },
     Override {
         var: "HBONED_TRUST_DOMAIN",
-        key: "trustDomain",
         set: |c, v| {
             c.trust_domain = v;
             Ok(())
@@ -37,7 +33,6 @@ pub const OVERRIDES: &[Override] = &[
     },
     Override {
         var: "HBONED_CLUSTER_ID",
-        key: "clusterId",
         set: |c, v| {
             c.cluster_id = v;
             Ok(())
@@ -45,7 +40,6 @@ pub const OVERRIDES: &[Override] = &[
     },
     Override {
         var: "HBONED_ZDS_SOCKET",
-        key: "zdsSocket (empty: none)",
         set: |c, v| {
             c.zds_socket = (!v.is_empty()).then(|| PathBuf::from(v));
             Ok(())
@@ -53,7 +47,6 @@ pub const OVERRIDES: &[Override] = &[
     },
     Override {
         var: "HBONED_XDS_ADDRESS",
-        key: "xds.address",
         set: |c, v| {
             c.xds.address = v;
             Ok(())
@@ -61,7 +54,6 @@ pub const OVERRIDES: &[Override] = &[
     },
     Override {
         var: "HBONED_CA_DIR",
-        key: "ca.rootDir",
         set: |c, v| {
             c.ca.root_dir = Some(PathBuf::from(v));
             Ok(())
@@ -69,7 +61,6 @@ pub const OVERRIDES: &[Override] = &[
     },
     Override {
         var: "HBONED_CERT_LIFETIME_SECS",
-        key: "ca.certLifetimeSecs",
         set: |c, v| {
             c.ca.cert_lifetime_secs = v.parse().map_err(|_| {
                 format!("HBONED_CERT_LIFETIME_SECS={v:?} is not a number of seconds")

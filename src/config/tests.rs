@@ -283,3 +283,19 @@ fn numeric_settings_are_range_checked_at_load() {
     let ok = format!("{SAMPLE}ca: {{certLifetimeSecs: 7776000}}\nconnectTimeoutSecs: 300\ndrainTimeoutSecs: 0\n");
     assert!(Config::parse(&ok, &no_env).is_ok());
 }
+
+/// The README's list of environment overrides is the table's.
+#[test]
+fn every_override_is_in_the_readme() {
+    let readme = include_str!("../../README.md");
+    let start = readme.find("Environment overrides:").unwrap();
+    let listed = &readme[start..start + readme[start..].find("\n\n").unwrap()];
+    for o in env::OVERRIDES {
+        assert!(
+            listed.contains(&format!("`{}`", o.var)),
+            "README lacks {}",
+            o.var
+        );
+    }
+    assert_eq!(listed.matches("`HBONED_").count(), env::OVERRIDES.len());
+}

@@ -20,11 +20,11 @@ use super::manager::{BoxFuture, CertError, CertSource, WorkloadCert};
 use crate::tls::TrustBundle;
 
 /// File names of a root inside a CA directory (certs-dev/ or a configured one).
-pub const ROOT_CERT_FILE: &str = "root-cert.pem";
-pub const ROOT_KEY_FILE: &str = "root-key.pem";
+pub(crate) const ROOT_CERT_FILE: &str = "root-cert.pem";
+pub(crate) const ROOT_KEY_FILE: &str = "root-key.pem";
 
 /// Default lifetime of an issued workload certificate.
-pub const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(60 * 60);
+pub(crate) const DEFAULT_LEAF_LIFETIME: Duration = Duration::from_secs(60 * 60);
 /// Lifetime of a generated root.
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
 /// Issued certificates start this much in the past, to absorb clock skew between nodes.
@@ -96,7 +96,7 @@ impl BuiltinCa {
     }
 
     /// Loads a root from PEM text (certificate, PKCS#8 key).
-    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+    pub(crate) fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
         let key =
             KeyPair::from_pem(key_pem).map_err(|e| CaError::Root(format!("root key: {e}")))?;
         let der = rustls_pemfile::certs(&mut cert_pem.as_bytes())
@@ -107,7 +107,7 @@ impl BuiltinCa {
     }
 
     /// Loads `root-cert.pem` and `root-key.pem` from a directory.
-    pub fn load_dir(dir: &Path) -> Result<Self, CaError> {
+    pub(crate) fn load_dir(dir: &Path) -> Result<Self, CaError> {
         let read = |name: &str| {
             let path = dir.join(name);
             std::fs::read_to_string(&path).map_err(|source| CaError::Read {
@@ -188,7 +188,7 @@ impl BuiltinCa {
 
     /// Issues a certificate for `id` with an explicit validity window (tests use it for expired
     /// and not-yet-valid certificates).
-    pub fn issue_between(
+    pub(crate) fn issue_between(
         &self,
         id: &Identity,
         not_before: SystemTime,

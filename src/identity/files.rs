@@ -15,7 +15,7 @@ const NAME: &str = "certificate files";
 
 /// A [`CertSource`] reading a certificate, key and bundle from disk.
 #[derive(Debug, Clone)]
-pub struct FileSource {
+pub(crate) struct FileSource {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub bundle: PathBuf,

@@ -20,7 +20,7 @@ use crate::sync::Lock;
 use crate::tls::{self, TrustBundle};
 
 /// A boxed future, so that [`CertSource`] stays object safe.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Why no usable certificate could be had for an identity.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -81,7 +81,7 @@ impl From<super::spire::SpireError> for SourceError {
 
 impl CertError {
     /// A source's failure for `identity`.
-    pub fn from_source(
+    pub(crate) fn from_source(
         identity: &Identity,
         source_name: &'static str,
         e: impl Into<SourceError>,
@@ -130,7 +130,7 @@ impl std::fmt::Debug for WorkloadCert {
 
 impl WorkloadCert {
     /// Checks that the leaf names `identity` and loads the key; the chain is leaf first.
-    pub fn new(
+    pub(crate) fn new(
         identity: Identity,
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
@@ -166,7 +166,7 @@ impl WorkloadCert {
         })
     }
 
-    pub fn identity(&self) -> &Identity {
+    pub(crate) fn identity(&self) -> &Identity {
         &self.identity
     }
 
@@ -179,11 +179,11 @@ impl WorkloadCert {
         self.certified.clone()
     }
 
-    pub fn bundle(&self) -> &Arc<TrustBundle> {
+    pub(crate) fn bundle(&self) -> &Arc<TrustBundle> {
         &self.bundle
     }
 
-    pub fn not_before(&self) -> SystemTime {
+    pub(crate) fn not_before(&self) -> SystemTime {
         self.not_before
     }
 
@@ -192,7 +192,7 @@ impl WorkloadCert {
     }
 
     /// Valid at `now`.
-    pub fn is_valid_at(&self, now: SystemTime) -> bool {
+    pub(crate) fn is_valid_at(&self, now: SystemTime) -> bool {
         self.not_before <= now && now < self.not_after
     }
 
@@ -208,7 +208,7 @@ impl WorkloadCert {
 }
 
 /// The time source: `SystemTime::now` in production, a paused-time clock in tests.
-pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
+pub(crate) type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 
 /// After a failed fetch, callers within this window get the same error at once instead of
 /// asking the source again: an unreachable CA is not hammered by every new connection.
@@ -286,7 +286,7 @@ impl CertificateManager {
         Self::with_clock(source, Arc::new(SystemTime::now))
     }
 
-    pub fn with_clock(source: Arc<dyn CertSource>, clock: Clock) -> Self {
+    pub(crate) fn with_clock(source: Arc<dyn CertSource>, clock: Clock) -> Self {
         CertificateManager {
             source,
             slots: Lock::new(HashMap::new()),
@@ -300,7 +300,7 @@ impl CertificateManager {
     }
 
     /// Identities held and the expiry of each one's current certificate.
-    pub fn expiries(&self) -> Vec<(Identity, SystemTime)> {
+    pub(crate) fn expiries(&self) -> Vec<(Identity, SystemTime)> {
         let slots = self.slots.lock();
         slots
             .iter()

@@ -8,12 +8,12 @@
 use std::time::{Duration, SystemTime};
 
 /// First retry delay after a failed renewal.
-pub const RETRY_BASE: Duration = Duration::from_millis(500);
+pub(crate) const RETRY_BASE: Duration = Duration::from_millis(500);
 /// Longest retry delay.
-pub const RETRY_CAP: Duration = Duration::from_secs(60);
+pub(crate) const RETRY_CAP: Duration = Duration::from_secs(60);
 
 /// The moment a certificate valid over `[not_before, not_after)` should be renewed.
-pub fn refresh_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+pub(crate) fn refresh_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
     let life = not_after.duration_since(not_before).unwrap_or_default();
     not_before + life / 2
 }
@@ -21,7 +21,7 @@ pub fn refresh_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
 /// How long to wait after the `failures`-th consecutive failed attempt. `jitter` in [0, 1)
 /// spreads retries over [½, 1] of the exponential step, so a node's identities do not retry
 /// in lockstep.
-pub fn retry_delay(failures: u32, jitter: f64) -> Duration {
+pub(crate) fn retry_delay(failures: u32, jitter: f64) -> Duration {
     let exp = RETRY_BASE.saturating_mul(1u32.checked_shl(failures.min(16)).unwrap_or(u32::MAX));
     let step = exp.min(RETRY_CAP);
     step.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
@@ -29,7 +29,7 @@ pub fn retry_delay(failures: u32, jitter: f64) -> Duration {
 
 /// How long to sleep before the next renewal attempt, given the current certificate's validity
 /// (if any), the failures since the last success, the time now and a jitter value.
-pub fn next_attempt(
+pub(crate) fn next_attempt(
     current: Option<(SystemTime, SystemTime)>,
     failures: u32,
     now: SystemTime,

@@ -16,16 +16,16 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// First size of a direction's buffer.
-pub const INITIAL_BUFFER: usize = 4 * 1024;
+pub(crate) const INITIAL_BUFFER: usize = 4 * 1024;
 /// Largest size of a direction's buffer.
-pub const MAX_BUFFER: usize = 128 * 1024;
+pub(crate) const MAX_BUFFER: usize = 128 * 1024;
 const GROWTH: usize = 4;
 /// Consecutive full reads before the buffer grows.
 const FULL_READS_TO_GROW: u32 = 2;
 
 /// Bytes moved by a finished copy.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Transferred {
+pub(crate) struct Transferred {
     /// From the first argument to the second.
     pub a_to_b: u64,
     /// From the second argument to the first.
@@ -34,7 +34,7 @@ pub struct Transferred {
 
 /// Which end of a copy failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum End {
+pub(crate) enum End {
     A,
     B,
 }
@@ -42,14 +42,14 @@ pub enum End {
 /// A copy that ended with an I/O error on one end, with what had moved until then.
 #[derive(Debug, thiserror::Error)]
 #[error("relay failed on side {end:?}: {source}")]
-pub struct CopyError {
+pub(crate) struct CopyError {
     pub end: End,
     pub source: io::Error,
     pub transferred: Transferred,
 }
 
 /// Copies `a` → `b` and `b` → `a` until both directions reach EOF.
-pub async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> Result<Transferred, CopyError>
+pub(crate) async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> Result<Transferred, CopyError>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -63,7 +63,7 @@ where
 
 /// How a copy with a stop signal ended.
 #[derive(Debug)]
-pub enum Ended<S> {
+pub(crate) enum Ended<S> {
     /// Both directions finished, or one failed.
     Copied(Result<Transferred, CopyError>),
     /// `stop` resolved first (with `reason`); the streams are left as they are, for the caller
@@ -73,7 +73,7 @@ pub enum Ended<S> {
 
 /// [`bidirectional`], until `stop` resolves (a policy change, for one), counting what moved
 /// either way.
-pub async fn bidirectional_until<A, B, S>(a: &mut A, b: &mut B, stop: S) -> Ended<S::Output>
+pub(crate) async fn bidirectional_until<A, B, S>(a: &mut A, b: &mut B, stop: S) -> Ended<S::Output>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,

@@ -31,7 +31,7 @@ use crate::sync::Lock;
 use crate::tls::{self, TlsError};
 
 /// The reason (`response_flags`, access log `error`) of a connection a policy refused or closed.
-pub const DENIED: &str = "denied";
+pub(crate) const DENIED: &str = "denied";
 
 /// The workload a server speaks for.
 #[derive(Debug, Clone)]
@@ -63,7 +63,7 @@ pub fn admit<B>(request: &Request<B>, addresses: &[IpAddr]) -> Result<ConnectReq
 }
 
 /// The facts a policy looks at for a connection from `peer` (as `client`) to `target`.
-pub fn authz_facts<'a>(
+pub(crate) fn authz_facts<'a>(
     client: Option<&'a Identity>,
     peer: SocketAddr,
     target: SocketAddr,
@@ -80,7 +80,7 @@ impl LocalWorkload {
     /// Resolves with the decision once the current policies no longer allow `conn`: woken by
     /// every policy change (not a timer), so a change reaches live connections at once; never
     /// resolves without policies.
-    pub async fn revoked(&self, conn: &authz::Connection<'_>) -> authz::Decision {
+    pub(crate) async fn revoked(&self, conn: &authz::Connection<'_>) -> authz::Decision {
         let Some(state) = &self.state else {
             return std::future::pending().await;
         };
@@ -99,7 +99,7 @@ impl LocalWorkload {
     }
 
     /// The workload at `ip` as metrics name it (name from the state, if any).
-    pub fn peer_at(&self, ip: IpAddr, identity: Option<&Identity>) -> Peer {
+    pub(crate) fn peer_at(&self, ip: IpAddr, identity: Option<&Identity>) -> Peer {
         let state = self.state.as_ref().map(|s| s.read());
         let known = state.as_ref().and_then(|s| s.workload_by_ip(ip));
         let mut peer = Peer::new(known.map_or("", |w| w.name.as_str()), identity);
@@ -112,7 +112,12 @@ impl LocalWorkload {
     }
 
     /// Labels for a connection from `src` to this workload at `dst`.
-    pub fn labels(&self, src: IpAddr, client: Option<&Identity>, dst: IpAddr) -> ConnectionLabels {
+    pub(crate) fn labels(
+        &self,
+        src: IpAddr,
+        client: Option<&Identity>,
+        dst: IpAddr,
+    ) -> ConnectionLabels {
         let source = self.peer_at(src, client);
         let destination = self.peer_at(dst, Some(&self.identity));
         ConnectionLabels::new(
@@ -125,7 +130,7 @@ impl LocalWorkload {
 
     /// The policy decision for one connection to this workload (the policies that apply to
     /// it, see `authz`). A dry-run decision that differs is logged and counted, not enforced.
-    pub fn authorize(&self, conn: &authz::Connection<'_>) -> authz::Decision {
+    pub(crate) fn authorize(&self, conn: &authz::Connection<'_>) -> authz::Decision {
         let verdict = self.decide(conn);
         if let Some(dry_run) = verdict.dry_run {
             if let Some(m) = &self.metrics {

@@ -109,7 +109,7 @@ impl Outbound {
     }
 
     /// Routes and relays one app connection; on any failure the app sees a reset.
-    pub async fn handle(&self, app: TcpStream, src: SocketAddr, dst: SocketAddr) {
+    pub(crate) async fn handle(&self, app: TcpStream, src: SocketAddr, dst: SocketAddr) {
         let _ = socket::set_stream_options(&app);
         let _live = self.drain.as_ref().map(Drain::guard);
         if let Some(resolver) = &self.resolver {

@@ -19,7 +19,7 @@ use crate::socket;
 
 /// How a plain TCP relay ended.
 #[derive(Debug)]
-pub struct Relayed {
+pub(crate) struct Relayed {
     /// app → dst, dst → app.
     pub transferred: Transferred,
     /// The error that ended it (a failed dial, a reset), if any.
@@ -30,7 +30,7 @@ pub struct Relayed {
 
 /// Relays `app` to `dst` over plain TCP, from `source` when given (the client's IP), until
 /// both sides finish or `revoked` resolves (a policy change: both sockets are then reset).
-pub async fn relay(
+pub(crate) async fn relay(
     mut app: TcpStream,
     sockets: &dyn SocketFactory,
     source: Option<IpAddr>,
@@ -77,7 +77,7 @@ pub async fn relay(
 
 /// Serves the inbound plaintext listener (15006) of the pod `workload`: connections without an
 /// identity, authorized by source and destination alone.
-pub async fn serve_inbound_plaintext(
+pub(crate) async fn serve_inbound_plaintext(
     listener: TcpListener,
     sockets: Arc<dyn SocketFactory>,
     workload: LocalWorkload,

@@ -55,11 +55,11 @@ impl PoolKey {
         }
     }
 
-    pub fn peer(&self) -> SocketAddr {
+    pub(crate) fn peer(&self) -> SocketAddr {
         self.peer
     }
 
-    pub fn source(&self) -> &Identity {
+    pub(crate) fn source(&self) -> &Identity {
         &self.source
     }
 }

@@ -67,7 +67,7 @@ const MAX_SEND_BUFFER: usize = 400 * 1024;
 const MAX_WRITE_CHUNK: usize = 256 * 1024;
 
 impl TunnelSettings {
-    pub fn client_builder(&self) -> h2::client::Builder {
+    pub(crate) fn client_builder(&self) -> h2::client::Builder {
         let mut b = h2::client::Builder::new();
         b.initial_window_size(self.stream_window)
             .initial_connection_window_size(self.connection_window)
@@ -78,7 +78,7 @@ impl TunnelSettings {
         b
     }
 
-    pub fn server_builder(&self) -> h2::server::Builder {
+    pub(crate) fn server_builder(&self) -> h2::server::Builder {
         let mut b = h2::server::Builder::new();
         b.initial_window_size(self.stream_window)
             .initial_connection_window_size(self.connection_window)
@@ -92,7 +92,7 @@ impl TunnelSettings {
 
 /// Why an HBONE connection ended other than cleanly.
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectionEnd {
+pub(crate) enum ConnectionEnd {
     #[error("{0}")]
     Http2(h2::Error),
     #[error("keepalive ping failed: {0}")]
@@ -103,7 +103,7 @@ pub enum ConnectionEnd {
 
 /// Drives `conn` to completion while pinging the peer; a missing PONG ends the connection
 /// (dropping `conn` closes the socket and fails its streams).
-pub async fn drive_with_keepalive<F>(
+pub(crate) async fn drive_with_keepalive<F>(
     conn: F,
     ping: Option<h2::PingPong>,
     settings: &TunnelSettings,
@@ -156,13 +156,16 @@ impl H2Stream {
     }
 
     /// Keeps `guard` alive as long as the stream.
-    pub fn with_guard(mut self, guard: impl Send + Sync + std::fmt::Debug + 'static) -> Self {
+    pub(crate) fn with_guard(
+        mut self,
+        guard: impl Send + Sync + std::fmt::Debug + 'static,
+    ) -> Self {
         self._guard = Some(Box::new(guard));
         self
     }
 
     /// Aborts the stream with RST_STREAM(`reason`); CONNECT_ERROR passes a TCP reset on.
-    pub fn reset(&mut self, reason: Reason) {
+    pub(crate) fn reset(&mut self, reason: Reason) {
         self.send.send_reset(reason);
     }
 }

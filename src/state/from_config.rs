@@ -28,7 +28,7 @@ impl State {
 }
 
 /// A workload entry, its trust domain defaulting to the mesh's.
-pub fn workload(config: &Config, w: &WorkloadConfig) -> Result<Workload, IdentityError> {
+pub(crate) fn workload(config: &Config, w: &WorkloadConfig) -> Result<Workload, IdentityError> {
     let trust_domain = if w.trust_domain.is_empty() {
         &config.trust_domain
     } else {
@@ -50,7 +50,7 @@ pub fn workload(config: &Config, w: &WorkloadConfig) -> Result<Workload, Identit
 }
 
 /// A service entry.
-pub fn service(s: &ServiceConfig) -> Result<Service, IdentityError> {
+pub(crate) fn service(s: &ServiceConfig) -> Result<Service, IdentityError> {
     Ok(Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),

@@ -19,7 +19,7 @@ pub struct SharedState {
 }
 
 impl SharedState {
-    pub fn new(state: State) -> Self {
+    pub(crate) fn new(state: State) -> Self {
         let (policies, _) = watch::channel(state.policy_generation());
         SharedState {
             state: RwLock::new(state),
@@ -50,7 +50,7 @@ impl SharedState {
 
     /// Resolves (via `changed()`) each time the policies, or the policies a workload selects,
     /// changed; many changes in a row may be seen as one.
-    pub fn policy_changes(&self) -> watch::Receiver<u64> {
+    pub(crate) fn policy_changes(&self) -> watch::Receiver<u64> {
         self.policies.subscribe()
     }
 }

@@ -19,13 +19,13 @@ use crate::identity::Identity;
 /// The client's check of a server: chain (serverAuth), then its SPIFFE ID equal to an expected
 /// identity (the destination workload's, or one of its service's `subject_alt_names`).
 #[derive(Debug)]
-pub struct SpiffeServerVerifier {
+pub(crate) struct SpiffeServerVerifier {
     bundle: Arc<TrustBundle>,
     expected: Vec<String>,
 }
 
 impl SpiffeServerVerifier {
-    pub fn new(bundle: Arc<TrustBundle>, expected: Vec<Identity>) -> Self {
+    pub(crate) fn new(bundle: Arc<TrustBundle>, expected: Vec<Identity>) -> Self {
         let expected = expected.iter().map(Identity::to_string).collect();
         SpiffeServerVerifier { bundle, expected }
     }
@@ -33,13 +33,13 @@ impl SpiffeServerVerifier {
 
 /// The server's check of a client: chain (clientAuth), then its SPIFFE ID in the trust domain.
 #[derive(Debug)]
-pub struct SpiffeClientVerifier {
+pub(crate) struct SpiffeClientVerifier {
     bundle: Arc<TrustBundle>,
     trust_domain: String,
 }
 
 impl SpiffeClientVerifier {
-    pub fn new(bundle: Arc<TrustBundle>, trust_domain: String) -> Self {
+    pub(crate) fn new(bundle: Arc<TrustBundle>, trust_domain: String) -> Self {
         SpiffeClientVerifier {
             bundle,
             trust_domain,
@@ -49,7 +49,7 @@ impl SpiffeClientVerifier {
 
 /// Why a peer's identity was refused (carried inside `rustls::Error` to the caller's log).
 #[derive(Debug, thiserror::Error)]
-pub enum IdentityMismatch {
+pub(crate) enum IdentityMismatch {
     #[error("server presented {presented:?}, expected one of {expected:?}")]
     Server {
         presented: Vec<String>,
@@ -67,7 +67,7 @@ pub enum IdentityMismatch {
 }
 
 /// The SPIFFE ID of a leaf whose URI SANs are `uris`: exactly one, and a SPIFFE ID.
-pub fn svid_identity(uris: &[String]) -> Result<Identity, IdentityMismatch> {
+pub(crate) fn svid_identity(uris: &[String]) -> Result<Identity, IdentityMismatch> {
     match uris {
         [one] => Identity::parse(one).map_err(|_| IdentityMismatch::NotAnSvid {
             presented: uris.to_vec(),

@@ -60,7 +60,7 @@ fn port(p: u32) -> Result<u16, ConvertError> {
 }
 
 /// A workload resource, with `trust_domain` as the default for workloads that name none.
-pub fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, ConvertError> {
+pub(crate) fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, ConvertError> {
     if w.uid.is_empty() {
         return Err(ConvertError::NoUid);
     }
@@ -109,7 +109,7 @@ pub fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, Convert
     })
 }
 
-pub fn service(s: pb::Service) -> Result<Service, ConvertError> {
+pub(crate) fn service(s: pb::Service) -> Result<Service, ConvertError> {
     let vips = s
         .addresses
         .iter()
@@ -320,7 +320,7 @@ pub struct Tracked {
 
 impl Tracked {
     /// The versions to send as `initial_resource_versions` on a reconnect.
-    pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
+    pub(crate) fn versions(&self, type_url: &str) -> HashMap<String, String> {
         self.by_type
             .get(type_url)
             .map(|m| m.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect())
