@@ -26,6 +26,9 @@ use crate::state::SharedState;
 use crate::sync::Lock;
 use convert::{ADDRESS_TYPE, AUTHORIZATION_TYPE, Tracked};
 
+/// Largest xDS response accepted.
+const MAX_RESPONSE: usize = 200 * 1024 * 1024;
+
 /// How to reach and talk to the control plane.
 #[derive(Debug, Clone)]
 pub struct XdsSettings {
@@ -246,7 +249,10 @@ impl XdsClient {
     /// One stream, until it ends.
     async fn session(&self) -> Result<(), XdsError> {
         let channel = self.channel().await?;
-        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        // istiod sends every resource of a push in one response: take up to 200 MiB, as ztunnel
+        // does (tonic's default of 4 MiB fails a large cluster's first push forever).
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_RESPONSE);
         let (tx, rx) = mpsc::unbounded_channel();
         {
             // Under the on-demand lock: a lookup either lands in these initial requests or is

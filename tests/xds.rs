@@ -162,6 +162,33 @@ async fn initial_sync_update_removal_and_readiness() {
     assert!(!knows(&state, "10.0.0.2"));
 }
 
+/// istiod sends a push as one response; a large cluster's is well past tonic's default 4 MiB
+/// limit (ztunnel accepts 200 MiB).
+#[tokio::test]
+async fn a_push_of_more_than_4_mib_applies() {
+    let mut fake = FakeAds::start("127.0.0.1:0".parse().unwrap()).await;
+    let addr = fake.addr;
+    let (client, state, mut s, _task) = connect(&mut fake, settings(addr, false, None)).await;
+    let padding = "x".repeat(1000);
+    let resources: Vec<_> = (0..5500u32)
+        .map(|i| {
+            let uid = format!("w{i}");
+            let mut w = workload(&uid, [10, 1, (i / 250) as u8, (i % 250) as u8 + 1]);
+            w.canonical_name = padding.clone();
+            workload_resource(&uid, "1", w)
+        })
+        .collect();
+    let size: usize = resources
+        .iter()
+        .map(|r| r.resource.as_ref().unwrap().value.len())
+        .sum();
+    assert!(size > 5 * 1024 * 1024, "{size} bytes");
+    s.send(ADDRESS_TYPE, "big", resources, &[]);
+    expect_ack(&mut s, "big").await;
+    assert!(knows(&state, "10.1.21.250"));
+    assert_eq!(client.rejected_total(), 0);
+}
+
 #[tokio::test]
 async fn malformed_resources_are_nacked_while_the_rest_applies() {
     let mut fake = FakeAds::start("127.0.0.1:0".parse().unwrap()).await;
