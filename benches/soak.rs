@@ -227,6 +227,10 @@ async fn soak(duration: Duration) {
     let _ = echo.kill();
     let _ = echo.wait();
     if std::env::var_os("HBONED_SOAK_JESTATS").is_some() {
+        for (i, pid) in pids.iter().enumerate() {
+            let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+            std::fs::write(format!("/tmp/soak-smaps-{i}"), smaps).unwrap();
+        }
         let mut topo = std::sync::Arc::into_inner(topo).unwrap();
         topo.stop_proxies();
         std::fs::write("/tmp/soak-a.log", topo.log(0)).unwrap();

@@ -20,6 +20,7 @@ use crate::state::Protocol;
 
 mod env;
 mod validate;
+pub mod ztunnel;
 
 /// The configuration `hboned run` uses without `--config`: built-in CA, no static pods, pods
 /// enrolled over ZDS when a node agent's socket is there.
@@ -122,18 +123,24 @@ pub struct CaConfig {
     /// Directory with root-cert.pem and root-key.pem; unset: an ephemeral root, generated at
     /// start, that no other node trusts.
     pub root_dir: Option<PathBuf>,
-    /// Lifetime of issued workload certificates, in seconds.
-    pub cert_lifetime_secs: u64,
+    /// Lifetime of issued workload certificates, in seconds; unset: one hour, or 24 hours from
+    /// the Istio CA (ztunnel's SECRET_TTL).
+    pub cert_lifetime_secs: Option<u64>,
 }
 
 impl Default for CaConfig {
     fn default() -> Self {
         CaConfig {
             root_dir: None,
-            cert_lifetime_secs: 3600,
+            cert_lifetime_secs: None,
         }
     }
 }
+
+/// The certificate lifetime asked for when none is configured.
+const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(3600);
+/// ... and from the Istio CA: ztunnel's SECRET_TTL default.
+const ISTIO_CA_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// The certificate source, as the file spells it; [`CertificatesConfig::selected`] reads it as
 /// one typed choice.
@@ -359,6 +366,19 @@ impl Config {
         }
     }
 
+    /// `hboned proxy ztunnel`: the configuration ztunnel builds from `env` (its variables, its
+    /// defaults), then the `HBONED_*` overrides, then validation.
+    pub fn from_ztunnel_env(env: &ztunnel::Environment) -> Result<Self, ConfigError> {
+        let (mut config, mut problems) = ztunnel::config(env);
+        problems.extend(env::apply(&mut config, &|k| env.get(k)));
+        problems.extend(validate::problems(&config));
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
     /// Reads `path` (or the embedded default when `None`) with the process environment.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let text = match path {
@@ -381,9 +401,13 @@ impl Config {
         Duration::from_secs(self.drain_timeout_secs)
     }
 
-    /// `ca.certLifetimeSecs` as a duration.
+    /// `ca.certLifetimeSecs` as a duration, else the source's default.
     pub fn cert_lifetime(&self) -> Duration {
-        Duration::from_secs(self.ca.cert_lifetime_secs)
+        match (self.ca.cert_lifetime_secs, self.certificates.source) {
+            (Some(secs), _) => Duration::from_secs(secs),
+            (None, CertSourceKind::IstioCa) => ISTIO_CA_CERT_LIFETIME,
+            (None, _) => DEFAULT_CERT_LIFETIME,
+        }
     }
 }
 

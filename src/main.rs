@@ -41,6 +41,13 @@ enum Command {
         #[arg(long, env = "HBONED_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// What Istio's ztunnel chart runs (`proxy ztunnel`): the node proxy configured from
+    /// ztunnel's environment variables with ztunnel's defaults (README, "Under Istio");
+    /// `HBONED_*` variables apply on top.
+    Proxy {
+        #[command(subcommand)]
+        kind: ProxyKind,
+    },
     /// Build a two-node, five-pod topology in network namespaces (root needed), run one hboned
     /// per node, send traffic, show that the wire carried only TLS, and tear it all down.
     /// (Built with the `testbed` feature only: `bash scripts/demo`.)
@@ -80,6 +87,12 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum ProxyKind {
+    /// The node proxy, in place of ztunnel.
+    Ztunnel,
 }
 
 #[derive(Subcommand, Debug)]
@@ -131,6 +144,17 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let config = hboned::config::Config::load(config.as_deref())?;
+            runtime()?.block_on(app::run(
+                config,
+                Box::new(set_log_level),
+                app::shutdown_signal(),
+            ))
+        }
+        Command::Proxy {
+            kind: ProxyKind::Ztunnel,
+        } => {
+            let env = hboned::config::ztunnel::Environment::process();
+            let config = hboned::config::Config::from_ztunnel_env(&env)?;
             runtime()?.block_on(app::run(
                 config,
                 Box::new(set_log_level),

@@ -103,7 +103,8 @@ impl TrustBundle {
         TrustBundle { certs, anchors }
     }
 
-    pub(crate) fn certs(&self) -> &[CertificateDer<'static>] {
+    /// The root certificates.
+    pub fn certs(&self) -> &[CertificateDer<'static>] {
         &self.certs
     }
 

@@ -181,3 +181,22 @@ fn json_access_log_lines_describe_each_connection() {
         );
     }
 }
+
+/// `proxy ztunnel`, as Istio's chart starts the image, reads ztunnel's variables: one it cannot
+/// read refuses the start and is named.
+#[test]
+fn proxy_ztunnel_reads_ztunnels_environment() {
+    let out = hboned()
+        .args(["proxy", "ztunnel"])
+        .env("SECRET_TTL", "one day")
+        .env("XDS_ON_DEMAND", "maybe")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("SECRET_TTL") && stderr.contains("XDS_ON_DEMAND"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -33,6 +33,9 @@ struct FakeIstioCa {
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Set: every request fails UNAVAILABLE, as from a CA that is down.
     down: Arc<std::sync::atomic::AtomicBool>,
+    /// Roots (PEM) added to the last chain element, as istiod's CA answers during a root
+    /// rotation (security/pkg/server/ca/server.go appends its whole root bundle).
+    extra_roots: String,
 }
 
 #[tonic::async_trait]
@@ -67,10 +70,13 @@ impl IstioCertificateService for FakeIstioCa {
             impersonated,
         });
         let lifetime = Duration::from_secs(u64::try_from(body.validity_duration).unwrap_or(3600));
-        let chain = self
+        let mut chain = self
             .ca
             .sign_csr(&body.csr, SystemTime::now(), lifetime)
             .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        if let Some(roots) = chain.last_mut() {
+            roots.push_str(&self.extra_roots);
+        }
         Ok(tonic::Response::new(IstioCertificateResponse {
             cert_chain: chain,
         }))
@@ -92,6 +98,17 @@ async fn start_fake_ca_with_switch() -> (
     tokio::task::JoinHandle<()>,
     Arc<std::sync::atomic::AtomicBool>,
 ) {
+    start_fake_ca_with(String::new()).await
+}
+
+async fn start_fake_ca_with(
+    extra_roots: String,
+) -> (
+    std::net::SocketAddr,
+    Arc<Mutex<Vec<Seen>>>,
+    tokio::task::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicBool>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
@@ -100,6 +117,7 @@ async fn start_fake_ca_with_switch() -> (
         ca: BuiltinCa::generate(SystemTime::now()).unwrap(),
         seen: seen.clone(),
         down: down.clone(),
+        extra_roots,
     };
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
@@ -201,6 +219,31 @@ async fn istio_ca_certificates_carry_a_real_tunnel() {
         "{seen:?}"
     );
     assert!(seen.iter().all(|s| s.clusterid.as_deref() == Some("c1")));
+}
+
+/// During a root rotation istiod's last chain element holds every root: all are trusted, none
+/// is presented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_istio_ca_root_set_is_trusted_whole() {
+    let next_root = BuiltinCa::generate(SystemTime::now()).unwrap();
+    let (addr, _seen, _server, _down) = start_fake_ca_with(next_root.root_pem().to_owned()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let client_id = Identity::new("cluster.local", "test", "client").unwrap();
+    let server_id = Identity::new("cluster.local", "test", "server").unwrap();
+    let client_certs = Arc::new(CertificateManager::new(istio_ca(addr, &token)));
+    let cert = client_certs.fetch(&client_id).await.unwrap();
+    assert_eq!(cert.chain().len(), 1, "no root is presented");
+    assert_eq!(cert.bundle().certs().len(), 2, "both roots are trusted");
+    // A server whose certificate the next root signed is trusted by the client.
+    let server_certs = Arc::new(CertificateManager::new(Arc::new(next_root)));
+    let server_cert = server_certs.fetch(&server_id).await.unwrap();
+    assert!(
+        cert.bundle()
+            .certs()
+            .contains(server_cert.bundle().certs().first().unwrap())
+    );
 }
 
 #[tokio::test]

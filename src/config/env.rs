@@ -62,18 +62,29 @@ pub(super) const OVERRIDES: &[Override] = &[
     Override {
         var: "HBONED_CERT_LIFETIME_SECS",
         set: |c, v| {
-            c.ca.cert_lifetime_secs = v.parse().map_err(|_| {
+            c.ca.cert_lifetime_secs = Some(v.parse().map_err(|_| {
                 format!("HBONED_CERT_LIFETIME_SECS={v:?} is not a number of seconds")
-            })?;
+            })?);
             Ok(())
         },
     },
 ];
 
 /// Applies every override `env` has a value for; returns the values that could not be read.
+/// In a pod (POD_NAME and POD_NAMESPACE set, as Istio's and our manifests do), an unset
+/// `xds.nodeId` becomes the id istiod accepts, with its metadata under the configured one.
 pub(super) fn apply(config: &mut Config, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
-    OVERRIDES
+    let problems = OVERRIDES
         .iter()
         .filter_map(|o| env(o.var).and_then(|v| (o.set)(config, v).err()))
-        .collect()
+        .collect();
+    if config.xds.node_id.is_empty()
+        && let Some((id, metadata)) = super::ztunnel::istiod_node(env)
+    {
+        config.xds.node_id = id;
+        for (key, value) in metadata {
+            config.xds.node_metadata.entry(key).or_insert(value);
+        }
+    }
+    problems
 }

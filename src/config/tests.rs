@@ -299,3 +299,19 @@ fn every_override_is_in_the_readme() {
     }
     assert_eq!(listed.matches("`HBONED_").count(), env::OVERRIDES.len());
 }
+
+/// An unset lifetime is the source's default: ztunnel's SECRET_TTL (24 h) from the Istio CA,
+/// one hour from the built-in CA; a set one is used by any source.
+#[test]
+fn certificate_lifetime_defaults_by_source() {
+    let builtin = Config::parse("{}", &no_env).unwrap();
+    assert_eq!(builtin.cert_lifetime(), Duration::from_secs(3600));
+    let istio = "certificates: {source: istioCa, istioCa: {address: \"https://istiod:15012\"}}\n";
+    let c = Config::parse(istio, &no_env).unwrap();
+    assert_eq!(c.cert_lifetime(), Duration::from_secs(24 * 3600));
+    let set = format!("{istio}ca: {{certLifetimeSecs: 600}}\n");
+    assert_eq!(
+        Config::parse(&set, &no_env).unwrap().cert_lifetime(),
+        Duration::from_secs(600)
+    );
+}

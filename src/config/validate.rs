@@ -101,7 +101,7 @@ fn numeric_settings(config: &Config) -> [(&'static str, Option<u64>, RangeInclus
         // Istio's CA caps workload certificates at 90 days (MAX_WORKLOAD_CERT_TTL).
         (
             "ca.certLifetimeSecs",
-            Some(config.ca.cert_lifetime_secs),
+            config.ca.cert_lifetime_secs,
             60..=90 * 24 * 3600,
         ),
         (

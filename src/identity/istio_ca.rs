@@ -125,26 +125,43 @@ impl IstioCa {
                 })
             })?
             .into_inner();
-        let mut chain = Vec::new();
-        for pem in &response.cert_chain {
-            for der in rustls_pemfile::certs(&mut pem.as_bytes()) {
-                chain.push(der.map_err(|e| failed(IstioCaError::Chain(e)))?);
-            }
-        }
-        // The last certificate is the root: it goes into the trust bundle, not on the wire.
-        if chain.len() < 2 {
-            let e = if chain.is_empty() {
-                IstioCaError::Empty
-            } else {
-                IstioCaError::NoRoot
-            };
-            return Err(failed(e));
-        }
-        let root: Vec<CertificateDer<'static>> = chain.split_off(chain.len() - 1);
-        let bundle = TrustBundle::new(root).map_err(|e| failed(IstioCaError::Root(e)))?;
+        let (chain, roots) = split_chain(&response.cert_chain).map_err(failed)?;
+        let bundle = TrustBundle::new(roots).map_err(|e| failed(IstioCaError::Root(e)))?;
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         WorkloadCert::new(id.clone(), chain, key, std::sync::Arc::new(bundle))
     }
+}
+
+/// The certificates to present (leaf, intermediates) and the roots to trust, from istiod's
+/// `cert_chain`: the leaf first, its intermediates, and last the root set, one PEM element that
+/// holds every root during a root rotation (all of them are trusted, none is sent). A single
+/// element holding the leaf and a root is read the same way.
+fn split_chain(
+    elements: &[String],
+) -> Result<(Vec<CertificateDer<'static>>, Vec<CertificateDer<'static>>), IstioCaError> {
+    let parse = |pem: &String| {
+        rustls_pemfile::certs(&mut pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(IstioCaError::Chain)
+    };
+    let mut parsed = elements.iter().map(parse).collect::<Result<Vec<_>, _>>()?;
+    parsed.retain(|certs| !certs.is_empty());
+    let (chain, roots) = match parsed.len() {
+        0 => return Err(IstioCaError::Empty),
+        1 => {
+            let mut certs = parsed.remove(0);
+            if certs.len() < 2 {
+                return Err(IstioCaError::NoRoot);
+            }
+            let root = certs.split_off(certs.len() - 1);
+            (certs, root)
+        }
+        n => {
+            let roots = parsed.remove(n - 1);
+            (parsed.into_iter().flatten().collect(), roots)
+        }
+    };
+    Ok((chain, roots))
 }
 
 impl CertSource for IstioCa {

@@ -179,7 +179,8 @@ impl WorkloadCert {
         self.certified.clone()
     }
 
-    pub(crate) fn bundle(&self) -> &Arc<TrustBundle> {
+    /// The roots this certificate's peers must chain to.
+    pub fn bundle(&self) -> &Arc<TrustBundle> {
         &self.bundle
     }
 

@@ -1,0 +1,191 @@
+//! Tests of `config::ztunnel`: the environment Istio's ztunnel chart sets, read as ztunnel
+//! reads it.
+
+use super::*;
+use crate::config::{ConfigError, EMBEDDED_DEFAULT};
+
+/// What Istio's ztunnel DaemonSet gives the container (manifests/charts/ztunnel): the downward
+/// API variables, CLUSTER_ID, and the mounted root and projected token.
+fn istio_chart(extra: &[(&'static str, &'static str)]) -> Environment {
+    let mut vars = vec![
+        ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+        ("CLUSTER_ID", "prod-east"),
+        ("POD_NAME", "ztunnel-x7k2p"),
+        ("POD_NAMESPACE", "istio-system"),
+        ("NODE_NAME", "node-1"),
+        ("INSTANCE_IP", "10.0.0.5"),
+        ("SERVICE_ACCOUNT", "ztunnel"),
+        ("ISTIO_META_ENABLE_HBONE", "true"),
+        ("TERMINATION_GRACE_PERIOD_SECONDS", "30"),
+    ];
+    vars.extend_from_slice(extra);
+    Environment::fixed(&vars, &[ROOT_CERT, TOKEN])
+}
+
+#[test]
+fn the_istio_chart_environment_reads_as_ztunnel_reads_it() {
+    let c = Config::from_ztunnel_env(&istio_chart(&[])).unwrap();
+    assert_eq!(c.xds.address, "https://istiod.istio-system.svc:15012");
+    assert_eq!(c.xds.root_ca.as_deref(), Some(Path::new(ROOT_CERT)));
+    assert_eq!(c.xds.token_file.as_deref(), Some(Path::new(TOKEN)));
+    assert_eq!(
+        c.xds.node_id,
+        "ztunnel~10.0.0.5~ztunnel-x7k2p.istio-system~istio-system.svc.cluster.local"
+    );
+    let meta = &c.xds.node_metadata;
+    assert_eq!(meta["NAME"], "ztunnel-x7k2p");
+    assert_eq!(meta["NAMESPACE"], "istio-system");
+    assert_eq!(meta["INSTANCE_IPS"], "10.0.0.5");
+    assert_eq!(meta["NODE_NAME"], "node-1");
+    assert_eq!(
+        meta["ENABLE_HBONE"], "true",
+        "ISTIO_META_* without the prefix"
+    );
+    assert_eq!(c.cluster_id, "prod-east");
+    assert_eq!(c.node, "node-1");
+    assert_eq!(c.certificates.source, CertSourceKind::IstioCa);
+    let ca = c.certificates.istio_ca.as_ref().unwrap();
+    assert_eq!(ca.address, "https://istiod.istio-system.svc:15012");
+    assert_eq!(ca.root_ca.as_deref(), Some(Path::new(ROOT_CERT)));
+    assert_eq!(ca.token_file.as_deref(), Some(Path::new(TOKEN)));
+    assert_eq!(
+        c.cert_lifetime().as_secs(),
+        24 * 3600,
+        "SECRET_TTL's default"
+    );
+    assert_eq!(
+        c.zds_socket.as_deref(),
+        Some(Path::new("/var/run/ztunnel/ztunnel.sock"))
+    );
+    assert_eq!(c.drain_timeout_secs, 25, "the grace period less 5 s");
+    assert!(!c.xds.on_demand);
+}
+
+#[test]
+fn variables_change_what_ztunnel_lets_them_change() {
+    let c = Config::from_ztunnel_env(&istio_chart(&[
+        ("XDS_ADDRESS", "istiod.custom:15012"),
+        ("CA_ADDRESS", "https://ca.custom:15012"),
+        ("ISTIO_META_CLUSTER_ID", "from-meta"),
+        ("SECRET_TTL", "12h30m"),
+        ("INPOD_UDS", "/run/agent.sock"),
+        ("NETWORK", "net-1"),
+        ("XDS_ON_DEMAND", "true"),
+        ("CONNECTION_TERMINATION_DEADLINE", "7s"),
+        ("TRUST_DOMAIN", "example.org"),
+    ]))
+    .unwrap();
+    assert_eq!(
+        c.xds.address, "https://istiod.custom:15012",
+        "https when no scheme"
+    );
+    assert_eq!(
+        c.certificates.istio_ca.as_ref().unwrap().address,
+        "https://ca.custom:15012"
+    );
+    assert_eq!(c.cluster_id, "from-meta", "ISTIO_META_CLUSTER_ID wins");
+    assert_eq!(c.cert_lifetime().as_secs(), 12 * 3600 + 30 * 60);
+    assert_eq!(c.zds_socket.as_deref(), Some(Path::new("/run/agent.sock")));
+    assert_eq!(c.xds.network, "net-1");
+    assert!(c.xds.on_demand);
+    assert_eq!(c.drain_timeout_secs, 7);
+    assert_eq!(c.trust_domain, "example.org");
+}
+
+#[test]
+fn hboned_overrides_win_over_ztunnel_variables() {
+    let env = istio_chart(&[
+        ("XDS_ADDRESS", "https://istiod.custom:15012"),
+        ("HBONED_XDS_ADDRESS", "http://10.0.0.9:15010"),
+        ("SECRET_TTL", "24h"),
+        ("HBONED_CERT_LIFETIME_SECS", "3600"),
+        ("HBONED_NODE", "from-hboned"),
+    ]);
+    let c = Config::from_ztunnel_env(&env).unwrap();
+    assert_eq!(c.xds.address, "http://10.0.0.9:15010");
+    assert_eq!(c.cert_lifetime().as_secs(), 3600);
+    assert_eq!(c.node, "from-hboned");
+}
+
+#[test]
+fn outside_a_cluster_and_with_the_fake_ca() {
+    let env = Environment::fixed(&[("FAKE_CA", "true"), ("XDS_ADDRESS", "")], &[]);
+    let c = Config::from_ztunnel_env(&env).unwrap();
+    assert!(
+        c.xds.address.is_empty(),
+        "an empty XDS_ADDRESS turns xDS off"
+    );
+    assert_eq!(c.certificates.source, CertSourceKind::Builtin);
+    assert_eq!(c.cluster_id, "Kubernetes");
+    assert_eq!(c.drain_timeout_secs, 5);
+    assert!(c.xds.node_id.is_empty(), "no pod: no istiod node id");
+    let local = Config::from_ztunnel_env(&Environment::fixed(&[], &[])).unwrap();
+    assert_eq!(local.xds.address, "https://localhost:15012");
+    assert_eq!(local.xds.token_file, None, "no token mounted: none sent");
+    assert_eq!(local.xds.root_ca, None);
+}
+
+#[test]
+fn what_hboned_cannot_honour_is_refused_by_name() {
+    let env = istio_chart(&[
+        ("SECRET_TTL", "a day"),
+        ("XDS_ROOT_CA", "SYSTEM"),
+        (
+            "CA_ROOT_CA",
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+        ),
+        ("AUTH_TOKEN", "eyJhbGciOi"),
+        ("XDS_ON_DEMAND", "maybe"),
+        ("TERMINATION_GRACE_PERIOD_SECONDS", "soon"),
+    ]);
+    let err = Config::from_ztunnel_env(&env).unwrap_err();
+    let ConfigError::Invalid(problems) = &err else {
+        panic!("{err}");
+    };
+    for var in [
+        "SECRET_TTL",
+        "XDS_ROOT_CA=SYSTEM",
+        "CA_ROOT_CA holds a PEM",
+        "AUTH_TOKEN",
+        "XDS_ON_DEMAND",
+        "TERMINATION_GRACE_PERIOD_SECONDS",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.contains(var)),
+            "{var} missing: {err}"
+        );
+    }
+}
+
+#[test]
+fn durations_as_ztunnel_writes_them() {
+    let secs = |s: &str| parse_duration(s).map(|d| d.as_millis());
+    assert_eq!(secs("24h"), Some(86_400_000));
+    assert_eq!(secs("1h30m"), Some(5_400_000));
+    assert_eq!(secs("90s"), Some(90_000));
+    assert_eq!(secs("500ms"), Some(500));
+    assert_eq!(secs("3600"), Some(3_600_000), "a bare number is seconds");
+    for bad in ["", "h", "5d", "1.5h", "-1h", "10x", "99999999999999999999h"] {
+        assert_eq!(secs(bad), None, "{bad:?}");
+    }
+}
+
+#[test]
+fn in_a_pod_run_mode_announces_the_node_istiod_accepts() {
+    let pod = |k: &str| match k {
+        "POD_NAME" => Some("hboned-abc".to_string()),
+        "POD_NAMESPACE" => Some("hboned".to_string()),
+        "INSTANCE_IP" => Some("10.0.0.7".to_string()),
+        _ => None,
+    };
+    let c = Config::parse(EMBEDDED_DEFAULT, &pod).unwrap();
+    assert_eq!(
+        c.xds.node_id,
+        "ztunnel~10.0.0.7~hboned-abc.hboned~hboned.svc.cluster.local"
+    );
+    assert_eq!(c.xds.node_metadata["NAME"], "hboned-abc");
+    let configured = "xds: {nodeId: mine, nodeMetadata: {NAME: kept}}\n";
+    let c = Config::parse(configured, &pod).unwrap();
+    assert_eq!(c.xds.node_id, "mine", "a configured id wins");
+    assert_eq!(c.xds.node_metadata["NAME"], "kept");
+}
