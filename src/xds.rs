@@ -232,7 +232,11 @@ impl XdsClient {
     ) -> DeltaDiscoveryRequest {
         let tracked = self.tracked.lock();
         let (subscribe, unsubscribe) = if self.settings.on_demand && type_url == ADDRESS_TYPE {
-            (on_demand.iter().cloned().collect(), vec!["*".to_owned()])
+            // Delta xDS cannot subscribe to nothing: subscribe and unsubscribe `*` in one
+            // request, as ztunnel does, plus the names already looked up (after a reconnect).
+            let mut names = vec!["*".to_owned()];
+            names.extend(on_demand.iter().cloned());
+            (names, vec!["*".to_owned()])
         } else {
             (vec!["*".to_owned()], Vec::new())
         };
@@ -273,7 +277,11 @@ impl XdsClient {
             let mut stream = client.delta_aggregated_resources(request).await?.into_inner();
             tracing::info!(address = %self.settings.address, on_demand = self.settings.on_demand, "xDS stream open");
             while let Some(response) = stream.message().await? {
-                let _ = tx.send(self.handle(&response));
+                let answer = self.handle(&response);
+                let acked = answer.error_detail.is_none();
+                if tx.send(answer).is_ok() && acked {
+                    self.acked(&response.type_url);
+                }
             }
             Ok(())
         }
@@ -302,13 +310,19 @@ impl XdsClient {
             tracing::warn!(type_url = %response.type_url, rejected = ?applied.rejected, upserted = applied.upserted, "xDS resources rejected (NACK); keeping their last good versions");
         }
         self.changed.send_modify(|generation| *generation += 1);
+        applied.ack
+    }
+
+    /// A response of `type_url` was applied and its ACK sent: once every subscribed type has
+    /// had one, the client is ready. A NACKed response does not count (ztunnel's
+    /// `xds/client.rs` unblocks readiness on ACKs only).
+    fn acked(&self, type_url: &str) {
         let mut seen = self.applied_types.lock();
-        seen.insert(response.type_url.clone());
+        seen.insert(type_url.to_owned());
         if !*self.ready.borrow() && self.required_types().iter().all(|t| seen.contains(*t)) {
-            tracing::info!("xDS ready: every subscribed type applied");
+            tracing::info!("xDS ready: every subscribed type applied and acknowledged");
             self.ready.send_replace(true);
         }
-        applied.ack
     }
 
     fn knows(&self, ip: IpAddr) -> bool {

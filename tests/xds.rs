@@ -162,6 +162,38 @@ async fn initial_sync_update_removal_and_readiness() {
     assert!(!knows(&state, "10.0.0.2"));
 }
 
+/// Ready once every type had a response applied and ACKed; a NACKed one does not count
+/// (ztunnel's xds/client.rs unblocks readiness on ACKs only).
+#[tokio::test]
+async fn readiness_waits_for_an_acknowledged_response_of_each_type() {
+    let mut fake = FakeAds::start("127.0.0.1:0".parse().unwrap()).await;
+    let addr = fake.addr;
+    let (client, _state, mut s, _task) = connect(&mut fake, settings(addr, false, None)).await;
+    let ready = client.ready();
+    let mut bad = workload("bad", [10, 0, 0, 1]);
+    bad.addresses = vec![vec![1, 2, 3]];
+    s.send(
+        ADDRESS_TYPE,
+        "a1",
+        vec![workload_resource("bad", "1", bad)],
+        &[],
+    );
+    let nack = s.next().await;
+    assert!(nack.error_detail.is_some(), "the bad address is NACKed");
+    s.send(AUTHORIZATION_TYPE, "p1", vec![], &[]);
+    expect_ack(&mut s, "p1").await;
+    assert!(!*ready.borrow(), "no address response was ACKed yet");
+    s.send(
+        ADDRESS_TYPE,
+        "a2",
+        vec![workload_resource("w1", "1", workload("w1", [10, 0, 0, 1]))],
+        &[],
+    );
+    expect_ack(&mut s, "a2").await;
+    let mut ready = ready;
+    within(5, ready.wait_for(|r| *r)).await.unwrap();
+}
+
 /// istiod sends a push as one response; a large cluster's is well past tonic's default 4 MiB
 /// limit (ztunnel accepts 200 MiB).
 #[tokio::test]
@@ -280,10 +312,9 @@ async fn on_demand_hit_miss_and_timeout() {
     let mut s = fake.accept().await;
     let first = s.next().await;
     assert_eq!(first.type_url, ADDRESS_TYPE);
-    assert!(
-        first.resource_names_subscribe.is_empty(),
-        "nothing subscribed up front"
-    );
+    // Nothing subscribed up front, spelled as ztunnel spells it (xds/client.rs): `*` subscribed
+    // and unsubscribed in one request.
+    assert_eq!(first.resource_names_subscribe, ["*"]);
     assert_eq!(first.resource_names_unsubscribe, ["*"]);
     let _auth = s.next().await;
 
