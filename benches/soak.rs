@@ -23,12 +23,7 @@ const CONNECTIONS: usize = 10_000;
 
 /// RSS (KiB), open descriptors and CPU seconds of a process.
 fn sample(pid: u32) -> (u64, usize, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0);
+    let rss = status_kib(pid, "VmRSS:");
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let cpu = stat.rfind(')').map_or(0.0, |i| {
@@ -36,6 +31,16 @@ fn sample(pid: u32) -> (u64, usize, f64) {
         (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / 100.0
     });
     (rss, fds, cpu)
+}
+
+/// A `/proc/PID/status` field in KiB (VmRSS, RssAnon, RssFile), 0 when unreadable.
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// The echo app (child mode): echoes every connection on `[::]:port` until killed.
@@ -120,6 +125,10 @@ async fn soak(duration: Duration) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let pids = [topo.pid(0).unwrap(), topo.pid(1).unwrap()];
     let start = pids.map(sample);
+    // RSS split: anonymous memory (heap, stacks, allocator metadata) and file-backed pages
+    // (the executable's code the load paged in, which the kernel can drop at will).
+    let split = |pid: u32| (status_kib(pid, "RssAnon:"), status_kib(pid, "RssFile:"));
+    let start_split = pids.map(split);
     println!(
         "soak: {CONNECTIONS} connections for {duration:?}; node A pid {}, node B pid {}",
         pids[0], pids[1]
@@ -207,7 +216,16 @@ async fn soak(duration: Duration) {
         tokio::time::sleep(Duration::from_secs(10)).await;
         end = row(began.elapsed().as_secs_f64());
     }
+    let end_split = pids.map(split);
     for (i, node) in ["A", "B"].iter().enumerate() {
+        let ((anon0, file0), (anon1, file1)) = (start_split[i], end_split[i]);
+        println!(
+            "soak: node {node}: anonymous {:.1} → {:.1} MiB, file-backed {:.1} → {:.1} MiB",
+            anon0 as f64 / 1024.0,
+            anon1 as f64 / 1024.0,
+            file0 as f64 / 1024.0,
+            file1 as f64 / 1024.0,
+        );
         let (rss0, fds0, _) = start[i];
         let (rss1, fds1, cpu1) = end[i];
         let ratio = rss1 as f64 / rss0.max(1) as f64;
@@ -226,14 +244,5 @@ async fn soak(duration: Duration) {
     );
     let _ = echo.kill();
     let _ = echo.wait();
-    if std::env::var_os("HBONED_SOAK_JESTATS").is_some() {
-        for (i, pid) in pids.iter().enumerate() {
-            let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-            std::fs::write(format!("/tmp/soak-smaps-{i}"), smaps).unwrap();
-        }
-        let mut topo = std::sync::Arc::into_inner(topo).unwrap();
-        topo.stop_proxies();
-        std::fs::write("/tmp/soak-a.log", topo.log(0)).unwrap();
-        std::fs::write("/tmp/soak-b.log", topo.log(1)).unwrap();
-    }
+    drop(topo);
 }

@@ -116,8 +116,8 @@ pub struct XdsConfig {
     pub on_demand_timeout_ms: Option<u64>,
 }
 
-/// The built-in CA's settings.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// The built-in CA's settings (both unset by default).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct CaConfig {
     /// Directory with root-cert.pem and root-key.pem; unset: an ephemeral root, generated at
@@ -126,15 +126,6 @@ pub struct CaConfig {
     /// Lifetime of issued workload certificates, in seconds; unset: one hour, or 24 hours from
     /// the Istio CA (ztunnel's SECRET_TTL).
     pub cert_lifetime_secs: Option<u64>,
-}
-
-impl Default for CaConfig {
-    fn default() -> Self {
-        CaConfig {
-            root_dir: None,
-            cert_lifetime_secs: None,
-        }
-    }
 }
 
 /// The certificate lifetime asked for when none is configured.
