@@ -148,7 +148,9 @@ impl Drop for Return {
 }
 
 /// Sockets inside a pod's namespace, each carrying the proxy mark (docs/design.md §3); listeners set
-/// SO_REUSEPORT so an old and a new proxy can overlap.
+/// SO_REUSEPORT so an old and a new proxy can overlap, and IP_TRANSPARENT so connections a
+/// TPROXY rule set hands over (istio-cni releases that use it) are accepted as well as
+/// REDIRECTed ones, as ztunnel's in-pod listeners do.
 #[derive(Debug, Clone)]
 pub(crate) struct PodSocketFactory {
     netns: Arc<Netns>,
@@ -187,6 +189,10 @@ impl SocketFactory for PodSocketFactory {
             }
             s.set_reuse_address(true)?;
             socket::set_reuse_port(&s)?;
+            if let Err(e) = socket::set_transparent(&s, addr.is_ipv6()) {
+                // Without CAP_NET_ADMIN: REDIRECT rules still work, TPROXY ones will not.
+                tracing::debug!(%addr, error = %e, "pod listener without IP_TRANSPARENT");
+            }
             s.bind(&addr.into())?;
             s.listen(1024)?;
             Ok(s)

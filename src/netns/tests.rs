@@ -29,7 +29,7 @@ async fn dial_refused_is_an_error() {
 }
 
 #[tokio::test]
-async fn pod_factory_in_our_own_netns_marks_and_reuses_ports() {
+async fn pod_factory_in_our_own_netns_marks_reuses_ports_and_listens_transparently() {
     if !nix::unistd::Uid::effective().is_root() {
         eprintln!("skipped: SO_MARK needs CAP_NET_ADMIN");
         return;
@@ -41,6 +41,8 @@ async fn pod_factory_in_our_own_netns_marks_and_reuses_ports() {
     // SO_REUSEPORT: a second listener on the same port is allowed.
     let l2 = f.tcp_bind(addr).unwrap();
     assert_eq!(SockRef::from(&l2).mark().unwrap(), socket::PROXY_MARK);
+    // IP_TRANSPARENT: connections a TPROXY rule set hands over are accepted too.
+    assert!(SockRef::from(&l2).ip_transparent_v4().unwrap());
     let s = dial(&f, None, addr, Duration::from_secs(5)).await.unwrap();
     assert_eq!(SockRef::from(&s).mark().unwrap(), socket::PROXY_MARK);
     drop(l);
@@ -51,3 +53,4 @@ fn opening_a_missing_netns_names_it() {
     let err = Netns::open(Path::new("/var/run/netns/does-not-exist")).unwrap_err();
     assert!(err.to_string().contains("does-not-exist"), "{err}");
 }
+
