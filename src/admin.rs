@@ -137,19 +137,44 @@ pub(crate) async fn bind_exclusive(addr: SocketAddr) -> TcpListener {
     }
 }
 
-/// True once every given source is ready.
+/// True while every given source is: it follows them both ways (a node agent that goes away
+/// makes the node unready again). A source whose sender is gone keeps its last value.
 pub(crate) fn all_ready(mut sources: Vec<watch::Receiver<bool>>) -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(sources.iter().all(|s| *s.borrow()));
+    let all = |sources: &[watch::Receiver<bool>]| sources.iter().all(|s| *s.borrow());
+    let (tx, rx) = watch::channel(all(&sources));
     tokio::spawn(async move {
-        for source in &mut sources {
-            if source.wait_for(|r| *r).await.is_err() {
+        let mut open = vec![true; sources.len()];
+        loop {
+            let ready = all(&sources);
+            let changed = tx.send_if_modified(|r| std::mem::replace(r, ready) != ready);
+            if changed {
+                if ready {
+                    tracing::info!("ready");
+                } else {
+                    tracing::warn!("not ready");
+                }
+            }
+            let waits: Vec<_> = sources
+                .iter_mut()
+                .zip(&open)
+                .enumerate()
+                .filter(|(_, (_, open))| **open)
+                .map(|(i, (s, _))| Box::pin(async move { (i, s.changed().await.is_ok()) }))
+                .collect();
+            if waits.is_empty() {
+                // Nothing can change any more; keep the sender so readers see the last value.
+                tx.closed().await;
                 return;
             }
+            tokio::select! {
+                ((i, alive), _, _) = futures_util::future::select_all(waits) => {
+                    if !alive {
+                        open[i] = false;
+                    }
+                }
+                _ = tx.closed() => return,
+            }
         }
-        tracing::info!("ready");
-        tx.send_replace(true);
-        // Keep the sender alive so readers see `true`, not a closed channel.
-        tx.closed().await;
     });
     rx
 }

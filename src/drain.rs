@@ -62,6 +62,11 @@ impl Drain {
         self.inner.draining.send_replace(true);
     }
 
+    /// Whether draining has started.
+    pub(crate) fn is_draining(&self) -> bool {
+        *self.inner.draining.borrow()
+    }
+
     /// Resolves once draining has started.
     pub(crate) async fn draining(&self) {
         let mut rx = self.inner.draining.subscribe();

@@ -85,6 +85,10 @@ pub(crate) struct PodManager {
     ctx: NodeContext,
     pods: Lock<HashMap<String, RunningPod>>,
     named: Lock<HashSet<String>>,
+    /// Pods whose enrollment failed for a reason that may pass, retried until they start.
+    pending: Lock<HashMap<String, (PodInfo, Netns)>>,
+    /// Whether `pending` is empty.
+    settled: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for PodManager {
@@ -101,6 +105,78 @@ impl PodManager {
             ctx,
             pods: Lock::new(HashMap::new()),
             named: Lock::new(HashSet::new()),
+            pending: Lock::new(HashMap::new()),
+            settled: watch::channel(true).0,
+        }
+    }
+
+    /// True while no pod waits for a retry of its enrollment (a readiness source: the node is
+    /// not ready while one of its pods is not served).
+    pub(crate) fn settled(&self) -> watch::Receiver<bool> {
+        self.settled.subscribe()
+    }
+
+    /// Records (or forgets) a pod whose enrollment failed for a reason that may pass.
+    fn set_pending(&self, uid: &str, pod: Option<(PodInfo, Netns)>) {
+        let mut pending = self.pending.lock();
+        match pod {
+            Some(pod) => {
+                pending.insert(uid.to_owned(), pod);
+            }
+            None => {
+                pending.remove(uid);
+            }
+        }
+        self.settled.send_replace(pending.is_empty());
+    }
+
+    /// Retries pods whose enrollment failed every `period` (ztunnel's in-pod manager does the
+    /// same; istio-cni sends a pod once), until the manager is dropped or drains.
+    pub(crate) fn retry_pending(self: &Arc<Self>, period: Duration) {
+        let manager = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(manager) = manager.upgrade() else {
+                    return;
+                };
+                if manager.ctx.drain.is_draining() {
+                    return;
+                }
+                let waiting: Vec<(PodInfo, Netns)> = manager
+                    .pending
+                    .lock()
+                    .values()
+                    .filter_map(|(info, ns)| Some((info.clone(), ns.try_clone().ok()?)))
+                    .collect();
+                for (info, netns) in waiting {
+                    manager.retry(info, netns);
+                }
+            }
+        });
+    }
+
+    fn retry(&self, info: PodInfo, netns: Netns) {
+        let inode = netns.inode().ok();
+        match self.start(&info, &netns) {
+            Ok(running) => {
+                // Still wanted, with the same netns? (A Del or a newer Add may have come.)
+                let mut pending = self.pending.lock();
+                let same = pending
+                    .get(&info.uid)
+                    .is_some_and(|(i, ns)| *i == info && ns.inode().ok() == inode);
+                if !same {
+                    return;
+                }
+                pending.remove(&info.uid);
+                self.settled.send_replace(pending.is_empty());
+                drop(pending);
+                tracing::info!(uid = %info.uid, "pod enrolled on retry");
+                let mut pods = self.pods.lock();
+                pods.insert(info.uid, running);
+                self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
+            }
+            Err(e) => tracing::debug!(uid = %info.uid, error = %e, "pod still cannot be enrolled"),
         }
     }
 
@@ -117,12 +193,13 @@ impl PodManager {
     pub(crate) fn stop_listening(&self) {
         let mut pods = self.pods.lock();
         pods.clear();
+        self.pending.lock().clear();
         self.ctx.metrics.enrolled_pods.set(0);
     }
 
     /// Creates a pod's listeners in its netns and starts serving them. Must run inside the
     /// tokio runtime.
-    fn start(&self, info: &PodInfo, netns: Netns) -> Result<RunningPod, PodError> {
+    fn start(&self, info: &PodInfo, netns: &Netns) -> Result<RunningPod, PodError> {
         let ctx = &self.ctx;
         let uid = || info.uid.clone();
         let identity = Identity::new(&ctx.trust_domain, &info.namespace, &info.service_account)
@@ -130,7 +207,11 @@ impl PodManager {
         let netns_inode = netns
             .inode()
             .map_err(|source| PodError::Netns { uid: uid(), source })?;
-        let netns = Arc::new(netns);
+        let netns = Arc::new(
+            netns
+                .try_clone()
+                .map_err(|source| PodError::Netns { uid: uid(), source })?,
+        );
         let addresses = netns
             .addresses()
             .map_err(|source| PodError::Addresses { uid: uid(), source })?;
@@ -248,7 +329,18 @@ impl PodHandler for PodManager {
         // A changed pod (new netns or identity) is restarted: stop the old listeners first, so
         // the new ones can bind.
         self.remove(&info.uid);
-        let running = self.start(&info, netns)?;
+        let running = match self.start(&info, &netns) {
+            Ok(running) => running,
+            // Its identity will not change by waiting; anything else (a port still held, a
+            // namespace not yet set up) may: keep the pod and retry.
+            Err(e @ PodError::Identity { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(uid = %info.uid, error = %e, "pod not enrolled; retrying");
+                let uid = info.uid.clone();
+                self.set_pending(&uid, Some((info, netns)));
+                return Err(e);
+            }
+        };
         let mut pods = self.pods.lock();
         pods.insert(info.uid, running);
         self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
@@ -256,6 +348,9 @@ impl PodHandler for PodManager {
     }
 
     fn remove(&self, uid: &str) {
+        if self.pending.lock().contains_key(uid) {
+            self.set_pending(uid, None);
+        }
         let removed = {
             let mut pods = self.pods.lock();
             let removed = pods.remove(uid);
@@ -501,6 +596,9 @@ pub(crate) async fn run_zds(path: &Path, handler: Arc<dyn PodHandler>, ready: wa
                     Ok(()) => tracing::warn!("node agent closed the ZDS connection; reconnecting"),
                     Err(e) => tracing::warn!(error = %e, "ZDS session failed; reconnecting"),
                 }
+                // Not ready without the node agent: pods it adds or removes meanwhile are not
+                // seen. Ready again after the next session's snapshot.
+                ready.send_replace(false);
             }
             Err(e) => {
                 tracing::debug!(path = %path.display(), error = %e, "node agent not reachable yet")

@@ -84,6 +84,14 @@ impl Netns {
         &self.name
     }
 
+    /// A second handle on the same namespace (a duplicated descriptor).
+    pub(crate) fn try_clone(&self) -> io::Result<Self> {
+        Ok(Netns {
+            file: self.file.try_clone()?,
+            name: self.name.clone(),
+        })
+    }
+
     /// The namespace's inode: equal inodes are the same namespace.
     pub(crate) fn inode(&self) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt;

@@ -7,12 +7,10 @@
 mod support;
 
 use std::io::ErrorKind;
-use std::os::fd::AsFd;
-use std::path::Path;
 use std::time::Duration;
 
 use hboned::testbed::{self, A1, A2, APP_PORT, B1, B2, B3, B3_AS_SEEN_BY_A, Capture, Topology};
-use prost::Message;
+use support::agent::{AgentNode, ScratchNetns};
 use support::topo::*;
 use support::{Fnv, pattern, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -360,120 +358,19 @@ fn namespaces_are_removed_when_a_test_fails() {
 }
 
 /// A scratch namespace for the ZDS test, deleted on drop.
-struct ScratchNetns(String);
-
-impl ScratchNetns {
-    fn new(name: &str) -> Self {
-        let run = |args: &[&str]| {
-            assert!(
-                std::process::Command::new("ip")
-                    .args(args)
-                    .status()
-                    .unwrap()
-                    .success()
-            )
-        };
-        run(&["netns", "add", name]);
-        let guard = ScratchNetns(name.to_owned());
-        run(&["-n", name, "link", "set", "lo", "up"]);
-        guard
-    }
-    fn path(&self) -> std::path::PathBuf {
-        Path::new("/var/run/netns").join(&self.0)
-    }
-}
-
-impl Drop for ScratchNetns {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.0])
-            .status();
-    }
-}
-
 /// A fake node agent enrolls a pod over ZDS (netns fd by SCM_RIGHTS), restarts (the pod is
 /// re-enrolled, once), then removes it.
 #[tokio::test]
 async fn zds_agent_adds_and_removes_a_pod() {
-    use hboned::proto::zds;
-    use hboned::socket::SeqPacketListener;
     if !can_run() {
         return;
     }
     let pod = ScratchNetns::new(&format!("hbz{}", std::process::id() % 100_000));
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("ztunnel.sock");
-    let agent = SeqPacketListener::bind(&sock).unwrap();
-    let config = dir.path().join("node.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "zdsSocket: {}\nreadinessAddress: 127.0.0.1:0\nmetricsAddress: 127.0.0.1:0\nadminAddress: 127.0.0.1:0\n",
-            sock.display()
-        ),
-    )
-    .unwrap();
-    let log = dir.path().join("hboned.log");
-    let mut proxy = std::process::Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    /// Stops the proxy; shows its log if the test failed.
-    struct Kill<'a>(&'a mut std::process::Child, std::path::PathBuf);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-            if std::thread::panicking() {
-                eprintln!("{}", std::fs::read_to_string(&self.1).unwrap_or_default());
-            }
-        }
-    }
-    let _kill = Kill(&mut proxy, log);
-
-    let conn = within(20, agent.accept()).await.unwrap();
-    let mut buf = vec![0u8; 4096];
-    let (n, _) = conn.recv(&mut buf).await.unwrap();
-    assert_eq!(
-        zds::ZdsHello::decode(&buf[..n]).unwrap().version,
-        zds::Version::V1 as i32
-    );
-    let ack = |buf: &[u8]| match zds::WorkloadResponse::decode(buf).unwrap().payload {
-        Some(zds::workload_response::Payload::Ack(a)) => a.error,
-        None => panic!("no ack"),
-    };
-    let send = |p: zds::workload_request::Payload| {
-        zds::WorkloadRequest { payload: Some(p) }.encode_to_vec()
-    };
-    let netns = std::fs::File::open(pod.path()).unwrap();
-    let add = send(zds::workload_request::Payload::Add(zds::AddWorkload {
-        uid: "uid-1".into(),
-        workload_info: Some(zds::WorkloadInfo {
-            name: "p".into(),
-            namespace: "ns".into(),
-            service_account: "sa".into(),
-        }),
-    }));
-    conn.send(&add, &[netns.as_fd()]).await.unwrap();
-    let (n, _) = within(20, conn.recv(&mut buf)).await.unwrap();
-    assert_eq!(ack(&buf[..n]), "");
+    let mut node = AgentNode::start(bin()).await;
+    assert_eq!(node.add("uid-1", &pod).await, "");
     // Idempotent: the same Add again succeeds and keeps serving.
-    conn.send(&add, &[netns.as_fd()]).await.unwrap();
-    let (n, _) = within(20, conn.recv(&mut buf)).await.unwrap();
-    assert_eq!(ack(&buf[..n]), "");
-    conn.send(
-        &send(zds::workload_request::Payload::SnapshotSent(
-            zds::SnapshotSent {},
-        )),
-        &[],
-    )
-    .await
-    .unwrap();
-    let (n, _) = within(20, conn.recv(&mut buf)).await.unwrap();
-    assert_eq!(ack(&buf[..n]), "");
+    assert_eq!(node.add("uid-1", &pod).await, "");
+    assert_eq!(node.snapshot_sent().await, "");
 
     // The pod's listeners now exist inside its namespace.
     let ns = hboned::netns::Netns::open(&pod.path()).unwrap();
@@ -500,33 +397,51 @@ async fn zds_agent_adds_and_removes_a_pod() {
 
     // The agent restarts: the proxy reconnects, the agent replays its pods (the same Add)
     // and a snapshot; the pod stays enrolled once, with no second set of listeners.
-    drop(conn);
-    let conn = within(20, agent.accept()).await.unwrap();
-    let (n, _) = within(20, conn.recv(&mut buf)).await.unwrap();
-    assert!(zds::ZdsHello::decode(&buf[..n]).is_ok());
-    conn.send(&add, &[netns.as_fd()]).await.unwrap();
-    let (n, _) = within(20, conn.recv(&mut buf)).await.unwrap();
-    assert_eq!(ack(&buf[..n]), "");
-    let snapshot = send(zds::workload_request::Payload::SnapshotSent(
-        zds::SnapshotSent {},
-    ));
-    conn.send(&snapshot, &[]).await.unwrap();
-    let (n, _) = within(20, conn.recv(&mut buf)).await.unwrap();
-    assert_eq!(ack(&buf[..n]), "");
+    node.reconnect().await;
+    assert_eq!(node.add("uid-1", &pod).await, "");
+    assert_eq!(node.snapshot_sent().await, "");
     assert!(probe(&ns).is_ok(), "re-enrolled after the agent restarted");
     assert_eq!(listeners(), 1, "no duplicate listeners");
 
-    conn.send(
-        &send(zds::workload_request::Payload::Del(zds::DelWorkload {
-            uid: "uid-1".into(),
-        })),
-        &[],
-    )
-    .await
-    .unwrap();
-    let (n, _) = within(20, conn.recv(&mut buf)).await.unwrap();
-    assert_eq!(ack(&buf[..n]), "");
+    assert_eq!(node.del("uid-1").await, "");
     support::eventually(10, || probe(&ns).is_err()).await;
+}
+
+/// A pod that cannot be enrolled yet (its 15008 held by a socket without SO_REUSEPORT) is
+/// refused in the Ack, kept, and retried every 5 s, as ztunnel's in-pod manager does; the node
+/// is not ready meanwhile, nor while the node agent is gone.
+#[tokio::test]
+async fn a_pod_enrolled_late_is_retried_and_readiness_waits_for_it() {
+    if !can_run() {
+        return;
+    }
+    let pod = ScratchNetns::new(&format!("hbq{}", std::process::id() % 100_000));
+    let ns = hboned::netns::Netns::open(&pod.path()).unwrap();
+    let squatter = ns
+        .run(|| std::net::TcpListener::bind("0.0.0.0:15008"))
+        .unwrap();
+    let mut node = AgentNode::start(bin()).await;
+    let refused = node.add("uid-1", &pod).await;
+    assert!(refused.contains("15008"), "{refused}");
+    assert_eq!(node.snapshot_sent().await, "");
+    assert_eq!(node.readiness_status(), 503, "a pod waits for its retry");
+
+    drop(squatter);
+    support::eventually(15, || node.readiness_status() == 200).await;
+    let probe = ns.run(|| {
+        std::net::TcpStream::connect_timeout(
+            &"127.0.0.1:15008".parse().unwrap(),
+            Duration::from_secs(2),
+        )
+    });
+    assert!(probe.is_ok(), "enrolled on retry");
+
+    // The node agent goes away: not ready until its next snapshot.
+    node.reconnect().await;
+    support::eventually(10, || node.readiness_status() == 503).await;
+    assert_eq!(node.add("uid-1", &pod).await, "");
+    assert_eq!(node.snapshot_sent().await, "");
+    support::eventually(10, || node.readiness_status() == 200).await;
 }
 
 /// `hboned redirect install` twice leaves one copy of the rules; `remove` twice leaves none.

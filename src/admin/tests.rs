@@ -33,6 +33,21 @@ async fn ready_only_after_every_source() {
         .unwrap();
     assert_eq!(get(addr, "/healthz/ready").await, 200);
     assert_eq!(get(addr, "/nope").await, 404);
+
+    // A source that turns unready (the node agent went away) makes the node unready again; a
+    // source whose sender is gone keeps its last value.
+    zds_tx.send_replace(false);
+    tokio::time::timeout(std::time::Duration::from_secs(5), r.wait_for(|v| !*v))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(get(addr, "/healthz/ready").await, 503);
+    drop(xds_tx);
+    zds_tx.send_replace(true);
+    tokio::time::timeout(std::time::Duration::from_secs(5), r.wait_for(|v| *v))
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 #[tokio::test]

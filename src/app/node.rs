@@ -80,14 +80,16 @@ impl Node {
         }));
         tracing::info!(node = %config.node, trust_domain = %config.trust_domain, pods = config.pods.len(), workloads = config.workloads.len(), services = config.services.len(), "hboned node proxy starting");
         enroll_config_pods(&config, &manager);
+        manager.retry_pending(Duration::from_secs(5));
         let (ready_tx, zds_ready) = tokio::sync::watch::channel(config.zds_socket.is_none());
         let zds = config.zds_socket.clone().map(|path| {
             tracing::info!(path = %path.display(), "enrolling pods from the node agent (ZDS)");
             let handler: Arc<dyn PodHandler> = manager.clone();
             tokio::spawn(async move { crate::inpod::run_zds(&path, handler, ready_tx).await })
         });
-        // Ready once the node agent's first snapshot and the control plane's first state arrived.
-        let mut sources = vec![zds_ready];
+        // Ready once the node agent's snapshot arrived (and while it stays connected), no pod waits
+        // for a retry of its enrollment, and the control plane's first state was acknowledged.
+        let mut sources = vec![zds_ready, manager.settled()];
         sources.extend(xds.as_ref().map(|c| c.ready()));
         let readiness = match config.readiness_address {
             Some(addr) => Some(serve_readiness(addr, crate::admin::all_ready(sources))?),

@@ -53,4 +53,3 @@ fn opening_a_missing_netns_names_it() {
     let err = Netns::open(Path::new("/var/run/netns/does-not-exist")).unwrap_err();
     assert!(err.to_string().contains("does-not-exist"), "{err}");
 }
-

@@ -3,6 +3,7 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod agent;
 pub mod fake_ads;
 pub mod topo;
 
