@@ -65,6 +65,7 @@ async fn run() {
         state: None,
         metrics: None,
         drain: None,
+        pod: Default::default(),
     };
     let server = InboundServer::new(
         workload,

@@ -83,6 +83,7 @@ async fn rig() -> Rig {
         state: None,
         metrics: None,
         drain: None,
+        pod: Default::default(),
     };
     let server_certs = Arc::new(CertificateManager::new(ca.clone()));
     let server = InboundServer::new(

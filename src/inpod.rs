@@ -19,7 +19,8 @@ use crate::netns::{Netns, PodSocketFactory, SocketFactory};
 use crate::ports;
 use crate::proto::zds;
 use crate::proxy::{
-    HboneClient, InboundServer, LocalWorkload, Outbound, StateRouter, TunnelSettings, passthrough,
+    HboneClient, InboundServer, LocalWorkload, Outbound, PodLife, StateRouter, TunnelSettings,
+    passthrough,
 };
 use crate::socket::{self, SeqPacket};
 use crate::state::SharedState;
@@ -69,6 +70,8 @@ struct RunningPod {
     identity: Identity,
     addresses: Vec<IpAddr>,
     tasks: Vec<JoinHandle<()>>,
+    /// `send(true)` ends the pod's live connections (on removal; a drain just drops it).
+    removal: watch::Sender<bool>,
 }
 
 impl Drop for RunningPod {
@@ -247,14 +250,19 @@ impl PodManager {
             source_ips: addresses.clone(),
             cluster_id: ctx.cluster_id.clone(),
         });
-        let outbound = Outbound::new(
-            client,
-            sockets.clone(),
-            router,
-            ctx.resolver.clone(),
-            ctx.tunnel.clone(),
-            Some(ctx.metrics.clone()),
-            Some(ctx.drain.clone()),
+        // Removing the pod (not draining the node) ends its live connections.
+        let (removal, life) = PodLife::new();
+        let outbound = Arc::new(
+            Outbound::new(
+                client,
+                sockets.clone(),
+                router,
+                ctx.resolver.clone(),
+                ctx.tunnel.clone(),
+                Some(ctx.metrics.clone()),
+                Some(ctx.drain.clone()),
+            )
+            .for_pod(life.clone()),
         );
         let workload = LocalWorkload {
             identity: identity.clone(),
@@ -263,6 +271,7 @@ impl PodManager {
             state: Some(ctx.state.clone()),
             metrics: Some(ctx.metrics.clone()),
             drain: Some(ctx.drain.clone()),
+            pod: life,
         };
         let inbound = InboundServer::new(
             workload.clone(),
@@ -309,6 +318,7 @@ impl PodManager {
             identity,
             addresses,
             tasks,
+            removal,
         })
     }
 }
@@ -358,6 +368,8 @@ impl PodHandler for PodManager {
             removed
         };
         if let Some(pod) = removed {
+            // The pod is gone (DelWorkload, its netns deleted): so are its connections.
+            pod.removal.send_replace(true);
             let still_used = self
                 .pods
                 .lock()

@@ -20,10 +20,55 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::identity::manager::CertError;
 use crate::tls::TlsError;
 
+use crate::authz;
+
 pub use inbound::{InboundServer, LocalWorkload};
 pub use outbound::{Outbound, Route, Router, StateRouter};
 pub use pool::{HboneClient, PoolKey};
 pub use tunnel::{H2Stream, TunnelSettings};
+
+/// Whether the pod a listener serves is still enrolled. Its live connections end when it is
+/// removed (DelWorkload, its netns gone), not when the proxy drains: a drain lets them finish.
+#[derive(Debug, Clone, Default)]
+pub struct PodLife(Option<tokio::sync::watch::Receiver<bool>>);
+
+impl PodLife {
+    /// A pod's life and the switch that ends it (`send(true)` on removal; dropping the sender
+    /// without it, as a drain does, ends nothing).
+    pub fn new() -> (tokio::sync::watch::Sender<bool>, PodLife) {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (tx, PodLife(Some(rx)))
+    }
+
+    /// Resolves once the pod is removed; never for a pod that stays, or for no pod.
+    pub(crate) async fn removed(&self) {
+        if let Some(rx) = &self.0
+            && rx.clone().wait_for(|gone| *gone).await.is_ok()
+        {
+            return;
+        }
+        std::future::pending().await
+    }
+}
+
+/// Why the proxy ended a live connection itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// A policy change now denies it.
+    Denied(authz::Decision),
+    /// Its pod was removed.
+    PodRemoved,
+}
+
+impl Stop {
+    /// The reason in metrics (`response_flags`) and access logs.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            Stop::Denied(_) => inbound::DENIED,
+            Stop::PodRemoved => "pod_removed",
+        }
+    }
+}
 
 /// Which side of the proxy an error came from, as pingora records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

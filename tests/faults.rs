@@ -11,7 +11,7 @@ mod support;
 use std::io::ErrorKind;
 use std::time::Duration;
 
-use hboned::testbed::{self, A1, A2, APP_PORT, B1, B3, Topology};
+use hboned::testbed::{self, A1, A2, APP_PORT, B1, B2, B3, Topology};
 use support::topo::*;
 use support::{eventually, within};
 use tokio::io::AsyncWriteExt;
@@ -155,6 +155,55 @@ async fn a_pod_whose_netns_is_deleted_is_removed() {
     let (_echo, _peers) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     let mut s = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
     echoes(&mut s, b"the other pods go on").await;
+}
+
+/// A removed pod's live connections end with it (as ztunnel ends them on DelWorkload), both
+/// ways: deleting the destination pod's netns resets a tunneled connection into it, deleting
+/// the source pod's resets its plaintext connection out (a drain lets them run: the upgrade tests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_pods_live_connections_are_reset() {
+    if !can_run() {
+        return;
+    }
+    let topo = Topology::start(bin()).await.unwrap();
+    let delete = |pod: &str| {
+        let name = topo.netns_name(pod);
+        assert!(
+            std::process::Command::new("ip")
+                .args(["netns", "del", &name])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    let (_e1, _) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
+    let (_e2, _) = testbed::spawn_echo(topo.listen(B2.name, APP_PORT).unwrap());
+    // Into b1 over HBONE; out of a1 in plaintext to b2 (not enrolled).
+    let mut tunneled = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
+    echoes(&mut tunneled, b"into b1").await;
+    let mut plain = topo.connect(A1.name, B2.addr(APP_PORT)).await.unwrap();
+    echoes(&mut plain, b"out of a1").await;
+
+    delete(B1.name);
+    assert_eq!(
+        until_closed(&mut tunneled).await,
+        Err(ErrorKind::ConnectionReset),
+        "{}",
+        topo.log(1)
+    );
+    echoes(&mut plain, b"a1 is still enrolled").await;
+    delete(A1.name);
+    assert_eq!(
+        until_closed(&mut plain).await,
+        Err(ErrorKind::ConnectionReset),
+        "{}",
+        topo.log(0)
+    );
+    let metrics = http_get(&topo, "na", 15020, "/metrics");
+    assert!(
+        metrics.contains("response_flags=\"pod_removed\""),
+        "{metrics}"
+    );
 }
 
 /// Descriptors: the proxy raises its soft limit to the hard one at start; at the limit its

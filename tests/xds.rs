@@ -391,6 +391,7 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
             state: None,
             metrics: None,
             drain: None,
+            pod: Default::default(),
         },
         certs.clone(),
         sockets.clone(),
@@ -415,7 +416,7 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
         sockets.clone(),
         TunnelSettings::default(),
     ));
-    let outbound = Outbound::new(
+    let outbound = std::sync::Arc::new(Outbound::new(
         client,
         sockets.clone(),
         router,
@@ -423,7 +424,7 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
         TunnelSettings::default(),
         None,
         None,
-    );
+    ));
     let out_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let out_addr = out_listener.local_addr().unwrap();
     tokio::spawn(outbound.serve(out_listener, move |_| Some(app_addr)));

@@ -108,6 +108,7 @@ pub async fn run_loopback(
         state: None,
         metrics: None,
         drain: Some(drain.clone()),
+        pod: Default::default(),
     };
     let server = InboundServer::new(workload, certs.clone(), sockets.clone(), tunnel.clone());
     tokio::spawn(server.serve(inbound_listener));
@@ -126,7 +127,7 @@ pub async fn run_loopback(
         .tcp_bind(settings.outbound)
         .with_context(|| format!("binding the outbound listener on {}", settings.outbound))?;
     let outbound_addr = outbound_listener.local_addr()?;
-    let outbound = Outbound::new(
+    let outbound = std::sync::Arc::new(Outbound::new(
         client.clone(),
         sockets,
         router,
@@ -134,7 +135,7 @@ pub async fn run_loopback(
         tunnel,
         None,
         Some(drain.clone()),
-    );
+    ));
     tokio::spawn(outbound.serve(outbound_listener, |s| s.local_addr().ok()));
 
     tracing::info!(%outbound_addr, %inbound_addr, app = %echo_addr, client = %client_id, server = %server_id, "loopback HBONE proxy up");

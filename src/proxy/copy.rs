@@ -48,7 +48,9 @@ pub(crate) struct CopyError {
     pub transferred: Transferred,
 }
 
-/// Copies `a` → `b` and `b` → `a` until both directions reach EOF.
+/// Copies `a` → `b` and `b` → `a` until both directions reach EOF (the relay without a stop
+/// signal; every path of the proxy has one, so only the tests use this form).
+#[cfg(test)]
 pub(crate) async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> Result<Transferred, CopyError>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,

@@ -48,6 +48,8 @@ pub struct LocalWorkload {
     pub metrics: Option<Arc<Metrics>>,
     /// The node's drain: live streams hold it open; HBONE connections get GOAWAY when it starts.
     pub drain: Option<Drain>,
+    /// The pod's life: its live connections end when it is removed.
+    pub pod: super::PodLife,
 }
 
 /// Admission of one CONNECT to the workload at `addresses` (a pure function of the request
@@ -95,6 +97,15 @@ impl LocalWorkload {
                 // The state is gone: nothing can change any more.
                 return std::future::pending().await;
             }
+        }
+    }
+
+    /// Resolves when the proxy must end `conn` itself: a policy change denies it, or the pod is
+    /// removed.
+    pub(crate) async fn stop(&self, conn: &authz::Connection<'_>) -> super::Stop {
+        tokio::select! {
+            decision = self.revoked(conn) => super::Stop::Denied(decision),
+            () = self.pod.removed() => super::Stop::PodRemoved,
         }
     }
 
@@ -395,8 +406,8 @@ impl InboundServer {
             m.opened(&labels);
         }
         let conn = authz_facts(client.as_ref(), peer, target);
-        let revoked = self.workload.revoked(&conn);
-        let (t, error) = match copy::bidirectional_until(&mut tunnel, &mut app, revoked).await {
+        let stop = self.workload.stop(&conn);
+        let (t, error) = match copy::bidirectional_until(&mut tunnel, &mut app, stop).await {
             Ended::Copied(Ok(t)) => (t, None),
             Ended::Copied(Err(e)) => {
                 // Pass a reset through to whichever side did not cause it.
@@ -412,16 +423,17 @@ impl InboundServer {
                 reason,
                 transferred,
             } => {
-                tracing::info!(%peer, %target, decision = ?reason, "a policy change now denies this connection; resetting it");
+                tracing::info!(%peer, %target, why = ?reason, "ending this connection (a policy change denies it, or its pod was removed); resetting it");
                 tunnel.reset(h2::Reason::CONNECT_ERROR);
                 let _ = socket::reset_on_close(&app);
-                let labels = labels.failed(DENIED);
+                let flag = reason.reason();
+                let labels = labels.failed(flag);
                 if let Some(m) = &self.workload.metrics {
                     m.closed(&labels, transferred.a_to_b, transferred.b_to_a);
                 }
                 let elapsed = started.elapsed();
                 let (sent, received) = (transferred.a_to_b, transferred.b_to_a);
-                metrics::access_log(&labels, peer, target, sent, received, elapsed, Some(DENIED));
+                metrics::access_log(&labels, peer, target, sent, received, elapsed, Some(flag));
                 return;
             }
         };

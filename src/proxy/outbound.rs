@@ -10,10 +10,11 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::copy::{self, End, Transferred};
+use super::copy::{self, End, Ended, Transferred};
 use super::passthrough;
 use super::pool::{HboneClient, PoolKey};
 use super::tunnel::TunnelSettings;
+use super::{PodLife, Stop};
 use crate::drain::Drain;
 use crate::hbone::{Baggage, ConnectRequest, TraceParent};
 use crate::identity::Identity;
@@ -60,6 +61,8 @@ pub struct Outbound {
     settings: TunnelSettings,
     metrics: Option<Arc<Metrics>>,
     drain: Option<Drain>,
+    /// The source pod's life: its connections end when it is removed.
+    pod: PodLife,
 }
 
 impl Outbound {
@@ -73,8 +76,8 @@ impl Outbound {
         settings: TunnelSettings,
         metrics: Option<Arc<Metrics>>,
         drain: Option<Drain>,
-    ) -> Arc<Self> {
-        Arc::new(Outbound {
+    ) -> Self {
+        Outbound {
             client,
             sockets,
             router,
@@ -82,7 +85,13 @@ impl Outbound {
             settings,
             metrics,
             drain,
-        })
+            pod: PodLife::default(),
+        }
+    }
+
+    /// The same, for the connections of one pod: they end when it is removed.
+    pub fn for_pod(self, pod: PodLife) -> Self {
+        Outbound { pod, ..self }
     }
 
     /// Accepts until the task is dropped; `original_dst` recovers where each connection was
@@ -128,14 +137,28 @@ impl Outbound {
                     Ok(mut tunnel) => {
                         self.record_opened(&labels);
                         let mut app = app;
-                        let (t, error) = match copy::bidirectional(&mut app, &mut tunnel).await {
-                            Ok(t) => (t, None),
-                            Err(e) => {
+                        let removed = self.pod.removed();
+                        let (labels, t, error) = match copy::bidirectional_until(
+                            &mut app,
+                            &mut tunnel,
+                            removed,
+                        )
+                        .await
+                        {
+                            Ended::Copied(Ok(t)) => (labels, t, None),
+                            Ended::Copied(Err(e)) => {
                                 match e.end {
                                     End::A => tunnel.reset(h2::Reason::CONNECT_ERROR),
                                     End::B => reset(app),
                                 }
-                                (e.transferred, Some(e.source.to_string()))
+                                (labels, e.transferred, Some(e.source.to_string()))
+                            }
+                            Ended::Stopped { transferred, .. } => {
+                                tracing::info!(%src, %dst, "the source pod was removed; resetting its connection");
+                                tunnel.reset(h2::Reason::CANCEL);
+                                reset(app);
+                                let flag = Stop::PodRemoved.reason();
+                                (labels.failed(flag), transferred, Some(flag.to_owned()))
                             }
                         };
                         self.record_closed(&labels, src, request.authority, t, started, error);
@@ -162,9 +185,17 @@ impl Outbound {
                 let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, false);
                 self.record_opened(&labels);
                 let timeout = self.settings.connect_timeout;
-                // No policy applies on the way out: nothing revokes the relay.
-                let never = std::future::pending();
-                let done = passthrough::relay(app, &*self.sockets, None, dst, timeout, never).await;
+                // No policy applies on the way out: only the pod's removal ends the relay.
+                let removed = async {
+                    self.pod.removed().await;
+                    Stop::PodRemoved
+                };
+                let done =
+                    passthrough::relay(app, &*self.sockets, None, dst, timeout, removed).await;
+                let labels = match done.stopped {
+                    Some(reason) => labels.failed(reason.reason()),
+                    None => labels,
+                };
                 self.record_closed(&labels, src, dst, done.transferred, started, done.error);
             }
             Route::Refuse { reason } => {

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
+use super::Stop;
 use super::copy::{self, End, Ended, Transferred};
 use super::inbound::{DENIED, LocalWorkload};
-use crate::authz;
 use crate::metrics;
 use crate::netns::{self, SocketFactory};
 use crate::ports::POD_LISTENERS;
@@ -24,25 +24,26 @@ pub(crate) struct Relayed {
     pub transferred: Transferred,
     /// The error that ended it (a failed dial, a reset), if any.
     pub error: Option<String>,
-    /// Set when `revoked` ended it: both sockets were reset.
-    pub revoked: Option<authz::Decision>,
+    /// Set when `stop` ended it: both sockets were reset.
+    pub stopped: Option<Stop>,
 }
 
 /// Relays `app` to `dst` over plain TCP, from `source` when given (the client's IP), until
-/// both sides finish or `revoked` resolves (a policy change: both sockets are then reset).
+/// both sides finish or `stop` resolves (a policy change, the pod removed: both sockets are
+/// then reset).
 pub(crate) async fn relay(
     mut app: TcpStream,
     sockets: &dyn SocketFactory,
     source: Option<IpAddr>,
     dst: SocketAddr,
     timeout: Duration,
-    revoked: impl Future<Output = authz::Decision>,
+    stop: impl Future<Output = Stop>,
 ) -> Relayed {
     let peer = app.peer_addr().ok();
-    let ended = |transferred, error, revoked| Relayed {
+    let ended = |transferred, error, stopped| Relayed {
         transferred,
         error,
-        revoked,
+        stopped,
     };
     let mut upstream = match netns::dial(sockets, source, dst, timeout).await {
         Ok(s) => s,
@@ -53,7 +54,7 @@ pub(crate) async fn relay(
             return ended(Transferred::default(), Some(error), None);
         }
     };
-    match copy::bidirectional_until(&mut app, &mut upstream, revoked).await {
+    match copy::bidirectional_until(&mut app, &mut upstream, stop).await {
         Ended::Copied(Ok(t)) => ended(t, None, None),
         Ended::Copied(Err(e)) => {
             let other = match e.end {
@@ -67,10 +68,10 @@ pub(crate) async fn relay(
             reason,
             transferred,
         } => {
-            tracing::info!(?peer, %dst, decision = ?reason, "a policy change now denies this connection; resetting it");
+            tracing::info!(?peer, %dst, why = ?reason, "ending this connection (a policy change denies it, or its pod was removed); resetting it");
             let _ = socket::reset_on_close(&app);
             let _ = socket::reset_on_close(&upstream);
-            ended(transferred, Some(DENIED.to_owned()), Some(reason))
+            ended(transferred, Some(reason.reason().to_owned()), Some(reason))
         }
     }
 }
@@ -124,10 +125,10 @@ pub(crate) async fn serve_inbound_plaintext(
                 m.opened(&labels);
             }
             let conn = super::inbound::authz_facts(None, src, dst);
-            let revoked = workload.revoked(&conn);
-            let done = relay(app, &*sockets, source, dst, timeout, revoked).await;
-            let labels = match done.revoked {
-                Some(_) => labels.failed(DENIED),
+            let stop = workload.stop(&conn);
+            let done = relay(app, &*sockets, source, dst, timeout, stop).await;
+            let labels = match done.stopped {
+                Some(reason) => labels.failed(reason.reason()),
                 None => labels,
             };
             let t = done.transferred;

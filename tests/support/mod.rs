@@ -127,6 +127,7 @@ pub fn localhost_workload(identity: Identity) -> LocalWorkload {
         state: None,
         metrics: None,
         drain: None,
+        pod: Default::default(),
     }
 }
 
