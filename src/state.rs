@@ -43,6 +43,9 @@ pub struct Workload {
     pub healthy: bool,
     /// WORKLOAD_SELECTOR policies (`namespace/name`) that select this workload.
     pub authorization_policies: Vec<String>,
+    /// It shares its node's address (hostNetwork): never looked up by address, where the
+    /// answer could be any pod of the node (ztunnel's NetworkMode::HOST_NETWORK).
+    pub host_network: bool,
 }
 
 /// A service: VIPs in front of the workloads that name it.
@@ -118,7 +121,12 @@ impl State {
             self.policy_generation += 1;
         }
         let w = Arc::new(w);
-        for ip in &w.addresses {
+        let indexed = if w.host_network {
+            &[][..]
+        } else {
+            &w.addresses[..]
+        };
+        for ip in indexed {
             if w.network == self.network {
                 self.by_ip.insert(*ip, w.clone());
             } else {

@@ -620,6 +620,7 @@ async fn selector_policies_apply_to_the_workloads_that_list_them() {
         services: Default::default(),
         healthy: true,
         authorization_policies: vec!["test/deny-all".into()],
+        host_network: false,
     };
     state.write(|s| s.upsert_workload(server));
     let err = within(10, hbone.connect(&key, &request(app.addr)))

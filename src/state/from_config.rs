@@ -46,6 +46,7 @@ pub(crate) fn workload(config: &Config, w: &WorkloadConfig) -> Result<Workload, 
         services: w.services.clone(),
         healthy: true,
         authorization_policies: Vec::new(),
+        host_network: false,
     })
 }
 

@@ -24,6 +24,7 @@ fn workload(uid: &str, addr: &str, sa_name: &str, protocol: Protocol) -> Workloa
         services: BTreeMap::new(),
         healthy: true,
         authorization_policies: Vec::new(),
+        host_network: false,
     }
 }
 

@@ -39,6 +39,8 @@ pub enum ConvertError {
     Identity(String),
     #[error("port {0} is out of range")]
     BadPort(u32),
+    #[error("tunnel protocol {0} is not one this proxy speaks (NONE or HBONE)")]
+    UnknownTunnel(i32),
     #[error("policy has no name")]
     NoName,
 }
@@ -89,10 +91,12 @@ pub(crate) fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, 
         }
         services.insert(key.clone(), ports);
     }
+    // A protocol this proxy does not know is refused (NACK): plaintext would be a guess that
+    // sends cleartext to a workload that expects a tunnel.
     let protocol = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
         Ok(pb::TunnelProtocol::Hbone) => Protocol::Hbone,
-        // An unknown protocol is treated as plain TCP: never tunnel to a peer we cannot speak to.
-        _ => Protocol::Tcp,
+        Ok(pb::TunnelProtocol::None) => Protocol::Tcp,
+        Err(_) => return Err(ConvertError::UnknownTunnel(w.tunnel_protocol)),
     };
     Ok(Workload {
         uid: w.uid,
@@ -106,6 +110,7 @@ pub(crate) fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, 
         services,
         healthy: w.status == pb::WorkloadStatus::Healthy as i32,
         authorization_policies: w.authorization_policies,
+        host_network: w.network_mode == pb::NetworkMode::HostNetwork as i32,
     })
 }
 
@@ -124,11 +129,19 @@ pub(crate) fn service(s: pb::Service) -> Result<Service, ConvertError> {
         };
         ports.insert(port(p.service_port)?, port(target)?);
     }
+    // A name that is no SPIFFE ID can never match a peer's certificate (exactly one SPIFFE
+    // URI SAN each): it is left out, and the service keeps the names that can.
     let subject_alt_names = s
         .subject_alt_names
         .iter()
-        .map(|n| Identity::parse(n).map_err(|e| ConvertError::Identity(e.to_string())))
-        .collect::<Result<_, _>>()?;
+        .filter_map(|n| match Identity::parse(n) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                tracing::debug!(service = %s.hostname, name = %n, error = %e, "subject alt name left out");
+                None
+            }
+        })
+        .collect();
     Ok(Service {
         name: s.name,
         namespace: s.namespace,

@@ -108,17 +108,39 @@ fn bad_workloads_are_rejected_with_a_reason() {
     assert!(matches!(workload(w, "td"), Err(ConvertError::Identity(_))));
 }
 
+/// NONE is plain TCP; a protocol this proxy does not speak is refused (NACK), never guessed
+/// as plaintext.
 #[test]
-fn tcp_and_unknown_protocols_are_not_tunneled() {
-    for proto in [pb::TunnelProtocol::None as i32, 42] {
-        let mut w = wl("u", &[1, 2, 3, 4]);
-        w.tunnel_protocol = proto;
-        assert_eq!(workload(w, "td").unwrap().protocol, Protocol::Tcp);
-    }
+fn none_is_plain_tcp_and_unknown_protocols_are_refused() {
+    let mut w = wl("u", &[1, 2, 3, 4]);
+    w.tunnel_protocol = pb::TunnelProtocol::None as i32;
+    assert_eq!(workload(w, "td").unwrap().protocol, Protocol::Tcp);
+    let mut w = wl("u", &[1, 2, 3, 4]);
+    w.tunnel_protocol = 42;
+    assert!(matches!(
+        workload(w, "td"),
+        Err(ConvertError::UnknownTunnel(42))
+    ));
 }
 
+/// A hostNetwork workload shares its node's address: kept by uid, never found by address.
 #[test]
-fn service_converts_and_rejects_bad_sans() {
+fn host_network_workloads_are_not_indexed_by_address() {
+    let mut w = wl("host", &[10, 0, 0, 9]);
+    w.network_mode = pb::NetworkMode::HostNetwork as i32;
+    let host = workload(w, "td").unwrap();
+    assert!(host.host_network);
+    let mut state = crate::state::State::default();
+    state.upsert_workload(host);
+    state.upsert_workload(workload(wl("pod", &[10, 0, 0, 8]), "td").unwrap());
+    assert!(state.workload("host").is_some());
+    assert!(state.workload_by_ip("10.0.0.9".parse().unwrap()).is_none());
+    assert!(state.workload_by_ip("10.0.0.8".parse().unwrap()).is_some());
+}
+
+/// A subject alt name that is no SPIFFE ID is left out; the service and its other names stay.
+#[test]
+fn service_converts_and_keeps_its_valid_sans() {
     let s = pb::Service {
         name: "web".into(),
         namespace: "ns".into(),
@@ -137,9 +159,14 @@ fn service_converts_and_rejects_bad_sans() {
     let c = service(s.clone()).unwrap();
     assert_eq!(c.key(), "ns/web.ns.svc");
     assert_eq!(c.ports, BTreeMap::from([(80, 8080)]));
-    let mut bad = s;
-    bad.subject_alt_names = vec!["not-spiffe".into()];
-    assert!(matches!(service(bad), Err(ConvertError::Identity(_))));
+    let mut mixed = s;
+    mixed.subject_alt_names = vec!["not-spiffe".into(), "spiffe://td/ns/ns/sa/web".into()];
+    let c = service(mixed).unwrap();
+    assert_eq!(c.subject_alt_names.len(), 1);
+    assert_eq!(
+        c.subject_alt_names[0].to_string(),
+        "spiffe://td/ns/ns/sa/web"
+    );
 }
 
 fn pb_policy(action: i32, scope: i32, matches: Vec<Match>) -> Authorization {
