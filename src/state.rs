@@ -55,7 +55,8 @@ pub(crate) struct Service {
     pub namespace: String,
     pub hostname: String,
     pub vips: Vec<IpAddr>,
-    /// Service port → target port (a workload's own mapping wins).
+    /// Service port → target port (a workload's own mapping wins; 0: a named target port, which
+    /// only the workloads' mappings resolve).
     pub ports: BTreeMap<u16, u16>,
     /// Extra identities its endpoints may present.
     pub subject_alt_names: Vec<Identity>,
@@ -304,8 +305,13 @@ impl State {
             .filter(|w| w.healthy)
             .filter_map(|w| {
                 let ports = w.services.get(&key)?;
-                let target = ports.get(&port).or_else(|| svc.ports.get(&port))?;
-                Some((w.clone(), *target))
+                // The workload's own mapping, else the service's; a named target port (0) that
+                // the workload does not resolve leaves it out, as in ztunnel.
+                let target = ports
+                    .get(&port)
+                    .copied()
+                    .or_else(|| svc.ports.get(&port).copied().filter(|t| *t != 0))?;
+                Some((w.clone(), target))
             })
             .collect();
         eps.sort_by(|a, b| a.0.uid.cmp(&b.0.uid));

@@ -208,6 +208,36 @@ fn service_without_endpoints_is_refused() {
     );
 }
 
+/// A named target port (service target 0, as istiod sends `targetPort: http`) reaches only the
+/// endpoints whose own port list resolves it; the others are left out, never sent to the
+/// service port.
+#[test]
+fn named_target_ports_leave_out_endpoints_that_do_not_resolve_them() {
+    let mut s = State::default();
+    s.upsert_service(service("10.96.0.12", &[(80, 0)]));
+    s.upsert_workload(with_service(
+        workload("has-http", "10.0.3.1", "a", Protocol::Hbone),
+        SVC,
+        &[(80, 8080)],
+    ));
+    s.upsert_workload(with_service(
+        workload("no-http", "10.0.3.2", "a", Protocol::Hbone),
+        SVC,
+        &[],
+    ));
+    for pick in 0..4 {
+        let Upstream::Hbone { target, .. } = s.route(&[], sa("10.96.0.12:80"), pick) else {
+            panic!("expected HBONE");
+        };
+        assert_eq!(target, sa("10.0.3.1:8080"), "pick {pick}");
+    }
+    s.remove_workload("has-http");
+    assert_eq!(
+        s.route(&[], sa("10.96.0.12:80"), 0),
+        Upstream::Refuse("service has no endpoints")
+    );
+}
+
 #[test]
 fn replace_and_remove_reindex() {
     let mut s = state();

@@ -120,14 +120,12 @@ pub(crate) fn service(s: pb::Service) -> Result<Service, ConvertError> {
         .iter()
         .map(|a| ip(&a.address))
         .collect::<Result<_, _>>()?;
+    // A target port of 0 is a named one (`targetPort: http`): istiod resolves it per pod, in
+    // each workload's own port list, and leaves out the pods without that port
+    // (pilot/pkg/serviceregistry/kube/controller/ambient). It is kept as 0: no fallback.
     let mut ports = BTreeMap::new();
     for p in &s.ports {
-        let target = if p.target_port == 0 {
-            p.service_port
-        } else {
-            p.target_port
-        };
-        ports.insert(port(p.service_port)?, port(target)?);
+        ports.insert(port(p.service_port)?, port(p.target_port)?);
     }
     // A name that is no SPIFFE ID can never match a peer's certificate (exactly one SPIFFE
     // URI SAN each): it is left out, and the service keeps the names that can.
