@@ -146,12 +146,12 @@ impl Metrics {
         );
         registry.register(
             "istio_tcp_sent_bytes",
-            "Bytes sent to the destination, per closed connection",
+            "Bytes sent during the response (destination to client), per closed connection",
             sent.clone(),
         );
         registry.register(
             "istio_tcp_received_bytes",
-            "Bytes received from the destination, per closed connection",
+            "Bytes received during the request (client to destination), per closed connection",
             received.clone(),
         );
         registry.register(
@@ -191,11 +191,14 @@ impl Metrics {
         self.opened.get_or_create(labels).inc();
     }
 
-    /// A connection ended after moving `sent` bytes to and `received` from the destination.
-    pub(crate) fn closed(&self, labels: &ConnectionLabels, sent: u64, received: u64) {
+    /// A connection ended after moving `request` bytes from the client towards the destination
+    /// and `response` bytes back. Istio's standard metrics count the response as "sent" and the
+    /// request as "received" (istio_tcp_sent_bytes_total: "bytes sent during response"), on
+    /// both reporters, as ztunnel does.
+    pub(crate) fn closed(&self, labels: &ConnectionLabels, request: u64, response: u64) {
         self.closed.get_or_create(labels).inc();
-        self.sent.get_or_create(labels).inc_by(sent);
-        self.received.get_or_create(labels).inc_by(received);
+        self.sent.get_or_create(labels).inc_by(response);
+        self.received.get_or_create(labels).inc_by(request);
     }
 
     pub(crate) fn failed(&self, labels: &ConnectionLabels) {
@@ -303,5 +306,14 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+        // Istio's meaning: "sent" is the response (42 bytes back), "received" the request.
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(value("istio_tcp_sent_bytes_total{").as_deref(), Some("42"));
+        assert_eq!(value("istio_tcp_received_bytes_total{").as_deref(), Some("100"));
     }
 }
