@@ -314,6 +314,9 @@ mod tests {
                 .map(str::to_owned)
         };
         assert_eq!(value("istio_tcp_sent_bytes_total{").as_deref(), Some("42"));
-        assert_eq!(value("istio_tcp_received_bytes_total{").as_deref(), Some("100"));
+        assert_eq!(
+            value("istio_tcp_received_bytes_total{").as_deref(),
+            Some("100")
+        );
     }
 }

@@ -96,6 +96,9 @@ pub struct State {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     /// (network, IP) → workload for the other networks (the same IP may exist on two).
     by_remote_ip: HashMap<(String, IpAddr), Arc<Workload>>,
+    /// How many HBONE workloads of other networks have each IP: a connection to one of these,
+    /// unknown in our own network, must not go out in plaintext.
+    remote_hbone_ips: HashMap<IpAddr, usize>,
     /// The proxy's own network: where [`State::workload_by_ip`] looks.
     network: String,
     services: HashMap<String, Arc<Service>>,
@@ -131,11 +134,28 @@ impl State {
             if w.network == self.network {
                 self.by_ip.insert(*ip, w.clone());
             } else {
-                self.by_remote_ip
-                    .insert((w.network.clone(), *ip), w.clone());
+                let key = (w.network.clone(), *ip);
+                if let Some(replaced) = self.by_remote_ip.insert(key, w.clone()) {
+                    self.forget_remote_hbone(&replaced, *ip);
+                }
+                if w.protocol == Protocol::Hbone {
+                    *self.remote_hbone_ips.entry(*ip).or_default() += 1;
+                }
             }
         }
         self.workloads.insert(w.uid.clone(), w);
+    }
+
+    fn forget_remote_hbone(&mut self, w: &Workload, ip: IpAddr) {
+        if w.protocol != Protocol::Hbone {
+            return;
+        }
+        if let Some(n) = self.remote_hbone_ips.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.remote_hbone_ips.remove(&ip);
+            }
+        }
     }
 
     pub(crate) fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
@@ -161,6 +181,7 @@ impl State {
                     .is_some_and(|w| Arc::ptr_eq(w, &old))
                 {
                     self.by_remote_ip.remove(&key);
+                    self.forget_remote_hbone(&old, *ip);
                 }
             }
         }
@@ -350,6 +371,11 @@ impl State {
         }
         match self.workload_by_ip(ip) {
             Some(w) => self.to_workload(w.clone(), dst, Vec::new(), None),
+            // An enrolled workload of another network, reachable only through an east-west
+            // gateway this proxy does not use: refused, never sent in plaintext.
+            None if self.remote_hbone_ips.contains_key(&ip) => {
+                Upstream::Refuse("an HBONE workload on another network")
+            }
             None => Upstream::Passthrough { target: dst },
         }
     }

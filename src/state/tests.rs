@@ -184,6 +184,36 @@ fn the_same_ip_on_two_networks_is_two_workloads() {
     assert!(s.workload_by_ip(ip("10.0.0.5")).is_some());
 }
 
+/// An enrolled workload known only on another network is not ours to reach directly (that
+/// takes an east-west gateway): refused, never passed through in plaintext; a plain one there,
+/// or an address nobody has, passes through.
+#[test]
+fn an_hbone_workload_on_another_network_is_never_reached_in_plaintext() {
+    let mut s = State::with_network("net-a");
+    let mut remote = workload("remote", "10.9.0.5", "r", Protocol::Hbone);
+    remote.network = "net-b".into();
+    s.upsert_workload(remote);
+    let mut plain = workload("plain", "10.9.0.6", "p", Protocol::Tcp);
+    plain.network = "net-b".into();
+    s.upsert_workload(plain);
+    assert_eq!(
+        s.route(&[], sa("10.9.0.5:80"), 0),
+        Upstream::Refuse("an HBONE workload on another network")
+    );
+    assert!(matches!(
+        s.route(&[], sa("10.9.0.6:80"), 0),
+        Upstream::Passthrough { .. }
+    ));
+    // Removed (or moved to plain TCP): no longer refused.
+    let mut moved = workload("remote", "10.9.0.5", "r", Protocol::Tcp);
+    moved.network = "net-b".into();
+    s.upsert_workload(moved);
+    assert!(matches!(
+        s.route(&[], sa("10.9.0.5:80"), 0),
+        Upstream::Passthrough { .. }
+    ));
+}
+
 #[test]
 fn unhealthy_endpoints_are_not_picked() {
     let mut s = state();
