@@ -19,13 +19,16 @@ use hboned::xds::{XdsClient, XdsSettings};
 use support::fake_ads::{AdsStream, FakeAds};
 use support::{eventually, within};
 
+/// The node id a ztunnel in a pod announces (and hboned in a pod, config/ztunnel.rs).
+const NODE_ID: &str = "ztunnel~10.0.0.5~ztunnel-x7k2p.istio-system~istio-system.svc.cluster.local";
+
 fn settings(addr: SocketAddr, on_demand: bool, token: Option<std::path::PathBuf>) -> XdsSettings {
     XdsSettings {
         address: format!("http://{addr}"),
         root_ca: None,
         token_file: token,
         cluster_id: "c1".into(),
-        node_id: "node-a".into(),
+        node_id: NODE_ID.into(),
         node_metadata: [("NAMESPACE".to_string(), "istio-system".to_string())].into(),
         trust_domain: "cluster.local".into(),
         network: String::new(),
@@ -103,7 +106,8 @@ async fn initial_sync_update_removal_and_readiness() {
     assert_eq!(first.type_url, ADDRESS_TYPE);
     assert_eq!(first.resource_names_subscribe, ["*"]);
     let node = first.node.unwrap();
-    assert_eq!(node.id, "node-a");
+    assert_eq!(node.id, NODE_ID);
+    support::fake_ads::istiod_accepts(&node).unwrap();
     assert!(node.metadata.unwrap().fields.contains_key("CLUSTER_ID"));
     assert_eq!(s.next().await.type_url, AUTHORIZATION_TYPE);
     let mut ready = client.ready();
@@ -506,4 +510,38 @@ async fn tls_to_the_control_plane_uses_the_configured_root() {
     );
     expect_ack(&mut s, "t1").await;
     assert!(knows(&state, "10.0.0.1"));
+}
+
+/// The fake control plane's node check is istiod's: what hboned announces in a pod passes, the
+/// node name alone (what it sent before) does not.
+#[test]
+fn istiod_takes_the_node_hboned_announces_in_a_pod() {
+    use hboned::proto::envoy::config::core::v3::Node;
+    let env = hboned::config::ztunnel::Environment::fixed(
+        &[
+            ("POD_NAME", "hboned-abc"),
+            ("POD_NAMESPACE", "hboned"),
+            ("INSTANCE_IP", "10.0.0.7"),
+            ("FAKE_CA", "true"),
+            ("XDS_ADDRESS", "http://127.0.0.1:15010"),
+        ],
+        &[],
+    );
+    let config = hboned::config::Config::from_ztunnel_env(&env).unwrap();
+    let node = |id: &str| Node {
+        id: id.into(),
+        ..Default::default()
+    };
+    support::fake_ads::istiod_accepts(&node(&config.xds.node_id)).unwrap();
+    for refused in [
+        "node-a",
+        "ztunnel~not-an-ip~p.ns~ns.svc.cluster.local",
+        "gateway~10.0.0.7~p.ns~ns.svc.cluster.local",
+        "ztunnel~10.0.0.7~p.ns",
+    ] {
+        assert!(
+            support::fake_ads::istiod_accepts(&node(refused)).is_err(),
+            "{refused}"
+        );
+    }
 }

@@ -10,6 +10,27 @@ use hboned::proto::envoy::service::discovery::v3::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
+/// Whether istiod would take this node (pilot/pkg/model/context.go,
+/// ParseServiceNodeWithMetadata): an id of four `~`-separated parts, a proxy type istiod knows,
+/// and a valid IP in the second part unless the metadata lists INSTANCE_IPS.
+pub fn istiod_accepts(node: &hboned::proto::envoy::config::core::v3::Node) -> Result<(), String> {
+    let parts: Vec<&str> = node.id.split('~').collect();
+    let [kind, ip, _id, _domain] = parts[..] else {
+        return Err(format!("missing parts in the service node {:?}", node.id));
+    };
+    if !["sidecar", "router", "waypoint", "ztunnel"].contains(&kind) {
+        return Err(format!("invalid node type {kind:?} in {:?}", node.id));
+    }
+    let has_ips = node
+        .metadata
+        .as_ref()
+        .is_some_and(|m| m.fields.contains_key("INSTANCE_IPS"));
+    if !has_ips && ip.parse::<std::net::IpAddr>().is_err() {
+        return Err(format!("invalid IP address {ip:?} in the service node"));
+    }
+    Ok(())
+}
+
 /// One client stream, as the server sees it.
 pub struct AdsStream {
     pub requests: tonic::Streaming<DeltaDiscoveryRequest>,
