@@ -145,13 +145,19 @@ impl AgentNode {
         self.request(del, &[]).await
     }
 
-    /// The readiness endpoint's status code (0 when it does not answer).
+    /// The readiness endpoint's status code, once its listener is up (the proxy binds it while
+    /// it already talks to the agent); 0 when it never answers.
     pub fn readiness_status(&self) -> u16 {
         use std::io::{Read, Write};
-        let Ok(mut s) =
-            std::net::TcpStream::connect_timeout(&self.readiness, Duration::from_secs(2))
-        else {
-            return 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut s = loop {
+            match std::net::TcpStream::connect_timeout(&self.readiness, Duration::from_secs(2)) {
+                Ok(s) => break s,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(_) => return 0,
+            }
         };
         let _ = s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
         let mut out = String::new();
