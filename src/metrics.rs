@@ -15,10 +15,15 @@ use crate::identity::Identity;
 /// One end of a connection, as metrics and access logs name it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Peer {
+    /// The workload's name (its Deployment, Job...; a pod's own name where there is none).
     pub workload: String,
     pub namespace: String,
     /// The SPIFFE ID, when known (mutual TLS).
     pub principal: String,
+    /// Canonical service and revision (also the `app` and `version` labels).
+    pub canonical_service: String,
+    pub canonical_revision: String,
+    pub cluster: String,
 }
 
 impl Peer {
@@ -29,6 +34,19 @@ impl Peer {
                 .map(|i| i.namespace().to_owned())
                 .unwrap_or_default(),
             principal: identity.map(Identity::to_string).unwrap_or_default(),
+            ..Peer::default()
+        }
+    }
+
+    /// A known workload, as ztunnel labels it; `identity` when it proved one (mutual TLS).
+    pub(crate) fn of(w: &crate::state::Workload, identity: Option<&Identity>) -> Self {
+        Peer {
+            workload: w.workload_name.clone(),
+            namespace: w.namespace.clone(),
+            principal: identity.map(Identity::to_string).unwrap_or_default(),
+            canonical_service: w.canonical_name.clone(),
+            canonical_revision: w.canonical_revision.clone(),
+            cluster: w.cluster_id.clone(),
         }
     }
 }
@@ -41,18 +59,33 @@ fn or_unknown(s: &str) -> String {
     }
 }
 
-/// ztunnel's TCP metric labels.
+/// ztunnel's TCP metric labels, in its order (src/proxy/metrics.rs, CommonTrafficLabels):
+/// what Istio's dashboards and `istioctl` query.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ConnectionLabels {
     pub reporter: String,
     pub source_workload: String,
+    pub source_canonical_service: String,
+    pub source_canonical_revision: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
+    pub destination_service: String,
+    pub destination_service_namespace: String,
+    pub destination_service_name: String,
     pub destination_workload: String,
+    pub destination_canonical_service: String,
+    pub destination_canonical_revision: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
-    pub connection_security_policy: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
+    pub request_protocol: String,
     pub response_flags: String,
+    pub connection_security_policy: String,
 }
 
 /// Which side of the tunnel reports.
@@ -76,14 +109,38 @@ impl ConnectionLabels {
             }
             .into(),
             source_workload: or_unknown(&source.workload),
+            source_canonical_service: or_unknown(&source.canonical_service),
+            source_canonical_revision: or_unknown(&source.canonical_revision),
             source_workload_namespace: or_unknown(&source.namespace),
             source_principal: or_unknown(&source.principal),
+            source_app: or_unknown(&source.canonical_service),
+            source_version: or_unknown(&source.canonical_revision),
+            source_cluster: or_unknown(&source.cluster),
+            destination_service: or_unknown(""),
+            destination_service_namespace: or_unknown(""),
+            destination_service_name: or_unknown(""),
             destination_workload: or_unknown(&destination.workload),
+            destination_canonical_service: or_unknown(&destination.canonical_service),
+            destination_canonical_revision: or_unknown(&destination.canonical_revision),
             destination_workload_namespace: or_unknown(&destination.namespace),
             destination_principal: or_unknown(&destination.principal),
-            connection_security_policy: if mutual_tls { "mutual_tls" } else { "unknown" }.into(),
+            destination_app: or_unknown(&destination.canonical_service),
+            destination_version: or_unknown(&destination.canonical_revision),
+            destination_cluster: or_unknown(&destination.cluster),
+            request_protocol: "tcp".into(),
             response_flags: "-".into(),
+            connection_security_policy: if mutual_tls { "mutual_tls" } else { "unknown" }.into(),
         }
+    }
+
+    /// The same connection, addressed to `service` (through its VIP).
+    pub(crate) fn for_service(mut self, service: Option<&crate::state::ServiceRef>) -> Self {
+        if let Some(s) = service {
+            self.destination_service = or_unknown(&s.hostname);
+            self.destination_service_namespace = or_unknown(&s.namespace);
+            self.destination_service_name = or_unknown(&s.name);
+        }
+        self
     }
 
     /// The same connection, failed for `reason` (a metrics-safe short string).
@@ -294,11 +351,11 @@ mod tests {
         )]);
         let text = m.encode();
         for line in [
-            "istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"web\",source_workload_namespace=\"prod\",source_principal=\"spiffe://cluster.local/ns/prod/sa/web\",destination_workload=\"unknown\",destination_workload_namespace=\"unknown\",destination_principal=\"unknown\",connection_security_policy=\"mutual_tls\",response_flags=\"-\"} 1",
+            "istio_tcp_connections_opened_total{reporter=\"source\",source_workload=\"web\",source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\",source_workload_namespace=\"prod\",source_principal=\"spiffe://cluster.local/ns/prod/sa/web\",source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"unknown\",destination_service=\"unknown\",destination_service_namespace=\"unknown\",destination_service_name=\"unknown\",destination_workload=\"unknown\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"unknown\",destination_workload_namespace=\"unknown\",destination_principal=\"unknown\",destination_app=\"unknown\",destination_version=\"unknown\",destination_cluster=\"unknown\",request_protocol=\"tcp\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"} 1",
             "istio_tcp_sent_bytes_total{",
             "} 100",
             "} 42",
-            "response_flags=\"connect_failed\"} 1",
+            "response_flags=\"connect_failed\",connection_security_policy=\"mutual_tls\"} 1",
             "hboned_enrolled_pods 3",
             "hboned_policy_dry_run_decisions_total{decision=\"deny\"} 1",
             "hboned_certificate_renewals_total 1",

@@ -46,6 +46,20 @@ pub struct Workload {
     /// It shares its node's address (hostNetwork): never looked up by address, where the
     /// answer could be any pod of the node (ztunnel's NetworkMode::HOST_NETWORK).
     pub host_network: bool,
+    /// For metrics: the workload's own name (its Deployment or Job; `*_workload` labels), its
+    /// canonical service and revision (`*_canonical_*`, `*_app`, `*_version`), its cluster.
+    pub workload_name: String,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+    pub cluster_id: String,
+}
+
+/// The service a connection was addressed to (through its VIP), as metrics name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub hostname: String,
+    pub name: String,
+    pub namespace: String,
 }
 
 /// A service: VIPs in front of the workloads that name it.
@@ -79,8 +93,8 @@ pub enum Upstream {
         target: SocketAddr,
         /// Identities the peer may present.
         expected: Vec<Identity>,
-        /// The service's hostname when reached through a VIP.
-        service: Option<String>,
+        /// The service, when reached through its VIP.
+        service: Option<ServiceRef>,
     },
     /// Plain TCP to `target` (not enrolled, or unknown).
     Passthrough { target: SocketAddr },
@@ -366,7 +380,11 @@ impl State {
                 w.clone(),
                 target,
                 svc.subject_alt_names.clone(),
-                Some(svc.hostname.clone()),
+                Some(ServiceRef {
+                    hostname: svc.hostname.clone(),
+                    name: svc.name.clone(),
+                    namespace: svc.namespace.clone(),
+                }),
             );
         }
         match self.workload_by_ip(ip) {
@@ -385,7 +403,7 @@ impl State {
         workload: Arc<Workload>,
         target: SocketAddr,
         mut expected: Vec<Identity>,
-        service: Option<String>,
+        service: Option<ServiceRef>,
     ) -> Upstream {
         match workload.protocol {
             Protocol::Tcp => Upstream::Passthrough { target },

@@ -621,6 +621,10 @@ async fn selector_policies_apply_to_the_workloads_that_list_them() {
         healthy: true,
         authorization_policies: vec!["test/deny-all".into()],
         host_network: false,
+        workload_name: "server".into(),
+        canonical_name: String::new(),
+        canonical_revision: String::new(),
+        cluster_id: String::new(),
     };
     state.write(|s| s.upsert_workload(server));
     let err = within(10, hbone.connect(&key, &request(app.addr)))

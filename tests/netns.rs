@@ -224,31 +224,56 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
         assert!(reply.starts_with("HTTP/1.1 200"), "{node}: {reply}");
     }
 
-    // Metrics after real traffic, with ztunnel's names and labels (15020 in each node's netns).
-    let labels = |reporter: &str, dst: &str, dst_sa: &str, security: &str, flags: &str| {
+    // Metrics after real traffic, with ztunnel's names and labels, in its order (15020 in each
+    // node's netns). Config-file workloads have no canonical names: "unknown", as in ztunnel.
+    let series = |reporter: &str,
+                  service: &str,
+                  dst: &str,
+                  dst_sa: &str,
+                  security: &str,
+                  flags: &str| {
         let dst_principal = if dst_sa.is_empty() {
             "unknown".to_string()
         } else {
             format!("spiffe://cluster.local/ns/demo/sa/{dst_sa}")
         };
+        let (svc, svc_ns, svc_name) = if service.is_empty() {
+            ("unknown", "unknown", "unknown")
+        } else {
+            (service, "demo", "echo")
+        };
         format!(
-            "{{reporter=\"{reporter}\",source_workload=\"a1\",source_workload_namespace=\"demo\",source_principal=\"spiffe://cluster.local/ns/demo/sa/client\",destination_workload=\"{dst}\",destination_workload_namespace=\"demo\",destination_principal=\"{dst_principal}\",connection_security_policy=\"{security}\",response_flags=\"{flags}\"}}"
+            "{{reporter=\"{reporter}\",source_workload=\"a1\",source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\",source_workload_namespace=\"demo\",source_principal=\"spiffe://cluster.local/ns/demo/sa/client\",source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"demo\",destination_service=\"{svc}\",destination_service_namespace=\"{svc_ns}\",destination_service_name=\"{svc_name}\",destination_workload=\"{dst}\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"unknown\",destination_workload_namespace=\"demo\",destination_principal=\"{dst_principal}\",destination_app=\"unknown\",destination_version=\"unknown\",destination_cluster=\"demo\",request_protocol=\"tcp\",response_flags=\"{flags}\",connection_security_policy=\"{security}\"}}"
         )
     };
+    let labels = |reporter: &str, dst: &str, dst_sa: &str, security: &str, flags: &str| {
+        series(reporter, "", dst, dst_sa, security, flags)
+    };
     let to_b1 = |reporter| labels(reporter, "b1", "server", "mutual_tls", "-");
-    // (c), (a), IPv6 and the VIP: four tunnels to b1, counted by both ends.
+    let via_vip = series(
+        "source",
+        "echo.demo.svc.cluster.local",
+        "b1",
+        "server",
+        "mutual_tls",
+        "-",
+    );
+    // (c), (a), IPv6 and the VIP: four tunnels to b1, counted by both ends; the source names
+    // the service the VIP one was addressed to.
     support::eventually(10, || {
-        let a = metric(
-            &http_get(&topo, "na", 15020, "/metrics"),
+        let node_a = http_get(&topo, "na", 15020, "/metrics");
+        let direct = metric(
+            &node_a,
             "istio_tcp_connections_closed_total",
             &to_b1("source"),
         );
+        let vip = metric(&node_a, "istio_tcp_connections_closed_total", &via_vip);
         let b = metric(
             &http_get(&topo, "nb", 15020, "/stats/prometheus"),
             "istio_tcp_connections_closed_total",
             &to_b1("destination"),
         );
-        a == Some(4.0) && b == Some(4.0)
+        direct == Some(3.0) && vip == Some(1.0) && b == Some(4.0)
     })
     .await;
     let node_a = http_get(&topo, "na", 15020, "/metrics");
@@ -259,7 +284,7 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
             "istio_tcp_connections_opened_total",
             &to_b1("source")
         ),
-        Some(4.0),
+        Some(3.0),
         "{node_a}"
     );
     let sent = metric(&node_b, "istio_tcp_sent_bytes_total", &to_b1("destination")).unwrap_or(0.0);
@@ -648,7 +673,7 @@ async fn policies_decide_on_real_traffic_and_changes_reset_live_connections() {
             _ => ("a1", "spiffe://cluster.local/ns/demo/sa/client"),
         };
         let labels = format!(
-            "{{reporter=\"destination\",source_workload=\"{src}\",source_workload_namespace=\"demo\",source_principal=\"{principal}\",destination_workload=\"b1\",destination_workload_namespace=\"demo\",destination_principal=\"spiffe://cluster.local/ns/demo/sa/server\",connection_security_policy=\"{security}\",response_flags=\"denied\"}}"
+            "{{reporter=\"destination\",source_workload=\"{src}\",source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\",source_workload_namespace=\"demo\",source_principal=\"{principal}\",source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"demo\",destination_service=\"unknown\",destination_service_namespace=\"unknown\",destination_service_name=\"unknown\",destination_workload=\"b1\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"unknown\",destination_workload_namespace=\"demo\",destination_principal=\"spiffe://cluster.local/ns/demo/sa/server\",destination_app=\"unknown\",destination_version=\"unknown\",destination_cluster=\"demo\",request_protocol=\"tcp\",response_flags=\"denied\",connection_security_policy=\"{security}\"}}"
         );
         metric(text, "istio_tcp_connections_closed_total", &labels).is_some_and(|n| n >= 1.0)
     };

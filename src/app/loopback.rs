@@ -73,6 +73,7 @@ impl Router for FixedRouter {
             key: self.key.clone(),
             request,
             peers: (source, destination),
+            service: None,
         }
     }
 }

@@ -112,14 +112,10 @@ impl LocalWorkload {
     /// The workload at `ip` as metrics name it (name from the state, if any).
     pub(crate) fn peer_at(&self, ip: IpAddr, identity: Option<&Identity>) -> Peer {
         let state = self.state.as_ref().map(|s| s.read());
-        let known = state.as_ref().and_then(|s| s.workload_by_ip(ip));
-        let mut peer = Peer::new(known.map_or("", |w| w.name.as_str()), identity);
-        if peer.namespace.is_empty()
-            && let Some(w) = known
-        {
-            peer.namespace = w.namespace.clone();
+        match state.as_ref().and_then(|s| s.workload_by_ip(ip)) {
+            Some(w) => Peer::of(w, identity),
+            None => Peer::new("", identity),
         }
-        peer
     }
 
     /// Labels for a connection from `src` to this workload at `dst`.

@@ -21,7 +21,7 @@ use crate::identity::Identity;
 use crate::metrics::{self, ConnectionLabels, Metrics, Peer, Reporter};
 use crate::netns::SocketFactory;
 use crate::socket;
-use crate::state::{SharedState, Upstream};
+use crate::state::{ServiceRef, SharedState, Upstream};
 use crate::xds::Resolver;
 
 /// Where one outbound connection goes.
@@ -36,6 +36,8 @@ pub enum Route {
         request: ConnectRequest,
         /// The two ends, for metrics and access logs.
         peers: (Peer, Peer),
+        /// The service it was addressed to (through its VIP), for metrics.
+        service: Option<ServiceRef>,
     },
     /// Plain TCP to a destination that is not enrolled.
     Passthrough {
@@ -131,8 +133,10 @@ impl Outbound {
                 key,
                 request,
                 peers,
+                service,
             } => {
-                let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, true);
+                let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, true)
+                    .for_service(service.as_ref());
                 match self.client.connect(&key, &request).await {
                     Ok(mut tunnel) => {
                         self.record_opened(&labels);
@@ -261,7 +265,15 @@ impl Router for StateRouter {
         // The source port varies per connection: it spreads a service's load over endpoints.
         let state = self.state.read();
         let upstream = state.route(&self.source_ips, dst, usize::from(src.port()));
-        let source = Peer::new(&self.source_name, Some(&self.source));
+        // The source as ztunnel labels it: its workload entry when the state has one.
+        let source = self
+            .source_ips
+            .iter()
+            .find_map(|ip| state.workload_by_ip(*ip))
+            .map_or_else(
+                || Peer::new(&self.source_name, Some(&self.source)),
+                |w| Peer::of(w, Some(&self.source)),
+            );
         match upstream {
             Upstream::Hbone {
                 workload,
@@ -269,11 +281,11 @@ impl Router for StateRouter {
                 expected,
                 service,
             } => {
-                let destination = Peer::new(&workload.name, Some(&workload.identity));
+                let destination = Peer::of(&workload, Some(&workload.identity));
                 let peer = SocketAddr::new(target.ip(), crate::ports::HBONE);
                 let mut request = ConnectRequest::new(target);
                 request.forwarded_for = Some(src);
-                request.forwarded_host = service;
+                request.forwarded_host = service.as_ref().map(|s| s.hostname.clone());
                 let mut baggage = Baggage::default();
                 baggage
                     .push("k8s.cluster.name", &self.cluster_id)
@@ -285,18 +297,14 @@ impl Router for StateRouter {
                     key: PoolKey::new(self.source.clone(), expected, peer, None),
                     request,
                     peers: (source, destination),
+                    service,
                 }
             }
             Upstream::Passthrough { target } => {
                 // Plaintext: the destination is named if known, but has no principal.
-                let destination =
-                    state
-                        .workload_by_ip(target.ip())
-                        .map_or_else(Peer::default, |w| Peer {
-                            workload: w.name.clone(),
-                            namespace: w.namespace.clone(),
-                            principal: String::new(),
-                        });
+                let destination = state
+                    .workload_by_ip(target.ip())
+                    .map_or_else(Peer::default, |w| Peer::of(w, None));
                 Route::Passthrough {
                     dst: target,
                     peers: (source, destination),

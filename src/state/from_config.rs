@@ -47,6 +47,11 @@ pub(crate) fn workload(config: &Config, w: &WorkloadConfig) -> Result<Workload, 
         healthy: true,
         authorization_policies: Vec::new(),
         host_network: false,
+        // A config-file workload has no controller name: its own name stands in.
+        workload_name: w.name.clone(),
+        canonical_name: String::new(),
+        canonical_revision: String::new(),
+        cluster_id: config.cluster_id.clone(),
     })
 }
 

@@ -25,6 +25,10 @@ fn workload(uid: &str, addr: &str, sa_name: &str, protocol: Protocol) -> Workloa
         healthy: true,
         authorization_policies: Vec::new(),
         host_network: false,
+        workload_name: String::new(),
+        canonical_name: String::new(),
+        canonical_revision: String::new(),
+        cluster_id: String::new(),
     }
 }
 
@@ -156,7 +160,12 @@ fn service_route_expects_endpoint_and_san_identities() {
             "spiffe://cluster.local/ns/default/sa/web-san"
         ]
     );
-    assert_eq!(service.as_deref(), Some("web.default.svc.cluster.local"));
+    let service = service.unwrap();
+    assert_eq!(service.hostname, "web.default.svc.cluster.local");
+    assert_eq!(
+        (service.name.as_str(), service.namespace.as_str()),
+        ("web", "default")
+    );
 }
 
 #[test]

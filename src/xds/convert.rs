@@ -111,6 +111,10 @@ pub(crate) fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, 
         healthy: w.status == pb::WorkloadStatus::Healthy as i32,
         authorization_policies: w.authorization_policies,
         host_network: w.network_mode == pb::NetworkMode::HostNetwork as i32,
+        workload_name: w.workload_name,
+        canonical_name: w.canonical_name,
+        canonical_revision: w.canonical_revision,
+        cluster_id: w.cluster_id,
     })
 }
 
@@ -368,7 +372,7 @@ pub fn apply_delta(
         match convert_one(type_url, r.resource.as_ref(), trust_domain) {
             Ok(Converted::Workload(w)) => {
                 let key = Key::Workload(w.uid.clone());
-                state.upsert_workload(w);
+                state.upsert_workload(*w);
                 known.insert(r.name.clone(), (r.version.clone(), key));
                 upserted += 1;
             }
@@ -423,7 +427,8 @@ pub fn apply_delta(
 }
 
 enum Converted {
-    Workload(Workload),
+    // Boxed: a workload is several times the size of the other two.
+    Workload(Box<Workload>),
     Service(Service),
     Policy(Policy, Vec<String>),
 }
@@ -443,7 +448,9 @@ fn convert_one(
             .map_err(decode)?
             .r#type
         {
-            Some(Type::Workload(w)) => workload(w, trust_domain).map(Converted::Workload),
+            Some(Type::Workload(w)) => {
+                workload(w, trust_domain).map(|w| Converted::Workload(Box::new(w)))
+            }
             Some(Type::Service(s)) => service(s).map(Converted::Service),
             None => Err(ConvertError::Empty),
         },

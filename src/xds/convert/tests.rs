@@ -54,7 +54,22 @@ fn workload_fields_convert() {
         },
     );
     w.status = pb::WorkloadStatus::Unhealthy as i32;
+    w.workload_name = "web".into();
+    w.canonical_name = "web-app".into();
+    w.canonical_revision = "v1".into();
+    w.cluster_id = "c1".into();
     let c = workload(w, "cluster.local").unwrap();
+    // What ztunnel's metric labels name a workload by.
+    let peer = crate::metrics::Peer::of(&c, None);
+    assert_eq!(
+        (
+            peer.workload.as_str(),
+            peer.canonical_service.as_str(),
+            peer.canonical_revision.as_str(),
+            peer.cluster.as_str()
+        ),
+        ("web", "web-app", "v1", "c1")
+    );
     assert_eq!(c.identity.to_string(), "spiffe://cluster.local/ns/ns/sa/sa");
     assert_eq!(
         c.addresses,
