@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::authz::{Policy, Scope};
 use crate::identity::Identity;
 
+pub mod balance;
 pub(crate) mod from_config;
 mod shared;
 pub use shared::SharedState;
@@ -52,6 +53,10 @@ pub struct Workload {
     pub canonical_name: String,
     pub canonical_revision: String,
     pub cluster_id: String,
+    /// Where it runs, for locality-aware load balancing.
+    pub locality: balance::Locality,
+    /// Its share of a service's load against the other endpoints (xDS default: 1).
+    pub capacity: u32,
 }
 
 /// The service a connection was addressed to (through its VIP), as metrics name it.
@@ -74,6 +79,8 @@ pub(crate) struct Service {
     pub ports: BTreeMap<u16, u16>,
     /// Extra identities its endpoints may present.
     pub subject_alt_names: Vec<Identity>,
+    /// How an endpoint is chosen.
+    pub load_balancing: balance::LoadBalancing,
 }
 
 impl Service {
@@ -337,7 +344,6 @@ impl State {
         let mut eps: Vec<_> = self
             .workloads
             .values()
-            .filter(|w| w.healthy)
             .filter_map(|w| {
                 let ports = w.services.get(&key)?;
                 // The workload's own mapping, else the service's; a named target port (0) that
@@ -353,9 +359,9 @@ impl State {
         eps
     }
 
-    /// Decides where a connection from a pod with `source_ips` to `dst` goes. `pick` chooses
-    /// among a service's endpoints (the caller passes something that varies per connection).
-    pub fn route(&self, source_ips: &[IpAddr], dst: SocketAddr, pick: usize) -> Upstream {
+    /// Decides where a connection from a pod with `source_ips` to `dst` goes. `pick` is the
+    /// caller's random number, for the choice among a service's endpoints.
+    pub fn route(&self, source_ips: &[IpAddr], dst: SocketAddr, pick: u64) -> Upstream {
         let ip = dst.ip();
         if crate::ports::POD_LISTENERS.contains(&dst.port())
             && (ip.is_loopback() || source_ips.contains(&ip))
@@ -363,15 +369,20 @@ impl State {
             return Upstream::Refuse("destination is the proxy itself");
         }
         if let Some(svc) = self.service_by_vip(ip) {
+            if svc.load_balancing.mode == balance::Mode::Passthrough {
+                return Upstream::Passthrough { target: dst };
+            }
             let eps = self.endpoints(svc, dst.port());
-            if eps.is_empty() {
-                return if svc.ports.contains_key(&dst.port()) {
+            let source = source_ips.iter().find_map(|ip| self.workload_by_ip(*ip));
+            let lb = &svc.load_balancing;
+            let Some((w, port)) = balance::choose(&eps, lb, source.map(|w| &**w), pick) else {
+                return if svc.ports.contains_key(&dst.port()) || !eps.is_empty() {
                     Upstream::Refuse("service has no endpoints")
                 } else {
                     Upstream::Refuse("service has no such port")
                 };
-            }
-            let (w, port) = &eps[pick % eps.len()];
+            };
+            let (w, port) = (&w, &port);
             let Some(addr) = w.addresses.iter().find(|a| a.is_ipv4() == ip.is_ipv4()) else {
                 return Upstream::Refuse("endpoint has no address of the VIP's family");
             };

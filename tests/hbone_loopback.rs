@@ -625,6 +625,8 @@ async fn selector_policies_apply_to_the_workloads_that_list_them() {
         canonical_name: String::new(),
         canonical_revision: String::new(),
         cluster_id: String::new(),
+        locality: Default::default(),
+        capacity: 1,
     };
     state.write(|s| s.upsert_workload(server));
     let err = within(10, hbone.connect(&key, &request(app.addr)))

@@ -262,9 +262,9 @@ pub struct StateRouter {
 
 impl Router for StateRouter {
     fn route(&self, src: SocketAddr, dst: SocketAddr) -> Route {
-        // The source port varies per connection: it spreads a service's load over endpoints.
+        // The randomness of the endpoint choice is the caller's: the route itself is pure.
         let state = self.state.read();
-        let upstream = state.route(&self.source_ips, dst, usize::from(src.port()));
+        let upstream = state.route(&self.source_ips, dst, rand::random());
         // The source as ztunnel labels it: its workload entry when the state has one.
         let source = self
             .source_ips

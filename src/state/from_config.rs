@@ -52,6 +52,8 @@ pub(crate) fn workload(config: &Config, w: &WorkloadConfig) -> Result<Workload, 
         canonical_name: String::new(),
         canonical_revision: String::new(),
         cluster_id: config.cluster_id.clone(),
+        locality: Default::default(),
+        capacity: 1,
     })
 }
 
@@ -68,5 +70,6 @@ pub(crate) fn service(s: &ServiceConfig) -> Result<Service, IdentityError> {
             .iter()
             .map(|n| Identity::parse(n))
             .collect::<Result<_, _>>()?,
+        load_balancing: Default::default(),
     })
 }

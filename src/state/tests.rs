@@ -29,6 +29,8 @@ fn workload(uid: &str, addr: &str, sa_name: &str, protocol: Protocol) -> Workloa
         canonical_name: String::new(),
         canonical_revision: String::new(),
         cluster_id: String::new(),
+        locality: Default::default(),
+        capacity: 1,
     }
 }
 
@@ -46,6 +48,7 @@ fn service(vip: &str, ports: &[(u16, u16)]) -> Service {
         vips: vec![ip(vip)],
         ports: ports.iter().copied().collect(),
         subject_alt_names: vec![Identity::new("cluster.local", "default", "web-san").unwrap()],
+        load_balancing: Default::default(),
     }
 }
 
@@ -74,7 +77,7 @@ fn routes() {
     let s = state();
     let src = [ip("10.0.1.2")];
     type Want = fn(&Upstream) -> bool;
-    let cases: &[(&str, &str, usize, Want)] = &[
+    let cases: &[(&str, &str, u64, Want)] = &[
         (
             "enrolled pod → HBONE, same port",
             "10.0.2.2:8080",
@@ -274,6 +277,21 @@ fn named_target_ports_leave_out_endpoints_that_do_not_resolve_them() {
     assert_eq!(
         s.route(&[], sa("10.96.0.12:80"), 0),
         Upstream::Refuse("service has no endpoints")
+    );
+}
+
+/// A service in PASSTHROUGH mode picks no endpoint: the connection goes to the VIP as it is.
+#[test]
+fn a_passthrough_service_is_not_balanced() {
+    let mut s = state();
+    let mut svc = service("10.96.0.10", &[(80, 9090)]);
+    svc.load_balancing.mode = crate::state::balance::Mode::Passthrough;
+    s.upsert_service(svc);
+    assert_eq!(
+        s.route(&[], sa("10.96.0.10:80"), 0),
+        Upstream::Passthrough {
+            target: sa("10.96.0.10:80")
+        }
     );
 }
 

@@ -115,6 +115,16 @@ pub(crate) fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, 
         canonical_name: w.canonical_name,
         canonical_revision: w.canonical_revision,
         cluster_id: w.cluster_id,
+        locality: w
+            .locality
+            .map(|l| crate::state::balance::Locality {
+                region: l.region,
+                zone: l.zone,
+                subzone: l.subzone,
+            })
+            .unwrap_or_default(),
+        // Unset: 1 (workload.proto).
+        capacity: w.capacity.unwrap_or(1),
     })
 }
 
@@ -151,7 +161,38 @@ pub(crate) fn service(s: pb::Service) -> Result<Service, ConvertError> {
         vips,
         ports,
         subject_alt_names,
+        load_balancing: s.load_balancing.map(load_balancing).unwrap_or_default(),
     })
+}
+
+/// A service's load balancing; unknown scopes are skipped, an unknown mode is no preference.
+fn load_balancing(lb: pb::LoadBalancing) -> crate::state::balance::LoadBalancing {
+    use crate::state::balance::{LoadBalancing, Mode, Scope};
+    use pb::load_balancing::{HealthPolicy, Mode as PbMode, Scope as PbScope};
+    let preferences = lb
+        .routing_preference
+        .iter()
+        .filter_map(|s| match PbScope::try_from(*s).ok()? {
+            PbScope::Region => Some(Scope::Region),
+            PbScope::Zone => Some(Scope::Zone),
+            PbScope::Subzone => Some(Scope::Subzone),
+            PbScope::Node => Some(Scope::Node),
+            PbScope::Cluster => Some(Scope::Cluster),
+            PbScope::Network => Some(Scope::Network),
+            PbScope::UnspecifiedScope => None,
+        })
+        .collect();
+    let mode = match PbMode::try_from(lb.mode) {
+        Ok(PbMode::Strict) => Mode::Strict,
+        Ok(PbMode::Failover) => Mode::Failover,
+        Ok(PbMode::Passthrough) => Mode::Passthrough,
+        _ => Mode::Any,
+    };
+    LoadBalancing {
+        preferences,
+        mode,
+        allow_unhealthy: lb.health_policy == HealthPolicy::AllowAll as i32,
+    }
 }
 
 /// Converts a policy into the evaluator's form, once, here at the xDS boundary.

@@ -170,6 +170,7 @@ fn service_converts_and_keeps_its_valid_sans() {
             app_protocol: 0,
         }],
         subject_alt_names: vec!["spiffe://td/ns/ns/sa/web".into()],
+        load_balancing: None,
     };
     let c = service(s.clone()).unwrap();
     assert_eq!(c.key(), "ns/web.ns.svc");
