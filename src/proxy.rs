@@ -23,7 +23,7 @@ use crate::tls::TlsError;
 use crate::authz;
 
 pub use inbound::{InboundServer, LocalWorkload};
-pub use outbound::{Outbound, Route, Router, StateRouter};
+pub use outbound::{Dice, Outbound, Route, Router, StateRouter};
 pub use pool::{HboneClient, PoolKey};
 pub use tunnel::{H2Stream, TunnelSettings};
 

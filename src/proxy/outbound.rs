@@ -21,7 +21,7 @@ use crate::identity::Identity;
 use crate::metrics::{self, ConnectionLabels, Metrics, Peer, Reporter};
 use crate::netns::SocketFactory;
 use crate::socket;
-use crate::state::{ServiceRef, SharedState, Upstream};
+use crate::state::{ServiceRef, SharedState, State, Upstream};
 use crate::xds::Resolver;
 
 /// Where one outbound connection goes.
@@ -260,11 +260,38 @@ pub struct StateRouter {
     pub cluster_id: String,
 }
 
+/// The randomness one route decision uses, drawn by the caller so that the decision itself is
+/// a pure function (and a test can fix it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dice {
+    /// Chooses among a service's endpoints.
+    pub pick: u64,
+    /// The request's `traceparent`.
+    pub trace: TraceParent,
+}
+
+impl Dice {
+    pub fn roll() -> Self {
+        Dice {
+            pick: rand::random(),
+            trace: TraceParent::random(),
+        }
+    }
+}
+
 impl Router for StateRouter {
     fn route(&self, src: SocketAddr, dst: SocketAddr) -> Route {
-        // The randomness of the endpoint choice is the caller's: the route itself is pure.
-        let state = self.state.read();
-        let upstream = state.route(&self.source_ips, dst, rand::random());
+        // The lock and the randomness here; the decision is pure.
+        self.decide(&self.state.read(), src, dst, Dice::roll())
+    }
+}
+
+impl StateRouter {
+    /// The whole route of a connection from this router's pod (`src`) to `dst`, decided from
+    /// `state` alone: the target and CONNECT authority, the headers, the identities the peer
+    /// may present, and both ends as metrics name them.
+    pub fn decide(&self, state: &State, src: SocketAddr, dst: SocketAddr, dice: Dice) -> Route {
+        let upstream = state.route(&self.source_ips, dst, dice.pick);
         // The source as ztunnel labels it: its workload entry when the state has one.
         let source = self
             .source_ips
@@ -292,7 +319,7 @@ impl Router for StateRouter {
                     .push("k8s.namespace.name", self.source.namespace())
                     .push("k8s.pod.name", &self.source_name);
                 request.baggage = baggage;
-                request.traceparent = Some(TraceParent::random());
+                request.traceparent = Some(dice.trace);
                 Route::Hbone {
                     key: PoolKey::new(self.source.clone(), expected, peer, None),
                     request,
@@ -314,3 +341,6 @@ impl Router for StateRouter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

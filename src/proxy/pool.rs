@@ -62,6 +62,12 @@ impl PoolKey {
     pub(crate) fn source(&self) -> &Identity {
         &self.source
     }
+
+    /// The identities the server may present, sorted (the route tests read them).
+    #[cfg(test)]
+    pub(crate) fn expected(&self) -> &[Identity] {
+        &self.expected
+    }
 }
 
 /// Counts of what the pool holds, for tests, metrics and the admin page.

@@ -1,0 +1,187 @@
+//! Tests of `proxy::outbound`: the route decision as a table, as ztunnel tests its
+//! build_request: for each destination, where the bytes go, what the CONNECT says, which
+//! identities the peer may present, and how metrics name both ends. Pure: a fixed state and
+//! fixed dice, no sockets.
+
+use super::*;
+use crate::config::{Config, ServiceConfig, WorkloadConfig};
+use crate::state::Protocol;
+
+fn workload(name: &str, ip: &str, sa: &str, protocol: Protocol) -> WorkloadConfig {
+    WorkloadConfig {
+        uid: format!("demo/{name}"),
+        name: name.into(),
+        namespace: "demo".into(),
+        service_account: sa.into(),
+        trust_domain: String::new(),
+        workload_ips: vec![ip.parse().unwrap()],
+        node: String::new(),
+        protocol,
+        services: Default::default(),
+    }
+}
+
+/// a1 (the source, enrolled), b1 (enrolled, behind the echo service), b2 (plain).
+fn state() -> State {
+    let mut b1 = workload("b1", "10.0.2.1", "server", Protocol::Hbone);
+    b1.services.insert(
+        "demo/echo.demo.svc.cluster.local".into(),
+        [(80, 8080)].into(),
+    );
+    let config = Config {
+        cluster_id: "c1".into(),
+        workloads: vec![
+            workload("a1", "10.0.1.1", "client", Protocol::Hbone),
+            b1,
+            workload("b2", "10.0.2.2", "plain", Protocol::Tcp),
+        ],
+        services: vec![ServiceConfig {
+            name: "echo".into(),
+            namespace: "demo".into(),
+            hostname: "echo.demo.svc.cluster.local".into(),
+            vips: vec!["10.96.0.1".parse().unwrap()],
+            ports: [(80, 0)].into(),
+            subject_alt_names: vec!["spiffe://cluster.local/ns/demo/sa/echo-san".into()],
+        }],
+        ..Config::default()
+    };
+    State::from_config(&config)
+}
+
+fn router() -> StateRouter {
+    StateRouter {
+        state: Arc::new(SharedState::default()),
+        source: Identity::new("cluster.local", "demo", "client").unwrap(),
+        source_name: "a1-pod".into(),
+        source_ips: vec!["10.0.1.1".parse().unwrap()],
+        cluster_id: "c1".into(),
+    }
+}
+
+const DICE: Dice = Dice {
+    pick: 7,
+    trace: TraceParent {
+        trace_id: 0x0123,
+        span_id: 0x45,
+        flags: 0,
+    },
+};
+
+/// One line per route: kind, target, CONNECT host, expected peer identities (service accounts),
+/// and the destination as metrics name it.
+fn summary(route: &Route) -> String {
+    match route {
+        Route::Hbone {
+            key,
+            request,
+            peers,
+            service,
+        } => {
+            let expected: Vec<String> = key
+                .expected()
+                .iter()
+                .map(|i| i.service_account().to_owned())
+                .collect();
+            format!(
+                "hbone {} via {} host={} expect={} dst={} svc={}",
+                request.authority,
+                key.peer(),
+                request.forwarded_host.as_deref().unwrap_or("-"),
+                expected.join(","),
+                peers.1.workload,
+                service.as_ref().map_or("-", |s| s.name.as_str()),
+            )
+        }
+        Route::Passthrough { dst, peers } => format!(
+            "plain {dst} dst={} principal={}",
+            if peers.1.workload.is_empty() {
+                "-"
+            } else {
+                &peers.1.workload
+            },
+            if peers.1.principal.is_empty() {
+                "-"
+            } else {
+                &peers.1.principal
+            },
+        ),
+        Route::Refuse { reason } => format!("refuse {reason}"),
+    }
+}
+
+#[test]
+fn routes_as_a_table() {
+    let (state, router) = (state(), router());
+    let src: SocketAddr = "10.0.1.1:40000".parse().unwrap();
+    let cases = [
+        (
+            "an enrolled pod: HBONE to its node's 15008, its identity only",
+            "10.0.2.1:8080",
+            "hbone 10.0.2.1:8080 via 10.0.2.1:15008 host=- expect=server dst=b1 svc=-",
+        ),
+        (
+            "the service VIP: an endpoint's target port, the service host and its SANs",
+            "10.96.0.1:80",
+            "hbone 10.0.2.1:8080 via 10.0.2.1:15008 host=echo.demo.svc.cluster.local expect=echo-san,server dst=b1 svc=echo",
+        ),
+        (
+            "a pod that is not enrolled: plaintext, named but without a principal",
+            "10.0.2.2:9000",
+            "plain 10.0.2.2:9000 dst=b2 principal=-",
+        ),
+        (
+            "an address nobody has: plaintext, unnamed",
+            "192.0.2.9:443",
+            "plain 192.0.2.9:443 dst=- principal=-",
+        ),
+        (
+            "the service on a port it does not have",
+            "10.96.0.1:81",
+            "refuse service has no such port",
+        ),
+        (
+            "the proxy's own port on the source's address: a loop",
+            "10.0.1.1:15001",
+            "refuse destination is the proxy itself",
+        ),
+    ];
+    for (name, dst, want) in cases {
+        let route = router.decide(&state, src, dst.parse().unwrap(), DICE);
+        assert_eq!(summary(&route), want, "{name}");
+    }
+}
+
+#[test]
+fn the_connect_request_carries_the_source_and_the_dice() {
+    let src: SocketAddr = "10.0.1.1:40000".parse().unwrap();
+    let vip = "10.96.0.1:80".parse().unwrap();
+    let route = router().decide(&state(), src, vip, DICE);
+    // Pure: the same inputs decide the same route.
+    assert_eq!(route, router().decide(&state(), src, vip, DICE));
+    let Route::Hbone { request, peers, .. } = route else {
+        panic!("expected HBONE");
+    };
+    assert_eq!(request.forwarded_for, Some(src));
+    assert_eq!(
+        request.traceparent,
+        Some(DICE.trace),
+        "the caller's randomness"
+    );
+    let mut baggage = Baggage::default();
+    baggage
+        .push("k8s.cluster.name", "c1")
+        .push("k8s.namespace.name", "demo")
+        .push("k8s.pod.name", "a1-pod");
+    assert_eq!(request.baggage, baggage);
+    // The source as metrics name it: its workload entry (name, cluster), its identity.
+    assert_eq!(peers.0.workload, "a1");
+    assert_eq!(peers.0.cluster, "c1");
+    assert_eq!(
+        peers.0.principal,
+        "spiffe://cluster.local/ns/demo/sa/client"
+    );
+    assert_eq!(
+        peers.1.principal,
+        "spiffe://cluster.local/ns/demo/sa/server"
+    );
+}
