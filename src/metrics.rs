@@ -2,6 +2,7 @@
 //! dashboards work, and the per-connection access log. Labels are workload names, namespaces
 //! and SPIFFE principals — never IPs or ports — so cardinality is bounded by the workloads.
 
+
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -11,6 +12,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
+
+mod record;
+pub(crate) use record::ConnectionRecord;
 
 /// One end of a connection, as metrics and access logs name it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

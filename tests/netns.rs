@@ -312,6 +312,25 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
         Some(1.0),
         "{node_a}"
     );
+    // Opened before the tunnel was tried, closed with its failure (as ztunnel counts).
+    assert_eq!(
+        metric(
+            &node_a,
+            "istio_tcp_connections_opened_total",
+            &labels("source", "b3", B3_AS_SEEN_BY_A, "mutual_tls", "-")
+        ),
+        Some(1.0),
+        "{node_a}"
+    );
+    assert_eq!(
+        metric(
+            &node_a,
+            "istio_tcp_connections_closed_total",
+            &labels("source", "b3", B3_AS_SEEN_BY_A, "mutual_tls", "tls_failed")
+        ),
+        Some(1.0),
+        "{node_a}"
+    );
     assert_eq!(metric(&node_a, "hboned_enrolled_pods", ""), Some(1.0));
     assert_eq!(metric(&node_b, "hboned_enrolled_pods", ""), Some(2.0));
     assert!(node_b.contains("hboned_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/demo/sa/server\"}"), "{node_b}");

@@ -22,7 +22,7 @@ use crate::drain::{self, Drain};
 use crate::hbone::{self, ConnectRequest};
 use crate::identity::manager::CertError;
 use crate::identity::{CertificateManager, Identity, WorkloadCert};
-use crate::metrics::{self, ConnectionLabels, Metrics, Peer, Reporter};
+use crate::metrics::{ConnectionLabels, ConnectionRecord, Metrics, Peer, Reporter};
 use crate::netns::{self, SocketFactory};
 use crate::ports::POD_LISTENERS;
 use crate::socket;
@@ -311,27 +311,6 @@ impl InboundServer {
         Ok(())
     }
 
-    fn record_failure(
-        &self,
-        labels: &ConnectionLabels,
-        peer: SocketAddr,
-        target: SocketAddr,
-        reason: &str,
-    ) {
-        if let Some(m) = &self.workload.metrics {
-            m.failed(&labels.clone().failed(reason));
-        }
-        metrics::access_log(
-            labels,
-            peer,
-            target,
-            0,
-            0,
-            std::time::Duration::ZERO,
-            Some(reason),
-        );
-    }
-
     /// Checks a CONNECT request against this workload; `Err` is the status to refuse it with.
     async fn stream(
         self: Arc<Self>,
@@ -352,12 +331,13 @@ impl InboundServer {
         let labels = self
             .workload
             .labels(peer.ip(), client.as_ref(), target.ip());
+        let record = ConnectionRecord::open(self.workload.metrics.as_ref(), labels, peer, target);
         let decision = self
             .workload
             .authorize(&authz_facts(client.as_ref(), peer, target));
         if !decision.is_allowed() {
             tracing::info!(%peer, client = ?client.as_ref().map(Identity::to_string), %target, ?decision, "denied by policy; answering 401");
-            self.record_failure(&labels, peer, target, DENIED);
+            record.failed(DENIED, 0, 0);
             let _ = respond.send_response(hbone::response(StatusCode::UNAUTHORIZED), true);
             return;
         }
@@ -376,6 +356,7 @@ impl InboundServer {
             dialed = dial => dialed,
             reason = reset => {
                 tracing::debug!(%peer, %target, ?reason, "stream reset by the client before the app answered; dial abandoned");
+                record.failed("client_reset", 0, 0);
                 return;
             }
         };
@@ -383,7 +364,7 @@ impl InboundServer {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%peer, %target, error = %e, "cannot reach the app; answering 503");
-                self.record_failure(&labels, peer, target, "connect_failed");
+                record.failed("connect_failed", 0, 0);
                 let _ =
                     respond.send_response(hbone::response(StatusCode::SERVICE_UNAVAILABLE), true);
                 return;
@@ -393,18 +374,15 @@ impl InboundServer {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "client went away before 200");
+                record.failed("client_reset", 0, 0);
                 return;
             }
         };
         let mut tunnel = H2Stream::new(send, request.into_body());
-        let started = std::time::Instant::now();
-        if let Some(m) = &self.workload.metrics {
-            m.opened(&labels);
-        }
         let conn = authz_facts(client.as_ref(), peer, target);
         let stop = self.workload.stop(&conn);
-        let (t, error) = match copy::bidirectional_until(&mut tunnel, &mut app, stop).await {
-            Ended::Copied(Ok(t)) => (t, None),
+        match copy::bidirectional_until(&mut tunnel, &mut app, stop).await {
+            Ended::Copied(Ok(t)) => record.done(t.a_to_b, t.b_to_a, None),
             Ended::Copied(Err(e)) => {
                 // Pass a reset through to whichever side did not cause it.
                 match e.end {
@@ -413,7 +391,8 @@ impl InboundServer {
                     }
                     End::B => tunnel.reset(h2::Reason::CONNECT_ERROR),
                 }
-                (e.transferred, Some(e.source.to_string()))
+                let t = e.transferred;
+                record.done(t.a_to_b, t.b_to_a, Some(&e.source.to_string()));
             }
             Ended::Stopped {
                 reason,
@@ -422,29 +401,9 @@ impl InboundServer {
                 tracing::info!(%peer, %target, why = ?reason, "ending this connection (a policy change denies it, or its pod was removed); resetting it");
                 tunnel.reset(h2::Reason::CONNECT_ERROR);
                 let _ = socket::reset_on_close(&app);
-                let flag = reason.reason();
-                let labels = labels.failed(flag);
-                if let Some(m) = &self.workload.metrics {
-                    m.closed(&labels, transferred.a_to_b, transferred.b_to_a);
-                }
-                let elapsed = started.elapsed();
-                let (sent, received) = (transferred.a_to_b, transferred.b_to_a);
-                metrics::access_log(&labels, peer, target, sent, received, elapsed, Some(flag));
-                return;
+                let t = transferred;
+                record.failed(reason.reason(), t.a_to_b, t.b_to_a);
             }
-        };
-        // Seen from the destination: "sent" is what reached the app.
-        if let Some(m) = &self.workload.metrics {
-            m.closed(&labels, t.a_to_b, t.b_to_a);
         }
-        metrics::access_log(
-            &labels,
-            peer,
-            target,
-            t.a_to_b,
-            t.b_to_a,
-            started.elapsed(),
-            error.as_deref(),
-        );
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
 
-use super::copy::{self, End, Ended, Transferred};
+use super::copy::{self, End, Ended};
 use super::passthrough;
 use super::pool::{HboneClient, PoolKey};
 use super::tunnel::TunnelSettings;
@@ -18,7 +18,7 @@ use super::{PodLife, Stop};
 use crate::drain::Drain;
 use crate::hbone::{Baggage, ConnectRequest, TraceParent};
 use crate::identity::Identity;
-use crate::metrics::{self, ConnectionLabels, Metrics, Peer, Reporter};
+use crate::metrics::{ConnectionLabels, ConnectionRecord, Metrics, Peer, Reporter};
 use crate::netns::SocketFactory;
 use crate::socket;
 use crate::state::{ServiceRef, SharedState, State, Upstream};
@@ -127,7 +127,6 @@ impl Outbound {
             // Unknown destinations are looked up first; nothing is read from the app meanwhile.
             resolver.ensure(dst.ip()).await;
         }
-        let started = std::time::Instant::now();
         match self.router.route(src, dst) {
             Route::Hbone {
                 key,
@@ -137,107 +136,56 @@ impl Outbound {
             } => {
                 let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, true)
                     .for_service(service.as_ref());
-                match self.client.connect(&key, &request).await {
-                    Ok(mut tunnel) => {
-                        self.record_opened(&labels);
-                        let mut app = app;
-                        let removed = self.pod.removed();
-                        let (labels, t, error) = match copy::bidirectional_until(
-                            &mut app,
-                            &mut tunnel,
-                            removed,
-                        )
-                        .await
-                        {
-                            Ended::Copied(Ok(t)) => (labels, t, None),
-                            Ended::Copied(Err(e)) => {
-                                match e.end {
-                                    End::A => tunnel.reset(h2::Reason::CONNECT_ERROR),
-                                    End::B => reset(app),
-                                }
-                                (labels, e.transferred, Some(e.source.to_string()))
-                            }
-                            Ended::Stopped { transferred, .. } => {
-                                tracing::info!(%src, %dst, "the source pod was removed; resetting its connection");
-                                tunnel.reset(h2::Reason::CANCEL);
-                                reset(app);
-                                let flag = Stop::PodRemoved.reason();
-                                (labels.failed(flag), transferred, Some(flag.to_owned()))
-                            }
-                        };
-                        self.record_closed(&labels, src, request.authority, t, started, error);
-                    }
+                let target = request.authority;
+                let record = ConnectionRecord::open(self.metrics.as_ref(), labels, src, target);
+                let mut tunnel = match self.client.connect(&key, &request).await {
+                    Ok(tunnel) => tunnel,
                     Err(e) => {
                         tracing::warn!(%src, %dst, peer = %key.peer(), side = ?e.side(), reason = e.reason(), error = %e, "tunnel failed; resetting the app connection");
-                        if let Some(m) = &self.metrics {
-                            m.failed(&labels.clone().failed(e.reason()));
-                        }
-                        metrics::access_log(
-                            &labels,
-                            src,
-                            dst,
-                            0,
-                            0,
-                            started.elapsed(),
-                            Some(e.reason()),
-                        );
+                        record.failed(e.reason(), 0, 0);
                         reset(app);
+                        return;
+                    }
+                };
+                let mut app = app;
+                let removed = self.pod.removed();
+                match copy::bidirectional_until(&mut app, &mut tunnel, removed).await {
+                    Ended::Copied(Ok(t)) => record.done(t.a_to_b, t.b_to_a, None),
+                    Ended::Copied(Err(e)) => {
+                        match e.end {
+                            End::A => tunnel.reset(h2::Reason::CONNECT_ERROR),
+                            End::B => reset(app),
+                        }
+                        let t = e.transferred;
+                        record.done(t.a_to_b, t.b_to_a, Some(&e.source.to_string()));
+                    }
+                    Ended::Stopped { transferred, .. } => {
+                        tracing::info!(%src, %dst, "the source pod was removed; resetting its connection");
+                        tunnel.reset(h2::Reason::CANCEL);
+                        reset(app);
+                        let t = transferred;
+                        record.failed(Stop::PodRemoved.reason(), t.a_to_b, t.b_to_a);
                     }
                 }
             }
             Route::Passthrough { dst, peers } => {
                 let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, false);
-                self.record_opened(&labels);
+                let record = ConnectionRecord::open(self.metrics.as_ref(), labels, src, dst);
                 let timeout = self.settings.connect_timeout;
                 // No policy applies on the way out: only the pod's removal ends the relay.
                 let removed = async {
                     self.pod.removed().await;
                     Stop::PodRemoved
                 };
-                let done =
-                    passthrough::relay(app, &*self.sockets, None, dst, timeout, removed).await;
-                let labels = match done.stopped {
-                    Some(reason) => labels.failed(reason.reason()),
-                    None => labels,
-                };
-                self.record_closed(&labels, src, dst, done.transferred, started, done.error);
+                passthrough::relay(app, &*self.sockets, None, dst, timeout, removed)
+                    .await
+                    .record(record);
             }
             Route::Refuse { reason } => {
                 tracing::info!(%src, %dst, reason, "outbound connection refused");
                 reset(app);
             }
         }
-    }
-}
-
-impl Outbound {
-    fn record_opened(&self, labels: &ConnectionLabels) {
-        if let Some(m) = &self.metrics {
-            m.opened(labels);
-        }
-    }
-
-    fn record_closed(
-        &self,
-        labels: &ConnectionLabels,
-        src: SocketAddr,
-        dst: SocketAddr,
-        t: Transferred,
-        started: std::time::Instant,
-        error: Option<String>,
-    ) {
-        if let Some(m) = &self.metrics {
-            m.closed(labels, t.a_to_b, t.b_to_a);
-        }
-        metrics::access_log(
-            labels,
-            src,
-            dst,
-            t.a_to_b,
-            t.b_to_a,
-            started.elapsed(),
-            error.as_deref(),
-        );
     }
 }
 

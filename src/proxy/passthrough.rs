@@ -12,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::Stop;
 use super::copy::{self, End, Ended, Transferred};
 use super::inbound::{DENIED, LocalWorkload};
-use crate::metrics;
+use crate::metrics::ConnectionRecord;
 use crate::netns::{self, SocketFactory};
 use crate::ports::POD_LISTENERS;
 use crate::socket;
@@ -26,6 +26,20 @@ pub(crate) struct Relayed {
     pub error: Option<String>,
     /// Set when `stop` ended it: both sockets were reset.
     pub stopped: Option<Stop>,
+    /// The dial to the destination failed: nothing was relayed.
+    pub dial_failed: bool,
+}
+
+impl Relayed {
+    /// Closes `record` with how the relay ended.
+    pub(crate) fn record(self, record: ConnectionRecord) {
+        let t = self.transferred;
+        match (self.stopped, self.dial_failed) {
+            (Some(reason), _) => record.failed(reason.reason(), t.a_to_b, t.b_to_a),
+            (None, true) => record.failed("connect_failed", 0, 0),
+            (None, false) => record.done(t.a_to_b, t.b_to_a, self.error.as_deref()),
+        }
+    }
 }
 
 /// Relays `app` to `dst` over plain TCP, from `source` when given (the client's IP), until
@@ -44,6 +58,7 @@ pub(crate) async fn relay(
         transferred,
         error,
         stopped,
+        dial_failed: false,
     };
     let mut upstream = match netns::dial(sockets, source, dst, timeout).await {
         Ok(s) => s,
@@ -51,7 +66,10 @@ pub(crate) async fn relay(
             tracing::info!(?peer, %dst, error = %e, "plaintext dial failed; resetting");
             let _ = socket::reset_on_close(&app);
             let error = format!("connect_failed: {e}");
-            return ended(Transferred::default(), Some(error), None);
+            return Relayed {
+                dial_failed: true,
+                ..ended(Transferred::default(), Some(error), None)
+            };
         }
     };
     match copy::bidirectional_until(&mut app, &mut upstream, stop).await {
@@ -103,14 +121,12 @@ pub(crate) async fn serve_inbound_plaintext(
             continue;
         }
         let conn = super::inbound::authz_facts(None, src, dst);
-        let decision = workload.authorize(&conn);
         let labels = workload.labels(src.ip(), None, dst.ip());
+        let record = ConnectionRecord::open(workload.metrics.as_ref(), labels, src, dst);
+        let decision = workload.authorize(&conn);
         if !decision.is_allowed() {
             tracing::info!(%src, %dst, ?decision, "plaintext connection denied by policy; resetting");
-            if let Some(m) = &workload.metrics {
-                m.failed(&labels.clone().failed(DENIED));
-            }
-            metrics::access_log(&labels, src, dst, 0, 0, Duration::ZERO, Some(DENIED));
+            record.failed(DENIED, 0, 0);
             let _ = socket::reset_on_close(&app);
             continue;
         }
@@ -120,24 +136,11 @@ pub(crate) async fn serve_inbound_plaintext(
         let workload = workload.clone();
         tokio::spawn(async move {
             let _live = live;
-            let started = std::time::Instant::now();
-            if let Some(m) = &workload.metrics {
-                m.opened(&labels);
-            }
             let conn = super::inbound::authz_facts(None, src, dst);
             let stop = workload.stop(&conn);
-            let done = relay(app, &*sockets, source, dst, timeout, stop).await;
-            let labels = match done.stopped {
-                Some(reason) => labels.failed(reason.reason()),
-                None => labels,
-            };
-            let t = done.transferred;
-            if let Some(m) = &workload.metrics {
-                m.closed(&labels, t.a_to_b, t.b_to_a);
-            }
-            let elapsed = started.elapsed();
-            let error = done.error.as_deref();
-            metrics::access_log(&labels, src, dst, t.a_to_b, t.b_to_a, elapsed, error);
+            relay(app, &*sockets, source, dst, timeout, stop)
+                .await
+                .record(record);
         });
     }
 }
