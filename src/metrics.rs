@@ -2,7 +2,6 @@
 //! dashboards work, and the per-connection access log. Labels are workload names, namespaces
 //! and SPIFFE principals — never IPs or ports — so cardinality is bounded by the workloads.
 
-
 use std::sync::Arc;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -252,14 +251,20 @@ impl Metrics {
         self.opened.get_or_create(labels).inc();
     }
 
-    /// A connection ended after moving `request` bytes from the client towards the destination
-    /// and `response` bytes back. Istio's standard metrics count the response as "sent" and the
-    /// request as "received" (istio_tcp_sent_bytes_total: "bytes sent during response"), on
-    /// both reporters, as ztunnel does.
-    pub(crate) fn closed(&self, labels: &ConnectionLabels, request: u64, response: u64) {
+    /// A connection ended (its bytes were counted as they moved, [`Metrics::byte_counters`]).
+    pub(crate) fn closed(&self, labels: &ConnectionLabels) {
         self.closed.get_or_create(labels).inc();
-        self.sent.get_or_create(labels).inc_by(response);
-        self.received.get_or_create(labels).inc_by(request);
+    }
+
+    /// The byte counters of a connection's series, (request, response), for its relay to add to
+    /// while it runs. Istio's standard metrics count the response as "sent" and the request as
+    /// "received" (istio_tcp_sent_bytes_total: "bytes sent during response"), on both
+    /// reporters, as ztunnel does.
+    pub(crate) fn byte_counters(&self, labels: &ConnectionLabels) -> (Counter, Counter) {
+        (
+            self.received.get_or_create(labels).clone(),
+            self.sent.get_or_create(labels).clone(),
+        )
     }
 
     pub(crate) fn failed(&self, labels: &ConnectionLabels) {
@@ -345,7 +350,10 @@ mod tests {
             true,
         );
         m.opened(&labels);
-        m.closed(&labels, 100, 42);
+        let (request, response) = m.byte_counters(&labels);
+        request.inc_by(100);
+        response.inc_by(42);
+        m.closed(&labels);
         m.failed(&labels.clone().failed("connect_failed"));
         m.enrolled_pods.set(3);
         m.dry_run_decision(false);

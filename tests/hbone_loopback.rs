@@ -531,6 +531,13 @@ async fn a_policy_change_resets_live_connections_it_denies() {
     live.write_all(b"ping").await.unwrap();
     within(10, live.read_exact(&mut buf)).await.unwrap();
 
+    // Counted while the connection runs, not only when it ends.
+    let received = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("istio_tcp_received_bytes_total{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    eventually(10, || received(&metrics.encode()) == Some(4)).await;
     // An unrelated change re-checks and keeps the connection.
     state.write(|s| s.upsert_policy(principal_policy("other", Action::Deny, "nobody")));
     live.write_all(b"pong").await.unwrap();
@@ -574,8 +581,15 @@ async fn a_policy_change_resets_live_connections_it_denies() {
         Some("1"),
         "closed, with the denial as the reason:\n{text}"
     );
+    // Bytes are counted as they move, on the connection's series as it was opened.
+    let value = |text: &str, name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
     assert_eq!(
-        denied(&text, "istio_tcp_sent_bytes_total{").as_deref(),
+        value(&text, "istio_tcp_sent_bytes_total{").as_deref(),
         Some("8"),
         "what moved until the reset counts:\n{text}"
     );

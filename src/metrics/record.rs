@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{ConnectionLabels, Metrics, access_log};
+use crate::proxy::copy::Meters;
 
 /// A connection being recorded; closed on [`ConnectionRecord::done`], on
 /// [`ConnectionRecord::failed`], or, if neither, when dropped (as `dropped`).
@@ -20,6 +21,7 @@ pub(crate) struct ConnectionRecord {
     dst: SocketAddr,
     started: Instant,
     open: bool,
+    meters: Meters,
 }
 
 impl ConnectionRecord {
@@ -30,8 +32,14 @@ impl ConnectionRecord {
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Self {
+        let mut meters = Meters::default();
         if let Some(m) = metrics {
             m.opened(&labels);
+            let (request, response) = m.byte_counters(&labels);
+            meters = Meters {
+                request: Some(request),
+                response: Some(response),
+            };
         }
         ConnectionRecord {
             metrics: metrics.cloned(),
@@ -40,11 +48,17 @@ impl ConnectionRecord {
             dst,
             started: Instant::now(),
             open: true,
+            meters,
         }
     }
 
-    /// Relayed to its end: `request` bytes from the client, `response` back; `error` when a
-    /// side failed mid-way (the access log says which; the labels stay as they are).
+    /// The live byte counters for this connection's relay (client → destination first).
+    pub(crate) fn meters(&self) -> &Meters {
+        &self.meters
+    }
+
+    /// Relayed to its end: `request` bytes from the client, `response` back (for the access
+    /// log: the metrics counted them as they moved); `error` when a side failed mid-way.
     pub(crate) fn done(mut self, request: u64, response: u64, error: Option<&str>) {
         self.close(None, request, response, error);
     }
@@ -68,7 +82,7 @@ impl ConnectionRecord {
             if flag.is_some() {
                 m.failed(&labels);
             }
-            m.closed(&labels, request, response);
+            m.closed(&labels);
         }
         let elapsed = self.started.elapsed();
         access_log(
@@ -105,7 +119,12 @@ mod tests {
             "10.0.0.1:1000".parse().unwrap(),
             "10.0.0.2:80".parse().unwrap(),
         );
-        ConnectionRecord::open(Some(&m), labels.clone(), src, dst).done(5, 7, None);
+        let record = ConnectionRecord::open(Some(&m), labels.clone(), src, dst);
+        // The relay counts as bytes move, before the connection ends.
+        let meters = record.meters().clone();
+        meters.request.as_ref().unwrap().inc_by(5);
+        meters.response.as_ref().unwrap().inc_by(7);
+        record.done(5, 7, None);
         ConnectionRecord::open(Some(&m), labels.clone(), src, dst).failed("connect_failed", 0, 0);
         drop(ConnectionRecord::open(Some(&m), labels, src, dst));
         let text = m.encode();

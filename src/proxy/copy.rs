@@ -32,6 +32,14 @@ pub(crate) struct Transferred {
     pub b_to_a: u64,
 }
 
+/// Live byte counters a relay adds to as bytes move (metrics update while a connection runs,
+/// not only at its end): `request` for a → b, `response` for b → a.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Meters {
+    pub request: Option<prometheus_client::metrics::counter::Counter>,
+    pub response: Option<prometheus_client::metrics::counter::Counter>,
+}
+
 /// Which end of a copy failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum End {
@@ -57,7 +65,7 @@ where
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let never = std::future::pending::<std::convert::Infallible>();
-    match bidirectional_until(a, b, never).await {
+    match bidirectional_until(a, b, never, &Meters::default()).await {
         Ended::Copied(res) => res,
         Ended::Stopped { reason, .. } => match reason {},
     }
@@ -75,7 +83,12 @@ pub(crate) enum Ended<S> {
 
 /// [`bidirectional`], until `stop` resolves (a policy change, for one), counting what moved
 /// either way.
-pub(crate) async fn bidirectional_until<A, B, S>(a: &mut A, b: &mut B, stop: S) -> Ended<S::Output>
+pub(crate) async fn bidirectional_until<A, B, S>(
+    a: &mut A,
+    b: &mut B,
+    stop: S,
+    meters: &Meters,
+) -> Ended<S::Output>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -86,8 +99,10 @@ where
     let mut a_to_b = 0u64;
     let mut b_to_a = 0u64;
     let copied = {
-        let forward = one_way(&mut ar, &mut bw, &mut a_to_b, End::A, End::B);
-        let backward = one_way(&mut br, &mut aw, &mut b_to_a, End::B, End::A);
+        let request = meters.request.as_ref();
+        let response = meters.response.as_ref();
+        let forward = one_way(&mut ar, &mut bw, &mut a_to_b, request, (End::A, End::B));
+        let backward = one_way(&mut br, &mut aw, &mut b_to_a, response, (End::B, End::A));
         let both = async { tokio::try_join!(forward, backward) };
         tokio::select! {
             res = both => Ok(res),
@@ -109,13 +124,13 @@ where
     }
 }
 
-/// Copies until EOF, then shuts the writer down.
+/// Copies until EOF, then shuts the writer down; `meter` counts along.
 async fn one_way<R, W>(
     reader: &mut R,
     writer: &mut W,
     count: &mut u64,
-    read_end: End,
-    write_end: End,
+    meter: Option<&prometheus_client::metrics::counter::Counter>,
+    (read_end, write_end): (End, End),
 ) -> Result<(), (End, io::Error)>
 where
     R: AsyncRead + Unpin + ?Sized,
@@ -133,6 +148,9 @@ where
             .await
             .map_err(|e| (write_end, e))?;
         *count += n as u64;
+        if let Some(m) = meter {
+            m.inc_by(n as u64);
+        }
         if n == buf.len() && buf.len() < MAX_BUFFER {
             full_reads += 1;
             if full_reads >= FULL_READS_TO_GROW {

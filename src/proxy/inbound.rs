@@ -381,7 +381,7 @@ impl InboundServer {
         let mut tunnel = H2Stream::new(send, request.into_body());
         let conn = authz_facts(client.as_ref(), peer, target);
         let stop = self.workload.stop(&conn);
-        match copy::bidirectional_until(&mut tunnel, &mut app, stop).await {
+        match copy::bidirectional_until(&mut tunnel, &mut app, stop, record.meters()).await {
             Ended::Copied(Ok(t)) => record.done(t.a_to_b, t.b_to_a, None),
             Ended::Copied(Err(e)) => {
                 // Pass a reset through to whichever side did not cause it.

@@ -149,7 +149,9 @@ impl Outbound {
                 };
                 let mut app = app;
                 let removed = self.pod.removed();
-                match copy::bidirectional_until(&mut app, &mut tunnel, removed).await {
+                match copy::bidirectional_until(&mut app, &mut tunnel, removed, record.meters())
+                    .await
+                {
                     Ended::Copied(Ok(t)) => record.done(t.a_to_b, t.b_to_a, None),
                     Ended::Copied(Err(e)) => {
                         match e.end {
@@ -177,7 +179,8 @@ impl Outbound {
                     self.pod.removed().await;
                     Stop::PodRemoved
                 };
-                passthrough::relay(app, &*self.sockets, None, dst, timeout, removed)
+                let meters = record.meters().clone();
+                passthrough::relay(app, &*self.sockets, (None, dst), timeout, removed, &meters)
                     .await
                     .record(record);
             }

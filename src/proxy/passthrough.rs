@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Stop;
-use super::copy::{self, End, Ended, Transferred};
+use super::copy::{self, End, Ended, Meters, Transferred};
 use super::inbound::{DENIED, LocalWorkload};
 use crate::metrics::ConnectionRecord;
 use crate::netns::{self, SocketFactory};
@@ -48,10 +48,10 @@ impl Relayed {
 pub(crate) async fn relay(
     mut app: TcpStream,
     sockets: &dyn SocketFactory,
-    source: Option<IpAddr>,
-    dst: SocketAddr,
+    (source, dst): (Option<IpAddr>, SocketAddr),
     timeout: Duration,
     stop: impl Future<Output = Stop>,
+    meters: &Meters,
 ) -> Relayed {
     let peer = app.peer_addr().ok();
     let ended = |transferred, error, stopped| Relayed {
@@ -72,7 +72,7 @@ pub(crate) async fn relay(
             };
         }
     };
-    match copy::bidirectional_until(&mut app, &mut upstream, stop).await {
+    match copy::bidirectional_until(&mut app, &mut upstream, stop, meters).await {
         Ended::Copied(Ok(t)) => ended(t, None, None),
         Ended::Copied(Err(e)) => {
             let other = match e.end {
@@ -138,7 +138,8 @@ pub(crate) async fn serve_inbound_plaintext(
             let _live = live;
             let conn = super::inbound::authz_facts(None, src, dst);
             let stop = workload.stop(&conn);
-            relay(app, &*sockets, source, dst, timeout, stop)
+            let meters = record.meters().clone();
+            relay(app, &*sockets, (source, dst), timeout, stop, &meters)
                 .await
                 .record(record);
         });

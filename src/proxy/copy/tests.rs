@@ -89,7 +89,7 @@ async fn buffer_grows_under_load_and_is_bounded() {
         writes: vec![],
     };
     let mut count = 0;
-    one_way(&mut src, &mut dst, &mut count, End::A, End::B)
+    one_way(&mut src, &mut dst, &mut count, None, (End::A, End::B))
         .await
         .unwrap();
     assert_eq!(count, 4 << 20);
