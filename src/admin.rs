@@ -280,16 +280,22 @@ fn config_dump(ctx: &AdminContext) -> serde_json::Value {
         .collect();
     let mut policies: Vec<_> = state.all_policies().collect();
     policies.sort_by_key(|p| (&p.namespace, &p.name));
+    // ztunnel's shape (admin.rs, CertsDump), which `istioctl ztunnel-config certificates`
+    // reads: identity, state, the chain presented and the roots trusted.
+    let now = std::time::SystemTime::now();
     let certificates: Vec<_> = ctx
         .certs
-        .expiries()
+        .held()
         .into_iter()
-        .map(|(id, at)| {
-            let secs = at
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            json!({"identity": id.to_string(), "expiresUnixSeconds": secs})
+        .map(|(id, cert)| match cert {
+            Some(c) => json!({
+                "identity": id.to_string(),
+                "state": if c.not_after() > now { "Available" } else { "Unavailable: expired" },
+                "certChain": c.chain().iter().map(cert_dump).collect::<Vec<_>>(),
+                "rootCerts": c.bundle().certs().iter().map(cert_dump).collect::<Vec<_>>(),
+            }),
+            None => json!({"identity": id.to_string(), "state": "Initializing",
+                "certChain": [], "rootCerts": []}),
         })
         .collect();
     let pods: Vec<_> = ctx
@@ -301,6 +307,35 @@ fn config_dump(ctx: &AdminContext) -> serde_json::Value {
     json!({
         "config": ctx.config, "pods": pods, "workloads": workloads, "services": services,
         "policies": policies, "certificates": certificates,
+    })
+}
+
+/// One certificate as ztunnel's config dump shows it: the PEM (base64), serial number, and
+/// validity as RFC 3339.
+fn cert_dump(der: &rustls_pki_types::CertificateDer<'_>) -> serde_json::Value {
+    use base64::Engine;
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        base64::engine::general_purpose::STANDARD.encode(der.as_ref())
+    );
+    let rfc3339 = |t: x509_parser::time::ASN1Time| {
+        t.to_datetime()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    };
+    let (serial, from, to) = match x509_parser::parse_x509_certificate(der.as_ref()) {
+        Ok((_, c)) => (
+            c.raw_serial_as_string(),
+            rfc3339(c.validity().not_before),
+            rfc3339(c.validity().not_after),
+        ),
+        Err(_) => Default::default(),
+    };
+    serde_json::json!({
+        "pem": base64::engine::general_purpose::STANDARD.encode(pem),
+        "serialNumber": serial,
+        "validFrom": from,
+        "expirationTime": to,
     })
 }
 

@@ -342,6 +342,28 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     let dump: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(dump["pods"][0]["name"], "a1");
     assert_eq!(dump["workloads"].as_array().unwrap().len(), 5);
+    // Certificates in ztunnel's shape (what `istioctl ztunnel-config certificates` reads).
+    let cert = &dump["certificates"][0];
+    assert_eq!(cert["identity"], "spiffe://cluster.local/ns/demo/sa/client");
+    assert_eq!(cert["state"], "Available");
+    let leaf = &cert["certChain"][0];
+    assert!(
+        leaf["serialNumber"].as_str().is_some_and(|s| !s.is_empty()),
+        "{cert}"
+    );
+    assert!(
+        leaf["expirationTime"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{cert}"
+    );
+    let pem = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        leaf["pem"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert!(pem.starts_with(b"-----BEGIN CERTIFICATE-----"));
+    assert_eq!(cert["rootCerts"].as_array().unwrap().len(), 1);
     assert_eq!(dump["policies"][0]["name"], "no-plaintext");
     assert_eq!(dump["config"]["node"], "node-a");
     let identities: Vec<&str> = dump["certificates"]

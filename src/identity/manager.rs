@@ -300,6 +300,17 @@ impl CertificateManager {
         &self.metrics
     }
 
+    /// Identities held and each one's current certificate (`None` while there is none).
+    pub(crate) fn held(&self) -> Vec<(Identity, Option<Arc<WorkloadCert>>)> {
+        let slots = self.slots.lock();
+        let mut held: Vec<_> = slots
+            .iter()
+            .map(|(id, slot)| (id.clone(), slot.current()))
+            .collect();
+        held.sort_by(|a, b| a.0.cmp(&b.0));
+        held
+    }
+
     /// Identities held and the expiry of each one's current certificate.
     pub(crate) fn expiries(&self) -> Vec<(Identity, SystemTime)> {
         let slots = self.slots.lock();
