@@ -9,7 +9,9 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use hboned::proto::envoy::service::discovery::v3::DeltaDiscoveryResponse;
 use hboned::proto::istio::workload as pb;
 use hboned::state::State;
-use hboned::xds::convert::{ADDRESS_TYPE, Tracked, apply_delta, workload_resource};
+use hboned::xds::convert::{
+    ADDRESS_TYPE, Tracked, apply_delta, service_resource, workload_resource,
+};
 
 fn ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::from(0x0a00_0000 + i)
@@ -27,6 +29,22 @@ fn snapshot(n: u32) -> DeltaDiscoveryResponse {
                 addresses: vec![ip(i).octets().to_vec()],
                 tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
                 node: format!("node-{}", i % 100),
+                // Every 10,000th pod backs the one service (10 endpoints in 100,000).
+                services: if i % 10_000 == 0 {
+                    [(
+                        "ns0/web.ns0.svc.cluster.local".to_string(),
+                        pb::PortList {
+                            ports: vec![pb::Port {
+                                service_port: 80,
+                                target_port: 8080,
+                                app_protocol: 0,
+                            }],
+                        },
+                    )]
+                    .into()
+                } else {
+                    Default::default()
+                },
                 ..Default::default()
             };
             workload_resource(&uid, "1", w)
@@ -60,6 +78,42 @@ fn benches(c: &mut Criterion) {
         b.iter(|| {
             i = (i + 7919) % 100_000;
             black_box(state.route(&src, SocketAddr::new(IpAddr::V4(ip(i)), 8080), 0))
+        })
+    });
+
+    // A connection to a service VIP: the endpoint choice among its 10 endpoints.
+    let service = pb::Service {
+        name: "web".into(),
+        namespace: "ns0".into(),
+        hostname: "web.ns0.svc.cluster.local".into(),
+        addresses: vec![pb::NetworkAddress {
+            network: String::new(),
+            address: vec![10, 96, 0, 1],
+        }],
+        ports: vec![pb::Port {
+            service_port: 80,
+            target_port: 8080,
+            app_protocol: 0,
+        }],
+        ..Default::default()
+    };
+    let svc = DeltaDiscoveryResponse {
+        type_url: ADDRESS_TYPE.into(),
+        nonce: "s".into(),
+        resources: vec![service_resource(
+            "ns0/web.ns0.svc.cluster.local",
+            "1",
+            service,
+        )],
+        ..Default::default()
+    };
+    apply_delta(&mut state, &mut Tracked::default(), &svc, "cluster.local");
+    let vip = SocketAddr::from(([10, 96, 0, 1], 80));
+    let mut pick = 0u64;
+    c.bench_function("route_vip_100k", |b| {
+        b.iter(|| {
+            pick = pick.wrapping_add(7919);
+            black_box(state.route(&src, vip, pick))
         })
     });
 

@@ -117,6 +117,9 @@ pub struct State {
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     /// (network, IP) → workload for the other networks (the same IP may exist on two).
     by_remote_ip: HashMap<(String, IpAddr), Arc<Workload>>,
+    /// The workloads that name each service (`ns/hostname`): a VIP connection's candidates
+    /// without a scan of every workload.
+    by_service: HashMap<String, Vec<Arc<Workload>>>,
     /// How many HBONE workloads of other networks have each IP: a connection to one of these,
     /// unknown in our own network, must not go out in plaintext.
     remote_hbone_ips: HashMap<IpAddr, usize>,
@@ -164,6 +167,9 @@ impl State {
                 }
             }
         }
+        for key in w.services.keys() {
+            self.by_service.entry(key.clone()).or_default().push(w.clone());
+        }
         self.workloads.insert(w.uid.clone(), w);
     }
 
@@ -189,6 +195,14 @@ impl State {
 
     fn unindex_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
         let old = self.workloads.remove(uid)?;
+        for key in old.services.keys() {
+            if let Some(members) = self.by_service.get_mut(key) {
+                members.retain(|w| !Arc::ptr_eq(w, &old));
+                if members.is_empty() {
+                    self.by_service.remove(key);
+                }
+            }
+        }
         for ip in &old.addresses {
             if old.network == self.network {
                 if self.by_ip.get(ip).is_some_and(|w| Arc::ptr_eq(w, &old)) {
@@ -342,8 +356,10 @@ impl State {
     fn endpoints(&self, svc: &Service, port: u16) -> Vec<(Arc<Workload>, u16)> {
         let key = svc.key();
         let mut eps: Vec<_> = self
-            .workloads
-            .values()
+            .by_service
+            .get(&key)
+            .into_iter()
+            .flatten()
             .filter_map(|w| {
                 let ports = w.services.get(&key)?;
                 // The workload's own mapping, else the service's; a named target port (0) that
