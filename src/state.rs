@@ -55,6 +55,9 @@ pub struct Workload {
     pub cluster_id: String,
     /// Where it runs, for locality-aware load balancing.
     pub locality: balance::Locality,
+    /// Its DNS name, for a workload known by name rather than address (resolved per
+    /// connection with the system resolver).
+    pub hostname: String,
     /// Its share of a service's load against the other endpoints (xDS default: 1).
     pub capacity: u32,
 }
@@ -105,6 +108,9 @@ pub enum Upstream {
     },
     /// Plain TCP to `target` (not enrolled, or unknown).
     Passthrough { target: SocketAddr },
+    /// Plain TCP to `host:port`, resolved with the system resolver when the connection is made
+    /// (a hostname workload, e.g. a DNS ServiceEntry endpoint).
+    PassthroughHost { host: String, port: u16 },
     /// Refused, with a reason for the log.
     Refuse(&'static str),
 }
@@ -168,7 +174,10 @@ impl State {
             }
         }
         for key in w.services.keys() {
-            self.by_service.entry(key.clone()).or_default().push(w.clone());
+            self.by_service
+                .entry(key.clone())
+                .or_default()
+                .push(w.clone());
         }
         self.workloads.insert(w.uid.clone(), w);
     }
@@ -400,6 +409,17 @@ impl State {
             };
             let (w, port) = (&w, &port);
             let Some(addr) = w.addresses.iter().find(|a| a.is_ipv4() == ip.is_ipv4()) else {
+                // Known by name: resolved at connect time. Only in plaintext: a tunnel's peer
+                // and identity cannot be checked against a name resolved later (fail closed).
+                if !w.hostname.is_empty() && w.addresses.is_empty() {
+                    return match w.protocol {
+                        Protocol::Tcp => Upstream::PassthroughHost {
+                            host: w.hostname.clone(),
+                            port: *port,
+                        },
+                        Protocol::Hbone => Upstream::Refuse("HBONE to a hostname workload"),
+                    };
+                }
                 return Upstream::Refuse("endpoint has no address of the VIP's family");
             };
             let target = SocketAddr::new(*addr, *port);

@@ -640,6 +640,7 @@ async fn selector_policies_apply_to_the_workloads_that_list_them() {
         canonical_revision: String::new(),
         cluster_id: String::new(),
         locality: Default::default(),
+        hostname: String::new(),
         capacity: 1,
     };
     state.write(|s| s.upsert_workload(server));

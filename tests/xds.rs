@@ -464,6 +464,91 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
     eventually(5, || seen_after_answer.load(Ordering::SeqCst)).await;
 }
 
+/// A service whose endpoint is known by name (a DNS ServiceEntry): the connection to its VIP is
+/// resolved with the system resolver when made, and relayed in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostname_endpoint_is_resolved_when_the_connection_is_made() {
+    use hboned::netns::{DefaultSocketFactory, SocketFactory};
+    use hboned::proxy::{HboneClient, Outbound, StateRouter, TunnelSettings};
+    let app = support::echo_app().await;
+    let mut w = workload("dns", [0, 0, 0, 0]);
+    w.addresses.clear();
+    w.hostname = "localhost".into();
+    w.tunnel_protocol = pb::TunnelProtocol::None as i32;
+    w.services.insert(
+        "test/ext.test.svc".into(),
+        pb::PortList {
+            ports: vec![pb::Port {
+                service_port: 80,
+                target_port: u32::from(app.addr.port()),
+                app_protocol: 0,
+            }],
+        },
+    );
+    let svc = pb::Service {
+        name: "ext".into(),
+        namespace: "test".into(),
+        hostname: "ext.test.svc".into(),
+        addresses: vec![pb::NetworkAddress {
+            network: String::new(),
+            address: vec![10, 96, 0, 9],
+        }],
+        ports: vec![pb::Port {
+            service_port: 80,
+            target_port: 0,
+            app_protocol: 0,
+        }],
+        ..Default::default()
+    };
+    let state = Arc::new(SharedState::default());
+    state.write(|s| {
+        let response = hboned::proto::envoy::service::discovery::v3::DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            nonce: "n".into(),
+            resources: vec![
+                workload_resource("dns", "1", w),
+                service_resource("test/ext.test.svc", "1", svc),
+            ],
+            ..Default::default()
+        };
+        let applied = hboned::xds::convert::apply_delta(
+            s,
+            &mut hboned::xds::convert::Tracked::default(),
+            &response,
+            "cluster.local",
+        );
+        assert!(applied.rejected.is_empty(), "{:?}", applied.rejected);
+    });
+    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
+    let router = Arc::new(StateRouter {
+        state,
+        source: hboned::identity::Identity::new("cluster.local", "test", "client").unwrap(),
+        source_name: "client".into(),
+        source_ips: vec![ip("127.0.0.1")],
+        cluster_id: "c1".into(),
+    });
+    let client = Arc::new(HboneClient::new(
+        Arc::new(hboned::identity::CertificateManager::new(support::ca())),
+        sockets.clone(),
+        TunnelSettings::default(),
+    ));
+    let outbound = Arc::new(Outbound::new(
+        client,
+        sockets,
+        router,
+        None,
+        TunnelSettings::default(),
+        None,
+        None,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let vip = SocketAddr::from(([10, 96, 0, 9], 80));
+    tokio::spawn(outbound.serve(listener, move |_| Some(vip)));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    support::topo::echoes(&mut s, b"through a name").await;
+}
+
 /// An https control plane is reached through TLS with the configured root; with another root
 /// the connection is refused and no stream is ever opened.
 #[tokio::test]

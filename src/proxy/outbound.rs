@@ -44,6 +44,12 @@ pub enum Route {
         dst: SocketAddr,
         peers: (Peer, Peer),
     },
+    /// Plain TCP to `host:port`, resolved when the connection is made.
+    PassthroughHost {
+        host: String,
+        port: u16,
+        peers: (Peer, Peer),
+    },
     /// Refused (reset), with the reason for the log.
     Refuse { reason: &'static str },
 }
@@ -184,6 +190,48 @@ impl Outbound {
                     .await
                     .record(record);
             }
+            Route::PassthroughHost { host, port, peers } => {
+                let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, false);
+                let timeout = self.settings.connect_timeout;
+                // The system resolver, bounded like a dial; an address of the original
+                // destination's family first.
+                let resolved =
+                    tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), port)))
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .and_then(|addrs| {
+                            let addrs: Vec<SocketAddr> = addrs.collect();
+                            let same = addrs.iter().find(|a| a.is_ipv4() == dst.is_ipv4());
+                            same.or(addrs.first()).copied()
+                        });
+                let Some(target) = resolved else {
+                    tracing::info!(%src, %host, "hostname workload did not resolve; resetting");
+                    ConnectionRecord::open(self.metrics.as_ref(), labels, src, dst).failed(
+                        "dns_failed",
+                        0,
+                        0,
+                    );
+                    reset(app);
+                    return;
+                };
+                let record = ConnectionRecord::open(self.metrics.as_ref(), labels, src, target);
+                let removed = async {
+                    self.pod.removed().await;
+                    Stop::PodRemoved
+                };
+                let meters = record.meters().clone();
+                passthrough::relay(
+                    app,
+                    &*self.sockets,
+                    (None, target),
+                    timeout,
+                    removed,
+                    &meters,
+                )
+                .await
+                .record(record);
+            }
             Route::Refuse { reason } => {
                 tracing::info!(%src, %dst, reason, "outbound connection refused");
                 reset(app);
@@ -288,6 +336,11 @@ impl StateRouter {
                     peers: (source, destination),
                 }
             }
+            Upstream::PassthroughHost { host, port } => Route::PassthroughHost {
+                host,
+                port,
+                peers: (source, Peer::default()),
+            },
             Upstream::Refuse(reason) => Route::Refuse { reason },
         }
     }

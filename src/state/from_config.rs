@@ -53,6 +53,7 @@ pub(crate) fn workload(config: &Config, w: &WorkloadConfig) -> Result<Workload, 
         canonical_revision: String::new(),
         cluster_id: config.cluster_id.clone(),
         locality: Default::default(),
+        hostname: String::new(),
         capacity: 1,
     })
 }

@@ -30,6 +30,7 @@ fn workload(uid: &str, addr: &str, sa_name: &str, protocol: Protocol) -> Workloa
         canonical_revision: String::new(),
         cluster_id: String::new(),
         locality: Default::default(),
+        hostname: String::new(),
         capacity: 1,
     }
 }
@@ -292,6 +293,31 @@ fn a_passthrough_service_is_not_balanced() {
         Upstream::Passthrough {
             target: sa("10.96.0.10:80")
         }
+    );
+}
+
+/// An endpoint known by name is resolved when the connection is made, in plaintext only: a
+/// tunnel's peer cannot be checked against a name resolved later (fail closed).
+#[test]
+fn hostname_endpoints_are_resolved_later_and_never_tunneled() {
+    let mut s = State::default();
+    s.upsert_service(service("10.96.0.13", &[(80, 8080)]));
+    let mut named = with_service(workload("named", "10.0.4.1", "n", Protocol::Tcp), SVC, &[]);
+    named.addresses.clear();
+    named.hostname = "db.example.com".into();
+    s.upsert_workload(named.clone());
+    assert_eq!(
+        s.route(&[], sa("10.96.0.13:80"), 0),
+        Upstream::PassthroughHost {
+            host: "db.example.com".into(),
+            port: 8080
+        }
+    );
+    named.protocol = Protocol::Hbone;
+    s.upsert_workload(named);
+    assert_eq!(
+        s.route(&[], sa("10.96.0.13:80"), 0),
+        Upstream::Refuse("HBONE to a hostname workload")
     );
 }
 

@@ -123,6 +123,7 @@ pub(crate) fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, 
                 subzone: l.subzone,
             })
             .unwrap_or_default(),
+        hostname: w.hostname,
         // Unset: 1 (workload.proto).
         capacity: w.capacity.unwrap_or(1),
     })

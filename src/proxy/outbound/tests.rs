@@ -105,6 +105,7 @@ fn summary(route: &Route) -> String {
                 &peers.1.principal
             },
         ),
+        Route::PassthroughHost { host, port, .. } => format!("plain-host {host}:{port}"),
         Route::Refuse { reason } => format!("refuse {reason}"),
     }
 }

@@ -28,6 +28,7 @@ fn wl(uid: &str, zone: &str, node: &str, healthy: bool, capacity: u32) -> Arc<Wo
             zone: zone.into(),
             subzone: String::new(),
         },
+        hostname: String::new(),
         capacity,
     })
 }
