@@ -57,6 +57,46 @@ fn knows(state: &SharedState, addr: &str) -> bool {
     state.read().knows(ip(addr))
 }
 
+/// An outbound listener on 127.0.0.1 for a pod "client" at 127.0.0.1, routing from `state`
+/// (looking unknown addresses up through `resolver`), every connection taken as headed to
+/// `dst`; returns where apps connect.
+async fn serve_outbound(
+    state: Arc<SharedState>,
+    resolver: Option<Arc<XdsClient>>,
+    certs: Arc<hboned::identity::CertificateManager>,
+    dst: SocketAddr,
+) -> SocketAddr {
+    use hboned::netns::{DefaultSocketFactory, SocketFactory};
+    use hboned::proxy::{HboneClient, Outbound, StateRouter, TunnelSettings};
+    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
+    let router = Arc::new(StateRouter {
+        state,
+        source: hboned::identity::Identity::new("cluster.local", "test", "client").unwrap(),
+        source_name: "client".into(),
+        source_ips: vec![ip("127.0.0.1")],
+        cluster_id: "c1".into(),
+    });
+    let client = Arc::new(HboneClient::new(
+        certs,
+        sockets.clone(),
+        TunnelSettings::default(),
+    ));
+    let resolver = resolver.map(|r| r as Arc<dyn hboned::xds::Resolver>);
+    let outbound = Arc::new(Outbound::new(
+        client,
+        sockets,
+        router,
+        resolver,
+        TunnelSettings::default(),
+        None,
+        None,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(outbound.serve(listener, move |_| Some(dst)));
+    addr
+}
+
 /// Starts a client against `fake` and reads its two initial requests.
 async fn connect(
     fake: &mut FakeAds,
@@ -362,9 +402,7 @@ async fn on_demand_hit_miss_and_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_to_an_unknown_destination_is_held_then_delivered() {
     use hboned::netns::{DefaultSocketFactory, SocketFactory};
-    use hboned::proxy::{
-        HboneClient, InboundServer, LocalWorkload, Outbound, StateRouter, TunnelSettings,
-    };
+    use hboned::proxy::{InboundServer, LocalWorkload, TunnelSettings};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let ca = support::ca();
@@ -408,30 +446,7 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
     let state = Arc::new(SharedState::default());
     let xds = XdsClient::new(settings(fake.addr, true, None), state.clone());
     tokio::spawn(xds.clone().run());
-    let router = Arc::new(StateRouter {
-        state,
-        source: hboned::identity::Identity::new("cluster.local", "test", "client").unwrap(),
-        source_name: "client".into(),
-        source_ips: vec![ip("127.0.0.1")],
-        cluster_id: "c1".into(),
-    });
-    let client = Arc::new(HboneClient::new(
-        certs,
-        sockets.clone(),
-        TunnelSettings::default(),
-    ));
-    let outbound = std::sync::Arc::new(Outbound::new(
-        client,
-        sockets.clone(),
-        router,
-        Some(xds),
-        TunnelSettings::default(),
-        None,
-        None,
-    ));
-    let out_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let out_addr = out_listener.local_addr().unwrap();
-    tokio::spawn(outbound.serve(out_listener, move |_| Some(app_addr)));
+    let out_addr = serve_outbound(state, Some(xds), certs, app_addr).await;
 
     let mut s = fake.accept().await;
     let _ = s.next().await;
@@ -468,8 +483,6 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
 /// resolved with the system resolver when made, and relayed in plaintext.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostname_endpoint_is_resolved_when_the_connection_is_made() {
-    use hboned::netns::{DefaultSocketFactory, SocketFactory};
-    use hboned::proxy::{HboneClient, Outbound, StateRouter, TunnelSettings};
     let app = support::echo_app().await;
     let mut w = workload("dns", [0, 0, 0, 0]);
     w.addresses.clear();
@@ -519,32 +532,9 @@ async fn a_hostname_endpoint_is_resolved_when_the_connection_is_made() {
         );
         assert!(applied.rejected.is_empty(), "{:?}", applied.rejected);
     });
-    let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
-    let router = Arc::new(StateRouter {
-        state,
-        source: hboned::identity::Identity::new("cluster.local", "test", "client").unwrap(),
-        source_name: "client".into(),
-        source_ips: vec![ip("127.0.0.1")],
-        cluster_id: "c1".into(),
-    });
-    let client = Arc::new(HboneClient::new(
-        Arc::new(hboned::identity::CertificateManager::new(support::ca())),
-        sockets.clone(),
-        TunnelSettings::default(),
-    ));
-    let outbound = Arc::new(Outbound::new(
-        client,
-        sockets,
-        router,
-        None,
-        TunnelSettings::default(),
-        None,
-        None,
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let certs = Arc::new(hboned::identity::CertificateManager::new(support::ca()));
     let vip = SocketAddr::from(([10, 96, 0, 9], 80));
-    tokio::spawn(outbound.serve(listener, move |_| Some(vip)));
+    let addr = serve_outbound(state, None, certs, vip).await;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     support::topo::echoes(&mut s, b"through a name").await;
 }
