@@ -82,11 +82,6 @@ impl Node {
         enroll_config_pods(&config, &manager);
         manager.retry_pending(Duration::from_secs(5));
         let (ready_tx, zds_ready) = tokio::sync::watch::channel(config.zds_socket.is_none());
-        let zds = config.zds_socket.clone().map(|path| {
-            tracing::info!(path = %path.display(), "enrolling pods from the node agent (ZDS)");
-            let handler: Arc<dyn PodHandler> = manager.clone();
-            tokio::spawn(async move { crate::inpod::run_zds(&path, handler, ready_tx).await })
-        });
         // Ready once the node agent's snapshot arrived (and while it stays connected), no pod waits
         // for a retry of its enrollment, and the control plane's first state was acknowledged.
         let mut sources = vec![zds_ready, manager.settled()];
@@ -99,6 +94,13 @@ impl Node {
             Some(addr) => Some(serve_metrics(addr, metrics, certs.clone())?),
             None => None,
         };
+        // The node agent last, once the proxy's own ports answer: a probe during the first
+        // enrollments sees "not ready", never a refused connection.
+        let zds = config.zds_socket.clone().map(|path| {
+            tracing::info!(path = %path.display(), "enrolling pods from the node agent (ZDS)");
+            let handler: Arc<dyn PodHandler> = manager.clone();
+            tokio::spawn(async move { crate::inpod::run_zds(&path, handler, ready_tx).await })
+        });
         println!(
             "hboned: serving {} pod(s); Ctrl-C stops",
             manager.pods().len()

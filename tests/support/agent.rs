@@ -145,8 +145,7 @@ impl AgentNode {
         self.request(del, &[]).await
     }
 
-    /// The readiness endpoint's status code, once its listener is up (the proxy binds it while
-    /// it already talks to the agent); 0 when it never answers.
+    /// The readiness endpoint's status code, once its listener is up; 0 when it never answers.
     pub fn readiness_status(&self) -> u16 {
         use std::io::{Read, Write};
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
