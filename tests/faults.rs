@@ -141,14 +141,7 @@ async fn a_pod_whose_netns_is_deleted_is_removed() {
         .is_ok()
     };
     assert!(listening(&b3));
-    let name = topo.netns_name(B3.name);
-    assert!(
-        std::process::Command::new("ip")
-            .args(["netns", "del", &name])
-            .status()
-            .unwrap()
-            .success()
-    );
+    delete_netns(&topo, B3.name);
     // `b3` (our open handle) keeps the namespace itself alive: the listener must go anyway.
     eventually(10, || !listening(&b3)).await;
     eventually(10, || topo.log(1).contains("pod netns gone")).await;
@@ -166,16 +159,6 @@ async fn a_removed_pods_live_connections_are_reset() {
         return;
     }
     let topo = Topology::start(bin()).await.unwrap();
-    let delete = |pod: &str| {
-        let name = topo.netns_name(pod);
-        assert!(
-            std::process::Command::new("ip")
-                .args(["netns", "del", &name])
-                .status()
-                .unwrap()
-                .success()
-        );
-    };
     let (_e1, _) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     let (_e2, _) = testbed::spawn_echo(topo.listen(B2.name, APP_PORT).unwrap());
     // Into b1 over HBONE; out of a1 in plaintext to b2 (not enrolled).
@@ -184,21 +167,19 @@ async fn a_removed_pods_live_connections_are_reset() {
     let mut plain = topo.connect(A1.name, B2.addr(APP_PORT)).await.unwrap();
     echoes(&mut plain, b"out of a1").await;
 
-    delete(B1.name);
-    assert_eq!(
-        until_closed(&mut tunneled).await,
-        Err(ErrorKind::ConnectionReset),
-        "{}",
-        topo.log(1)
-    );
+    // Deleting `pod`'s netns resets `stream`; `node` (its proxy's index) has the log.
+    let removing_resets = async |pod: &str, stream: &mut tokio::net::TcpStream, node: usize| {
+        delete_netns(&topo, pod);
+        assert_eq!(
+            until_closed(stream).await,
+            Err(ErrorKind::ConnectionReset),
+            "{}",
+            topo.log(node)
+        );
+    };
+    removing_resets(B1.name, &mut tunneled, 1).await;
     echoes(&mut plain, b"a1 is still enrolled").await;
-    delete(A1.name);
-    assert_eq!(
-        until_closed(&mut plain).await,
-        Err(ErrorKind::ConnectionReset),
-        "{}",
-        topo.log(0)
-    );
+    removing_resets(A1.name, &mut plain, 0).await;
     let metrics = http_get(&topo, "na", 15020, "/metrics");
     assert!(
         metrics.contains("response_flags=\"pod_removed\""),

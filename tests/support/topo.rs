@@ -34,6 +34,16 @@ pub fn http(topo: &Topology, netns: &str, port: u16, method: &str, path: &str) -
         .unwrap()
 }
 
+/// Deletes a pod's namespace under the proxies (`ip netns del`), as a pod's deletion does.
+pub fn delete_netns(topo: &Topology, pod: &str) {
+    let name = topo.netns_name(pod);
+    let deleted = std::process::Command::new("ip")
+        .args(["netns", "del", &name])
+        .status()
+        .unwrap();
+    assert!(deleted.success(), "ip netns del {name}");
+}
+
 /// The value of `name{labels}` in a Prometheus text exposition.
 pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
     let series = format!("{name}{labels} ");
