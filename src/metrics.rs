@@ -13,13 +13,15 @@ use prometheus_client::registry::Registry;
 use crate::identity::Identity;
 
 mod record;
-pub(crate) use record::ConnectionRecord;
+pub(crate) use record::{ConnectionRecord, LogNames};
 
 /// One end of a connection, as metrics and access logs name it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Peer {
     /// The workload's name (its Deployment, Job...; a pod's own name where there is none).
     pub workload: String,
+    /// The pod's (or VM's) own name: what the access log calls the workload, as ztunnel's does.
+    pub pod: String,
     pub namespace: String,
     /// The SPIFFE ID, when known (mutual TLS).
     pub principal: String,
@@ -33,6 +35,7 @@ impl Peer {
     pub(crate) fn new(workload: &str, identity: Option<&Identity>) -> Self {
         Peer {
             workload: workload.to_owned(),
+            pod: workload.to_owned(),
             namespace: identity
                 .map(|i| i.namespace().to_owned())
                 .unwrap_or_default(),
@@ -45,6 +48,7 @@ impl Peer {
     pub(crate) fn of(w: &crate::state::Workload, identity: Option<&Identity>) -> Self {
         Peer {
             workload: w.workload_name.clone(),
+            pod: w.name.clone(),
             namespace: w.namespace.clone(),
             principal: identity.map(Identity::to_string).unwrap_or_default(),
             canonical_service: w.canonical_name.clone(),
@@ -302,35 +306,6 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
-}
-
-/// One access log line per proxied connection (text or JSON, as the log format is set).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn access_log(
-    labels: &ConnectionLabels,
-    src: std::net::SocketAddr,
-    dst: std::net::SocketAddr,
-    sent: u64,
-    received: u64,
-    duration: std::time::Duration,
-    error: Option<&str>,
-) {
-    tracing::info!(
-        target: "access",
-        reporter = %labels.reporter,
-        src.addr = %src,
-        src.workload = %labels.source_workload,
-        src.identity = %labels.source_principal,
-        dst.addr = %dst,
-        dst.workload = %labels.destination_workload,
-        dst.identity = %labels.destination_principal,
-        security = %labels.connection_security_policy,
-        bytes_sent = sent,
-        bytes_received = received,
-        duration_ms = duration.as_millis() as u64,
-        error = error.unwrap_or(""),
-        "connection complete"
-    );
 }
 
 #[cfg(test)]

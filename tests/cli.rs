@@ -161,20 +161,23 @@ fn json_access_log_lines_describe_each_connection() {
         .collect();
     let access: Vec<&serde_json::Value> =
         lines.iter().filter(|l| l["target"] == "access").collect();
-    let reporters: Vec<&str> = access
+    // ztunnel's fields: `direction` names the reporting side.
+    let directions: Vec<&str> = access
         .iter()
-        .filter_map(|l| l["fields"]["reporter"].as_str())
+        .filter_map(|l| l["fields"]["direction"].as_str())
         .collect();
     assert!(
-        reporters.contains(&"source") && reporters.contains(&"destination"),
+        directions.contains(&"outbound") && directions.contains(&"inbound"),
         "{access:?}"
     );
     for line in access {
         let f = &line["fields"];
         assert_eq!(f["message"], "connection complete");
+        assert_eq!(line["level"], "INFO", "{line}");
         assert_eq!(f["bytes_sent"], 1024 * 1024, "{f}");
-        assert_eq!(f["bytes_received"], 1024 * 1024, "{f}");
-        assert_eq!(f["security"], "mutual_tls");
+        assert_eq!(f["bytes_recv"], 1024 * 1024, "{f}");
+        assert!(f["duration"].as_str().unwrap().ends_with("ms"), "{f}");
+        assert!(f["dst.hbone_addr"].is_string(), "{f}");
         assert!(
             f["src.identity"].as_str().unwrap().starts_with("spiffe://"),
             "{f}"

@@ -8,8 +8,40 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{ConnectionLabels, Metrics, access_log};
+use super::{ConnectionLabels, Metrics, Peer};
 use crate::proxy::copy::Meters;
+
+/// What the access log says beyond the metric labels, as ztunnel's ConnectionResult does
+/// (src/proxy/metrics.rs): each end's pod name (falling back to its canonical service), and for
+/// a tunnel the address inside the CONNECT (`dst.hbone_addr`) next to the peer it went to.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LogNames {
+    src: Option<String>,
+    dst: Option<String>,
+    hbone: Option<SocketAddr>,
+}
+
+impl LogNames {
+    pub(crate) fn of(source: &Peer, destination: &Peer) -> Self {
+        let name = |p: &Peer| {
+            [&p.pod, &p.canonical_service]
+                .into_iter()
+                .find(|s| !s.is_empty())
+                .cloned()
+        };
+        LogNames {
+            src: name(source),
+            dst: name(destination),
+            hbone: None,
+        }
+    }
+
+    /// The connection was tunnelled: `authority` is what the CONNECT asked for.
+    pub(crate) fn hbone(mut self, authority: SocketAddr) -> Self {
+        self.hbone = Some(authority);
+        self
+    }
+}
 
 /// A connection being recorded; closed on [`ConnectionRecord::done`], on
 /// [`ConnectionRecord::failed`], or, if neither, when dropped (as `dropped`).
@@ -17,6 +49,7 @@ use crate::proxy::copy::Meters;
 pub(crate) struct ConnectionRecord {
     metrics: Option<Arc<Metrics>>,
     labels: ConnectionLabels,
+    names: LogNames,
     src: SocketAddr,
     dst: SocketAddr,
     started: Instant,
@@ -29,6 +62,7 @@ impl ConnectionRecord {
     pub(crate) fn open(
         metrics: Option<&Arc<Metrics>>,
         labels: ConnectionLabels,
+        names: LogNames,
         src: SocketAddr,
         dst: SocketAddr,
     ) -> Self {
@@ -41,15 +75,18 @@ impl ConnectionRecord {
                 response: Some(response),
             };
         }
-        ConnectionRecord {
+        let record = ConnectionRecord {
             metrics: metrics.cloned(),
             labels,
+            names,
             src,
             dst,
             started: Instant::now(),
             open: true,
             meters,
-        }
+        };
+        record.log(None, None);
+        record
     }
 
     /// The live byte counters for this connection's relay (client → destination first).
@@ -84,10 +121,72 @@ impl ConnectionRecord {
             }
             m.closed(&labels);
         }
-        let elapsed = self.started.elapsed();
-        access_log(
-            &labels, self.src, self.dst, request, response, elapsed, error,
-        );
+        self.labels = labels;
+        self.log(Some((request, response)), error);
+    }
+
+    /// ztunnel's access log (src/proxy/metrics.rs, ConnectionResult): target `access`, "connection
+    /// opened" at debug, "connection complete" at info, or at error with `error` when it failed;
+    /// identities only for mutual TLS; unknown values left out; bytes as the reporting proxy
+    /// moved them (`bytes_sent` is the request on the way out, the response on the way in).
+    fn log(&self, bytes: Option<(u64, u64)>, error: Option<&str>) {
+        let l = &self.labels;
+        fn known(s: &str) -> Option<&str> {
+            Some(s).filter(|s| *s != "unknown")
+        }
+        let mtls = l.connection_security_policy == "mutual_tls";
+        let outbound = l.reporter == "source";
+        let direction = if outbound { "outbound" } else { "inbound" };
+        let src_identity = known(&l.source_principal).filter(|_| mtls);
+        let dst_identity = known(&l.destination_principal).filter(|_| mtls);
+        let hbone = self.names.hbone.map(tracing::field::display);
+        macro_rules! event {
+            ($level:expr, $($rest:tt)*) => {
+                tracing::event!(
+                    target: "access",
+                    $level,
+                    src.addr = %self.src,
+                    src.workload = self.names.src.as_deref(),
+                    src.namespace = known(&l.source_workload_namespace),
+                    src.identity = src_identity,
+                    dst.addr = %self.dst,
+                    dst.hbone_addr = hbone,
+                    dst.service = known(&l.destination_service),
+                    dst.workload = self.names.dst.as_deref(),
+                    dst.namespace = known(&l.destination_workload_namespace),
+                    dst.identity = dst_identity,
+                    direction,
+                    $($rest)*
+                )
+            };
+        }
+        let Some((request, response)) = bytes else {
+            event!(tracing::Level::DEBUG, "connection opened");
+            return;
+        };
+        let (sent, recv) = if outbound {
+            (request, response)
+        } else {
+            (response, request)
+        };
+        let duration = format!("{}ms", self.started.elapsed().as_millis());
+        match error {
+            None => event!(
+                tracing::Level::INFO,
+                bytes_sent = sent,
+                bytes_recv = recv,
+                duration,
+                "connection complete"
+            ),
+            Some(error) => event!(
+                tracing::Level::ERROR,
+                bytes_sent = sent,
+                bytes_recv = recv,
+                duration,
+                error,
+                "connection complete"
+            ),
+        }
     }
 }
 
@@ -102,7 +201,7 @@ impl Drop for ConnectionRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::{Peer, Reporter};
+    use crate::metrics::Reporter;
 
     /// Every way a connection ends is one open and one close: done, failed (also counted as
     /// failed, with its reason as the flag), or dropped unsaid.
@@ -119,14 +218,25 @@ mod tests {
             "10.0.0.1:1000".parse().unwrap(),
             "10.0.0.2:80".parse().unwrap(),
         );
-        let record = ConnectionRecord::open(Some(&m), labels.clone(), src, dst);
+        let record =
+            ConnectionRecord::open(Some(&m), labels.clone(), LogNames::default(), src, dst);
         // The relay counts as bytes move, before the connection ends.
         let meters = record.meters().clone();
         meters.request.as_ref().unwrap().inc_by(5);
         meters.response.as_ref().unwrap().inc_by(7);
         record.done(5, 7, None);
-        ConnectionRecord::open(Some(&m), labels.clone(), src, dst).failed("connect_failed", 0, 0);
-        drop(ConnectionRecord::open(Some(&m), labels, src, dst));
+        ConnectionRecord::open(Some(&m), labels.clone(), LogNames::default(), src, dst).failed(
+            "connect_failed",
+            0,
+            0,
+        );
+        drop(ConnectionRecord::open(
+            Some(&m),
+            labels,
+            LogNames::default(),
+            src,
+            dst,
+        ));
         let text = m.encode();
         let count = |name: &str, flag: &str| {
             text.lines()
@@ -156,5 +266,95 @@ mod tests {
             5,
             "the request"
         );
+    }
+
+    /// A writer the test subscriber prints into.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<crate::sync::Lock<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The access log as JSON lines, for what `run` does inside a subscriber.
+    fn access_lines(run: impl FnOnce()) -> Vec<serde_json::Value> {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            // Another test may have met these call sites first, with no subscriber, and cached
+            // "never"; ask again now that this one is in place.
+            tracing::callsite::rebuild_interest_cache();
+            run();
+        });
+        let text = String::from_utf8(out.0.lock().clone()).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// ztunnel's field names and meanings (src/proxy/metrics.rs): pod names, identities only
+    /// under mutual TLS, unknowns left out, bytes as this proxy moved them, `error` and the
+    /// ERROR level only for a failure.
+    #[test]
+    fn access_log_reads_like_ztunnels() {
+        let id = |sa| crate::identity::Identity::new("cluster.local", "prod", sa).unwrap();
+        let (client, server) = (id("web"), id("db"));
+        let mut source = Peer::new("web", Some(&client));
+        source.pod = "web-7d9f-x2".into();
+        let destination = Peer::new("", Some(&server));
+        let (src, peer, target): (SocketAddr, SocketAddr, SocketAddr) = (
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.1.9:15008".parse().unwrap(),
+            "10.0.1.2:5432".parse().unwrap(),
+        );
+        let lines = access_lines(|| {
+            let labels = ConnectionLabels::new(Reporter::Source, &source, &destination, true);
+            let names = LogNames::of(&source, &destination).hbone(target);
+            ConnectionRecord::open(None, labels, names, src, peer).done(10, 20, None);
+            let labels = ConnectionLabels::new(Reporter::Destination, &source, &destination, false);
+            let names = LogNames::of(&source, &destination);
+            ConnectionRecord::open(None, labels, names, src, target).failed("denied", 0, 0);
+        });
+        let [opened, outbound, _, inbound] = &lines[..] else {
+            panic!("{lines:?}");
+        };
+        assert_eq!(opened["level"], "DEBUG");
+        assert_eq!(opened["fields"]["message"], "connection opened");
+        assert_eq!(outbound["level"], "INFO");
+        assert_eq!(outbound["target"], "access");
+        let f = &outbound["fields"];
+        assert_eq!(f["message"], "connection complete");
+        assert_eq!(f["src.addr"], "10.0.0.1:40000");
+        assert_eq!(f["src.workload"], "web-7d9f-x2");
+        assert_eq!(f["src.namespace"], "prod");
+        assert_eq!(f["src.identity"], "spiffe://cluster.local/ns/prod/sa/web");
+        assert_eq!(f["dst.addr"], "10.0.1.9:15008");
+        assert_eq!(f["dst.hbone_addr"], "10.0.1.2:5432");
+        assert_eq!(f["dst.identity"], "spiffe://cluster.local/ns/prod/sa/db");
+        assert_eq!(f["direction"], "outbound");
+        assert_eq!(
+            (&f["bytes_sent"], &f["bytes_recv"]),
+            (&10.into(), &20.into())
+        );
+        assert!(f["duration"].as_str().unwrap().ends_with("ms"));
+        for absent in ["dst.workload", "dst.service", "error"] {
+            assert!(f.get(absent).is_none(), "{absent} in {f}");
+        }
+        assert_eq!(inbound["level"], "ERROR");
+        let f = &inbound["fields"];
+        assert_eq!(f["direction"], "inbound");
+        assert_eq!(f["error"], "denied");
+        assert!(f.get("src.identity").is_none(), "not mutual TLS: {f}");
     }
 }

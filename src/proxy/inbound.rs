@@ -22,7 +22,7 @@ use crate::drain::{self, Drain};
 use crate::hbone::{self, ConnectRequest};
 use crate::identity::manager::CertError;
 use crate::identity::{CertificateManager, Identity, WorkloadCert};
-use crate::metrics::{ConnectionLabels, ConnectionRecord, Metrics, Peer, Reporter};
+use crate::metrics::{ConnectionLabels, ConnectionRecord, LogNames, Metrics, Peer, Reporter};
 use crate::netns::{self, SocketFactory};
 use crate::ports::POD_LISTENERS;
 use crate::socket;
@@ -118,21 +118,22 @@ impl LocalWorkload {
         }
     }
 
-    /// Labels for a connection from `src` to this workload at `dst`.
+    /// Labels and access-log names for a connection from `src` to this workload at `dst`.
     pub(crate) fn labels(
         &self,
         src: IpAddr,
         client: Option<&Identity>,
         dst: IpAddr,
-    ) -> ConnectionLabels {
+    ) -> (ConnectionLabels, LogNames) {
         let source = self.peer_at(src, client);
         let destination = self.peer_at(dst, Some(&self.identity));
-        ConnectionLabels::new(
+        let labels = ConnectionLabels::new(
             Reporter::Destination,
             &source,
             &destination,
             client.is_some(),
-        )
+        );
+        (labels, LogNames::of(&source, &destination))
     }
 
     /// The policy decision for one connection to this workload (the policies that apply to
@@ -328,10 +329,12 @@ impl InboundServer {
             }
         };
         let target = connect.authority;
-        let labels = self
+        let (labels, names) = self
             .workload
             .labels(peer.ip(), client.as_ref(), target.ip());
-        let record = ConnectionRecord::open(self.workload.metrics.as_ref(), labels, peer, target);
+        let names = names.hbone(target);
+        let record =
+            ConnectionRecord::open(self.workload.metrics.as_ref(), labels, names, peer, target);
         let decision = self
             .workload
             .authorize(&authz_facts(client.as_ref(), peer, target));

@@ -18,7 +18,7 @@ use super::{PodLife, Stop};
 use crate::drain::Drain;
 use crate::hbone::{Baggage, ConnectRequest, TraceParent};
 use crate::identity::Identity;
-use crate::metrics::{ConnectionLabels, ConnectionRecord, Metrics, Peer, Reporter};
+use crate::metrics::{ConnectionLabels, ConnectionRecord, LogNames, Metrics, Peer, Reporter};
 use crate::netns::SocketFactory;
 use crate::socket;
 use crate::state::{ServiceRef, SharedState, State, Upstream};
@@ -142,8 +142,9 @@ impl Outbound {
             } => {
                 let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, true)
                     .for_service(service.as_ref());
-                let target = request.authority;
-                let record = ConnectionRecord::open(self.metrics.as_ref(), labels, src, target);
+                let names = LogNames::of(&peers.0, &peers.1).hbone(request.authority);
+                let record =
+                    ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, key.peer());
                 let mut tunnel = match self.client.connect(&key, &request).await {
                     Ok(tunnel) => tunnel,
                     Err(e) => {
@@ -178,7 +179,8 @@ impl Outbound {
             }
             Route::Passthrough { dst, peers } => {
                 let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, false);
-                let record = ConnectionRecord::open(self.metrics.as_ref(), labels, src, dst);
+                let names = LogNames::of(&peers.0, &peers.1);
+                let record = ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, dst);
                 let timeout = self.settings.connect_timeout;
                 // No policy applies on the way out: only the pod's removal ends the relay.
                 let removed = async {
@@ -192,6 +194,7 @@ impl Outbound {
             }
             Route::PassthroughHost { host, port, peers } => {
                 let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, false);
+                let names = LogNames::of(&peers.0, &peers.1);
                 let timeout = self.settings.connect_timeout;
                 // The system resolver, bounded like a dial; an address of the original
                 // destination's family first.
@@ -207,7 +210,7 @@ impl Outbound {
                         });
                 let Some(target) = resolved else {
                     tracing::info!(%src, %host, "hostname workload did not resolve; resetting");
-                    ConnectionRecord::open(self.metrics.as_ref(), labels, src, dst).failed(
+                    ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, dst).failed(
                         "dns_failed",
                         0,
                         0,
@@ -215,7 +218,8 @@ impl Outbound {
                     reset(app);
                     return;
                 };
-                let record = ConnectionRecord::open(self.metrics.as_ref(), labels, src, target);
+                let record =
+                    ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, target);
                 let removed = async {
                     self.pod.removed().await;
                     Stop::PodRemoved

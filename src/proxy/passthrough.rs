@@ -121,8 +121,8 @@ pub(crate) async fn serve_inbound_plaintext(
             continue;
         }
         let conn = super::inbound::authz_facts(None, src, dst);
-        let labels = workload.labels(src.ip(), None, dst.ip());
-        let record = ConnectionRecord::open(workload.metrics.as_ref(), labels, src, dst);
+        let (labels, names) = workload.labels(src.ip(), None, dst.ip());
+        let record = ConnectionRecord::open(workload.metrics.as_ref(), labels, names, src, dst);
         let decision = workload.authorize(&conn);
         if !decision.is_allowed() {
             tracing::info!(%src, %dst, ?decision, "plaintext connection denied by policy; resetting");
