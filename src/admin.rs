@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+mod dump;
 pub(crate) mod log_filter;
 
 fn respond(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -255,31 +256,7 @@ pub(crate) fn admin(
 
 fn config_dump(ctx: &AdminContext) -> serde_json::Value {
     use serde_json::json;
-    let state = ctx.state.read();
-    let mut workloads: Vec<_> = state
-        .workloads()
-        .map(|w| {
-            json!({
-                "uid": w.uid, "name": w.name, "namespace": w.namespace,
-                "identity": w.identity.to_string(), "network": w.network,
-                "addresses": w.addresses, "node": w.node, "protocol": w.protocol,
-                "healthy": w.healthy, "services": w.services,
-            })
-        })
-        .collect();
-    workloads.sort_by(|a, b| a["uid"].as_str().cmp(&b["uid"].as_str()));
-    let services: Vec<_> = state
-        .services()
-        .map(|s| {
-            json!({
-                "name": s.name, "namespace": s.namespace, "hostname": s.hostname, "vips": s.vips,
-                "ports": s.ports,
-                "subjectAltNames": s.subject_alt_names.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    let mut policies: Vec<_> = state.all_policies().collect();
-    policies.sort_by_key(|p| (&p.namespace, &p.name));
+    let (workloads, services, policies) = dump::state(&ctx.state.read());
     // ztunnel's shape (admin.rs, CertsDump), which `istioctl ztunnel-config certificates`
     // reads: identity, state, the chain presented and the roots trusted.
     let now = std::time::SystemTime::now();
@@ -298,15 +275,24 @@ fn config_dump(ctx: &AdminContext) -> serde_json::Value {
                 "certChain": [], "rootCerts": []}),
         })
         .collect();
-    let pods: Vec<_> = ctx
-        .pods
-        .pods()
-        .into_iter()
+    let enrolled = ctx.pods.pods();
+    let pods: Vec<_> = enrolled
+        .iter()
         .map(|(info, id, addresses)| json!({"uid": info.uid, "name": info.name, "namespace": info.namespace, "identity": id.to_string(), "addresses": addresses}))
+        .collect();
+    // ztunnel's `workloadState` (WorkloadState in istioctl's api.go): the pods this proxy
+    // serves, by uid.
+    let workload_state: serde_json::Map<String, serde_json::Value> = enrolled
+        .iter()
+        .map(|(info, id, _)| {
+            let info_json = json!({"name": info.name, "namespace": info.namespace,
+                "trustDomain": id.trust_domain(), "serviceAccount": id.service_account()});
+            (info.uid.clone(), json!({"state": "Up", "info": info_json}))
+        })
         .collect();
     json!({
         "config": ctx.config, "pods": pods, "workloads": workloads, "services": services,
-        "policies": policies, "certificates": certificates,
+        "policies": policies, "certificates": certificates, "workloadState": workload_state,
     })
 }
 

@@ -41,9 +41,10 @@ pub struct Connection<'a> {
     pub destination_port: u16,
 }
 
-/// Where a policy applies.
+/// Where a policy applies. (Serialized for `/config_dump` as ztunnel's admin page names it,
+/// `Global`, `Namespace`, `WorkloadSelector`; likewise the types below: what
+/// `istioctl ztunnel-config policies` reads.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Scope {
     /// Every workload.
     Global,
@@ -55,7 +56,6 @@ pub enum Scope {
 
 /// What a matching policy does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Action {
     Allow,
     Deny,
@@ -77,12 +77,14 @@ pub struct Policy {
 
 /// Clauses AND; no clauses: the rule matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
 pub struct Rule {
     pub clauses: Vec<Clause>,
 }
 
 /// Matches OR; no matches: the clause matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
 pub struct Clause {
     pub matches: Vec<Match>,
 }
@@ -120,14 +122,28 @@ pub struct Match {
 }
 
 /// A condition on a string (a namespace or a principal).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StringMatch {
     Exact(String),
     Prefix(String),
     Suffix(String),
     /// Any non-empty value.
     Presence,
+}
+
+impl serde::Serialize for StringMatch {
+    /// `{"Exact": "x"}`, …, and `{"Presence": []}` (ztunnel's empty tuple variant).
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(1))?;
+        match self {
+            StringMatch::Exact(v) => map.serialize_entry("Exact", v)?,
+            StringMatch::Prefix(v) => map.serialize_entry("Prefix", v)?,
+            StringMatch::Suffix(v) => map.serialize_entry("Suffix", v)?,
+            StringMatch::Presence => map.serialize_entry("Presence", &[(); 0])?,
+        }
+        map.end()
+    }
 }
 
 /// A service account in a namespace; both must be equal (an empty namespace is no wildcard).

@@ -335,6 +335,11 @@ impl State {
         }
     }
 
+    /// The proxy's own network (empty: the default one).
+    pub(crate) fn network(&self) -> &str {
+        &self.network
+    }
+
     /// The workload at `ip` in the proxy's own network.
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
@@ -468,4 +473,4 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -342,6 +342,11 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
     let dump: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(dump["pods"][0]["name"], "a1");
     assert_eq!(dump["workloads"].as_array().unwrap().len(), 5);
+    // ztunnel's shape for what `istioctl ztunnel-config workloads` reads.
+    assert!(dump["workloads"][0]["workloadIps"].is_array(), "{dump}");
+    let served = dump["workloadState"].as_object().unwrap();
+    assert_eq!(served.len(), 1, "{dump}");
+    assert_eq!(served.values().next().unwrap()["info"]["name"], "a1");
     // Certificates in ztunnel's shape (what `istioctl ztunnel-config certificates` reads).
     let cert = &dump["certificates"][0];
     assert_eq!(cert["identity"], "spiffe://cluster.local/ns/demo/sa/client");

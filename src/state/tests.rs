@@ -11,7 +11,8 @@ fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-fn workload(uid: &str, addr: &str, sa_name: &str, protocol: Protocol) -> Workload {
+/// A healthy workload in `default` with one address (shared with other modules' tests).
+pub(crate) fn workload(uid: &str, addr: &str, sa_name: &str, protocol: Protocol) -> Workload {
     Workload {
         uid: uid.into(),
         name: uid.into(),
