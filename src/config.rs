@@ -97,7 +97,8 @@ impl Default for Config {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct XdsConfig {
-    /// `https://istiod.istio-system.svc:15012` or `http://...`; empty: no control plane.
+    /// `https://istiod.istio-system.svc:15012`, `http://...`, or `unix:///var/run/cilium/xds.sock`
+    /// (gRPC in cleartext on a node-local socket); empty: no control plane.
     pub address: String,
     /// PEM root that signed the control plane's certificate.
     pub root_ca: Option<PathBuf>,

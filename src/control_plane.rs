@@ -1,6 +1,7 @@
-//! The gRPC plumbing shared by every client of the control plane: the xDS stream (`xds`) and
-//! the Istio CA (`identity::istio_ca`). One way to build the channel (plain `http://` or
-//! `https://` with an optional PEM root) and one way to add the per-call metadata istiod
+//! The gRPC plumbing shared by every client of the control plane: the xDS stream (`xds`), the
+//! Istio CA (`identity::istio_ca`) and the SPIRE agent (`identity::spire`). One way to build the
+//! channel (plain `http://`, `https://` with an optional PEM root, or `unix://PATH` — the Unix
+//! socket a node agent such as Cilium's serves xDS on) and one way to add the metadata istiod
 //! reads: `authorization: Bearer <token>` from a file re-read at every call (projected service
 //! account tokens rotate) and `clusterid`. No protocol logic here.
 
@@ -15,7 +16,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 pub enum ChannelError {
     #[error("invalid control plane address {address:?}: {reason}")]
     Address { address: String, reason: String },
-    #[error("control plane address {0:?} must start with http:// or https://")]
+    #[error("control plane address {0:?} must start with http://, https:// or unix://")]
     Scheme(String),
     #[error("cannot read the control plane's root CA {path}: {source}")]
     RootCa {
@@ -38,10 +39,88 @@ pub enum TokenError {
     Header(PathBuf),
 }
 
-/// The endpoint for `address` (`http://` or `https://`, the latter verified against
-/// `root_ca` when given, else the system roots): 5 s connect timeout, TCP_NODELAY, HTTP/2
-/// keepalive every 30 s. Callers add their own request timeout.
-pub(crate) fn endpoint(address: &str, root_ca: Option<&Path>) -> Result<Endpoint, ChannelError> {
+/// Where a channel goes: a network endpoint, or a Unix socket (gRPC in cleartext on it: only
+/// processes of the node reach it, as with the node agent's other sockets).
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    Network(Endpoint),
+    Unix { endpoint: Endpoint, path: PathBuf },
+}
+
+impl Target {
+    /// The socket at `path`: 5 s connect timeout, HTTP/2 keepalive every 30 s.
+    pub(crate) fn unix(path: PathBuf) -> Self {
+        let endpoint = Endpoint::from_static("http://localhost")
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(30));
+        Target::Unix { endpoint, path }
+    }
+
+    /// The same target with `f` applied to its endpoint settings (a request timeout, say).
+    pub(crate) fn with(self, f: impl FnOnce(Endpoint) -> Endpoint) -> Self {
+        match self {
+            Target::Network(e) => Target::Network(f(e)),
+            Target::Unix { endpoint, path } => Target::Unix {
+                endpoint: f(endpoint),
+                path,
+            },
+        }
+    }
+
+    /// A channel that connects on first use (and again after a failure).
+    pub(crate) fn connect_lazy(self) -> tonic::transport::Channel {
+        match self {
+            Target::Network(e) => e.connect_lazy(),
+            Target::Unix { endpoint, path } => endpoint.connect_with_connector_lazy(unix(path)),
+        }
+    }
+
+    /// A channel connected now.
+    pub(crate) async fn connect(
+        self,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        match self {
+            Target::Network(e) => e.connect().await,
+            Target::Unix { endpoint, path } => endpoint.connect_with_connector(unix(path)).await,
+        }
+    }
+}
+
+/// A connector that dials the Unix socket at `path`, naming it in the error.
+fn unix(
+    path: PathBuf,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Future<Output = std::io::Result<hyper_util::rt::TokioIo<tokio::net::UnixStream>>>
+             + Send,
+> + Clone
++ Send {
+    tower::service_fn(move |_: http::Uri| {
+        let path = path.clone();
+        async move {
+            let stream = tokio::net::UnixStream::connect(&path)
+                .await
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            Ok(hyper_util::rt::TokioIo::new(stream))
+        }
+    })
+}
+
+/// The target for `address`: `http://`, `https://` (verified against `root_ca` when given,
+/// else the system roots; 5 s connect timeout, TCP_NODELAY, HTTP/2 keepalive every 30 s), or
+/// `unix://PATH`. Callers add their own request timeout.
+pub(crate) fn endpoint(address: &str, root_ca: Option<&Path>) -> Result<Target, ChannelError> {
+    if let Some(path) = address.strip_prefix("unix://") {
+        if path.is_empty() {
+            return Err(ChannelError::Address {
+                address: address.to_owned(),
+                reason: "no socket path after unix://".into(),
+            });
+        }
+        return Ok(Target::unix(PathBuf::from(path)));
+    }
     let mut endpoint = Endpoint::from_shared(address.to_owned())
         .map_err(|e| ChannelError::Address {
             address: address.to_owned(),
@@ -63,7 +142,7 @@ pub(crate) fn endpoint(address: &str, root_ca: Option<&Path>) -> Result<Endpoint
     } else if !address.starts_with("http://") {
         return Err(ChannelError::Scheme(address.to_owned()));
     }
-    Ok(endpoint)
+    Ok(Target::Network(endpoint))
 }
 
 /// Adds `authorization: Bearer <token>` (the file read now) and, when set, `clusterid`.
@@ -105,6 +184,38 @@ mod tests {
             Some(Path::new("/nonexistent/root.pem")),
         );
         assert!(matches!(missing, Err(ChannelError::RootCa { .. })));
+        assert!(matches!(
+            endpoint("unix:///var/run/cilium/xds.sock", None),
+            Ok(Target::Unix { path, .. }) if path == Path::new("/var/run/cilium/xds.sock")
+        ));
+        assert!(matches!(
+            endpoint("unix://", None),
+            Err(ChannelError::Address { .. })
+        ));
+    }
+
+    /// A `unix://` channel reaches a gRPC server on that socket, and a missing socket's error
+    /// names its path.
+    #[tokio::test]
+    async fn unix_targets_dial_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("xds.sock");
+        let missing = endpoint(&format!("unix://{}", path.display()), None)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap_err();
+        let chain = std::iter::successors(Some(&missing as &dyn std::error::Error), |e| e.source())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(": ");
+        assert!(chain.contains("xds.sock"), "{chain}");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let accepted = tokio::spawn(async move { listener.accept().await.is_ok() });
+        let target = endpoint(&format!("unix://{}", path.display()), None).unwrap();
+        // The HTTP/2 handshake needs a server; the dial itself is what is checked here.
+        let _ = tokio::time::timeout(Duration::from_millis(500), target.connect()).await;
+        assert!(accepted.await.unwrap());
     }
 
     #[test]

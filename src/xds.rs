@@ -187,8 +187,8 @@ impl XdsClient {
 
     async fn channel(&self) -> Result<tonic::transport::Channel, XdsError> {
         let root_ca = self.settings.root_ca.as_deref();
-        let endpoint = crate::control_plane::endpoint(&self.settings.address, root_ca)?;
-        Ok(endpoint.connect().await?)
+        let target = crate::control_plane::endpoint(&self.settings.address, root_ca)?;
+        Ok(target.connect().await?)
     }
 
     /// The node this proxy announces itself as.

@@ -145,6 +145,13 @@ fn xds_settings_follow_the_config() {
         err.contains("http://") && err.contains("onDemandTimeoutMs"),
         "{err}"
     );
+    // A node agent's socket (Cilium's /var/run/cilium/xds.sock); a scheme without a path is not.
+    let unix = "xds: {address: \"unix:///var/run/cilium/xds.sock\"}\n";
+    assert!(Config::parse(&format!("{SAMPLE}{unix}"), &no_env).is_ok());
+    let err = Config::parse("xds: {address: \"unix://\"}\n", &no_env)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unix://"), "{err}");
 }
 
 #[test]

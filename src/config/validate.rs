@@ -17,9 +17,9 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
         ));
     }
     let xds = &config.xds.address;
-    if !xds.is_empty() && !is_http_url(xds) {
+    if !xds.is_empty() && !is_http_url(xds) && !is_unix_url(xds) {
         p.push(format!(
-            "xds.address {xds:?} must start with http:// or https://"
+            "xds.address {xds:?} must start with http://, https:// or unix://"
         ));
     }
     let certs = &config.certificates;
@@ -28,9 +28,10 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
     }
     if let Some(ca) = &certs.istio_ca
         && !is_http_url(&ca.address)
+        && !is_unix_url(&ca.address)
     {
         p.push(format!(
-            "certificates.istioCa.address {:?} must start with http:// or https://",
+            "certificates.istioCa.address {:?} must start with http://, https:// or unix://",
             ca.address
         ));
     }
@@ -92,6 +93,13 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
 
 fn is_http_url(address: &str) -> bool {
     address.starts_with("http://") || address.starts_with("https://")
+}
+
+/// `unix://PATH`, with a path.
+fn is_unix_url(address: &str) -> bool {
+    address
+        .strip_prefix("unix://")
+        .is_some_and(|p| !p.is_empty())
 }
 
 /// Every numeric setting with the range it must fall in, checked at load: a value past

@@ -64,11 +64,11 @@ pub enum IstioCaError {
 impl IstioCa {
     /// Prepares the (lazily connected) channel; fails only on a bad address or root file.
     pub fn new(settings: IstioCaSettings) -> Result<Self, crate::control_plane::ChannelError> {
-        let endpoint =
+        let target =
             crate::control_plane::endpoint(&settings.address, settings.root_ca.as_deref())?
-                .timeout(Duration::from_secs(15));
+                .with(|e| e.timeout(Duration::from_secs(15)));
         Ok(IstioCa {
-            channel: endpoint.connect_lazy(),
+            channel: target.connect_lazy(),
             settings,
         })
     }

@@ -66,24 +66,9 @@ pub struct Spire {
 impl Spire {
     /// `socket`: the agent's admin socket (e.g. `/run/spire/admin/socket`). Connects lazily.
     pub fn new(socket: PathBuf) -> Result<Self, CertError> {
-        let endpoint = tonic::transport::Endpoint::from_static("http://spire-agent.invalid")
-            .connect_timeout(Duration::from_secs(5));
-        let connector = tower::service_fn(move |_: http::Uri| {
-            let socket = socket.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(&socket)
-                    .await
-                    .map_err(|e| {
-                        std::io::Error::new(
-                            e.kind(),
-                            format!("SPIRE agent socket {}: {e}", socket.display()),
-                        )
-                    })?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        });
+        let target = crate::control_plane::Target::unix(socket);
         Ok(Spire {
-            channel: endpoint.connect_with_connector_lazy(connector),
+            channel: target.connect_lazy(),
             subscriptions: Lock::new(HashMap::new()),
         })
     }
