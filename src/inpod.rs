@@ -512,6 +512,31 @@ pub enum ZdsError {
 /// Largest ZDS datagram accepted.
 const MAX_ZDS_MESSAGE: usize = 64 * 1024;
 
+/// Largest reply sent: Cilium's agent reads each reply into a 1 KiB buffer
+/// (cilium/cilium `pkg/ztunnel/zds/server.go`, readMsg), and on SOCK_SEQPACKET a longer one
+/// would arrive cut and fail to decode there.
+const MAX_ZDS_REPLY: usize = 1024;
+
+/// The Ack for `result`, its error cut (at a character boundary, marked `…`) so that the whole
+/// reply fits in [`MAX_ZDS_REPLY`].
+fn ack(result: Result<(), RequestError>) -> Vec<u8> {
+    let mut error = result.err().map(|e| e.to_string()).unwrap_or_default();
+    // Tags and lengths take at most 8 bytes; the marker 3.
+    let room = MAX_ZDS_REPLY - 8 - 3;
+    if error.len() > room {
+        let mut cut = room;
+        while !error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        error.truncate(cut);
+        error.push('…');
+    }
+    zds::WorkloadResponse {
+        payload: Some(zds::workload_response::Payload::Ack(zds::Ack { error })),
+    }
+    .encode_to_vec()
+}
+
 /// Serves one agent connection: hello, then one acknowledged request per datagram, until the
 /// agent closes it. `ready` turns true at the first completed snapshot.
 pub async fn zds_session(
@@ -543,12 +568,7 @@ pub async fn zds_session(
         if let Err(error) = &result {
             tracing::warn!(%error, "ZDS request refused");
         }
-        let ack = zds::WorkloadResponse {
-            payload: Some(zds::workload_response::Payload::Ack(zds::Ack {
-                error: result.err().map(|e| e.to_string()).unwrap_or_default(),
-            })),
-        };
-        conn.send(&ack.encode_to_vec(), &[]).await?;
+        conn.send(&ack(result), &[]).await?;
     }
 }
 

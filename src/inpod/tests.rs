@@ -187,3 +187,24 @@ async fn run_zds_reconnects_to_a_restarted_agent() {
     }
     client.abort();
 }
+
+/// Every reply fits the 1 KiB buffer Cilium's agent reads it into, however long the error.
+#[tokio::test]
+async fn replies_fit_in_a_kibibyte() {
+    let (proxy, agent) = SeqPacket::pair().unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let (ready_tx, _ready_rx) = watch::channel(false);
+    let handler = recorder.clone();
+    let session = tokio::spawn(async move { zds_session(&proxy, &*handler, &ready_tx).await });
+    let mut buf = [0u8; 64];
+    agent.recv(&mut buf).await.unwrap();
+    // A 3,000-byte uid and no netns fd: the refusal names the uid, cut to fit.
+    let uid = "ü".repeat(1500);
+    agent.send(&add(&uid), &[]).await.unwrap();
+    let error = ack(&agent).await;
+    assert!(error.starts_with("AddWorkload üü"), "{error}");
+    assert!(error.ends_with('…'), "{error}");
+    assert!(error.len() < 1024);
+    drop(agent);
+    session.await.unwrap().unwrap();
+}
