@@ -143,6 +143,10 @@ pub struct CertificatesConfig {
     pub source: CertSourceKind,
     /// The SPIRE agent's admin socket (Delegated Identity API); with `source: spire`.
     pub spire_socket: Option<PathBuf>,
+    /// A PEM file of the trust domain's CA certificates to trust with `source: spire`, instead
+    /// of the agent's bundle stream (Cilium mounts SPIRE's bundle at
+    /// `/run/spire/bundle/bundle.crt`).
+    pub spire_bundle: Option<PathBuf>,
     /// The certificate, key and bundle files; with `source: files`.
     pub files: Option<FilesConfig>,
     /// The Istio CA endpoint; with `source: istioCa`.

@@ -67,6 +67,8 @@ pub trait PodHandler: Send + Sync {
 struct RunningPod {
     info: PodInfo,
     netns_inode: u64,
+    /// Its namespace, where a process of the pod is found for SPIRE's attestation by PID.
+    netns: Arc<Netns>,
     identity: Identity,
     addresses: Vec<IpAddr>,
     tasks: Vec<JoinHandle<()>>,
@@ -175,12 +177,43 @@ impl PodManager {
                 self.settled.send_replace(pending.is_empty());
                 drop(pending);
                 tracing::info!(uid = %info.uid, "pod enrolled on retry");
-                let mut pods = self.pods.lock();
-                pods.insert(info.uid, running);
-                self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
+                self.insert(running);
             }
             Err(e) => tracing::debug!(uid = %info.uid, error = %e, "pod still cannot be enrolled"),
         }
+    }
+
+    /// Serves `running` from now on, and fetches its certificate at once, so the pod's first
+    /// connection does not wait for it (after the insert: a source that attests the pod, SPIRE
+    /// by PID, finds it through [`PodManager::process_of`]).
+    fn insert(&self, running: RunningPod) {
+        let certs = self.ctx.certs.clone();
+        let identity = running.identity.clone();
+        let uid = running.info.uid.clone();
+        let mut pods = self.pods.lock();
+        pods.insert(uid.clone(), running);
+        self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
+        let prefetch = tokio::spawn(async move {
+            if let Err(e) = certs.fetch(&identity).await {
+                tracing::warn!(%identity, error = %e, "no certificate yet for an enrolled pod");
+            }
+        });
+        if let Some(p) = pods.get_mut(&uid) {
+            p.tasks.push(prefetch);
+        }
+    }
+
+    /// A process of an enrolled pod with `identity` (from its network namespace), for the
+    /// SPIRE agent to attest.
+    pub(crate) fn process_of(&self, identity: &Identity) -> Option<u32> {
+        let namespaces: Vec<Arc<Netns>> = self
+            .pods
+            .lock()
+            .values()
+            .filter(|p| p.identity == *identity)
+            .map(|p| p.netns.clone())
+            .collect();
+        namespaces.iter().find_map(|ns| ns.process())
     }
 
     /// The enrolled pods, with their identity and addresses.
@@ -303,18 +336,11 @@ impl PodManager {
                 ctx.tunnel.connect_timeout,
             )));
         }
-        // Fetch the certificate now, so the pod's first connection does not wait for it.
-        let certs = ctx.certs.clone();
-        let prefetch = identity.clone();
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = certs.fetch(&prefetch).await {
-                tracing::warn!(identity = %prefetch, error = %e, "no certificate yet for an enrolled pod");
-            }
-        }));
         tracing::info!(uid = %info.uid, %identity, ?addresses, netns = netns.name(), "pod enrolled");
         Ok(RunningPod {
             info: info.clone(),
             netns_inode,
+            netns,
             identity,
             addresses,
             tasks,
@@ -351,9 +377,7 @@ impl PodHandler for PodManager {
                 return Err(e);
             }
         };
-        let mut pods = self.pods.lock();
-        pods.insert(info.uid, running);
-        self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
+        self.insert(running);
         Ok(())
     }
 

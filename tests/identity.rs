@@ -383,7 +383,18 @@ async fn a_long_lived_tunnel_survives_rotations_and_new_tunnels_use_the_new_cert
 
 mod fake_spire {
     //! A SPIRE agent stand-in: the Delegated Identity API on a Unix socket, minting SVIDs (from
-    //! a built-in CA) for the identity the k8s selectors describe, and able to push a rotation.
+    //! a built-in CA) and able to push a rotation. It decides as the real agent does
+    //! (spiffe/spire `pkg/agent/api/delegatedidentity/v1/service.go`):
+    //! - the caller is attested from its peer credentials (here the `unix:uid:<uid>` selector)
+    //!   and must match an entry whose SPIFFE ID is an authorized delegate, else
+    //!   PermissionDenied "no identity issued" / "caller not configured as an authorized
+    //!   delegate" (isCallerAuthorized);
+    //! - a subscription by PID attests that process (here from its network namespace, standing
+    //!   in for the Kubernetes attestor: `k8s:pod-uid`, `k8s:ns`, `k8s:sa` of the pod whose
+    //!   namespace it is in); a process that cannot be attested is Internal "workload
+    //!   attestation failed";
+    //! - an entry matches a workload when all its selectors are among the workload's; the
+    //!   stream carries the SVIDs of every matching entry (none: an empty update).
 
     use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
@@ -403,9 +414,37 @@ mod fake_spire {
     /// Open SVID streams by (namespace, service account).
     pub type Streams = Arc<Mutex<HashMap<(String, String), Vec<Svids>>>>;
 
+    /// The delegate's SPIFFE ID (Cilium parents its entries to `spiffe://<td>/ztunnel`).
+    pub const DELEGATE: &str = "/ztunnel";
+
+    /// A registration entry: these selectors get `/ns/<ns>/sa/<sa>`, or `path` as is.
+    pub struct Entry {
+        pub selectors: Vec<String>,
+        pub path: String,
+    }
+
     pub struct FakeSpire {
         pub ca: Arc<BuiltinCa>,
         pub streams: Streams,
+        pub entries: Vec<Entry>,
+        /// Pods by the inode of their network namespace: (uid, namespace, service account).
+        pub pods: HashMap<u64, (String, String, String)>,
+    }
+
+    /// An entry for pods with these selectors.
+    pub fn entry(selectors: &[&str], ns: &str, sa: &str) -> Entry {
+        Entry {
+            selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
+            path: format!("/ns/{ns}/sa/{sa}"),
+        }
+    }
+
+    /// The entry that makes a caller with this uid the authorized delegate.
+    pub fn delegate(uid: u32) -> Entry {
+        Entry {
+            selectors: vec![format!("unix:uid:{uid}")],
+            path: DELEGATE.into(),
+        }
     }
 
     /// A freshly minted SVID response for ns/sa.
@@ -439,9 +478,72 @@ mod fake_spire {
         }
     }
 
+    impl FakeSpire {
+        fn matching(&self, selectors: &[String]) -> Vec<&Entry> {
+            self.entries
+                .iter()
+                .filter(|e| e.selectors.iter().all(|s| selectors.contains(s)))
+                .collect()
+        }
+
+        /// isCallerAuthorized: the caller, attested from its peer credentials, must be a
+        /// delegate.
+        fn authorize<T>(&self, request: &tonic::Request<T>) -> Result<(), tonic::Status> {
+            let uid = request
+                .extensions()
+                .get::<tonic::transport::server::UdsConnectInfo>()
+                .and_then(|i| i.peer_cred)
+                .map(|c| c.uid())
+                .ok_or_else(|| tonic::Status::internal("workload attestation failed"))?;
+            let entries = self.matching(&[format!("unix:uid:{uid}")]);
+            if entries.is_empty() {
+                return Err(tonic::Status::permission_denied("no identity issued"));
+            }
+            if !entries.iter().any(|e| e.path == DELEGATE) {
+                return Err(tonic::Status::permission_denied(
+                    "caller not configured as an authorized delegate",
+                ));
+            }
+            Ok(())
+        }
+
+        /// The workload's SVIDs as one stream; rotations pushed to it by (ns, sa).
+        fn stream(
+            &self,
+            selectors: &[String],
+        ) -> tonic::Response<
+            UnboundedReceiverStream<Result<SubscribeToX509sviDsResponse, tonic::Status>>,
+        > {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let mut update = SubscribeToX509sviDsResponse::default();
+            for e in self.matching(selectors) {
+                let Some((ns, sa)) = e
+                    .path
+                    .strip_prefix("/ns/")
+                    .and_then(|p| p.split_once("/sa/"))
+                else {
+                    continue;
+                };
+                update.x509_svids.extend(mint(&self.ca, ns, sa).x509_svids);
+                self.streams
+                    .lock()
+                    .unwrap()
+                    .entry((ns.to_owned(), sa.to_owned()))
+                    .or_default()
+                    .push(tx.clone());
+            }
+            tx.send(Ok(update)).unwrap();
+            // Open for the subscriber's lifetime (a clone is kept for pushes when it matched).
+            std::mem::forget(tx);
+            tonic::Response::new(UnboundedReceiverStream::new(rx))
+        }
+    }
+
     #[tonic::async_trait]
     impl DelegatedIdentity for FakeSpire {
         type SubscribeToX509SVIDsStream =
+            UnboundedReceiverStream<Result<SubscribeToX509sviDsResponse, tonic::Status>>;
+        type SubscribeToX509SVIDsByPIDStream =
             UnboundedReceiverStream<Result<SubscribeToX509sviDsResponse, tonic::Status>>;
         type SubscribeToX509BundlesStream =
             UnboundedReceiverStream<Result<SubscribeToX509BundlesResponse, tonic::Status>>;
@@ -450,35 +552,45 @@ mod fake_spire {
             &self,
             request: tonic::Request<SubscribeToX509sviDsRequest>,
         ) -> Result<tonic::Response<Self::SubscribeToX509SVIDsStream>, tonic::Status> {
-            let selectors = request.into_inner().selectors;
-            let find = |prefix: &str| {
-                selectors.iter().find_map(|s| {
-                    (s.r#type == "k8s")
-                        .then(|| s.value.strip_prefix(prefix))
-                        .flatten()
-                        .map(str::to_owned)
-                })
+            self.authorize(&request)?;
+            let selectors: Vec<String> = request
+                .into_inner()
+                .selectors
+                .iter()
+                .map(|s| format!("{}:{}", s.r#type, s.value))
+                .collect();
+            if selectors.is_empty() {
+                return Err(tonic::Status::invalid_argument("no selectors"));
+            }
+            Ok(self.stream(&selectors))
+        }
+
+        async fn subscribe_to_x509svi_ds_by_pid(
+            &self,
+            request: tonic::Request<SubscribeToX509sviDsByPidRequest>,
+        ) -> Result<tonic::Response<Self::SubscribeToX509SVIDsByPIDStream>, tonic::Status> {
+            use std::os::unix::fs::MetadataExt;
+            self.authorize(&request)?;
+            let pid = request.into_inner().pid;
+            let attested = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .ok()
+                .and_then(|m| self.pods.get(&m.ino()));
+            let Some((uid, ns, sa)) = attested else {
+                return Err(tonic::Status::internal("workload attestation failed"));
             };
-            let (Some(ns), Some(sa)) = (find("ns:"), find("sa:")) else {
-                return Err(tonic::Status::invalid_argument(
-                    "k8s ns/sa selectors required",
-                ));
-            };
-            let (tx, rx) = mpsc::unbounded_channel();
-            tx.send(Ok(mint(&self.ca, &ns, &sa))).unwrap();
-            self.streams
-                .lock()
-                .unwrap()
-                .entry((ns, sa))
-                .or_default()
-                .push(tx);
-            Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
+            let selectors = [
+                format!("k8s:pod-uid:{uid}"),
+                format!("k8s:ns:{ns}"),
+                format!("k8s:sa:{sa}"),
+            ];
+            Ok(self.stream(&selectors))
         }
 
         async fn subscribe_to_x509_bundles(
             &self,
-            _request: tonic::Request<SubscribeToX509BundlesRequest>,
+            request: tonic::Request<SubscribeToX509BundlesRequest>,
         ) -> Result<tonic::Response<Self::SubscribeToX509BundlesStream>, tonic::Status> {
+            self.authorize(&request)?;
             let (tx, rx) = mpsc::unbounded_channel();
             let root = rustls_pemfile::certs(&mut self.ca.root_pem().as_bytes())
                 .next()
@@ -494,17 +606,19 @@ mod fake_spire {
         }
     }
 
-    pub async fn start(
+    /// Serves on `socket` with these entries and pods.
+    pub async fn start_with(
         socket: &std::path::Path,
-    ) -> (
-        Arc<BuiltinCa>,
-        Arc<Mutex<HashMap<(String, String), Vec<Svids>>>>,
-    ) {
+        entries: Vec<Entry>,
+        pods: HashMap<u64, (String, String, String)>,
+    ) -> (Arc<BuiltinCa>, Streams) {
         let ca = Arc::new(BuiltinCa::generate(SystemTime::now()).unwrap());
         let streams = Arc::new(Mutex::new(HashMap::new()));
         let fake = FakeSpire {
             ca: ca.clone(),
             streams: streams.clone(),
+            entries,
+            pods,
         };
         let listener = tokio::net::UnixListener::bind(socket).unwrap();
         tokio::spawn(async move {
@@ -514,6 +628,17 @@ mod fake_spire {
                 .await;
         });
         (ca, streams)
+    }
+
+    /// Serves with this process as the delegate and entries for test/client and test/server
+    /// by namespace and service account.
+    pub async fn start(socket: &std::path::Path) -> (Arc<BuiltinCa>, Streams) {
+        let entries = vec![
+            delegate(nix::unistd::Uid::effective().as_raw()),
+            entry(&["k8s:ns:test", "k8s:sa:client"], "test", "client"),
+            entry(&["k8s:ns:test", "k8s:sa:server"], "test", "server"),
+        ];
+        start_with(socket, entries, HashMap::new()).await
     }
 }
 
@@ -526,7 +651,7 @@ async fn spire_svids_carry_a_real_tunnel_and_pushed_rotations_arrive() {
     let client_id = Identity::new("cluster.local", "test", "client").unwrap();
     let server_id = Identity::new("cluster.local", "test", "server").unwrap();
 
-    let spire = |socket: &std::path::Path| Arc::new(Spire::new(socket.to_owned()).unwrap());
+    let spire = |socket: &std::path::Path| Arc::new(Spire::new(socket.to_owned(), None).unwrap());
     let client_certs = Arc::new(CertificateManager::new(spire(&socket)));
     let server_certs = Arc::new(CertificateManager::new(spire(&socket)));
     echo_through_a_tunnel(
@@ -566,11 +691,79 @@ async fn spire_svids_carry_a_real_tunnel_and_pushed_rotations_arrive() {
     client_certs.forget(&client_id);
 }
 
+/// Entries keyed by pod, as Cilium registers them: the selector subscription matches none, a
+/// subscription by the PID of the pod's process gets the pod's SVID; trust from a bundle file
+/// (Cilium's CA_ROOT_CA) works without the bundle stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spire_by_pid_attests_the_pod_and_a_bundle_file_is_trusted() {
+    use hboned::identity::CertSource;
+    use hboned::identity::spire::Spire;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    // The "pod" is this process's own network namespace.
+    let netns = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+    let entries = vec![
+        fake_spire::delegate(nix::unistd::Uid::effective().as_raw()),
+        fake_spire::entry(&["k8s:pod-uid:pod-1"], "test", "client"),
+    ];
+    let pods = [(netns, ("pod-1".into(), "test".into(), "client".into()))].into();
+    let (ca, _streams) = fake_spire::start_with(&socket, entries, pods).await;
+    let bundle = dir.path().join("bundle.crt");
+    std::fs::write(&bundle, ca.root_pem()).unwrap();
+    let client_id = Identity::new("cluster.local", "test", "client").unwrap();
+
+    let spire = Spire::new(socket.clone(), Some(bundle.clone())).unwrap();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let seen = asked.clone();
+    spire.find_pod_processes_with(Arc::new(move |id: &Identity| {
+        seen.lock().unwrap().push(id.to_string());
+        Some(std::process::id())
+    }));
+    let cert = within(20, spire.fetch(&client_id)).await.unwrap();
+    assert_eq!(cert.identity(), &client_id);
+    assert_eq!(
+        asked.lock().unwrap().as_slice(),
+        ["spiffe://cluster.local/ns/test/sa/client"]
+    );
+
+    // Selectors alone (no process found) match no entry keyed by pod: no certificate.
+    let by_selectors = Spire::new(socket.clone(), Some(bundle)).unwrap();
+    by_selectors.find_pod_processes_with(Arc::new(|_: &Identity| None));
+    let err = within(20, by_selectors.fetch(&client_id))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no answer"), "{err}");
+}
+
+/// A caller that is not an authorized delegate is refused, and the refusal reaches the fetch.
+#[tokio::test]
+async fn spire_refuses_a_caller_that_is_no_delegate() {
+    use hboned::identity::CertSource;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let me = nix::unistd::Uid::effective().as_raw();
+    let entries = vec![
+        // This process has an identity, but not the delegate's.
+        fake_spire::Entry {
+            selectors: vec![format!("unix:uid:{me}")],
+            path: "/some-app".into(),
+        },
+        fake_spire::entry(&["k8s:ns:test", "k8s:sa:client"], "test", "client"),
+    ];
+    fake_spire::start_with(&socket, entries, Default::default()).await;
+    let spire = hboned::identity::spire::Spire::new(socket, None).unwrap();
+    let id = Identity::new("cluster.local", "test", "client").unwrap();
+    let err = within(20, spire.fetch(&id)).await.unwrap_err().to_string();
+    assert!(err.contains("authorized delegate"), "{err}");
+}
+
 #[tokio::test]
 async fn unreachable_spire_agent_fails_closed_naming_the_socket() {
     let dir = tempfile::tempdir().unwrap();
     let certs = CertificateManager::new(Arc::new(
-        hboned::identity::spire::Spire::new(dir.path().join("missing.sock")).unwrap(),
+        hboned::identity::spire::Spire::new(dir.path().join("missing.sock"), None).unwrap(),
     ));
     let id = Identity::new("cluster.local", "test", "client").unwrap();
     let err = within(20, certs.fetch(&id)).await.unwrap_err().to_string();

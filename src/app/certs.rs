@@ -34,7 +34,10 @@ pub(crate) fn source(config: &Config) -> anyhow::Result<Arc<dyn Source>> {
             cluster_id: config.cluster_id.clone(),
             lifetime: config.cert_lifetime(),
         })?),
-        CertSource::Spire(socket) => Arc::new(Spire::new(socket.to_owned())?),
+        CertSource::Spire(socket) => Arc::new(Spire::new(
+            socket.to_owned(),
+            config.certificates.spire_bundle.clone(),
+        )?),
     })
 }
 

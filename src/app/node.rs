@@ -61,7 +61,7 @@ impl Node {
             tracing::info!(address = %config.xds.address, on_demand = config.xds.on_demand, "discovering workloads over xDS (on top of the config file's tables)");
             tokio::spawn(client.clone().run());
         }
-        let certs = Arc::new(CertificateManager::new(source));
+        let certs = Arc::new(CertificateManager::new(source.clone()));
         let metrics = node_metrics(&certs, xds.as_ref());
         let drain = Drain::default();
         let manager = Arc::new(PodManager::new(NodeContext {
@@ -78,6 +78,9 @@ impl Node {
             preserve_source_ip: config.preserve_source_ip,
             resolver,
         }));
+        // SPIRE attests a pod from one of its processes: the manager finds them in pods' netns.
+        let pods = Arc::downgrade(&manager);
+        source.find_pod_processes_with(Arc::new(move |id| pods.upgrade()?.process_of(id)));
         tracing::info!(node = %config.node, trust_domain = %config.trust_domain, pods = config.pods.len(), workloads = config.workloads.len(), services = config.services.len(), "hboned node proxy starting");
         enroll_config_pods(&config, &manager);
         manager.retry_pending(Duration::from_secs(5));

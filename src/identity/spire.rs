@@ -1,9 +1,13 @@
 //! SPIRE as a certificate source (docs/design.md §7), through the agent's Delegated Identity API on its
-//! admin Unix socket. Each identity gets one long-lived subscription, by the Kubernetes
-//! selectors `k8s:ns:<namespace>` and `k8s:sa:<service account>`, plus the agent's bundle
-//! stream; every SVID or bundle update SPIRE pushes rebuilds the certificate, and the manager
-//! picks it up on its next poll. A lost stream is re-opened with backoff; the last certificate
-//! keeps serving meanwhile (the manager fails closed once it expires).
+//! admin Unix socket. Each identity gets one long-lived subscription: by the PID of a process of
+//! an enrolled pod with that identity when one is found (the agent's Kubernetes attestor then
+//! supplies the pod's own selectors, so entries keyed by pod UID match, as Cilium registers
+//! them), else by the selectors `k8s:ns:<namespace>` and `k8s:sa:<service account>`. Trust comes
+//! from the agent's bundle stream, or from a bundle file when one is configured (Cilium's
+//! `CA_ROOT_CA=/run/spire/bundle/bundle.crt`, re-read at every SVID). Every update SPIRE pushes
+//! rebuilds the certificate, and the manager picks it up on its next poll. A lost stream is
+//! re-opened with backoff (a new PID looked up); the last certificate keeps serving meanwhile
+//! (the manager fails closed once it expires).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -18,7 +22,8 @@ use super::manager::{BoxFuture, CertError, CertSource, WorkloadCert};
 use crate::backoff::Backoff;
 use crate::proto::spire::api::agent::delegatedidentity::v1::delegated_identity_client::DelegatedIdentityClient;
 use crate::proto::spire::api::agent::delegatedidentity::v1::{
-    SubscribeToX509BundlesRequest, SubscribeToX509sviDsRequest, SubscribeToX509sviDsResponse,
+    SubscribeToX509BundlesRequest, SubscribeToX509sviDsByPidRequest, SubscribeToX509sviDsRequest,
+    SubscribeToX509sviDsResponse,
 };
 use crate::proto::spire::api::types::Selector;
 use crate::sync::Lock;
@@ -56,19 +61,42 @@ pub enum SpireError {
     Stopped,
 }
 
+/// Finds a process of an enrolled pod with this identity (its pid as the agent sees it).
+pub type PidFinder = Arc<dyn Fn(&Identity) -> Option<u32> + Send + Sync>;
+
+/// What every subscription shares.
+struct Agent {
+    channel: tonic::transport::Channel,
+    pids: Lock<Option<PidFinder>>,
+    bundle_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("bundle_file", &self.bundle_file)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A [`CertSource`] backed by a SPIRE agent.
 #[derive(Debug)]
 pub struct Spire {
-    channel: tonic::transport::Channel,
+    agent: Arc<Agent>,
     subscriptions: Lock<HashMap<Identity, (Latest, tokio::task::JoinHandle<()>)>>,
 }
 
 impl Spire {
-    /// `socket`: the agent's admin socket (e.g. `/run/spire/admin/socket`). Connects lazily.
-    pub fn new(socket: PathBuf) -> Result<Self, CertError> {
+    /// `socket`: the agent's admin socket (e.g. `/run/spire/sockets/admin.sock`). Connects
+    /// lazily. Trust from the agent's bundle stream unless `bundle_file` (PEM) is given.
+    pub fn new(socket: PathBuf, bundle_file: Option<PathBuf>) -> Result<Self, CertError> {
         let target = crate::control_plane::Target::unix(socket);
         Ok(Spire {
-            channel: target.connect_lazy(),
+            agent: Arc::new(Agent {
+                channel: target.connect_lazy(),
+                pids: Lock::new(None),
+                bundle_file,
+            }),
             subscriptions: Lock::new(HashMap::new()),
         })
     }
@@ -79,7 +107,7 @@ impl Spire {
             return latest.clone();
         }
         let (tx, rx) = watch::channel(None);
-        let task = tokio::spawn(subscribe(self.channel.clone(), id.clone(), tx));
+        let task = tokio::spawn(subscribe(self.agent.clone(), id.clone(), tx));
         subs.insert(id.clone(), (rx.clone(), task));
         rx
     }
@@ -87,13 +115,13 @@ impl Spire {
 
 /// Keeps one identity's SVID and bundle streams open, publishing every rebuilt certificate.
 async fn subscribe(
-    channel: tonic::transport::Channel,
+    agent: Arc<Agent>,
     id: Identity,
     tx: watch::Sender<Option<Result<WorkloadCert, CertError>>>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
-        let err = stream_once(channel.clone(), &id, &tx).await;
+        let err = stream_once(&agent, &id, &tx).await;
         tracing::warn!(identity = %id, error = %err, "SPIRE subscription ended; re-subscribing");
         if tx.borrow().as_ref().is_none_or(|r| r.is_err()) {
             tx.send_replace(Some(Err(CertError::from_source(&id, NAME, err))));
@@ -102,45 +130,94 @@ async fn subscribe(
     }
 }
 
-/// One pair of streams until either ends; returns why.
+/// The CA certificates in a PEM bundle file.
+fn read_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, SpireError> {
+    let pem = std::fs::read(path)
+        .map_err(|e| SpireError::Bundle(format!("cannot read {}: {e}", path.display())))?;
+    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<_, _>>()
+        .map_err(|e| SpireError::Bundle(format!("{}: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(SpireError::Bundle(format!(
+            "{} holds no certificate",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+/// One subscription (and the bundle stream, unless trust comes from a file) until it ends;
+/// returns why.
 async fn stream_once(
-    channel: tonic::transport::Channel,
+    agent: &Agent,
     id: &Identity,
     tx: &watch::Sender<Option<Result<WorkloadCert, CertError>>>,
 ) -> SpireError {
-    let mut client = DelegatedIdentityClient::new(channel);
-    let selectors = vec![
-        Selector {
-            r#type: "k8s".into(),
-            value: format!("ns:{}", id.namespace()),
-        },
-        Selector {
-            r#type: "k8s".into(),
-            value: format!("sa:{}", id.service_account()),
-        },
-    ];
-    let svids = client
-        .subscribe_to_x509svi_ds(SubscribeToX509sviDsRequest { selectors })
-        .await;
-    let bundles = client
-        .subscribe_to_x509_bundles(SubscribeToX509BundlesRequest {})
-        .await;
-    let (mut svids, mut bundles) = match (svids, bundles) {
-        (Ok(s), Ok(b)) => (s.into_inner(), b.into_inner()),
-        (Err(e), _) | (_, Err(e)) => {
-            return SpireError::Subscribe(e.message().to_owned());
+    let mut client = DelegatedIdentityClient::new(agent.channel.clone());
+    let finder = agent.pids.lock().clone();
+    let pid = finder.as_ref().and_then(|find| find(id));
+    let svids = match pid.and_then(|p| i32::try_from(p).ok()) {
+        Some(pid) => {
+            tracing::debug!(identity = %id, pid, "subscribing to SPIRE by the pod's process");
+            client
+                .subscribe_to_x509svi_ds_by_pid(SubscribeToX509sviDsByPidRequest { pid })
+                .await
         }
+        None => {
+            let selectors = vec![
+                Selector {
+                    r#type: "k8s".into(),
+                    value: format!("ns:{}", id.namespace()),
+                },
+                Selector {
+                    r#type: "k8s".into(),
+                    value: format!("sa:{}", id.service_account()),
+                },
+            ];
+            client
+                .subscribe_to_x509svi_ds(SubscribeToX509sviDsRequest { selectors })
+                .await
+        }
+    };
+    let mut svids = match svids {
+        Ok(s) => s.into_inner(),
+        Err(e) => return SpireError::Subscribe(e.message().to_owned()),
+    };
+    // Trust: the bundle file, re-read with every SVID, or the agent's bundle stream.
+    let mut bundles = match &agent.bundle_file {
+        Some(_) => None,
+        None => match client
+            .subscribe_to_x509_bundles(SubscribeToX509BundlesRequest {})
+            .await
+        {
+            Ok(b) => Some(b.into_inner()),
+            Err(e) => return SpireError::Subscribe(e.message().to_owned()),
+        },
     };
     let mut svid: Option<SubscribeToX509sviDsResponse> = None;
     let mut bundle: Option<Vec<CertificateDer<'static>>> = None;
     loop {
+        let bundle_msg = async {
+            match bundles.as_mut() {
+                Some(b) => b.message().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             msg = svids.message() => match msg {
-                Ok(Some(m)) => svid = Some(m),
+                Ok(Some(m)) => {
+                    svid = Some(m);
+                    if let Some(path) = &agent.bundle_file {
+                        match read_bundle(path) {
+                            Ok(certs) => bundle = Some(certs),
+                            Err(e) => tracing::warn!(identity = %id, error = %e, "unreadable bundle file; keeping the last one"),
+                        }
+                    }
+                }
                 Ok(None) => return SpireError::Ended("SVID"),
                 Err(e) => return SpireError::Stream { stream: "SVID", message: e.message().to_owned() },
             },
-            msg = bundles.message() => match msg {
+            msg = bundle_msg => match msg {
                 Ok(Some(m)) => match m.ca_certificates.get(id.trust_domain()).map(|der| split_der(der)) {
                     Some(Ok(certs)) => bundle = Some(certs),
                     Some(Err(e)) => tracing::warn!(identity = %id, error = %e, "SPIRE sent an unreadable bundle; keeping the last one"),
@@ -156,7 +233,15 @@ async fn stream_once(
                     tx.send_replace(Some(Ok(cert)));
                 }
                 Err(e) => {
-                    tracing::warn!(identity = %id, error = %e, "SPIRE sent an unusable SVID; keeping the last one")
+                    tracing::warn!(identity = %id, error = %e, "SPIRE sent an unusable SVID; keeping the last one");
+                    // Selectors that match no entry (SPIRE entries keyed by pod): once a
+                    // process of the pod is known, subscribe again by its PID.
+                    if pid.is_none() && finder.as_ref().and_then(|find| find(id)).is_some() {
+                        return SpireError::NoSvid {
+                            identity: id.to_string(),
+                            count: s.x509_svids.len(),
+                        };
+                    }
                 }
             }
         }
@@ -241,5 +326,10 @@ impl CertSource for Spire {
         if let Some((_, task)) = self.subscriptions.lock().remove(id) {
             task.abort();
         }
+    }
+
+    /// From now on, subscriptions name a process of the pod when `find` knows one.
+    fn find_pod_processes_with(&self, find: PidFinder) {
+        *self.agent.pids.lock() = Some(find);
     }
 }
