@@ -117,7 +117,7 @@ fn seqpacket_socket() -> io::Result<OwnedFd> {
 
 impl SeqPacket {
     /// Connects to a listening socket at `path`.
-    pub(crate) fn connect(path: &Path) -> io::Result<Self> {
+    pub fn connect(path: &Path) -> io::Result<Self> {
         let fd = seqpacket_socket()?;
         connect(fd.as_raw_fd(), &UnixAddr::new(path)?).map_err(|e| {
             io::Error::new(

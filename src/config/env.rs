@@ -60,6 +60,16 @@ pub(super) const OVERRIDES: &[Override] = &[
         },
     },
     Override {
+        var: "HBONED_READINESS_ADDRESS",
+        set: |c, v| {
+            c.readiness_address =
+                Some(v.parse().map_err(|_| {
+                    format!("HBONED_READINESS_ADDRESS={v:?} is not an address:port")
+                })?);
+            Ok(())
+        },
+    },
+    Override {
         var: "HBONED_CERT_LIFETIME_SECS",
         set: |c, v| {
             c.ca.cert_lifetime_secs = Some(v.parse().map_err(|_| {

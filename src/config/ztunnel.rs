@@ -22,6 +22,9 @@ const TOKEN: &str = "./var/run/secrets/tokens/istio-token";
 const SECRET_TTL: Duration = Duration::from_secs(24 * 3600);
 /// ztunnel's cluster id when none is set.
 const CLUSTER_ID: &str = "Kubernetes";
+/// The SPIRE agent's admin socket Cilium's ztunnel DaemonSet mounts (SPIRE_ADMIN_ENDPOINT_SOCKET,
+/// a SPIFFE endpoint address).
+const SPIRE_ADMIN_SOCKET: &str = "unix:///run/spire/sockets/admin.sock";
 /// ztunnel's drain deadline when the pod's grace period is not passed in.
 const TERMINATION_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -132,9 +135,29 @@ pub(super) fn config(env: &Environment) -> (Config, Vec<String>) {
             xds.node_metadata.insert(name.to_owned(), value.clone());
         }
     }
-    // Certificates: the Istio CA unless FAKE_CA.
+    // Certificates: the Istio CA unless FAKE_CA, or SPIRE with USE_SPIRE (Cilium's ztunnel:
+    // the Delegated Identity API on SPIRE_ADMIN_ENDPOINT_SOCKET, trust from CA_ROOT_CA).
     if flag(env, "FAKE_CA", &mut problems) {
         config.certificates.source = CertSourceKind::Builtin;
+    } else if flag(env, "USE_SPIRE", &mut problems) {
+        config.certificates.source = CertSourceKind::Spire;
+        let endpoint = env
+            .get("SPIRE_ADMIN_ENDPOINT_SOCKET")
+            .unwrap_or_else(|| SPIRE_ADMIN_SOCKET.into());
+        match spiffe_socket(&endpoint) {
+            Some(path) => config.certificates.spire_socket = Some(path),
+            None => problems.push(format!(
+                "SPIRE_ADMIN_ENDPOINT_SOCKET={endpoint:?} is not a unix:// socket address"
+            )),
+        }
+        if let Some(bundle) = env.get("CA_ROOT_CA") {
+            if !env.exists(Path::new(&bundle)) {
+                problems.push(format!(
+                    "CA_ROOT_CA={bundle:?}: no such file (the SPIRE bundle)"
+                ));
+            }
+            config.certificates.spire_bundle = Some(PathBuf::from(bundle));
+        }
     } else {
         let address = with_scheme(env.get("CA_ADDRESS").unwrap_or_else(|| istiod.into()));
         config.certificates.source = CertSourceKind::IstioCa;
@@ -165,6 +188,16 @@ fn with_scheme(address: String) -> String {
     } else {
         format!("https://{address}")
     }
+}
+
+/// The path of a SPIFFE Workload Endpoint address: `unix:///path` or `unix:/path` (a bare
+/// absolute path is taken too).
+fn spiffe_socket(address: &str) -> Option<PathBuf> {
+    let path = address
+        .strip_prefix("unix://")
+        .or_else(|| address.strip_prefix("unix:"))
+        .unwrap_or(address);
+    path.starts_with('/').then(|| PathBuf::from(path))
 }
 
 /// XDS_ROOT_CA / CA_ROOT_CA: a file (the mounted mesh root by default). ztunnel also takes

@@ -116,6 +116,24 @@ impl FakeAds {
         Self::serve_with(listener, None)
     }
 
+    /// Serves plaintext gRPC on a Unix socket at `path`, as Cilium's agent serves xDS on
+    /// /var/run/cilium/xds.sock (`addr` is unspecified then).
+    pub fn serve_unix(path: &std::path::Path) -> FakeAds {
+        let listener = tokio::net::UnixListener::bind(path).expect("bind the xDS socket");
+        let (tx, streams) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(AggregatedDiscoveryServiceServer::new(Fake { streams: tx }))
+                .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+                .await;
+        });
+        FakeAds {
+            addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+            streams,
+            task,
+        }
+    }
+
     async fn start_with(
         addr: std::net::SocketAddr,
         tls: Option<tonic::transport::Identity>,

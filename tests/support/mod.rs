@@ -4,6 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 pub mod agent;
+pub mod cilium;
 pub mod fake_ads;
 pub mod topo;
 

@@ -189,3 +189,75 @@ fn in_a_pod_run_mode_announces_the_node_istiod_accepts() {
     assert_eq!(c.xds.node_id, "mine", "a configured id wins");
     assert_eq!(c.xds.node_metadata["NAME"], "kept");
 }
+
+/// What the ztunnel DaemonSet of Cilium mTLS (AKS) sets: xDS from the agent's socket, the node
+/// named by its IP, SPIRE's admin socket as a SPIFFE address, SPIRE's bundle as trust.
+#[test]
+fn the_cilium_daemonset_environment_selects_spire_and_the_agents_socket() {
+    let bundle = "/run/spire/bundle/bundle.crt";
+    let env = Environment::fixed(
+        &[
+            ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
+            ("XDS_ADDRESS", "unix:///var/run/ztunnel/xds.sock"),
+            ("NODE_NAME", "10.224.0.4"),
+            ("USE_SPIRE", "true"),
+            (
+                "SPIRE_ADMIN_ENDPOINT_SOCKET",
+                "unix:///run/spire/sockets/admin.sock",
+            ),
+            ("CA_ROOT_CA", bundle),
+        ],
+        &[bundle],
+    );
+    let c = Config::from_ztunnel_env(&env).unwrap();
+    assert_eq!(c.xds.address, "unix:///var/run/ztunnel/xds.sock");
+    assert_eq!(c.node, "10.224.0.4");
+    assert_eq!(c.certificates.source, CertSourceKind::Spire);
+    assert_eq!(
+        c.certificates.spire_socket.as_deref(),
+        Some(Path::new("/run/spire/sockets/admin.sock"))
+    );
+    assert_eq!(
+        c.certificates.spire_bundle.as_deref(),
+        Some(Path::new(bundle))
+    );
+    assert_eq!(
+        c.zds_socket.as_deref(),
+        Some(Path::new("/var/run/ztunnel/ztunnel.sock"))
+    );
+    // The default socket, and the SPIFFE `unix:/path` form.
+    let default = Environment::fixed(&[("USE_SPIRE", "true")], &[]);
+    let c = Config::from_ztunnel_env(&default).unwrap();
+    assert_eq!(
+        c.certificates.spire_socket.as_deref(),
+        Some(Path::new("/run/spire/sockets/admin.sock"))
+    );
+    assert_eq!(
+        c.certificates.spire_bundle, None,
+        "trust from the agent's stream"
+    );
+    let short = Environment::fixed(
+        &[
+            ("USE_SPIRE", "1"),
+            ("SPIRE_ADMIN_ENDPOINT_SOCKET", "unix:/tmp/admin.sock"),
+        ],
+        &[],
+    );
+    let c = Config::from_ztunnel_env(&short).unwrap();
+    assert_eq!(
+        c.certificates.spire_socket.as_deref(),
+        Some(Path::new("/tmp/admin.sock"))
+    );
+    // A TCP address or a missing bundle is refused by name.
+    let bad = Environment::fixed(
+        &[
+            ("USE_SPIRE", "true"),
+            ("SPIRE_ADMIN_ENDPOINT_SOCKET", "tcp://127.0.0.1:8081"),
+            ("CA_ROOT_CA", "/nope/bundle.crt"),
+        ],
+        &[],
+    );
+    let err = Config::from_ztunnel_env(&bad).unwrap_err().to_string();
+    assert!(err.contains("SPIRE_ADMIN_ENDPOINT_SOCKET"), "{err}");
+    assert!(err.contains("CA_ROOT_CA"), "{err}");
+}
