@@ -56,6 +56,10 @@ enum Command {
         /// Also measure pod-to-pod throughput through the proxies next to raw TCP.
         #[arg(long)]
         throughput: bool,
+        /// Also run the netns benchmark: bulk (1 stream, reverse, 4 streams) with Gbit/s per
+        /// proxy core, ping-pong latency, connections/s, RSS per idle connection.
+        #[arg(long)]
+        bench: bool,
     },
     /// Loopback mode, no namespaces or root: an HBONE server and an outbound listener on
     /// 127.0.0.1 with the built-in CA, checked end to end at start.
@@ -162,9 +166,9 @@ fn main() -> anyhow::Result<()> {
             ))
         }
         #[cfg(feature = "testbed")]
-        Command::Demo { throughput } => {
+        Command::Demo { throughput, bench } => {
             let bin = std::env::current_exe().context("locating the hboned binary")?;
-            runtime()?.block_on(hboned::testbed::run(&bin, throughput))
+            runtime()?.block_on(hboned::testbed::run(&bin, throughput, bench))
         }
         Command::Loopback {
             outbound,

@@ -29,6 +29,7 @@ use crate::config::{Config, PodConfig, ServiceConfig, WorkloadConfig};
 use crate::netns::Netns;
 use crate::state::Protocol;
 
+pub mod bench;
 mod capture;
 pub use capture::{Capture, Segment, parse_pcap};
 
@@ -689,7 +690,7 @@ pub async fn echo_roundtrip(stream: TcpStream, data: &[u8]) -> std::io::Result<V
 }
 
 /// What `hboned demo` prints: traffic through the topology and what the wire carried.
-pub async fn run(bin: &Path, throughput: bool) -> anyhow::Result<()> {
+pub async fn run(bin: &Path, throughput: bool, bench: bool) -> anyhow::Result<()> {
     println!("building two nodes and five pods in network namespaces...");
     let topo = Topology::start(bin).await?;
     let (_echo_b1, peers_b1) = spawn_echo(topo.listen(B1.name, APP_PORT)?);
@@ -764,6 +765,9 @@ pub async fn run(bin: &Path, throughput: bool) -> anyhow::Result<()> {
     if throughput {
         let report = measure_throughput(&topo, 3).await?;
         println!("{report}");
+    }
+    if bench {
+        println!("{}", bench::report(&topo, 3).await?);
     }
     if std::env::var_os("HBONED_DEMO_LOGS").is_some() {
         println!("{}", topo.logs());

@@ -1,9 +1,11 @@
 //! Bidirectional copy between the two halves of a proxied connection, counting bytes each way.
 //!
 //! Memory: each direction owns one buffer that starts at [`INITIAL_BUFFER`] (4 KiB) and grows
-//! ×4 after two consecutive reads that filled it, up to [`MAX_BUFFER`] (128 KiB). So an idle
-//! connection holds 2 × 4 KiB here and a busy one at most 2 × 128 KiB; benches/README.md
-//! adds up the rest (TLS and HTTP/2 state) per tunneled connection. Large buffers are what
+//! ×4 after two consecutive reads that filled it, up to [`MAX_BUFFER`] (128 KiB); a grown buffer
+//! goes back to its first size once a read has waited [`IDLE_SHRINK`] (the burst is over). So an
+//! idle connection holds 2 × 4 KiB here, also after a burst, and a busy one at most
+//! 2 × 128 KiB; benches/README.md adds up the rest (TLS and HTTP/2 state) per tunneled
+//! connection. Large buffers are what
 //! bulk throughput needs (8 KiB ≈ 3 Gbit/s, 128 KiB ≈ 11 on this class of machine); small
 //! ones are what ten thousand idle connections need.
 //!
@@ -22,6 +24,8 @@ pub(crate) const MAX_BUFFER: usize = 128 * 1024;
 const GROWTH: usize = 4;
 /// Consecutive full reads before the buffer grows.
 const FULL_READS_TO_GROW: u32 = 2;
+/// How long a read waits with a grown buffer before the buffer is given back.
+pub(crate) const IDLE_SHRINK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Bytes moved by a finished copy.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -139,7 +143,21 @@ where
     let mut buf = vec![0u8; INITIAL_BUFFER];
     let mut full_reads = 0;
     loop {
-        let n = reader.read(&mut buf).await.map_err(|e| (read_end, e))?;
+        let read = if buf.len() > INITIAL_BUFFER {
+            // A grown buffer: if no data comes for a while, give it back before waiting on
+            // (reads are cancel-safe: nothing was read when the timeout wins).
+            match tokio::time::timeout(IDLE_SHRINK, reader.read(&mut buf)).await {
+                Ok(read) => read,
+                Err(_) => {
+                    buf = vec![0u8; INITIAL_BUFFER];
+                    full_reads = 0;
+                    reader.read(&mut buf).await
+                }
+            }
+        } else {
+            reader.read(&mut buf).await
+        };
+        let n = read.map_err(|e| (read_end, e))?;
         if n == 0 {
             return writer.shutdown().await.map_err(|e| (write_end, e));
         }

@@ -136,3 +136,43 @@ async fn error_names_the_failing_end() {
     assert_eq!(err.end, End::B);
     assert_eq!(err.source.kind(), io::ErrorKind::ConnectionReset);
 }
+
+/// After a burst the grown buffer is given back once a read has waited `IDLE_SHRINK`: the next
+/// read after the pause goes into a first-size buffer, and the buffer grows again under load.
+#[tokio::test(start_paused = true)]
+async fn a_grown_buffer_shrinks_when_the_connection_goes_idle() {
+    let (mut writer, mut src) = duplex(1 << 20);
+    let mut dst = Firehose {
+        left: 0,
+        writes: vec![],
+    };
+    let relay = tokio::spawn(async move {
+        let mut count = 0;
+        one_way(&mut src, &mut dst, &mut count, None, (End::A, End::B))
+            .await
+            .unwrap();
+        dst.writes
+    });
+    // A burst in full-buffer chunks: the buffer grows to its largest.
+    let burst = vec![3u8; MAX_BUFFER];
+    for _ in 0..8 {
+        writer.write_all(&burst).await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    // Idle past the shrink delay, then one more large write.
+    tokio::time::sleep(IDLE_SHRINK * 2).await;
+    writer.write_all(&burst).await.unwrap();
+    drop(writer);
+    let writes = relay.await.unwrap();
+    let grown = writes.iter().position(|&w| w == MAX_BUFFER).unwrap();
+    let after_pause = writes[grown..]
+        .iter()
+        .rposition(|&w| w == MAX_BUFFER)
+        .map(|i| grown + i)
+        .unwrap();
+    let tail = &writes[after_pause + 1..];
+    assert!(
+        tail.first().is_some_and(|&w| w <= INITIAL_BUFFER),
+        "after the pause the buffer was still large: {writes:?}"
+    );
+}
