@@ -1,9 +1,9 @@
 //! Bidirectional copy between the two halves of a proxied connection, counting bytes each way.
 //!
-//! Memory: each direction owns one buffer that starts at [`INITIAL_BUFFER`] (4 KiB) and grows
+//! Memory: each direction owns one buffer that starts at [`INITIAL_BUFFER`] (1 KiB) and grows
 //! ×4 after two consecutive reads that filled it, up to [`MAX_BUFFER`] (128 KiB); a grown buffer
 //! goes back to its first size once a read has waited [`IDLE_SHRINK`] (the burst is over). So an
-//! idle connection holds 2 × 4 KiB here, also after a burst, and a busy one at most
+//! idle connection holds 2 × 1 KiB here, also after a burst, and a busy one at most
 //! 2 × 128 KiB; benches/README.md adds up the rest (TLS and HTTP/2 state) per tunneled
 //! connection. Large buffers are what
 //! bulk throughput needs (8 KiB ≈ 3 Gbit/s, 128 KiB ≈ 11 on this class of machine); small
@@ -18,7 +18,7 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// First size of a direction's buffer.
-pub(crate) const INITIAL_BUFFER: usize = 4 * 1024;
+pub(crate) const INITIAL_BUFFER: usize = 1024;
 /// Largest size of a direction's buffer.
 pub(crate) const MAX_BUFFER: usize = 128 * 1024;
 const GROWTH: usize = 4;

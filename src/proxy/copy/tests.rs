@@ -94,7 +94,7 @@ async fn buffer_grows_under_load_and_is_bounded() {
         .unwrap();
     assert_eq!(count, 4 << 20);
     let w = &dst.writes;
-    assert_eq!(&w[..6], &[4096, 4096, 16384, 16384, 65536, 65536]);
+    assert_eq!(&w[..6], &[1024, 1024, 4096, 4096, 16384, 16384]);
     assert_eq!(w.iter().max(), Some(&MAX_BUFFER));
 }
 
