@@ -48,7 +48,7 @@ impl LogNames {
 #[derive(Debug)]
 pub(crate) struct ConnectionRecord {
     metrics: Option<Arc<Metrics>>,
-    labels: ConnectionLabels,
+    labels: Arc<ConnectionLabels>,
     names: LogNames,
     src: SocketAddr,
     dst: SocketAddr,
@@ -75,6 +75,10 @@ impl ConnectionRecord {
                 response: Some(response),
             };
         }
+        let labels = match metrics {
+            Some(m) => m.intern(labels),
+            None => Arc::new(labels),
+        };
         let record = ConnectionRecord {
             metrics: metrics.cloned(),
             labels,
@@ -111,17 +115,15 @@ impl ConnectionRecord {
         if !std::mem::replace(&mut self.open, false) {
             return;
         }
-        let labels = match flag {
-            Some(reason) => self.labels.clone().failed(reason),
-            None => self.labels.clone(),
-        };
+        if let Some(reason) = flag {
+            self.labels = Arc::new((*self.labels).clone().failed(reason));
+        }
         if let Some(m) = &self.metrics {
             if flag.is_some() {
-                m.failed(&labels);
+                m.failed(&self.labels);
             }
-            m.closed(&labels);
+            m.closed(&self.labels);
         }
-        self.labels = labels;
         self.log(Some((request, response)), error);
     }
 
@@ -130,7 +132,7 @@ impl ConnectionRecord {
     /// identities only for mutual TLS; unknown values left out; bytes as the reporting proxy
     /// moved them (`bytes_sent` is the request on the way out, the response on the way in).
     fn log(&self, bytes: Option<(u64, u64)>, error: Option<&str>) {
-        let l = &self.labels;
+        let l: &ConnectionLabels = &self.labels;
         fn known(s: &str) -> Option<&str> {
             Some(s).filter(|s| *s != "unknown")
         }

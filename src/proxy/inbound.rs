@@ -293,8 +293,13 @@ impl InboundServer {
                         let server = self.clone();
                         let client = client.clone();
                         let guard = self.workload.drain.as_ref().map(Drain::guard);
+                        // The admission and the dial run boxed, freed once the relay starts: the
+                        // task holds only the relay's state for the stream's life.
+                        let admitted = Box::pin(server.clone().admit(request, respond, client, peer));
                         tokio::spawn(async move {
-                            server.stream(request, respond, client, peer).await;
+                            if let Some(stream) = admitted.await {
+                                server.relay(stream).await;
+                            }
                             drop(guard);
                         });
                     }
@@ -312,20 +317,21 @@ impl InboundServer {
         Ok(())
     }
 
-    /// Checks a CONNECT request against this workload; `Err` is the status to refuse it with.
-    async fn stream(
+    /// Checks a CONNECT request against this workload and dials its app: the stream to relay,
+    /// or `None` once it was answered with a refusal.
+    async fn admit(
         self: Arc<Self>,
         request: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
         client: Option<Identity>,
         peer: SocketAddr,
-    ) {
+    ) -> Option<Admitted> {
         let connect = match admit(&request, &self.workload.addresses) {
             Ok(c) => c,
             Err(status) => {
                 tracing::info!(%peer, uri = %request.uri(), %status, "refused CONNECT");
                 let _ = respond.send_response(hbone::response(status), true);
-                return;
+                return None;
             }
         };
         let target = connect.authority;
@@ -342,16 +348,17 @@ impl InboundServer {
             tracing::info!(%peer, client = ?client.as_ref().map(Identity::to_string), %target, ?decision, "denied by policy; answering 401");
             record.failed(DENIED, 0, 0);
             let _ = respond.send_response(hbone::response(StatusCode::UNAUTHORIZED), true);
-            return;
+            return None;
         }
         // The HBONE connection was dialed from inside the client pod: its address is the pod's.
         let source = self.workload.preserve_source_ip.then_some(peer.ip());
-        let dial = netns::dial(
+        // Boxed: freed once dialed (the task keeps this future for the stream's whole life).
+        let dial = Box::pin(netns::dial(
             &*self.sockets,
             source,
             target,
             self.settings.connect_timeout,
-        );
+        ));
         // A client that resets the stream (or goes away) stops the dial at once: its work must
         // not outlive it (rapid reset, CVE-2023-44487 style, against a target whose dial hangs).
         let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
@@ -360,17 +367,17 @@ impl InboundServer {
             reason = reset => {
                 tracing::debug!(%peer, %target, ?reason, "stream reset by the client before the app answered; dial abandoned");
                 record.failed("client_reset", 0, 0);
-                return;
+                return None;
             }
         };
-        let mut app = match dialed {
+        let app = match dialed {
             Ok(s) => s,
             Err(e) => {
                 tracing::info!(%peer, %target, error = %e, "cannot reach the app; answering 503");
                 record.failed("connect_failed", 0, 0);
                 let _ =
                     respond.send_response(hbone::response(StatusCode::SERVICE_UNAVAILABLE), true);
-                return;
+                return None;
             }
         };
         let send = match respond.send_response(hbone::response(StatusCode::OK), false) {
@@ -378,10 +385,30 @@ impl InboundServer {
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "client went away before 200");
                 record.failed("client_reset", 0, 0);
-                return;
+                return None;
             }
         };
-        let mut tunnel = H2Stream::new(send, request.into_body());
+        Some(Admitted {
+            tunnel: H2Stream::new(send, request.into_body()),
+            app,
+            record,
+            client,
+            peer,
+            target,
+        })
+    }
+
+    /// Relays an admitted stream until either side ends, or a policy change or the pod's
+    /// removal stops it.
+    async fn relay(&self, stream: Admitted) {
+        let Admitted {
+            mut tunnel,
+            mut app,
+            record,
+            client,
+            peer,
+            target,
+        } = stream;
         let conn = authz_facts(client.as_ref(), peer, target);
         let stop = self.workload.stop(&conn);
         match copy::bidirectional_until(&mut tunnel, &mut app, stop, record.meters()).await {
@@ -408,5 +435,34 @@ impl InboundServer {
                 record.failed(reason.reason(), t.a_to_b, t.b_to_a);
             }
         }
+    }
+}
+
+/// A CONNECT stream admitted and its app dialed, ready to relay.
+struct Admitted {
+    tunnel: H2Stream,
+    app: TcpStream,
+    record: ConnectionRecord,
+    client: Option<Identity>,
+    peer: SocketAddr,
+    target: SocketAddr,
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// What a live stream's task holds: the relay's future, not the admission's and dial's.
+    #[test]
+    fn a_live_stream_holds_only_the_relays_state() {
+        fn size<'a, F, Fut>(_: F) -> usize
+        where
+            F: FnOnce(&'a InboundServer, Admitted) -> Fut,
+            Fut: std::future::Future + 'a,
+        {
+            std::mem::size_of::<Fut>()
+        }
+        let relay = size(|s: &InboundServer, a| s.relay(a));
+        assert!(relay < 4096, "the inbound relay future is {relay} bytes");
     }
 }

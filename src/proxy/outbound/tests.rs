@@ -186,3 +186,25 @@ fn the_connect_request_carries_the_source_and_the_dice() {
         "spiffe://cluster.local/ns/demo/sa/server"
     );
 }
+
+/// A connection's task holds its `handle` future for the connection's whole life: the dial's
+/// state (TLS and HTTP/2 handshakes, 13 KB inline before it was boxed) must not stay in it, nor
+/// the labels' 23 strings in the record (shared per label set).
+#[test]
+fn a_live_connection_holds_only_the_relays_state() {
+    fn size<'a, F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(&'a Outbound, TcpStream) -> Fut,
+        Fut: std::future::Future + 'a,
+    {
+        std::mem::size_of::<Fut>()
+    }
+    let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    let handle = size(move |o: &Outbound, s| o.handle(s, a, a));
+    assert!(
+        handle < 4096,
+        "the outbound handle future is {handle} bytes"
+    );
+    let record = std::mem::size_of::<crate::metrics::ConnectionRecord>();
+    assert!(record <= 256, "a connection record is {record} bytes");
+}
