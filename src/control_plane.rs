@@ -130,6 +130,8 @@ pub(crate) fn endpoint(address: &str, root_ca: Option<&Path>) -> Result<Target, 
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30));
     if address.starts_with("https://") {
+        // tonic builds its rustls config with the process default.
+        crate::tls::install_process_default();
         let mut tls = ClientTlsConfig::new();
         if let Some(path) = root_ca {
             let pem = std::fs::read(path).map_err(|source| ChannelError::RootCa {
@@ -175,6 +177,8 @@ mod tests {
     #[test]
     fn addresses_need_a_known_scheme() {
         assert!(endpoint("http://127.0.0.1:15010", None).is_ok());
+        // TLS with both rustls providers compiled in: the process default is set first.
+        assert!(endpoint("https://istiod.istio-system.svc:15012", None).is_ok());
         assert!(matches!(
             endpoint("istiod:15012", None),
             Err(ChannelError::Scheme(_) | ChannelError::Address { .. })

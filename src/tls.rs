@@ -144,6 +144,13 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// Makes aws-lc-rs the process's default rustls provider, for what builds rustls configs
+/// without naming one (tonic's TLS to the control plane). rustls cannot pick a default itself
+/// with both of its providers compiled in. Idempotent.
+pub fn install_process_default() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 /// docs/design.md §4's provider with `aes_gcm`'s record cipher.
 pub(crate) fn provider_for(aes_gcm: AesGcm) -> CryptoProvider {
     use rustls::crypto::aws_lc_rs::{self as aws, kx_group};

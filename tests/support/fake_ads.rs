@@ -106,6 +106,7 @@ impl FakeAds {
 
     /// Serves TLS with the given (certificate PEM, key PEM).
     pub async fn start_tls(addr: std::net::SocketAddr, cert: &str, key: &str) -> FakeAds {
+        hboned::tls::install_process_default();
         Self::start_with(addr, Some(tonic::transport::Identity::from_pem(cert, key))).await
     }
 
