@@ -12,6 +12,7 @@ use std::path::Path;
 
 use hboned::config::Config;
 use hboned::testbed::{self, A1, A2, APP_PORT, B1, B2, Capture, PODS, Topology};
+use support::agent::ZdsProxy;
 use support::cilium::{Pod, Update, Xds, Zds};
 use support::topo::*;
 use support::within;
@@ -172,65 +173,6 @@ async fn cilium_shape_encrypts_enrolled_pods_and_passes_the_rest() {
     drop(streams);
 }
 
-/// `hboned run` following the agent's ZDS socket only; killed on drop.
-struct Proxy {
-    child: std::process::Child,
-    readiness: std::net::SocketAddr,
-    log: std::path::PathBuf,
-}
-
-impl Proxy {
-    fn start(dir: &Path, name: &str, zds: &Path) -> Proxy {
-        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let readiness = free.local_addr().unwrap();
-        drop(free);
-        let config = dir.join(format!("{name}.yaml"));
-        std::fs::write(
-            &config,
-            format!(
-                "zdsSocket: {}\nreadinessAddress: {readiness}\nmetricsAddress: 127.0.0.1:0\nadminAddress: 127.0.0.1:0\ndrainTimeoutSecs: 1\n",
-                zds.display()
-            ),
-        )
-        .unwrap();
-        let log = dir.join(format!("{name}.log"));
-        let child = std::process::Command::new(bin())
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Proxy {
-            child,
-            readiness,
-            log,
-        }
-    }
-
-    /// The readiness status code (0 while nothing answers).
-    fn ready(&self) -> u16 {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(self.readiness) else {
-            return 0;
-        };
-        let _ = s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-        }
-    }
-}
-
 /// Whether the pod in `netns` has the proxy's 15008 listening.
 fn serves(netns: &support::agent::ScratchNetns) -> bool {
     let ns = hboned::netns::Netns::open(&netns.path()).unwrap();
@@ -270,18 +212,22 @@ async fn a_rollout_under_ciliums_agent_moves_the_node_to_the_new_proxy() {
     let socket = dir.path().join("ztunnel.sock");
     let agent = Zds::start(&socket, vec![pod("p1", &p1)]);
 
-    let old = Proxy::start(dir.path(), "old", &socket);
-    support::eventually(20, || old.ready() == 200).await;
+    let old = ZdsProxy::start(bin(), dir.path(), "old", &socket);
+    support::eventually(20, || old.readiness_status() == 200).await;
     assert!(serves(&p1));
 
     // The new proxy connects and waits its turn; a third connection is closed at once.
-    let new = Proxy::start(dir.path(), "new", &socket);
+    let new = ZdsProxy::start(bin(), dir.path(), "new", &socket);
     support::eventually(20, || agent.accepted() == 2).await;
     let third = hboned::socket::SeqPacket::connect(&socket).unwrap();
     let mut buf = [0u8; 16];
     let (n, _) = within(10, third.recv(&mut buf)).await.unwrap();
     assert_eq!(n, 0, "a third proxy connection is closed");
-    assert_eq!(new.ready(), 503, "no snapshot for the waiting proxy");
+    assert_eq!(
+        new.readiness_status(),
+        503,
+        "no snapshot for the waiting proxy"
+    );
 
     // The old proxy leaves (SIGTERM: drain, ZDS closed).
     nix::sys::signal::kill(

@@ -46,14 +46,80 @@ impl Drop for ScratchNetns {
     }
 }
 
-/// `hboned run` enrolling pods from a fake agent; killed on drop (its log shown on failure).
+/// `hboned run` following the ZDS socket `zds` and nothing else, readiness on a free loopback
+/// port; killed on drop (its log shown on failure).
+pub struct ZdsProxy {
+    pub child: std::process::Child,
+    /// Where the proxy serves readiness.
+    pub readiness: std::net::SocketAddr,
+    log: PathBuf,
+}
+
+impl ZdsProxy {
+    /// Starts `bin run` with its config and log in `dir`, named `name`.
+    pub fn start(bin: &Path, dir: &Path, name: &str, zds: &Path) -> ZdsProxy {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let readiness = free.local_addr().unwrap();
+        drop(free);
+        let config = dir.join(format!("{name}.yaml"));
+        std::fs::write(
+            &config,
+            format!(
+                "zdsSocket: {}\nreadinessAddress: {readiness}\nmetricsAddress: 127.0.0.1:0\nadminAddress: 127.0.0.1:0\ndrainTimeoutSecs: 1\n",
+                zds.display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let child = std::process::Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        ZdsProxy {
+            child,
+            readiness,
+            log,
+        }
+    }
+
+    /// The readiness endpoint's status code, once its listener is up; 0 when it never answers.
+    pub fn readiness_status(&self) -> u16 {
+        use std::io::{Read, Write};
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut s = loop {
+            match std::net::TcpStream::connect_timeout(&self.readiness, Duration::from_secs(2)) {
+                Ok(s) => break s,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(_) => return 0,
+            }
+        };
+        let _ = s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
+    }
+}
+
+impl Drop for ZdsProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("{}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+}
+
+/// `hboned run` enrolling pods from a fake agent (istio-cni's behaviour).
 pub struct AgentNode {
     agent: SeqPacketListener,
     conn: Option<SeqPacket>,
-    proxy: std::process::Child,
-    log: PathBuf,
-    /// Where the proxy serves readiness.
-    pub readiness: std::net::SocketAddr,
+    proxy: ZdsProxy,
     _dir: tempfile::TempDir,
 }
 
@@ -63,33 +129,12 @@ impl AgentNode {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("ztunnel.sock");
         let agent = SeqPacketListener::bind(&sock).unwrap();
-        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let readiness = free.local_addr().unwrap();
-        drop(free);
-        let config = dir.path().join("node.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "zdsSocket: {}\nreadinessAddress: {readiness}\nmetricsAddress: 127.0.0.1:0\nadminAddress: 127.0.0.1:0\n",
-                sock.display()
-            ),
-        )
-        .unwrap();
-        let log = dir.path().join("hboned.log");
-        let proxy = std::process::Command::new(bin)
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let proxy = ZdsProxy::start(bin, dir.path(), "node", &sock);
         let conn = accept_hello(&agent).await;
         AgentNode {
             agent,
             conn: Some(conn),
             proxy,
-            log,
-            readiness,
             _dir: dir,
         }
     }
@@ -147,31 +192,7 @@ impl AgentNode {
 
     /// The readiness endpoint's status code, once its listener is up; 0 when it never answers.
     pub fn readiness_status(&self) -> u16 {
-        use std::io::{Read, Write};
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mut s = loop {
-            match std::net::TcpStream::connect_timeout(&self.readiness, Duration::from_secs(2)) {
-                Ok(s) => break s,
-                Err(_) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(_) => return 0,
-            }
-        };
-        let _ = s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
-    }
-}
-
-impl Drop for AgentNode {
-    fn drop(&mut self) {
-        let _ = self.proxy.kill();
-        let _ = self.proxy.wait();
-        if std::thread::panicking() {
-            eprintln!("{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-        }
+        self.proxy.readiness_status()
     }
 }
 
