@@ -706,6 +706,7 @@ async fn spire_by_pid_attests_the_pod_and_a_bundle_file_is_trusted() {
     let entries = vec![
         fake_spire::delegate(nix::unistd::Uid::effective().as_raw()),
         fake_spire::entry(&["k8s:pod-uid:pod-1"], "test", "client"),
+        fake_spire::entry(&["k8s:ns:test", "k8s:sa:server"], "test", "server"),
     ];
     let pods = [(netns, ("pod-1".into(), "test".into(), "client".into()))].into();
     let (ca, _streams) = fake_spire::start_with(&socket, entries, pods).await;
@@ -726,6 +727,13 @@ async fn spire_by_pid_attests_the_pod_and_a_bundle_file_is_trusted() {
         asked.lock().unwrap().as_slice(),
         ["spiffe://cluster.local/ns/test/sa/client"]
     );
+
+    // A process the agent cannot attest (gone): the selectors, which here match an entry.
+    let gone = Spire::new(socket.clone(), Some(bundle.clone())).unwrap();
+    gone.find_pod_processes_with(Arc::new(|_: &Identity| Some(i32::MAX as u32)));
+    let server_id = Identity::new("cluster.local", "test", "server").unwrap();
+    let cert = within(20, gone.fetch(&server_id)).await.unwrap();
+    assert_eq!(cert.identity(), &server_id);
 
     // Selectors alone (no process found) match no entry keyed by pod: no certificate.
     let by_selectors = Spire::new(socket.clone(), Some(bundle)).unwrap();

@@ -156,24 +156,36 @@ async fn stream_once(
     let mut client = DelegatedIdentityClient::new(agent.channel.clone());
     let finder = agent.pids.lock().clone();
     let pid = finder.as_ref().and_then(|find| find(id));
-    let svids = match pid.and_then(|p| i32::try_from(p).ok()) {
+    let selectors = vec![
+        Selector {
+            r#type: "k8s".into(),
+            value: format!("ns:{}", id.namespace()),
+        },
+        Selector {
+            r#type: "k8s".into(),
+            value: format!("sa:{}", id.service_account()),
+        },
+    ];
+    let by_pid = match pid.and_then(|p| i32::try_from(p).ok()) {
         Some(pid) => {
             tracing::debug!(identity = %id, pid, "subscribing to SPIRE by the pod's process");
-            client
-                .subscribe_to_x509svi_ds_by_pid(SubscribeToX509sviDsByPidRequest { pid })
-                .await
+            let request = SubscribeToX509sviDsByPidRequest { pid };
+            match client.subscribe_to_x509svi_ds_by_pid(request).await {
+                Ok(s) => Some(s),
+                // An agent that cannot attest the process (it exited; no Kubernetes
+                // attestor): the selectors, this once.
+                Err(e) => {
+                    tracing::warn!(identity = %id, pid, error = e.message(), "SPIRE could not subscribe by PID; using the selectors");
+                    None
+                }
+            }
         }
+        None => None,
+    };
+    let subscribed_by_pid = by_pid.is_some();
+    let svids = match by_pid {
+        Some(stream) => Ok(stream),
         None => {
-            let selectors = vec![
-                Selector {
-                    r#type: "k8s".into(),
-                    value: format!("ns:{}", id.namespace()),
-                },
-                Selector {
-                    r#type: "k8s".into(),
-                    value: format!("sa:{}", id.service_account()),
-                },
-            ];
             client
                 .subscribe_to_x509svi_ds(SubscribeToX509sviDsRequest { selectors })
                 .await
@@ -236,7 +248,7 @@ async fn stream_once(
                     tracing::warn!(identity = %id, error = %e, "SPIRE sent an unusable SVID; keeping the last one");
                     // Selectors that match no entry (SPIRE entries keyed by pod): once a
                     // process of the pod is known, subscribe again by its PID.
-                    if pid.is_none() && finder.as_ref().and_then(|find| find(id)).is_some() {
+                    if !subscribed_by_pid && finder.as_ref().and_then(|find| find(id)).is_some() {
                         return SpireError::NoSvid {
                             identity: id.to_string(),
                             count: s.x509_svids.len(),
