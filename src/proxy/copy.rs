@@ -9,12 +9,19 @@
 //! bulk throughput needs (8 KiB ≈ 3 Gbit/s, 128 KiB ≈ 11 on this class of machine); small
 //! ones are what ten thousand idle connections need.
 //!
+//! Each direction reads into a `BytesMut`; a writer that can take bytes as they are (an HTTP/2
+//! stream: they become a DATA frame) takes them without a copy ([`Sink`]), and streams come
+//! apart into their two directions without a lock between them ([`Split`]).
+//!
 //! EOF on one side becomes a write shutdown on the other (half-close), and the copy goes on in
 //! the other direction until it ends too. An error in either direction ends both and says
 //! which side failed, so the caller can pass a reset on.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// First size of a direction's buffer.
@@ -51,6 +58,43 @@ pub(crate) enum End {
     B,
 }
 
+/// The write side of a relay: takes a filled buffer's front off it. The default copies through
+/// `poll_write`; an HTTP/2 stream takes the bytes as they are (they become a DATA frame without
+/// a copy).
+pub(crate) trait Sink: AsyncWrite + Unpin {
+    fn poll_write_owned(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        let n = ready!(Pin::new(&mut *self).poll_write(cx, data))?;
+        data.advance(n);
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl Sink for tokio::net::tcp::WriteHalf<'_> {}
+impl<T: AsyncWrite> Sink for tokio::io::WriteHalf<T> {}
+
+/// A stream a relay can take apart into its two directions without a lock between them.
+pub(crate) trait Split {
+    type Read<'a>: AsyncRead + Unpin
+    where
+        Self: 'a;
+    type Write<'a>: Sink
+    where
+        Self: 'a;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+}
+
+impl Split for tokio::net::TcpStream {
+    type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        self.split()
+    }
+}
+
 /// A copy that ended with an I/O error on one end, with what had moved until then.
 #[derive(Debug, thiserror::Error)]
 #[error("relay failed on side {end:?}: {source}")]
@@ -65,8 +109,8 @@ pub(crate) struct CopyError {
 #[cfg(test)]
 pub(crate) async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> Result<Transferred, CopyError>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: Split,
+    B: Split,
 {
     let never = std::future::pending::<std::convert::Infallible>();
     match bidirectional_until(a, b, never, &Meters::default()).await {
@@ -94,12 +138,12 @@ pub(crate) async fn bidirectional_until<A, B, S>(
     meters: &Meters,
 ) -> Ended<S::Output>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: Split,
+    B: Split,
     S: std::future::Future,
 {
-    let (mut ar, mut aw) = tokio::io::split(a);
-    let (mut br, mut bw) = tokio::io::split(b);
+    let (mut ar, mut aw) = a.halves();
+    let (mut br, mut bw) = b.halves();
     let mut a_to_b = 0u64;
     let mut b_to_a = 0u64;
     let copied = {
@@ -138,41 +182,56 @@ async fn one_way<R, W>(
 ) -> Result<(), (End, io::Error)>
 where
     R: AsyncRead + Unpin + ?Sized,
-    W: AsyncWrite + Unpin + ?Sized,
+    W: Sink + ?Sized,
 {
-    let mut buf = vec![0u8; INITIAL_BUFFER];
+    // `size` is how much one read may take; the buffer's capacity follows it (a writer that
+    // keeps what it was handed leaves the buffer empty, and the next reserve allocates anew).
+    let mut size = INITIAL_BUFFER;
+    let mut buf = BytesMut::with_capacity(size);
     let mut full_reads = 0;
     loop {
-        let read = if buf.len() > INITIAL_BUFFER {
+        buf.reserve(size);
+        let read = if size > INITIAL_BUFFER {
             // A grown buffer: if no data comes for a while, give it back before waiting on
             // (reads are cancel-safe: nothing was read when the timeout wins).
-            match tokio::time::timeout(IDLE_SHRINK, reader.read(&mut buf)).await {
+            match tokio::time::timeout(IDLE_SHRINK, reader.read_buf(&mut (&mut buf).limit(size)))
+                .await
+            {
                 Ok(read) => read,
                 Err(_) => {
-                    buf = vec![0u8; INITIAL_BUFFER];
+                    size = INITIAL_BUFFER;
+                    buf = BytesMut::with_capacity(size);
                     full_reads = 0;
-                    reader.read(&mut buf).await
+                    reader.read_buf(&mut (&mut buf).limit(size)).await
                 }
             }
         } else {
-            reader.read(&mut buf).await
+            reader.read_buf(&mut (&mut buf).limit(size)).await
         };
         let n = read.map_err(|e| (read_end, e))?;
         if n == 0 {
             return writer.shutdown().await.map_err(|e| (write_end, e));
         }
-        writer
-            .write_all(&buf[..n])
-            .await
-            .map_err(|e| (write_end, e))?;
+        while !buf.is_empty() {
+            std::future::poll_fn(|cx| writer.poll_write_owned(cx, &mut buf))
+                .await
+                .and_then(|w| {
+                    if w == 0 {
+                        Err(io::ErrorKind::WriteZero.into())
+                    } else {
+                        Ok(w)
+                    }
+                })
+                .map_err(|e| (write_end, e))?;
+        }
         *count += n as u64;
         if let Some(m) = meter {
             m.inc_by(n as u64);
         }
-        if n == buf.len() && buf.len() < MAX_BUFFER {
+        if n == size && size < MAX_BUFFER {
             full_reads += 1;
             if full_reads >= FULL_READS_TO_GROW {
-                buf.resize((buf.len() * GROWTH).min(MAX_BUFFER), 0);
+                size = (size * GROWTH).min(MAX_BUFFER);
                 full_reads = 0;
             }
         } else {

@@ -195,6 +195,77 @@ fn write_error(e: h2::Error) -> io::Error {
     }
 }
 
+/// Reads the next bytes of the stream's DATA into `buf`.
+fn poll_read_data(
+    recv: &mut RecvStream,
+    pending: &mut Bytes,
+    read_done: &mut bool,
+    cx: &mut Context<'_>,
+    buf: &mut ReadBuf<'_>,
+) -> Poll<io::Result<()>> {
+    while pending.is_empty() {
+        if *read_done {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(recv.poll_data(cx)) {
+            Some(Ok(chunk)) => {
+                // Release window as soon as the frame is ours: we hold at most one frame.
+                let _ = recv.flow_control().release_capacity(chunk.len());
+                *pending = chunk;
+            }
+            Some(Err(e)) => {
+                *read_done = true;
+                return Poll::Ready(match read_error(e) {
+                    None => Ok(()),
+                    Some(err) => Err(err),
+                });
+            }
+            None => *read_done = true,
+        }
+    }
+    drain_into(pending, buf);
+    Poll::Ready(Ok(()))
+}
+
+/// Waits until h2 lets `want` (at most [`MAX_WRITE_CHUNK`]) bytes be sent; how many it grants.
+fn poll_grant(
+    send: &mut SendStream<Bytes>,
+    write_done: bool,
+    cx: &mut Context<'_>,
+    want: usize,
+) -> Poll<io::Result<usize>> {
+    if write_done {
+        return Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "write after shutdown",
+        )));
+    }
+    let want = want.min(MAX_WRITE_CHUNK);
+    send.reserve_capacity(want);
+    loop {
+        match ready!(send.poll_capacity(cx)) {
+            Some(Ok(0)) => continue,
+            Some(Ok(n)) => return Poll::Ready(Ok(n.min(want))),
+            Some(Err(e)) => return Poll::Ready(Err(write_error(e))),
+            None => {
+                // The stream closed: report the reset reason if there is one.
+                return Poll::Ready(Err(match send.poll_reset(cx) {
+                    Poll::Ready(Ok(reason)) => write_error(h2::Error::from(reason)),
+                    _ => io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"),
+                }));
+            }
+        }
+    }
+}
+
+fn shutdown(send: &mut SendStream<Bytes>, write_done: &mut bool) -> io::Result<()> {
+    if !*write_done {
+        *write_done = true;
+        send.send_data(Bytes::new(), true).map_err(write_error)?;
+    }
+    Ok(())
+}
+
 impl AsyncRead for H2Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -202,28 +273,131 @@ impl AsyncRead for H2Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        while this.pending.is_empty() {
-            if this.read_done {
-                return Poll::Ready(Ok(()));
-            }
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(chunk)) => {
-                    // Release window as soon as the frame is ours: we hold at most one frame.
-                    let _ = this.recv.flow_control().release_capacity(chunk.len());
-                    this.pending = chunk;
-                }
-                Some(Err(e)) => {
-                    this.read_done = true;
-                    return Poll::Ready(match read_error(e) {
-                        None => Ok(()),
-                        Some(err) => Err(err),
-                    });
-                }
-                None => this.read_done = true,
-            }
+        poll_read_data(
+            &mut this.recv,
+            &mut this.pending,
+            &mut this.read_done,
+            cx,
+            buf,
+        )
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        H2Writer {
+            send: &mut this.send,
+            write_done: &mut this.write_done,
         }
-        drain_into(&mut this.pending, buf);
+        .write_copy(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2's connection task writes out buffered frames on its own.
         Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        Poll::Ready(shutdown(&mut this.send, &mut this.write_done))
+    }
+}
+
+/// The read direction of an [`H2Stream`], apart from its write direction.
+pub(crate) struct H2Reader<'a> {
+    recv: &'a mut RecvStream,
+    pending: &'a mut Bytes,
+    read_done: &'a mut bool,
+}
+
+/// The write direction of an [`H2Stream`].
+pub(crate) struct H2Writer<'a> {
+    send: &'a mut SendStream<Bytes>,
+    write_done: &'a mut bool,
+}
+
+impl H2Writer<'_> {
+    /// Sends a copy of what h2 grants of `buf`.
+    fn write_copy(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let granted = ready!(poll_grant(self.send, *self.write_done, cx, buf.len()))?;
+        self.send
+            .send_data(Bytes::copy_from_slice(&buf[..granted]), false)
+            .map_err(write_error)?;
+        Poll::Ready(Ok(granted))
+    }
+}
+
+impl crate::proxy::copy::Split for H2Stream {
+    type Read<'a> = H2Reader<'a>;
+    type Write<'a> = H2Writer<'a>;
+    fn halves(&mut self) -> (H2Reader<'_>, H2Writer<'_>) {
+        (
+            H2Reader {
+                recv: &mut self.recv,
+                pending: &mut self.pending,
+                read_done: &mut self.read_done,
+            },
+            H2Writer {
+                send: &mut self.send,
+                write_done: &mut self.write_done,
+            },
+        )
+    }
+}
+
+impl AsyncRead for H2Reader<'_> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        poll_read_data(this.recv, this.pending, this.read_done, cx, buf)
+    }
+}
+
+impl AsyncWrite for H2Writer<'_> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.write_copy(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        Poll::Ready(shutdown(this.send, this.write_done))
+    }
+}
+
+impl crate::proxy::copy::Sink for H2Writer<'_> {
+    /// The front of the relay's buffer becomes a DATA frame as it is: no copy.
+    fn poll_write_owned(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut bytes::BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let granted = ready!(poll_grant(self.send, *self.write_done, cx, data.len()))?;
+        self.send
+            .send_data(data.split_to(granted).freeze(), false)
+            .map_err(write_error)?;
+        Poll::Ready(Ok(granted))
     }
 }
 
@@ -236,61 +410,6 @@ fn drain_into(pending: &mut Bytes, buf: &mut ReadBuf<'_>) {
     pending.advance(n);
     if pending.is_empty() {
         *pending = Bytes::new();
-    }
-}
-
-impl AsyncWrite for H2Stream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
-        }
-        let this = &mut *self;
-        if this.write_done {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "write after shutdown",
-            )));
-        }
-        let want = buf.len().min(MAX_WRITE_CHUNK);
-        this.send.reserve_capacity(want);
-        let granted = loop {
-            match ready!(this.send.poll_capacity(cx)) {
-                Some(Ok(0)) => continue,
-                Some(Ok(n)) => break n.min(want),
-                Some(Err(e)) => return Poll::Ready(Err(write_error(e))),
-                None => {
-                    // The stream closed: report the reset reason if there is one.
-                    return Poll::Ready(Err(match this.send.poll_reset(cx) {
-                        Poll::Ready(Ok(reason)) => write_error(h2::Error::from(reason)),
-                        _ => io::Error::new(io::ErrorKind::BrokenPipe, "stream closed"),
-                    }));
-                }
-            }
-        };
-        this.send
-            .send_data(Bytes::copy_from_slice(&buf[..granted]), false)
-            .map_err(write_error)?;
-        Poll::Ready(Ok(granted))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // h2's connection task writes out buffered frames on its own.
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if !this.write_done {
-            this.write_done = true;
-            this.send
-                .send_data(Bytes::new(), true)
-                .map_err(write_error)?;
-        }
-        Poll::Ready(Ok(()))
     }
 }
 

@@ -1,7 +1,16 @@
 //! Tests of `copy`.
 
 use super::*;
-use tokio::io::duplex;
+use tokio::io::{DuplexStream, duplex};
+
+/// In-memory streams split the generic (locked) way.
+impl Split for DuplexStream {
+    type Read<'a> = tokio::io::ReadHalf<&'a mut DuplexStream>;
+    type Write<'a> = tokio::io::WriteHalf<&'a mut DuplexStream>;
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        tokio::io::split(self)
+    }
+}
 
 #[tokio::test]
 async fn copies_both_ways_and_counts() {
@@ -78,6 +87,8 @@ impl AsyncWrite for Firehose {
     }
 }
 
+impl Sink for Firehose {}
+
 #[tokio::test]
 async fn buffer_grows_under_load_and_is_bounded() {
     let mut src = Firehose {
@@ -129,6 +140,13 @@ async fn error_names_the_failing_end() {
             _: &mut std::task::Context<'_>,
         ) -> std::task::Poll<io::Result<()>> {
             std::task::Poll::Ready(Ok(()))
+        }
+    }
+    impl Split for Broken {
+        type Read<'a> = tokio::io::ReadHalf<&'a mut Broken>;
+        type Write<'a> = tokio::io::WriteHalf<&'a mut Broken>;
+        fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+            tokio::io::split(self)
         }
     }
     let (_keep, mut a) = duplex(64);
