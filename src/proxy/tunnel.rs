@@ -14,6 +14,8 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::proxy::copy::{Sink, Split};
+
 /// HTTP/2 and timing settings of HBONE (docs/design.md §4, ztunnel's values).
 #[derive(Debug, Clone)]
 pub struct TunnelSettings {
@@ -266,20 +268,15 @@ fn shutdown(send: &mut SendStream<Bytes>, write_done: &mut bool) -> io::Result<(
     Ok(())
 }
 
+/// As a whole, the stream reads and writes through its two halves.
 impl AsyncRead for H2Stream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        poll_read_data(
-            &mut this.recv,
-            &mut this.pending,
-            &mut this.read_done,
-            cx,
-            buf,
-        )
+        let (mut reader, _) = self.halves();
+        Pin::new(&mut reader).poll_read(cx, buf)
     }
 }
 
@@ -289,12 +286,8 @@ impl AsyncWrite for H2Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        H2Writer {
-            send: &mut this.send,
-            write_done: &mut this.write_done,
-        }
-        .write_copy(cx, buf)
+        let (_, mut writer) = self.halves();
+        writer.write_copy(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -302,9 +295,9 @@ impl AsyncWrite for H2Stream {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        Poll::Ready(shutdown(&mut this.send, &mut this.write_done))
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (_, mut writer) = self.halves();
+        Pin::new(&mut writer).poll_shutdown(cx)
     }
 }
 
@@ -335,7 +328,7 @@ impl H2Writer<'_> {
     }
 }
 
-impl crate::proxy::copy::Split for H2Stream {
+impl Split for H2Stream {
     type Read<'a> = H2Reader<'a>;
     type Write<'a> = H2Writer<'a>;
     fn halves(&mut self) -> (H2Reader<'_>, H2Writer<'_>) {
@@ -383,7 +376,7 @@ impl AsyncWrite for H2Writer<'_> {
     }
 }
 
-impl crate::proxy::copy::Sink for H2Writer<'_> {
+impl Sink for H2Writer<'_> {
     /// The front of the relay's buffer becomes a DATA frame as it is: no copy.
     fn poll_write_owned(
         &mut self,
