@@ -762,12 +762,15 @@ pub async fn run(bin: &Path, throughput: bool, bench: bool) -> anyhow::Result<()
             Err(e) => format!("reset ({e})"),
         }
     );
-    if throughput {
-        let report = measure_throughput(&topo, 3).await?;
-        println!("{report}");
-    }
-    if bench {
-        println!("{}", bench::report(&topo, 3).await?);
+    if throughput || bench {
+        let _apps = bench::start_apps(&topo)?;
+        // The report first: it measures memory on proxies that have not moved bulk yet.
+        if bench {
+            println!("{}", bench::report(&topo, 3).await?);
+        }
+        if throughput {
+            println!("{}", bench::throughput(&topo, 3).await?);
+        }
     }
     if std::env::var_os("HBONED_DEMO_LOGS").is_some() {
         println!("{}", topo.logs());
@@ -776,60 +779,4 @@ pub async fn run(bin: &Path, throughput: bool, bench: bool) -> anyhow::Result<()
     drop(topo);
     println!("done");
     Ok(())
-}
-
-/// Pod-to-pod throughput: a1 → b1 through both proxies, next to a2 → b2 (raw TCP over the
-/// same nodes and link), `runs` times each, alternating; reports medians and the ratio.
-pub async fn measure_throughput(topo: &Topology, runs: usize) -> anyhow::Result<String> {
-    const BYTES: usize = 512 << 20;
-    let sink = |l: TcpListener| {
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 256 << 10];
-                    let mut n = 0u64;
-                    while let Ok(k) = s.read(&mut buf).await {
-                        if k == 0 {
-                            break;
-                        }
-                        n += k as u64;
-                    }
-                    let _ = s.write_all(&n.to_be_bytes()).await;
-                });
-            }
-        })
-    };
-    let _s1 = sink(topo.listen(B1.name, 7100)?);
-    let _s2 = sink(topo.listen(B2.name, 7100)?);
-    let push = |from: &'static str, to: SocketAddr| async move {
-        let mut s = topo.connect(from, to).await?;
-        let chunk = vec![0x42u8; 256 << 10];
-        let t = Instant::now();
-        let mut left = BYTES;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            s.write_all(&chunk[..n]).await?;
-            left -= n;
-        }
-        s.shutdown().await?;
-        let mut count = [0u8; 8];
-        s.read_exact(&mut count).await?;
-        anyhow::ensure!(u64::from_be_bytes(count) == BYTES as u64, "short transfer");
-        Ok::<f64, anyhow::Error>(BYTES as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e9)
-    };
-    let (mut raw, mut tunnel) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        raw.push(push(A2.name, B2.addr(7100)).await?);
-        tunnel.push(push(A1.name, B1.addr(7100)).await?);
-    }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let (r, t) = (median(&mut raw), median(&mut tunnel));
-    Ok(format!(
-        "pod-to-pod throughput, {} MiB per run, median of {runs}: raw TCP a2→b2 {r:.2} Gbit/s, HBONE a1→b1 {t:.2} Gbit/s, tunnel/raw {:.2}",
-        BYTES >> 20,
-        t / r
-    ))
 }

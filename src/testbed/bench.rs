@@ -62,8 +62,15 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
 }
 
+/// The benchmark's apps on b1 and b2, serving while the handles are held.
+pub fn start_apps(topo: &Topology) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut apps = on_pod(topo, B1.name)?;
+    apps.extend(on_pod(topo, B2.name)?);
+    Ok(apps)
+}
+
 /// The sink, source and echo apps on a pod.
-fn apps(topo: &Topology, pod: &str) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+fn on_pod(topo: &Topology, pod: &str) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let serve = |l: TcpListener, kind: u16| {
         tokio::spawn(async move {
             while let Ok((mut s, _)) = l.accept().await {
@@ -286,10 +293,18 @@ async fn rss_per_connection(topo: &Topology, count: usize) -> anyhow::Result<([f
     Ok((per(idle), per(after_burst)))
 }
 
-/// The whole report, `runs` alternating runs per bulk shape.
+/// `hboned demo --throughput`'s line: bulk one stream, raw and tunnelled (apps started).
+pub async fn throughput(topo: &Topology, runs: usize) -> anyhow::Result<String> {
+    let (raw, tunnel, _) = bulk(topo, runs, "1 stream").await?;
+    Ok(format!(
+        "pod-to-pod throughput, {} MiB per run, median of {runs}: raw TCP a2→b2 {raw:.2} Gbit/s, HBONE a1→b1 {tunnel:.2} Gbit/s, tunnel/raw {:.2}",
+        BULK >> 20,
+        tunnel / raw
+    ))
+}
+
+/// The whole report, `runs` alternating runs per bulk shape (apps started).
 pub async fn report(topo: &Topology, runs: usize) -> anyhow::Result<String> {
-    let _b1 = apps(topo, B1.name)?;
-    let _b2 = apps(topo, B2.name)?;
     let mut out = String::new();
     let flags = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
