@@ -67,7 +67,42 @@ pub struct Config {
     pub drain_timeout_secs: u64,
     /// The control plane (xDS); without an address, the workload tables above are all there is.
     pub xds: XdsConfig,
+    /// Kubernetes mode: hboned is its own node agent (enrolls this node's pods of labelled
+    /// namespaces) and discovers workloads from the API server. Present: on. Refused with
+    /// `zdsSocket`, `xds.address` or `pods`, which would mean a second agent for the same pods.
+    pub kubernetes: Option<KubernetesConfig>,
 }
+
+/// Kubernetes mode's settings (README "Kubernetes mode").
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct KubernetesConfig {
+    /// Namespace labels that opt a namespace in, each `key=value` (or `key` alone: any value);
+    /// a namespace carrying any of them is enrolled.
+    pub namespace_labels: Vec<String>,
+    /// The API server (`https://...` or `http://...`); unset: the in-cluster service account,
+    /// else the kubeconfig (`KUBECONFIG`, `~/.kube/config`).
+    pub api_server: Option<String>,
+    /// Allow the built-in CA in this mode (one-node development only: every node would hold
+    /// the CA key and could mint any identity).
+    pub allow_builtin_ca: bool,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            namespace_labels: vec![DEFAULT_NAMESPACE_LABEL.to_owned()],
+            api_server: None,
+            allow_builtin_ca: false,
+        }
+    }
+}
+
+/// The label that opts a namespace in, as Cilium's mTLS mode names it.
+pub const DEFAULT_NAMESPACE_LABEL: &str = "io.cilium/mtls-enabled=true";
+/// The SPIRE agent's admin socket where Cilium and SPIRE's charts put it: Kubernetes mode's
+/// certificate source when none is named.
+pub const DEFAULT_SPIRE_SOCKET: &str = "/run/spire/sockets/admin.sock";
 
 impl Default for Config {
     fn default() -> Self {
@@ -89,6 +124,7 @@ impl Default for Config {
             admin_address: Some(SocketAddr::from(([127, 0, 0, 1], ports::ADMIN))),
             drain_timeout_secs: 30,
             xds: XdsConfig::default(),
+            kubernetes: None,
         }
     }
 }
@@ -139,9 +175,11 @@ const ISTIO_CA_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct CertificatesConfig {
-    /// `builtin` (default: the built-in CA of `ca`), `files`, `istioCa` or `spire`.
-    pub source: CertSourceKind,
-    /// The SPIRE agent's admin socket (Delegated Identity API); with `source: spire`.
+    /// `builtin` (the built-in CA of `ca`), `files`, `istioCa` or `spire`; unset: `builtin`,
+    /// or `spire` in Kubernetes mode.
+    pub source: Option<CertSourceKind>,
+    /// The SPIRE agent's admin socket (Delegated Identity API); with `source: spire`. Unset in
+    /// Kubernetes mode: `/run/spire/sockets/admin.sock`.
     pub spire_socket: Option<PathBuf>,
     /// A PEM file of the trust domain's CA certificates to trust with `source: spire`, instead
     /// of the agent's bundle stream (Cilium mounts SPIRE's bundle at
@@ -190,29 +228,39 @@ pub(crate) struct MissingSection {
 }
 
 impl CertificatesConfig {
-    /// The chosen source with its section (`ca` for the built-in CA, which always has one).
-    pub(crate) fn selected<'a>(
-        &'a self,
-        ca: &'a CaConfig,
-    ) -> Result<CertSource<'a>, MissingSection> {
+    /// The source named, else the mode's default (SPIRE in Kubernetes mode).
+    pub fn kind(&self, kubernetes: bool) -> CertSourceKind {
+        match (self.source, kubernetes) {
+            (Some(kind), _) => kind,
+            (None, true) => CertSourceKind::Spire,
+            (None, false) => CertSourceKind::Builtin,
+        }
+    }
+}
+
+impl Config {
+    /// The chosen certificate source with its section (`ca` for the built-in CA, which always
+    /// has one).
+    pub(crate) fn certificate_source(&self) -> Result<CertSource<'_>, MissingSection> {
+        let certs = &self.certificates;
         let missing = |kind, section| MissingSection { kind, section };
-        match self.source {
-            CertSourceKind::Builtin => Ok(CertSource::Builtin(ca)),
-            CertSourceKind::Files => self
+        match certs.kind(self.kubernetes.is_some()) {
+            CertSourceKind::Builtin => Ok(CertSource::Builtin(&self.ca)),
+            CertSourceKind::Files => certs
                 .files
                 .as_ref()
                 .map(CertSource::Files)
                 .ok_or(missing("files", "files")),
-            CertSourceKind::IstioCa => self
+            CertSourceKind::IstioCa => certs
                 .istio_ca
                 .as_ref()
                 .map(CertSource::IstioCa)
                 .ok_or(missing("istioCa", "istioCa")),
-            CertSourceKind::Spire => self
-                .spire_socket
-                .as_deref()
-                .map(CertSource::Spire)
-                .ok_or(missing("spire", "spireSocket")),
+            CertSourceKind::Spire => match (&certs.spire_socket, &self.kubernetes) {
+                (Some(path), _) => Ok(CertSource::Spire(path)),
+                (None, Some(_)) => Ok(CertSource::Spire(Path::new(DEFAULT_SPIRE_SOCKET))),
+                (None, None) => Err(missing("spire", "spireSocket")),
+            },
         }
     }
 }
@@ -399,7 +447,8 @@ impl Config {
 
     /// `ca.certLifetimeSecs` as a duration, else the source's default.
     pub fn cert_lifetime(&self) -> Duration {
-        match (self.ca.cert_lifetime_secs, self.certificates.source) {
+        let kind = self.certificates.kind(self.kubernetes.is_some());
+        match (self.ca.cert_lifetime_secs, kind) {
             (Some(secs), _) => Duration::from_secs(secs),
             (None, CertSourceKind::IstioCa) => ISTIO_CA_CERT_LIFETIME,
             (None, _) => DEFAULT_CERT_LIFETIME,

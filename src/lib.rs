@@ -18,6 +18,8 @@
 //! - [`xds`]: the delta ADS client; [`xds::convert`] turns resources into state. Pure.
 //! - [`inpod`]: enrolled pods (listeners in their netns) and the ZDS client; [`redirect`]: the
 //!   pods' iptables rules.
+//! - [`kube`]: Kubernetes mode, hboned as its own node agent: namespace and pod watches,
+//!   enrollment of this node's pods ([`kube::enroll`]), pods as workloads ([`kube::pods`]).
 //! - [`netns`]: the [`netns::SocketFactory`] seam every socket is made through; [`socket`]: the
 //!   socket options and SEQPACKET (the only other place that touches the OS directly).
 //! - [`metrics`], [`admin`], [`drain`]: Prometheus metrics and access logs, the proxy's own HTTP
@@ -41,6 +43,7 @@ pub mod drain;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
+pub mod kube;
 pub mod metrics;
 pub mod netns;
 pub mod ports;

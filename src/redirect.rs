@@ -28,12 +28,20 @@ COMMIT
 *nat
 :HBONE_PRERT - [0:0]
 :HBONE_OUTPUT - [0:0]
+-A HBONE_PRERT -s 169.254.7.127/32 -p tcp -m tcp -j ACCEPT
 -A HBONE_PRERT ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15006
+-A HBONE_OUTPUT -d 169.254.7.127/32 -p tcp -m tcp -j ACCEPT
 -A HBONE_OUTPUT -p tcp -m mark --mark 0x111/0xfff -j ACCEPT
 -A HBONE_OUTPUT ! -d 127.0.0.1/32 -o lo -j ACCEPT
 -A HBONE_OUTPUT ! -d 127.0.0.1/32 -p tcp -m mark ! --mark 0x539/0xfff -j REDIRECT --to-ports 15001
 COMMIT
 ";
+
+/// The source kubelet's probes arrive from once the node's [`set_probe_snat`] rewrote them
+/// (istio-cni's HostProbeSNATAddress, and its IPv6 twin): the pod's chains let it through
+/// uncaptured, so a probe reaches the app as it would without the mesh.
+pub const PROBE_SNAT_V4: &str = "169.254.7.127";
+pub const PROBE_SNAT_V6: &str = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff";
 
 /// (table, built-in chain, our chain): the jumps into our chains.
 pub(crate) const JUMPS: [(&str, &str, &str); 4] = [
@@ -94,17 +102,39 @@ impl Family {
         }
     }
 
-    /// [`CHAINS`] for this family (IPv6 excludes `::1/128` where IPv4 excludes 127.0.0.1).
+    /// [`CHAINS`] for this family (IPv6 excludes `::1/128` where IPv4 excludes 127.0.0.1, and
+    /// lets the IPv6 probe address through).
     pub(crate) fn chains(self) -> String {
         match self {
             Family::V4 => CHAINS.to_owned(),
-            Family::V6 => CHAINS.replace("127.0.0.1/32", "::1/128"),
+            Family::V6 => CHAINS
+                .replace("127.0.0.1/32", "::1/128")
+                .replace("169.254.7.127/32", &format!("{PROBE_SNAT_V6}/128")),
         }
+    }
+
+    fn probe_snat(self) -> &'static str {
+        match self {
+            Family::V4 => PROBE_SNAT_V4,
+            Family::V6 => PROBE_SNAT_V6,
+        }
+    }
+
+    fn host_prefix(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+
+    fn of(ip: &std::net::IpAddr) -> Family {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
     }
 }
 
 /// Installs the rule set, for IPv4 and IPv6, in `netns`; running it twice leaves one copy.
 pub fn install(netns: &Netns) -> Result<(), RedirectError> {
+    let _lock = NodeLock::take();
     for family in Family::ALL {
         install_family(netns, family)?;
     }
@@ -113,10 +143,100 @@ pub fn install(netns: &Netns) -> Result<(), RedirectError> {
 
 /// Removes everything [`install`] added; removing what is not there is not an error.
 pub fn remove(netns: &Netns) -> Result<(), RedirectError> {
+    let _lock = NodeLock::take();
     for family in Family::ALL {
         remove_family(netns, family)?;
     }
     Ok(())
+}
+
+/// Whether `netns` has our rules (the IPv4 jump into our nat OUTPUT chain): how stale rules
+/// from an earlier run are found.
+pub fn installed(netns: &Netns) -> Result<bool, RedirectError> {
+    match run(netns, "iptables", &["-t", "nat", "-S", "HBONE_OUTPUT"], None) {
+        Ok(_) => Ok(true),
+        Err(RedirectError::Failed { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// The node's chain that rewrites the source of kubelet's probes, in nat POSTROUTING of the
+/// node's own namespace (istio-cni's ISTIO_POSTRT: `-m owner --socket-exists` tells a
+/// connection a process of the node opened, such as kubelet's, from forwarded traffic).
+pub const PROBE_CHAIN: &str = "HBONE_POSTRT";
+
+/// The probe chain's content for the enrolled pods' `ips`, one rule per address (in place of
+/// istio-cni's ipset: no ipset module needed, and a node has at most a few hundred pods).
+pub(crate) fn probe_chain(family: Family, ips: &[std::net::IpAddr]) -> String {
+    let mut out = format!("*nat\n:{PROBE_CHAIN} - [0:0]\n");
+    for ip in ips.iter().filter(|ip| Family::of(ip) == family) {
+        out.push_str(&format!(
+            "-A {PROBE_CHAIN} -d {ip}/{} -m owner --socket-exists -p tcp -j SNAT --to-source {}\n",
+            family.host_prefix(),
+            family.probe_snat()
+        ));
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// Replaces the node's probe chain (in `node`, the proxy's own namespace) with one rule per
+/// enrolled pod address, and jumps to it first from nat POSTROUTING. The whole chain is
+/// written at once, so what an earlier run left is gone.
+pub fn set_probe_snat(node: &Netns, ips: &[std::net::IpAddr]) -> Result<(), RedirectError> {
+    let _lock = NodeLock::take();
+    for family in Family::ALL {
+        run(
+            node,
+            family.restore(),
+            &["--noflush"],
+            Some(&probe_chain(family, ips)),
+        )?;
+        let jump = ["-t", "nat", "-C", "POSTROUTING", "-j", PROBE_CHAIN];
+        if run(node, family.iptables(), &jump, None).is_err() {
+            let insert = ["-t", "nat", "-I", "POSTROUTING", "1", "-j", PROBE_CHAIN];
+            run(node, family.iptables(), &insert, None)?;
+        }
+    }
+    Ok(())
+}
+
+/// An exclusive lock on `/run/hboned/redirect.lock` while rules change: two proxies on one
+/// node (a rolling update) never interleave their changes to the same pod or chain. Without
+/// the directory (not root, no /run) the change goes ahead unlocked.
+struct NodeLock {
+    /// Held until dropped; `None` when the lock could not be taken.
+    _held: Option<nix::fcntl::Flock<std::fs::File>>,
+}
+
+impl NodeLock {
+    const PATH: &str = "/run/hboned/redirect.lock";
+
+    fn take() -> NodeLock {
+        let path = std::path::Path::new(Self::PATH);
+        let file = path
+            .parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .and_then(|_| {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(path)
+            });
+        match file {
+            Ok(f) => NodeLock {
+                _held: nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+                    .map_err(|(_, e)| tracing::debug!(error = %e, "cannot lock {}", Self::PATH))
+                    .ok(),
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot open {}", Self::PATH);
+                NodeLock { _held: None }
+            }
+        }
+    }
 }
 
 fn install_family(netns: &Netns, family: Family) -> Result<(), RedirectError> {

@@ -83,7 +83,7 @@ async fn a_node_waiting_for_its_control_plane_is_not_ready() {
 #[tokio::test]
 async fn a_certificate_source_without_its_section_refuses_to_build() {
     let mut config = config();
-    config.certificates.source = hboned::config::CertSourceKind::Spire;
+    config.certificates.source = Some(hboned::config::CertSourceKind::Spire);
     let err = Node::build(config, Box::new(|_| Ok(()))).unwrap_err();
     assert!(
         err.to_string().contains("certificates.spireSocket"),

@@ -17,7 +17,7 @@ use crate::identity::spire::Spire;
 /// The configured certificate source.
 pub(crate) fn source(config: &Config) -> anyhow::Result<Arc<dyn Source>> {
     // `Config::parse` refused a source without its section; this only repeats the check.
-    Ok(match config.certificates.selected(&config.ca)? {
+    Ok(match config.certificate_source()? {
         CertSource::Builtin(ca) => {
             Arc::new(builtin_ca(ca.root_dir.as_deref())?.with_lifetime(config.cert_lifetime()))
         }

@@ -28,6 +28,7 @@ pub struct Node {
     drain_timeout: Duration,
     manager: Arc<PodManager>,
     zds: Option<tokio::task::JoinHandle<()>>,
+    kube: Option<crate::kube::Running>,
     quit: Arc<tokio::sync::Notify>,
     readiness: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
@@ -85,9 +86,11 @@ impl Node {
         enroll_config_pods(&config, &manager);
         manager.retry_pending(Duration::from_secs(5));
         let (ready_tx, zds_ready) = tokio::sync::watch::channel(config.zds_socket.is_none());
+        let (kube_tx, kube_ready) = tokio::sync::watch::channel(config.kubernetes.is_none());
         // Ready once the node agent's snapshot arrived (and while it stays connected), no pod waits
-        // for a retry of its enrollment, and the control plane's first state was acknowledged.
-        let mut sources = vec![zds_ready, manager.settled()];
+        // for a retry of its enrollment, the control plane's first state was acknowledged, and
+        // (Kubernetes mode) every watch listed and the first enrollment pass ran.
+        let mut sources = vec![zds_ready, kube_ready, manager.settled()];
         sources.extend(xds.as_ref().map(|c| c.ready()));
         let readiness = match config.readiness_address {
             Some(addr) => Some(serve_readiness(addr, crate::admin::all_ready(sources))?),
@@ -104,6 +107,10 @@ impl Node {
             let handler: Arc<dyn PodHandler> = manager.clone();
             tokio::spawn(async move { crate::inpod::run_zds(&path, handler, ready_tx).await })
         });
+        let kube = match &config.kubernetes {
+            Some(settings) => Some(start_kubernetes(&config, settings, &state, &manager, kube_tx)?),
+            None => None,
+        };
         println!(
             "hboned: serving {} pod(s); Ctrl-C stops",
             manager.pods().len()
@@ -125,6 +132,7 @@ impl Node {
             drain_timeout: config.drain_timeout(),
             manager,
             zds,
+            kube,
             quit,
             readiness,
             metrics: metrics_addr,
@@ -160,6 +168,10 @@ impl Node {
         if let Some(zds) = self.zds {
             zds.abort();
         }
+        // Nor in Kubernetes mode; the pods keep their rules for the proxy that takes over.
+        if let Some(kube) = &self.kube {
+            kube.stop();
+        }
         self.manager.stop_listening();
         if self.drain.wait(deadline).await {
             tracing::info!("drained; exiting");
@@ -170,6 +182,36 @@ impl Node {
             );
         }
     }
+}
+
+/// Kubernetes mode: watches the API server, enrolls this node's pods of opted-in namespaces.
+fn start_kubernetes(
+    config: &Config,
+    settings: &crate::config::KubernetesConfig,
+    state: &Arc<SharedState>,
+    manager: &Arc<PodManager>,
+    ready: tokio::sync::watch::Sender<bool>,
+) -> anyhow::Result<crate::kube::Running> {
+    let client = crate::kube::client(settings)?;
+    let labels = settings
+        .namespace_labels
+        .iter()
+        .map(|l| crate::kube::LabelMatch::parse(l))
+        .collect::<Result<Vec<_>, _>>()?;
+    tracing::info!(node = %config.node, labels = ?settings.namespace_labels, "Kubernetes mode: enrolling this node's pods of labelled namespaces");
+    let handler: Arc<dyn PodHandler> = manager.clone();
+    Ok(crate::kube::start(
+        client,
+        crate::kube::Settings {
+            node: config.node.clone(),
+            labels,
+            trust_domain: config.trust_domain.clone(),
+            cluster_id: config.cluster_id.clone(),
+        },
+        state.clone(),
+        handler,
+        ready,
+    ))
 }
 
 /// The registry with the certificate and xDS counters.

@@ -157,7 +157,7 @@ fn xds_settings_follow_the_config() {
 #[test]
 fn certificate_sources_are_validated() {
     let c = Config::parse(SAMPLE, &no_env).unwrap();
-    assert_eq!(c.certificates.source, CertSourceKind::Builtin);
+    assert_eq!(c.certificates.kind(false), CertSourceKind::Builtin);
     let files = format!(
         "{SAMPLE}certificates: {{source: files, files: {{cert: /c, key: /k, bundle: /b}}}}\n"
     );

@@ -23,8 +23,11 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
         ));
     }
     let certs = &config.certificates;
-    if let Err(e) = certs.selected(&config.ca) {
+    if let Err(e) = config.certificate_source() {
         p.push(e.to_string());
+    }
+    if let Some(kube) = &config.kubernetes {
+        p.extend(kubernetes_problems(config, kube));
     }
     if let Some(ca) = &certs.istio_ca
         && !is_http_url(&ca.address)
@@ -87,6 +90,43 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
         if let Err(e) = policy.to_policy() {
             p.push(format!("policies[{i}] ({}): {e}", policy.name));
         }
+    }
+    p
+}
+
+/// Kubernetes mode is the node agent: it must not share pods with another one (istio-cni or
+/// Cilium over ZDS, istiod or Cilium over xDS, the config file's pods), needs the node's name
+/// for its pod watch, and keeps the built-in CA's key off nodes unless told otherwise.
+fn kubernetes_problems(config: &Config, kube: &super::KubernetesConfig) -> Vec<String> {
+    let mut p = Vec::new();
+    let conflict = "another node agent or control plane would manage the same pods";
+    if config.zds_socket.is_some() {
+        p.push(format!("kubernetes and zdsSocket are both set: {conflict} (remove zdsSocket)"));
+    }
+    if !config.xds.address.is_empty() {
+        p.push(format!("kubernetes and xds.address are both set: {conflict} (remove xds.address)"));
+    }
+    if !config.pods.is_empty() {
+        p.push("kubernetes and pods are both set: pods come from the API server in Kubernetes mode (remove pods)".to_owned());
+    }
+    if config.node.is_empty() {
+        p.push("kubernetes needs node (the node's name, HBONED_NODE from spec.nodeName)".to_owned());
+    }
+    if kube.namespace_labels.is_empty() {
+        p.push("kubernetes.namespaceLabels is empty: no namespace could opt in".to_owned());
+    }
+    for label in &kube.namespace_labels {
+        if let Err(e) = crate::kube::LabelMatch::parse(label) {
+            p.push(format!("kubernetes.namespaceLabels: {e}"));
+        }
+    }
+    if config.certificates.kind(true) == crate::config::CertSourceKind::Builtin && !kube.allow_builtin_ca {
+        p.push("certificates.source is builtin in Kubernetes mode: every node would hold the CA key and could mint any identity; use spire (the default here), or set kubernetes.allowBuiltinCa for a one-node development cluster".to_owned());
+    }
+    if let Some(url) = &kube.api_server
+        && !is_http_url(url)
+    {
+        p.push(format!("kubernetes.apiServer {url:?} must start with http:// or https://"));
     }
     p
 }

@@ -138,9 +138,9 @@ pub(super) fn config(env: &Environment) -> (Config, Vec<String>) {
     // Certificates: the Istio CA unless FAKE_CA, or SPIRE with USE_SPIRE (Cilium's ztunnel:
     // the Delegated Identity API on SPIRE_ADMIN_ENDPOINT_SOCKET, trust from CA_ROOT_CA).
     if flag(env, "FAKE_CA", &mut problems) {
-        config.certificates.source = CertSourceKind::Builtin;
+        config.certificates.source = Some(CertSourceKind::Builtin);
     } else if flag(env, "USE_SPIRE", &mut problems) {
-        config.certificates.source = CertSourceKind::Spire;
+        config.certificates.source = Some(CertSourceKind::Spire);
         let endpoint = env
             .get("SPIRE_ADMIN_ENDPOINT_SOCKET")
             .unwrap_or_else(|| SPIRE_ADMIN_SOCKET.into());
@@ -160,7 +160,7 @@ pub(super) fn config(env: &Environment) -> (Config, Vec<String>) {
         }
     } else {
         let address = with_scheme(env.get("CA_ADDRESS").unwrap_or_else(|| istiod.into()));
-        config.certificates.source = CertSourceKind::IstioCa;
+        config.certificates.source = Some(CertSourceKind::IstioCa);
         config.certificates.istio_ca = Some(IstioCaConfig {
             address,
             root_ca: root_cert(env, "CA_ROOT_CA", &mut problems),

@@ -19,7 +19,7 @@ pub struct SharedState {
 }
 
 impl SharedState {
-    pub(crate) fn new(state: State) -> Self {
+    pub fn new(state: State) -> Self {
         let (policies, _) = watch::channel(state.policy_generation());
         SharedState {
             state: RwLock::new(state),

@@ -43,7 +43,7 @@ fn the_istio_chart_environment_reads_as_ztunnel_reads_it() {
     );
     assert_eq!(c.cluster_id, "prod-east");
     assert_eq!(c.node, "node-1");
-    assert_eq!(c.certificates.source, CertSourceKind::IstioCa);
+    assert_eq!(c.certificates.kind(false), CertSourceKind::IstioCa);
     let ca = c.certificates.istio_ca.as_ref().unwrap();
     assert_eq!(ca.address, "https://istiod.istio-system.svc:15012");
     assert_eq!(ca.root_ca.as_deref(), Some(Path::new(ROOT_CERT)));
@@ -115,7 +115,7 @@ fn outside_a_cluster_and_with_the_fake_ca() {
         c.xds.address.is_empty(),
         "an empty XDS_ADDRESS turns xDS off"
     );
-    assert_eq!(c.certificates.source, CertSourceKind::Builtin);
+    assert_eq!(c.certificates.kind(false), CertSourceKind::Builtin);
     assert_eq!(c.cluster_id, "Kubernetes");
     assert_eq!(c.drain_timeout_secs, 5);
     assert!(c.xds.node_id.is_empty(), "no pod: no istiod node id");
@@ -212,7 +212,7 @@ fn the_cilium_daemonset_environment_selects_spire_and_the_agents_socket() {
     let c = Config::from_ztunnel_env(&env).unwrap();
     assert_eq!(c.xds.address, "unix:///var/run/ztunnel/xds.sock");
     assert_eq!(c.node, "10.224.0.4");
-    assert_eq!(c.certificates.source, CertSourceKind::Spire);
+    assert_eq!(c.certificates.kind(false), CertSourceKind::Spire);
     assert_eq!(
         c.certificates.spire_socket.as_deref(),
         Some(Path::new("/run/spire/sockets/admin.sock"))

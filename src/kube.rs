@@ -1,0 +1,407 @@
+//! Kubernetes mode: hboned as its own node agent, with no Istio or Cilium beside it. Three
+//! watches on the API server (kube-rs; list, then watch with bookmarks, a re-list on 410
+//! Gone, back-off on errors): Namespaces (which opted in by label), this node's Pods
+//! (`spec.nodeName`) and every Pod. One task, [`Agent`], turns their events into the workload
+//! state (every pod a workload, HBONE when its namespace opted in) and into the set of this
+//! node's pods to enroll, which [`enroll`] reconciles in the pods' namespaces (redirect rules,
+//! listeners). Deciding is pure ([`pods`]); finding a pod's namespace reads `/proc`
+//! ([`procfs`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use futures_util::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use tokio::sync::watch;
+
+use crate::config::KubernetesConfig;
+use crate::inpod::PodHandler;
+use crate::state::SharedState;
+
+pub mod enroll;
+pub mod pods;
+pub mod procfs;
+
+pub use enroll::{Desired, LocalPod};
+pub use pods::{LabelMatch, PodFacts};
+
+/// Why the API server cannot be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error("kubernetes.apiServer {url:?} is not a URL: {reason}")]
+    Url { url: String, reason: String },
+    #[error("not running in a cluster ({0}); set kubernetes.apiServer (e.g. http://127.0.0.1:8001 behind `kubectl proxy`)")]
+    InCluster(String),
+    #[error("cannot build the Kubernetes client: {0}")]
+    Client(String),
+}
+
+/// A client for `kubernetes.apiServer`, else the in-cluster service account. Needs a tokio
+/// runtime (the client's connection pool lives on it).
+pub fn client(settings: &KubernetesConfig) -> Result<kube::Client, KubeError> {
+    let config = match &settings.api_server {
+        Some(url) => kube::Config::new(url.parse().map_err(|e: http::uri::InvalidUri| {
+            KubeError::Url {
+                url: url.clone(),
+                reason: e.to_string(),
+            }
+        })?),
+        None => kube::Config::incluster().map_err(|e| KubeError::InCluster(e.to_string()))?,
+    };
+    kube::Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))
+}
+
+/// What the agent needs besides its client.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// This node's name (`spec.nodeName` of its pods).
+    pub node: String,
+    pub labels: Vec<LabelMatch>,
+    pub trust_domain: String,
+    pub cluster_id: String,
+}
+
+/// The running agent: its watch task and (when it enrolls) the enroller; both stop on
+/// [`Running::stop`] or drop, leaving every rule in place for the next proxy.
+#[derive(Debug)]
+pub struct Running {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops watching and enrolling (a drain: the pods stay enrolled for a successor).
+    pub fn stop(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts the full agent: discovery into `state` and enrollment of this node's pods through
+/// `pods`. `ready` turns true once every watch has listed and the first enrollment pass ran.
+pub fn start(
+    client: kube::Client,
+    settings: Settings,
+    state: Arc<SharedState>,
+    pods: Arc<dyn PodHandler>,
+    ready: watch::Sender<bool>,
+) -> Running {
+    let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired::default()));
+    let enroller = enroll::Enroller::new(pods, ready);
+    let agent = Agent::new(settings.clone(), state, Some(desired_tx));
+    Running {
+        tasks: vec![
+            tokio::spawn(agent.run(client.clone(), true)),
+            tokio::spawn(enroller.run(desired_rx)),
+        ],
+    }
+}
+
+/// Starts discovery alone (every Pod into `state`, nothing enrolled): for tests and the watch
+/// benchmark, which must not touch the host's rules. `synced` turns true once all watches
+/// listed.
+pub fn discover(
+    client: kube::Client,
+    settings: Settings,
+    state: Arc<SharedState>,
+    synced: watch::Sender<bool>,
+) -> Running {
+    let mut agent = Agent::new(settings, state, None);
+    agent.synced_tx = Some(synced);
+    Running {
+        tasks: vec![tokio::spawn(agent.run(client, false))],
+    }
+}
+
+/// One watch's initial listing: the keys seen since its `Init`, to drop what it no longer has
+/// at `InitDone`.
+#[derive(Debug, Default)]
+struct Listing {
+    seen: Option<HashSet<String>>,
+    done: bool,
+}
+
+impl Listing {
+    fn begin(&mut self) {
+        self.seen = Some(HashSet::new());
+    }
+
+    fn saw(&mut self, key: &str) {
+        if let Some(seen) = &mut self.seen {
+            seen.insert(key.to_owned());
+        }
+    }
+
+    /// The keys of this listing (`None` outside one); marks the watch as having listed once.
+    fn finish(&mut self) -> Option<HashSet<String>> {
+        self.done = true;
+        self.seen.take()
+    }
+}
+
+/// The watches' state, owned by one task: namespaces' opt-in, the workloads it put in the
+/// shared state, this node's pods.
+struct Agent {
+    settings: Settings,
+    state: Arc<SharedState>,
+    /// Opted-in namespaces.
+    opted: HashSet<String>,
+    /// Every namespace's opt-in as last seen (to notice a change).
+    namespaces: HashMap<String, bool>,
+    /// uid → namespace of each workload this agent added to the state.
+    workloads: HashMap<String, String>,
+    /// This node's pods, by uid.
+    local: BTreeMap<String, PodFacts>,
+    desired: Option<watch::Sender<Arc<Desired>>>,
+    synced_tx: Option<watch::Sender<bool>>,
+    listings: [Listing; 3],
+}
+
+const NAMESPACES: usize = 0;
+const ALL_PODS: usize = 1;
+const LOCAL_PODS: usize = 2;
+
+impl Agent {
+    fn new(
+        settings: Settings,
+        state: Arc<SharedState>,
+        desired: Option<watch::Sender<Arc<Desired>>>,
+    ) -> Agent {
+        Agent {
+            settings,
+            state,
+            opted: HashSet::new(),
+            namespaces: HashMap::new(),
+            workloads: HashMap::new(),
+            local: BTreeMap::new(),
+            desired,
+            synced_tx: None,
+            listings: Default::default(),
+        }
+    }
+
+    async fn run(mut self, client: kube::Client, local: bool) {
+        let namespaces = watched::<Namespace>(kube::Api::all(client.clone()), watcher::Config::default());
+        let all = watched::<Pod>(kube::Api::all(client.clone()), watcher::Config::default());
+        let fields = format!("spec.nodeName={}", self.settings.node);
+        let mine: std::pin::Pin<Box<dyn Stream<Item = Event<Pod>> + Send>> = if local {
+            Box::pin(watched::<Pod>(
+                kube::Api::all(client),
+                watcher::Config::default().fields(&fields),
+            ))
+        } else {
+            self.listings[LOCAL_PODS].done = true;
+            Box::pin(futures_util::stream::pending())
+        };
+        let (mut namespaces, mut all, mut mine) = (Box::pin(namespaces), Box::pin(all), mine);
+        loop {
+            tokio::select! {
+                Some(e) = namespaces.next() => self.namespace_event(e),
+                Some(e) = all.next() => self.pod_event(e),
+                Some(e) = mine.next() => self.local_event(e),
+                else => return,
+            }
+            self.publish();
+        }
+    }
+
+    fn namespace_event(&mut self, event: Event<Namespace>) {
+        match event {
+            Event::Init => self.listings[NAMESPACES].begin(),
+            Event::InitApply(ns) | Event::Apply(ns) => {
+                let Some(name) = ns.metadata.name.clone() else {
+                    return;
+                };
+                self.listings[NAMESPACES].saw(&name);
+                let on = pods::opted_in(&self.settings.labels, ns.metadata.labels.as_ref());
+                self.set_opted(name, on);
+            }
+            Event::Delete(ns) => {
+                if let Some(name) = ns.metadata.name {
+                    self.namespaces.remove(&name);
+                    self.set_opted(name, false);
+                }
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.listings[NAMESPACES].finish() {
+                    let gone: Vec<String> = self
+                        .namespaces
+                        .keys()
+                        .filter(|n| !seen.contains(*n))
+                        .cloned()
+                        .collect();
+                    for name in gone {
+                        self.namespaces.remove(&name);
+                        self.set_opted(name, false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records a namespace's opt-in; on a change, its workloads switch protocol.
+    fn set_opted(&mut self, name: String, on: bool) {
+        let before = self.opted.contains(&name);
+        if on {
+            self.opted.insert(name.clone());
+        } else {
+            self.opted.remove(&name);
+        }
+        self.namespaces.insert(name.clone(), on);
+        if before == on {
+            return;
+        }
+        tracing::info!(namespace = %name, enrolled = on, "namespace opt-in changed");
+        let uids: Vec<&String> = self
+            .workloads
+            .iter()
+            .filter(|(_, ns)| **ns == name)
+            .map(|(uid, _)| uid)
+            .collect();
+        let protocol = if on {
+            crate::state::Protocol::Hbone
+        } else {
+            crate::state::Protocol::Tcp
+        };
+        self.state.write(|s| {
+            for uid in uids {
+                if let Some(w) = s.workload(uid)
+                    && !w.host_network
+                    && w.protocol != protocol
+                {
+                    let mut w = (**w).clone();
+                    w.protocol = protocol;
+                    s.upsert_workload(w);
+                }
+            }
+        });
+    }
+
+    fn pod_event(&mut self, event: Event<Pod>) {
+        match event {
+            Event::Init => self.listings[ALL_PODS].begin(),
+            Event::InitApply(pod) | Event::Apply(pod) => {
+                let Some(facts) = PodFacts::of(&pod) else {
+                    return;
+                };
+                self.listings[ALL_PODS].saw(&facts.uid);
+                self.apply_workload(&facts);
+            }
+            Event::Delete(pod) => {
+                if let Some(uid) = pod.metadata.uid {
+                    self.remove_workload(&uid);
+                }
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.listings[ALL_PODS].finish() {
+                    let gone: Vec<String> = self
+                        .workloads
+                        .keys()
+                        .filter(|u| !seen.contains(*u))
+                        .cloned()
+                        .collect();
+                    for uid in gone {
+                        self.remove_workload(&uid);
+                    }
+                }
+            }
+        }
+    }
+
+    fn apply_workload(&mut self, facts: &PodFacts) {
+        let opted = self.opted.contains(&facts.namespace);
+        let workload = facts.workload(
+            opted,
+            &self.settings.trust_domain,
+            &self.settings.cluster_id,
+        );
+        match workload {
+            Some(w) => {
+                self.workloads
+                    .insert(facts.uid.clone(), facts.namespace.clone());
+                self.state.write(|s| s.upsert_workload(w));
+            }
+            None => self.remove_workload(&facts.uid),
+        }
+    }
+
+    fn remove_workload(&mut self, uid: &str) {
+        if self.workloads.remove(uid).is_some() {
+            self.state.write(|s| s.remove_workload(uid));
+        }
+    }
+
+    fn local_event(&mut self, event: Event<Pod>) {
+        match event {
+            Event::Init => self.listings[LOCAL_PODS].begin(),
+            Event::InitApply(pod) | Event::Apply(pod) => {
+                let Some(facts) = PodFacts::of(&pod) else {
+                    return;
+                };
+                self.listings[LOCAL_PODS].saw(&facts.uid);
+                self.local.insert(facts.uid.clone(), facts);
+            }
+            Event::Delete(pod) => {
+                if let Some(uid) = pod.metadata.uid {
+                    self.local.remove(&uid);
+                }
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.listings[LOCAL_PODS].finish() {
+                    self.local.retain(|uid, _| seen.contains(uid));
+                }
+            }
+        }
+    }
+
+    /// Hands the enroller the pods it should serve (when it changed), and says when every
+    /// watch has listed once.
+    fn publish(&mut self) {
+        let synced = self.listings.iter().all(|l| l.done);
+        if let Some(tx) = &self.synced_tx {
+            tx.send_if_modified(|s| std::mem::replace(s, synced) != synced);
+        }
+        let Some(tx) = &self.desired else {
+            return;
+        };
+        let next = Desired::compute(&self.local, &self.opted, synced);
+        tx.send_if_modified(|current| {
+            if **current == next {
+                false
+            } else {
+                *current = Arc::new(next);
+                true
+            }
+        });
+    }
+}
+
+/// A watcher's events with kube-rs's default back-off on errors (which are logged); a 410
+/// Gone makes the watcher list again, which it reports as `Init` .. `InitDone`.
+fn watched<K>(api: kube::Api<K>, config: watcher::Config) -> impl Stream<Item = Event<K>> + Send
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    K::DynamicType: Default,
+{
+    let kind = K::kind(&K::DynamicType::default()).into_owned();
+    watcher::watcher(api, config)
+        .default_backoff()
+        .filter_map(move |r| {
+            let out = match r {
+                Ok(event) => Some(event),
+                Err(e) => {
+                    tracing::warn!(kind = %kind, error = %e, "Kubernetes watch failed; retrying with back-off");
+                    None
+                }
+            };
+            std::future::ready(out)
+        })
+}

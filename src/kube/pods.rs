@@ -1,0 +1,212 @@
+//! What Kubernetes mode reads from API objects, as pure functions: which namespaces opt in
+//! ([`LabelMatch`]), the few facts kept about a pod ([`PodFacts`]), the workload a pod
+//! becomes, and whether this node's agent should enroll it. No I/O, no clock.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::identity::Identity;
+use crate::state::{Protocol, Workload};
+
+/// One opt-in label: `key=value`, or `key` alone (any value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelMatch {
+    key: String,
+    value: Option<String>,
+}
+
+/// A `kubernetes.namespaceLabels` entry that is not a label.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not `key=value` or `key` (a Kubernetes label key)")]
+pub struct BadLabel(String);
+
+impl LabelMatch {
+    /// Parses `key=value` or `key`; the key must be non-empty and free of spaces and commas.
+    pub fn parse(text: &str) -> Result<Self, BadLabel> {
+        let (key, value) = match text.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (text, None),
+        };
+        let bad = |s: &str| s.chars().any(|c| c.is_whitespace() || c == ',' || c == '=');
+        if key.is_empty() || bad(key) || value.is_some_and(bad) {
+            return Err(BadLabel(text.to_owned()));
+        }
+        Ok(LabelMatch {
+            key: key.to_owned(),
+            value: value.map(str::to_owned),
+        })
+    }
+
+    /// Whether `labels` carry this label.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        match (labels.get(&self.key), &self.value) {
+            (Some(have), Some(want)) => have == want,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+}
+
+/// Whether a namespace with `labels` is opted in by any of `matches`.
+pub fn opted_in(matches: &[LabelMatch], labels: Option<&BTreeMap<String, String>>) -> bool {
+    labels.is_some_and(|l| matches.iter().any(|m| m.matches(l)))
+}
+
+/// What is kept of a pod: enough to enroll it and to describe it as a workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodFacts {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub node: String,
+    pub ips: Vec<IpAddr>,
+    /// It shares its node's network namespace: never enrolled, never reached by its address.
+    pub host_network: bool,
+    /// Succeeded or Failed: its sandbox is gone or going.
+    pub terminal: bool,
+    /// Its Ready condition (an endpoint only when ready).
+    pub ready: bool,
+    /// Its controller's name (a Deployment's, from the ReplicaSet's), else its own.
+    pub workload_name: String,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+}
+
+impl PodFacts {
+    /// The facts of `pod`; `None` for an object without uid, name or namespace (nothing to key
+    /// it by). Unparsable IPs are left out.
+    pub fn of(pod: &Pod) -> Option<PodFacts> {
+        let meta = &pod.metadata;
+        let uid = meta.uid.clone().filter(|s| !s.is_empty())?;
+        let name = meta.name.clone().filter(|s| !s.is_empty())?;
+        let namespace = meta.namespace.clone().filter(|s| !s.is_empty())?;
+        let spec = pod.spec.as_ref();
+        let status = pod.status.as_ref();
+        let mut ips: Vec<IpAddr> = status
+            .and_then(|s| s.pod_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p.ip.parse().ok())
+            .collect();
+        if ips.is_empty()
+            && let Some(ip) = status.and_then(|s| s.pod_ip.as_ref()?.parse().ok())
+        {
+            ips.push(ip);
+        }
+        let phase = status.and_then(|s| s.phase.as_deref());
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .into_iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        let labels = meta.labels.as_ref();
+        let label = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| labels.and_then(|l| l.get(*k)).filter(|v| !v.is_empty()))
+                .cloned()
+        };
+        let workload_name = controller_name(pod).unwrap_or_else(|| name.clone());
+        // Istio's canonical service labels, then the recommended and the classic app labels
+        // (istio/istio pkg/config/labels/instance.go: CanonicalService).
+        let canonical_name = label(&[
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ])
+        .unwrap_or_else(|| workload_name.clone());
+        let canonical_revision = label(&[
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ])
+        .unwrap_or_else(|| "latest".to_owned());
+        Some(PodFacts {
+            uid,
+            name,
+            namespace,
+            service_account: spec
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_default(),
+            node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+            ips,
+            host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+            terminal: matches!(phase, Some("Succeeded" | "Failed")),
+            ready,
+            workload_name,
+            canonical_name,
+            canonical_revision,
+        })
+    }
+
+    /// Whether this node's agent enrolls it, given whether its namespace opted in: a running
+    /// pod with an address and a network namespace of its own.
+    pub fn enrollable(&self, namespace_opted_in: bool) -> bool {
+        namespace_opted_in && !self.host_network && !self.terminal && !self.ips.is_empty()
+    }
+
+    /// The workload this pod is, reached by HBONE when its namespace opted in; `None` without
+    /// an address (nothing to route to yet) or when namespace and service account do not form
+    /// a SPIFFE ID.
+    pub fn workload(
+        &self,
+        namespace_opted_in: bool,
+        trust_domain: &str,
+        cluster_id: &str,
+    ) -> Option<Workload> {
+        if self.ips.is_empty() || self.terminal {
+            return None;
+        }
+        let identity = Identity::new(trust_domain, &self.namespace, &self.service_account).ok()?;
+        let hbone = namespace_opted_in && !self.host_network;
+        Some(Workload {
+            uid: self.uid.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            identity,
+            network: String::new(),
+            addresses: self.ips.clone(),
+            node: self.node.clone(),
+            protocol: if hbone { Protocol::Hbone } else { Protocol::Tcp },
+            services: BTreeMap::new(),
+            healthy: self.ready,
+            authorization_policies: Vec::new(),
+            host_network: self.host_network,
+            workload_name: self.workload_name.clone(),
+            canonical_name: self.canonical_name.clone(),
+            canonical_revision: self.canonical_revision.clone(),
+            cluster_id: cluster_id.to_owned(),
+            locality: Default::default(),
+            hostname: String::new(),
+            capacity: 1,
+        })
+    }
+}
+
+/// The controlling owner's name; a ReplicaSet's without its pod-template-hash suffix (the
+/// Deployment's name), as istiod derives a workload name (pkg/kube/controllers: workload name
+/// from the pod's controller).
+fn controller_name(pod: &Pod) -> Option<String> {
+    let owner = pod
+        .metadata
+        .owner_references
+        .as_ref()?
+        .iter()
+        .find(|o| o.controller == Some(true))?;
+    if owner.kind == "ReplicaSet"
+        && let Some(hash) = pod
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("pod-template-hash"))
+        && let Some(deployment) = owner.name.strip_suffix(&format!("-{hash}"))
+    {
+        return Some(deployment.to_owned());
+    }
+    Some(owner.name.clone())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,157 @@
+//! Finding a pod's network namespace from the host, as istio-cni does
+//! (cni/pkg/nodeagent/podcgroupns_linux.go): every process in `/proc` whose cgroup path names
+//! the pod's UID is one of the pod's; the oldest one's `ns/net` is the pod's namespace, taken
+//! only when it holds one of the pod's IPs (a process of one pod can sit in another's netns)
+//! and never when it is the host's own. Parsing is pure; the scan reads `/proc` (the host's,
+//! with hostPID).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use crate::netns::Netns;
+
+/// The pod UID a `/proc/PID/cgroup` file names, canonical (dashed, lower case); `None` when no
+/// line names one or two lines name different pods.
+///
+/// Each line is `hierarchy:controllers:path`; a pod's container sits under a path segment
+/// `pod<uid>` (separators `-` with cgroupfs, `_` with systemd's slices) followed by the
+/// container's own segment, e.g. `/kubepods/burstable/pod2c48913c-.../9bca8d...` or
+/// `/kubepods.slice/.../kubepods-burstable-pod2c48913c_b29f_....slice/cri-containerd-....scope`.
+/// Paths relative to a cgroup namespace (`/../../pod.../...`) work the same.
+pub fn pod_uid(cgroup: &str) -> Option<String> {
+    let mut found: Option<String> = None;
+    for line in cgroup.lines() {
+        let Some(path) = line.splitn(3, ':').nth(2) else {
+            continue;
+        };
+        let path = path.strip_suffix(".scope").unwrap_or(path);
+        if let Some(uid) = uid_in_path(path) {
+            match &found {
+                Some(other) if *other != uid => return None,
+                _ => found = Some(uid),
+            }
+        }
+    }
+    found
+}
+
+/// The UID in one cgroup path: `pod` after punctuation, 32 hex digits in 8-4-4-4-12 groups
+/// (each separator optional), punctuation, then a container segment that ends the path.
+fn uid_in_path(path: &str) -> Option<String> {
+    let bytes = path.as_bytes();
+    let mut from = 0;
+    while let Some(at) = path[from..].find("pod").map(|i| i + from) {
+        from = at + 3;
+        if at == 0 || !bytes[at - 1].is_ascii_punctuation() {
+            continue;
+        }
+        let Some((uid, end)) = hex_groups(&bytes[at + 3..]) else {
+            continue;
+        };
+        let rest = &bytes[at + 3 + end..];
+        // Punctuation after the UID, and a container segment (non-punctuation) at the end.
+        if rest.first().is_some_and(u8::is_ascii_punctuation)
+            && rest.last().is_some_and(|b| !b.is_ascii_punctuation())
+        {
+            return Some(uid);
+        }
+    }
+    None
+}
+
+/// Reads 8-4-4-4-12 hex digits, each group optionally after one punctuation character;
+/// returns the dashed lower-case UID and the bytes consumed.
+fn hex_groups(bytes: &[u8]) -> Option<(String, usize)> {
+    let mut uid = String::with_capacity(36);
+    let mut i = 0;
+    for (n, len) in [8usize, 4, 4, 4, 12].into_iter().enumerate() {
+        if n > 0 {
+            if bytes.get(i).is_some_and(u8::is_ascii_punctuation) {
+                i += 1;
+            }
+            uid.push('-');
+        }
+        let group = bytes.get(i..i + len)?;
+        if !group.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        uid.extend(group.iter().map(|b| b.to_ascii_lowercase() as char));
+        i += len;
+    }
+    Some((uid, i))
+}
+
+/// The start time of a process (clock ticks since boot), field 22 of `/proc/PID/stat`,
+/// counted after the command name's closing parenthesis (which may hold spaces).
+pub fn start_time(stat: &str) -> Option<u64> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The network namespaces of the pods in `wanted` (UID → the pod's IPs), found among the
+/// processes under `proc`. A pod with no process yet, or whose candidate namespace holds none
+/// of its IPs, is left out (its enrollment is retried).
+pub fn find_pod_netns(proc: &Path, wanted: &HashMap<String, Vec<IpAddr>>) -> HashMap<String, Netns> {
+    let host = std::fs::metadata(proc.join("self/ns/net")).ok();
+    let is_host = |m: &std::fs::Metadata| {
+        host.as_ref()
+            .is_some_and(|h| h.ino() == m.ino() && h.dev() == m.dev())
+    };
+    // UID → (start time, pid) of its oldest process.
+    let mut oldest: HashMap<String, (u64, u32)> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(proc) else {
+        return HashMap::new();
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let dir = entry.path();
+        // Processes come and go during the scan: any read failing skips this one.
+        let Ok(ns) = std::fs::metadata(dir.join("ns/net")) else {
+            continue;
+        };
+        if is_host(&ns) {
+            continue;
+        }
+        let Some(uid) = std::fs::read_to_string(dir.join("cgroup"))
+            .ok()
+            .and_then(|c| pod_uid(&c))
+        else {
+            continue;
+        };
+        if !wanted.contains_key(&uid) {
+            continue;
+        }
+        let Some(started) = std::fs::read_to_string(dir.join("stat"))
+            .ok()
+            .and_then(|s| start_time(&s))
+        else {
+            continue;
+        };
+        let slot = oldest.entry(uid).or_insert((started, pid));
+        if (started, pid) < *slot {
+            *slot = (started, pid);
+        }
+    }
+    let mut found = HashMap::new();
+    for (uid, (_, pid)) in oldest {
+        let Ok(netns) = Netns::open(&proc.join(format!("{pid}/ns/net"))) else {
+            continue;
+        };
+        let ips = &wanted[&uid];
+        match netns.addresses() {
+            Ok(have) if have.iter().any(|ip| ips.contains(ip)) => {
+                found.insert(uid, netns);
+            }
+            Ok(_) => tracing::warn!(pod = %uid, pid, "the namespace of the pod's oldest process holds none of its IPs; not enrolling it from there"),
+            Err(e) => tracing::debug!(pod = %uid, pid, error = %e, "cannot read the addresses of a pod's namespace"),
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests;
