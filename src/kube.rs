@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 
 use crate::config::KubernetesConfig;
@@ -32,7 +32,9 @@ pub use pods::{LabelMatch, PodFacts};
 pub enum KubeError {
     #[error("kubernetes.apiServer {url:?} is not a URL: {reason}")]
     Url { url: String, reason: String },
-    #[error("not running in a cluster ({0}); set kubernetes.apiServer (e.g. http://127.0.0.1:8001 behind `kubectl proxy`)")]
+    #[error(
+        "not running in a cluster ({0}); set kubernetes.apiServer (e.g. http://127.0.0.1:8001 behind `kubectl proxy`)"
+    )]
     InCluster(String),
     #[error("cannot build the Kubernetes client: {0}")]
     Client(String),
@@ -41,15 +43,16 @@ pub enum KubeError {
 /// A client for `kubernetes.apiServer`, else the in-cluster service account. Needs a tokio
 /// runtime (the client's connection pool lives on it).
 pub fn client(settings: &KubernetesConfig) -> Result<kube::Client, KubeError> {
-    let config = match &settings.api_server {
-        Some(url) => kube::Config::new(url.parse().map_err(|e: http::uri::InvalidUri| {
-            KubeError::Url {
-                url: url.clone(),
-                reason: e.to_string(),
-            }
-        })?),
-        None => kube::Config::incluster().map_err(|e| KubeError::InCluster(e.to_string()))?,
-    };
+    let config =
+        match &settings.api_server {
+            Some(url) => kube::Config::new(url.parse().map_err(|e: http::uri::InvalidUri| {
+                KubeError::Url {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                }
+            })?),
+            None => kube::Config::incluster().map_err(|e| KubeError::InCluster(e.to_string()))?,
+        };
     kube::Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))
 }
 
@@ -189,7 +192,8 @@ impl Agent {
     }
 
     async fn run(mut self, client: kube::Client, local: bool) {
-        let namespaces = watched::<Namespace>(kube::Api::all(client.clone()), watcher::Config::default());
+        let namespaces =
+            watched::<Namespace>(kube::Api::all(client.clone()), watcher::Config::default());
         let all = watched::<Pod>(kube::Api::all(client.clone()), watcher::Config::default());
         let fields = format!("spec.nodeName={}", self.settings.node);
         let mine: std::pin::Pin<Box<dyn Stream<Item = Event<Pod>> + Send>> = if local {

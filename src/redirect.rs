@@ -153,7 +153,12 @@ pub fn remove(netns: &Netns) -> Result<(), RedirectError> {
 /// Whether `netns` has our rules (the IPv4 jump into our nat OUTPUT chain): how stale rules
 /// from an earlier run are found.
 pub fn installed(netns: &Netns) -> Result<bool, RedirectError> {
-    match run(netns, "iptables", &["-t", "nat", "-S", "HBONE_OUTPUT"], None) {
+    match run(
+        netns,
+        "iptables",
+        &["-t", "nat", "-S", "HBONE_OUTPUT"],
+        None,
+    ) {
         Ok(_) => Ok(true),
         Err(RedirectError::Failed { .. }) => Ok(false),
         Err(e) => Err(e),

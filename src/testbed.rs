@@ -133,6 +133,16 @@ impl Topology {
     /// The namespaces, links and enrolled pods' rules, without proxies: for a test that must
     /// set something up inside a node first (see [`Topology::start_proxies`]).
     pub fn create(bin: &Path) -> anyhow::Result<Self> {
+        Self::create_with_rules(bin, true)
+    }
+
+    /// The namespaces and links only: no pod has rules until a node agent (Kubernetes mode)
+    /// installs them.
+    pub fn create_unenrolled(bin: &Path) -> anyhow::Result<Self> {
+        Self::create_with_rules(bin, false)
+    }
+
+    fn create_with_rules(bin: &Path, rules: bool) -> anyhow::Result<Self> {
         if !nix::unistd::Uid::effective().is_root() {
             bail!("the netns topology needs root (network namespaces, iptables, SO_MARK)");
         }
@@ -158,7 +168,7 @@ impl Topology {
             dir,
         };
         topo.build()?;
-        for pod in PODS.iter().filter(|p| p.enrolled) {
+        for pod in PODS.iter().filter(|p| p.enrolled && rules) {
             let out = Command::new(bin)
                 .args(["redirect", "install", "--netns"])
                 .arg(topo.netns_path(pod.name))
@@ -182,9 +192,19 @@ impl Topology {
         adjust_a: impl FnOnce(&mut Config),
         adjust_b: impl FnOnce(&mut Config),
     ) -> anyhow::Result<()> {
-        self.spawn_named(bin, 'a', "node-a", adjust_a)?;
-        self.spawn_named(bin, 'b', "node-b", adjust_b)?;
+        self.spawn_proxies(bin, adjust_a, adjust_b)?;
         self.wait_ready().await
+    }
+
+    /// Starts one proxy per node without waiting for any pod to be served.
+    pub fn spawn_proxies(
+        &mut self,
+        bin: &Path,
+        adjust_a: impl FnOnce(&mut Config),
+        adjust_b: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<()> {
+        self.spawn_named(bin, 'a', "node-a", adjust_a)?;
+        self.spawn_named(bin, 'b', "node-b", adjust_b)
     }
 
     pub fn netns_name(&self, short: &str) -> String {

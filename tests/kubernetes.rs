@@ -69,7 +69,10 @@ async fn pods_become_workloads_and_follow_their_namespaces_opt_in() {
     {
         let s = state.read();
         let w = s.workload_by_ip("10.1.0.1".parse().unwrap()).unwrap();
-        assert_eq!(w.identity.to_string(), "spiffe://cluster.local/ns/mesh/sa/app");
+        assert_eq!(
+            w.identity.to_string(),
+            "spiffe://cluster.local/ns/mesh/sa/app"
+        );
         assert_eq!((w.node.as_str(), w.cluster_id.as_str()), ("node-a", "c1"));
     }
 
@@ -84,7 +87,12 @@ async fn pods_become_workloads_and_follow_their_namespaces_opt_in() {
     eventually(10, || protocol(&state, "p3") == Some(Protocol::Hbone)).await;
     api.delete_pod("plain", "p3-pod");
     eventually(10, || protocol(&state, "p3").is_none()).await;
-    assert!(state.read().workload_by_ip("10.1.0.3".parse::<IpAddr>().unwrap()).is_none());
+    assert!(
+        state
+            .read()
+            .workload_by_ip("10.1.0.3".parse::<IpAddr>().unwrap())
+            .is_none()
+    );
 }
 
 /// Watches end and the history is compacted while a pod is added: the watchers resume from a
@@ -101,7 +109,10 @@ async fn a_410_gone_makes_the_watch_list_again() {
     api.restart_compacted(&[pod("p2", "mesh", "node-b", "10.2.0.2")]);
     eventually(20, || protocol(&state, "p2") == Some(Protocol::Hbone)).await;
     assert!(api.lists_of("/api/v1/pods") > lists, "{:?}", api.requests());
-    assert!(protocol(&state, "p1").is_some(), "the relist kept what is still there");
+    assert!(
+        protocol(&state, "p1").is_some(),
+        "the relist kept what is still there"
+    );
 
     // A pod deleted while nobody watched is gone after the next relist too.
     let mut gone = pod("p1", "mesh", "node-b", "10.2.0.1");
@@ -148,25 +159,346 @@ async fn the_fake_api_server_refuses_what_the_real_one_does() {
     let get = |path: &str| {
         let url = format!("{url}{path}");
         async move {
-            let addr = url.trim_start_matches("http://").split('/').next().unwrap().to_owned();
+            let addr = url
+                .trim_start_matches("http://")
+                .split('/')
+                .next()
+                .unwrap()
+                .to_owned();
             let path = &url[7 + addr.len()..];
             let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out
         }
     };
     let bad = get("/api/v1/pods?fieldSelector=spec.nodeNames%3Dx").await;
-    assert!(bad.starts_with("HTTP/1.1 400") && bad.contains("field label not supported"), "{bad}");
+    assert!(
+        bad.starts_with("HTTP/1.1 400") && bad.contains("field label not supported"),
+        "{bad}"
+    );
     assert!(get("/api/v1/services").await.starts_with("HTTP/1.1 404"));
     api.apply_pod(&pod("p1", "mesh", "node-a", "10.4.0.1"));
     let list = get("/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-a").await;
-    assert!(list.contains("\"kind\":\"PodList\"") && list.contains("p1-pod"), "{list}");
-    assert!(!list.contains("\"kind\":\"Pod\""), "list items carry no kind: {list}");
+    assert!(
+        list.contains("\"kind\":\"PodList\"") && list.contains("p1-pod"),
+        "{list}"
+    );
+    assert!(
+        !list.contains("\"kind\":\"Pod\""),
+        "list items carry no kind: {list}"
+    );
     let other = get("/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-b").await;
     assert!(!other.contains("p1-pod"));
+}
+
+mod netns {
+    //! Two nodes in network namespaces, each `hboned run` in Kubernetes mode on the fake API
+    //! server (reached on 127.0.0.1 inside its node), the built-in CA allowed (one root for
+    //! both nodes). Needs root; off CI it is skipped when not root, on CI it fails instead.
+
+    use std::net::{IpAddr, SocketAddr};
+
+    use hboned::config::{Config, KubernetesConfig};
+    use hboned::testbed::{
+        self, A1, A2, APP_PORT, B1, B2, B3, Capture, DENIED_PLAINTEXT_PORT, PODS, Topology,
+    };
+
+    use super::LABEL;
+    use super::support::kube_api::{FakeApi, PodDef};
+    use super::support::kubelet::PodProcess;
+    use super::support::topo::*;
+    use super::support::{eventually, within};
+
+    /// The namespace of a topology pod: the enrolled ones in `demo`, the others in `plain`.
+    fn namespace(p: &testbed::Pod) -> &'static str {
+        if p.enrolled { "demo" } else { "plain" }
+    }
+
+    fn uid(topo: &Topology, p: &testbed::Pod) -> String {
+        let n = topo
+            .prefix()
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
+        format!(
+            "{:08x}-0000-4000-8000-{:012x}",
+            n & 0xffff_ffff,
+            p.ip.octets()[2]
+        )
+    }
+
+    fn def(topo: &Topology, p: &testbed::Pod) -> PodDef {
+        PodDef {
+            uid: uid(topo, p),
+            name: p.name.into(),
+            namespace: namespace(p).into(),
+            node: format!("node-{}", p.node),
+            service_account: p.service_account.into(),
+            ips: vec![IpAddr::V4(p.ip), IpAddr::V6(p.ip6)],
+        }
+    }
+
+    /// A node in Kubernetes mode: nothing from the config's tables but node A's plaintext
+    /// policy (a namespace DENY of identity-less connections to a1's port 7001).
+    fn kube_node(c: &mut Config, api: &str) {
+        c.pods.clear();
+        c.workloads.clear();
+        c.services.clear();
+        c.certificates.source = Some(hboned::config::CertSourceKind::Builtin);
+        c.kubernetes = Some(KubernetesConfig {
+            api_server: Some(api.to_owned()),
+            allow_builtin_ca: true,
+            ..KubernetesConfig::default()
+        });
+    }
+
+    /// Whether the proxy serves the pod (its HBONE port answers inside the pod).
+    fn serves(topo: &Topology, pod: &str) -> bool {
+        topo.netns(pod)
+            .unwrap()
+            .run(|| {
+                std::net::TcpStream::connect_timeout(
+                    &"127.0.0.1:15008".parse().unwrap(),
+                    std::time::Duration::from_millis(500),
+                )
+            })
+            .is_ok()
+    }
+
+    fn has_rules(topo: &Topology, pod: &str) -> bool {
+        hboned::redirect::installed(&topo.netns(pod).unwrap()).unwrap()
+    }
+
+    /// The node's probe chain, as iptables prints it.
+    fn probe_chain(topo: &Topology, node: &str) -> String {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &topo.netns_name(node),
+                "iptables",
+                "-t",
+                "nat",
+                "-S",
+                "HBONE_POSTRT",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ready(topo: &Topology, node: &str) -> bool {
+        use std::io::{Read, Write};
+        let answer = topo.netns(node).unwrap().run(|| {
+            let addr = SocketAddr::from(([127, 0, 0, 1], 15021));
+            let mut s =
+                std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(1))?;
+            s.write_all(b"GET /healthz/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            Ok(out)
+        });
+        answer.is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+    }
+
+    /// Serves the fake API inside both nodes' namespaces; the URL each node uses.
+    fn serve_api(topo: &Topology, api: &FakeApi) -> (String, String) {
+        let bind = |node: &str| {
+            let l = topo
+                .netns(node)
+                .unwrap()
+                .run(|| {
+                    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+                    l.set_nonblocking(true)?;
+                    Ok(l)
+                })
+                .unwrap();
+            api.serve(l)
+        };
+        (bind("na"), bind("nb"))
+    }
+
+    /// Transfers `marker` + data from `from` to `to` under a capture of the node link; whether
+    /// the marker was seen in the clear, and whether all of it went over port 15008.
+    async fn transfer_seen(
+        topo: &Topology,
+        from: &testbed::Pod,
+        to: &testbed::Pod,
+        marker: &[u8],
+    ) -> (bool, bool) {
+        let (ns, iface, sentinel) = topo.node_link();
+        let pcap = std::env::temp_dir().join(format!("{}-kube.pcap", topo.prefix()));
+        let capture = Capture::start(&ns, &iface, &pcap).await.unwrap();
+        let mut data = marker.to_vec();
+        data.extend_from_slice(&super::support::pattern(7, 64 * 1024));
+        let s = topo.connect(from.name, to.addr(APP_PORT)).await.unwrap();
+        assert_eq!(
+            within(20, testbed::echo_roundtrip(s, &data)).await.unwrap(),
+            data
+        );
+        let segments = capture.stop(&topo.netns("na").unwrap(), sentinel).unwrap();
+        let _ = std::fs::remove_file(&pcap);
+        let between = |s: &testbed::Segment| {
+            let ends = [s.src.ip(), s.dst.ip()];
+            ends.contains(&IpAddr::V4(from.ip)) && ends.contains(&IpAddr::V4(to.ip))
+        };
+        let flows: Vec<_> = segments
+            .iter()
+            .filter(|s| !s.payload.is_empty() && between(s))
+            .collect();
+        assert!(
+            flows.iter().map(|s| s.payload.len()).sum::<usize>() >= data.len(),
+            "the transfer was not captured"
+        );
+        let clear = segments
+            .iter()
+            .any(|s| s.payload.windows(marker.len()).any(|w| w == marker));
+        let hbone = flows
+            .iter()
+            .all(|s| s.src.port() == 15008 || s.dst.port() == 15008);
+        (clear, hbone)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn labelling_a_namespace_enrolls_its_pods_and_unlabelling_lets_them_go() {
+        if !can_run() {
+            return;
+        }
+        let bin = bin();
+        let mut topo = Topology::create_unenrolled(bin).unwrap();
+        let api = FakeApi::new();
+        api.apply_namespace("demo", &[]);
+        api.apply_namespace("plain", &[]);
+        let _processes: Vec<PodProcess> = PODS
+            .iter()
+            .map(|p| PodProcess::start(&topo.netns_name(p.name), &uid(&topo, p), topo.prefix()))
+            .collect();
+        for p in &PODS {
+            api.apply_pod(&def(&topo, p));
+        }
+        // An earlier run's rules in a pod that is not enrolled (its namespace never opted in).
+        let out = std::process::Command::new(bin)
+            .args(["redirect", "install", "--netns"])
+            .arg(topo.netns_path(A2.name))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(has_rules(&topo, A2.name));
+
+        let (url_a, url_b) = serve_api(&topo, &api);
+        topo.spawn_proxies(bin, |c| kube_node(c, &url_a), |c| kube_node(c, &url_b))
+            .unwrap();
+        eventually(30, || ready(&topo, "na") && ready(&topo, "nb")).await;
+
+        // Nothing opted in: no pod served, the stale rules gone, traffic plain and working.
+        eventually(10, || !has_rules(&topo, A2.name)).await;
+        for p in PODS {
+            assert!(
+                !serves(&topo, p.name),
+                "{} served before its namespace opted in",
+                p.name
+            );
+        }
+        let (_e1, peers_b1) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
+        let (_e3, _) = testbed::spawn_echo(topo.listen(B3.name, APP_PORT).unwrap());
+        let (_e2, _) = testbed::spawn_echo(topo.listen(B2.name, APP_PORT).unwrap());
+        let (_e7, peers_a1) =
+            testbed::spawn_echo(topo.listen(A1.name, DENIED_PLAINTEXT_PORT).unwrap());
+        let (clear, _) = transfer_seen(&topo, &A1, &B1, b"hboned-KUBE-before-label").await;
+        assert!(clear, "before the label, a1 → b1 is plain TCP");
+
+        // The label: demo's pods are enrolled on both nodes; a1 → b1 is TLS on the wire.
+        api.apply_namespace("demo", &[LABEL]);
+        eventually(30, || {
+            [A1, B1, B3]
+                .iter()
+                .all(|p| serves(&topo, p.name) && has_rules(&topo, p.name))
+        })
+        .await;
+        assert!(!serves(&topo, A2.name) && !has_rules(&topo, B2.name));
+        let (clear, hbone) = transfer_seen(&topo, &A1, &B1, b"hboned-KUBE-labelled-91b3").await;
+        assert!(!clear, "plaintext of an enrolled pod on the wire");
+        assert!(hbone, "a1 ↔ b1 outside HBONE");
+        assert_eq!(peers_b1.lock().unwrap().last().unwrap().ip(), A1.ip);
+        // To and from a pod that is not enrolled: plaintext, still working.
+        let s = topo.connect(A1.name, B2.addr(APP_PORT)).await.unwrap();
+        assert_eq!(
+            within(20, testbed::echo_roundtrip(s, b"to plain"))
+                .await
+                .unwrap(),
+            b"to plain"
+        );
+
+        // Kubelet's probe from the node reaches a1's app uncaptured (from the probe address),
+        // even on the port whose plaintext the policy denies; a2's plaintext there is refused.
+        assert!(
+            probe_chain(&topo, "na").contains(&format!("-d {}/32", A1.ip)),
+            "{}",
+            probe_chain(&topo, "na")
+        );
+        let probe = topo
+            .connect("na", A1.addr(DENIED_PLAINTEXT_PORT))
+            .await
+            .unwrap();
+        assert_eq!(
+            within(20, testbed::echo_roundtrip(probe, b"probe"))
+                .await
+                .unwrap(),
+            b"probe"
+        );
+        assert_eq!(
+            peers_a1.lock().unwrap().last().unwrap().ip(),
+            "169.254.7.127".parse::<IpAddr>().unwrap()
+        );
+        let mut refused = topo
+            .connect(A2.name, A1.addr(DENIED_PLAINTEXT_PORT))
+            .await
+            .unwrap();
+        let ended = until_closed(&mut refused).await;
+        assert!(ended.is_err() || ended == Ok(0), "{ended:?}");
+        assert_eq!(
+            peers_a1.lock().unwrap().len(),
+            1,
+            "a2's plaintext reached the app"
+        );
+
+        // b1 deleted while a connection to it runs: the connection ends, and b1's listeners,
+        // rules and probe rule go.
+        let mut live = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
+        echoes(&mut live, b"before the delete").await;
+        api.delete_pod("demo", B1.name);
+        let ended = within(20, until_closed(&mut live)).await;
+        assert!(
+            ended.is_err() || ended == Ok(0),
+            "the connection outlived its pod: {ended:?}"
+        );
+        eventually(20, || !serves(&topo, B1.name) && !has_rules(&topo, B1.name)).await;
+        eventually(10, || {
+            !probe_chain(&topo, "nb").contains(&B1.ip.to_string())
+        })
+        .await;
+        assert!(serves(&topo, B3.name), "b3 is still served");
+
+        // The label removed: rules and listeners go, and a1 → b3 is plain again.
+        api.apply_namespace("demo", &[]);
+        eventually(30, || {
+            [A1, B3]
+                .iter()
+                .all(|p| !serves(&topo, p.name) && !has_rules(&topo, p.name))
+        })
+        .await;
+        let (clear, _) = transfer_seen(&topo, &A1, &B3, b"hboned-KUBE-unlabelled").await;
+        assert!(clear, "after the label went, a1 → b3 is plain TCP");
+        assert!(!probe_chain(&topo, "na").contains(&A1.ip.to_string()));
+    }
 }

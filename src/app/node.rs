@@ -108,7 +108,9 @@ impl Node {
             tokio::spawn(async move { crate::inpod::run_zds(&path, handler, ready_tx).await })
         });
         let kube = match &config.kubernetes {
-            Some(settings) => Some(start_kubernetes(&config, settings, &state, &manager, kube_tx)?),
+            Some(settings) => Some(start_kubernetes(
+                &config, settings, &state, &manager, kube_tx,
+            )?),
             None => None,
         };
         println!(

@@ -101,16 +101,22 @@ fn kubernetes_problems(config: &Config, kube: &super::KubernetesConfig) -> Vec<S
     let mut p = Vec::new();
     let conflict = "another node agent or control plane would manage the same pods";
     if config.zds_socket.is_some() {
-        p.push(format!("kubernetes and zdsSocket are both set: {conflict} (remove zdsSocket)"));
+        p.push(format!(
+            "kubernetes and zdsSocket are both set: {conflict} (remove zdsSocket)"
+        ));
     }
     if !config.xds.address.is_empty() {
-        p.push(format!("kubernetes and xds.address are both set: {conflict} (remove xds.address)"));
+        p.push(format!(
+            "kubernetes and xds.address are both set: {conflict} (remove xds.address)"
+        ));
     }
     if !config.pods.is_empty() {
         p.push("kubernetes and pods are both set: pods come from the API server in Kubernetes mode (remove pods)".to_owned());
     }
     if config.node.is_empty() {
-        p.push("kubernetes needs node (the node's name, HBONED_NODE from spec.nodeName)".to_owned());
+        p.push(
+            "kubernetes needs node (the node's name, HBONED_NODE from spec.nodeName)".to_owned(),
+        );
     }
     if kube.namespace_labels.is_empty() {
         p.push("kubernetes.namespaceLabels is empty: no namespace could opt in".to_owned());
@@ -120,13 +126,17 @@ fn kubernetes_problems(config: &Config, kube: &super::KubernetesConfig) -> Vec<S
             p.push(format!("kubernetes.namespaceLabels: {e}"));
         }
     }
-    if config.certificates.kind(true) == crate::config::CertSourceKind::Builtin && !kube.allow_builtin_ca {
+    if config.certificates.kind(true) == crate::config::CertSourceKind::Builtin
+        && !kube.allow_builtin_ca
+    {
         p.push("certificates.source is builtin in Kubernetes mode: every node would hold the CA key and could mint any identity; use spire (the default here), or set kubernetes.allowBuiltinCa for a one-node development cluster".to_owned());
     }
     if let Some(url) = &kube.api_server
         && !is_http_url(url)
     {
-        p.push(format!("kubernetes.apiServer {url:?} must start with http:// or https://"));
+        p.push(format!(
+            "kubernetes.apiServer {url:?} must start with http:// or https://"
+        ));
     }
     p
 }

@@ -237,16 +237,24 @@ impl Enroller {
         if others.is_empty() {
             return;
         }
-        let wanted: HashMap<String, Vec<IpAddr>> =
-            others.iter().map(|(u, ips)| (u.clone(), ips.clone())).collect();
+        let wanted: HashMap<String, Vec<IpAddr>> = others
+            .iter()
+            .map(|(u, ips)| (u.clone(), ips.clone()))
+            .collect();
         for (uid, netns) in super::procfs::find_pod_netns(&self.proc, &wanted) {
             match redirect::installed(&netns) {
                 Ok(true) => match redirect::remove(&netns) {
-                    Ok(()) => tracing::info!(pod = %uid, "removed redirect rules an earlier run left in a pod that is not enrolled"),
-                    Err(e) => tracing::error!(pod = %uid, error = %e, "cannot remove stale redirect rules"),
+                    Ok(()) => {
+                        tracing::info!(pod = %uid, "removed redirect rules an earlier run left in a pod that is not enrolled")
+                    }
+                    Err(e) => {
+                        tracing::error!(pod = %uid, error = %e, "cannot remove stale redirect rules")
+                    }
                 },
                 Ok(false) => {}
-                Err(e) => tracing::warn!(pod = %uid, error = %e, "cannot check a pod for stale redirect rules"),
+                Err(e) => {
+                    tracing::warn!(pod = %uid, error = %e, "cannot check a pod for stale redirect rules")
+                }
             }
         }
     }
@@ -270,7 +278,9 @@ impl Enroller {
         };
         match redirect::set_probe_snat(&node, &ips) {
             Ok(()) => self.probe_ips = Some(ips),
-            Err(e) => tracing::error!(error = %e, "cannot update the kubelet probe rules; probes to enrolled pods will be captured"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot update the kubelet probe rules; probes to enrolled pods will be captured")
+            }
         }
     }
 }

@@ -169,7 +169,11 @@ impl PodFacts {
             network: String::new(),
             addresses: self.ips.clone(),
             node: self.node.clone(),
-            protocol: if hbone { Protocol::Hbone } else { Protocol::Tcp },
+            protocol: if hbone {
+                Protocol::Hbone
+            } else {
+                Protocol::Tcp
+            },
             services: BTreeMap::new(),
             healthy: self.ready,
             authorization_policies: Vec::new(),

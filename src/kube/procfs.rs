@@ -93,7 +93,10 @@ pub fn start_time(stat: &str) -> Option<u64> {
 /// The network namespaces of the pods in `wanted` (UID → the pod's IPs), found among the
 /// processes under `proc`. A pod with no process yet, or whose candidate namespace holds none
 /// of its IPs, is left out (its enrollment is retried).
-pub fn find_pod_netns(proc: &Path, wanted: &HashMap<String, Vec<IpAddr>>) -> HashMap<String, Netns> {
+pub fn find_pod_netns(
+    proc: &Path,
+    wanted: &HashMap<String, Vec<IpAddr>>,
+) -> HashMap<String, Netns> {
     let host = std::fs::metadata(proc.join("self/ns/net")).ok();
     let is_host = |m: &std::fs::Metadata| {
         host.as_ref()
@@ -105,7 +108,11 @@ pub fn find_pod_netns(proc: &Path, wanted: &HashMap<String, Vec<IpAddr>>) -> Has
         return HashMap::new();
     };
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
         let dir = entry.path();
@@ -146,8 +153,12 @@ pub fn find_pod_netns(proc: &Path, wanted: &HashMap<String, Vec<IpAddr>>) -> Has
             Ok(have) if have.iter().any(|ip| ips.contains(ip)) => {
                 found.insert(uid, netns);
             }
-            Ok(_) => tracing::warn!(pod = %uid, pid, "the namespace of the pod's oldest process holds none of its IPs; not enrolling it from there"),
-            Err(e) => tracing::debug!(pod = %uid, pid, error = %e, "cannot read the addresses of a pod's namespace"),
+            Ok(_) => {
+                tracing::warn!(pod = %uid, pid, "the namespace of the pod's oldest process holds none of its IPs; not enrolling it from there")
+            }
+            Err(e) => {
+                tracing::debug!(pod = %uid, pid, error = %e, "cannot read the addresses of a pod's namespace")
+            }
         }
     }
     found

@@ -82,7 +82,10 @@ fn probes_are_exempt_before_any_redirect() {
             .lines()
             .filter(|l| l.starts_with(chain))
             .collect();
-        let exempt = rules.iter().position(|r| r.contains("169.254.7.127")).unwrap();
+        let exempt = rules
+            .iter()
+            .position(|r| r.contains("169.254.7.127"))
+            .unwrap();
         let redirect = rules.iter().position(|r| r.contains("REDIRECT")).unwrap();
         assert!(exempt < redirect, "{chain}: {rules:?}");
     }
@@ -104,8 +107,13 @@ fn the_probe_chain_has_one_snat_rule_per_address_of_its_family() {
          COMMIT\n"
     );
     let v6 = probe_chain(Family::V6, &ips);
-    assert!(v6.contains(&format!("-d fd00::5/128 -m owner --socket-exists -p tcp -j SNAT --to-source {PROBE_SNAT_V6}")));
+    assert!(v6.contains(&format!(
+        "-d fd00::5/128 -m owner --socket-exists -p tcp -j SNAT --to-source {PROBE_SNAT_V6}"
+    )));
     assert_eq!(v6.matches("-A ").count(), 1);
     // No pods: the chain is emptied, not left as it was.
-    assert_eq!(probe_chain(Family::V4, &[]), "*nat\n:HBONE_POSTRT - [0:0]\nCOMMIT\n");
+    assert_eq!(
+        probe_chain(Family::V4, &[]),
+        "*nat\n:HBONE_POSTRT - [0:0]\nCOMMIT\n"
+    );
 }

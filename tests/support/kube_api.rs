@@ -197,12 +197,20 @@ impl FakeApi {
             },
             ..Namespace::default()
         };
-        self.put(Kind::Namespaces, name.into(), Some(serde_json::to_value(ns).unwrap()));
+        self.put(
+            Kind::Namespaces,
+            name.into(),
+            Some(serde_json::to_value(ns).unwrap()),
+        );
     }
 
     pub fn apply_pod(&self, pod: &PodDef) {
         let key = format!("{}/{}", pod.namespace, pod.name);
-        self.put(Kind::Pods, key, Some(serde_json::to_value(pod.object()).unwrap()));
+        self.put(
+            Kind::Pods,
+            key,
+            Some(serde_json::to_value(pod.object()).unwrap()),
+        );
     }
 
     pub fn delete_pod(&self, namespace: &str, name: &str) {
@@ -225,7 +233,12 @@ impl FakeApi {
         s.watchers.clear();
         for pod in pods {
             let key = format!("{}/{}", pod.namespace, pod.name);
-            put_locked(&mut s, Kind::Pods, key, Some(serde_json::to_value(pod.object()).unwrap()));
+            put_locked(
+                &mut s,
+                Kind::Pods,
+                key,
+                Some(serde_json::to_value(pod.object()).unwrap()),
+            );
         }
         s.oldest = s.rv;
         s.history.clear();
@@ -263,21 +276,25 @@ impl FakeApi {
 
     fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
         let path = req.uri().path().to_owned();
-        let query: BTreeMap<String, String> = req
-            .uri()
-            .query()
-            .map(|q| {
-                url_pairs(q)
-            })
-            .unwrap_or_default();
+        let query: BTreeMap<String, String> =
+            req.uri().query().map(|q| url_pairs(q)).unwrap_or_default();
         self.store.lock().unwrap().requests.push(format!(
             "{path}{}",
-            req.uri().query().map(|q| format!("?{q}")).unwrap_or_default()
+            req.uri()
+                .query()
+                .map(|q| format!("?{q}"))
+                .unwrap_or_default()
         ));
         let kind = match path.as_str() {
             "/api/v1/namespaces" => Kind::Namespaces,
             "/api/v1/pods" => Kind::Pods,
-            _ => return status(404, "NotFound", &format!("the server could not find the requested resource ({path})")),
+            _ => {
+                return status(
+                    404,
+                    "NotFound",
+                    &format!("the server could not find the requested resource ({path})"),
+                );
+            }
         };
         let node = match query.get("fieldSelector").map(String::as_str) {
             None | Some("") => None,
@@ -285,7 +302,11 @@ impl FakeApi {
                 (Kind::Pods, Some(node)) => Some(node.to_owned()),
                 _ => {
                     let field = sel.split(['=', '!']).next().unwrap_or(sel);
-                    return status(400, "BadRequest", &format!("field label not supported: {field}"));
+                    return status(
+                        400,
+                        "BadRequest",
+                        &format!("field label not supported: {field}"),
+                    );
                 }
             },
         };
@@ -296,16 +317,28 @@ impl FakeApi {
         }
     }
 
-    fn list(&self, kind: Kind, node: Option<&str>, query: &BTreeMap<String, String>) -> hyper::Response<Body> {
+    fn list(
+        &self,
+        kind: Kind,
+        node: Option<&str>,
+        query: &BTreeMap<String, String>,
+    ) -> hyper::Response<Body> {
         let s = self.store.lock().unwrap();
         let (rv, offset) = match query.get("continue").filter(|c| !c.is_empty()) {
-            Some(token) => match token.split_once(':').and_then(|(r, o)| Some((r.parse().ok()?, o.parse().ok()?))) {
+            Some(token) => match token
+                .split_once(':')
+                .and_then(|(r, o)| Some((r.parse().ok()?, o.parse().ok()?)))
+            {
                 Some(t) => t,
                 None => return status(400, "BadRequest", "continue key is not valid"),
             },
             None => (s.rv, 0usize),
         };
-        let limit: usize = query.get("limit").and_then(|l| l.parse().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let limit: usize = query
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .filter(|l| *l > 0)
+            .unwrap_or(usize::MAX);
         let items: Vec<Value> = s
             .objects
             .iter()
@@ -330,11 +363,22 @@ impl FakeApi {
         respond(200, serde_json::to_vec(&body).unwrap())
     }
 
-    fn watch(&self, kind: Kind, node: Option<String>, query: &BTreeMap<String, String>) -> hyper::Response<Body> {
+    fn watch(
+        &self,
+        kind: Kind,
+        node: Option<String>,
+        query: &BTreeMap<String, String>,
+    ) -> hyper::Response<Body> {
         let (tx, rx) = mpsc::channel(100_000);
         let bookmarks = query.get("allowWatchBookmarks").map(String::as_str) == Some("true");
-        let from: u64 = query.get("resourceVersion").and_then(|r| r.parse().ok()).unwrap_or(0);
-        let timeout = query.get("timeoutSeconds").and_then(|t| t.parse().ok()).map(Duration::from_secs);
+        let from: u64 = query
+            .get("resourceVersion")
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        let timeout = query
+            .get("timeoutSeconds")
+            .and_then(|t| t.parse().ok())
+            .map(Duration::from_secs);
         {
             let mut s = self.store.lock().unwrap();
             if from != 0 && from < s.oldest {
@@ -361,7 +405,12 @@ impl FakeApi {
                 }
             }
             let max = s.max_watch;
-            s.watchers.push(Watcher { kind, node, bookmarks, tx: tx.clone() });
+            s.watchers.push(Watcher {
+                kind,
+                node,
+                bookmarks,
+                tx: tx.clone(),
+            });
             // The watch ends at its timeout (a bookmark first, when asked for).
             let lifetime = match (timeout, max) {
                 (Some(t), Some(m)) => Some(t.min(m)),
@@ -395,30 +444,31 @@ impl Default for FakeApi {
 /// Stores a change (`None`: deletion) under the next version and tells the watches.
 fn put_locked(s: &mut Store, kind: Kind, key: String, object: Option<Value>) {
     s.rv += 1;
-        let rv = s.rv;
-        let after = object.map(|mut o| {
-            o["metadata"]["resourceVersion"] = json!(rv.to_string());
-            o
-        });
-        let before = match &after {
-            Some(o) => s.objects.insert((kind, key), o.clone()),
-            None => s.objects.remove(&(kind, key)),
-        };
-        if before.is_none() && after.is_none() {
-            return;
-        }
-        let change = Change {
-            rv,
-            kind,
-            before,
-            after,
-        };
-        s.watchers.retain(|w| match event_for(&change, w.kind, w.node.as_deref()) {
+    let rv = s.rv;
+    let after = object.map(|mut o| {
+        o["metadata"]["resourceVersion"] = json!(rv.to_string());
+        o
+    });
+    let before = match &after {
+        Some(o) => s.objects.insert((kind, key), o.clone()),
+        None => s.objects.remove(&(kind, key)),
+    };
+    if before.is_none() && after.is_none() {
+        return;
+    }
+    let change = Change {
+        rv,
+        kind,
+        before,
+        after,
+    };
+    s.watchers
+        .retain(|w| match event_for(&change, w.kind, w.node.as_deref()) {
             Some(e) => w.tx.try_send(Ok(line(&e))).is_ok(),
             None => !w.tx.is_closed(),
         });
-        s.history.push(change);
-    }
+    s.history.push(change);
+}
 
 /// The event a watch of `kind` (on `node`, for pods) sees for `change`, if any.
 fn event_for(change: &Change, kind: Kind, node: Option<&str>) -> Option<Value> {
@@ -491,13 +541,15 @@ fn status(code: u16, reason: &str, message: &str) -> hyper::Response<Body> {
 fn respond(code: u16, body: Vec<u8>) -> hyper::Response<Body> {
     let mut resp = hyper::Response::new(Full::new(Bytes::from(body)).boxed());
     *resp.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
-    resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
     resp
 }
 
 fn stream_response(rx: mpsc::Receiver<Result<Frame<Bytes>, Infallible>>) -> hyper::Response<Body> {
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     let mut resp = hyper::Response::new(BodyExt::boxed(body));
-    resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
     resp
 }

@@ -7,6 +7,7 @@ pub mod agent;
 pub mod cilium;
 pub mod fake_ads;
 pub mod kube_api;
+pub mod kubelet;
 pub mod topo;
 
 use std::net::SocketAddr;

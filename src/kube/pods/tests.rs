@@ -26,16 +26,37 @@ fn running() -> Pod {
 #[test]
 fn a_running_pod_becomes_an_hbone_workload_when_its_namespace_opted_in() {
     let f = PodFacts::of(&running()).unwrap();
-    assert_eq!(f.ips, vec!["10.0.0.5".parse::<IpAddr>().unwrap(), "fd00::5".parse().unwrap()]);
-    assert_eq!((f.node.as_str(), f.service_account.as_str()), ("node-a", "web"));
-    assert_eq!(f.workload_name, "web", "the Deployment's name, not the ReplicaSet's");
-    assert_eq!((f.canonical_name.as_str(), f.canonical_revision.as_str()), ("web", "v2"));
+    assert_eq!(
+        f.ips,
+        vec![
+            "10.0.0.5".parse::<IpAddr>().unwrap(),
+            "fd00::5".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        (f.node.as_str(), f.service_account.as_str()),
+        ("node-a", "web")
+    );
+    assert_eq!(
+        f.workload_name, "web",
+        "the Deployment's name, not the ReplicaSet's"
+    );
+    assert_eq!(
+        (f.canonical_name.as_str(), f.canonical_revision.as_str()),
+        ("web", "v2")
+    );
     let w = f.workload(true, "example.org", "c1").unwrap();
     assert_eq!(w.protocol, Protocol::Hbone);
-    assert_eq!(w.identity.to_string(), "spiffe://example.org/ns/shop/sa/web");
+    assert_eq!(
+        w.identity.to_string(),
+        "spiffe://example.org/ns/shop/sa/web"
+    );
     assert!(w.healthy);
     assert_eq!(w.uid, "0b5c1e4e-0000-4000-8000-000000000001");
-    assert_eq!(f.workload(false, "example.org", "c1").unwrap().protocol, Protocol::Tcp);
+    assert_eq!(
+        f.workload(false, "example.org", "c1").unwrap().protocol,
+        Protocol::Tcp
+    );
     assert!(f.enrollable(true));
     assert!(!f.enrollable(false));
 }
@@ -52,7 +73,10 @@ fn pods_without_an_address_a_namespace_of_their_own_or_a_future_are_not_enrolled
     let mut p = running();
     p.spec.as_mut().unwrap().host_network = Some(true);
     let f = PodFacts::of(&p).unwrap();
-    assert!(!f.enrollable(true), "a hostNetwork pod shares the node's namespace");
+    assert!(
+        !f.enrollable(true),
+        "a hostNetwork pod shares the node's namespace"
+    );
     let w = f.workload(true, "", "").unwrap();
     assert_eq!((w.protocol, w.host_network), (Protocol::Tcp, true));
 
@@ -68,36 +92,70 @@ fn pods_without_an_address_a_namespace_of_their_own_or_a_future_are_not_enrolled
 
 #[test]
 fn objects_without_identity_fields_are_skipped_and_odd_values_are_survived() {
-    assert_eq!(PodFacts::of(&pod(serde_json::json!({"metadata": {"name": "x"}}))), None);
+    assert_eq!(
+        PodFacts::of(&pod(serde_json::json!({"metadata": {"name": "x"}}))),
+        None
+    );
     let bare = pod(serde_json::json!({"metadata": {"name": "x", "namespace": "n", "uid": "u"}}));
     let f = PodFacts::of(&bare).unwrap();
     assert!(f.ips.is_empty() && !f.ready && !f.host_network);
-    assert_eq!((f.workload_name.as_str(), f.canonical_revision.as_str()), ("x", "latest"));
+    assert_eq!(
+        (f.workload_name.as_str(), f.canonical_revision.as_str()),
+        ("x", "latest")
+    );
     let mut p = running();
     p.status.as_mut().unwrap().pod_ips = Some(vec![
-        k8s_openapi::api::core::v1::PodIP { ip: "not-an-ip".into() },
-        k8s_openapi::api::core::v1::PodIP { ip: "10.0.0.9".into() },
+        k8s_openapi::api::core::v1::PodIP {
+            ip: "not-an-ip".into(),
+        },
+        k8s_openapi::api::core::v1::PodIP {
+            ip: "10.0.0.9".into(),
+        },
     ]);
-    assert_eq!(PodFacts::of(&p).unwrap().ips, vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
+    assert_eq!(
+        PodFacts::of(&p).unwrap().ips,
+        vec!["10.0.0.9".parse::<IpAddr>().unwrap()]
+    );
     // A not-ready pod is a workload, but not a healthy endpoint.
     let mut p = running();
     p.status.as_mut().unwrap().conditions = None;
-    assert!(!PodFacts::of(&p).unwrap().workload(true, "", "").unwrap().healthy);
+    assert!(
+        !PodFacts::of(&p)
+            .unwrap()
+            .workload(true, "", "")
+            .unwrap()
+            .healthy
+    );
 }
 
 #[test]
 fn namespace_labels_match_by_value_or_presence() {
     let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     };
     let cilium = LabelMatch::parse("io.cilium/mtls-enabled=true").unwrap();
     let any = LabelMatch::parse("mesh.example/enrolled").unwrap();
     let both = [cilium.clone(), any];
-    assert!(opted_in(&both, Some(&labels(&[("io.cilium/mtls-enabled", "true")]))));
-    assert!(!opted_in(&both, Some(&labels(&[("io.cilium/mtls-enabled", "false")]))));
-    assert!(opted_in(&both, Some(&labels(&[("mesh.example/enrolled", "")]))));
+    assert!(opted_in(
+        &both,
+        Some(&labels(&[("io.cilium/mtls-enabled", "true")]))
+    ));
+    assert!(!opted_in(
+        &both,
+        Some(&labels(&[("io.cilium/mtls-enabled", "false")]))
+    ));
+    assert!(opted_in(
+        &both,
+        Some(&labels(&[("mesh.example/enrolled", "")]))
+    ));
     assert!(!opted_in(&both, None));
-    assert!(!opted_in(&[], Some(&labels(&[("io.cilium/mtls-enabled", "true")]))));
+    assert!(!opted_in(
+        &[],
+        Some(&labels(&[("io.cilium/mtls-enabled", "true")]))
+    ));
     for bad in ["", "=true", "a b=c", "a=b=c", "a,b=c"] {
         assert!(LabelMatch::parse(bad).is_err(), "{bad:?}");
     }

@@ -32,8 +32,8 @@ fn paths_that_name_no_pod_or_two_pods_give_none() {
         "",
         "0::/",
         "0::/system.slice/containerd.service",
-        // the pod's own slice without a container under it
-        "0::/kubepods.slice/kubepods-pod2c48913c_b29f_11e7_9350_020968147796.slice",
+        // the pod's own directory, nothing after it
+        "0::/kubepods/pod2c48913c-b29f-11e7-9350-020968147796/",
         // not preceded by punctuation
         "0::/kubepodspod2c48913c-b29f-11e7-9350-020968147796/abc",
         // too short
@@ -51,7 +51,8 @@ fn paths_that_name_no_pod_or_two_pods_give_none() {
 
 #[test]
 fn the_start_time_is_read_after_the_command_name() {
-    let stat = "4242 (pause (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 987654 1000 10";
+    let stat =
+        "4242 (pause (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 987654 1000 10";
     assert_eq!(start_time(stat), Some(987654));
     assert_eq!(start_time("1 (init) S 0"), None);
     assert_eq!(start_time("no paren"), None);
