@@ -501,4 +501,82 @@ mod netns {
         assert!(clear, "after the label went, a1 → b3 is plain TCP");
         assert!(!probe_chain(&topo, "na").contains(&A1.ip.to_string()));
     }
+
+    /// How many jumps into our nat OUTPUT chain the pod has (one: no agent added a second).
+    fn jumps(topo: &Topology, pod: &str) -> usize {
+        let out = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &topo.netns_name(pod),
+                "iptables",
+                "-t",
+                "nat",
+                "-S",
+                "OUTPUT",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .matches("-j HBONE_OUTPUT")
+            .count()
+    }
+
+    /// A rolling update with maxSurge 1: a second agent starts on node A beside the first, takes
+    /// the same pods (its listeners beside the old ones, the rules left as they are), and the
+    /// old one's exit changes nothing: a1's rules stay and its traffic stays TLS.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rolling_update_hands_the_pods_over_with_their_rules_in_place() {
+        if !can_run() {
+            return;
+        }
+        let bin = bin();
+        let mut topo = Topology::create_unenrolled(bin).unwrap();
+        let api = FakeApi::new();
+        api.apply_namespace("demo", &[LABEL]);
+        api.apply_namespace("plain", &[]);
+        let _processes: Vec<PodProcess> = PODS
+            .iter()
+            .map(|p| PodProcess::start(&topo.netns_name(p.name), &uid(&topo, p), topo.prefix()))
+            .collect();
+        for p in &PODS {
+            api.apply_pod(&def(&topo, p));
+        }
+        let (url_a, url_b) = serve_api(&topo, &api);
+        topo.spawn_proxies(bin, |c| kube_node(c, &url_a), |c| kube_node(c, &url_b))
+            .unwrap();
+        eventually(30, || {
+            [A1, B1, B3]
+                .iter()
+                .all(|p| serves(&topo, p.name) && has_rules(&topo, p.name))
+        })
+        .await;
+        let (_e1, _) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
+
+        let new = topo
+            .spawn_extra_proxy(bin, 'a', |c| kube_node(c, &url_a))
+            .unwrap();
+        eventually(30, || topo.log(new).contains("pod enrolled")).await;
+        assert_eq!(
+            jumps(&topo, A1.name),
+            1,
+            "the second agent duplicated the rules"
+        );
+        topo.terminate(0).unwrap();
+        within(30, async {
+            while topo.exited(0).is_none() {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        assert!(
+            has_rules(&topo, A1.name),
+            "the old agent's exit took the rules"
+        );
+        assert!(serves(&topo, A1.name), "the new agent serves a1");
+        assert!(probe_chain(&topo, "na").contains(&A1.ip.to_string()));
+        let (clear, hbone) = transfer_seen(&topo, &A1, &B1, b"hboned-KUBE-after-rollout").await;
+        assert!(!clear && hbone, "a1 → b1 left the tunnel after the rollout");
+        assert!(!topo.log(0).contains("unenrolled"), "{}", topo.log(0));
+    }
 }

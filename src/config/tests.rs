@@ -322,3 +322,80 @@ fn certificate_lifetime_defaults_by_source() {
         Duration::from_secs(600)
     );
 }
+
+/// Kubernetes mode is its own node agent: refused beside another agent's or control plane's
+/// settings, needs the node's name, and keeps the built-in CA off nodes unless allowed.
+#[test]
+fn kubernetes_mode_is_refused_beside_another_agent_and_with_the_builtin_ca() {
+    let ok = "node: n1\nkubernetes: {}\n";
+    let c = Config::parse(ok, &no_env).unwrap();
+    let kube = c.kubernetes.as_ref().unwrap();
+    assert_eq!(kube.namespace_labels, ["io.cilium/mtls-enabled=true"]);
+    assert_eq!(
+        c.certificates.kind(true),
+        CertSourceKind::Spire,
+        "SPIRE by default"
+    );
+    assert!(matches!(
+        c.certificate_source().unwrap(),
+        crate::config::CertSource::Spire(p) if p == std::path::Path::new("/run/spire/sockets/admin.sock")
+    ));
+    // Outside Kubernetes mode the default stays the built-in CA.
+    assert_eq!(
+        Config::parse(SAMPLE, &no_env)
+            .unwrap()
+            .certificates
+            .kind(false),
+        CertSourceKind::Builtin
+    );
+
+    let refused = |extra: &str, want: &str| {
+        let err = Config::parse(&format!("{ok}{extra}"), &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{extra:?}: {err}");
+    };
+    refused(
+        "zdsSocket: /var/run/ztunnel/ztunnel.sock\n",
+        "kubernetes and zdsSocket",
+    );
+    refused(
+        "xds: {address: \"unix:///var/run/cilium/xds.sock\"}\n",
+        "kubernetes and xds.address",
+    );
+    refused(
+        "pods: [{name: p, namespace: n, netns: /var/run/netns/p}]\n",
+        "kubernetes and pods",
+    );
+    refused(
+        "certificates: {source: builtin}\n",
+        "kubernetes.allowBuiltinCa",
+    );
+    let err = Config::parse("kubernetes: {}\n", &no_env)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("kubernetes needs node"), "{err}");
+    let err = Config::parse(
+        "node: n\nkubernetes: {namespaceLabels: [\"a b\", \"\"], apiServer: \"localhost:6443\"}\n",
+        &no_env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("\"a b\"") && err.contains("apiServer"),
+        "{err}"
+    );
+    let err = Config::parse("node: n\nkubernetes: {namespaceLabels: []}\n", &no_env)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("namespaceLabels is empty"), "{err}");
+    // Allowed explicitly: the built-in CA for a one-node development cluster.
+    let dev = "node: n1\ncertificates: {source: builtin}\nkubernetes: {allowBuiltinCa: true}\n";
+    assert!(Config::parse(dev, &no_env).is_ok());
+    // The node name from the environment, as the DaemonSet sets it.
+    let env = |k: &str| (k == "HBONED_NODE").then(|| "from-env".to_owned());
+    assert_eq!(
+        Config::parse("kubernetes: {}\n", &env).unwrap().node,
+        "from-env"
+    );
+}
