@@ -1,0 +1,115 @@
+//! The standalone manifests (deploy/standalone/) tell one story: the ConfigMap is a valid
+//! Kubernetes-mode config with SPIRE, the SPIRE ClusterSPIFFEID selects the namespaces the
+//! config opts in and names pods as hboned expects, the DaemonSet gives the agent what
+//! enrollment needs, and the RBAC reads pods and namespaces and nothing more. (The Kubernetes
+//! schemas are checked by kubernetes-validate in .ci/run; it has none for SPIRE's CRD.)
+
+#![allow(clippy::unwrap_used)]
+
+use serde_yaml_ng::Value;
+
+fn documents(file: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(format!(
+        "{}/deploy/standalone/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
+fn config() -> hboned::config::Config {
+    let map = &documents("configmap.yaml")[0];
+    let text = map["data"]["config.yaml"].as_str().unwrap();
+    let env = |k: &str| (k == "HBONED_NODE").then(|| "node-1".to_owned());
+    hboned::config::Config::parse(text, &env).unwrap()
+}
+
+#[test]
+fn the_config_is_kubernetes_mode_with_spire() {
+    let c = config();
+    assert!(c.kubernetes.is_some());
+    assert_eq!(
+        c.certificates.kind(true),
+        hboned::config::CertSourceKind::Spire
+    );
+    assert!(c.zds_socket.is_none() && c.xds.address.is_empty());
+}
+
+#[test]
+fn spire_names_the_pods_of_the_namespaces_the_config_opts_in() {
+    let labels = config().kubernetes.unwrap().namespace_labels;
+    let ids = documents("spire.yaml");
+    let mesh = ids
+        .iter()
+        .find(|d| d["metadata"]["name"] == "hboned-mesh")
+        .unwrap();
+    assert_eq!(mesh["kind"], "ClusterSPIFFEID");
+    assert_eq!(mesh["apiVersion"], "spire.spiffe.io/v1alpha1");
+    let selector = mesh["spec"]["namespaceSelector"]["matchLabels"]
+        .as_mapping()
+        .unwrap();
+    let selected: Vec<String> = selector
+        .iter()
+        .map(|(k, v)| format!("{}={}", k.as_str().unwrap(), v.as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        selected, labels,
+        "ClusterSPIFFEID and config select different namespaces"
+    );
+    // The template, filled in as the controller manager does, is the identity hboned uses.
+    let template = mesh["spec"]["spiffeIDTemplate"].as_str().unwrap();
+    let id = template
+        .replace("{{ .TrustDomain }}", "cluster.local")
+        .replace("{{ .PodMeta.Namespace }}", "shop")
+        .replace("{{ .PodSpec.ServiceAccountName }}", "web");
+    let want = hboned::identity::Identity::new("cluster.local", "shop", "web").unwrap();
+    assert_eq!(id, want.to_string());
+    // hboned's own identity, the delegate the SPIRE agent must authorize.
+    assert!(ids.iter().any(|d| d["metadata"]["name"] == "hboned-agent"));
+}
+
+#[test]
+fn the_daemonset_gives_enrollment_what_it_needs_and_rbac_no_more() {
+    let ds = &documents("daemonset.yaml")[0];
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["hostPID"], true,
+        "pods' namespaces are found from their processes"
+    );
+    assert_eq!(
+        pod["hostNetwork"], true,
+        "the probe rule lives in the node's namespace"
+    );
+    let mounts: Vec<&str> = pod["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    for path in ["/run/hboned", "/run/spire/sockets", "/run/xtables.lock"] {
+        assert!(mounts.contains(&path), "{path} not mounted: {mounts:?}");
+    }
+    for doc in documents("rbac.yaml")
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole")
+    {
+        for rule in doc["rules"].as_sequence().unwrap() {
+            let verbs: Vec<&str> = rule["verbs"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert_eq!(verbs, ["get", "list", "watch"]);
+            let resources: Vec<&str> = rule["resources"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert_eq!(resources, ["pods", "namespaces"]);
+        }
+    }
+}
