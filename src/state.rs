@@ -358,7 +358,7 @@ impl State {
         self.by_vip.get(&ip).and_then(|k| self.services.get(k))
     }
 
-    pub(crate) fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
         self.workloads.values()
     }
 

@@ -343,6 +343,8 @@ impl FakeApi {
             .objects
             .iter()
             .filter(|((k, _), o)| *k == kind && matches(o, node))
+            .skip(offset)
+            .take(limit.saturating_add(1))
             .map(|(_, o)| {
                 let mut o = o.clone();
                 let map = o.as_object_mut().unwrap();
@@ -350,8 +352,6 @@ impl FakeApi {
                 map.remove("apiVersion");
                 o
             })
-            .skip(offset)
-            .take(limit.saturating_add(1))
             .collect();
         let more = items.len() > limit;
         let items: Vec<Value> = items.into_iter().take(limit).collect();
