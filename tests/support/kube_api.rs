@@ -276,8 +276,7 @@ impl FakeApi {
 
     fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
         let path = req.uri().path().to_owned();
-        let query: BTreeMap<String, String> =
-            req.uri().query().map(|q| url_pairs(q)).unwrap_or_default();
+        let query: BTreeMap<String, String> = req.uri().query().map(url_pairs).unwrap_or_default();
         self.store.lock().unwrap().requests.push(format!(
             "{path}{}",
             req.uri()
