@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use hboned::kube::{LabelMatch, Settings};
 use hboned::state::{SharedState, State};
 
-#[allow(dead_code)]
+// The fake is test code: it unwraps freely.
+#[allow(dead_code, clippy::unwrap_used)]
 #[path = "../tests/support/kube_api.rs"]
 mod kube_api;
 use kube_api::{FakeApi, PodDef};
