@@ -104,6 +104,8 @@ async fn run(n: usize) {
         labels: vec![LabelMatch::parse("io.cilium/mtls-enabled=true").expect("label")],
         trust_domain: "cluster.local".into(),
         cluster_id: "bench".into(),
+        services: false,
+        cluster_domain: "cluster.local".into(),
     };
     let before = LIVE.load(Ordering::Relaxed);
     let (tx, mut synced) = tokio::sync::watch::channel(false);

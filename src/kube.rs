@@ -11,7 +11,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
@@ -23,6 +24,7 @@ use crate::state::SharedState;
 pub mod enroll;
 pub mod pods;
 pub mod procfs;
+pub mod services;
 
 pub use enroll::{Desired, LocalPod};
 pub use pods::{LabelMatch, PodFacts};
@@ -64,6 +66,9 @@ pub struct Settings {
     pub labels: Vec<LabelMatch>,
     pub trust_domain: String,
     pub cluster_id: String,
+    /// Watch Services and EndpointSlices (`kubernetes.services`).
+    pub services: bool,
+    pub cluster_domain: String,
 }
 
 /// The running agent: its watch task and (when it enrolls) the enroller; both stop on
@@ -165,12 +170,19 @@ struct Agent {
     local: BTreeMap<String, PodFacts>,
     desired: Option<watch::Sender<Arc<Desired>>>,
     synced_tx: Option<watch::Sender<bool>>,
-    listings: [Listing; 3],
+    listings: [Listing; 5],
+    /// Services, their slices, and which pods back them (with `services` on).
+    index: services::Index,
 }
 
 const NAMESPACES: usize = 0;
 const ALL_PODS: usize = 1;
 const LOCAL_PODS: usize = 2;
+const SERVICES: usize = 3;
+const SLICES: usize = 4;
+
+/// A watch's events, or nothing when the watch is off.
+type Events<K> = std::pin::Pin<Box<dyn Stream<Item = Event<K>> + Send>>;
 
 impl Agent {
     fn new(
@@ -188,32 +200,57 @@ impl Agent {
             desired,
             synced_tx: None,
             listings: Default::default(),
+            index: services::Index::default(),
         }
     }
 
     async fn run(mut self, client: kube::Client, local: bool) {
-        let namespaces =
-            watched::<Namespace>(kube::Api::all(client.clone()), watcher::Config::default());
-        let all = watched::<Pod>(kube::Api::all(client.clone()), watcher::Config::default());
+        let mut namespaces = Box::pin(watched::<Namespace>(
+            kube::Api::all(client.clone()),
+            watcher::Config::default(),
+        ));
+        let mut all = Box::pin(watched::<Pod>(
+            kube::Api::all(client.clone()),
+            watcher::Config::default(),
+        ));
         let fields = format!("spec.nodeName={}", self.settings.node);
-        let mine: std::pin::Pin<Box<dyn Stream<Item = Event<Pod>> + Send>> = if local {
-            Box::pin(watched::<Pod>(
-                kube::Api::all(client),
+        let mut mine: Events<Pod> = self.optional(LOCAL_PODS, local, || {
+            watched(
+                kube::Api::all(client.clone()),
                 watcher::Config::default().fields(&fields),
-            ))
-        } else {
-            self.listings[LOCAL_PODS].done = true;
-            Box::pin(futures_util::stream::pending())
-        };
-        let (mut namespaces, mut all, mut mine) = (Box::pin(namespaces), Box::pin(all), mine);
+            )
+        });
+        let with_services = self.settings.services;
+        let mut services: Events<KubeService> = self.optional(SERVICES, with_services, || {
+            watched(kube::Api::all(client.clone()), watcher::Config::default())
+        });
+        let mut slices: Events<EndpointSlice> = self.optional(SLICES, with_services, || {
+            watched(kube::Api::all(client.clone()), watcher::Config::default())
+        });
         loop {
             tokio::select! {
                 Some(e) = namespaces.next() => self.namespace_event(e),
                 Some(e) = all.next() => self.pod_event(e),
                 Some(e) = mine.next() => self.local_event(e),
+                Some(e) = services.next() => self.service_event(e),
+                Some(e) = slices.next() => self.slice_event(e),
                 else => return,
             }
             self.publish();
+        }
+    }
+
+    /// The watch `make` builds when `on`; otherwise nothing, and its listing counts as done.
+    fn optional<K, S>(&mut self, listing: usize, on: bool, make: impl FnOnce() -> S) -> Events<K>
+    where
+        K: Send + 'static,
+        S: Stream<Item = Event<K>> + Send + 'static,
+    {
+        if on {
+            Box::pin(make())
+        } else {
+            self.listings[listing].done = true;
+            Box::pin(futures_util::stream::pending())
         }
     }
 
@@ -328,7 +365,8 @@ impl Agent {
             &self.settings.cluster_id,
         );
         match workload {
-            Some(w) => {
+            Some(mut w) => {
+                w.services = self.index.services_of(&w.uid);
                 self.workloads
                     .insert(facts.uid.clone(), facts.namespace.clone());
                 self.state.write(|s| s.upsert_workload(w));
@@ -341,6 +379,98 @@ impl Agent {
         if self.workloads.remove(uid).is_some() {
             self.state.write(|s| s.remove_workload(uid));
         }
+    }
+
+    fn service_event(&mut self, event: Event<KubeService>) {
+        match event {
+            Event::Init => self.listings[SERVICES].begin(),
+            Event::InitApply(svc) | Event::Apply(svc) => {
+                let (Some(ns), Some(name)) = (&svc.metadata.namespace, &svc.metadata.name) else {
+                    return;
+                };
+                let key = format!("{ns}/{name}");
+                self.listings[SERVICES].saw(&key);
+                match services::ServiceFacts::of(&svc, &self.settings.cluster_domain) {
+                    Some(facts) => {
+                        let state = facts.to_state();
+                        self.state.write(|s| s.upsert_service(state));
+                        let touched = self.index.apply_service(facts);
+                        self.refresh_services(touched);
+                    }
+                    // Now headless or ExternalName: no VIP to translate any more.
+                    None => self.remove_service(&key),
+                }
+            }
+            Event::Delete(svc) => {
+                if let (Some(ns), Some(name)) = (svc.metadata.namespace, svc.metadata.name) {
+                    self.remove_service(&format!("{ns}/{name}"));
+                }
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.listings[SERVICES].finish() {
+                    for key in self.index.service_keys() {
+                        if !seen.contains(&key) {
+                            self.remove_service(&key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn remove_service(&mut self, key: &str) {
+        if let Some((state_key, touched)) = self.index.remove_service(key) {
+            self.state.write(|s| s.remove_service(&state_key));
+            self.refresh_services(touched);
+        }
+    }
+
+    fn slice_event(&mut self, event: Event<EndpointSlice>) {
+        match event {
+            Event::Init => self.listings[SLICES].begin(),
+            Event::InitApply(slice) | Event::Apply(slice) => {
+                let Some((key, facts)) = services::SliceFacts::of(&slice) else {
+                    return;
+                };
+                self.listings[SLICES].saw(&key);
+                let touched = self.index.apply_slice(key, facts);
+                self.refresh_services(touched);
+            }
+            Event::Delete(slice) => {
+                if let Some((key, _)) = services::SliceFacts::of(&slice) {
+                    let touched = self.index.remove_slice(&key);
+                    self.refresh_services(touched);
+                }
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.listings[SLICES].finish() {
+                    for key in self.index.slice_keys() {
+                        if !seen.contains(&key) {
+                            let touched = self.index.remove_slice(&key);
+                            self.refresh_services(touched);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-derives the `services` map of these pods' workloads.
+    fn refresh_services(&mut self, uids: std::collections::BTreeSet<String>) {
+        let index = &self.index;
+        let known = &self.workloads;
+        self.state.write(|s| {
+            for uid in uids.iter().filter(|u| known.contains_key(*u)) {
+                let services = index.services_of(uid);
+                if let Some(w) = s.workload(uid)
+                    && w.services != services
+                {
+                    let mut w = (**w).clone();
+                    w.services = services;
+                    s.upsert_workload(w);
+                }
+            }
+        });
     }
 
     fn local_event(&mut self, event: Event<Pod>) {

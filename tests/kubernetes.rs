@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use hboned::kube::{LabelMatch, Settings};
@@ -34,6 +34,8 @@ fn settings() -> Settings {
         labels: vec![LabelMatch::parse("io.cilium/mtls-enabled=true").unwrap()],
         trust_domain: "cluster.local".into(),
         cluster_id: "c1".into(),
+        services: true,
+        cluster_domain: "cluster.local".into(),
     }
 }
 
@@ -93,6 +95,51 @@ async fn pods_become_workloads_and_follow_their_namespaces_opt_in() {
             .workload_by_ip("10.1.0.3".parse::<IpAddr>().unwrap())
             .is_none()
     );
+}
+
+/// A Service and its EndpointSlice: the VIP becomes a state service and the pod's workload
+/// maps the service port to the port the slice gives for the named target port.
+#[tokio::test]
+async fn services_and_endpoint_slices_give_vips_and_pod_ports() {
+    let api = FakeApi::new();
+    api.apply_namespace("mesh", &[LABEL]);
+    api.apply_pod(&pod("p1", "mesh", "node-b", "10.5.0.1"));
+    let vip: IpAddr = "10.96.5.10".parse().unwrap();
+    api.apply_service("mesh", "web", vip, 80, "http");
+    api.apply_slice(
+        "mesh",
+        "web",
+        "http",
+        8080,
+        &[("p1", "10.5.0.1".parse().unwrap())],
+    );
+    let (state, _running) = discovering(&api).await;
+    let key = "mesh/web.mesh.svc.cluster.local";
+    let target = |state: &SharedState| {
+        let s = state.read();
+        let w = s.workload("p1")?;
+        w.services.get(key)?.get(&80).copied()
+    };
+    assert_eq!(target(&state), Some(8080));
+    let route = state.read().route(&[], SocketAddr::new(vip, 80), 0);
+    match route {
+        hboned::state::Upstream::Hbone { target, .. } => {
+            assert_eq!(target, "10.5.0.1:8080".parse().unwrap())
+        }
+        other => panic!("the VIP did not route to p1 over HBONE: {other:?}"),
+    }
+    // The slice moves the named port: the map follows.
+    api.apply_slice(
+        "mesh",
+        "web",
+        "http",
+        9090,
+        &[("p1", "10.5.0.1".parse().unwrap())],
+    );
+    eventually(10, || target(&state) == Some(9090)).await;
+    // p1 leaves the slice: it no longer backs the service.
+    api.apply_slice("mesh", "web", "http", 9090, &[]);
+    eventually(10, || target(&state).is_none()).await;
 }
 
 /// Watches end and the history is compacted while a pod is added: the watchers resume from a
@@ -183,7 +230,7 @@ async fn the_fake_api_server_refuses_what_the_real_one_does() {
         bad.starts_with("HTTP/1.1 400") && bad.contains("field label not supported"),
         "{bad}"
     );
-    assert!(get("/api/v1/services").await.starts_with("HTTP/1.1 404"));
+    assert!(get("/api/v1/secrets").await.starts_with("HTTP/1.1 404"));
     api.apply_pod(&pod("p1", "mesh", "node-a", "10.4.0.1"));
     let list = get("/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-a").await;
     assert!(
@@ -254,6 +301,7 @@ mod netns {
         c.kubernetes = Some(KubernetesConfig {
             api_server: Some(api.to_owned()),
             allow_builtin_ca: true,
+            services: true,
             ..KubernetesConfig::default()
         });
     }
@@ -460,17 +508,49 @@ mod netns {
             peers_a1.lock().unwrap().last().unwrap().ip(),
             "169.254.7.127".parse::<IpAddr>().unwrap()
         );
-        let mut refused = topo
-            .connect(A2.name, A1.addr(DENIED_PLAINTEXT_PORT))
-            .await
-            .unwrap();
-        let ended = until_closed(&mut refused).await;
-        assert!(ended.is_err() || ended == Ok(0), "{ended:?}");
+        // Refused: the reset may already meet the connect.
+        if let Ok(mut refused) = topo.connect(A2.name, A1.addr(DENIED_PLAINTEXT_PORT)).await {
+            let ended = until_closed(&mut refused).await;
+            assert!(ended.is_err() || ended == Ok(0), "{ended:?}");
+        }
         assert_eq!(
             peers_a1.lock().unwrap().len(),
             1,
             "a2's plaintext reached the app"
         );
+
+        // A Service in front of b1 (named target port, resolved by its EndpointSlice): a1's
+        // connection to the VIP reaches b1 through the tunnel (nothing else routes the VIP).
+        api.apply_service(
+            "demo",
+            "echo",
+            IpAddr::V4(testbed::SERVICE_VIP),
+            testbed::SERVICE_PORT,
+            "app",
+        );
+        api.apply_slice(
+            "demo",
+            "echo",
+            "app",
+            APP_PORT,
+            &[(&uid(&topo, &B1), IpAddr::V4(B1.ip))],
+        );
+        let vip = SocketAddr::from((testbed::SERVICE_VIP, testbed::SERVICE_PORT));
+        eventually(10, || {
+            let ns = topo.netns(A1.name).unwrap();
+            ns.run(|| std::net::TcpStream::connect_timeout(&vip, std::time::Duration::from_secs(2)))
+                .is_ok_and(|mut s| {
+                    use std::io::{Read, Write};
+                    let mut back = [0u8; 3];
+                    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                        .is_ok()
+                        && s.write_all(b"vip").is_ok()
+                        && s.read_exact(&mut back).is_ok()
+                        && &back == b"vip"
+                })
+        })
+        .await;
+        assert_eq!(peers_b1.lock().unwrap().last().unwrap().ip(), A1.ip);
 
         // b1 deleted while a connection to it runs: the connection ends, and b1's listeners,
         // rules and probe rule go.

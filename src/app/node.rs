@@ -209,6 +209,8 @@ fn start_kubernetes(
             labels,
             trust_domain: config.trust_domain.clone(),
             cluster_id: config.cluster_id.clone(),
+            services: settings.services,
+            cluster_domain: settings.cluster_domain.clone(),
         },
         state.clone(),
         handler,

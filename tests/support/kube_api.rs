@@ -78,24 +78,43 @@ impl PodDef {
     }
 }
 
-/// The two resources served.
+/// The resources served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Kind {
     Namespaces,
     Pods,
+    Services,
+    EndpointSlices,
 }
 
 impl Kind {
-    fn list_kind(self) -> &'static str {
+    const ALL: [Kind; 4] = [
+        Kind::Namespaces,
+        Kind::Pods,
+        Kind::Services,
+        Kind::EndpointSlices,
+    ];
+
+    fn path(self) -> &'static str {
         match self {
-            Kind::Namespaces => "NamespaceList",
-            Kind::Pods => "PodList",
+            Kind::Namespaces => "/api/v1/namespaces",
+            Kind::Pods => "/api/v1/pods",
+            Kind::Services => "/api/v1/services",
+            Kind::EndpointSlices => "/apis/discovery.k8s.io/v1/endpointslices",
         }
     }
     fn kind(self) -> &'static str {
         match self {
             Kind::Namespaces => "Namespace",
             Kind::Pods => "Pod",
+            Kind::Services => "Service",
+            Kind::EndpointSlices => "EndpointSlice",
+        }
+    }
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlices => "discovery.k8s.io/v1",
+            _ => "v1",
         }
     }
 }
@@ -213,6 +232,90 @@ impl FakeApi {
         );
     }
 
+    /// A ClusterIP Service with one TCP port whose target port is named `target`.
+    pub fn apply_service(&self, namespace: &str, name: &str, vip: IpAddr, port: u16, target: &str) {
+        use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+        use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+        let svc = Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some(namespace.into()),
+                uid: Some(format!("svc-{namespace}-{name}")),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some(vip.to_string()),
+                cluster_ips: Some(vec![vip.to_string()]),
+                ports: Some(vec![ServicePort {
+                    name: Some(target.into()),
+                    port: i32::from(port),
+                    target_port: Some(IntOrString::String(target.into())),
+                    protocol: Some("TCP".into()),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        };
+        let key = format!("{namespace}/{name}");
+        self.put(
+            Kind::Services,
+            key,
+            Some(serde_json::to_value(svc).unwrap()),
+        );
+    }
+
+    /// The EndpointSlice the control plane would write for `service`: its pods (uid, IP) on
+    /// port `port` named `port_name`.
+    pub fn apply_slice(
+        &self,
+        namespace: &str,
+        service: &str,
+        port_name: &str,
+        port: u16,
+        pods: &[(&str, IpAddr)],
+    ) {
+        use k8s_openapi::api::core::v1::ObjectReference;
+        use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+        let slice = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("{service}-x1")),
+                namespace: Some(namespace.into()),
+                labels: Some(BTreeMap::from([(
+                    "kubernetes.io/service-name".into(),
+                    service.into(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            ports: Some(vec![EndpointPort {
+                name: Some(port_name.into()),
+                port: Some(i32::from(port)),
+                protocol: Some("TCP".into()),
+                ..EndpointPort::default()
+            }]),
+            endpoints: pods
+                .iter()
+                .map(|(uid, ip)| Endpoint {
+                    addresses: vec![ip.to_string()],
+                    target_ref: Some(ObjectReference {
+                        kind: Some("Pod".into()),
+                        namespace: Some(namespace.into()),
+                        uid: Some((*uid).into()),
+                        ..ObjectReference::default()
+                    }),
+                    ..Endpoint::default()
+                })
+                .collect(),
+        };
+        let key = format!("{namespace}/{service}-x1");
+        self.put(
+            Kind::EndpointSlices,
+            key,
+            Some(serde_json::to_value(slice).unwrap()),
+        );
+    }
+
     pub fn delete_pod(&self, namespace: &str, name: &str) {
         self.put(Kind::Pods, format!("{namespace}/{name}"), None);
     }
@@ -284,10 +387,9 @@ impl FakeApi {
                 .map(|q| format!("?{q}"))
                 .unwrap_or_default()
         ));
-        let kind = match path.as_str() {
-            "/api/v1/namespaces" => Kind::Namespaces,
-            "/api/v1/pods" => Kind::Pods,
-            _ => {
+        let kind = match Kind::ALL.into_iter().find(|k| k.path() == path) {
+            Some(kind) => kind,
+            None => {
                 return status(
                     404,
                     "NotFound",
@@ -358,7 +460,7 @@ impl FakeApi {
         if more {
             metadata["continue"] = json!(format!("{rv}:{}", offset + limit));
         }
-        let body = json!({"kind": kind.list_kind(), "apiVersion": "v1", "metadata": metadata, "items": items});
+        let body = json!({"kind": format!("{}List", kind.kind()), "apiVersion": kind.api_version(), "metadata": metadata, "items": items});
         respond(200, serde_json::to_vec(&body).unwrap())
     }
 
@@ -495,7 +597,7 @@ fn matches(object: &Value, node: Option<&str>) -> bool {
 }
 
 fn bookmark(kind: Kind, rv: u64) -> Value {
-    json!({"type": "BOOKMARK", "object": {"kind": kind.kind(), "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}}})
+    json!({"type": "BOOKMARK", "object": {"kind": kind.kind(), "apiVersion": kind.api_version(), "metadata": {"resourceVersion": rv.to_string()}}})
 }
 
 fn line(v: &Value) -> Frame<Bytes> {
