@@ -247,8 +247,10 @@ async fn the_fake_api_server_refuses_what_the_real_one_does() {
 
 mod netns {
     //! Two nodes in network namespaces, each `hboned run` in Kubernetes mode on the fake API
-    //! server (reached on 127.0.0.1 inside its node), the built-in CA allowed (one root for
-    //! both nodes). Needs root; off CI it is skipped when not root, on CI it fails instead.
+    //! server (reached on 127.0.0.1 inside its node). The first test has nothing but hboned
+    //! and a SPIRE agent (tests/support/spire.rs; pods attested by PID); the rollout test
+    //! allows the built-in CA (one root for both nodes). Needs root; off CI it is skipped
+    //! when not root, on CI it fails instead.
 
     use std::net::{IpAddr, SocketAddr};
 
@@ -292,18 +294,47 @@ mod netns {
     }
 
     /// A node in Kubernetes mode: nothing from the config's tables but node A's plaintext
-    /// policy (a namespace DENY of identity-less connections to a1's port 7001).
-    fn kube_node(c: &mut Config, api: &str) {
+    /// policy (a namespace DENY of identity-less connections to a1's port 7001); certificates
+    /// from SPIRE at `spire` (the mode's default source), else the built-in CA, allowed.
+    fn kube_node(c: &mut Config, api: &str, spire: Option<&std::path::Path>) {
         c.pods.clear();
         c.workloads.clear();
         c.services.clear();
-        c.certificates.source = Some(hboned::config::CertSourceKind::Builtin);
         c.kubernetes = Some(KubernetesConfig {
             api_server: Some(api.to_owned()),
-            allow_builtin_ca: true,
+            allow_builtin_ca: spire.is_none(),
             services: true,
             ..KubernetesConfig::default()
         });
+        match spire {
+            Some(socket) => c.certificates.spire_socket = Some(socket.to_owned()),
+            None => c.certificates.source = Some(hboned::config::CertSourceKind::Builtin),
+        }
+    }
+
+    /// A SPIRE agent for both nodes with the entries the SPIRE controller manager makes from
+    /// deploy/standalone/spire.yaml's ClusterSPIFFEID (`k8s:pod-uid` of each pod of the
+    /// labelled namespace → `/ns/<ns>/sa/<sa>`), hboned (root) as the authorized delegate, and
+    /// the pods attested by their network namespaces.
+    async fn spire(topo: &Topology, socket: &std::path::Path) {
+        use super::support::spire;
+        use std::os::unix::fs::MetadataExt;
+        let mut entries = vec![spire::delegate(0)];
+        let mut pods = std::collections::HashMap::new();
+        for p in PODS {
+            let id = uid(topo, &p);
+            let ns = namespace(&p);
+            if p.enrolled {
+                entries.push(spire::entry(
+                    &[&format!("k8s:pod-uid:{id}")],
+                    ns,
+                    p.service_account,
+                ));
+            }
+            let inode = std::fs::metadata(topo.netns_path(p.name)).unwrap().ino();
+            pods.insert(inode, (id, ns.to_owned(), p.service_account.to_owned()));
+        }
+        spire::start_with(socket, entries, pods).await;
     }
 
     /// Whether the proxy serves the pod (its HBONE port answers inside the pod).
@@ -444,8 +475,15 @@ mod netns {
         assert!(has_rules(&topo, A2.name));
 
         let (url_a, url_b) = serve_api(&topo, &api);
-        topo.spawn_proxies(bin, |c| kube_node(c, &url_a), |c| kube_node(c, &url_b))
-            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("admin.sock");
+        spire(&topo, &socket).await;
+        topo.spawn_proxies(
+            bin,
+            |c| kube_node(c, &url_a, Some(&socket)),
+            |c| kube_node(c, &url_b, Some(&socket)),
+        )
+        .unwrap();
         eventually(30, || ready(&topo, "na") && ready(&topo, "nb")).await;
 
         // Nothing opted in: no pod served, the stale rules gone, traffic plain and working.
@@ -623,8 +661,12 @@ mod netns {
             api.apply_pod(&def(&topo, p));
         }
         let (url_a, url_b) = serve_api(&topo, &api);
-        topo.spawn_proxies(bin, |c| kube_node(c, &url_a), |c| kube_node(c, &url_b))
-            .unwrap();
+        topo.spawn_proxies(
+            bin,
+            |c| kube_node(c, &url_a, None),
+            |c| kube_node(c, &url_b, None),
+        )
+        .unwrap();
         eventually(30, || {
             [A1, B1, B3]
                 .iter()
@@ -634,7 +676,7 @@ mod netns {
         let (_e1, _) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
 
         let new = topo
-            .spawn_extra_proxy(bin, 'a', |c| kube_node(c, &url_a))
+            .spawn_extra_proxy(bin, 'a', |c| kube_node(c, &url_a, None))
             .unwrap();
         eventually(30, || topo.log(new).contains("pod enrolled")).await;
         assert_eq!(
