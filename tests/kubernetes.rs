@@ -198,6 +198,39 @@ async fn bookmarks_spare_a_quiet_watch_the_relist() {
     assert_eq!(api.lists_of("/api/v1/pods"), lists, "{:?}", api.requests());
 }
 
+/// An API server that answers 503 is retried with back-off, not in a loop, and the state
+/// keeps serving meanwhile; once it is back, changes made meanwhile arrive.
+#[tokio::test]
+async fn an_unavailable_api_server_is_retried_with_backoff() {
+    let api = FakeApi::new();
+    api.apply_namespace("mesh", &[LABEL]);
+    api.apply_pod(&pod("p1", "mesh", "node-b", "10.6.0.1"));
+    let (state, _running) = discovering(&api).await;
+    api.set_unavailable(true);
+    let start = api.requests().len();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let mid = api.requests().len();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let (first, second) = (mid - start, api.requests().len() - mid);
+    // kube-client retries a 503 from 5 ms doubling, the watcher backs off from 0.8 s: tens of
+    // requests at most, fewer as time goes (a loop would make thousands).
+    assert!(
+        first + second <= 60,
+        "{first} + {second} requests in 6 s against a down API server"
+    );
+    assert!(
+        second <= first,
+        "not backing off: {first} then {second} requests"
+    );
+    assert!(
+        protocol(&state, "p1").is_some(),
+        "the last state keeps serving"
+    );
+    api.set_unavailable(false);
+    api.apply_pod(&pod("p2", "mesh", "node-b", "10.6.0.2"));
+    eventually(30, || protocol(&state, "p2").is_some()).await;
+}
+
 /// The fake refuses what kube-apiserver refuses, so a wrong selector in hboned would show.
 #[tokio::test]
 async fn the_fake_api_server_refuses_what_the_real_one_does() {

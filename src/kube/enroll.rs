@@ -145,11 +145,12 @@ impl Enroller {
 
     /// One pass; true when some pod is still to be enrolled.
     fn reconcile(&mut self, want: &Desired) -> bool {
+        // Gone, or changed (a new sandbox comes with new addresses): let go, then enroll anew.
         let gone: Vec<String> = self
             .enrolled
-            .keys()
-            .filter(|uid| !want.enroll.contains_key(*uid))
-            .cloned()
+            .iter()
+            .filter(|(uid, e)| want.enroll.get(*uid) != Some(&e.pod))
+            .map(|(uid, _)| uid.clone())
             .collect();
         for uid in gone {
             self.unenroll(&uid);

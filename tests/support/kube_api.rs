@@ -147,6 +147,8 @@ struct Store {
     requests: Vec<String>,
     /// The longest a watch stays open (a real server's `--min-request-timeout` jitter).
     max_watch: Option<Duration>,
+    /// Every request answered 503 (an API server that is down behind its load balancer).
+    unavailable: bool,
 }
 
 /// The fake API server; cheap to clone, shared by every listener.
@@ -194,6 +196,15 @@ impl FakeApi {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
         self.serve(l)
+    }
+
+    /// While set, every request is answered 503 ServiceUnavailable and open watches end.
+    pub fn set_unavailable(&self, down: bool) {
+        let mut s = self.store.lock().unwrap();
+        s.unavailable = down;
+        if down {
+            s.watchers.clear();
+        }
     }
 
     /// Watches end after at most `d` (each then ends with a bookmark, if asked for).
@@ -387,6 +398,13 @@ impl FakeApi {
                 .map(|q| format!("?{q}"))
                 .unwrap_or_default()
         ));
+        if self.store.lock().unwrap().unavailable {
+            return status(
+                503,
+                "ServiceUnavailable",
+                "the server is currently unable to handle the request",
+            );
+        }
         let kind = match Kind::ALL.into_iter().find(|k| k.path() == path) {
             Some(kind) => kind,
             None => {
