@@ -565,8 +565,9 @@ fn redirect_rules_install_and_remove_idempotently() {
     };
     hboned("install");
     hboned("install");
-    // 6 rules in our chains + 4 jumps into them; one policy rule; one local route.
-    assert_eq!((count(false), count(true)), ((10, 1, 1), (10, 1, 1)));
+    // 8 rules in our chains (2 of them the kubelet probe exemption) + 4 jumps into them; one
+    // policy rule; one local route.
+    assert_eq!((count(false), count(true)), ((12, 1, 1), (12, 1, 1)));
     hboned("remove");
     hboned("remove");
     assert_eq!((count(false), count(true)), ((0, 0, 0), (0, 0, 0)));
