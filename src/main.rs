@@ -34,8 +34,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the node proxy: enroll pods (from the config file and/or a node agent over ZDS) and
-    /// serve them. Without --config it uses the embedded default (config/default.yaml).
+    /// Run the node proxy: enroll pods (from the config file, a node agent over ZDS, or, with
+    /// `kubernetes:` in the config, itself from the API server) and serve them. Without
+    /// --config it uses the embedded default (config/default.yaml).
     Run {
         /// YAML configuration (see README.md).
         #[arg(long, env = "HBONED_CONFIG")]

@@ -10,8 +10,10 @@
 //! ones are what ten thousand idle connections need.
 //!
 //! Each direction reads into a `BytesMut`; a writer that can take bytes as they are (an HTTP/2
-//! stream: they become a DATA frame) takes them without a copy ([`Sink`]), and streams come
-//! apart into their two directions without a lock between them ([`Split`]).
+//! stream: they become a DATA frame) takes them without a copy ([`Sink`]), a reader that
+//! already holds its bytes (an HTTP/2 stream's received DATA) hands them over without a copy
+//! ([`Source`]), and streams come apart into their two directions without a lock between them
+//! ([`Split`]).
 //!
 //! EOF on one side becomes a write shutdown on the other (half-close), and the copy goes on in
 //! the other direction until it ends too. An error in either direction ends both and says
@@ -21,7 +23,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// First size of a direction's buffer.
@@ -78,9 +80,33 @@ impl Sink for tokio::net::tcp::WriteHalf<'_> {}
 #[cfg(test)]
 impl<T: AsyncWrite> Sink for tokio::io::WriteHalf<T> {}
 
+/// What one read of a relay produced.
+#[derive(Debug)]
+pub(crate) enum Chunk {
+    /// This many bytes, now at the end of the relay's buffer (0: EOF).
+    Buffered(usize),
+    /// Bytes handed over as they are (never empty).
+    Owned(Bytes),
+}
+
+/// The read side of a relay. The default reads into the relay's buffer; an HTTP/2 stream hands
+/// over its DATA frames as they arrived (no copy into the buffer).
+pub(crate) trait Source: AsyncRead + Unpin {
+    /// The next bytes, read into `buf` (at most `limit`) or handed over; cancel-safe.
+    async fn next_chunk(&mut self, buf: &mut BytesMut, limit: usize) -> io::Result<Chunk> {
+        let n = self.read_buf(&mut buf.limit(limit)).await?;
+        Ok(Chunk::Buffered(n))
+    }
+}
+
+impl Source for tokio::net::tcp::ReadHalf<'_> {}
+/// The generic (locked) split's read half, for in-memory test streams.
+#[cfg(test)]
+impl<T: AsyncRead> Source for tokio::io::ReadHalf<T> {}
+
 /// A stream a relay can take apart into its two directions without a lock between them.
 pub(crate) trait Split {
-    type Read<'a>: AsyncRead + Unpin
+    type Read<'a>: Source
     where
         Self: 'a;
     type Write<'a>: Sink
@@ -183,7 +209,7 @@ async fn one_way<R, W>(
     (read_end, write_end): (End, End),
 ) -> Result<(), (End, io::Error)>
 where
-    R: AsyncRead + Unpin + ?Sized,
+    R: Source + ?Sized,
     W: Sink + ?Sized,
 {
     // `size` is how much one read may take; the buffer's capacity follows it (a writer that
@@ -196,36 +222,29 @@ where
         let read = if size > INITIAL_BUFFER {
             // A grown buffer: if no data comes for a while, give it back before waiting on
             // (reads are cancel-safe: nothing was read when the timeout wins).
-            match tokio::time::timeout(IDLE_SHRINK, reader.read_buf(&mut (&mut buf).limit(size)))
-                .await
-            {
+            match tokio::time::timeout(IDLE_SHRINK, reader.next_chunk(&mut buf, size)).await {
                 Ok(read) => read,
                 Err(_) => {
                     size = INITIAL_BUFFER;
                     buf = BytesMut::with_capacity(size);
                     full_reads = 0;
-                    reader.read_buf(&mut (&mut buf).limit(size)).await
+                    reader.next_chunk(&mut buf, size).await
                 }
             }
         } else {
-            reader.read_buf(&mut (&mut buf).limit(size)).await
+            reader.next_chunk(&mut buf, size).await
         };
-        let n = read.map_err(|e| (read_end, e))?;
-        if n == 0 {
-            return writer.shutdown().await.map_err(|e| (write_end, e));
-        }
-        while !buf.is_empty() {
-            std::future::poll_fn(|cx| writer.poll_write_owned(cx, &mut buf))
-                .await
-                .and_then(|w| {
-                    if w == 0 {
-                        Err(io::ErrorKind::WriteZero.into())
-                    } else {
-                        Ok(w)
-                    }
-                })
-                .map_err(|e| (write_end, e))?;
-        }
+        let n = match read.map_err(|e| (read_end, e))? {
+            Chunk::Buffered(0) => return writer.shutdown().await.map_err(|e| (write_end, e)),
+            Chunk::Buffered(n) => {
+                write_buffer(writer, &mut buf).await.map_err(|e| (write_end, e))?;
+                n
+            }
+            Chunk::Owned(bytes) => {
+                writer.write_all(&bytes).await.map_err(|e| (write_end, e))?;
+                bytes.len()
+            }
+        };
         *count += n as u64;
         if let Some(m) = meter {
             m.inc_by(n as u64);
@@ -240,6 +259,17 @@ where
             full_reads = 0;
         }
     }
+}
+
+/// Hands all of `buf` to `writer`.
+async fn write_buffer<W: Sink + ?Sized>(writer: &mut W, buf: &mut BytesMut) -> io::Result<()> {
+    while !buf.is_empty() {
+        let written = std::future::poll_fn(|cx| writer.poll_write_owned(cx, buf)).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::proxy::copy::{Sink, Split};
+use crate::proxy::copy::{Chunk, Sink, Source, Split};
 
 /// HTTP/2 and timing settings of HBONE (docs/design.md §4, ztunnel's values).
 #[derive(Debug, Clone)]
@@ -197,17 +197,16 @@ fn write_error(e: h2::Error) -> io::Error {
     }
 }
 
-/// Reads the next bytes of the stream's DATA into `buf`.
-fn poll_read_data(
+/// Waits until `pending` holds the stream's next DATA; false at the end of the stream.
+fn poll_fill(
     recv: &mut RecvStream,
     pending: &mut Bytes,
     read_done: &mut bool,
     cx: &mut Context<'_>,
-    buf: &mut ReadBuf<'_>,
-) -> Poll<io::Result<()>> {
+) -> Poll<io::Result<bool>> {
     while pending.is_empty() {
         if *read_done {
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(Ok(false));
         }
         match ready!(recv.poll_data(cx)) {
             Some(Ok(chunk)) => {
@@ -218,15 +217,14 @@ fn poll_read_data(
             Some(Err(e)) => {
                 *read_done = true;
                 return Poll::Ready(match read_error(e) {
-                    None => Ok(()),
+                    None => Ok(false),
                     Some(err) => Err(err),
                 });
             }
             None => *read_done = true,
         }
     }
-    drain_into(pending, buf);
-    Poll::Ready(Ok(()))
+    Poll::Ready(Ok(true))
 }
 
 /// Waits until h2 lets `want` (at most [`MAX_WRITE_CHUNK`]) bytes be sent; how many it grants.
@@ -353,7 +351,24 @@ impl AsyncRead for H2Reader<'_> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        poll_read_data(this.recv, this.pending, this.read_done, cx, buf)
+        if ready!(poll_fill(this.recv, this.pending, this.read_done, cx))? {
+            drain_into(this.pending, buf);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Source for H2Reader<'_> {
+    /// The received DATA as it is (a view of h2's read buffer, let go of once written).
+    async fn next_chunk(&mut self, _buf: &mut bytes::BytesMut, _limit: usize) -> io::Result<Chunk> {
+        let more =
+            std::future::poll_fn(|cx| poll_fill(self.recv, self.pending, self.read_done, cx))
+                .await?;
+        Ok(if more {
+            Chunk::Owned(std::mem::take(self.pending))
+        } else {
+            Chunk::Buffered(0)
+        })
     }
 }
 

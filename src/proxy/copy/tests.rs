@@ -52,6 +52,8 @@ struct Firehose {
     left: usize,
     writes: Vec<usize>,
 }
+impl Source for Firehose {}
+
 impl AsyncRead for Firehose {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
@@ -88,6 +90,7 @@ impl AsyncWrite for Firehose {
 }
 
 impl Sink for Firehose {}
+impl Source for DuplexStream {}
 
 #[tokio::test]
 async fn buffer_grows_under_load_and_is_bounded() {
