@@ -289,7 +289,7 @@ mod netns {
 
     use hboned::config::{Config, KubernetesConfig};
     use hboned::testbed::{
-        self, A1, A2, APP_PORT, B1, B2, B3, Capture, DENIED_PLAINTEXT_PORT, PODS, Topology,
+        self, A1, A2, APP_PORT, B1, B2, B3, DENIED_PLAINTEXT_PORT, PODS, Topology,
     };
 
     use super::LABEL;
@@ -421,60 +421,10 @@ mod netns {
 
     /// Serves the fake API inside both nodes' namespaces; the URL each node uses.
     fn serve_api(topo: &Topology, api: &FakeApi) -> (String, String) {
-        let bind = |node: &str| {
-            let l = topo
-                .netns(node)
-                .unwrap()
-                .run(|| {
-                    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-                    l.set_nonblocking(true)?;
-                    Ok(l)
-                })
-                .unwrap();
-            api.serve(l)
-        };
-        (bind("na"), bind("nb"))
-    }
-
-    /// Transfers `marker` + data from `from` to `to` under a capture of the node link; whether
-    /// the marker was seen in the clear, and whether all of it went over port 15008.
-    async fn transfer_seen(
-        topo: &Topology,
-        from: &testbed::Pod,
-        to: &testbed::Pod,
-        marker: &[u8],
-    ) -> (bool, bool) {
-        let (ns, iface, sentinel) = topo.node_link();
-        let pcap = std::env::temp_dir().join(format!("{}-kube.pcap", topo.prefix()));
-        let capture = Capture::start(&ns, &iface, &pcap).await.unwrap();
-        let mut data = marker.to_vec();
-        data.extend_from_slice(&super::support::pattern(7, 64 * 1024));
-        let s = topo.connect(from.name, to.addr(APP_PORT)).await.unwrap();
-        assert_eq!(
-            within(20, testbed::echo_roundtrip(s, &data)).await.unwrap(),
-            data
-        );
-        let segments = capture.stop(&topo.netns("na").unwrap(), sentinel).unwrap();
-        let _ = std::fs::remove_file(&pcap);
-        let between = |s: &testbed::Segment| {
-            let ends = [s.src.ip(), s.dst.ip()];
-            ends.contains(&IpAddr::V4(from.ip)) && ends.contains(&IpAddr::V4(to.ip))
-        };
-        let flows: Vec<_> = segments
-            .iter()
-            .filter(|s| !s.payload.is_empty() && between(s))
-            .collect();
-        assert!(
-            flows.iter().map(|s| s.payload.len()).sum::<usize>() >= data.len(),
-            "the transfer was not captured"
-        );
-        let clear = segments
-            .iter()
-            .any(|s| s.payload.windows(marker.len()).any(|w| w == marker));
-        let hbone = flows
-            .iter()
-            .all(|s| s.src.port() == 15008 || s.dst.port() == 15008);
-        (clear, hbone)
+        (
+            api.serve(loopback_listener(topo, "na")),
+            api.serve(loopback_listener(topo, "nb")),
+        )
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -533,7 +483,8 @@ mod netns {
         let (_e2, _) = testbed::spawn_echo(topo.listen(B2.name, APP_PORT).unwrap());
         let (_e7, peers_a1) =
             testbed::spawn_echo(topo.listen(A1.name, DENIED_PLAINTEXT_PORT).unwrap());
-        let (clear, _) = transfer_seen(&topo, &A1, &B1, b"hboned-KUBE-before-label").await;
+        let Seen { clear, .. } =
+            transfer_seen(&topo, &A1, &B1, b"hboned-KUBE-before-label", 64 * 1024).await;
         assert!(clear, "before the label, a1 → b1 is plain TCP");
 
         // The label: demo's pods are enrolled on both nodes; a1 → b1 is TLS on the wire.
@@ -545,18 +496,14 @@ mod netns {
         })
         .await;
         assert!(!serves(&topo, A2.name) && !has_rules(&topo, B2.name));
-        let (clear, hbone) = transfer_seen(&topo, &A1, &B1, b"hboned-KUBE-labelled-91b3").await;
+        let Seen { clear, hbone } =
+            transfer_seen(&topo, &A1, &B1, b"hboned-KUBE-labelled-91b3", 64 * 1024).await;
         assert!(!clear, "plaintext of an enrolled pod on the wire");
         assert!(hbone, "a1 ↔ b1 outside HBONE");
         assert_eq!(peers_b1.lock().unwrap().last().unwrap().ip(), A1.ip);
         // To and from a pod that is not enrolled: plaintext, still working.
-        let s = topo.connect(A1.name, B2.addr(APP_PORT)).await.unwrap();
-        assert_eq!(
-            within(20, testbed::echo_roundtrip(s, b"to plain"))
-                .await
-                .unwrap(),
-            b"to plain"
-        );
+        let mut s = topo.connect(A1.name, B2.addr(APP_PORT)).await.unwrap();
+        echoes(&mut s, b"to plain").await;
 
         // Kubelet's probe from the node reaches a1's app uncaptured (from the probe address),
         // even on the port whose plaintext the policy denies; a2's plaintext there is refused.
@@ -565,16 +512,11 @@ mod netns {
             "{}",
             probe_chain(&topo, "na")
         );
-        let probe = topo
+        let mut probe = topo
             .connect("na", A1.addr(DENIED_PLAINTEXT_PORT))
             .await
             .unwrap();
-        assert_eq!(
-            within(20, testbed::echo_roundtrip(probe, b"probe"))
-                .await
-                .unwrap(),
-            b"probe"
-        );
+        echoes(&mut probe, b"probe").await;
         assert_eq!(
             peers_a1.lock().unwrap().last().unwrap().ip(),
             "169.254.7.127".parse::<IpAddr>().unwrap()
@@ -648,7 +590,8 @@ mod netns {
                 .all(|p| !serves(&topo, p.name) && !has_rules(&topo, p.name))
         })
         .await;
-        let (clear, _) = transfer_seen(&topo, &A1, &B3, b"hboned-KUBE-unlabelled").await;
+        let Seen { clear, .. } =
+            transfer_seen(&topo, &A1, &B3, b"hboned-KUBE-unlabelled", 64 * 1024).await;
         assert!(clear, "after the label went, a1 → b3 is plain TCP");
         assert!(!probe_chain(&topo, "na").contains(&A1.ip.to_string()));
     }
@@ -730,7 +673,8 @@ mod netns {
         );
         assert!(serves(&topo, A1.name), "the new agent serves a1");
         assert!(probe_chain(&topo, "na").contains(&A1.ip.to_string()));
-        let (clear, hbone) = transfer_seen(&topo, &A1, &B1, b"hboned-KUBE-after-rollout").await;
+        let Seen { clear, hbone } =
+            transfer_seen(&topo, &A1, &B1, b"hboned-KUBE-after-rollout", 64 * 1024).await;
         assert!(!clear && hbone, "a1 → b1 left the tunnel after the rollout");
         assert!(!topo.log(0).contains("unenrolled"), "{}", topo.log(0));
     }

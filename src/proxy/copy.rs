@@ -237,7 +237,9 @@ where
         let n = match read.map_err(|e| (read_end, e))? {
             Chunk::Buffered(0) => return writer.shutdown().await.map_err(|e| (write_end, e)),
             Chunk::Buffered(n) => {
-                write_buffer(writer, &mut buf).await.map_err(|e| (write_end, e))?;
+                write_buffer(writer, &mut buf)
+                    .await
+                    .map_err(|e| (write_end, e))?;
                 n
             }
             Chunk::Owned(bytes) => {

@@ -119,15 +119,7 @@ pub async fn with_control_plane_on_b() -> (
 ) {
     use hboned::xds::convert::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
     let mut topo = Topology::create(bin()).unwrap();
-    let listener = topo
-        .netns("nb")
-        .unwrap()
-        .run(|| {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })
-        .unwrap();
+    let listener = loopback_listener(&topo, "nb");
     let mut ads = super::fake_ads::FakeAds::serve(listener);
     let address = format!("http://{}", ads.addr);
     topo.start_proxies(bin(), |_| {}, |b| b.xds.address = address)
@@ -138,4 +130,73 @@ pub async fn with_control_plane_on_b() -> (
     assert_eq!(xds.next().await.type_url, AUTHORIZATION_TYPE);
     push(&mut xds, "a0", ADDRESS_TYPE, Vec::new(), &[]).await;
     (topo, ads, xds)
+}
+
+/// A non-blocking listener on 127.0.0.1 (a free port) inside a namespace of the topology: where
+/// a fake control plane or API server serves the proxy of that node.
+pub fn loopback_listener(topo: &Topology, netns: &str) -> std::net::TcpListener {
+    topo.netns(netns)
+        .unwrap()
+        .run(|| {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .unwrap()
+}
+
+/// What a capture of the node link saw of one transfer.
+pub struct Seen {
+    /// The marker appeared in some segment's payload.
+    pub clear: bool,
+    /// Every segment between the two pods went to or from port 15008.
+    pub hbone: bool,
+}
+
+/// Echoes `marker` followed by `len` pattern bytes from pod `from` to `to`'s app port under a
+/// capture of the node link (asserting the echo and that the transfer was captured).
+pub async fn transfer_seen(
+    topo: &Topology,
+    from: &hboned::testbed::Pod,
+    to: &hboned::testbed::Pod,
+    marker: &[u8],
+    len: usize,
+) -> Seen {
+    use hboned::testbed::{self, APP_PORT, Capture};
+    use std::net::IpAddr;
+    let (ns, iface, sentinel) = topo.node_link();
+    let pcap =
+        std::env::temp_dir().join(format!("{}-{}{}.pcap", topo.prefix(), from.name, to.name));
+    let capture = Capture::start(&ns, &iface, &pcap).await.unwrap();
+    let mut data = marker.to_vec();
+    data.extend_from_slice(&super::pattern(7, len));
+    let s = topo.connect(from.name, to.addr(APP_PORT)).await.unwrap();
+    assert_eq!(
+        within(20, testbed::echo_roundtrip(s, &data)).await.unwrap(),
+        data
+    );
+    let segments = capture.stop(&topo.netns("na").unwrap(), sentinel).unwrap();
+    let _ = std::fs::remove_file(&pcap);
+    let between = |s: &testbed::Segment| {
+        let ends = [s.src.ip(), s.dst.ip()];
+        ends.contains(&IpAddr::V4(from.ip)) && ends.contains(&IpAddr::V4(to.ip))
+    };
+    let flows: Vec<_> = segments
+        .iter()
+        .filter(|s| !s.payload.is_empty() && between(s))
+        .collect();
+    assert!(
+        flows.iter().map(|s| s.payload.len()).sum::<usize>() >= data.len(),
+        "the {} → {} transfer was not captured",
+        from.name,
+        to.name
+    );
+    Seen {
+        clear: segments
+            .iter()
+            .any(|s| s.payload.windows(marker.len()).any(|w| w == marker)),
+        hbone: flows
+            .iter()
+            .all(|s| s.src.port() == 15008 || s.dst.port() == 15008),
+    }
 }
