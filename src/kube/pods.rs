@@ -103,14 +103,15 @@ impl PodFacts {
             .flatten()
             .any(|c| c.type_ == "Ready" && c.status == "True");
         let labels = meta.labels.as_ref();
+        // The first of these labels present, even with an empty value (Istio's lookupLabelValue).
         let label = |keys: &[&str]| {
             keys.iter()
-                .find_map(|k| labels.and_then(|l| l.get(*k)).filter(|v| !v.is_empty()))
+                .find_map(|k| labels.and_then(|l| l.get(*k)))
                 .cloned()
         };
         let workload_name = controller_name(pod).unwrap_or_else(|| name.clone());
-        // Istio's canonical service labels, then the recommended and the classic app labels
-        // (istio/istio pkg/config/labels/instance.go: CanonicalService).
+        // Istio's canonical service labels, then the recommended and the classic app labels,
+        // else the workload's name and "latest" (istio/istio's labels.CanonicalService).
         let canonical_name = label(&[
             "service.istio.io/canonical-name",
             "app.kubernetes.io/name",
@@ -190,8 +191,8 @@ impl PodFacts {
 }
 
 /// The controlling owner's name; a ReplicaSet's without its pod-template-hash suffix (the
-/// Deployment's name), as istiod derives a workload name (pkg/kube/controllers: workload name
-/// from the pod's controller).
+/// Deployment's name), as istiod derives a pod's workload name (istio/istio pkg/kube
+/// GetDeployMetaFromPod).
 fn controller_name(pod: &Pod) -> Option<String> {
     let owner = pod
         .metadata

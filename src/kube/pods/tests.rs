@@ -116,6 +116,17 @@ fn objects_without_identity_fields_are_skipped_and_odd_values_are_survived() {
         PodFacts::of(&p).unwrap().ips,
         vec!["10.0.0.9".parse::<IpAddr>().unwrap()]
     );
+    // A label present with an empty value is taken as it is, as Istio does; absent ones fall
+    // through to the next.
+    let mut p = running();
+    let labels = p.metadata.labels.as_mut().unwrap();
+    labels.insert("app.kubernetes.io/name".into(), String::new());
+    labels.remove("version");
+    let f = PodFacts::of(&p).unwrap();
+    assert_eq!(
+        (f.canonical_name.as_str(), f.canonical_revision.as_str()),
+        ("", "latest")
+    );
     // A not-ready pod is a workload, but not a healthy endpoint.
     let mut p = running();
     p.status.as_mut().unwrap().conditions = None;
