@@ -169,6 +169,8 @@ struct Agent {
     /// This node's pods, by uid.
     local: BTreeMap<String, PodFacts>,
     desired: Option<watch::Sender<Arc<Desired>>>,
+    /// This node's pods or the opt-ins changed since the desired set was last computed.
+    local_dirty: bool,
     synced_tx: Option<watch::Sender<bool>>,
     listings: [Listing; 5],
     /// Services, their slices, and which pods back them (with `services` on).
@@ -198,6 +200,7 @@ impl Agent {
             workloads: HashMap::new(),
             local: BTreeMap::new(),
             desired,
+            local_dirty: true,
             synced_tx: None,
             listings: Default::default(),
             index: services::Index::default(),
@@ -300,6 +303,7 @@ impl Agent {
         if before == on {
             return;
         }
+        self.local_dirty = true;
         tracing::info!(namespace = %name, enrolled = on, "namespace opt-in changed");
         let uids: Vec<&String> = self
             .workloads
@@ -474,6 +478,7 @@ impl Agent {
     }
 
     fn local_event(&mut self, event: Event<Pod>) {
+        self.local_dirty = true;
         match event {
             Event::Init => self.listings[LOCAL_PODS].begin(),
             Event::InitApply(pod) | Event::Apply(pod) => {
@@ -506,6 +511,11 @@ impl Agent {
         let Some(tx) = &self.desired else {
             return;
         };
+        // Only this node's pods and the opt-ins make the desired set (and the first sync).
+        if !self.local_dirty && tx.borrow().synced == synced {
+            return;
+        }
+        self.local_dirty = false;
         let next = Desired::compute(&self.local, &self.opted, synced);
         tx.send_if_modified(|current| {
             if **current == next {
