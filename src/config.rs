@@ -18,7 +18,10 @@ use crate::identity::DEFAULT_TRUST_DOMAIN;
 use crate::ports;
 use crate::state::Protocol;
 
+pub use labels::{BadLabel, LabelMatch};
+
 mod env;
+mod labels;
 mod validate;
 pub mod ztunnel;
 

@@ -43,6 +43,7 @@ pub mod drain;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;
+#[cfg(feature = "kubernetes")]
 pub mod kube;
 pub mod metrics;
 pub mod netns;

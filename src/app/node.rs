@@ -28,7 +28,7 @@ pub struct Node {
     drain_timeout: Duration,
     manager: Arc<PodManager>,
     zds: Option<tokio::task::JoinHandle<()>>,
-    kube: Option<crate::kube::Running>,
+    kube: Option<KubeAgent>,
     quit: Arc<tokio::sync::Notify>,
     readiness: Option<SocketAddr>,
     metrics: Option<SocketAddr>,
@@ -186,7 +186,34 @@ impl Node {
     }
 }
 
+#[cfg(feature = "kubernetes")]
+type KubeAgent = crate::kube::Running;
+
+/// A build without Kubernetes mode never has an agent to stop.
+#[cfg(not(feature = "kubernetes"))]
+#[derive(Debug)]
+enum KubeAgent {}
+
+#[cfg(not(feature = "kubernetes"))]
+impl KubeAgent {
+    fn stop(&self) {
+        match *self {}
+    }
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn start_kubernetes(
+    _: &Config,
+    _: &crate::config::KubernetesConfig,
+    _: &Arc<SharedState>,
+    _: &Arc<PodManager>,
+    _: tokio::sync::watch::Sender<bool>,
+) -> anyhow::Result<KubeAgent> {
+    anyhow::bail!("this build of hboned has no Kubernetes mode (cargo feature `kubernetes`)")
+}
+
 /// Kubernetes mode: watches the API server, enrolls this node's pods of opted-in namespaces.
+#[cfg(feature = "kubernetes")]
 fn start_kubernetes(
     config: &Config,
     settings: &crate::config::KubernetesConfig,
@@ -198,7 +225,7 @@ fn start_kubernetes(
     let labels = settings
         .namespace_labels
         .iter()
-        .map(|l| crate::kube::LabelMatch::parse(l))
+        .map(|l| crate::config::LabelMatch::parse(l))
         .collect::<Result<Vec<_>, _>>()?;
     tracing::info!(node = %config.node, labels = ?settings.namespace_labels, "Kubernetes mode: enrolling this node's pods of labelled namespaces");
     let handler: Arc<dyn PodHandler> = manager.clone();

@@ -122,7 +122,7 @@ fn kubernetes_problems(config: &Config, kube: &super::KubernetesConfig) -> Vec<S
         p.push("kubernetes.namespaceLabels is empty: no namespace could opt in".to_owned());
     }
     for label in &kube.namespace_labels {
-        if let Err(e) = crate::kube::LabelMatch::parse(label) {
+        if let Err(e) = super::LabelMatch::parse(label) {
             p.push(format!("kubernetes.namespaceLabels: {e}"));
         }
     }
