@@ -419,6 +419,23 @@ mod netns {
         answer.is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
     }
 
+    /// The topology without rules, its pods running (a process each, in a cgroup naming its
+    /// UID) and known to a fake API server, namespace `demo` labelled with `demo_labels`.
+    fn cluster(demo_labels: &[(&str, &str)]) -> (Topology, FakeApi, Vec<PodProcess>) {
+        let topo = Topology::create_unenrolled(bin()).unwrap();
+        let api = FakeApi::new();
+        api.apply_namespace("demo", demo_labels);
+        api.apply_namespace("plain", &[]);
+        let processes = PODS
+            .iter()
+            .map(|p| PodProcess::start(&topo.netns_name(p.name), &uid(&topo, p), topo.prefix()))
+            .collect();
+        for p in &PODS {
+            api.apply_pod(&def(&topo, p));
+        }
+        (topo, api, processes)
+    }
+
     /// Serves the fake API inside both nodes' namespaces; the URL each node uses.
     fn serve_api(topo: &Topology, api: &FakeApi) -> (String, String) {
         (
@@ -433,17 +450,7 @@ mod netns {
             return;
         }
         let bin = bin();
-        let mut topo = Topology::create_unenrolled(bin).unwrap();
-        let api = FakeApi::new();
-        api.apply_namespace("demo", &[]);
-        api.apply_namespace("plain", &[]);
-        let _processes: Vec<PodProcess> = PODS
-            .iter()
-            .map(|p| PodProcess::start(&topo.netns_name(p.name), &uid(&topo, p), topo.prefix()))
-            .collect();
-        for p in &PODS {
-            api.apply_pod(&def(&topo, p));
-        }
+        let (mut topo, api, _processes) = cluster(&[]);
         // An earlier run's rules in a pod that is not enrolled (its namespace never opted in).
         let out = std::process::Command::new(bin)
             .args(["redirect", "install", "--netns"])
@@ -625,17 +632,7 @@ mod netns {
             return;
         }
         let bin = bin();
-        let mut topo = Topology::create_unenrolled(bin).unwrap();
-        let api = FakeApi::new();
-        api.apply_namespace("demo", &[LABEL]);
-        api.apply_namespace("plain", &[]);
-        let _processes: Vec<PodProcess> = PODS
-            .iter()
-            .map(|p| PodProcess::start(&topo.netns_name(p.name), &uid(&topo, p), topo.prefix()))
-            .collect();
-        for p in &PODS {
-            api.apply_pod(&def(&topo, p));
-        }
+        let (mut topo, api, _processes) = cluster(&[LABEL]);
         let (url_a, url_b) = serve_api(&topo, &api);
         topo.spawn_proxies(
             bin,
