@@ -148,10 +148,14 @@ impl Listing {
         }
     }
 
-    /// The keys of this listing (`None` outside one); marks the watch as having listed once.
-    fn finish(&mut self) -> Option<HashSet<String>> {
+    /// Ends the listing (the watch has now listed once) and returns those of `known` it did
+    /// not have: what a re-list no longer has is gone. Nothing outside a listing.
+    fn finish<'a>(&mut self, known: impl Iterator<Item = &'a String>) -> Vec<String> {
         self.done = true;
-        self.seen.take()
+        let Some(seen) = self.seen.take() else {
+            return Vec::new();
+        };
+        known.filter(|k| !seen.contains(*k)).cloned().collect()
     }
 }
 
@@ -275,17 +279,9 @@ impl Agent {
                 }
             }
             Event::InitDone => {
-                if let Some(seen) = self.listings[NAMESPACES].finish() {
-                    let gone: Vec<String> = self
-                        .namespaces
-                        .keys()
-                        .filter(|n| !seen.contains(*n))
-                        .cloned()
-                        .collect();
-                    for name in gone {
-                        self.namespaces.remove(&name);
-                        self.set_opted(name, false);
-                    }
+                for name in self.listings[NAMESPACES].finish(self.namespaces.keys()) {
+                    self.namespaces.remove(&name);
+                    self.set_opted(name, false);
                 }
             }
         }
@@ -346,16 +342,8 @@ impl Agent {
                 }
             }
             Event::InitDone => {
-                if let Some(seen) = self.listings[ALL_PODS].finish() {
-                    let gone: Vec<String> = self
-                        .workloads
-                        .keys()
-                        .filter(|u| !seen.contains(*u))
-                        .cloned()
-                        .collect();
-                    for uid in gone {
-                        self.remove_workload(&uid);
-                    }
+                for uid in self.listings[ALL_PODS].finish(self.workloads.keys()) {
+                    self.remove_workload(&uid);
                 }
             }
         }
@@ -411,12 +399,8 @@ impl Agent {
                 }
             }
             Event::InitDone => {
-                if let Some(seen) = self.listings[SERVICES].finish() {
-                    for key in self.index.service_keys() {
-                        if !seen.contains(&key) {
-                            self.remove_service(&key);
-                        }
-                    }
+                for key in self.listings[SERVICES].finish(self.index.service_keys()) {
+                    self.remove_service(&key);
                 }
             }
         }
@@ -447,13 +431,9 @@ impl Agent {
                 }
             }
             Event::InitDone => {
-                if let Some(seen) = self.listings[SLICES].finish() {
-                    for key in self.index.slice_keys() {
-                        if !seen.contains(&key) {
-                            let touched = self.index.remove_slice(&key);
-                            self.refresh_services(touched);
-                        }
-                    }
+                for key in self.listings[SLICES].finish(self.index.slice_keys()) {
+                    let touched = self.index.remove_slice(&key);
+                    self.refresh_services(touched);
                 }
             }
         }
@@ -494,8 +474,8 @@ impl Agent {
                 }
             }
             Event::InitDone => {
-                if let Some(seen) = self.listings[LOCAL_PODS].finish() {
-                    self.local.retain(|uid, _| seen.contains(uid));
+                for uid in self.listings[LOCAL_PODS].finish(self.local.keys()) {
+                    self.local.remove(&uid);
                 }
             }
         }

@@ -387,22 +387,19 @@ mod netns {
         hboned::redirect::installed(&topo.netns(pod).unwrap()).unwrap()
     }
 
-    /// The node's probe chain, as iptables prints it.
-    fn probe_chain(topo: &Topology, node: &str) -> String {
+    /// A nat chain in a namespace, as `iptables -S` prints it.
+    fn nat_chain(topo: &Topology, netns: &str, chain: &str) -> String {
         let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &topo.netns_name(node),
-                "iptables",
-                "-t",
-                "nat",
-                "-S",
-                "HBONE_POSTRT",
-            ])
+            .args(["netns", "exec", &topo.netns_name(netns)])
+            .args(["iptables", "-t", "nat", "-S", chain])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The node's probe chain.
+    fn probe_chain(topo: &Topology, node: &str) -> String {
+        nat_chain(topo, node, "HBONE_POSTRT")
     }
 
     fn ready(topo: &Topology, node: &str) -> bool {
@@ -605,20 +602,7 @@ mod netns {
 
     /// How many jumps into our nat OUTPUT chain the pod has (one: no agent added a second).
     fn jumps(topo: &Topology, pod: &str) -> usize {
-        let out = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &topo.netns_name(pod),
-                "iptables",
-                "-t",
-                "nat",
-                "-S",
-                "OUTPUT",
-            ])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout)
+        nat_chain(topo, pod, "OUTPUT")
             .matches("-j HBONE_OUTPUT")
             .count()
     }

@@ -257,13 +257,13 @@ impl Index {
     }
 
     /// Every known service key (`namespace/name`), for a relist's sweep.
-    pub fn service_keys(&self) -> Vec<String> {
-        self.services.keys().cloned().collect()
+    pub fn service_keys(&self) -> impl Iterator<Item = &String> {
+        self.services.keys()
     }
 
     /// Every known slice key, for a relist's sweep.
-    pub fn slice_keys(&self) -> Vec<String> {
-        self.slices.keys().cloned().collect()
+    pub fn slice_keys(&self) -> impl Iterator<Item = &String> {
+        self.slices.keys()
     }
 
     fn pods_of_service(&self, key: &str) -> BTreeSet<String> {
