@@ -12,14 +12,26 @@ use hboned::app;
 
 /// jemalloc for the long-running proxy: it hands freed memory back to the system (a background
 /// thread purges pages unused for a few seconds), where glibc's malloc kept a burst of 10,000
-/// connections' memory for good (benches/README.md, soak).
+/// connections' memory for good (benches/README.md, soak). It also takes the C library's
+/// `malloc` (aws-lc's allocations in TLS handshakes among them), so there is one allocator and
+/// no glibc arena beside it.
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read at its start: purge with a background thread.
+/// A C string pointer that may sit in a `static` (it points at a literal).
+#[repr(transparent)]
+#[derive(Debug)]
+struct ConfString(*const std::ffi::c_char);
+// SAFETY: the pointer is to an immutable, 'static C string literal.
+#[allow(unsafe_code)]
+unsafe impl Sync for ConfString {}
+
+/// jemalloc's options (its `const char *malloc_conf`), read at its start: purge with a
+/// background thread.
 #[allow(non_upper_case_globals, unsafe_code)]
-#[unsafe(export_name = "_rjem_malloc_conf")]
-pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:5000,muzzy_decay_ms:5000\0";
+#[unsafe(no_mangle)]
+static malloc_conf: ConfString =
+    ConfString(c"background_thread:true,dirty_decay_ms:5000,muzzy_decay_ms:5000".as_ptr());
 
 #[derive(Parser, Debug)]
 #[command(
