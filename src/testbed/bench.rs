@@ -22,14 +22,14 @@ const ECHO: u16 = 7102;
 const BULK: u64 = 512 << 20;
 const CHUNK: usize = 256 << 10;
 
-/// One proxy's CPU time (user + system) and resident set, from /proc.
-fn proc_sample(pid: u32) -> anyhow::Result<(Duration, u64)> {
+/// One proxy's CPU time (user + system, and the system part) and resident set, from /proc.
+fn proc_sample(pid: u32) -> anyhow::Result<(Cpu, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+    let field = |i: usize| -> u64 { fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(0) };
+    let (user, system) = (field(11), field(12));
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -40,11 +40,23 @@ fn proc_sample(pid: u32) -> anyhow::Result<(Duration, u64)> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
-    Ok((Duration::from_millis(ticks * 1000 / hz), rss_kib * 1024))
+    let ticks = |t: u64| Duration::from_millis(t * 1000 / hz);
+    let cpu = Cpu {
+        total: ticks(user + system),
+        system: ticks(system),
+    };
+    Ok((cpu, rss_kib * 1024))
+}
+
+/// CPU time of a process: all of it, and what it spent in the kernel.
+#[derive(Debug, Clone, Copy)]
+struct Cpu {
+    total: Duration,
+    system: Duration,
 }
 
 /// Both proxies' samples (node A's, node B's).
-fn proxies(topo: &Topology) -> anyhow::Result<[(Duration, u64); 2]> {
+fn proxies(topo: &Topology) -> anyhow::Result<[(Cpu, u64); 2]> {
     let pid = |i| {
         topo.pid(i)
             .ok_or_else(|| anyhow::anyhow!("proxy {i} is not running"))
@@ -161,22 +173,39 @@ async fn pull(topo: &Topology, from: &str, to: SocketAddr, bytes: u64) -> anyhow
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Gbit/s of one transfer shape, and the proxies' CPU seconds it took.
-async fn measured<F>(topo: &Topology, bits: f64, run: F) -> anyhow::Result<(f64, f64)>
+/// Gbit/s of one transfer shape, the proxies' CPU seconds it took, and the share of those spent
+/// in the kernel.
+async fn measured<F>(topo: &Topology, bits: f64, run: F) -> anyhow::Result<(f64, f64, f64)>
 where
     F: std::future::Future<Output = anyhow::Result<f64>>,
 {
     let before = proxies(topo)?;
     let secs = run.await?;
     let after = proxies(topo)?;
-    let cpu: f64 = (0..2)
-        .map(|i| (after[i].0.saturating_sub(before[i].0)).as_secs_f64())
-        .sum();
-    Ok((bits / secs / 1e9, cpu))
+    let spent = |part: fn(&Cpu) -> Duration| -> f64 {
+        (0..2)
+            .map(|i| {
+                part(&after[i].0)
+                    .saturating_sub(part(&before[i].0))
+                    .as_secs_f64()
+            })
+            .sum()
+    };
+    let (cpu, system) = (spent(|c| c.total), spent(|c| c.system));
+    Ok((bits / secs / 1e9, cpu, system / cpu.max(1e-9)))
 }
 
-/// One bulk shape, raw and tunnelled alternately `runs` times: (raw, tunnel, per core) medians.
-async fn bulk(topo: &Topology, runs: usize, shape: &str) -> anyhow::Result<(f64, f64, f64)> {
+/// One bulk shape, raw and tunnelled alternately `runs` times, medians.
+struct Bulk {
+    raw: f64,
+    tunnel: f64,
+    /// Gbit/s per proxy CPU core.
+    per_core: f64,
+    /// Share of the proxies' CPU spent in the kernel.
+    in_kernel: f64,
+}
+
+async fn bulk(topo: &Topology, runs: usize, shape: &str) -> anyhow::Result<Bulk> {
     let bits = BULK as f64 * 8.0;
     let one = |from: &'static str, to: SocketAddr| async move {
         match shape {
@@ -193,14 +222,20 @@ async fn bulk(topo: &Topology, runs: usize, shape: &str) -> anyhow::Result<(f64,
             _ => push(topo, from, to, BULK).await,
         }
     };
-    let (mut raw, mut tunnel, mut per_core) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut tunnel, mut per_core, mut in_kernel) = (vec![], vec![], vec![], vec![]);
     for _ in 0..runs {
         raw.push(measured(topo, bits, one(A2.name, B2.addr(SINK))).await?.0);
-        let (gbps, cpu) = measured(topo, bits, one(A1.name, B1.addr(SINK))).await?;
+        let (gbps, cpu, system) = measured(topo, bits, one(A1.name, B1.addr(SINK))).await?;
         tunnel.push(gbps);
         per_core.push(bits / 1e9 / cpu.max(1e-9));
+        in_kernel.push(system);
     }
-    Ok((median(&mut raw), median(&mut tunnel), median(&mut per_core)))
+    Ok(Bulk {
+        raw: median(&mut raw),
+        tunnel: median(&mut tunnel),
+        per_core: median(&mut per_core),
+        in_kernel: median(&mut in_kernel),
+    })
 }
 
 /// 1-byte ping-pong round trips on one warm connection.
@@ -287,7 +322,7 @@ async fn rss_per_connection(topo: &Topology, count: usize) -> anyhow::Result<([f
     tokio::time::sleep(Duration::from_secs(12)).await;
     let after_burst = proxies(topo)?;
     drop(conns);
-    let per = |s: [(Duration, u64); 2]| {
+    let per = |s: [(Cpu, u64); 2]| {
         [0, 1].map(|i| (s[i].1 as f64 - base[i].1 as f64) / count as f64 / 1024.0)
     };
     Ok((per(idle), per(after_burst)))
@@ -295,7 +330,7 @@ async fn rss_per_connection(topo: &Topology, count: usize) -> anyhow::Result<([f
 
 /// `hboned demo --throughput`'s line: bulk one stream, raw and tunnelled (apps started).
 pub async fn throughput(topo: &Topology, runs: usize) -> anyhow::Result<String> {
-    let (raw, tunnel, _) = bulk(topo, runs, "1 stream").await?;
+    let Bulk { raw, tunnel, .. } = bulk(topo, runs, "1 stream").await?;
     Ok(format!(
         "pod-to-pod throughput, {} MiB per run, median of {runs}: raw TCP a2→b2 {raw:.2} Gbit/s, HBONE a1→b1 {tunnel:.2} Gbit/s, tunnel/raw {:.2}",
         BULK >> 20,
@@ -332,15 +367,19 @@ pub async fn report(topo: &Topology, runs: usize) -> anyhow::Result<String> {
     )?;
     writeln!(
         out,
-        "| shape | raw Gbit/s | HBONE Gbit/s | tunnel/raw | Gbit/s per proxy CPU core |"
+        "| shape | raw Gbit/s | HBONE Gbit/s | tunnel/raw | Gbit/s per proxy CPU core | proxy CPU in the kernel |"
     )?;
-    writeln!(out, "|---|---|---|---|---|")?;
+    writeln!(out, "|---|---|---|---|---|---|")?;
     for shape in ["1 stream", "reverse", "4 streams"] {
-        let (raw, tunnel, per_core) = bulk(topo, runs, shape).await?;
+        let b = bulk(topo, runs, shape).await?;
         writeln!(
             out,
-            "| {shape} | {raw:.2} | {tunnel:.2} | {:.2} | {per_core:.2} |",
-            tunnel / raw
+            "| {shape} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% |",
+            b.raw,
+            b.tunnel,
+            b.tunnel / b.raw,
+            b.per_core,
+            b.in_kernel * 100.0
         )?;
     }
     let mut raw = ping_pong(topo, A2.name, B2.addr(ECHO)).await?;
