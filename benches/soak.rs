@@ -2,8 +2,8 @@
 //! topology (a1 → b1 through both proxies), for `HBONED_SOAK_SECS` seconds (600 for the
 //! recorded run). Both proxies' RSS, open descriptors and CPU are sampled every 10 s; after the
 //! load ends the bench waits for them to settle and reports how far RSS and descriptors are
-//! from where they started (after a warm-up of 200 connections; the cold figures too). Needs root. Not part of CI (`cargo bench` skips it without the
-//! variable):
+//! from where they started (after a warm-up of 200 connections; the cold figures too). Needs
+//! root. Not part of CI (`cargo bench` skips it without the variable):
 //!
 //!     HBONED_SOAK_SECS=600 cargo bench --bench soak
 //!

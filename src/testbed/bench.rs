@@ -195,7 +195,7 @@ where
     Ok((bits / secs / 1e9, cpu, system / cpu.max(1e-9)))
 }
 
-/// One bulk shape, raw and tunnelled alternately `runs` times, medians.
+/// What one bulk shape measured: medians over its runs.
 struct Bulk {
     raw: f64,
     tunnel: f64,
@@ -205,6 +205,7 @@ struct Bulk {
     in_kernel: f64,
 }
 
+/// One bulk shape, raw and tunnelled alternately `runs` times.
 async fn bulk(topo: &Topology, runs: usize, shape: &str) -> anyhow::Result<Bulk> {
     let bits = BULK as f64 * 8.0;
     let one = |from: &'static str, to: SocketAddr| async move {
