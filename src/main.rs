@@ -33,6 +33,126 @@ unsafe impl Sync for ConfString {}
 static malloc_conf: ConfString =
     ConfString(c"background_thread:true,dirty_decay_ms:5000,muzzy_decay_ms:5000".as_ptr());
 
+/// jemalloc's per-thread caches, handed back by worker threads that go quiet.
+///
+/// A thread keeps the objects it frees in a cache of its own for its next allocations, and the
+/// cache is trimmed only as that thread allocates again: a tokio worker asleep after a burst of
+/// connections holds megabytes nobody uses (benches/README.md, "Soak"). Flushing on every park
+/// costs a quarter of the throughput per core (the cache refills from the arenas at once), so a
+/// worker flushes when it parks only after `FLUSH_AFTER` bytes went through its allocations and
+/// frees since its last flush: a bounded amount stays cached per worker, and a busy worker pays
+/// one flush per megabyte of churn.
+mod thread_cache {
+    use std::cell::Cell;
+    use std::ffi::{CStr, c_void};
+
+    /// Bytes allocated plus freed by a thread between two flushes of its cache.
+    const FLUSH_AFTER: u64 = 1 << 20;
+
+    /// One thread's allocation counters (jemalloc's `thread.allocatedp` and
+    /// `thread.deallocatedp`: pointers into the thread's own state, valid while it lives).
+    struct Counters {
+        allocated: *const u64,
+        deallocated: *const u64,
+        churn_at_flush: Cell<u64>,
+    }
+
+    thread_local! {
+        static COUNTERS: Option<Counters> = Counters::of_this_thread();
+    }
+
+    /// For tokio's `on_thread_park`: flush this thread's cache if it has churned enough.
+    pub fn on_park() {
+        COUNTERS.with(|counters| {
+            if let Some(counters) = counters {
+                counters.flush_if_churned();
+            }
+        });
+    }
+
+    impl Counters {
+        fn of_this_thread() -> Option<Self> {
+            Some(Self {
+                allocated: read_pointer(c"thread.allocatedp")?,
+                deallocated: read_pointer(c"thread.deallocatedp")?,
+                churn_at_flush: Cell::new(0),
+            })
+        }
+
+        /// Bytes this thread has allocated plus freed since it started.
+        #[allow(unsafe_code)]
+        fn churn(&self) -> u64 {
+            // SAFETY: both pointers came from jemalloc for this thread (the thread-local that
+            // holds them lives no longer than the thread) and point at aligned u64 counters
+            // that only this thread writes.
+            unsafe { (*self.allocated).wrapping_add(*self.deallocated) }
+        }
+
+        /// Flushes the cache if due; jemalloc's status when it did (non-zero when the cache is
+        /// off, as with MALLOC_CONF=tcache:false, which is fine).
+        #[allow(unsafe_code)]
+        fn flush_if_churned(&self) -> Option<i32> {
+            let churn = self.churn();
+            if churn.wrapping_sub(self.churn_at_flush.get()) < FLUSH_AFTER {
+                return None;
+            }
+            self.churn_at_flush.set(churn);
+            // SAFETY: `thread.tcache.flush` takes and returns nothing.
+            Some(unsafe {
+                tikv_jemalloc_sys::mallctl(
+                    c"thread.tcache.flush".as_ptr(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    0,
+                )
+            })
+        }
+    }
+
+    /// Reads one of jemalloc's per-thread counter pointers.
+    #[allow(unsafe_code)]
+    fn read_pointer(name: &CStr) -> Option<*const u64> {
+        let mut pointer: *mut u64 = std::ptr::null_mut();
+        let mut len = size_of::<*mut u64>();
+        // SAFETY: the output buffer is a pointer-sized, writable local and `len` says so.
+        let status = unsafe {
+            tikv_jemalloc_sys::mallctl(
+                name.as_ptr(),
+                (&raw mut pointer).cast::<c_void>(),
+                &raw mut len,
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        (status == 0 && !pointer.is_null()).then_some(pointer.cast_const())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn a_thread_flushes_its_cache_once_it_has_churned_a_megabyte() {
+            std::thread::spawn(|| {
+                let counters = Counters::of_this_thread().expect("jemalloc's thread counters");
+                counters.churn_at_flush.set(counters.churn());
+                assert_eq!(counters.flush_if_churned(), None, "nothing churned yet");
+                let before = counters.churn();
+                for _ in 0..40 {
+                    drop(std::hint::black_box(vec![1u8; 16 * 1024]));
+                }
+                // 640 KiB allocated and freed: counted both ways, so past the megabyte.
+                assert!(counters.churn() - before >= 1280 * 1024);
+                assert_eq!(counters.flush_if_churned(), Some(0), "flushed");
+                assert_eq!(counters.flush_if_churned(), None, "not due again at once");
+            })
+            .join()
+            .expect("the test thread");
+        }
+    }
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "hboned",
@@ -137,7 +257,11 @@ enum CaCommand {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Runtime::new().context("starting the tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(thread_cache::on_park)
+        .build()
+        .context("starting the tokio runtime")
 }
 
 fn main() -> anyhow::Result<()> {
