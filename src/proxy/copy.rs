@@ -1,10 +1,11 @@
 //! Bidirectional copy between the two halves of a proxied connection, counting bytes each way.
 //!
-//! Memory: each direction owns one buffer that starts at [`INITIAL_BUFFER`] (1 KiB) and grows
-//! ×4 after two consecutive reads that filled it, up to [`MAX_BUFFER`] (128 KiB); a grown buffer
-//! goes back to its first size once a read has waited [`IDLE_SHRINK`] (the burst is over). So an
-//! idle connection holds 2 × 1 KiB here, also after a burst, and a busy one at most
-//! 2 × 128 KiB; benches/README.md adds up the rest (TLS and HTTP/2 state) per tunneled
+//! Memory: each direction that reads into a buffer of its own owns one that starts at
+//! [`INITIAL_BUFFER`] (1 KiB) and grows ×4 after two consecutive reads that filled it, up to
+//! [`MAX_BUFFER`] (128 KiB); a grown buffer goes back to its first size once a read has waited
+//! [`IDLE_SHRINK`] (the burst is over). A direction fed by an HTTP/2 stream hands over h2's
+//! buffers and never allocates one. So an idle connection holds 1 KiB here, also after a
+//! burst, and a busy one at most 128 KiB; benches/README.md adds up the rest (TLS and HTTP/2 state) per tunneled
 //! connection. Large buffers are what
 //! bulk throughput needs (8 KiB ≈ 3 Gbit/s, 128 KiB ≈ 11 on this class of machine); small
 //! ones are what ten thousand idle connections need.
@@ -92,8 +93,10 @@ pub(crate) enum Chunk {
 /// The read side of a relay. The default reads into the relay's buffer; an HTTP/2 stream hands
 /// over its DATA frames as they arrived (no copy into the buffer).
 pub(crate) trait Source: AsyncRead + Unpin {
-    /// The next bytes, read into `buf` (at most `limit`) or handed over; cancel-safe.
+    /// The next bytes, read into `buf` (room for `limit` made first, at most `limit` read) or
+    /// handed over; cancel-safe.
     async fn next_chunk(&mut self, buf: &mut BytesMut, limit: usize) -> io::Result<Chunk> {
+        buf.reserve(limit);
         let n = self.read_buf(&mut buf.limit(limit)).await?;
         Ok(Chunk::Buffered(n))
     }
@@ -213,12 +216,12 @@ where
     W: Sink + ?Sized,
 {
     // `size` is how much one read may take; the buffer's capacity follows it (a writer that
-    // keeps what it was handed leaves the buffer empty, and the next reserve allocates anew).
+    // keeps what it was handed leaves the buffer empty, and the next read's reserve allocates
+    // anew). A reader that hands its bytes over never makes the buffer allocate.
     let mut size = INITIAL_BUFFER;
-    let mut buf = BytesMut::with_capacity(size);
+    let mut buf = BytesMut::new();
     let mut full_reads = 0;
     loop {
-        buf.reserve(size);
         let read = if size > INITIAL_BUFFER {
             // A grown buffer: if no data comes for a while, give it back before waiting on
             // (reads are cancel-safe: nothing was read when the timeout wins).
@@ -226,7 +229,7 @@ where
                 Ok(read) => read,
                 Err(_) => {
                     size = INITIAL_BUFFER;
-                    buf = BytesMut::with_capacity(size);
+                    buf = BytesMut::new();
                     full_reads = 0;
                     reader.next_chunk(&mut buf, size).await
                 }
