@@ -190,7 +190,8 @@ enum Command {
         #[arg(long)]
         throughput: bool,
         /// Also run the netns benchmark: bulk (1 stream, reverse, 4 streams) with Gbit/s per
-        /// proxy core, ping-pong latency, connections/s, RSS per idle connection.
+        /// proxy core, ping-pong latency, connections/s, RSS per idle connection; then a plain
+        /// two-hop relay (socat, if installed) over the same path, the floor.
         #[arg(long)]
         bench: bool,
     },

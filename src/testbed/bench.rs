@@ -2,7 +2,8 @@
 //! pod to pod through both proxies next to raw TCP over the same nodes and link, measured from
 //! outside the proxies (their CPU and RSS read from /proc). Reports bulk one stream, reverse and
 //! four streams (tunnel/raw and Gbit/s per proxy CPU core), 1-byte ping-pong p50/p99 added over
-//! raw, connections per second, and RSS per idle connection, fresh and after a 16 MiB burst.
+//! raw, connections per second, and RSS per idle connection, fresh and after a 16 MiB burst;
+//! then the same path through a plain two-hop relay without TLS (`relay`), the floor.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -22,25 +23,41 @@ const ECHO: u16 = 7102;
 const BULK: u64 = 512 << 20;
 const CHUNK: usize = 256 << 10;
 
-/// One proxy's CPU time (user + system, and the system part) and resident set, from /proc.
-fn proc_sample(pid: u32) -> anyhow::Result<(Cpu, u64)> {
+mod relay;
+
+/// The numeric fields of `/proc/PID/stat` after the command name (0 where one is not a number;
+/// at least 20 of them): index 11 is utime, 12 stime, 13 cutime, 14 cstime.
+fn stat_fields(pid: u32) -> anyhow::Result<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| -> u64 { fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(0) };
-    let (user, system) = (field(11), field(12));
+    let mut fields: Vec<u64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    fields.resize(fields.len().max(20), 0);
+    Ok(fields)
+}
+
+/// Clock ticks of /proc's CPU times as a duration.
+fn ticks(t: u64) -> Duration {
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
         .unwrap_or(100) as u64;
+    Duration::from_millis(t * 1000 / hz)
+}
+
+/// One proxy's CPU time (user + system, and the system part) and resident set, from /proc.
+fn proc_sample(pid: u32) -> anyhow::Result<(Cpu, u64)> {
+    let fields = stat_fields(pid)?;
+    let (user, system) = (fields[11], fields[12]);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kib = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0);
-    let ticks = |t: u64| Duration::from_millis(t * 1000 / hz);
     let cpu = Cpu {
         total: ticks(user + system),
         system: ticks(system),
@@ -406,5 +423,6 @@ pub async fn report(topo: &Topology, runs: usize) -> anyhow::Result<String> {
         "connect + 1-byte echo + close, sequential: raw {raw:.0}/s, HBONE {tunnel:.0}/s ({:.2})",
         tunnel / raw
     )?;
+    writeln!(out, "{}", relay::baseline(topo, runs).await?)?;
     Ok(out)
 }

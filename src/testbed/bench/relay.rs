@@ -1,0 +1,170 @@
+//! The plain-relay baseline of the netns benchmark: the same pod-to-pod path through two
+//! user-space relays with no TLS and no HTTP/2 — socat with 128 KiB buffers in each node's
+//! namespace (a2 → node A → node B → b2) — so the report shows the floor any two-proxy tunnel
+//! sits on here, next to hboned's figures. Skipped (with a line saying so) without `socat`.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{BULK, ECHO, SINK, Topology, median, percentile, ping_pong, push, ticks};
+use crate::testbed::{A2, B2};
+
+/// Node A's and node B's addresses on the node link.
+const NODE_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+const NODE_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+/// First of the relay's ports: node A listens on `FIRST_PORT + 2i` and node B on the next one,
+/// for the i-th target of [`TARGETS`].
+const FIRST_PORT: u16 = 7200;
+const TARGETS: [u16; 2] = [SINK, ECHO];
+
+/// The running socat processes, two per target; killed when dropped.
+pub(super) struct PlainRelay {
+    children: Vec<Child>,
+}
+
+impl Drop for PlainRelay {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl PlainRelay {
+    /// Starts the relays; `None` when socat is not installed.
+    pub(super) async fn start(topo: &Topology) -> anyhow::Result<Option<Self>> {
+        if Command::new("socat").arg("-V").output().is_err() {
+            return Ok(None);
+        }
+        let mut relay = Self { children: vec![] };
+        for (i, target) in TARGETS.into_iter().enumerate() {
+            let (a_port, b_port) = ports(i);
+            let b2 = B2.addr(target);
+            for (node, listen, to) in [
+                ("na", a_port, format!("{NODE_B}:{b_port}")),
+                ("nb", b_port, b2.to_string()),
+            ] {
+                let child = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &topo.netns_name(node),
+                        "socat",
+                        "-b",
+                        "131072",
+                    ])
+                    .arg(format!("TCP-LISTEN:{listen},fork,reuseaddr,nodelay"))
+                    .arg(format!("TCP:{to},nodelay"))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?;
+                relay.children.push(child);
+            }
+        }
+        for (i, _) in TARGETS.iter().enumerate() {
+            let (a_port, b_port) = ports(i);
+            relay.wait_listening("na", a_port, topo).await?;
+            relay.wait_listening("nb", b_port, topo).await?;
+        }
+        Ok(Some(relay))
+    }
+
+    /// Where a2 connects to reach `target` on b2 through both relays.
+    pub(super) fn entry(target: u16) -> SocketAddr {
+        let i = TARGETS.iter().position(|&t| t == target).unwrap_or(0);
+        SocketAddr::from((NODE_A, ports(i).0))
+    }
+
+    /// The relays' CPU time, their finished per-connection children included (socat forks one
+    /// per connection and reaps it): waits until no child is left, so a sample after a transfer
+    /// counts all of it.
+    pub(super) async fn cpu(&self) -> anyhow::Result<Duration> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let pids: Vec<u32> = self.children.iter().map(Child::id).collect();
+        while pids.iter().any(|&p| has_children(p)) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "socat's per-connection children did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut total = Duration::ZERO;
+        for pid in pids {
+            let f = super::stat_fields(pid)?;
+            // utime, stime, cutime, cstime.
+            total += ticks(f[11] + f[12] + f[13] + f[14]);
+        }
+        Ok(total)
+    }
+
+    async fn wait_listening(
+        &mut self,
+        node: &str,
+        port: u16,
+        topo: &Topology,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &topo.netns_name(node), "ss", "-Hltn"])
+                .arg(format!("sport = :{port}"))
+                .output()?;
+            if !out.stdout.is_empty() {
+                return Ok(());
+            }
+            for child in &mut self.children {
+                if let Some(status) = child.try_wait()? {
+                    anyhow::bail!("socat exited at start ({status})");
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "socat not listening on {port} in {node} after 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn ports(i: usize) -> (u16, u16) {
+    let a = FIRST_PORT + 2 * i as u16;
+    (a, a + 1)
+}
+
+fn has_children(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .is_ok_and(|c| !c.trim().is_empty())
+}
+
+/// The baseline's report line: bulk one stream through the relays next to raw a2 → b2
+/// (alternating, medians of `runs`), with Gbit/s per relay CPU core, and 1-byte ping-pong added
+/// over raw.
+pub(super) async fn baseline(topo: &Topology, runs: usize) -> anyhow::Result<String> {
+    let Some(relay) = PlainRelay::start(topo).await? else {
+        return Ok("plain relay baseline: skipped (socat is not installed)".into());
+    };
+    let bits = BULK as f64 * 8.0;
+    let (mut raw, mut relayed, mut per_core) = (vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let secs = push(topo, A2.name, B2.addr(SINK), BULK).await?;
+        raw.push(bits / secs / 1e9);
+        let before = relay.cpu().await?;
+        let secs = push(topo, A2.name, PlainRelay::entry(SINK), BULK).await?;
+        let cpu = relay.cpu().await?.saturating_sub(before);
+        relayed.push(bits / secs / 1e9);
+        per_core.push(bits / 1e9 / cpu.as_secs_f64().max(1e-9));
+    }
+    let mut direct = ping_pong(topo, A2.name, B2.addr(ECHO)).await?;
+    let mut via = ping_pong(topo, A2.name, PlainRelay::entry(ECHO)).await?;
+    let us = |v: &mut [Duration], p: f64| percentile(v, p).as_secs_f64() * 1e6;
+    let (raw, relayed) = (median(&mut raw), median(&mut relayed));
+    Ok(format!(
+        "plain relay baseline (socat, 128 KiB buffers, no TLS or HTTP/2: a2 → node A → node B → b2): 1 stream {relayed:.2} Gbit/s against raw {raw:.2} (relay/raw {:.2}), {:.2} Gbit/s per relay CPU core; 1-byte ping-pong added p50 +{:.0} µs, p99 +{:.0} µs",
+        relayed / raw,
+        median(&mut per_core),
+        us(&mut via, 0.5) - us(&mut direct, 0.5),
+        us(&mut via, 0.99) - us(&mut direct, 0.99),
+    ))
+}
