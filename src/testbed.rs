@@ -61,6 +61,11 @@ pub const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 100, 10);
 pub const SERVICE_PORT: u16 = 80;
 const SERVICE_HOST: &str = "echo.demo.svc.cluster.local";
 
+/// A node's address on the node-to-node link (node A: 198.18.0.1, node B: 198.18.0.2).
+pub const fn node_ip(node: char) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, if node == 'a' { 1 } else { 2 })
+}
+
 const fn pod(name: &'static str, node: char, subnet: u8, enrolled: bool, sa: &'static str) -> Pod {
     Pod {
         name,
@@ -221,7 +226,7 @@ impl Topology {
         (
             self.netns_name("na"),
             format!("{}ab", self.prefix),
-            SocketAddr::from(([198, 18, 0, 2], 9)),
+            SocketAddr::from((node_ip('b'), 9)),
         )
     }
 

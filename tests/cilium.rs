@@ -19,7 +19,7 @@ use support::within;
 
 /// The node's IP on the node-to-node link.
 fn node_ip(node: char) -> IpAddr {
-    IpAddr::from([198, 18, 0, if node == 'a' { 1 } else { 2 }])
+    IpAddr::V4(hboned::testbed::node_ip(node))
 }
 
 /// The enrolled pods, as the agents know them (their namespaces opted in).

@@ -3,16 +3,12 @@
 //! namespace (a2 → node A → node B → b2) — so the report shows the floor any two-proxy tunnel
 //! sits on here, next to hboned's figures. Skipped (with a line saying so) without `socat`.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{BULK, ECHO, SINK, Topology, median, percentile, ping_pong, push, ticks};
-use crate::testbed::{A2, B2};
-
-/// Node A's and node B's addresses on the node link.
-const NODE_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-const NODE_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+use crate::testbed::{A2, B2, node_ip};
 /// First of the relay's ports: node A listens on `FIRST_PORT + 2i` and node B on the next one,
 /// for the i-th target of [`TARGETS`].
 const FIRST_PORT: u16 = 7200;
@@ -43,7 +39,7 @@ impl PlainRelay {
             let (a_port, b_port) = ports(i);
             let b2 = B2.addr(target);
             for (node, listen, to) in [
-                ("na", a_port, format!("{NODE_B}:{b_port}")),
+                ("na", a_port, format!("{}:{b_port}", node_ip('b'))),
                 ("nb", b_port, b2.to_string()),
             ] {
                 let child = Command::new("ip")
@@ -74,7 +70,7 @@ impl PlainRelay {
     /// Where a2 connects to reach `target` on b2 through both relays.
     pub(super) fn entry(target: u16) -> SocketAddr {
         let i = TARGETS.iter().position(|&t| t == target).unwrap_or(0);
-        SocketAddr::from((NODE_A, ports(i).0))
+        SocketAddr::from((node_ip('a'), ports(i).0))
     }
 
     /// The relays' CPU time, their finished per-connection children included (socat forks one
