@@ -10,7 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "istio/security/authorization.proto",
             "envoy/service/discovery/v3/discovery.proto",
             "istio/v1/auth/ca.proto",
-            "spire/api/agent/delegatedidentity/v1/delegatedidentity.proto",
+            "cri/runtime.proto",
         ],
         ["proto"],
     )?;

@@ -113,6 +113,11 @@ pub const DEFAULT_NAMESPACE_LABEL: &str = "io.cilium/mtls-enabled=true";
 /// The SPIRE agent's admin socket where Cilium and SPIRE's charts put it: Kubernetes mode's
 /// certificate source when none is named.
 pub const DEFAULT_SPIRE_SOCKET: &str = "/run/spire/sockets/admin.sock";
+/// How long a first SPIRE certificate is waited for (Cilium's `SPIRE_TIMEOUT` default).
+pub const DEFAULT_SPIRE_TIMEOUT: Duration = Duration::from_secs(10);
+/// containerd's CRI socket, where a pod's processes are asked for (Cilium's
+/// `CONTAINER_RUNTIME_SOCK_PATH` default).
+pub const DEFAULT_CONTAINER_RUNTIME_SOCKET: &str = "/run/containerd/containerd.sock";
 
 impl Default for Config {
     fn default() -> Self {
@@ -191,10 +196,13 @@ pub struct CertificatesConfig {
     /// The SPIRE agent's admin socket (Delegated Identity API); with `source: spire`. Unset in
     /// Kubernetes mode: `/run/spire/sockets/admin.sock`.
     pub spire_socket: Option<PathBuf>,
-    /// A PEM file of the trust domain's CA certificates to trust with `source: spire`, instead
-    /// of the agent's bundle stream (Cilium mounts SPIRE's bundle at
-    /// `/run/spire/bundle/bundle.crt`).
-    pub spire_bundle: Option<PathBuf>,
+    /// With `source: spire`: how long a first certificate waits for the agent, in seconds
+    /// (Cilium's `SPIRE_TIMEOUT`). Unset: 10.
+    pub spire_timeout_secs: Option<u64>,
+    /// With `source: spire`: the container runtime's CRI socket, asked for the process of a
+    /// pod's application container that SPIRE attests the pod from; when it does not exist,
+    /// `/proc` is scanned instead. Unset: containerd's `/run/containerd/containerd.sock`.
+    pub container_runtime_socket: Option<PathBuf>,
     /// The certificate, key and bundle files; with `source: files`.
     pub files: Option<FilesConfig>,
     /// The Istio CA endpoint; with `source: istioCa`.

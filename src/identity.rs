@@ -2,7 +2,8 @@
 //!
 //! An [`Identity`] is `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`. This module
 //! owns parsing, formatting and validation; it does no I/O. The built-in CA lives in
-//! [`ca`], the certificate cache in [`manager`].
+//! [`ca`], the certificate cache in [`manager`]. [`LocalPods`] tells a source that attests a
+//! pod itself (SPIRE by PID) which enrolled pods carry an identity.
 
 pub mod ca;
 pub(crate) mod files;
@@ -11,8 +12,12 @@ pub mod manager;
 pub(crate) mod schedule;
 pub mod spire;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::sync::Lock;
 
 pub use manager::{CertSource, CertificateManager, WorkloadCert};
 
@@ -157,6 +162,42 @@ fn check_segment(field: &'static str, value: &str) -> Result<(), IdentityError> 
             field,
             value: value.to_owned(),
         })
+    }
+}
+
+/// The pods enrolled on this node (by UID) and their identities: written by the pod registry
+/// as pods come and go, read by a certificate source that attests a pod from one of its
+/// processes. Cheap to clone; every clone is the same registry.
+#[derive(Debug, Default, Clone)]
+pub struct LocalPods(Arc<Lock<HashMap<String, Identity>>>);
+
+impl LocalPods {
+    /// Pod `uid`, enrolled with `identity` (again: the identity replaced).
+    pub fn insert(&self, uid: &str, identity: &Identity) {
+        self.0.lock().insert(uid.to_owned(), identity.clone());
+    }
+
+    /// Pod `uid` left the node.
+    pub fn remove(&self, uid: &str) {
+        self.0.lock().remove(uid);
+    }
+
+    /// Every pod left the node (the proxy drains).
+    pub fn clear(&self) {
+        self.0.lock().clear();
+    }
+
+    /// The UIDs of the enrolled pods with `identity`, sorted.
+    pub fn with_identity(&self, identity: &Identity) -> Vec<String> {
+        let mut uids: Vec<String> = self
+            .0
+            .lock()
+            .iter()
+            .filter(|(_, id)| *id == identity)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        uids.sort_unstable();
+        uids
     }
 }
 

@@ -48,6 +48,8 @@ pub(crate) struct NodeContext {
     pub resolver: Option<Arc<dyn crate::xds::Resolver>>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub drain: crate::drain::Drain,
+    /// The enrolled pods by identity, kept for certificate sources that attest a pod.
+    pub local_pods: crate::identity::LocalPods,
 }
 
 /// The operations a node agent drives; [`PodManager`] is the real one, tests use a double.
@@ -67,8 +69,6 @@ pub trait PodHandler: Send + Sync {
 struct RunningPod {
     info: PodInfo,
     netns_inode: u64,
-    /// Its namespace, where a process of the pod is found for SPIRE's attestation by PID.
-    netns: Arc<Netns>,
     identity: Identity,
     addresses: Vec<IpAddr>,
     tasks: Vec<JoinHandle<()>>,
@@ -185,11 +185,12 @@ impl PodManager {
 
     /// Serves `running` from now on, and fetches its certificate at once, so the pod's first
     /// connection does not wait for it (after the insert: a source that attests the pod, SPIRE
-    /// by PID, finds it through [`PodManager::process_of`]).
+    /// by PID, finds it in [`NodeContext::local_pods`]).
     fn insert(&self, running: RunningPod) {
         let certs = self.ctx.certs.clone();
         let identity = running.identity.clone();
         let uid = running.info.uid.clone();
+        self.ctx.local_pods.insert(&uid, &identity);
         let mut pods = self.pods.lock();
         pods.insert(uid.clone(), running);
         self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
@@ -201,19 +202,6 @@ impl PodManager {
         if let Some(p) = pods.get_mut(&uid) {
             p.tasks.push(prefetch);
         }
-    }
-
-    /// A process of an enrolled pod with `identity` (from its network namespace), for the
-    /// SPIRE agent to attest.
-    pub(crate) fn process_of(&self, identity: &Identity) -> Option<u32> {
-        let namespaces: Vec<Arc<Netns>> = self
-            .pods
-            .lock()
-            .values()
-            .filter(|p| p.identity == *identity)
-            .map(|p| p.netns.clone())
-            .collect();
-        namespaces.iter().find_map(|ns| ns.process())
     }
 
     /// The enrolled pods, with their identity and addresses.
@@ -229,6 +217,7 @@ impl PodManager {
     pub(crate) fn stop_listening(&self) {
         let mut pods = self.pods.lock();
         pods.clear();
+        self.ctx.local_pods.clear();
         self.pending.lock().clear();
         self.ctx.metrics.enrolled_pods.set(0);
     }
@@ -340,7 +329,6 @@ impl PodManager {
         Ok(RunningPod {
             info: info.clone(),
             netns_inode,
-            netns,
             identity,
             addresses,
             tasks,
@@ -388,6 +376,7 @@ impl PodHandler for PodManager {
         let removed = {
             let mut pods = self.pods.lock();
             let removed = pods.remove(uid);
+            self.ctx.local_pods.remove(uid);
             self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
             removed
         };

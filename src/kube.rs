@@ -23,7 +23,6 @@ use crate::state::SharedState;
 
 pub mod enroll;
 pub mod pods;
-pub mod procfs;
 pub mod services;
 
 pub use enroll::{Desired, LocalPod};

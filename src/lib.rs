@@ -20,6 +20,7 @@
 //!   pods' iptables rules.
 //! - [`kube`]: Kubernetes mode, hboned as its own node agent: namespace and pod watches,
 //!   enrollment of this node's pods ([`kube::enroll`]), pods as workloads ([`kube::pods`]).
+//! - [`procfs`]: pods' processes found in `/proc` by the UID in their cgroup path.
 //! - [`netns`]: the [`netns::SocketFactory`] seam every socket is made through; [`socket`]: the
 //!   socket options and SEQPACKET (the only other place that touches the OS directly).
 //! - [`metrics`], [`admin`], [`drain`]: Prometheus metrics and access logs, the proxy's own HTTP
@@ -48,6 +49,7 @@ pub mod kube;
 pub mod metrics;
 pub mod netns;
 pub mod ports;
+pub mod procfs;
 pub mod proto;
 pub mod proxy;
 pub mod redirect;

@@ -98,24 +98,6 @@ impl Netns {
         Ok(self.file.metadata()?.ino())
     }
 
-    /// A process inside this namespace, seen from `/proc` (the host's process table when the
-    /// proxy runs with hostPID): the lowest pid, a pod's oldest process (its sandbox's pause),
-    /// which lives as long as the pod. `None` when no visible process is inside. The SPIRE agent
-    /// attests a pod from such a pid.
-    pub(crate) fn process(&self) -> Option<u32> {
-        use std::os::unix::fs::MetadataExt;
-        let me = self.file.metadata().ok()?;
-        let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-            .ok()?
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
-        pids.sort_unstable();
-        pids.into_iter().find(|pid| {
-            std::fs::metadata(format!("/proc/{pid}/ns/net"))
-                .is_ok_and(|m| m.ino() == me.ino() && m.dev() == me.dev())
-        })
-    }
-
     /// The namespace's global-scope unicast addresses (loopback and link-local left out).
     pub(crate) fn addresses(&self) -> io::Result<Vec<IpAddr>> {
         let ifaddrs = self.run(|| Ok(nix::ifaddrs::getifaddrs()?))?;

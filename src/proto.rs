@@ -26,22 +26,9 @@ pub mod google {
     }
 }
 
-pub mod spire {
-    pub mod api {
-        pub mod types {
-            include!(concat!(env!("OUT_DIR"), "/spire.api.types.rs"));
-        }
-        pub mod agent {
-            pub mod delegatedidentity {
-                pub mod v1 {
-                    include!(concat!(
-                        env!("OUT_DIR"),
-                        "/spire.api.agent.delegatedidentity.v1.rs"
-                    ));
-                }
-            }
-        }
-    }
+/// The Container Runtime Interface calls that find a pod's processes (`identity::spire`).
+pub mod cri {
+    include!(concat!(env!("OUT_DIR"), "/runtime.v1.rs"));
 }
 
 pub mod istio {

@@ -266,6 +266,46 @@ async fn idle_pooled_connections_are_released() {
     assert_eq!(hbone.stats().dials, 2);
 }
 
+/// A pooled connection opens no new stream once a certificate of its handshake has expired
+/// (an identity whose certificate ran out is not kept alive by an old session); the stream it
+/// carries runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_certificate_expired_takes_no_new_stream() {
+    let lifetime = Duration::from_secs(3);
+    let ca = Arc::new(
+        hboned::identity::ca::BuiltinCa::generate(std::time::SystemTime::now())
+            .unwrap()
+            .with_lifetime(lifetime),
+    );
+    let srv = server(ca.clone(), id("server")).await;
+    let app = echo_app().await;
+    let hbone = client(ca, TunnelSettings::default());
+    let key = key(&id("client"), &srv);
+    let mut first = within(10, hbone.connect(&key, &request(app.addr)))
+        .await
+        .unwrap();
+    let opened = std::time::Instant::now();
+    let second = within(10, hbone.connect(&key, &request(app.addr)))
+        .await
+        .unwrap();
+    assert_eq!(hbone.stats().dials, 1, "shared while valid");
+    drop(second);
+    tokio::time::sleep(lifetime.saturating_sub(opened.elapsed()) + Duration::from_millis(300))
+        .await;
+    let _third = within(10, hbone.connect(&key, &request(app.addr)))
+        .await
+        .unwrap();
+    assert_eq!(
+        hbone.stats().dials,
+        2,
+        "a new connection, with a renewed certificate"
+    );
+    first.write_all(b"still flowing").await.unwrap();
+    let mut back = [0u8; 13];
+    within(10, first.read_exact(&mut back)).await.unwrap();
+    assert_eq!(&back, b"still flowing");
+}
+
 #[tokio::test]
 async fn app_reset_reaches_the_client_as_an_error() {
     let ca = ca();

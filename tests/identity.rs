@@ -381,137 +381,16 @@ async fn a_long_lived_tunnel_survives_rotations_and_new_tunnels_use_the_new_cert
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spire_svids_carry_a_real_tunnel_and_pushed_rotations_arrive() {
-    use hboned::identity::spire::Spire;
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("admin.sock");
-    let (ca, streams) = support::spire::start(&socket).await;
-    let client_id = Identity::new("cluster.local", "test", "client").unwrap();
-    let server_id = Identity::new("cluster.local", "test", "server").unwrap();
-
-    let spire = |socket: &std::path::Path| Arc::new(Spire::new(socket.to_owned(), None).unwrap());
-    let client_certs = Arc::new(CertificateManager::new(spire(&socket)));
-    let server_certs = Arc::new(CertificateManager::new(spire(&socket)));
-    echo_through_a_tunnel(
-        client_certs.clone(),
-        server_certs,
-        &client_id,
-        &server_id,
-        b"SVIDs from SPIRE",
-    )
-    .await;
-
-    // SPIRE pushes a rotated SVID on the open subscription: the manager picks it up.
-    let before = client_certs.fetch(&client_id).await.unwrap();
-    let rotated = support::spire::mint(&ca, "test", "client");
-    for tx in streams
-        .lock()
-        .unwrap()
-        .get(&("test".to_string(), "client".to_string()))
-        .unwrap()
-    {
-        let _ = tx.send(Ok(rotated.clone()));
-    }
-    let mut after = before.clone();
-    for _ in 0..100 {
-        after = client_certs.fetch(&client_id).await.unwrap();
-        if after.chain() != before.chain() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_ne!(
-        after.chain(),
-        before.chain(),
-        "the pushed SVID was not picked up"
-    );
-    // Forgetting the identity ends its subscription.
-    client_certs.forget(&client_id);
-}
-
-/// Entries keyed by pod, as Cilium registers them: the selector subscription matches none, a
-/// subscription by the PID of the pod's process gets the pod's SVID; trust from a bundle file
-/// (Cilium's CA_ROOT_CA) works without the bundle stream.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spire_by_pid_attests_the_pod_and_a_bundle_file_is_trusted() {
-    use hboned::identity::CertSource;
-    use hboned::identity::spire::Spire;
-    use std::os::unix::fs::MetadataExt;
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("admin.sock");
-    // The "pod" is this process's own network namespace.
-    let netns = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
-    let entries = vec![
-        support::spire::delegate(nix::unistd::Uid::effective().as_raw()),
-        support::spire::entry(&["k8s:pod-uid:pod-1"], "test", "client"),
-        support::spire::entry(&["k8s:ns:test", "k8s:sa:server"], "test", "server"),
-    ];
-    let pods = [(netns, ("pod-1".into(), "test".into(), "client".into()))].into();
-    let (ca, _streams) = support::spire::start_with(&socket, entries, pods).await;
-    let bundle = dir.path().join("bundle.crt");
-    std::fs::write(&bundle, ca.root_pem()).unwrap();
-    let client_id = Identity::new("cluster.local", "test", "client").unwrap();
-
-    let spire = Spire::new(socket.clone(), Some(bundle.clone())).unwrap();
-    let asked = Arc::new(Mutex::new(Vec::new()));
-    let seen = asked.clone();
-    spire.find_pod_processes_with(Arc::new(move |id: &Identity| {
-        seen.lock().unwrap().push(id.to_string());
-        Some(std::process::id())
-    }));
-    let cert = within(20, spire.fetch(&client_id)).await.unwrap();
-    assert_eq!(cert.identity(), &client_id);
-    assert_eq!(
-        asked.lock().unwrap().as_slice(),
-        ["spiffe://cluster.local/ns/test/sa/client"]
-    );
-
-    // A process the agent cannot attest (gone): the selectors, which here match an entry.
-    let gone = Spire::new(socket.clone(), Some(bundle.clone())).unwrap();
-    gone.find_pod_processes_with(Arc::new(|_: &Identity| Some(i32::MAX as u32)));
-    let server_id = Identity::new("cluster.local", "test", "server").unwrap();
-    let cert = within(20, gone.fetch(&server_id)).await.unwrap();
-    assert_eq!(cert.identity(), &server_id);
-
-    // Selectors alone (no process found) match no entry keyed by pod: no certificate.
-    let by_selectors = Spire::new(socket.clone(), Some(bundle)).unwrap();
-    by_selectors.find_pod_processes_with(Arc::new(|_: &Identity| None));
-    let err = within(20, by_selectors.fetch(&client_id))
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("no answer"), "{err}");
-}
-
-/// A caller that is not an authorized delegate is refused, and the refusal reaches the fetch.
-#[tokio::test]
-async fn spire_refuses_a_caller_that_is_no_delegate() {
-    use hboned::identity::CertSource;
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("admin.sock");
-    let me = nix::unistd::Uid::effective().as_raw();
-    let entries = vec![
-        // This process has an identity, but not the delegate's.
-        support::spire::Entry {
-            selectors: vec![format!("unix:uid:{me}")],
-            path: "/some-app".into(),
-        },
-        support::spire::entry(&["k8s:ns:test", "k8s:sa:client"], "test", "client"),
-    ];
-    support::spire::start_with(&socket, entries, Default::default()).await;
-    let spire = hboned::identity::spire::Spire::new(socket, None).unwrap();
-    let id = Identity::new("cluster.local", "test", "client").unwrap();
-    let err = within(20, spire.fetch(&id)).await.unwrap_err().to_string();
-    assert!(err.contains("authorized delegate"), "{err}");
-}
-
 #[tokio::test]
 async fn unreachable_spire_agent_fails_closed_naming_the_socket() {
     let dir = tempfile::tempdir().unwrap();
-    let certs = CertificateManager::new(Arc::new(
-        hboned::identity::spire::Spire::new(dir.path().join("missing.sock"), None).unwrap(),
-    ));
+    use hboned::identity::spire::{PodProcesses, Spire, SpireSettings};
+    let certs = CertificateManager::new(Arc::new(Spire::new(SpireSettings {
+        socket: dir.path().join("missing.sock"),
+        timeout: Duration::from_secs(5),
+        pods: Default::default(),
+        processes: PodProcesses::new(dir.path().join("no-runtime.sock"), "/proc".into()),
+    })));
     let id = Identity::new("cluster.local", "test", "client").unwrap();
     let err = within(20, certs.fetch(&id)).await.unwrap_err().to_string();
     assert!(

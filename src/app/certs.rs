@@ -7,15 +7,17 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 
-use crate::config::{CertSource, Config};
+use crate::config::{CertSource, Config, DEFAULT_CONTAINER_RUNTIME_SOCKET, DEFAULT_SPIRE_TIMEOUT};
 use crate::identity::CertSource as Source;
+use crate::identity::LocalPods;
 use crate::identity::ca::BuiltinCa;
 use crate::identity::files::FileSource;
 use crate::identity::istio_ca::{IstioCa, IstioCaSettings};
-use crate::identity::spire::Spire;
+use crate::identity::spire::{PodProcesses, Spire, SpireSettings};
 
-/// The configured certificate source.
-pub(crate) fn source(config: &Config) -> anyhow::Result<Arc<dyn Source>> {
+/// The configured certificate source; `pods` are the node's enrolled pods, for a source that
+/// attests a pod from its processes (SPIRE).
+pub(crate) fn source(config: &Config, pods: &LocalPods) -> anyhow::Result<Arc<dyn Source>> {
     // `Config::parse` refused a source without its section; this only repeats the check.
     Ok(match config.certificate_source()? {
         CertSource::Builtin(ca) => {
@@ -34,10 +36,21 @@ pub(crate) fn source(config: &Config) -> anyhow::Result<Arc<dyn Source>> {
             cluster_id: config.cluster_id.clone(),
             lifetime: config.cert_lifetime(),
         })?),
-        CertSource::Spire(socket) => Arc::new(Spire::new(
-            socket.to_owned(),
-            config.certificates.spire_bundle.clone(),
-        )?),
+        CertSource::Spire(socket) => {
+            let certs = &config.certificates;
+            let runtime = certs
+                .container_runtime_socket
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CONTAINER_RUNTIME_SOCKET.into());
+            Arc::new(Spire::new(SpireSettings {
+                socket: socket.to_owned(),
+                timeout: certs
+                    .spire_timeout_secs
+                    .map_or(DEFAULT_SPIRE_TIMEOUT, Duration::from_secs),
+                pods: pods.clone(),
+                processes: PodProcesses::new(runtime, "/proc".into()),
+            }))
+        }
     })
 }
 

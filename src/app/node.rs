@@ -50,7 +50,9 @@ impl Node {
     /// config pod is reported and skipped.
     pub fn build(config: Config, set_log_level: LogLevelSetter) -> anyhow::Result<Node> {
         raise_descriptor_limit();
-        let source = super::certs::source(&config)?;
+        // The enrolled pods by identity: the pod registry writes it, SPIRE attests from it.
+        let local_pods = crate::identity::LocalPods::default();
+        let source = super::certs::source(&config, &local_pods)?;
         tracing::info!(source = source.name(), "workload certificates source");
         let state = Arc::new(SharedState::new(State::from_config(&config)));
         let xds = XdsSettings::from_config(&config).map(|s| XdsClient::new(s, state.clone()));
@@ -78,10 +80,8 @@ impl Node {
             cluster_id: config.cluster_id.clone(),
             preserve_source_ip: config.preserve_source_ip,
             resolver,
+            local_pods,
         }));
-        // SPIRE attests a pod from one of its processes: the manager finds them in pods' netns.
-        let pods = Arc::downgrade(&manager);
-        source.find_pod_processes_with(Arc::new(move |id| pods.upgrade()?.process_of(id)));
         tracing::info!(node = %config.node, trust_domain = %config.trust_domain, pods = config.pods.len(), workloads = config.workloads.len(), services = config.services.len(), "hboned node proxy starting");
         enroll_config_pods(&config, &manager);
         manager.retry_pending(Duration::from_secs(5));

@@ -135,29 +135,34 @@ pub(super) fn config(env: &Environment) -> (Config, Vec<String>) {
             xds.node_metadata.insert(name.to_owned(), value.clone());
         }
     }
-    // Certificates: the Istio CA unless FAKE_CA, or SPIRE with USE_SPIRE (Cilium's ztunnel:
-    // the Delegated Identity API on SPIRE_ADMIN_ENDPOINT_SOCKET, trust from CA_ROOT_CA).
+    // Certificates: the Istio CA unless FAKE_CA, or SPIRE with SPIRE_ENABLED (the cilium/ztunnel
+    // fork's `src/config.rs`; USE_SPIRE, an older Cilium chart's name, too): the Delegated
+    // Identity API on SPIRE_ADMIN_ENDPOINT_SOCKET, pods' processes from the runtime at
+    // CONTAINER_RUNTIME_SOCK_PATH, peer trust from the agent's bundle stream. CA_ROOT_CA is
+    // then not read: the newer chart points it at the xDS bootstrap root, not SPIRE's.
     if flag(env, "FAKE_CA", &mut problems) {
         config.certificates.source = Some(CertSourceKind::Builtin);
-    } else if flag(env, "USE_SPIRE", &mut problems) {
-        config.certificates.source = Some(CertSourceKind::Spire);
+    } else if flag(env, "SPIRE_ENABLED", &mut problems) | flag(env, "USE_SPIRE", &mut problems) {
+        let certs = &mut config.certificates;
+        certs.source = Some(CertSourceKind::Spire);
         let endpoint = env
             .get("SPIRE_ADMIN_ENDPOINT_SOCKET")
             .unwrap_or_else(|| SPIRE_ADMIN_SOCKET.into());
         match spiffe_socket(&endpoint) {
-            Some(path) => config.certificates.spire_socket = Some(path),
+            Some(path) => certs.spire_socket = Some(path),
             None => problems.push(format!(
                 "SPIRE_ADMIN_ENDPOINT_SOCKET={endpoint:?} is not a unix:// socket address"
             )),
         }
-        if let Some(bundle) = env.get("CA_ROOT_CA") {
-            if !env.exists(Path::new(&bundle)) {
-                problems.push(format!(
-                    "CA_ROOT_CA={bundle:?}: no such file (the SPIRE bundle)"
-                ));
+        if let Some(v) = env.get("SPIRE_TIMEOUT") {
+            match parse_duration(&v) {
+                Some(d) if !d.is_zero() => certs.spire_timeout_secs = Some(d.as_secs().max(1)),
+                _ => problems.push(format!(
+                    "SPIRE_TIMEOUT={v:?} is not a positive duration (like 10s)"
+                )),
             }
-            config.certificates.spire_bundle = Some(PathBuf::from(bundle));
         }
+        certs.container_runtime_socket = env.get("CONTAINER_RUNTIME_SOCK_PATH").map(PathBuf::from);
     } else {
         let address = with_scheme(env.get("CA_ADDRESS").unwrap_or_else(|| istiod.into()));
         config.certificates.source = Some(CertSourceKind::IstioCa);

@@ -106,9 +106,6 @@ pub trait CertSource: Send + Sync + 'static {
     }
     /// The identity left the node: drop whatever the source keeps for it (subscriptions).
     fn forget(&self, _id: &Identity) {}
-    /// How to find a process of an enrolled pod with an identity, for a source that attests
-    /// the pod itself (SPIRE by PID); others ignore it.
-    fn find_pod_processes_with(&self, _find: super::spire::PidFinder) {}
 }
 
 /// A workload's certificate chain and key, ready for rustls, with the bundle that verifies peers.

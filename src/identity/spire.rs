@@ -1,13 +1,22 @@
-//! SPIRE as a certificate source (docs/design.md §7), through the agent's Delegated Identity API on its
-//! admin Unix socket. Each identity gets one long-lived subscription: by the PID of a process of
-//! an enrolled pod with that identity when one is found (the agent's Kubernetes attestor then
-//! supplies the pod's own selectors, so entries keyed by pod UID match, as Cilium registers
-//! them), else by the selectors `k8s:ns:<namespace>` and `k8s:sa:<service account>`. Trust comes
-//! from the agent's bundle stream, or from a bundle file when one is configured (Cilium's
-//! `CA_ROOT_CA=/run/spire/bundle/bundle.crt`, re-read at every SVID). Every update SPIRE pushes
-//! rebuilds the certificate, and the manager picks it up on its next poll. A lost stream is
-//! re-opened with backoff (a new PID looked up); the last certificate keeps serving meanwhile
-//! (the manager fails closed once it expires).
+//! SPIRE as a certificate source, through the agent's Delegated Identity API on its admin Unix
+//! socket (spire-api-sdk `delegatedidentity.proto`, served by spire
+//! `pkg/agent/api/delegatedidentity/v1/service.go`). hboned must be an authorized delegate of
+//! the agent: an entry for hboned's own process whose SPIFFE ID is listed in the agent's
+//! `authorized_delegates` (Cilium registers `spiffe://<td>/ztunnel`).
+//!
+//! Each identity gets one long-lived `SubscribeToX509SVIDs` stream. Its request names a
+//! workload one of two ways, never both: by `pid`, a process of an application container of an
+//! enrolled pod with that identity ([`process`]: CRI, else `/proc`), which the agent attests
+//! itself; or by the selectors `k8s:ns:<namespace>` and `k8s:sa:<service account>`, the ones
+//! Cilium's operator registers one entry per service account with (`spiffe://<td>/ns/<ns>/sa/<sa>`,
+//! parent `spiffe://<td>/ztunnel`; cilium `operator/pkg/ztunnel/config/config.go`). A PID is
+//! used when one is found, checked again after every answer (PIDs are reused); a subscription
+//! by PID that brings no SVID for this identity within a few seconds (an agent without the
+//! Kubernetes attestor), or stops bringing it, turns to the selectors. Trust comes from the agent's bundle stream, keyed by the trust
+//! domain's SPIFFE ID (`spiffe://<td>`). Every update the agent pushes rebuilds the
+//! certificate, picked up by the manager on its next poll. A lost stream is opened again with
+//! backoff; the last certificate keeps serving meanwhile and the manager fails closed once it
+//! expires (an entry deleted: new connections fail once its SVID has expired).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -15,67 +24,132 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::sync::watch;
-
-use super::Identity;
-use super::manager::{BoxFuture, CertError, CertSource, WorkloadCert};
-use crate::backoff::Backoff;
-use crate::proto::spire::api::agent::delegatedidentity::v1::delegated_identity_client::DelegatedIdentityClient;
-use crate::proto::spire::api::agent::delegatedidentity::v1::{
-    SubscribeToX509BundlesRequest, SubscribeToX509sviDsByPidRequest, SubscribeToX509sviDsRequest,
+use spire_api::pb::spire::api::agent::delegatedidentity::v1::delegated_identity_client::DelegatedIdentityClient;
+use spire_api::pb::spire::api::agent::delegatedidentity::v1::{
+    SubscribeToX509BundlesRequest, SubscribeToX509BundlesResponse, SubscribeToX509sviDsRequest,
     SubscribeToX509sviDsResponse,
 };
-use crate::proto::spire::api::types::Selector;
+use spire_api::pb::spire::api::types::Selector;
+use tokio::sync::watch;
+
+use super::manager::{BoxFuture, CertError, CertSource, WorkloadCert};
+use super::{Identity, LocalPods};
+use crate::backoff::Backoff;
 use crate::sync::Lock;
 use crate::tls::TrustBundle;
 
+pub mod process;
+
+pub use process::{PodPid, PodProcesses, ProcessError};
+
 const NAME: &str = "SPIRE agent";
-/// How long a first fetch waits for SPIRE's answer.
-const FIRST_ANSWER: Duration = Duration::from_secs(10);
 /// How often the manager looks for pushed updates.
 const POLL: Duration = Duration::from_secs(1);
+/// How long a subscription by PID may go without this identity's SVID before the selectors
+/// are tried (the agent's first answers can precede its next sync with the server).
+const PID_GRACE: Duration = Duration::from_secs(5);
 
 type Latest = watch::Receiver<Option<Result<WorkloadCert, CertError>>>;
 
 /// Why the SPIRE agent gave no (usable) SVID; each says what to check.
 #[derive(Debug, thiserror::Error)]
 pub enum SpireError {
-    #[error("cannot subscribe: {0} (is the SPIRE agent's admin socket right?)")]
-    Subscribe(String),
+    #[error("the SPIRE agent refused the {stream} subscription{}", hint(.status))]
+    Subscribe {
+        stream: &'static str,
+        #[source]
+        status: tonic::Status,
+    },
     #[error("the {0} stream ended")]
     Ended(&'static str),
-    #[error("{stream} stream: {message}")]
+    #[error("the {stream} stream failed{}", hint(.status))]
     Stream {
         stream: &'static str,
-        message: String,
+        #[source]
+        status: tonic::Status,
     },
-    #[error("no SVID for {identity} among the {count} SPIRE returned")]
+    #[error(
+        "no SVID for {identity} among the {count} SPIRE returned (is there an entry for it, parented to hboned's own entry?)"
+    )]
     NoSvid { identity: String, count: usize },
-    #[error("bundle: {0}")]
-    Bundle(String),
-    #[error("bundle: {0}")]
-    BundleTls(crate::tls::TlsError),
-    #[error("no answer from the SPIRE agent within {0:?}")]
+    #[error("pid {} no longer belongs to pod {}: the answer SPIRE gave for it is discarded", .0.pid, .0.pod_uid)]
+    PidReused(PodPid),
+    #[error("cannot check the pod's process")]
+    Process(#[source] ProcessError),
+    #[error("the SPIRE agent's bundle for {trust_domain} is unreadable")]
+    Bundle {
+        trust_domain: String,
+        #[source]
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    #[error("the SPIRE agent's bundle holds no certificate for {0}")]
+    NoBundle(String),
+    #[error("bundle")]
+    BundleTls(#[source] crate::tls::TlsError),
+    #[error("no answer from the SPIRE agent within {0:?} (SPIRE_TIMEOUT)")]
     Timeout(Duration),
     #[error("the SPIRE subscription stopped")]
     Stopped,
 }
 
-/// Finds a process of an enrolled pod with this identity (its pid as the agent sees it).
-pub type PidFinder = Arc<dyn Fn(&Identity) -> Option<u32> + Send + Sync>;
-
-/// What every subscription shares.
-struct Agent {
-    channel: tonic::transport::Channel,
-    pids: Lock<Option<PidFinder>>,
-    bundle_file: Option<PathBuf>,
+/// What to check, by the agent's status code.
+fn hint(status: &tonic::Status) -> String {
+    let what = match status.code() {
+        tonic::Code::PermissionDenied => {
+            "; is hboned an authorized delegate (its own entry's SPIFFE ID in the agent's authorized_delegates)?"
+        }
+        tonic::Code::Unavailable | tonic::Code::Unknown => {
+            "; is the SPIRE agent's admin socket right, and the agent running?"
+        }
+        tonic::Code::Internal => "; the agent could not attest the process",
+        _ => "",
+    };
+    format!(": {}{what}", status.message())
 }
 
-impl std::fmt::Debug for Agent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent")
-            .field("bundle_file", &self.bundle_file)
-            .finish_non_exhaustive()
+/// How to reach the agent, and where pods' processes are found.
+#[derive(Debug, Clone)]
+pub struct SpireSettings {
+    /// The agent's admin socket (e.g. `/run/spire/sockets/admin.sock`).
+    pub socket: PathBuf,
+    /// How long a first fetch waits for the agent's answer (`SPIRE_TIMEOUT`).
+    pub timeout: Duration,
+    /// The enrolled pods, by identity.
+    pub pods: LocalPods,
+    /// Where a pod's processes are found for attestation by PID.
+    pub processes: PodProcesses,
+}
+
+/// What every subscription shares.
+#[derive(Debug)]
+struct Agent {
+    channel: tonic::transport::Channel,
+    settings: SpireSettings,
+}
+
+/// How a stream names its workload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Workload {
+    Pid(PodPid),
+    Selectors,
+}
+
+impl Agent {
+    /// A process of an application container of some enrolled pod with `id`.
+    async fn process_of(&self, id: &Identity) -> Option<PodPid> {
+        for uid in self.settings.pods.with_identity(id) {
+            match self.settings.processes.pids(&uid).await {
+                Ok(pids) => {
+                    if let Some(&pid) = pids.first() {
+                        return Some(PodPid { pod_uid: uid, pid });
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(identity = %id, pod = %uid, error = %e, "cannot find the pod's processes; SPIRE gets the selectors instead")
+                }
+            }
+        }
+        None
     }
 }
 
@@ -87,18 +161,16 @@ pub struct Spire {
 }
 
 impl Spire {
-    /// `socket`: the agent's admin socket (e.g. `/run/spire/sockets/admin.sock`). Connects
-    /// lazily. Trust from the agent's bundle stream unless `bundle_file` (PEM) is given.
-    pub fn new(socket: PathBuf, bundle_file: Option<PathBuf>) -> Result<Self, CertError> {
-        let target = crate::control_plane::Target::unix(socket);
-        Ok(Spire {
+    /// Connects lazily; trust comes from the agent's bundle stream.
+    pub fn new(settings: SpireSettings) -> Self {
+        let target = crate::control_plane::Target::unix(settings.socket.clone());
+        Spire {
             agent: Arc::new(Agent {
                 channel: target.connect_lazy(),
-                pids: Lock::new(None),
-                bundle_file,
+                settings,
             }),
             subscriptions: Lock::new(HashMap::new()),
-        })
+        }
     }
 
     fn subscription(&self, id: &Identity) -> Latest {
@@ -120,9 +192,22 @@ async fn subscribe(
     tx: watch::Sender<Option<Result<WorkloadCert, CertError>>>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut by_selectors = false;
     loop {
-        let err = stream_once(&agent, &id, &tx).await;
-        tracing::warn!(identity = %id, error = %err, "SPIRE subscription ended; re-subscribing");
+        let workload = match by_selectors {
+            true => None,
+            false => agent.process_of(&id).await,
+        };
+        let workload = workload.map_or(Workload::Selectors, Workload::Pid);
+        tracing::debug!(identity = %id, ?workload, "subscribing to SPIRE");
+        let err = stream_once(&agent, &id, &workload, &tx).await;
+        // An answer by PID without this identity: the selectors, at once and this once.
+        by_selectors = matches!(err, SpireError::NoSvid { .. }) && workload != Workload::Selectors;
+        if by_selectors {
+            tracing::info!(identity = %id, ?workload, "SPIRE issued no SVID for the identity to the pod's process; subscribing by the k8s:ns and k8s:sa selectors");
+            continue;
+        }
+        tracing::warn!(identity = %id, error = %err, "SPIRE subscription ended; subscribing again");
         if tx.borrow().as_ref().is_none_or(|r| r.is_err()) {
             tx.send_replace(Some(Err(CertError::from_source(&id, NAME, err))));
         }
@@ -130,113 +215,100 @@ async fn subscribe(
     }
 }
 
-/// The CA certificates in a PEM bundle file.
-fn read_bundle(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, SpireError> {
-    let pem = std::fs::read(path)
-        .map_err(|e| SpireError::Bundle(format!("cannot read {}: {e}", path.display())))?;
-    let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<_, _>>()
-        .map_err(|e| SpireError::Bundle(format!("{}: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(SpireError::Bundle(format!(
-            "{} holds no certificate",
-            path.display()
-        )));
+/// The request for `workload`: its pid, or the selectors of Cilium's entries.
+fn request(id: &Identity, workload: &Workload) -> SubscribeToX509sviDsRequest {
+    match workload {
+        Workload::Pid(p) => SubscribeToX509sviDsRequest {
+            selectors: Vec::new(),
+            // A pid beyond i32 cannot exist on Linux (pid_max ≤ 2^22).
+            pid: i32::try_from(p.pid).unwrap_or(0),
+        },
+        Workload::Selectors => SubscribeToX509sviDsRequest {
+            selectors: vec![
+                Selector {
+                    r#type: "k8s".into(),
+                    value: format!("ns:{}", id.namespace()),
+                },
+                Selector {
+                    r#type: "k8s".into(),
+                    value: format!("sa:{}", id.service_account()),
+                },
+            ],
+            pid: 0,
+        },
     }
-    Ok(certs)
 }
 
-/// One subscription (and the bundle stream, unless trust comes from a file) until it ends;
-/// returns why.
+/// One SVID subscription with its bundle stream, until it ends; returns why.
 async fn stream_once(
     agent: &Agent,
     id: &Identity,
+    workload: &Workload,
     tx: &watch::Sender<Option<Result<WorkloadCert, CertError>>>,
 ) -> SpireError {
     let mut client = DelegatedIdentityClient::new(agent.channel.clone());
-    let finder = agent.pids.lock().clone();
-    let pid = finder.as_ref().and_then(|find| find(id));
-    let selectors = vec![
-        Selector {
-            r#type: "k8s".into(),
-            value: format!("ns:{}", id.namespace()),
-        },
-        Selector {
-            r#type: "k8s".into(),
-            value: format!("sa:{}", id.service_account()),
-        },
-    ];
-    let by_pid = match pid.and_then(|p| i32::try_from(p).ok()) {
-        Some(pid) => {
-            tracing::debug!(identity = %id, pid, "subscribing to SPIRE by the pod's process");
-            let request = SubscribeToX509sviDsByPidRequest { pid };
-            match client.subscribe_to_x509svi_ds_by_pid(request).await {
-                Ok(s) => Some(s),
-                // An agent that cannot attest the process (it exited; no Kubernetes
-                // attestor): the selectors, this once.
-                Err(e) => {
-                    tracing::warn!(identity = %id, pid, error = e.message(), "SPIRE could not subscribe by PID; using the selectors");
-                    None
-                }
-            }
-        }
-        None => None,
-    };
-    let subscribed_by_pid = by_pid.is_some();
-    let svids = match by_pid {
-        Some(stream) => Ok(stream),
-        None => {
-            client
-                .subscribe_to_x509svi_ds(SubscribeToX509sviDsRequest { selectors })
-                .await
-        }
-    };
-    let mut svids = match svids {
+    let mut svids = match client.subscribe_to_x509svi_ds(request(id, workload)).await {
         Ok(s) => s.into_inner(),
-        Err(e) => return SpireError::Subscribe(e.message().to_owned()),
+        Err(status) => {
+            return SpireError::Subscribe {
+                stream: "SVID",
+                status,
+            };
+        }
     };
-    // Trust: the bundle file, re-read with every SVID, or the agent's bundle stream.
-    let mut bundles = match &agent.bundle_file {
-        Some(_) => None,
-        None => match client
-            .subscribe_to_x509_bundles(SubscribeToX509BundlesRequest {})
-            .await
-        {
-            Ok(b) => Some(b.into_inner()),
-            Err(e) => return SpireError::Subscribe(e.message().to_owned()),
-        },
+    let mut bundles = match client
+        .subscribe_to_x509_bundles(SubscribeToX509BundlesRequest {})
+        .await
+    {
+        Ok(b) => b.into_inner(),
+        Err(status) => {
+            return SpireError::Subscribe {
+                stream: "bundle",
+                status,
+            };
+        }
     };
     let mut svid: Option<SubscribeToX509sviDsResponse> = None;
     let mut bundle: Option<Vec<CertificateDer<'static>>> = None;
+    // By PID: the first SVID for this identity must come within the grace.
+    let grace = tokio::time::sleep(PID_GRACE);
+    tokio::pin!(grace);
     loop {
-        let bundle_msg = async {
-            match bundles.as_mut() {
-                Some(b) => b.message().await,
-                None => std::future::pending().await,
-            }
-        };
+        let waiting = matches!(workload, Workload::Pid(_)) && svid.is_none();
         tokio::select! {
+            () = &mut grace, if waiting => {
+                return SpireError::NoSvid { identity: id.to_string(), count: 0 };
+            }
             msg = svids.message() => match msg {
                 Ok(Some(m)) => {
-                    svid = Some(m);
-                    if let Some(path) = &agent.bundle_file {
-                        match read_bundle(path) {
-                            Ok(certs) => bundle = Some(certs),
-                            Err(e) => tracing::warn!(identity = %id, error = %e, "unreadable bundle file; keeping the last one"),
+                    if let Workload::Pid(p) = workload {
+                        match agent.settings.processes.still_of(p).await {
+                            Ok(true) => {}
+                            Ok(false) => return SpireError::PidReused(p.clone()),
+                            Err(e) => return SpireError::Process(e),
+                        }
+                        match (find_svid(id, &m).is_some(), svid.is_some()) {
+                            (true, _) => {}
+                            // Not yet: the agent may still sync the entry.
+                            (false, false) => continue,
+                            // Gone (the entry deleted, the pod's selectors changed).
+                            (false, true) => {
+                                return SpireError::NoSvid { identity: id.to_string(), count: m.x509_svids.len() };
+                            }
                         }
                     }
+                    svid = Some(m);
                 }
                 Ok(None) => return SpireError::Ended("SVID"),
-                Err(e) => return SpireError::Stream { stream: "SVID", message: e.message().to_owned() },
+                Err(status) => return SpireError::Stream { stream: "SVID", status },
             },
-            msg = bundle_msg => match msg {
-                Ok(Some(m)) => match m.ca_certificates.get(id.trust_domain()).map(|der| split_der(der)) {
-                    Some(Ok(certs)) => bundle = Some(certs),
-                    Some(Err(e)) => tracing::warn!(identity = %id, error = %e, "SPIRE sent an unreadable bundle; keeping the last one"),
-                    None => tracing::warn!(identity = %id, "SPIRE sent no bundle for the trust domain"),
+            msg = bundles.message() => match msg {
+                Ok(Some(m)) => match trust_domain_bundle(id.trust_domain(), &m) {
+                    Ok(certs) => bundle = Some(certs),
+                    Err(e) => tracing::warn!(identity = %id, error = %e, "SPIRE sent an unusable bundle; keeping the last one"),
                 },
                 Ok(None) => return SpireError::Ended("bundle"),
-                Err(e) => return SpireError::Stream { stream: "bundle", message: e.message().to_owned() },
+                Err(status) => return SpireError::Stream { stream: "bundle", status },
             },
         }
         if let (Some(s), Some(b)) = (&svid, &bundle) {
@@ -245,44 +317,40 @@ async fn stream_once(
                     tx.send_replace(Some(Ok(cert)));
                 }
                 Err(e) => {
-                    tracing::warn!(identity = %id, error = %e, "SPIRE sent an unusable SVID; keeping the last one");
-                    // Selectors that match no entry (SPIRE entries keyed by pod): once a
-                    // process of the pod is known, subscribe again by its PID.
-                    if !subscribed_by_pid && finder.as_ref().and_then(|find| find(id)).is_some() {
-                        return SpireError::NoSvid {
-                            identity: id.to_string(),
-                            count: s.x509_svids.len(),
-                        };
-                    }
+                    tracing::warn!(identity = %id, error = %e, "SPIRE sent no usable SVID; keeping the last one until it expires")
                 }
             }
         }
     }
 }
 
-/// The SVID for `id` from a response, with the bundle, as a certificate.
+/// The SVID (with its key) for `id` in an answer.
+fn find_svid<'a>(
+    id: &Identity,
+    response: &'a SubscribeToX509sviDsResponse,
+) -> Option<&'a spire_api::pb::spire::api::agent::delegatedidentity::v1::X509svidWithKey> {
+    let want_path = format!("/ns/{}/sa/{}", id.namespace(), id.service_account());
+    response.x509_svids.iter().find(|s| {
+        s.x509_svid
+            .as_ref()
+            .and_then(|v| v.id.as_ref())
+            .is_some_and(|sid| sid.trust_domain == id.trust_domain() && sid.path == want_path)
+    })
+}
+
+/// The SVID for `id` from an answer, with the bundle, as a certificate.
 fn build(
     id: &Identity,
     response: &SubscribeToX509sviDsResponse,
     bundle: &[CertificateDer<'static>],
 ) -> Result<WorkloadCert, CertError> {
-    let want_path = format!("/ns/{}/sa/{}", id.namespace(), id.service_account());
-    let with_key = response
-        .x509_svids
-        .iter()
-        .find(|s| {
-            s.x509_svid
-                .as_ref()
-                .and_then(|v| v.id.as_ref())
-                .is_some_and(|sid| sid.trust_domain == id.trust_domain() && sid.path == want_path)
-        })
-        .ok_or_else(|| {
-            let e = SpireError::NoSvid {
-                identity: id.to_string(),
-                count: response.x509_svids.len(),
-            };
-            CertError::from_source(id, NAME, e)
-        })?;
+    let with_key = find_svid(id, response).ok_or_else(|| {
+        let e = SpireError::NoSvid {
+            identity: id.to_string(),
+            count: response.x509_svids.len(),
+        };
+        CertError::from_source(id, NAME, e)
+    })?;
     let chain: Vec<CertificateDer<'static>> = with_key
         .x509_svid
         .as_ref()
@@ -299,12 +367,34 @@ fn build(
     WorkloadCert::new(id.clone(), chain, key, Arc::new(bundle))
 }
 
-/// Splits concatenated DER certificates.
-fn split_der(mut der: &[u8]) -> Result<Vec<CertificateDer<'static>>, SpireError> {
+/// The CA certificates of `trust_domain` in a bundle update. The agent keys its map by the
+/// trust domain's SPIFFE ID (`td.IDString()`, `spiffe://<td>`); the bare name is taken too.
+fn trust_domain_bundle(
+    trust_domain: &str,
+    update: &SubscribeToX509BundlesResponse,
+) -> Result<Vec<CertificateDer<'static>>, SpireError> {
+    let der = update
+        .ca_certificates
+        .get(&format!("spiffe://{trust_domain}"))
+        .or_else(|| update.ca_certificates.get(trust_domain))
+        .ok_or_else(|| SpireError::NoBundle(trust_domain.to_owned()))?;
+    let certs = split_der(der).map_err(|source| SpireError::Bundle {
+        trust_domain: trust_domain.to_owned(),
+        source,
+    })?;
+    if certs.is_empty() {
+        return Err(SpireError::NoBundle(trust_domain.to_owned()));
+    }
+    Ok(certs)
+}
+
+/// Splits concatenated DER certificates (the agent's `marshalBundle`).
+fn split_der(
+    mut der: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, x509_parser::nom::Err<x509_parser::error::X509Error>> {
     let mut certs = Vec::new();
     while !der.is_empty() {
-        let (rest, _) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| SpireError::Bundle(e.to_string()))?;
+        let (rest, _) = x509_parser::parse_x509_certificate(der)?;
         let len = der.len() - rest.len();
         certs.push(CertificateDer::from(der[..len].to_vec()));
         der = rest;
@@ -317,9 +407,10 @@ impl CertSource for Spire {
         Box::pin(async move {
             let err = |e: SpireError| CertError::from_source(id, NAME, e);
             let mut latest = self.subscription(id);
-            let answer = tokio::time::timeout(FIRST_ANSWER, latest.wait_for(Option::is_some))
+            let timeout = self.agent.settings.timeout;
+            let answer = tokio::time::timeout(timeout, latest.wait_for(Option::is_some))
                 .await
-                .map_err(|_| err(SpireError::Timeout(FIRST_ANSWER)))?
+                .map_err(|_| err(SpireError::Timeout(timeout)))?
                 .map_err(|_| err(SpireError::Stopped))?
                 .clone();
             answer.unwrap_or(Err(err(SpireError::Stopped)))
@@ -339,9 +430,7 @@ impl CertSource for Spire {
             task.abort();
         }
     }
-
-    /// From now on, subscriptions name a process of the pod when `find` knows one.
-    fn find_pod_processes_with(&self, find: PidFinder) {
-        *self.agent.pids.lock() = Some(find);
-    }
 }
+
+#[cfg(test)]
+mod tests;

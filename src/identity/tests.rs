@@ -87,3 +87,22 @@ fn new_rejects_bad_namespace() {
         })
     ));
 }
+
+#[test]
+fn local_pods_are_found_by_identity_until_they_leave() {
+    let pods = LocalPods::default();
+    let a = Identity::new("td", "ns", "a").unwrap();
+    let b = Identity::new("td", "ns", "b").unwrap();
+    pods.insert("uid-2", &a);
+    pods.insert("uid-1", &a);
+    pods.clone().insert("uid-3", &b);
+    assert_eq!(pods.with_identity(&a), ["uid-1", "uid-2"]);
+    // A re-enrolled pod with another identity moves.
+    pods.insert("uid-2", &b);
+    assert_eq!(pods.with_identity(&a), ["uid-1"]);
+    assert_eq!(pods.with_identity(&b), ["uid-2", "uid-3"]);
+    pods.remove("uid-1");
+    assert!(pods.with_identity(&a).is_empty());
+    pods.clear();
+    assert!(pods.with_identity(&b).is_empty());
+}

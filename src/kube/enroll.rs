@@ -163,7 +163,7 @@ impl Enroller {
             .collect();
         let mut pending = false;
         if !missing.is_empty() {
-            let mut found = super::procfs::find_pod_netns(&self.proc, &missing);
+            let mut found = crate::procfs::find_pod_netns(&self.proc, &missing);
             for (uid, pod) in &want.enroll {
                 if !missing.contains_key(uid) {
                     continue;
@@ -242,7 +242,7 @@ impl Enroller {
             .iter()
             .map(|(u, ips)| (u.clone(), ips.clone()))
             .collect();
-        for (uid, netns) in super::procfs::find_pod_netns(&self.proc, &wanted) {
+        for (uid, netns) in crate::procfs::find_pod_netns(&self.proc, &wanted) {
             match redirect::installed(&netns) {
                 Ok(true) => match redirect::remove(&netns) {
                     Ok(()) => {

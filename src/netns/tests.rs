@@ -53,13 +53,3 @@ fn opening_a_missing_netns_names_it() {
     let err = Netns::open(Path::new("/var/run/netns/does-not-exist")).unwrap_err();
     assert!(err.to_string().contains("does-not-exist"), "{err}");
 }
-
-/// A process inside a namespace is found from /proc: in ours, one whose own netns is ours.
-#[test]
-fn a_process_inside_the_namespace_is_found() {
-    let ns = Netns::open(Path::new("/proc/self/ns/net")).unwrap();
-    let pid = ns.process().expect("this process at least is inside");
-    let theirs = Netns::open(Path::new(&format!("/proc/{pid}/ns/net"))).unwrap();
-    assert_eq!(theirs.inode().unwrap(), ns.inode().unwrap());
-    assert!(pid <= std::process::id(), "the lowest pid is taken");
-}

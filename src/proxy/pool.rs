@@ -8,13 +8,16 @@
 //! a reaper task; a connection whose driver ended (error, missed PING) or that answered a
 //! stream with GOAWAY or REFUSED_STREAM is never handed out again, and a stream it did not
 //! process is retried once on a fresh connection (how new connections keep working while the
-//! peer proxy drains in an upgrade, with its successor listening beside it).
+//! peer proxy drains in an upgrade, with its successor listening beside it). Nor is one whose
+//! handshake's certificates (ours or the peer's leaf) have expired since: an identity whose
+//! certificate ran out (its SPIRE entry deleted, say) opens no new stream on an old session;
+//! the streams it carries run on.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use rustls_pki_types::ServerName;
@@ -87,6 +90,8 @@ struct PooledConn {
     max_streams: usize,
     closed: Arc<AtomicBool>,
     idle_since: Lock<Instant>,
+    /// When the first certificate of the handshake (ours, or the peer's leaf) expires.
+    expires: SystemTime,
 }
 
 impl PooledConn {
@@ -97,6 +102,10 @@ impl PooledConn {
     /// Takes a stream slot if the connection is alive and has one free.
     fn try_reserve(self: &Arc<Self>) -> Option<StreamPermit> {
         if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        if SystemTime::now() >= self.expires {
+            self.closed.store(true, Ordering::Release);
             return None;
         }
         let limit = self.limit();
@@ -277,6 +286,12 @@ impl HboneClient {
         })
         .await?;
         let session = tls.get_ref().1;
+        let expires = session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| tls::leaf_info(leaf).ok())
+            .map(|leaf| leaf.not_after)
+            .map_or(cert.not_after(), |peer| peer.min(cert.not_after()));
         let suite = session.negotiated_cipher_suite().map(|s| s.suite());
         let kx = session.negotiated_key_exchange_group().map(|g| g.name());
         let (send, mut conn) = deadline("HTTP/2 handshake", addr, s.connect_timeout, async {
@@ -303,6 +318,7 @@ impl HboneClient {
             max_streams: s.client_max_streams,
             closed,
             idle_since: Lock::new(Instant::now()),
+            expires,
         }))
     }
 

@@ -34,16 +34,28 @@ impl PodProcess {
     /// Starts the pod's process in netns `netns` (a name under /var/run/netns), in a cgroup
     /// named after `uid`; `scope` keeps different tests' groups apart.
     pub fn start(netns: &str, uid: &str, scope: &str) -> PodProcess {
+        Self::start_as(netns, uid, scope, None)
+    }
+
+    /// Like [`PodProcess::start`], the process running as user and group `user` (an app
+    /// container's process, as SPIRE's unix attestor sees it).
+    pub fn start_as(netns: &str, uid: &str, scope: &str, user: Option<u32>) -> PodProcess {
         let root = hierarchy().join(format!("hboned-test-{scope}"));
         let pod_dir = root.join("kubepods/besteffort").join(format!("pod{uid}"));
         let container = pod_dir.join(format!("{:0>64}", uid.replace('-', "")));
         std::fs::create_dir_all(&container).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", netns, "sleep", "100000"])
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", netns]);
+        if let Some(user) = user {
+            let id = user.to_string();
+            command.args(["setpriv", "--reuid", &id, "--regid", &id, "--clear-groups"]);
+        }
+        let child = command
+            .args(["sleep", "100000"])
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
-        // `ip netns exec` execs the command: the child is the sleep itself.
+        // `ip netns exec` (and setpriv) exec the command: the child is the sleep itself.
         std::fs::write(container.join("cgroup.procs"), child.id().to_string()).unwrap();
         let mut dirs = vec![container, pod_dir.clone()];
         let mut up = pod_dir.parent().map(Path::to_owned);

@@ -8,6 +8,7 @@ pub mod cilium;
 pub mod fake_ads;
 pub mod kube_api;
 pub mod kubelet;
+pub mod real;
 pub mod spire;
 pub mod topo;
 

@@ -1,257 +1,431 @@
-//! A SPIRE agent stand-in: the Delegated Identity API on a Unix socket, minting SVIDs (from
-//! a built-in CA) and able to push a rotation. It decides as the real agent does
-//! (spiffe/spire `pkg/agent/api/delegatedidentity/v1/service.go`):
-//! - the caller is attested from its peer credentials (here the `unix:uid:<uid>` selector)
-//!   and must match an entry whose SPIFFE ID is an authorized delegate, else
-//!   PermissionDenied "no identity issued" / "caller not configured as an authorized
-//!   delegate" (isCallerAuthorized);
-//! - a subscription by PID attests that process (here from its network namespace, standing
-//!   in for the Kubernetes attestor: `k8s:pod-uid`, `k8s:ns`, `k8s:sa` of the pod whose
-//!   namespace it is in); a process that cannot be attested is Internal "workload
-//!   attestation failed";
-//! - an entry matches a workload when all its selectors are among the workload's; the
-//!   stream carries the SVIDs of every matching entry (none: an empty update).
+//! The real SPIRE (server and agent v1.13.3, tests/real/spire) for the tests: a server on
+//! 127.0.0.1 with a SQLite datastore and join-token node attestation, and per node an agent
+//! with the unix workload attestor whose admin socket serves the Delegated Identity API to
+//! hboned. Registration goes through `spire-server entry create`, the way Cilium's operator
+//! registers one entry per service account (cilium `operator/auth/spire/client.go`,
+//! ZtunnelSpireEntryConfig: `spiffe://<td>/ns/<ns>/sa/<sa>`, parent `spiffe://<td>/ztunnel`,
+//! selectors `k8s:ns:<ns>` and `k8s:sa:<sa>`); hboned's own entry, `spiffe://<td>/ztunnel`, is
+//! the agents' authorized delegate. Every process is killed on drop; its log is kept for the
+//! failure message.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
-use hboned::identity::ca::BuiltinCa;
-use hboned::proto::spire::api::agent::delegatedidentity::v1::delegated_identity_server::{
-    DelegatedIdentity, DelegatedIdentityServer,
-};
-use hboned::proto::spire::api::agent::delegatedidentity::v1::*;
-use hboned::proto::spire::api::types::{Spiffeid, X509svid};
-use rcgen::{CertificateParams, KeyPair, SanType};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use super::real::go_program;
 
-type Svids = mpsc::UnboundedSender<Result<SubscribeToX509sviDsResponse, tonic::Status>>;
-/// Open SVID streams by (namespace, service account).
-pub type Streams = Arc<Mutex<HashMap<(String, String), Vec<Svids>>>>;
-
-/// The delegate's SPIFFE ID (Cilium parents its entries to `spiffe://<td>/ztunnel`).
+/// The SPIFFE ID path of hboned's own entry, the agents' authorized delegate (Cilium's).
 pub const DELEGATE: &str = "/ztunnel";
+/// The node alias every agent's join token maps to (the parent of the delegate's entry).
+pub const NODES: &str = "/nodes";
 
-/// A registration entry: these selectors get `/ns/<ns>/sa/<sa>`, or `path` as is.
-pub struct Entry {
-    pub selectors: Vec<String>,
-    pub path: String,
+fn server_bin() -> PathBuf {
+    go_program(
+        "spire",
+        "github.com/spiffe/spire/cmd/spire-server",
+        "spire-server",
+    )
 }
 
-pub struct FakeSpire {
-    pub ca: Arc<BuiltinCa>,
-    pub streams: Streams,
-    pub entries: Vec<Entry>,
-    /// Pods by the inode of their network namespace: (uid, namespace, service account).
-    pub pods: HashMap<u64, (String, String, String)>,
+fn agent_bin() -> PathBuf {
+    go_program(
+        "spire",
+        "github.com/spiffe/spire/cmd/spire-agent",
+        "spire-agent",
+    )
 }
 
-/// An entry for pods with these selectors.
-pub fn entry(selectors: &[&str], ns: &str, sa: &str) -> Entry {
-    Entry {
-        selectors: selectors.iter().map(|s| (*s).to_owned()).collect(),
-        path: format!("/ns/{ns}/sa/{sa}"),
-    }
-}
-
-/// The entry that makes a caller with this uid the authorized delegate.
-pub fn delegate(uid: u32) -> Entry {
-    Entry {
-        selectors: vec![format!("unix:uid:{uid}")],
-        path: DELEGATE.into(),
-    }
-}
-
-/// A freshly minted SVID response for ns/sa.
-pub fn mint(ca: &BuiltinCa, ns: &str, sa: &str) -> SubscribeToX509sviDsResponse {
-    let id = format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = vec![SanType::URI(id.clone().try_into().unwrap())];
-    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
-    let chain = ca
-        .sign_csr(&csr, SystemTime::now(), Duration::from_secs(3600))
-        .unwrap();
-    let leaf = rustls_pemfile::certs(&mut chain[0].as_bytes())
-        .next()
+/// A free TCP port on 127.0.0.1 (bound and released; the server binds it right after).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` every 100 ms for up to `secs`; panics naming `what` (and `log`) otherwise.
+fn wait_for(secs: u64, what: &str, log: &Path, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {secs} s; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spawn(bin: &Path, args: &[&str], log: &Path) -> Child {
+    let out = std::fs::File::create(log).unwrap();
+    let err = out.try_clone().unwrap();
+    Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()))
+}
+
+/// A running SPIRE server.
+pub struct Server {
+    child: Child,
+    pub dir: PathBuf,
+    pub port: u16,
+    pub trust_domain: String,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// A server for `trust_domain` with its data under `dir`; returns once it is healthy.
+    /// `ca_ttl` bounds the CA (and so every SVID); SVIDs default to `svid_ttl`.
+    pub fn start(dir: &Path, trust_domain: &str, svid_ttl: &str) -> Server {
+        let dir = dir.join("spire-server");
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        let port = free_port();
+        let socket = dir.join("api.sock");
+        let config = dir.join("server.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"server {{
+  bind_address = "127.0.0.1"
+  bind_port = "{port}"
+  socket_path = "{socket}"
+  trust_domain = "{trust_domain}"
+  data_dir = "{data}"
+  log_level = "DEBUG"
+  ca_ttl = "24h"
+  default_x509_svid_ttl = "{svid_ttl}"
+}}
+plugins {{
+  DataStore "sql" {{
+    plugin_data {{
+      database_type = "sqlite3"
+      connection_string = "{data}/datastore.sqlite3"
+    }}
+  }}
+  NodeAttestor "join_token" {{
+    plugin_data {{}}
+  }}
+  KeyManager "memory" {{
+    plugin_data {{}}
+  }}
+}}
+"#,
+                socket = socket.display(),
+                data = dir.join("data").display(),
+            ),
+        )
         .unwrap();
-    SubscribeToX509sviDsResponse {
-        x509_svids: vec![X509svidWithKey {
-            x509_svid: Some(X509svid {
-                cert_chain: vec![leaf.to_vec()],
-                id: Some(Spiffeid {
-                    trust_domain: "cluster.local".into(),
-                    path: format!("/ns/{ns}/sa/{sa}"),
-                }),
-                expires_at: 0,
-                hint: String::new(),
-            }),
-            x509_svid_key: key.serialize_der(),
-        }],
-        federates_with: vec![],
-    }
-}
-
-impl FakeSpire {
-    fn matching(&self, selectors: &[String]) -> Vec<&Entry> {
-        self.entries
-            .iter()
-            .filter(|e| e.selectors.iter().all(|s| selectors.contains(s)))
-            .collect()
-    }
-
-    /// isCallerAuthorized: the caller, attested from its peer credentials, must be a
-    /// delegate.
-    fn authorize<T>(&self, request: &tonic::Request<T>) -> Result<(), tonic::Status> {
-        let uid = request
-            .extensions()
-            .get::<tonic::transport::server::UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .map(|c| c.uid())
-            .ok_or_else(|| tonic::Status::internal("workload attestation failed"))?;
-        let entries = self.matching(&[format!("unix:uid:{uid}")]);
-        if entries.is_empty() {
-            return Err(tonic::Status::permission_denied("no identity issued"));
-        }
-        if !entries.iter().any(|e| e.path == DELEGATE) {
-            return Err(tonic::Status::permission_denied(
-                "caller not configured as an authorized delegate",
-            ));
-        }
-        Ok(())
-    }
-
-    /// The workload's SVIDs as one stream; rotations pushed to it by (ns, sa).
-    fn stream(
-        &self,
-        selectors: &[String],
-    ) -> tonic::Response<UnboundedReceiverStream<Result<SubscribeToX509sviDsResponse, tonic::Status>>>
-    {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut update = SubscribeToX509sviDsResponse::default();
-        for e in self.matching(selectors) {
-            let Some((ns, sa)) = e
-                .path
-                .strip_prefix("/ns/")
-                .and_then(|p| p.split_once("/sa/"))
-            else {
-                continue;
-            };
-            update.x509_svids.extend(mint(&self.ca, ns, sa).x509_svids);
-            self.streams
-                .lock()
-                .unwrap()
-                .entry((ns.to_owned(), sa.to_owned()))
-                .or_default()
-                .push(tx.clone());
-        }
-        tx.send(Ok(update)).unwrap();
-        // Open for the subscriber's lifetime (a clone is kept for pushes when it matched).
-        std::mem::forget(tx);
-        tonic::Response::new(UnboundedReceiverStream::new(rx))
-    }
-}
-
-#[tonic::async_trait]
-impl DelegatedIdentity for FakeSpire {
-    type SubscribeToX509SVIDsStream =
-        UnboundedReceiverStream<Result<SubscribeToX509sviDsResponse, tonic::Status>>;
-    type SubscribeToX509SVIDsByPIDStream =
-        UnboundedReceiverStream<Result<SubscribeToX509sviDsResponse, tonic::Status>>;
-    type SubscribeToX509BundlesStream =
-        UnboundedReceiverStream<Result<SubscribeToX509BundlesResponse, tonic::Status>>;
-
-    async fn subscribe_to_x509svi_ds(
-        &self,
-        request: tonic::Request<SubscribeToX509sviDsRequest>,
-    ) -> Result<tonic::Response<Self::SubscribeToX509SVIDsStream>, tonic::Status> {
-        self.authorize(&request)?;
-        let selectors: Vec<String> = request
-            .into_inner()
-            .selectors
-            .iter()
-            .map(|s| format!("{}:{}", s.r#type, s.value))
-            .collect();
-        if selectors.is_empty() {
-            return Err(tonic::Status::invalid_argument("no selectors"));
-        }
-        Ok(self.stream(&selectors))
-    }
-
-    async fn subscribe_to_x509svi_ds_by_pid(
-        &self,
-        request: tonic::Request<SubscribeToX509sviDsByPidRequest>,
-    ) -> Result<tonic::Response<Self::SubscribeToX509SVIDsByPIDStream>, tonic::Status> {
-        use std::os::unix::fs::MetadataExt;
-        self.authorize(&request)?;
-        let pid = request.into_inner().pid;
-        let attested = std::fs::metadata(format!("/proc/{pid}/ns/net"))
-            .ok()
-            .and_then(|m| self.pods.get(&m.ino()));
-        let Some((uid, ns, sa)) = attested else {
-            return Err(tonic::Status::internal("workload attestation failed"));
+        let log = dir.join("server.log");
+        let child = spawn(
+            &server_bin(),
+            &["run", "-config", config.to_str().unwrap()],
+            &log,
+        );
+        let server = Server {
+            child,
+            dir,
+            port,
+            trust_domain: trust_domain.to_owned(),
+            socket,
+            log,
         };
-        let selectors = [
-            format!("k8s:pod-uid:{uid}"),
-            format!("k8s:ns:{ns}"),
-            format!("k8s:sa:{sa}"),
+        wait_for(60, "the SPIRE server became healthy", &server.log, || {
+            server.try_cli(&["healthcheck"]).is_ok()
+        });
+        server
+    }
+
+    /// `spire-server <args> -socketPath <ours>`: its stdout, or its stderr as the error.
+    pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(server_bin())
+            .args(args)
+            .arg("-socketPath")
+            .arg(&self.socket)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// Like [`Server::try_cli`], panicking on failure.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.try_cli(args)
+            .unwrap_or_else(|e| panic!("spire-server {}: {e}", args.join(" ")))
+    }
+
+    pub fn id(&self, path: &str) -> String {
+        format!("spiffe://{}{path}", self.trust_domain)
+    }
+
+    /// A one-time join token for an agent, its node aliased as [`NODES`].
+    pub fn join_token(&self) -> String {
+        let out = self.cli(&["token", "generate", "-spiffeID", &self.id(NODES)]);
+        out.trim()
+            .strip_prefix("Token: ")
+            .unwrap_or_else(|| panic!("unexpected token output {out:?}"))
+            .to_owned()
+    }
+
+    /// Creates an entry; returns its id. `ttl`: the X.509-SVID lifetime in seconds (0: the
+    /// server's default).
+    pub fn create_entry(&self, path: &str, parent: &str, selectors: &[&str], ttl: u32) -> String {
+        let (id, parent) = (self.id(path), self.id(parent));
+        let ttl = ttl.to_string();
+        let mut args = vec![
+            "entry",
+            "create",
+            "-output",
+            "json",
+            "-spiffeID",
+            &id,
+            "-parentID",
+            &parent,
         ];
-        Ok(self.stream(&selectors))
+        if ttl != "0" {
+            args.extend(["-x509SVIDTTL", &ttl]);
+        }
+        for s in selectors {
+            args.extend(["-selector", s]);
+        }
+        let out = self.cli(&args);
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        json["results"][0]["entry"]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no entry id in {out}"))
+            .to_owned()
     }
 
-    async fn subscribe_to_x509_bundles(
-        &self,
-        request: tonic::Request<SubscribeToX509BundlesRequest>,
-    ) -> Result<tonic::Response<Self::SubscribeToX509BundlesStream>, tonic::Status> {
-        self.authorize(&request)?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let root = rustls_pemfile::certs(&mut self.ca.root_pem().as_bytes())
-            .next()
-            .unwrap()
-            .unwrap();
-        let bundles = SubscribeToX509BundlesResponse {
-            ca_certificates: [("cluster.local".to_string(), root.to_vec())].into(),
+    /// The entry of hboned's own process (uid `uid`), the authorized delegate.
+    pub fn delegate_entry(&self, uid: u32) -> String {
+        self.create_entry(DELEGATE, NODES, &[&format!("unix:uid:{uid}")], 0)
+    }
+
+    /// The entry Cilium's operator registers for a service account.
+    pub fn service_account_entry(&self, ns: &str, sa: &str, ttl: u32) -> String {
+        self.create_entry(
+            &format!("/ns/{ns}/sa/{sa}"),
+            DELEGATE,
+            &[&format!("k8s:ns:{ns}"), &format!("k8s:sa:{sa}")],
+            ttl,
+        )
+    }
+
+    pub fn delete_entry(&self, id: &str) {
+        self.cli(&["entry", "delete", "-entryID", id]);
+    }
+
+    /// The trust bundle (PEM), as agents bootstrap from it.
+    pub fn bundle(&self) -> String {
+        self.cli(&["bundle", "show"])
+    }
+
+    /// Rotates the X.509 authority: prepares a new one, activates it, then taints and revokes
+    /// the old one, so new SVIDs chain to the new root and the old root leaves the bundle.
+    /// Returns (old, new) authority ids.
+    pub fn rotate_authority(&self) -> (String, String) {
+        let show = |s: &Self| -> serde_json::Value {
+            serde_json::from_str(&s.cli(&["localauthority", "x509", "show", "-output", "json"]))
+                .unwrap()
         };
-        tx.send(Ok(bundles)).unwrap();
-        // Keep the stream open for the subscriber's lifetime.
-        std::mem::forget(tx);
-        Ok(tonic::Response::new(UnboundedReceiverStream::new(rx)))
+        let old = show(self)["active"]["authority_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        self.cli(&["localauthority", "x509", "prepare"]);
+        let new = show(self)["prepared"]["authority_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        self.cli(&["localauthority", "x509", "activate", "-authorityID", &new]);
+        (old, new)
+    }
+
+    /// Taints and revokes an authority (after [`Server::rotate_authority`]).
+    pub fn retire_authority(&self, id: &str) {
+        self.cli(&["localauthority", "x509", "taint", "-authorityID", id]);
+        self.cli(&["localauthority", "x509", "revoke", "-authorityID", id]);
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
-/// Serves on `socket` with these entries and pods.
-pub async fn start_with(
-    socket: &std::path::Path,
-    entries: Vec<Entry>,
-    pods: HashMap<u64, (String, String, String)>,
-) -> (Arc<BuiltinCa>, Streams) {
-    let ca = Arc::new(BuiltinCa::generate(SystemTime::now()).unwrap());
-    let streams = Arc::new(Mutex::new(HashMap::new()));
-    let fake = FakeSpire {
-        ca: ca.clone(),
-        streams: streams.clone(),
-        entries,
-        pods,
-    };
-    let listener = tokio::net::UnixListener::bind(socket).unwrap();
-    tokio::spawn(async move {
-        let _ = tonic::transport::Server::builder()
-            .add_service(DelegatedIdentityServer::new(fake))
-            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
-            .await;
-    });
-    (ca, streams)
+/// A running SPIRE agent of one node.
+pub struct Agent {
+    child: Option<Child>,
+    dir: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    /// The Delegated Identity API (hboned's `certificates.spireSocket`).
+    pub admin_socket: PathBuf,
+    /// The Workload API.
+    pub socket: PathBuf,
 }
 
-/// Serves with this process as the delegate and entries for test/client and test/server
-/// by namespace and service account.
-pub async fn start(socket: &std::path::Path) -> (Arc<BuiltinCa>, Streams) {
-    let entries = vec![
-        delegate(nix::unistd::Uid::effective().as_raw()),
-        entry(&["k8s:ns:test", "k8s:sa:client"], "test", "client"),
-        entry(&["k8s:ns:test", "k8s:sa:server"], "test", "server"),
-    ];
-    start_with(socket, entries, HashMap::new()).await
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Agent {
+    /// An agent named `name`, attested by a fresh join token, trusting `delegates` (SPIFFE ID
+    /// paths) on its admin socket; returns once healthy.
+    pub fn start(server: &Server, name: &str, delegates: &[&str]) -> Agent {
+        let dir = server
+            .dir
+            .parent()
+            .unwrap()
+            .join(format!("spire-agent-{name}"));
+        // The admin socket must not share a directory with the Workload API socket.
+        for sub in ["data", "public", "admin"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let bundle = dir.join("bootstrap.pem");
+        std::fs::write(&bundle, server.bundle()).unwrap();
+        let delegates: Vec<String> = delegates
+            .iter()
+            .map(|d| format!("{:?}", server.id(d)))
+            .collect();
+        let (socket, admin_socket) = (dir.join("public/api.sock"), dir.join("admin/admin.sock"));
+        let config = dir.join("agent.conf");
+        std::fs::write(
+            &config,
+            format!(
+                r#"agent {{
+  data_dir = "{data}"
+  log_level = "DEBUG"
+  server_address = "127.0.0.1"
+  server_port = "{port}"
+  socket_path = "{socket}"
+  admin_socket_path = "{admin}"
+  trust_domain = "{td}"
+  trust_bundle_path = "{bundle}"
+  join_token = "{token}"
+  authorized_delegates = [{delegates}]
+  experimental {{
+    sync_interval = "1s"
+  }}
+}}
+plugins {{
+  NodeAttestor "join_token" {{
+    plugin_data {{}}
+  }}
+  KeyManager "disk" {{
+    plugin_data {{
+      directory = "{data}"
+    }}
+  }}
+  WorkloadAttestor "unix" {{
+    plugin_data {{}}
+  }}
+}}
+"#,
+                data = dir.join("data").display(),
+                port = server.port,
+                socket = socket.display(),
+                admin = admin_socket.display(),
+                td = server.trust_domain,
+                bundle = bundle.display(),
+                token = server.join_token(),
+                delegates = delegates.join(", "),
+            ),
+        )
+        .unwrap();
+        let mut agent = Agent {
+            child: None,
+            log: dir.join("agent.log"),
+            dir,
+            config,
+            admin_socket,
+            socket,
+        };
+        agent.run();
+        agent
+    }
+
+    fn run(&mut self) {
+        // Appends: a restart keeps the first run's lines for the failure message.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let err = out.try_clone().unwrap();
+        let child = Command::new(agent_bin())
+            .args(["run", "-config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let socket = self.socket.clone();
+        wait_for(60, "the SPIRE agent became healthy", &self.log, || {
+            Command::new(agent_bin())
+                .args(["healthcheck", "-socketPath"])
+                .arg(&socket)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        });
+    }
+
+    /// Kills the agent (its admin socket goes away with it).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the agent again from its data directory (its own SVID and key, kept on disk: a
+    /// join token is good for one attestation only).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+
+    /// Waits until the agent holds an SVID for SPIFFE ID path `path` that this process (uid 0)
+    /// can fetch over the Workload API: the delegate's entry has reached the agent.
+    pub fn wait_for_own_svid(&self, server: &Server, path: &str) {
+        let want = server.id(path);
+        let socket = self.socket.clone();
+        wait_for(60, &format!("the agent issued {want}"), &self.log, || {
+            Command::new(agent_bin())
+                .args(["api", "fetch", "x509", "-socketPath"])
+                .arg(&socket)
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&want))
+        });
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }

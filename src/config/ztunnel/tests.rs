@@ -190,55 +190,87 @@ fn in_a_pod_run_mode_announces_the_node_istiod_accepts() {
     assert_eq!(c.xds.node_metadata["NAME"], "kept");
 }
 
-/// What the ztunnel DaemonSet of Cilium mTLS (AKS) sets: xDS from the agent's socket, the node
-/// named by its IP, SPIRE's admin socket as a SPIFFE address, SPIRE's bundle as trust.
+/// What Cilium's newer chart sets for its ztunnel DaemonSet (`encryption.ztunnel`, templates/
+/// ztunnel/daemonset.yaml: xDS and the CA over TLS on localhost:15012 with the bootstrap root as
+/// both XDS_ROOT_CA and CA_ROOT_CA, the agent's ZDS socket), plus the SPIRE variables of
+/// Cilium's SPIRE guide: SPIRE mode, the agent's admin socket, the runtime's CRI socket.
 #[test]
-fn the_cilium_daemonset_environment_selects_spire_and_the_agents_socket() {
-    let bundle = "/run/spire/bundle/bundle.crt";
+fn ciliums_chart_with_spire_enabled_selects_spire_and_ignores_the_bootstrap_root() {
+    let bootstrap = "/etc/ztunnel/bootstrap-root.crt";
     let env = Environment::fixed(
         &[
             ("KUBERNETES_SERVICE_HOST", "10.96.0.1"),
-            ("XDS_ADDRESS", "unix:///var/run/ztunnel/xds.sock"),
+            ("XDS_ADDRESS", "https://localhost:15012"),
+            ("XDS_ROOT_CA", bootstrap),
+            ("CA_ROOT_CA", bootstrap),
+            ("CA_ADDRESS", "https://localhost:15012"),
+            ("INPOD_UDS", "/var/run/cilium/ztunnel.sock"),
             ("NODE_NAME", "10.224.0.4"),
-            ("USE_SPIRE", "true"),
+            ("SPIRE_ENABLED", "true"),
             (
                 "SPIRE_ADMIN_ENDPOINT_SOCKET",
                 "unix:///run/spire/sockets/admin.sock",
             ),
-            ("CA_ROOT_CA", bundle),
+            ("SPIRE_TIMEOUT", "30s"),
+            (
+                "CONTAINER_RUNTIME_SOCK_PATH",
+                "/run/k3s/containerd/containerd.sock",
+            ),
         ],
-        &[bundle],
+        &[bootstrap],
     );
     let c = Config::from_ztunnel_env(&env).unwrap();
-    assert_eq!(c.xds.address, "unix:///var/run/ztunnel/xds.sock");
+    assert_eq!(c.xds.address, "https://localhost:15012");
+    assert_eq!(c.xds.root_ca.as_deref(), Some(Path::new(bootstrap)));
     assert_eq!(c.node, "10.224.0.4");
-    assert_eq!(c.certificates.kind(false), CertSourceKind::Spire);
-    assert_eq!(
-        c.certificates.spire_socket.as_deref(),
-        Some(Path::new("/run/spire/sockets/admin.sock"))
-    );
-    assert_eq!(
-        c.certificates.spire_bundle.as_deref(),
-        Some(Path::new(bundle))
-    );
     assert_eq!(
         c.zds_socket.as_deref(),
-        Some(Path::new("/var/run/ztunnel/ztunnel.sock"))
+        Some(Path::new("/var/run/cilium/ztunnel.sock"))
     );
-    // The default socket, and the SPIFFE `unix:/path` form.
-    let default = Environment::fixed(&[("USE_SPIRE", "true")], &[]);
-    let c = Config::from_ztunnel_env(&default).unwrap();
+    let certs = &c.certificates;
+    assert_eq!(certs.kind(false), CertSourceKind::Spire);
     assert_eq!(
-        c.certificates.spire_socket.as_deref(),
+        certs.spire_socket.as_deref(),
         Some(Path::new("/run/spire/sockets/admin.sock"))
     );
+    assert_eq!(certs.spire_timeout_secs, Some(30));
     assert_eq!(
-        c.certificates.spire_bundle, None,
-        "trust from the agent's stream"
+        certs.container_runtime_socket.as_deref(),
+        Some(Path::new("/run/k3s/containerd/containerd.sock"))
     );
+    // The bootstrap root is not a CA for workloads: no Istio CA section is made from it.
+    assert!(certs.istio_ca.is_none());
+}
+
+/// Without SPIRE_ENABLED the same chart takes Cilium's built-in CA through the Istio CA
+/// protocol; USE_SPIRE (an older chart's switch) still selects SPIRE, with every default.
+#[test]
+fn spire_mode_is_off_unless_switched_on_and_older_charts_still_switch_it() {
+    let bootstrap = "/etc/ztunnel/bootstrap-root.crt";
+    let chart = [
+        ("CA_ROOT_CA", bootstrap),
+        ("CA_ADDRESS", "https://localhost:15012"),
+    ];
+    let c = Config::from_ztunnel_env(&Environment::fixed(&chart, &[bootstrap])).unwrap();
+    assert_eq!(c.certificates.kind(false), CertSourceKind::IstioCa);
+    let off = [("SPIRE_ENABLED", "false"), ("CA_ROOT_CA", bootstrap)];
+    let c = Config::from_ztunnel_env(&Environment::fixed(&off, &[bootstrap])).unwrap();
+    assert_eq!(c.certificates.kind(false), CertSourceKind::IstioCa);
+    let older = Environment::fixed(&[("USE_SPIRE", "true")], &[]);
+    let c = Config::from_ztunnel_env(&older).unwrap();
+    let certs = &c.certificates;
+    assert_eq!(certs.kind(false), CertSourceKind::Spire);
+    assert_eq!(
+        certs.spire_socket.as_deref(),
+        Some(Path::new("/run/spire/sockets/admin.sock"))
+    );
+    // Defaults applied where the source is built: 10 s, containerd's socket.
+    assert_eq!(certs.spire_timeout_secs, None);
+    assert_eq!(certs.container_runtime_socket, None);
+    // The SPIFFE `unix:/path` form.
     let short = Environment::fixed(
         &[
-            ("USE_SPIRE", "1"),
+            ("SPIRE_ENABLED", "1"),
             ("SPIRE_ADMIN_ENDPOINT_SOCKET", "unix:/tmp/admin.sock"),
         ],
         &[],
@@ -248,16 +280,28 @@ fn the_cilium_daemonset_environment_selects_spire_and_the_agents_socket() {
         c.certificates.spire_socket.as_deref(),
         Some(Path::new("/tmp/admin.sock"))
     );
-    // A TCP address or a missing bundle is refused by name.
+}
+
+#[test]
+fn bad_spire_variables_are_refused_by_name() {
     let bad = Environment::fixed(
         &[
+            ("SPIRE_ENABLED", "yes"),
             ("USE_SPIRE", "true"),
             ("SPIRE_ADMIN_ENDPOINT_SOCKET", "tcp://127.0.0.1:8081"),
-            ("CA_ROOT_CA", "/nope/bundle.crt"),
+            ("SPIRE_TIMEOUT", "soon"),
         ],
         &[],
     );
     let err = Config::from_ztunnel_env(&bad).unwrap_err().to_string();
-    assert!(err.contains("SPIRE_ADMIN_ENDPOINT_SOCKET"), "{err}");
-    assert!(err.contains("CA_ROOT_CA"), "{err}");
+    for var in [
+        "SPIRE_ENABLED",
+        "SPIRE_ADMIN_ENDPOINT_SOCKET",
+        "SPIRE_TIMEOUT",
+    ] {
+        assert!(err.contains(var), "{var}: {err}");
+    }
+    let zero = Environment::fixed(&[("SPIRE_ENABLED", "true"), ("SPIRE_TIMEOUT", "0s")], &[]);
+    let err = Config::from_ztunnel_env(&zero).unwrap_err().to_string();
+    assert!(err.contains("SPIRE_TIMEOUT"), "{err}");
 }

@@ -1,9 +1,10 @@
-//! Finding a pod's network namespace from the host, as istio-cni does
+//! Finding a pod's processes from the host, as istio-cni does
 //! (cni/pkg/nodeagent/podcgroupns_linux.go): every process in `/proc` whose cgroup path names
-//! the pod's UID is one of the pod's; the oldest one's `ns/net` is the pod's namespace, taken
-//! only when it holds one of the pod's IPs (a process of one pod can sit in another's netns)
-//! and never when it is the host's own. Parsing is pure; the scan reads `/proc` (the host's,
-//! with hostPID).
+//! the pod's UID is one of the pod's. The oldest one's `ns/net` is the pod's namespace (Kubernetes
+//! mode), taken only when it holds one of the pod's IPs (a process of one pod can sit in
+//! another's netns) and never when it is the host's own; the oldest that is not the sandbox is
+//! the process SPIRE attests the pod from (`identity::spire`). Parsing is pure; the scan reads
+//! `/proc` (the host's, with hostPID).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -90,23 +91,26 @@ pub fn start_time(stat: &str) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// The network namespaces of the pods in `wanted` (UID → the pod's IPs), found among the
-/// processes under `proc`. A pod with no process yet, or whose candidate namespace holds none
-/// of its IPs, is left out (its enrollment is retried).
-pub fn find_pod_netns(
-    proc: &Path,
-    wanted: &HashMap<String, Vec<IpAddr>>,
-) -> HashMap<String, Netns> {
-    let host = std::fs::metadata(proc.join("self/ns/net")).ok();
-    let is_host = |m: &std::fs::Metadata| {
-        host.as_ref()
-            .is_some_and(|h| h.ino() == m.ino() && h.dev() == m.dev())
-    };
-    // UID → (start time, pid) of its oldest process.
-    let mut oldest: HashMap<String, (u64, u32)> = HashMap::new();
+/// A process of a pod, as `/proc` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodProcess {
+    /// The pod's UID (from the process's cgroup path).
+    pub uid: String,
+    pub pid: u32,
+    /// Start time, clock ticks since boot (orders a pod's processes, oldest first).
+    pub started: u64,
+    /// The pod sandbox's own process (the pause container: command `pause`, the only binary
+    /// of the pause image containerd and CRI-O start for every sandbox), not an application's.
+    pub sandbox: bool,
+}
+
+/// Every process under `proc` in a pod that `wanted` accepts (by UID), in no order. Processes
+/// come and go during the scan: one whose files cannot be read is skipped.
+pub fn pod_processes(proc: &Path, wanted: impl Fn(&str) -> bool) -> Vec<PodProcess> {
     let Ok(entries) = std::fs::read_dir(proc) else {
-        return HashMap::new();
+        return Vec::new();
     };
+    let mut found = Vec::new();
     for entry in entries.flatten() {
         let Some(pid) = entry
             .file_name()
@@ -116,20 +120,13 @@ pub fn find_pod_netns(
             continue;
         };
         let dir = entry.path();
-        // Processes come and go during the scan: any read failing skips this one.
-        let Ok(ns) = std::fs::metadata(dir.join("ns/net")) else {
-            continue;
-        };
-        if is_host(&ns) {
-            continue;
-        }
         let Some(uid) = std::fs::read_to_string(dir.join("cgroup"))
             .ok()
             .and_then(|c| pod_uid(&c))
         else {
             continue;
         };
-        if !wanted.contains_key(&uid) {
+        if !wanted(&uid) {
             continue;
         }
         let Some(started) = std::fs::read_to_string(dir.join("stat"))
@@ -138,9 +135,54 @@ pub fn find_pod_netns(
         else {
             continue;
         };
-        let slot = oldest.entry(uid).or_insert((started, pid));
-        if (started, pid) < *slot {
-            *slot = (started, pid);
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        found.push(PodProcess {
+            uid,
+            pid,
+            started,
+            sandbox: comm.trim_end() == "pause",
+        });
+    }
+    found
+}
+
+/// The application processes of pod `uid` (its sandbox left out), oldest first: a process
+/// the SPIRE agent's Kubernetes attestor can map to a container of the pod's status.
+pub fn application_pids(proc: &Path, uid: &str) -> Vec<u32> {
+    let mut processes: Vec<PodProcess> = pod_processes(proc, |u| u == uid)
+        .into_iter()
+        .filter(|p| !p.sandbox)
+        .collect();
+    processes.sort_by_key(|p| (p.started, p.pid));
+    processes.into_iter().map(|p| p.pid).collect()
+}
+
+/// The network namespaces of the pods in `wanted` (UID → the pod's IPs), found among the
+/// processes under `proc`. A pod with no process yet, or whose candidate namespace holds none
+/// of its IPs, is left out (its enrollment is retried).
+pub fn find_pod_netns(
+    proc: &Path,
+    wanted: &HashMap<String, Vec<IpAddr>>,
+) -> HashMap<String, Netns> {
+    let host = std::fs::metadata(proc.join("self/ns/net")).ok();
+    let in_host_netns = |pid: u32| {
+        let ns = std::fs::metadata(proc.join(format!("{pid}/ns/net"))).ok();
+        match (&host, ns) {
+            (Some(h), Some(m)) => h.ino() == m.ino() && h.dev() == m.dev(),
+            // Unreadable: not a candidate either.
+            (_, None) => true,
+            (None, Some(_)) => false,
+        }
+    };
+    // UID → (start time, pid) of its oldest process outside the host's namespace.
+    let mut oldest: HashMap<String, (u64, u32)> = HashMap::new();
+    for p in pod_processes(proc, |uid| wanted.contains_key(uid)) {
+        if in_host_netns(p.pid) {
+            continue;
+        }
+        let slot = oldest.entry(p.uid).or_insert((p.started, p.pid));
+        if (p.started, p.pid) < *slot {
+            *slot = (p.started, p.pid);
         }
     }
     let mut found = HashMap::new();

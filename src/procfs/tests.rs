@@ -1,4 +1,4 @@
-//! Tests of `kube::procfs`: cgroup paths as each runtime and cgroup driver writes them.
+//! Tests of `procfs`: cgroup paths as each runtime and cgroup driver writes them.
 
 use super::*;
 
@@ -66,4 +66,45 @@ fn a_scan_of_an_empty_or_missing_proc_finds_nothing() {
     assert!(find_pod_netns(&dir.path().join("missing"), &wanted).is_empty());
     // This process is in no pod: the real /proc yields nothing for a made-up UID.
     assert!(find_pod_netns(Path::new("/proc"), &wanted).is_empty());
+}
+
+/// A process directory as `/proc/PID` shows it: its cgroup file, stat (start time) and comm.
+fn fake_process(proc: &Path, pid: u32, cgroup: &str, started: u64, comm: &str) {
+    let dir = proc.join(pid.to_string());
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cgroup"), cgroup).unwrap();
+    let stat = format!(
+        "{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 {started} 1000 10"
+    );
+    std::fs::write(dir.join("stat"), stat).unwrap();
+    std::fs::write(dir.join("comm"), format!("{comm}\n")).unwrap();
+}
+
+#[test]
+fn application_processes_leave_out_the_sandbox_and_other_pods() {
+    let proc = tempfile::tempdir().unwrap();
+    let other = "11111111-2222-3333-4444-555555555555";
+    let path =
+        |uid: &str, container: &str| format!("0::/kubepods/besteffort/pod{uid}/{container}\n");
+    // The sandbox is the pod's oldest process; the app's sidecar started after its main process.
+    fake_process(proc.path(), 40, &path(UID, "sandbox"), 100, "pause");
+    fake_process(proc.path(), 57, &path(UID, "sidecar"), 300, "envoy");
+    fake_process(proc.path(), 55, &path(UID, "app"), 200, "server");
+    fake_process(proc.path(), 60, &path(other, "app"), 50, "server");
+    fake_process(
+        proc.path(),
+        70,
+        "0::/system.slice/containerd.service\n",
+        10,
+        "containerd",
+    );
+    assert_eq!(application_pids(proc.path(), UID), vec![55, 57]);
+    assert_eq!(application_pids(proc.path(), other), vec![60]);
+    // A pod with only its sandbox running has no process to attest.
+    let only_sandbox = tempfile::tempdir().unwrap();
+    fake_process(only_sandbox.path(), 40, &path(UID, "sandbox"), 100, "pause");
+    assert!(application_pids(only_sandbox.path(), UID).is_empty());
+    let all = pod_processes(proc.path(), |_| true);
+    assert_eq!(all.len(), 4, "{all:?}");
+    assert!(all.iter().any(|p| p.pid == 40 && p.sandbox));
 }
