@@ -630,26 +630,81 @@ fn handle_request(
 }
 
 /// Keeps a session with the agent at `path` up, reconnecting with capped, jittered backoff.
+/// How long the node stays ready after losing its ZDS session: a session another proxy took
+/// over comes back within it (Cilium's agent cancels the previous connection on each new one,
+/// cilium `pkg/ztunnel/zds/server.go` Serve, so an old and a new proxy take it from each other
+/// during a rolling update). Past it, with no session holding a snapshot, the node is not ready.
+const SESSION_GRACE: Duration = Duration::from_secs(10);
+/// A session that lasted this long was not a takeover: the next reconnect starts quickly again.
+const STABLE_SESSION: Duration = Duration::from_secs(10);
+
+/// Follows the node agent's ZDS socket forever: connects, runs a session, reconnects with
+/// backoff (reset only after a session that lasted). `ready` is true once a session's snapshot
+/// arrived, and stays so through a reconnect unless [`SESSION_GRACE`] passes without one.
 pub(crate) async fn run_zds(path: &Path, handler: Arc<dyn PodHandler>, ready: watch::Sender<bool>) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
-    loop {
-        match SeqPacket::connect(path) {
-            Ok(conn) => {
-                tracing::info!(path = %path.display(), "connected to the node agent (ZDS)");
-                backoff.reset();
-                match zds_session(&conn, &*handler, &ready).await {
-                    Ok(()) => tracing::warn!("node agent closed the ZDS connection; reconnecting"),
-                    Err(e) => tracing::warn!(error = %e, "ZDS session failed; reconnecting"),
+    let (session_tx, session_rx) = watch::channel(false);
+    let sessions = async {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
+        loop {
+            match SeqPacket::connect(path) {
+                Ok(conn) => {
+                    tracing::info!(path = %path.display(), "connected to the node agent (ZDS)");
+                    let started = std::time::Instant::now();
+                    match zds_session(&conn, &*handler, &session_tx).await {
+                        Ok(()) => tracing::warn!(
+                            "node agent closed the ZDS connection (another proxy took the session, or the agent restarts); reconnecting"
+                        ),
+                        Err(e) => tracing::warn!(error = %e, "ZDS session failed; reconnecting"),
+                    }
+                    session_tx.send_replace(false);
+                    if started.elapsed() >= STABLE_SESSION {
+                        backoff.reset();
+                    }
                 }
-                // Not ready without the node agent: pods it adds or removes meanwhile are not
-                // seen. Ready again after the next session's snapshot.
-                ready.send_replace(false);
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "node agent not reachable yet")
+                }
             }
-            Err(e) => {
-                tracing::debug!(path = %path.display(), error = %e, "node agent not reachable yet")
+            backoff.wait().await;
+        }
+    };
+    tokio::join!(
+        sessions,
+        publish_readiness(session_rx, &ready, SESSION_GRACE)
+    );
+}
+
+/// Mirrors "a session holds a snapshot" into `ready`: true at once, false only after `grace`
+/// without one.
+async fn publish_readiness(
+    mut session: watch::Receiver<bool>,
+    ready: &watch::Sender<bool>,
+    grace: Duration,
+) {
+    loop {
+        if *session.borrow_and_update() {
+            ready.send_replace(true);
+            if session.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let held = tokio::time::timeout(grace, session.wait_for(|held| *held))
+            .await
+            .map(|r| r.is_ok());
+        match held {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(_) => {
+                if *ready.borrow() {
+                    tracing::warn!(?grace, "no ZDS session with the node agent: not ready");
+                }
+                ready.send_replace(false);
+                if session.wait_for(|held| *held).await.is_err() {
+                    return;
+                }
             }
         }
-        backoff.wait().await;
     }
 }
 

@@ -12,6 +12,7 @@
 //! [`Topology`]'s `Drop` kills the proxies and deletes every namespace, also on a panic.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -510,6 +511,37 @@ impl Topology {
         adjust(&mut typed);
         let config = self.dir.join(format!("{name}.yaml"));
         std::fs::write(&config, serde_yaml_ng::to_string(&typed)?)?;
+        let args = [
+            OsStr::new("run"),
+            OsStr::new("--config"),
+            config.as_os_str(),
+        ];
+        self.spawn_process(bin, node, name, &args, &[])
+    }
+
+    /// Starts one proxy per node as a DaemonSet that configures it by environment runs it
+    /// (`hboned proxy ztunnel`, as Istio's and Cilium's charts do), each with its variables;
+    /// nothing is read from a config file. Returns without waiting for any pod.
+    pub fn spawn_ztunnel_proxies(
+        &mut self,
+        bin: &Path,
+        env_a: &[(&str, &str)],
+        env_b: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
+        let args = [OsStr::new("proxy"), OsStr::new("ztunnel")];
+        self.spawn_process(bin, 'a', "node-a", &args, env_a)?;
+        self.spawn_process(bin, 'b', "node-b", &args, env_b)
+    }
+
+    /// `bin args…` inside node `node`'s namespace with `env` added, its log named `name`.
+    fn spawn_process(
+        &mut self,
+        bin: &Path,
+        node: char,
+        name: &str,
+        args: &[&OsStr],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<()> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))?;
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &self.netns_name(&format!("n{node}"))]);
@@ -518,19 +550,25 @@ impl Topology {
         }
         let child = command
             .arg(bin)
-            .args(["run", "--config"])
-            .arg(&config)
+            .args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .env_remove("HBONED_CONFIG")
+            .envs(env.iter().copied())
+            .current_dir(&self.dir)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("starting hboned")?;
         self.proxies.push(child);
         Ok(())
+    }
+
+    /// The directory of this topology's files (configs, logs, the CA root).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Waits until every enrolled pod's HBONE listener accepts.

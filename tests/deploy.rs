@@ -1,7 +1,8 @@
-//! The standalone manifests (deploy/standalone/) tell one story: the ConfigMap is a valid
+//! The manifests tell one story each. deploy/standalone/: the ConfigMap is a valid
 //! Kubernetes-mode config with SPIRE, the SPIRE ClusterSPIFFEID selects the namespaces the
 //! config opts in and names pods as hboned expects, the DaemonSet gives the agent what
-//! enrollment needs, and the RBAC reads pods and namespaces and nothing more. (The Kubernetes
+//! enrollment needs, and the RBAC reads pods and namespaces and nothing more. deploy/cilium/:
+//! the environment is Cilium's chart's plus SPIRE, and what it names is mounted. (The Kubernetes
 //! schemas are checked by kubernetes-validate in .ci/run; it has none for SPIRE's CRD.)
 
 #![allow(clippy::unwrap_used)]
@@ -9,11 +10,12 @@
 use serde_yaml_ng::Value;
 
 fn documents(file: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(format!(
-        "{}/deploy/standalone/{file}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
+    manifests(&format!("standalone/{file}"))
+}
+
+fn manifests(file: &str) -> Vec<Value> {
+    let text =
+        std::fs::read_to_string(format!("{}/deploy/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
     serde_yaml_ng::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())
         .collect()
@@ -112,4 +114,70 @@ fn the_daemonset_gives_enrollment_what_it_needs_and_rbac_no_more() {
             assert_eq!(resources, ["pods", "namespaces"]);
         }
     }
+}
+
+/// deploy/cilium: Cilium's chart with SPIRE. The environment, read as `proxy ztunnel` reads it,
+/// selects SPIRE on the mounted admin socket and the mounted runtime socket; no ConfigMap is
+/// required, no hostPID; the ServiceAccount is the one Cilium registers as SPIRE's delegate;
+/// one proxy at a time during an update (pre-release agents die of a second connection).
+#[test]
+fn the_cilium_daemonset_runs_hboned_on_spire_as_ciliums_chart_does() {
+    let docs = manifests("cilium/ztunnel.yaml");
+    let account = docs.iter().find(|d| d["kind"] == "ServiceAccount").unwrap();
+    assert_eq!(account["metadata"]["name"], "ztunnel-cilium");
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "ztunnel-cilium");
+    assert!(
+        pod.get("hostPID").is_none(),
+        "Cilium's chart runs it without hostPID"
+    );
+    assert_eq!(pod["hostNetwork"], true);
+    let strategy = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(
+        (&strategy["maxSurge"], &strategy["maxUnavailable"]),
+        (&0.into(), &1.into())
+    );
+    let volumes = pod["volumes"].as_sequence().unwrap();
+    assert!(
+        volumes.iter().all(|v| v.get("configMap").is_none()),
+        "a ConfigMap the pod needs to start"
+    );
+    let container = &pod["containers"][0];
+    assert_eq!(container["args"], Value::from(vec!["proxy", "ztunnel"]));
+    let env: Vec<(String, String)> = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let value = e["value"].as_str().unwrap_or("10.0.0.1").to_owned();
+            (e["name"].as_str().unwrap().to_owned(), value)
+        })
+        .collect();
+    let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mounted: Vec<String> = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap().to_owned())
+        .collect();
+    let under_mount = |path: &std::path::Path| mounted.iter().any(|m| path.starts_with(m));
+    let bootstrap = "/etc/ztunnel/bootstrap-root.crt";
+    assert!(under_mount(std::path::Path::new(bootstrap)));
+    let environment = hboned::config::ztunnel::Environment::fixed(&vars, &[bootstrap]);
+    let c = hboned::config::Config::from_ztunnel_env(&environment).unwrap();
+    assert_eq!(
+        c.certificates.kind(false),
+        hboned::config::CertSourceKind::Spire
+    );
+    let spire = c.certificates.spire_socket.clone().unwrap();
+    assert!(under_mount(&spire), "{} not mounted", spire.display());
+    let runtime = c.certificates.container_runtime_socket.clone().unwrap();
+    assert!(under_mount(&runtime), "{} not mounted", runtime.display());
+    assert!(under_mount(c.zds_socket.as_deref().unwrap()));
+    assert_eq!(c.xds.address, "https://localhost:15012");
+    assert_eq!(
+        c.xds.root_ca.as_deref(),
+        Some(std::path::Path::new(bootstrap))
+    );
 }

@@ -208,3 +208,39 @@ async fn replies_fit_in_a_kibibyte() {
     drop(agent);
     session.await.unwrap().unwrap();
 }
+
+/// A session that ends and comes back within the grace (another proxy took it over for a
+/// while) leaves the node ready; one that stays away past it does not; a new snapshot makes
+/// the node ready again at once.
+#[tokio::test(start_paused = true)]
+async fn readiness_survives_a_session_taken_over_within_the_grace() {
+    let grace = Duration::from_secs(10);
+    let (session, session_rx) = watch::channel(false);
+    let (ready_tx, ready) = watch::channel(false);
+    let publisher = tokio::spawn(async move {
+        publish_readiness(session_rx, &ready_tx, grace).await;
+    });
+    let settle = || tokio::time::sleep(Duration::from_millis(1));
+    settle().await;
+    assert!(!*ready.borrow(), "not ready before a snapshot");
+    session.send_replace(true);
+    settle().await;
+    assert!(*ready.borrow(), "ready with the first snapshot");
+    // Taken over, back after 9 s: ready throughout.
+    session.send_replace(false);
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert!(*ready.borrow());
+    session.send_replace(true);
+    settle().await;
+    // Away past the grace: not ready, until the next snapshot.
+    session.send_replace(false);
+    tokio::time::sleep(Duration::from_millis(9_990)).await;
+    assert!(*ready.borrow());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!*ready.borrow(), "not ready once the grace has passed");
+    session.send_replace(true);
+    settle().await;
+    assert!(*ready.borrow());
+    drop(session);
+    publisher.await.unwrap();
+}

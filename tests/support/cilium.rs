@@ -1,35 +1,25 @@
-//! A fake Cilium agent for one node, doing what cilium/cilium's `pkg/ztunnel` does for its
-//! ztunnel:
-//! - ZDS (`pkg/ztunnel/zds/server.go`): a SOCK_SEQPACKET server. At most two proxy connections
-//!   are kept (maxZtunnelConnections), a third is closed at once; one is served at a time
-//!   (activeMu), the next waiting until it ends. The proxy's hello is read first, into a 1 KiB
-//!   buffer. The initial snapshot (one AddWorkload per enrolled pod with its netns descriptor,
-//!   each acknowledged, then SnapshotSent) is sent once per agent run, to the first connection;
-//!   then every update (AddWorkload, DelWorkload) is sent and its Ack read into a 1 KiB buffer.
-//!   An Ack carrying an error, or a failed write, ends that connection and the update is lost.
-//!   It never sends KeepWorkload.
-//! - The in-pod redirect rules are installed before the AddWorkload (EnrollEndpoint); here the
-//!   test topology installs them when it builds the pods.
-//! - xDS (`pkg/ztunnel/xds`): delta ADS only, here plaintext gRPC on a Unix socket (newer
-//!   agents' /var/run/cilium/xds.sock). Address resources are Workloads only, one per enrolled
-//!   pod: resource name and uid the pod UID, `node` the node's IP, HBONE, the pod's addresses
-//!   (endpoint_event.go, ToXDSAddress); each event is one response with a fresh nonce.
-//!   Authorization gets one empty response. A NACK is only logged.
+//! A stand-in for the first Cilium agents that served ZDS, which the Go module proxy does not
+//! serve: cilium/cilium's main branch before v1.19.0 (never in a release; v1.18 has no
+//! `pkg/ztunnel`, v1.19.0 already cancels the previous connection, and tests/real_cilium.rs
+//! runs that code). Their `pkg/ztunnel/zds/server.go` behaved so, and so does this one:
+//! - Serve closes the `zcInitialized` channel on every accept, so the agent panics ("close of
+//!   closed channel") on its second proxy connection, whether or not the first still lives;
+//!   here the agent stops: listener and connections closed, [`Zds::crashed`] set.
+//! - handleConn reads the proxy's hello into a 1 KiB buffer; InitialSnapshot waits for the
+//!   first connection, then sends one AddWorkload per pod (its netns descriptor attached, each
+//!   acknowledged) and SnapshotSent; then every update (AddWorkload, DelWorkload) is sent and
+//!   its Ack read into a 1 KiB buffer. An Ack carrying an error, or a failed write, ends the
+//!   connection and the update is lost. It never sends KeepWorkload.
 
-use std::net::IpAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use hboned::proto::istio::workload as pb;
 use hboned::proto::zds;
 use hboned::socket::{SeqPacket, SeqPacketListener};
-use hboned::xds::convert::{ADDRESS_TYPE, AUTHORIZATION_TYPE, workload_resource};
 use prost::Message;
-use tokio::sync::{Mutex, mpsc, oneshot};
-
-use super::fake_ads::{AdsStream, FakeAds};
+use tokio::sync::{mpsc, oneshot};
 
 /// Cilium's read buffer for every message from the proxy.
 const READ_BUFFER: usize = 1024;
@@ -43,35 +33,9 @@ pub struct Pod {
     pub service_account: String,
     /// Its network namespace (a path the agent opens for the descriptor).
     pub netns: PathBuf,
-    pub ips: Vec<IpAddr>,
-    /// The node's IP (Cilium's `Workload.node`).
-    pub node_ip: IpAddr,
 }
 
-impl Pod {
-    /// The Workload Cilium's xDS server sends for this pod.
-    pub fn workload(&self) -> pb::Workload {
-        pb::Workload {
-            uid: self.uid.clone(),
-            name: self.name.clone(),
-            namespace: self.namespace.clone(),
-            service_account: self.service_account.clone(),
-            node: self.node_ip.to_string(),
-            tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
-            addresses: self
-                .ips
-                .iter()
-                .map(|ip| match ip {
-                    IpAddr::V4(v4) => v4.octets().to_vec(),
-                    IpAddr::V6(v6) => v6.octets().to_vec(),
-                })
-                .collect(),
-            ..Default::default()
-        }
-    }
-}
-
-/// One ZDS update for the active connection.
+/// One ZDS update for the connection.
 #[derive(Debug)]
 pub enum Update {
     Add(Pod),
@@ -85,6 +49,7 @@ pub struct Zds {
     pub socket: PathBuf,
     updates: mpsc::UnboundedSender<Queued>,
     accepted: Arc<AtomicUsize>,
+    crashed: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -100,28 +65,43 @@ impl Zds {
         let listener = SeqPacketListener::bind(socket).expect("bind the ZDS socket");
         let (updates, rx) = mpsc::unbounded_channel();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let task = tokio::spawn(serve(listener, snapshot, rx, accepted.clone()));
+        let crashed = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(serve(
+            listener,
+            snapshot,
+            rx,
+            accepted.clone(),
+            crashed.clone(),
+        ));
         Zds {
             socket: socket.to_owned(),
             updates,
             accepted,
+            crashed,
             task,
         }
     }
 
-    /// Queues an update for whichever connection is active; resolves with its outcome (an Ack
-    /// error, or the connection lost: the update is gone, as in Cilium).
+    /// Queues an update for the connection; resolves with its outcome (an Ack error, or the
+    /// connection lost: the update is gone, as in Cilium).
     pub async fn send(&self, update: Update) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
-        self.updates.send((update, tx)).expect("agent running");
+        self.updates
+            .send((update, tx))
+            .map_err(|_| "agent gone".to_owned())?;
         super::within(30, rx)
             .await
             .unwrap_or_else(|_| Err("agent gone".into()))
     }
 
-    /// Proxy connections accepted so far (kept or closed).
+    /// Proxy connections accepted so far.
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Whether the agent died of a second connection.
+    pub fn crashed(&self) -> bool {
+        self.crashed.load(Ordering::SeqCst)
     }
 }
 
@@ -130,45 +110,38 @@ async fn serve(
     snapshot: Vec<Pod>,
     updates: mpsc::UnboundedReceiver<Queued>,
     accepted: Arc<AtomicUsize>,
+    crashed: Arc<AtomicBool>,
 ) {
-    // activeMu, holding what the active connection consumes.
-    let active = Arc::new(Mutex::new((Some(snapshot), updates)));
-    let slots = Arc::new(tokio::sync::Semaphore::new(2));
-    loop {
-        let Ok(conn) = listener.accept().await else {
-            return;
-        };
+    let Ok(conn) = listener.accept().await else {
+        return;
+    };
+    accepted.fetch_add(1, Ordering::SeqCst);
+    let handler = tokio::spawn(async move {
+        let _ = handle(&conn, snapshot, updates).await;
+    });
+    // close(s.zcInitialized) again on the next accept: the agent panics, taking every
+    // connection with it.
+    if listener.accept().await.is_ok() {
         accepted.fetch_add(1, Ordering::SeqCst);
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            drop(conn);
-            continue;
-        };
-        let active = active.clone();
-        tokio::spawn(async move {
-            let mut guard = active.lock().await;
-            let (snapshot, updates) = &mut *guard;
-            let _ = handle(&conn, snapshot, updates).await;
-            drop(slot);
-        });
+        crashed.store(true, Ordering::SeqCst);
     }
+    handler.abort();
 }
 
-/// handleConn: hello, the snapshot if still unsent, then updates until one fails.
+/// handleConn with InitialSnapshot: hello, the snapshot, then updates until one fails.
 async fn handle(
     conn: &SeqPacket,
-    snapshot: &mut Option<Vec<Pod>>,
-    updates: &mut mpsc::UnboundedReceiver<Queued>,
+    snapshot: Vec<Pod>,
+    mut updates: mpsc::UnboundedReceiver<Queued>,
 ) -> Result<(), String> {
     let mut buf = [0u8; READ_BUFFER];
     let (n, _) = conn.recv(&mut buf).await.map_err(|e| e.to_string())?;
     zds::ZdsHello::decode(&buf[..n]).map_err(|e| e.to_string())?;
-    if let Some(pods) = snapshot.take() {
-        for pod in pods {
-            send_and_wait_for_ack(conn, &Update::Add(pod)).await?;
-        }
-        let sent = zds::workload_request::Payload::SnapshotSent(zds::SnapshotSent {});
-        send_payload(conn, sent, None).await?;
+    for pod in snapshot {
+        send_and_wait_for_ack(conn, &Update::Add(pod)).await?;
     }
+    let sent = zds::workload_request::Payload::SnapshotSent(zds::SnapshotSent {});
+    send_payload(conn, sent, None).await?;
     while let Some((update, done)) = updates.recv().await {
         let result = send_and_wait_for_ack(conn, &update).await;
         let failed = result.is_err();
@@ -223,38 +196,5 @@ async fn send_payload(
             Err(format!("ztunnel responded with an ack error: {}", a.error))
         }
         _ => Ok(()),
-    }
-}
-
-/// The agent's xDS side on a Unix socket.
-pub struct Xds {
-    pub socket: PathBuf,
-    ads: FakeAds,
-}
-
-impl Xds {
-    pub fn start(socket: &Path) -> Xds {
-        Xds {
-            socket: socket.to_owned(),
-            ads: FakeAds::serve_unix(socket),
-        }
-    }
-
-    /// The proxy's stream: its two subscriptions read, every workload sent in one response
-    /// per pod and Authorization's one empty response; ACKs are read and otherwise ignored
-    /// (Cilium only logs a NACK).
-    pub async fn serve_stream(&mut self, pods: &[Pod]) -> AdsStream {
-        let mut stream = self.ads.accept().await;
-        let mut types = [stream.next().await.type_url, stream.next().await.type_url];
-        types.sort();
-        assert_eq!(types, [AUTHORIZATION_TYPE, ADDRESS_TYPE]);
-        for (i, pod) in pods.iter().enumerate() {
-            let resource = workload_resource(&pod.uid, "", pod.workload());
-            stream.send(ADDRESS_TYPE, &format!("nonce-{i}"), vec![resource], &[]);
-            let _ack = stream.next().await;
-        }
-        stream.send(AUTHORIZATION_TYPE, "authz-0", Vec::new(), &[]);
-        let _ack = stream.next().await;
-        stream
     }
 }

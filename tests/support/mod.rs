@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod cilium;
+pub mod cilium_agent;
 pub mod fake_ads;
 pub mod kube_api;
 pub mod kubelet;

@@ -1,9 +1,10 @@
 //! Real control-plane components for the tests, built from the Go module proxy at the versions
 //! pinned in `tests/real/*/go.mod` (each component its own module, so their dependency graphs
-//! never meet): `go build` once per test process into `target/real-bin`, under a file lock so
-//! parallel test binaries build each program once. Go's own build cache makes later builds on
-//! the same machine a link step. Where Go is missing the tests that need a component are
-//! skipped with a note; on CI (`CI` set) that is a failure instead.
+//! never meet): `go build -trimpath` into `target/real-bin` when the program is missing or older
+//! than its module's files, under a file lock so parallel test binaries build each program
+//! once (scripts/real-control-planes builds them the same way first). Go's own build cache
+//! makes later builds on the same machine a link step. Where Go is missing the tests that need
+//! a component are skipped with a note; on CI (`CI` set) that is a failure instead.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -59,6 +60,10 @@ pub fn go_program(module: &str, package: &str, name: &str) -> PathBuf {
     let lock = std::fs::File::create(dir.join(".lock")).unwrap();
     let guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
         .unwrap_or_else(|(_, e)| panic!("locking {}: {e}", dir.display()));
+    if is_fresh(&out, &module_dir(module)) {
+        built.insert(name.to_owned(), out.clone());
+        return out;
+    }
     let status = Command::new("go")
         .args(["build", "-trimpath", "-o"])
         .arg(&out)
@@ -74,4 +79,30 @@ pub fn go_program(module: &str, package: &str, name: &str) -> PathBuf {
     );
     built.insert(name.to_owned(), out.clone());
     out
+}
+
+/// Whether `program` exists and is newer than every file of the module in `dir`.
+fn is_fresh(program: &Path, dir: &Path) -> bool {
+    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
+        let mut newest = std::time::SystemTime::UNIX_EPOCH;
+        for entry in std::fs::read_dir(dir).ok()? {
+            let entry = entry.ok()?;
+            let meta = entry.metadata().ok()?;
+            let time = if meta.is_dir() {
+                newest_or_epoch(&entry.path())
+            } else {
+                meta.modified().ok()?
+            };
+            newest = newest.max(time);
+        }
+        Some(newest)
+    }
+    fn newest_or_epoch(dir: &Path) -> std::time::SystemTime {
+        newest(dir).unwrap_or(std::time::SystemTime::UNIX_EPOCH)
+    }
+    let built = std::fs::metadata(program).and_then(|m| m.modified());
+    match (built, newest(dir)) {
+        (Ok(built), Some(sources)) => built > sources,
+        _ => false,
+    }
 }
