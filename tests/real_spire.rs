@@ -115,8 +115,9 @@ async fn tunnel_works(topo: &Topology) -> bool {
 
 /// Selectors for b1 and b3 (Cilium's entries), the pod process for a1: node A subscribes by
 /// the PID of a1's application process, which the agent attests (`unix:uid:1001`, the only
-/// entry for a1's identity); node B by selectors. One tunnel carries only TLS; b3, whose
-/// identity node A does not expect, is refused.
+/// entry for a1's identity, 16-second SVIDs); node B by selectors. One tunnel carries only TLS;
+/// b3, whose identity node A does not expect, is refused. When a1's process is replaced, the
+/// next renewal's answer for the old pid is dropped and the subscription follows the new one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_spire_issues_by_pid_and_by_selectors_to_its_delegate() {
     if !can_run_here() {
@@ -128,12 +129,12 @@ async fn real_spire_issues_by_pid_and_by_selectors_to_its_delegate() {
         "/ns/demo/sa/client",
         DELEGATE,
         &[&format!("unix:uid:{APP_USER}")],
-        0,
+        16,
     );
     let mut topo = Topology::create(bin()).unwrap();
     // a1's pod: its application process as uid 1001, in a cgroup naming its UID.
     let a1_uid = "0f6e1b2a-1111-4000-8000-0000000000a1";
-    let _a1 = PodProcess::start_as(
+    let a1 = PodProcess::start_as(
         &topo.netns_name(A1.name),
         a1_uid,
         topo.prefix(),
@@ -179,7 +180,28 @@ async fn real_spire_issues_by_pid_and_by_selectors_to_its_delegate() {
         assert!(ended.is_err() || ended == Ok(0), "b3 answered: {ended:?}");
     }
     assert!(peers_b3.lock().unwrap().is_empty(), "b3 was reached");
-    drop(spire);
+
+    // a1's container restarts: a new process, the old pid gone (and free for reuse).
+    let restarted = PodProcess::start_as(
+        &topo.netns_name(A1.name),
+        a1_uid,
+        topo.prefix(),
+        Some(APP_USER),
+    );
+    let old_pid = a1.pid();
+    drop(a1);
+    let (leaf_before, _) = held(&topo, "na", CLIENT).unwrap();
+    eventually(60, || {
+        topo.log(0)
+            .contains(&format!("pid {old_pid} no longer belongs to pod {a1_uid}"))
+    })
+    .await;
+    eventually(60, || {
+        held(&topo, "na", CLIENT).is_some_and(|(leaf, _)| leaf != leaf_before)
+    })
+    .await;
+    assert!(tunnel_works(&topo).await, "{}", topo.logs());
+    drop((restarted, spire));
 }
 
 /// A 16-second SVID lifetime: the agent renews at half of it, hboned picks each renewal up, and
