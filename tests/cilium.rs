@@ -13,20 +13,14 @@ mod support;
 use std::time::Duration;
 
 use support::agent::{ScratchNetns, ZdsProxy};
-use support::cilium::{Pod, Update, Zds};
+use support::cilium::{Update, Zds};
+use support::cilium_agent::Pod;
 use support::topo::*;
 use support::within;
 
 /// Whether the pod in `netns` has the proxy's 15008 listening.
 fn serves(netns: &ScratchNetns) -> bool {
-    let ns = hboned::netns::Netns::open(&netns.path()).unwrap();
-    ns.run(|| {
-        std::net::TcpStream::connect_timeout(
-            &"127.0.0.1:15008".parse().unwrap(),
-            Duration::from_secs(1),
-        )
-    })
-    .is_ok()
+    hbone_listens(&hboned::netns::Netns::open(&netns.path()).unwrap())
 }
 
 /// One connection for the whole session: the snapshot, an Add, a Del and quiet time in between
@@ -49,6 +43,8 @@ async fn hboned_keeps_to_one_connection_under_an_agent_that_dies_of_a_second() {
         namespace: "demo".into(),
         service_account: "app".into(),
         netns: netns.path(),
+        ips: Vec::new(),
+        node_ip: std::net::Ipv4Addr::LOCALHOST.into(),
     };
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("ztunnel.sock");

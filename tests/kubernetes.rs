@@ -368,19 +368,6 @@ mod netns {
         (server, a, b)
     }
 
-    /// Whether the proxy serves the pod (its HBONE port answers inside the pod).
-    fn serves(topo: &Topology, pod: &str) -> bool {
-        topo.netns(pod)
-            .unwrap()
-            .run(|| {
-                std::net::TcpStream::connect_timeout(
-                    &"127.0.0.1:15008".parse().unwrap(),
-                    std::time::Duration::from_millis(500),
-                )
-            })
-            .is_ok()
-    }
-
     fn has_rules(topo: &Topology, pod: &str) -> bool {
         hboned::redirect::installed(&topo.netns(pod).unwrap()).unwrap()
     }

@@ -66,19 +66,6 @@ fn bootstrap(dir: &Path) -> (PathBuf, PathBuf) {
     (cert_path, key_path)
 }
 
-/// Whether the proxy serves the pod (its HBONE port answers inside the pod).
-fn serves(topo: &Topology, pod: &str) -> bool {
-    topo.netns(pod)
-        .unwrap()
-        .run(|| {
-            std::net::TcpStream::connect_timeout(
-                &"127.0.0.1:15008".parse().unwrap(),
-                Duration::from_millis(500),
-            )
-        })
-        .is_ok()
-}
-
 /// `iptables-save` of a pod's namespace.
 fn rules(topo: &Topology, pod: &str) -> String {
     let out = std::process::Command::new("ip")

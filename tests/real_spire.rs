@@ -72,6 +72,18 @@ fn spire(dir: &Path, delegates: &[&str], ttl: u32, by_selectors: &[&str]) -> Spi
     }
 }
 
+/// The topology with each node's proxy on its node's agent, every enrolled pod served.
+async fn topology_on(spire: &Spire) -> Topology {
+    let mut topo = Topology::create(bin()).unwrap();
+    within(
+        60,
+        topo.start_proxies(bin(), |c| on_spire(c, &spire.a), |c| on_spire(c, &spire.b)),
+    )
+    .await
+    .unwrap();
+    topo
+}
+
 /// Node A's config dump: the certificates it holds.
 fn certificates(topo: &Topology, node: &str) -> Vec<serde_json::Value> {
     let dump = http_get(topo, node, 15000, "/config_dump");
@@ -214,13 +226,7 @@ async fn real_spire_renewals_keep_a_live_tunnel_and_a_deleted_entry_fails_closed
     }
     let dir = tempfile::tempdir().unwrap();
     let spire = spire(dir.path(), &[DELEGATE], 16, &["client", "server", "b3"]);
-    let mut topo = Topology::create(bin()).unwrap();
-    within(
-        60,
-        topo.start_proxies(bin(), |c| on_spire(c, &spire.a), |c| on_spire(c, &spire.b)),
-    )
-    .await
-    .unwrap();
+    let topo = topology_on(&spire).await;
     let (_echo, _peers) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     let mut live = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
     let mut serials = std::collections::BTreeSet::new();
@@ -271,13 +277,7 @@ async fn real_spire_agent_restarts_and_authority_rotation_keep_tunnels_working()
     }
     let dir = tempfile::tempdir().unwrap();
     let mut spire = spire(dir.path(), &[DELEGATE], 0, &["client", "server", "b3"]);
-    let mut topo = Topology::create(bin()).unwrap();
-    within(
-        60,
-        topo.start_proxies(bin(), |c| on_spire(c, &spire.a), |c| on_spire(c, &spire.b)),
-    )
-    .await
-    .unwrap();
+    let topo = topology_on(&spire).await;
     let (_echo, _peers) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     assert!(tunnel_works(&topo).await, "{}", topo.logs());
     let mut live = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
@@ -336,13 +336,7 @@ async fn real_spire_refuses_a_proxy_that_is_no_authorized_delegate() {
         0,
         &["client", "server", "b3"],
     );
-    let mut topo = Topology::create(bin()).unwrap();
-    within(
-        60,
-        topo.start_proxies(bin(), |c| on_spire(c, &spire.a), |c| on_spire(c, &spire.b)),
-    )
-    .await
-    .unwrap();
+    let topo = topology_on(&spire).await;
     let (_echo, peers) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     assert!(!tunnel_works(&topo).await, "a tunnel without a certificate");
     assert!(

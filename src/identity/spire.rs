@@ -84,7 +84,7 @@ pub enum SpireError {
     },
     #[error("the SPIRE agent's bundle holds no certificate for {0}")]
     NoBundle(String),
-    #[error("bundle")]
+    #[error("the SPIRE agent's bundle is not a usable trust bundle")]
     BundleTls(#[source] crate::tls::TlsError),
     #[error("no answer from the SPIRE agent within {0:?} (SPIRE_TIMEOUT)")]
     Timeout(Duration),

@@ -21,19 +21,10 @@ use hboned::socket::{SeqPacket, SeqPacketListener};
 use prost::Message;
 use tokio::sync::{mpsc, oneshot};
 
+use super::cilium_agent::Pod;
+
 /// Cilium's read buffer for every message from the proxy.
 const READ_BUFFER: usize = 1024;
-
-/// An enrolled pod, as the agent knows it.
-#[derive(Debug, Clone)]
-pub struct Pod {
-    pub uid: String,
-    pub name: String,
-    pub namespace: String,
-    pub service_account: String,
-    /// Its network namespace (a path the agent opens for the descriptor).
-    pub netns: PathBuf,
-}
 
 /// One ZDS update for the connection.
 #[derive(Debug)]

@@ -83,26 +83,24 @@ pub fn go_program(module: &str, package: &str, name: &str) -> PathBuf {
 
 /// Whether `program` exists and is newer than every file of the module in `dir`.
 fn is_fresh(program: &Path, dir: &Path) -> bool {
-    fn newest(dir: &Path) -> Option<std::time::SystemTime> {
-        let mut newest = std::time::SystemTime::UNIX_EPOCH;
-        for entry in std::fs::read_dir(dir).ok()? {
-            let entry = entry.ok()?;
-            let meta = entry.metadata().ok()?;
-            let time = if meta.is_dir() {
-                newest_or_epoch(&entry.path())
-            } else {
-                meta.modified().ok()?
-            };
-            newest = newest.max(time);
+    /// The newest modification time below `path` (the epoch for what cannot be read).
+    fn newest(path: &Path) -> std::time::SystemTime {
+        let epoch = std::time::SystemTime::UNIX_EPOCH;
+        let Ok(meta) = std::fs::metadata(path) else {
+            return epoch;
+        };
+        if !meta.is_dir() {
+            return meta.modified().unwrap_or(epoch);
         }
-        Some(newest)
+        std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| newest(&entry.path()))
+            .max()
+            .unwrap_or(epoch)
     }
-    fn newest_or_epoch(dir: &Path) -> std::time::SystemTime {
-        newest(dir).unwrap_or(std::time::SystemTime::UNIX_EPOCH)
-    }
-    let built = std::fs::metadata(program).and_then(|m| m.modified());
-    match (built, newest(dir)) {
-        (Ok(built), Some(sources)) => built > sources,
-        _ => false,
-    }
+    std::fs::metadata(program)
+        .and_then(|m| m.modified())
+        .is_ok_and(|built| built > newest(dir))
 }

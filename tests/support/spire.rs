@@ -88,7 +88,7 @@ impl Drop for Server {
 
 impl Server {
     /// A server for `trust_domain` with its data under `dir`; returns once it is healthy.
-    /// `ca_ttl` bounds the CA (and so every SVID); SVIDs default to `svid_ttl`.
+    /// SVIDs live `svid_ttl` (a Go duration) unless their entry says otherwise.
     pub fn start(dir: &Path, trust_domain: &str, svid_ttl: &str) -> Server {
         let dir = dir.join("spire-server");
         std::fs::create_dir_all(dir.join("data")).unwrap();

@@ -52,6 +52,23 @@ pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Whether a proxy serves the pod in `netns`: its HBONE port answers inside the pod.
+pub fn hbone_listens(netns: &hboned::netns::Netns) -> bool {
+    netns
+        .run(|| {
+            std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from(([127, 0, 0, 1], 15008)),
+                Duration::from_millis(500),
+            )
+        })
+        .is_ok()
+}
+
+/// Whether a proxy serves pod `pod` of the topology.
+pub fn serves(topo: &Topology, pod: &str) -> bool {
+    hbone_listens(&topo.netns(pod).unwrap())
+}
+
 pub fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_hboned"))
 }
