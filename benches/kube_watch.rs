@@ -59,6 +59,7 @@ fn pod(i: usize) -> PodDef {
         ips: vec![std::net::IpAddr::V4(std::net::Ipv4Addr::from(
             0x0a00_0000 + i as u32,
         ))],
+        enrolled: i.is_multiple_of(2),
     }
 }
 

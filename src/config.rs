@@ -89,8 +89,10 @@ pub struct KubernetesConfig {
     /// Allow the built-in CA in this mode (one-node development only: every node would hold
     /// the CA key and could mint any identity).
     pub allow_builtin_ca: bool,
-    /// Watch Services and EndpointSlices and translate their cluster IPs (needed unless the
-    /// CNI translates VIPs at connect time, as Cilium's socket load balancer does).
+    /// Watch Services and EndpointSlices and translate their cluster IPs, so a connection to
+    /// a ClusterIP between enrolled pods is tunneled (off only where the CNI translates VIPs at
+    /// connect time, as Cilium's socket load balancer does: otherwise such connections leave
+    /// in plaintext). On by default.
     pub services: bool,
     /// The cluster's DNS domain, for service hostnames (`<svc>.<ns>.svc.<domain>`).
     pub cluster_domain: String,
@@ -102,7 +104,7 @@ impl Default for KubernetesConfig {
             namespace_labels: vec![DEFAULT_NAMESPACE_LABEL.to_owned()],
             api_server: None,
             allow_builtin_ca: false,
-            services: false,
+            services: true,
             cluster_domain: "cluster.local".to_owned(),
         }
     }

@@ -50,6 +50,8 @@ pub(crate) struct NodeContext {
     pub drain: crate::drain::Drain,
     /// The enrolled pods by identity, kept for certificate sources that attest a pod.
     pub local_pods: crate::identity::LocalPods,
+    /// Refuse plaintext into a pod from a pod that is reached over HBONE (Kubernetes mode).
+    pub refuse_mesh_plaintext: bool,
 }
 
 /// The operations a node agent drives; [`PodManager`] is the real one, tests use a double.
@@ -323,6 +325,7 @@ impl PodManager {
                 sockets.clone(),
                 workload.clone(),
                 ctx.tunnel.connect_timeout,
+                ctx.refuse_mesh_plaintext,
             )));
         }
         tracing::info!(uid = %info.uid, %identity, ?addresses, netns = netns.name(), "pod enrolled");

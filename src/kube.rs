@@ -102,12 +102,14 @@ pub fn start(
     ready: watch::Sender<bool>,
 ) -> Running {
     let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired::default()));
-    let enroller = enroll::Enroller::new(pods, ready);
+    let (records_tx, records_rx) = tokio::sync::mpsc::unbounded_channel();
+    let enroller = enroll::Enroller::new(pods, ready).recording(records_tx);
     let agent = Agent::new(settings.clone(), state, Some(desired_tx));
     Running {
         tasks: vec![
             tokio::spawn(agent.run(client.clone(), true)),
             tokio::spawn(enroller.run(desired_rx)),
+            tokio::spawn(enroll::record_enrollments(client, records_rx)),
         ],
     }
 }
@@ -167,8 +169,8 @@ struct Agent {
     opted: HashSet<String>,
     /// Every namespace's opt-in as last seen (to notice a change).
     namespaces: HashMap<String, bool>,
-    /// uid → namespace of each workload this agent added to the state.
-    workloads: HashMap<String, String>,
+    /// uid → (namespace, enrollment recorded) of each workload this agent added to the state.
+    workloads: HashMap<String, (String, bool)>,
     /// This node's pods, by uid.
     local: BTreeMap<String, PodFacts>,
     desired: Option<watch::Sender<Arc<Desired>>>,
@@ -300,19 +302,20 @@ impl Agent {
         }
         self.local_dirty = true;
         tracing::info!(namespace = %name, enrolled = on, "namespace opt-in changed");
-        let uids: Vec<&String> = self
+        // HBONE for the pods whose enrollment is recorded (pods::PodFacts::served).
+        let uids: Vec<(&String, bool)> = self
             .workloads
             .iter()
-            .filter(|(_, ns)| **ns == name)
-            .map(|(uid, _)| uid)
+            .filter(|(_, (ns, _))| *ns == name)
+            .map(|(uid, (_, redirected))| (uid, *redirected))
             .collect();
-        let protocol = if on {
-            crate::state::Protocol::Hbone
-        } else {
-            crate::state::Protocol::Tcp
-        };
         self.state.write(|s| {
-            for uid in uids {
+            for (uid, redirected) in uids {
+                let protocol = if on && redirected {
+                    crate::state::Protocol::Hbone
+                } else {
+                    crate::state::Protocol::Tcp
+                };
                 if let Some(w) = s.workload(uid)
                     && !w.host_network
                     && w.protocol != protocol
@@ -358,8 +361,10 @@ impl Agent {
         match workload {
             Some(mut w) => {
                 w.services = self.index.services_of(&w.uid);
-                self.workloads
-                    .insert(facts.uid.clone(), facts.namespace.clone());
+                self.workloads.insert(
+                    facts.uid.clone(),
+                    (facts.namespace.clone(), facts.redirected),
+                );
                 self.state.write(|s| s.upsert_workload(w));
             }
             None => self.remove_workload(&facts.uid),

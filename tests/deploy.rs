@@ -93,27 +93,47 @@ fn the_daemonset_gives_enrollment_what_it_needs_and_rbac_no_more() {
     for path in ["/run/hboned", "/run/spire/sockets", "/run/xtables.lock"] {
         assert!(mounts.contains(&path), "{path} not mounted: {mounts:?}");
     }
+    // Exactly what the config's watches and the enrollment record need.
+    let services = config().kubernetes.unwrap().services;
+    assert!(services, "cluster IPs translated by default");
+    let mut granted: Vec<(String, String, String)> = Vec::new();
     for doc in documents("rbac.yaml")
         .iter()
         .filter(|d| d["kind"] == "ClusterRole")
     {
         for rule in doc["rules"].as_sequence().unwrap() {
-            let verbs: Vec<&str> = rule["verbs"]
-                .as_sequence()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap())
-                .collect();
-            assert_eq!(verbs, ["get", "list", "watch"]);
-            let resources: Vec<&str> = rule["resources"]
-                .as_sequence()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap())
-                .collect();
-            assert_eq!(resources, ["pods", "namespaces"]);
+            let list = |key: &str| -> Vec<String> {
+                rule[key]
+                    .as_sequence()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_str().unwrap().to_owned())
+                    .collect()
+            };
+            for group in list("apiGroups") {
+                for resource in list("resources") {
+                    for verb in list("verbs") {
+                        granted.push((group.clone(), resource.clone(), verb));
+                    }
+                }
+            }
         }
     }
+    granted.sort();
+    let mut needed: Vec<(String, String, String)> = Vec::new();
+    let mut need = |group: &str, resource: &str, verbs: &[&str]| {
+        for verb in verbs {
+            needed.push((group.into(), resource.into(), (*verb).into()));
+        }
+    };
+    let read = ["get", "list", "watch"];
+    need("", "pods", &read);
+    need("", "pods", &["patch"]);
+    need("", "namespaces", &read);
+    need("", "services", &read);
+    need("discovery.k8s.io", "endpointslices", &read);
+    needed.sort();
+    assert_eq!(granted, needed);
 }
 
 /// deploy/cilium: Cilium's chart with SPIRE. The environment, read as `proxy ztunnel` reads it,

@@ -25,6 +25,9 @@ fn pod(uid: &str, namespace: &str, node: &str, ip: &str) -> PodDef {
         node: node.into(),
         service_account: "app".into(),
         ips: vec![ip.parse().unwrap()],
+        // Served by its node's agent (which records that on the pod) whenever its namespace
+        // is opted in; tests that follow the record itself change this.
+        enrolled: true,
     }
 }
 
@@ -63,7 +66,11 @@ async fn pods_become_workloads_and_follow_their_namespaces_opt_in() {
     api.apply_namespace("mesh", &[LABEL]);
     api.apply_namespace("plain", &[("team", "x")]);
     api.apply_pod(&pod("p1", "mesh", "node-a", "10.1.0.1"));
-    api.apply_pod(&pod("p2", "plain", "node-b", "10.1.0.2"));
+    let p2 = PodDef {
+        enrolled: false,
+        ..pod("p2", "plain", "node-b", "10.1.0.2")
+    };
+    api.apply_pod(&p2);
     let (state, _running) = discovering(&api).await;
 
     assert_eq!(protocol(&state, "p1"), Some(Protocol::Hbone));
@@ -78,8 +85,21 @@ async fn pods_become_workloads_and_follow_their_namespaces_opt_in() {
         assert_eq!((w.node.as_str(), w.cluster_id.as_str()), ("node-a", "c1"));
     }
 
-    // Labelling a namespace switches its pods to HBONE; unlabelling switches them back.
+    // Labelling a namespace switches its pods to HBONE once their nodes' agents recorded
+    // them served (not before: a pod not served yet stays reachable in plaintext);
+    // unlabelling switches them back.
     api.apply_namespace("plain", &[("team", "x"), LABEL]);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        protocol(&state, "p2"),
+        Some(Protocol::Tcp),
+        "not served yet"
+    );
+    api.patch_pod(
+        "plain",
+        "p2-pod",
+        serde_json::json!({"metadata": {"annotations": {"hboned.io/redirection": "enabled"}}}),
+    );
     eventually(10, || protocol(&state, "p2") == Some(Protocol::Hbone)).await;
     api.apply_namespace("mesh", &[]);
     eventually(10, || protocol(&state, "p1") == Some(Protocol::Tcp)).await;
@@ -293,6 +313,7 @@ mod netns {
     };
 
     use super::LABEL;
+    const REDIRECTION: &str = "hboned.io/redirection";
     use super::support::kube_api::{FakeApi, PodDef};
     use super::support::kubelet::PodProcess;
     use super::support::spire::{Agent, DELEGATE, Server};
@@ -324,6 +345,8 @@ mod netns {
             node: format!("node-{}", p.node),
             service_account: p.service_account.into(),
             ips: vec![IpAddr::V4(p.ip), IpAddr::V6(p.ip6)],
+            // The agents of the test's nodes record enrollments themselves.
+            enrolled: false,
         }
     }
 
@@ -493,6 +516,33 @@ mod netns {
         let mut s = topo.connect(A1.name, B2.addr(APP_PORT)).await.unwrap();
         echoes(&mut s, b"to plain").await;
 
+        // Each node recorded its pods' enrollment on them: that is what made its peers use
+        // HBONE (a pod not served has no record, and stays reachable in plaintext).
+        let record = |p: &testbed::Pod| api.pod_annotation(namespace(p), p.name, REDIRECTION);
+        for p in [A1, B1, B3] {
+            assert_eq!(record(&p).as_deref(), Some("enabled"), "{}", p.name);
+        }
+        assert_eq!(record(&A2), None);
+        // Plaintext from an enrolled pod that slipped past its capture (a socket carrying the
+        // proxy's own mark) is refused at b1: an enrolled pod's traffic must come tunneled.
+        let bypass = topo.netns(A1.name).unwrap().run(|| {
+            use std::io::{Read, Write};
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_mark(0x539)?;
+            s.connect_timeout(&B1.addr(APP_PORT).into(), std::time::Duration::from_secs(5))?;
+            let mut s = std::net::TcpStream::from(s);
+            s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            s.write_all(b"around the tunnel")?;
+            let mut back = [0u8; 17];
+            s.read_exact(&mut back)
+        });
+        assert!(bypass.is_err(), "plaintext from an enrolled pod reached b1");
+        assert!(
+            topo.log(1).contains("plaintext from an enrolled pod"),
+            "{}",
+            topo.log(1)
+        );
+
         // Kubelet's probe from the node reaches a1's app uncaptured (from the probe address),
         // even on the port whose plaintext the policy denies; a2's plaintext there is refused.
         assert!(
@@ -578,6 +628,7 @@ mod netns {
                 .all(|p| !serves(&topo, p.name) && !has_rules(&topo, p.name))
         })
         .await;
+        eventually(10, || record(&A1).is_none() && record(&B3).is_none()).await;
         let Seen { clear, .. } =
             transfer_seen(&topo, &A1, &B3, b"hboned-KUBE-unlabelled", 64 * 1024).await;
         assert!(clear, "after the label went, a1 → b3 is plain TCP");

@@ -81,6 +81,7 @@ impl Node {
             preserve_source_ip: config.preserve_source_ip,
             resolver,
             local_pods,
+            refuse_mesh_plaintext: config.kubernetes.is_some(),
         }));
         tracing::info!(node = %config.node, trust_domain = %config.trust_domain, pods = config.pods.len(), workloads = config.workloads.len(), services = config.services.len(), "hboned node proxy starting");
         enroll_config_pods(&config, &manager);

@@ -5,8 +5,11 @@
 //! pod that goes, or whose namespace lost its label, loses both. After the first full listing
 //! it sweeps this node's other pods for rules an earlier run left (a pod whose traffic is
 //! redirected to a proxy that does not serve it is blackholed), and it keeps the node's probe
-//! chain equal to the enrolled pods' addresses. Stopping it (a drain) changes nothing, so a
-//! successor takes the pods over as they are.
+//! chain equal to the enrolled pods' addresses. Each enrollment is recorded on its pod
+//! ([`super::pods::REDIRECTION_ANNOTATION`]) once listeners and rules are in, and the record
+//! taken away when they go (so peers use HBONE only to pods that are served); the API calls
+//! run in [`record_enrollments`]. Stopping it (a drain) changes nothing, so a successor takes
+//! the pods over as they are.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -14,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::pods::PodFacts;
 use crate::inpod::{PodHandler, PodInfo};
@@ -40,6 +43,9 @@ pub struct Desired {
     /// This node's other pods with a namespace of their own (uid → IPs): where rules left by
     /// an earlier run are looked for.
     pub others: BTreeMap<String, Vec<IpAddr>>,
+    /// This node's pods recorded as enrolled that should not be (uid → namespace, name): an
+    /// earlier run's records to take away.
+    pub stale: BTreeMap<String, (String, String)>,
 }
 
 impl Desired {
@@ -64,8 +70,15 @@ impl Desired {
                         ips: pod.ips.clone(),
                     },
                 );
-            } else if !pod.host_network && !pod.ips.is_empty() {
-                desired.others.insert(uid.clone(), pod.ips.clone());
+            } else {
+                if !pod.host_network && !pod.ips.is_empty() {
+                    desired.others.insert(uid.clone(), pod.ips.clone());
+                }
+                if pod.redirected {
+                    desired
+                        .stale
+                        .insert(uid.clone(), (pod.namespace.clone(), pod.name.clone()));
+                }
             }
         }
         desired
@@ -74,6 +87,15 @@ impl Desired {
 
 /// How often pods that could not be enrolled yet (no process found, rules failed) are retried.
 const RETRY: Duration = Duration::from_secs(2);
+
+/// An enrollment to record on a pod (or to take away).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub enrolled: bool,
+}
 
 struct Enrolled {
     pod: LocalPod,
@@ -85,6 +107,8 @@ struct Enrolled {
 pub struct Enroller {
     pods: Arc<dyn PodHandler>,
     ready: watch::Sender<bool>,
+    /// Where enrollments go to be recorded on their pods.
+    records: Option<mpsc::UnboundedSender<Record>>,
     enrolled: HashMap<String, Enrolled>,
     /// The addresses the probe chain was last written with.
     probe_ips: Option<Vec<IpAddr>>,
@@ -105,10 +129,28 @@ impl Enroller {
         Enroller {
             pods,
             ready,
+            records: None,
             enrolled: HashMap::new(),
             probe_ips: None,
             swept: false,
             proc: PathBuf::from("/proc"),
+        }
+    }
+
+    /// Records every enrollment, and every one taken away, through `records`.
+    pub fn recording(mut self, records: mpsc::UnboundedSender<Record>) -> Enroller {
+        self.records = Some(records);
+        self
+    }
+
+    fn record(&self, uid: &str, namespace: &str, name: &str, enrolled: bool) {
+        if let Some(records) = &self.records {
+            let _ = records.send(Record {
+                uid: uid.to_owned(),
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                enrolled,
+            });
         }
     }
 
@@ -181,6 +223,9 @@ impl Enroller {
             self.sweep(&want.others);
             self.swept = true;
         }
+        for (uid, (namespace, name)) in &want.stale {
+            self.record(uid, namespace, name, false);
+        }
         self.update_probe_chain();
         pending
     }
@@ -210,6 +255,7 @@ impl Enroller {
             return false;
         }
         tracing::info!(pod = %uid, name = %pod.name, namespace = %pod.namespace, "pod enrolled");
+        self.record(uid, &pod.namespace, &pod.name, true);
         self.enrolled.insert(
             uid.to_owned(),
             Enrolled {
@@ -230,6 +276,7 @@ impl Enroller {
             tracing::debug!(pod = %uid, error = %e, "cannot remove the redirect rules");
         }
         self.pods.remove(uid);
+        self.record(uid, &gone.pod.namespace, &gone.pod.name, false);
         tracing::info!(pod = %uid, name = %gone.pod.name, "pod unenrolled");
     }
 
@@ -283,6 +330,73 @@ impl Enroller {
                 tracing::error!(error = %e, "cannot update the kubelet probe rules; probes to enrolled pods will be captured")
             }
         }
+    }
+}
+
+/// Records enrollments on their pods through the API server, the latest wish per pod, each
+/// retried with backoff until the API server took it or the pod is gone (404).
+pub async fn record_enrollments(
+    client: kube::Client,
+    mut records: mpsc::UnboundedReceiver<Record>,
+) {
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut pending: BTreeMap<String, Record> = BTreeMap::new();
+    loop {
+        if pending.is_empty() {
+            match records.recv().await {
+                Some(r) => {
+                    pending.insert(r.uid.clone(), r);
+                }
+                None => return,
+            }
+        }
+        while let Ok(r) = records.try_recv() {
+            pending.insert(r.uid.clone(), r);
+        }
+        let mut failed = false;
+        for (uid, record) in std::mem::take(&mut pending) {
+            if let Err(e) = annotate(&client, &record).await {
+                tracing::warn!(pod = %uid, name = %record.name, error = %e, "cannot record the pod's enrollment on it; retrying");
+                failed = true;
+                // A newer wish that came meanwhile wins.
+                pending.entry(uid).or_insert(record);
+            }
+        }
+        if !failed {
+            backoff.reset();
+            continue;
+        }
+        tokio::select! {
+            () = backoff.wait() => {}
+            r = records.recv() => match r {
+                Some(r) => {
+                    pending.insert(r.uid.clone(), r);
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+/// One merge patch of the pod's enrollment annotation; a pod that is gone needs none.
+async fn annotate(client: &kube::Client, record: &Record) -> Result<(), kube::Error> {
+    use super::pods::{REDIRECTION_ANNOTATION, REDIRECTION_ENABLED};
+    let value = record.enrolled.then_some(REDIRECTION_ENABLED);
+    let patch = serde_json::json!({"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}});
+    let api: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(client.clone(), &record.namespace);
+    match api
+        .patch(
+            &record.name,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e),
     }
 }
 

@@ -1,6 +1,11 @@
 //! What Kubernetes mode reads from API objects, as pure functions: which namespaces opt in
 //! ([`LabelMatch`]), the few facts kept about a pod ([`PodFacts`]), the workload a pod
 //! becomes, and whether this node's agent should enroll it. No I/O, no clock.
+//!
+//! A pod is reached over HBONE only once its enrollment is recorded on it: the agent of its
+//! node sets [`REDIRECTION_ANNOTATION`] when the pod's listeners and rules are in, and takes it
+//! away when they go (Istio's `ambient.istio.io/redirection` does the same for its peers). A pod
+//! whose enrollment failed, or on a node without hboned, stays reachable in plaintext.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -10,6 +15,11 @@ use k8s_openapi::api::core::v1::Pod;
 pub use crate::config::{BadLabel, LabelMatch};
 use crate::identity::Identity;
 use crate::state::{Protocol, Workload};
+
+/// The annotation that records a pod's enrollment: `enabled` while its node's proxy serves it.
+pub const REDIRECTION_ANNOTATION: &str = "hboned.io/redirection";
+/// Its value while the pod is enrolled.
+pub const REDIRECTION_ENABLED: &str = "enabled";
 
 /// Whether a namespace with `labels` is opted in by any of `matches`.
 pub fn opted_in(matches: &[LabelMatch], labels: Option<&BTreeMap<String, String>>) -> bool {
@@ -31,6 +41,8 @@ pub struct PodFacts {
     pub terminal: bool,
     /// Its Ready condition (an endpoint only when ready).
     pub ready: bool,
+    /// Its node's agent recorded it enrolled ([`REDIRECTION_ANNOTATION`]).
+    pub redirected: bool,
     /// Its controller's name (a Deployment's, from the ReplicaSet's), else its own.
     pub workload_name: String,
     pub canonical_name: String,
@@ -98,10 +110,20 @@ impl PodFacts {
             host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
             terminal: matches!(phase, Some("Succeeded" | "Failed")),
             ready,
+            redirected: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(REDIRECTION_ANNOTATION))
+                .is_some_and(|v| v == REDIRECTION_ENABLED),
             workload_name,
             canonical_name,
             canonical_revision,
         })
+    }
+
+    /// Whether peers reach it over HBONE: its namespace opted in and its node's proxy serves it.
+    pub fn served(&self, namespace_opted_in: bool) -> bool {
+        namespace_opted_in && self.redirected && !self.host_network
     }
 
     /// Whether this node's agent enrolls it, given whether its namespace opted in: a running
@@ -110,9 +132,9 @@ impl PodFacts {
         namespace_opted_in && !self.host_network && !self.terminal && !self.ips.is_empty()
     }
 
-    /// The workload this pod is, reached by HBONE when its namespace opted in; `None` without
-    /// an address (nothing to route to yet) or when namespace and service account do not form
-    /// a SPIFFE ID.
+    /// The workload this pod is, reached by HBONE when its namespace opted in and its
+    /// enrollment is recorded; `None` without an address (nothing to route to yet) or when
+    /// namespace and service account do not form a SPIFFE ID.
     pub fn workload(
         &self,
         namespace_opted_in: bool,
@@ -123,7 +145,7 @@ impl PodFacts {
             return None;
         }
         let identity = Identity::new(trust_domain, &self.namespace, &self.service_account).ok()?;
-        let hbone = namespace_opted_in && !self.host_network;
+        let hbone = self.served(namespace_opted_in);
         Some(Workload {
             uid: self.uid.clone(),
             name: self.name.clone(),

@@ -118,6 +118,15 @@ impl LocalWorkload {
         }
     }
 
+    /// Whether `ip` is a workload peers reach over HBONE (an enrolled pod).
+    pub(crate) fn reached_over_hbone(&self, ip: IpAddr) -> bool {
+        self.state.as_ref().is_some_and(|s| {
+            s.read()
+                .workload_by_ip(ip)
+                .is_some_and(|w| w.protocol == crate::state::Protocol::Hbone)
+        })
+    }
+
     /// Labels and access-log names for a connection from `src` to this workload at `dst`.
     pub(crate) fn labels(
         &self,

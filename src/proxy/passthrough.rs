@@ -95,12 +95,15 @@ pub(crate) async fn relay(
 }
 
 /// Serves the inbound plaintext listener (15006) of the pod `workload`: connections without an
-/// identity, authorized by source and destination alone.
+/// identity, authorized by source and destination alone. With `refuse_mesh_sources`, plaintext
+/// from a pod that is itself reached over HBONE is refused: it should have come through a
+/// tunnel, so its capture was bypassed (Kubernetes mode).
 pub(crate) async fn serve_inbound_plaintext(
     listener: TcpListener,
     sockets: Arc<dyn SocketFactory>,
     workload: LocalWorkload,
     timeout: Duration,
+    refuse_mesh_sources: bool,
 ) {
     let workload = Arc::new(workload);
     let local = &workload.addresses;
@@ -123,6 +126,12 @@ pub(crate) async fn serve_inbound_plaintext(
         let conn = super::inbound::authz_facts(None, src, dst);
         let (labels, names) = workload.labels(src.ip(), None, dst.ip());
         let record = ConnectionRecord::open(workload.metrics.as_ref(), labels, names, src, dst);
+        if refuse_mesh_sources && workload.reached_over_hbone(src.ip()) {
+            tracing::warn!(%src, %dst, "plaintext from an enrolled pod, which must use a tunnel (its capture was bypassed); resetting");
+            record.failed(DENIED, 0, 0);
+            let _ = socket::reset_on_close(&app);
+            continue;
+        }
         let decision = workload.authorize(&conn);
         if !decision.is_allowed() {
             tracing::info!(%src, %dst, ?decision, "plaintext connection denied by policy; resetting");

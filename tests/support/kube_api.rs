@@ -13,6 +13,9 @@
 //!   `metadata.resourceVersion`) when the test asks, and before a watch ends at its timeout;
 //! - field selectors: Pods by `spec.nodeName` (an object that stops or starts matching arrives
 //!   as `DELETED`/`ADDED`); any other field label is 400 "field label not supported";
+//! - `PATCH /api/v1/namespaces/{ns}/pods/{name}` with `application/merge-patch+json` applies an
+//!   RFC 7386 merge patch (a `null` removes a key), bumps the version and answers the object;
+//!   a missing pod is 404, another content type 415 (pkg/endpoints/handlers/patch.go);
 //! - unknown paths are 404 with a Status body.
 
 use std::collections::BTreeMap;
@@ -40,6 +43,9 @@ pub struct PodDef {
     pub node: String,
     pub service_account: String,
     pub ips: Vec<IpAddr>,
+    /// Its node's agent recorded it enrolled (hboned.io/redirection: enabled), as a node
+    /// outside the test would have.
+    pub enrolled: bool,
 }
 
 impl PodDef {
@@ -51,6 +57,9 @@ impl PodDef {
                 namespace: Some(self.namespace.clone()),
                 uid: Some(self.uid.clone()),
                 labels: Some(BTreeMap::from([("app".into(), self.name.clone())])),
+                annotations: self
+                    .enrolled
+                    .then(|| BTreeMap::from([("hboned.io/redirection".into(), "enabled".into())])),
                 ..ObjectMeta::default()
             },
             spec: Some(PodSpec {
@@ -180,7 +189,12 @@ impl FakeApi {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let api = api.clone();
-                        async move { Ok::<_, Infallible>(api.handle(req)) }
+                        async move {
+                            if req.method() == hyper::Method::PATCH {
+                                return Ok::<_, Infallible>(api.patch(req).await);
+                            }
+                            Ok::<_, Infallible>(api.handle(req))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -234,13 +248,38 @@ impl FakeApi {
         );
     }
 
+    /// Creates or replaces a pod's spec and status (as its controller and kubelet do); the
+    /// annotations it already carries stay.
     pub fn apply_pod(&self, pod: &PodDef) {
         let key = format!("{}/{}", pod.namespace, pod.name);
-        self.put(
-            Kind::Pods,
-            key,
-            Some(serde_json::to_value(pod.object()).unwrap()),
-        );
+        let mut object = serde_json::to_value(pod.object()).unwrap();
+        let mut s = self.store.lock().unwrap();
+        if let Some(annotations) = s
+            .objects
+            .get(&(Kind::Pods, key.clone()))
+            .and_then(|o| o["metadata"].get("annotations").cloned())
+        {
+            object["metadata"]["annotations"] = annotations;
+        }
+        put_locked(&mut s, Kind::Pods, key, Some(object));
+    }
+
+    /// Applies a merge patch to pod `namespace/name`, as another client of the API would.
+    pub fn patch_pod(&self, namespace: &str, name: &str, patch: Value) {
+        let key = format!("{namespace}/{name}");
+        let mut s = self.store.lock().unwrap();
+        let mut object = s.objects[&(Kind::Pods, key.clone())].clone();
+        merge_patch(&mut object, &patch);
+        put_locked(&mut s, Kind::Pods, key, Some(object));
+    }
+
+    /// The annotation `key` of pod `namespace/name`, if set.
+    pub fn pod_annotation(&self, namespace: &str, name: &str, key: &str) -> Option<String> {
+        let s = self.store.lock().unwrap();
+        s.objects
+            .get(&(Kind::Pods, format!("{namespace}/{name}")))?["metadata"]["annotations"][key]
+            .as_str()
+            .map(str::to_owned)
     }
 
     /// A ClusterIP Service with one TCP port whose target port is named `target`.
@@ -386,6 +425,53 @@ impl FakeApi {
 
     fn put(&self, kind: Kind, key: String, object: Option<Value>) {
         put_locked(&mut self.store.lock().unwrap(), kind, key, object);
+    }
+
+    /// A merge patch of one pod.
+    async fn patch(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
+        let path = req.uri().path().to_owned();
+        self.store
+            .lock()
+            .unwrap()
+            .requests
+            .push(format!("PATCH {path}"));
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let ["api", "v1", "namespaces", ns, "pods", name] = parts.as_slice() else {
+            return status(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            );
+        };
+        let merge = req
+            .headers()
+            .get("content-type")
+            .is_some_and(|c| c.as_bytes().starts_with(b"application/merge-patch+json"));
+        if !merge {
+            return status(
+                415,
+                "UnsupportedMediaType",
+                "the body of the request was in an unknown format",
+            );
+        }
+        let key = format!("{ns}/{name}");
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return status(400, "BadRequest", "cannot read the body"),
+        };
+        let Ok(patch) = serde_json::from_slice::<Value>(&body) else {
+            return status(400, "BadRequest", "the patch is not JSON");
+        };
+        let mut s = self.store.lock().unwrap();
+        let Some(mut object) = s.objects.get(&(Kind::Pods, key.clone())).cloned() else {
+            return status(404, "NotFound", &format!("pods \"{name}\" not found"));
+        };
+        merge_patch(&mut object, &patch);
+        put_locked(&mut s, Kind::Pods, key.clone(), Some(object));
+        let mut answer = s.objects[&(Kind::Pods, key)].clone();
+        answer["kind"] = json!("Pod");
+        answer["apiVersion"] = json!("v1");
+        respond(200, serde_json::to_vec(&answer).unwrap())
     }
 
     fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Body> {
@@ -649,6 +735,26 @@ fn decode(s: &str) -> Option<String> {
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// RFC 7386: objects merge key by key, `null` removes, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(changes) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(fields) = target {
+        for (key, change) in changes {
+            if change.is_null() {
+                fields.remove(key);
+            } else {
+                merge_patch(fields.entry(key.clone()).or_insert(Value::Null), change);
+            }
+        }
+    }
 }
 
 fn status(code: u16, reason: &str, message: &str) -> hyper::Response<Body> {

@@ -14,6 +14,7 @@ fn facts(uid: &str, namespace: &str, ips: &[&str], host_network: bool) -> PodFac
         host_network,
         terminal: false,
         ready: true,
+        redirected: false,
         workload_name: uid.into(),
         canonical_name: uid.into(),
         canonical_revision: "latest".into(),
@@ -42,4 +43,28 @@ fn pods_of_opted_in_namespaces_are_enrolled_and_the_rest_swept() {
     let none = Desired::compute(&local, &HashSet::new(), false);
     assert!(none.enroll.is_empty() && !none.synced);
     assert_eq!(none.others.len(), 2);
+}
+
+/// Pods recorded as enrolled (an earlier run's annotation) that should not be: their records
+/// are to be taken away; an enrolled pod's record stays.
+#[test]
+fn records_of_pods_that_should_not_be_enrolled_are_stale() {
+    let recorded = |mut f: PodFacts| {
+        f.redirected = true;
+        f
+    };
+    let local: BTreeMap<String, PodFacts> = [
+        recorded(facts("a", "mesh", &["10.0.0.1"], false)),
+        recorded(facts("b", "plain", &["10.0.0.2"], false)),
+        facts("c", "plain", &["10.0.0.3"], false),
+    ]
+    .into_iter()
+    .map(|f| (f.uid.clone(), f))
+    .collect();
+    let d = Desired::compute(&local, &HashSet::from(["mesh".to_owned()]), true);
+    assert_eq!(d.enroll.keys().collect::<Vec<_>>(), ["a"]);
+    assert_eq!(
+        d.stale,
+        BTreeMap::from([("b".to_owned(), ("plain".to_owned(), "b-name".to_owned()))])
+    );
 }

@@ -23,9 +23,19 @@ fn running() -> Pod {
     }))
 }
 
+/// A running pod recorded as enrolled by its node's agent.
+fn enrolled() -> Pod {
+    let mut p = running();
+    p.metadata.annotations = Some(BTreeMap::from([(
+        REDIRECTION_ANNOTATION.to_owned(),
+        REDIRECTION_ENABLED.to_owned(),
+    )]));
+    p
+}
+
 #[test]
-fn a_running_pod_becomes_an_hbone_workload_when_its_namespace_opted_in() {
-    let f = PodFacts::of(&running()).unwrap();
+fn a_running_pod_becomes_an_hbone_workload_when_its_namespace_opted_in_and_it_is_served() {
+    let f = PodFacts::of(&enrolled()).unwrap();
     assert_eq!(
         f.ips,
         vec![
@@ -59,6 +69,30 @@ fn a_running_pod_becomes_an_hbone_workload_when_its_namespace_opted_in() {
     );
     assert!(f.enrollable(true));
     assert!(!f.enrollable(false));
+}
+
+/// Istio waits for `ambient.istio.io/redirection`; hboned for its own record. Without it
+/// (enrollment pending or failed, a node without hboned) or with another value, peers stay
+/// in plaintext, so the pod remains reachable.
+#[test]
+fn an_opted_in_pod_is_reached_over_hbone_only_once_its_enrollment_is_recorded() {
+    let f = PodFacts::of(&running()).unwrap();
+    assert!(!f.redirected);
+    assert!(f.enrollable(true), "its own node still enrolls it");
+    assert_eq!(
+        f.workload(true, "example.org", "c1").unwrap().protocol,
+        Protocol::Tcp
+    );
+    for value in ["", "disabled", "Enabled"] {
+        let mut p = running();
+        p.metadata.annotations = Some(BTreeMap::from([(
+            REDIRECTION_ANNOTATION.to_owned(),
+            value.to_owned(),
+        )]));
+        assert!(!PodFacts::of(&p).unwrap().redirected, "{value:?}");
+    }
+    let f = PodFacts::of(&enrolled()).unwrap();
+    assert!(f.redirected && f.served(true) && !f.served(false));
 }
 
 #[test]
