@@ -175,19 +175,25 @@ impl Topology {
         };
         topo.build()?;
         for pod in PODS.iter().filter(|p| p.enrolled && rules) {
-            let out = Command::new(bin)
-                .args(["redirect", "install", "--netns"])
-                .arg(topo.netns_path(pod.name))
-                .output()?;
-            if !out.status.success() {
-                bail!(
-                    "hboned redirect install failed for {}: {}",
-                    pod.name,
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+            topo.install_rules(bin, pod.name)?;
         }
         Ok(topo)
+    }
+
+    /// `hboned redirect install` in pod `pod`'s namespace: hboned's rule set, as a node agent
+    /// installs it.
+    pub fn install_rules(&self, bin: &Path, pod: &str) -> anyhow::Result<()> {
+        let out = Command::new(bin)
+            .args(["redirect", "install", "--netns"])
+            .arg(self.netns_path(pod))
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "hboned redirect install failed for {pod}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
     }
 
     /// Starts one proxy per node, each config changed by `adjust_a` / `adjust_b`, and returns

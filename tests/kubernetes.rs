@@ -457,16 +457,7 @@ mod netns {
         let bin = bin();
         let (mut topo, api, _processes) = cluster(&[]);
         // An earlier run's rules in a pod that is not enrolled (its namespace never opted in).
-        let out = std::process::Command::new(bin)
-            .args(["redirect", "install", "--netns"])
-            .arg(topo.netns_path(A2.name))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        topo.install_rules(bin, A2.name).unwrap();
         assert!(has_rules(&topo, A2.name));
 
         let (url_a, url_b) = serve_api(&topo, &api);

@@ -270,16 +270,7 @@ async fn real_cilium_rolling_update_hands_the_node_over_without_flapping() {
     let mut topo = Topology::create_unenrolled(bin()).unwrap();
     // Node B is an ordinary hboned node: its pods carry hboned's own rules.
     for pod in [B1.name, B3.name] {
-        let out = std::process::Command::new(bin())
-            .args(["redirect", "install", "--netns"])
-            .arg(topo.netns_path(pod))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        topo.install_rules(bin(), pod).unwrap();
     }
     let zds = dir.path().join("zds.sock");
     let mut agent = CiliumAgent::start(None, &zds, None, &dir.path().join("cilium-a.log")).await;
