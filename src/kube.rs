@@ -93,23 +93,31 @@ impl Drop for Running {
 }
 
 /// Starts the full agent: discovery into `state` and enrollment of this node's pods through
-/// `pods`. `ready` turns true once every watch has listed and the first enrollment pass ran.
+/// `pods`, failed attempts counted in `metrics`. `ready` turns true once every watch has
+/// listed and the first enrollment pass ran.
 pub fn start(
     client: kube::Client,
     settings: Settings,
     state: Arc<SharedState>,
     pods: Arc<dyn PodHandler>,
+    metrics: Arc<crate::metrics::Metrics>,
     ready: watch::Sender<bool>,
 ) -> Running {
     let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired::default()));
     let (records_tx, records_rx) = tokio::sync::mpsc::unbounded_channel();
-    let enroller = enroll::Enroller::new(pods, ready).recording(records_tx);
+    let enroller = enroll::Enroller::new(pods, ready)
+        .recording(records_tx)
+        .counting(metrics.clone());
     let agent = Agent::new(settings.clone(), state, Some(desired_tx));
     Running {
         tasks: vec![
             tokio::spawn(agent.run(client.clone(), true)),
             tokio::spawn(enroller.run(desired_rx)),
-            tokio::spawn(enroll::record_enrollments(client, records_rx)),
+            tokio::spawn(enroll::record_enrollments(
+                client,
+                records_rx,
+                Some(metrics),
+            )),
         ],
     }
 }

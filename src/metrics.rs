@@ -167,6 +167,11 @@ struct DecisionLabel {
     decision: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
 /// Every metric hboned exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -180,6 +185,7 @@ pub struct Metrics {
     pub enrolled_pods: Gauge,
     cert_expiry: Family<IdentityLabel, Gauge>,
     dry_run: Family<DecisionLabel, Counter>,
+    enrollment_failures: Family<ReasonLabel, Counter>,
     /// One shared copy of each label set live connections carry (23 owned strings, ~1.3 KiB
     /// with their heap, would otherwise be held by every connection). Bounded like the
     /// families themselves: by the workload pairs seen.
@@ -201,6 +207,7 @@ impl Metrics {
         let enrolled_pods = Gauge::default();
         let cert_expiry = Family::<IdentityLabel, Gauge>::default();
         let dry_run = Family::<DecisionLabel, Counter>::default();
+        let enrollment_failures = Family::<ReasonLabel, Counter>::default();
         // Counters get their `_total` suffix from the encoder.
         registry.register(
             "istio_tcp_connections_opened",
@@ -242,6 +249,11 @@ impl Metrics {
             "Connections to which dry-run policies applied, by the decision they would make",
             dry_run.clone(),
         );
+        registry.register(
+            "hboned_enrollment_failures",
+            "Attempts to enroll a pod (Kubernetes mode) that failed, by reason: no_process (its namespace not found yet), listeners, rules, record (the pod's enrollment record not written)",
+            enrollment_failures.clone(),
+        );
         Arc::new(Metrics {
             registry,
             opened,
@@ -252,8 +264,16 @@ impl Metrics {
             enrolled_pods,
             cert_expiry,
             dry_run,
+            enrollment_failures,
             interned: crate::sync::Lock::default(),
         })
+    }
+
+    /// One failed attempt to enroll a pod, for `reason`.
+    pub fn enrollment_failed(&self, reason: &'static str) {
+        self.enrollment_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     /// The shared copy of `labels`.
@@ -347,6 +367,8 @@ mod tests {
         m.closed(&labels);
         m.failed(&labels.clone().failed("connect_failed"));
         m.enrolled_pods.set(3);
+        m.enrollment_failed("rules");
+        m.enrollment_failed("rules");
         m.dry_run_decision(false);
         m.set_certificate_expiries(&[(
             id,
@@ -360,6 +382,7 @@ mod tests {
             "} 42",
             "response_flags=\"connect_failed\",connection_security_policy=\"mutual_tls\"} 1",
             "hboned_enrolled_pods 3",
+            "hboned_enrollment_failures_total{reason=\"rules\"} 2",
             "hboned_policy_dry_run_decisions_total{decision=\"deny\"} 1",
             "hboned_certificate_renewals_total 1",
             "hboned_certificate_expiry_seconds{identity=\"spiffe://cluster.local/ns/prod/sa/web\"} 1900000000",

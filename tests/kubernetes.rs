@@ -514,6 +514,23 @@ mod netns {
             assert_eq!(record(&p).as_deref(), Some("enabled"), "{}", p.name);
         }
         assert_eq!(record(&A2), None);
+        // A pod of the namespace whose process never shows (its sandbox gone): not enrolled,
+        // not recorded, its failed attempts counted.
+        let ghost = PodDef {
+            uid: "0000dead-0000-4000-8000-000000000001".into(),
+            name: "ghost".into(),
+            enrolled: false,
+            ips: vec!["198.18.11.99".parse().unwrap()],
+            ..def(&topo, &A1)
+        };
+        api.apply_pod(&ghost);
+        eventually(20, || {
+            http_get(&topo, "na", 15020, "/metrics")
+                .contains("hboned_enrollment_failures_total{reason=\"no_process\"}")
+        })
+        .await;
+        assert_eq!(api.pod_annotation("demo", "ghost", REDIRECTION), None);
+        api.delete_pod("demo", "ghost");
         // Plaintext from an enrolled pod that slipped past its capture (a socket carrying the
         // proxy's own mark) is refused at b1: an enrolled pod's traffic must come tunneled.
         let bypass = topo.netns(A1.name).unwrap().run(|| {

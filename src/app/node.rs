@@ -98,7 +98,7 @@ impl Node {
             None => None,
         };
         let metrics_addr = match config.metrics_address {
-            Some(addr) => Some(serve_metrics(addr, metrics, certs.clone())?),
+            Some(addr) => Some(serve_metrics(addr, metrics.clone(), certs.clone())?),
             None => None,
         };
         // The node agent last, once the proxy's own ports answer: a probe during the first
@@ -110,7 +110,7 @@ impl Node {
         });
         let kube = match &config.kubernetes {
             Some(settings) => Some(start_kubernetes(
-                &config, settings, &state, &manager, kube_tx,
+                &config, settings, &state, &manager, &metrics, kube_tx,
             )?),
             None => None,
         };
@@ -208,6 +208,7 @@ fn start_kubernetes(
     _: &crate::config::KubernetesConfig,
     _: &Arc<SharedState>,
     _: &Arc<PodManager>,
+    _: &Arc<Metrics>,
     _: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<KubeAgent> {
     anyhow::bail!("this build of hboned has no Kubernetes mode (cargo feature `kubernetes`)")
@@ -220,6 +221,7 @@ fn start_kubernetes(
     settings: &crate::config::KubernetesConfig,
     state: &Arc<SharedState>,
     manager: &Arc<PodManager>,
+    metrics: &Arc<Metrics>,
     ready: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<crate::kube::Running> {
     let client = crate::kube::client(settings)?;
@@ -242,6 +244,7 @@ fn start_kubernetes(
         },
         state.clone(),
         handler,
+        metrics.clone(),
         ready,
     ))
 }

@@ -109,6 +109,8 @@ pub struct Enroller {
     ready: watch::Sender<bool>,
     /// Where enrollments go to be recorded on their pods.
     records: Option<mpsc::UnboundedSender<Record>>,
+    /// Where failed attempts are counted.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     enrolled: HashMap<String, Enrolled>,
     /// The addresses the probe chain was last written with.
     probe_ips: Option<Vec<IpAddr>>,
@@ -130,6 +132,7 @@ impl Enroller {
             pods,
             ready,
             records: None,
+            metrics: None,
             enrolled: HashMap::new(),
             probe_ips: None,
             swept: false,
@@ -141,6 +144,18 @@ impl Enroller {
     pub fn recording(mut self, records: mpsc::UnboundedSender<Record>) -> Enroller {
         self.records = Some(records);
         self
+    }
+
+    /// Counts failed attempts in `metrics` (`hboned_enrollment_failures`).
+    pub fn counting(mut self, metrics: Arc<crate::metrics::Metrics>) -> Enroller {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn failed(&self, reason: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.enrollment_failed(reason);
+        }
     }
 
     fn record(&self, uid: &str, namespace: &str, name: &str, enrolled: bool) {
@@ -214,6 +229,7 @@ impl Enroller {
                     Some(netns) => pending |= !self.enroll(uid, pod, netns),
                     None => {
                         tracing::debug!(pod = %uid, name = %pod.name, "no process of the pod found yet; retrying");
+                        self.failed("no_process");
                         pending = true;
                     }
                 }
@@ -242,15 +258,18 @@ impl Enroller {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(pod = %uid, error = %e, "cannot keep the pod's namespace open");
+                self.failed("listeners");
                 return false;
             }
         };
         if let Err(e) = self.pods.add(info, netns) {
             tracing::warn!(pod = %uid, name = %pod.name, error = %e, "cannot serve the pod; retrying");
+            self.failed("listeners");
             return false;
         }
         if let Err(e) = redirect::install(&kept) {
             tracing::error!(pod = %uid, name = %pod.name, error = %e, "cannot install the redirect rules; retrying");
+            self.failed("rules");
             self.pods.remove(uid);
             return false;
         }
@@ -334,10 +353,12 @@ impl Enroller {
 }
 
 /// Records enrollments on their pods through the API server, the latest wish per pod, each
-/// retried with backoff until the API server took it or the pod is gone (404).
+/// retried with backoff until the API server took it or the pod is gone (404); failures are
+/// counted in `metrics`.
 pub async fn record_enrollments(
     client: kube::Client,
     mut records: mpsc::UnboundedReceiver<Record>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 ) {
     let mut backoff =
         crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
@@ -358,6 +379,9 @@ pub async fn record_enrollments(
         for (uid, record) in std::mem::take(&mut pending) {
             if let Err(e) = annotate(&client, &record).await {
                 tracing::warn!(pod = %uid, name = %record.name, error = %e, "cannot record the pod's enrollment on it; retrying");
+                if let Some(m) = &metrics {
+                    m.enrollment_failed("record");
+                }
                 failed = true;
                 // A newer wish that came meanwhile wins.
                 pending.entry(uid).or_insert(record);

@@ -20,6 +20,11 @@ use crate::state::{Protocol, Workload};
 pub const REDIRECTION_ANNOTATION: &str = "hboned.io/redirection";
 /// Its value while the pod is enrolled.
 pub const REDIRECTION_ENABLED: &str = "enabled";
+/// A pod label that keeps a pod of an opted-in namespace out (`none`), as Istio's
+/// `istio.io/dataplane-mode=none` does for ambient.
+pub const OPT_OUT_LABEL: &str = "hboned.io/dataplane-mode";
+/// The value of [`OPT_OUT_LABEL`] that opts a pod out.
+pub const OPT_OUT: &str = "none";
 
 /// Whether a namespace with `labels` is opted in by any of `matches`.
 pub fn opted_in(matches: &[LabelMatch], labels: Option<&BTreeMap<String, String>>) -> bool {
@@ -43,6 +48,8 @@ pub struct PodFacts {
     pub ready: bool,
     /// Its node's agent recorded it enrolled ([`REDIRECTION_ANNOTATION`]).
     pub redirected: bool,
+    /// Labelled out of the mesh ([`OPT_OUT_LABEL`]).
+    pub opted_out: bool,
     /// Its controller's name (a Deployment's, from the ReplicaSet's), else its own.
     pub workload_name: String,
     pub canonical_name: String,
@@ -115,6 +122,9 @@ impl PodFacts {
                 .as_ref()
                 .and_then(|a| a.get(REDIRECTION_ANNOTATION))
                 .is_some_and(|v| v == REDIRECTION_ENABLED),
+            opted_out: labels
+                .and_then(|l| l.get(OPT_OUT_LABEL))
+                .is_some_and(|v| v == OPT_OUT),
             workload_name,
             canonical_name,
             canonical_revision,
@@ -123,13 +133,17 @@ impl PodFacts {
 
     /// Whether peers reach it over HBONE: its namespace opted in and its node's proxy serves it.
     pub fn served(&self, namespace_opted_in: bool) -> bool {
-        namespace_opted_in && self.redirected && !self.host_network
+        namespace_opted_in && self.redirected && !self.opted_out && !self.host_network
     }
 
-    /// Whether this node's agent enrolls it, given whether its namespace opted in: a running
-    /// pod with an address and a network namespace of its own.
+    /// Whether this node's agent enrolls it, given whether its namespace opted in: a running,
+    /// not opted-out pod with an address and a network namespace of its own.
     pub fn enrollable(&self, namespace_opted_in: bool) -> bool {
-        namespace_opted_in && !self.host_network && !self.terminal && !self.ips.is_empty()
+        namespace_opted_in
+            && !self.opted_out
+            && !self.host_network
+            && !self.terminal
+            && !self.ips.is_empty()
     }
 
     /// The workload this pod is, reached by HBONE when its namespace opted in and its

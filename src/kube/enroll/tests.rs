@@ -15,6 +15,7 @@ fn facts(uid: &str, namespace: &str, ips: &[&str], host_network: bool) -> PodFac
         terminal: false,
         ready: true,
         redirected: false,
+        opted_out: false,
         workload_name: uid.into(),
         canonical_name: uid.into(),
         canonical_revision: "latest".into(),

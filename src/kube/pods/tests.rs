@@ -205,3 +205,27 @@ fn namespace_labels_match_by_value_or_presence() {
         assert!(LabelMatch::parse(bad).is_err(), "{bad:?}");
     }
 }
+
+/// `hboned.io/dataplane-mode: none` keeps a pod of an opted-in namespace out: not enrolled,
+/// not reached over HBONE even if an earlier record says so (that record is taken away).
+#[test]
+fn a_pod_labelled_out_is_neither_enrolled_nor_tunneled_to() {
+    let mut p = enrolled();
+    p.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(OPT_OUT_LABEL.to_owned(), OPT_OUT.to_owned());
+    let f = PodFacts::of(&p).unwrap();
+    assert!(f.opted_out && !f.enrollable(true) && !f.served(true));
+    assert_eq!(
+        f.workload(true, "example.org", "c1").unwrap().protocol,
+        Protocol::Tcp
+    );
+    // Another value is no opt-out.
+    p.metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert(OPT_OUT_LABEL.to_owned(), "ambient".to_owned());
+    assert!(PodFacts::of(&p).unwrap().enrollable(true));
+}
