@@ -7,6 +7,7 @@
 //! IPs on demand (subscribing `<network>/<ip>`, one request per IP however many wait).
 
 pub mod convert;
+pub mod server;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;

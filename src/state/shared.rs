@@ -2,7 +2,8 @@
 //! [`State`]. It hides the lock (a poisoned lock is recovered: every change to the state is a
 //! whole upsert or removal, so a panic elsewhere cannot leave it half-written) and tells
 //! whoever watches when the policies changed, so live connections are re-checked on a change
-//! rather than on a timer.
+//! rather than on a timer, and whoever serves the state on (the node agent's xDS server) when
+//! anything changed.
 
 use std::sync::{RwLock, RwLockReadGuard};
 
@@ -16,6 +17,8 @@ pub struct SharedState {
     state: RwLock<State>,
     /// The state's policy generation, published after each change that moved it.
     policies: watch::Sender<u64>,
+    /// Bumped after every change of any kind.
+    changes: watch::Sender<u64>,
 }
 
 impl SharedState {
@@ -24,6 +27,7 @@ impl SharedState {
         SharedState {
             state: RwLock::new(state),
             policies,
+            changes: watch::channel(0).0,
         }
     }
 
@@ -45,6 +49,7 @@ impl SharedState {
         if let Some(g) = generation {
             self.policies.send_replace(g);
         }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
         out
     }
 
@@ -52,6 +57,11 @@ impl SharedState {
     /// changed; many changes in a row may be seen as one.
     pub(crate) fn policy_changes(&self) -> watch::Receiver<u64> {
         self.policies.subscribe()
+    }
+
+    /// Resolves (via `changed()`) after any change; many changes in a row may be seen as one.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 
