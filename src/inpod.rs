@@ -497,6 +497,9 @@ pub enum PodError {
     },
     #[error("keep for pod {0}, which is not enrolled: send AddWorkload with its netns")]
     NotEnrolled(String),
+    /// The node agent could not hand the pod to its proxy.
+    #[error("pod {uid}: the proxy does not serve it: {reason}")]
+    Proxy { uid: String, reason: String },
 }
 
 /// Why one ZDS request was refused (the Ack's error; the session goes on).

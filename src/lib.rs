@@ -35,9 +35,12 @@
 #![deny(unsafe_code)]
 
 pub mod admin;
+#[cfg(feature = "kubernetes")]
+pub mod agent;
 pub mod app;
 pub mod authz;
 pub mod backoff;
+pub mod cni;
 pub mod config;
 pub mod control_plane;
 pub mod drain;

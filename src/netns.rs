@@ -80,6 +80,12 @@ impl Netns {
         }
     }
 
+    /// The descriptor that holds the namespace (handed to a proxy over ZDS).
+    pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.file.as_fd()
+    }
+
     pub(crate) fn name(&self) -> &str {
         &self.name
     }

@@ -1,0 +1,3 @@
+//! `hboned agent`: Kubernetes mode's node agent, the privileged half of the mode.
+
+pub mod zds;
