@@ -112,7 +112,7 @@ pub fn start(
     Running {
         tasks: vec![
             tokio::spawn(agent.run(client.clone(), true)),
-            tokio::spawn(enroller.run(desired_rx)),
+            tokio::spawn(enroller.run(desired_rx, None)),
             tokio::spawn(enroll::record_enrollments(
                 client,
                 records_rx,

@@ -206,6 +206,20 @@ pub fn set_probe_snat(node: &Netns, ips: &[std::net::IpAddr]) -> Result<(), Redi
     Ok(())
 }
 
+/// Takes the probe chain and its jump out of the node's namespace (an uninstall); what is not
+/// there is not an error.
+pub fn remove_probe_snat(node: &Netns) -> Result<(), RedirectError> {
+    let _lock = NodeLock::take();
+    for family in Family::ALL {
+        let jump = ["-t", "nat", "-D", "POSTROUTING", "-j", PROBE_CHAIN];
+        while run(node, family.iptables(), &jump, None).is_ok() {}
+        for action in ["-F", "-X"] {
+            let _ = run(node, family.iptables(), &["-t", "nat", action, PROBE_CHAIN], None);
+        }
+    }
+    Ok(())
+}
+
 /// An exclusive lock on `/run/hboned/redirect.lock` while rules change: two proxies on one
 /// node (a rolling update) never interleave their changes to the same pod or chain. Without
 /// the directory (not root, no /run) the change goes ahead unlocked.

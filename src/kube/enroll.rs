@@ -10,14 +10,20 @@
 //! taken away when they go (so peers use HBONE only to pods that are served); the API calls
 //! run in [`record_enrollments`]. Stopping it (a drain) changes nothing, so a successor takes
 //! the pods over as they are.
+//!
+//! With the CNI plugin installed (`hboned agent`), a new pod is enrolled in its CNI ADD
+//! ([`CniCall`]), by the namespace the runtime names, before any of its containers starts; the
+//! watches then confirm it (a pod the watch has not shown yet is kept for [`CNI_GRACE`]). A
+//! CNI DEL of the sandbox that was enrolled lets the pod go. Pods that were running before the
+//! plugin are found through `/proc` as without it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use super::pods::PodFacts;
 use crate::inpod::{PodHandler, PodInfo};
@@ -67,7 +73,12 @@ impl Desired {
                         name: pod.name.clone(),
                         namespace: pod.namespace.clone(),
                         service_account: pod.service_account.clone(),
-                        ips: pod.ips.clone(),
+                        // Sorted, as the CNI plugin sends them: equal sets compare equal.
+                        ips: {
+                            let mut ips = pod.ips.clone();
+                            ips.sort_unstable();
+                            ips
+                        },
                     },
                 );
             } else {
@@ -101,6 +112,41 @@ struct Enrolled {
     pod: LocalPod,
     /// The pod's namespace, kept to take the rules out again.
     netns: Netns,
+    /// Enrolled by a CNI ADD: when, and for which sandbox.
+    cni: Option<(Instant, String)>,
+    /// The watches have shown the pod as it is enrolled.
+    seen: bool,
+}
+
+/// How long a pod enrolled by its CNI ADD is kept before the watches show it.
+pub const CNI_GRACE: Duration = Duration::from_secs(120);
+
+/// A request of the CNI plugin, decided upon by the agent's CNI endpoint (which read the pod
+/// from the API server); answered on `reply` with the reason of a failure.
+#[derive(Debug)]
+pub enum CniCall {
+    /// Enroll the pod in the namespace at `netns` (sandbox `container_id`).
+    Enroll {
+        uid: String,
+        pod: LocalPod,
+        netns: PathBuf,
+        container_id: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Let the pod go, if `container_id` is the sandbox that was enrolled.
+    Release {
+        uid: Option<String>,
+        namespace: String,
+        name: String,
+        container_id: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Whether the pod is served.
+    Check {
+        namespace: String,
+        name: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// Reconciles enrolled pods with [`Desired`]; see the module docs.
@@ -112,6 +158,9 @@ pub struct Enroller {
     /// Where failed attempts are counted.
     metrics: Option<Arc<crate::metrics::Metrics>>,
     enrolled: HashMap<String, Enrolled>,
+    /// Pods a CNI DEL let go, not to be found again through `/proc` while they linger in the
+    /// API (uid → the sandbox).
+    released: HashMap<String, String>,
     /// The addresses the probe chain was last written with.
     probe_ips: Option<Vec<IpAddr>>,
     swept: bool,
@@ -134,6 +183,7 @@ impl Enroller {
             records: None,
             metrics: None,
             enrolled: HashMap::new(),
+            released: HashMap::new(),
             probe_ips: None,
             swept: false,
             proc: PathBuf::from("/proc"),
@@ -169,53 +219,175 @@ impl Enroller {
         }
     }
 
-    /// Follows `desired` until its sender goes; the blocking work (iptables, `/proc`) runs on
-    /// the blocking pool, one pass at a time.
-    pub async fn run(mut self, mut desired: watch::Receiver<Arc<Desired>>) {
+    /// Follows `desired` (and the CNI plugin's calls, when given) until its sender goes; the
+    /// blocking work (iptables, `/proc`, the proxy's answers) runs on the blocking pool, one
+    /// pass or call at a time.
+    pub async fn run(
+        mut self,
+        mut desired: watch::Receiver<Arc<Desired>>,
+        mut cni: Option<mpsc::Receiver<CniCall>>,
+    ) {
+        let mut pass = true;
+        let mut pending = false;
         loop {
-            let want = desired.borrow_and_update().clone();
-            let mut pending = false;
-            if want.synced {
-                let done = tokio::task::spawn_blocking(move || {
-                    let pending = self.reconcile(&want);
-                    (self, pending)
-                })
-                .await;
-                match done {
-                    Ok((back, p)) => {
-                        self = back;
-                        pending = p;
+            if pass {
+                let want = desired.borrow_and_update().clone();
+                if want.synced {
+                    match self.blocking(move |e| e.reconcile(&want)).await {
+                        Some((back, p)) => {
+                            self = back;
+                            pending = p;
+                        }
+                        None => return,
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "the enrollment pass failed; stopping enrollment");
-                        return;
-                    }
+                    self.ready.send_replace(true);
                 }
-                self.ready.send_replace(true);
             }
+            pass = true;
             tokio::select! {
                 changed = desired.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(RETRY), if pending => {}
+                call = next_call(cni.as_mut()) => match call {
+                    Some(call) => {
+                        match self.blocking(move |e| e.cni(call)).await {
+                            Some((back, ())) => self = back,
+                            None => return,
+                        }
+                        pass = false;
+                    }
+                    None => cni = None,
+                },
             }
         }
+    }
+
+    /// Runs `f` on the blocking pool; `None` when it panicked (enrollment stops, logged).
+    async fn blocking<T: Send + 'static>(
+        mut self,
+        f: impl FnOnce(&mut Enroller) -> T + Send + 'static,
+    ) -> Option<(Enroller, T)> {
+        match tokio::task::spawn_blocking(move || {
+            let out = f(&mut self);
+            (self, out)
+        })
+        .await
+        {
+            Ok(done) => Some(done),
+            Err(e) => {
+                tracing::error!(error = %e, "the enrollment pass failed; stopping enrollment");
+                None
+            }
+        }
+    }
+
+    /// One call of the CNI plugin.
+    fn cni(&mut self, call: CniCall) {
+        match call {
+            CniCall::Enroll {
+                uid,
+                pod,
+                netns,
+                container_id,
+                reply,
+            } => {
+                let result = self.cni_enroll(&uid, pod, &netns, container_id);
+                self.update_probe_chain();
+                let _ = reply.send(result);
+            }
+            CniCall::Release {
+                uid,
+                namespace,
+                name,
+                container_id,
+                reply,
+            } => {
+                let uid = uid.or_else(|| self.uid_of(&namespace, &name));
+                if let Some(uid) = uid {
+                    let ours = self.enrolled.get(&uid).is_some_and(|e| match &e.cni {
+                        Some((_, sandbox)) => *sandbox == container_id,
+                        // Found through /proc: its sandbox is the one going.
+                        None => true,
+                    });
+                    if ours {
+                        self.unenroll(&uid);
+                        self.released.insert(uid, container_id);
+                        self.update_probe_chain();
+                    }
+                }
+                let _ = reply.send(Ok(()));
+            }
+            CniCall::Check {
+                namespace,
+                name,
+                reply,
+            } => {
+                let result = match self.uid_of(&namespace, &name) {
+                    Some(_) => Ok(()),
+                    None => Err(format!("pod {namespace}/{name} is not enrolled")),
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn uid_of(&self, namespace: &str, name: &str) -> Option<String> {
+        self.enrolled
+            .iter()
+            .find(|(_, e)| e.pod.namespace == namespace && e.pod.name == name)
+            .map(|(uid, _)| uid.clone())
+    }
+
+    /// Enrolls a pod by the namespace its CNI ADD names; the same sandbox again is a no-op,
+    /// a new one replaces the old.
+    fn cni_enroll(
+        &mut self,
+        uid: &str,
+        pod: LocalPod,
+        path: &std::path::Path,
+        container_id: String,
+    ) -> Result<(), String> {
+        let netns = Netns::open(path).map_err(|e| e.to_string())?;
+        if let Some(e) = self.enrolled.get(uid) {
+            let same = matches!((e.netns.inode(), netns.inode()), (Ok(a), Ok(b)) if a == b);
+            if same {
+                return Ok(());
+            }
+            self.unenroll(uid);
+        }
+        self.released.remove(uid);
+        self.enroll(uid, &pod, netns)?;
+        if let Some(e) = self.enrolled.get_mut(uid) {
+            e.cni = Some((Instant::now(), container_id));
+        }
+        Ok(())
     }
 
     /// One pass; true when some pod is still to be enrolled.
     fn reconcile(&mut self, want: &Desired) -> bool {
         // Gone, or changed (a new sandbox comes with new addresses): let go, then enroll anew.
+        // A pod its CNI ADD enrolled is kept until the watches could have shown it.
+        for (uid, e) in &mut self.enrolled {
+            e.seen |= want.enroll.get(uid) == Some(&e.pod);
+        }
         let gone: Vec<String> = self
             .enrolled
             .iter()
-            .filter(|(uid, e)| want.enroll.get(*uid) != Some(&e.pod))
+            .filter(|(uid, e)| {
+                let waiting = !e.seen
+                    && !want.enroll.contains_key(*uid)
+                    && e.cni.as_ref().is_some_and(|(at, _)| at.elapsed() < CNI_GRACE);
+                want.enroll.get(*uid) != Some(&e.pod) && !waiting
+            })
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in gone {
             self.unenroll(&uid);
         }
+        self.released.retain(|uid, _| want.enroll.contains_key(uid));
         let missing: HashMap<String, Vec<IpAddr>> = want
             .enroll
             .iter()
-            .filter(|(uid, _)| !self.enrolled.contains_key(*uid))
+            .filter(|(uid, _)| !self.enrolled.contains_key(*uid) && !self.released.contains_key(*uid))
             .map(|(uid, pod)| (uid.clone(), pod.ips.clone()))
             .collect();
         let mut pending = false;
@@ -226,7 +398,7 @@ impl Enroller {
                     continue;
                 }
                 match found.remove(uid) {
-                    Some(netns) => pending |= !self.enroll(uid, pod, netns),
+                    Some(netns) => pending |= self.enroll(uid, pod, netns).is_err(),
                     None => {
                         tracing::debug!(pod = %uid, name = %pod.name, "no process of the pod found yet; retrying");
                         self.failed("no_process");
@@ -246,8 +418,9 @@ impl Enroller {
         pending
     }
 
-    /// Listeners first, then rules; on a rule failure the pod is let go and retried.
-    fn enroll(&mut self, uid: &str, pod: &LocalPod, netns: Netns) -> bool {
+    /// Listeners first, then rules; on a rule failure the pod is let go and retried. The
+    /// error says why, for the CNI plugin's answer.
+    fn enroll(&mut self, uid: &str, pod: &LocalPod, netns: Netns) -> Result<(), String> {
         let info = PodInfo {
             uid: uid.to_owned(),
             name: pod.name.clone(),
@@ -259,19 +432,19 @@ impl Enroller {
             Err(e) => {
                 tracing::warn!(pod = %uid, error = %e, "cannot keep the pod's namespace open");
                 self.failed("listeners");
-                return false;
+                return Err(format!("cannot keep the pod's namespace open: {e}"));
             }
         };
         if let Err(e) = self.pods.add(info, netns) {
             tracing::warn!(pod = %uid, name = %pod.name, error = %e, "cannot serve the pod; retrying");
             self.failed("listeners");
-            return false;
+            return Err(e.to_string());
         }
         if let Err(e) = redirect::install(&kept) {
             tracing::error!(pod = %uid, name = %pod.name, error = %e, "cannot install the redirect rules; retrying");
             self.failed("rules");
             self.pods.remove(uid);
-            return false;
+            return Err(format!("cannot install the redirect rules: {e}"));
         }
         tracing::info!(pod = %uid, name = %pod.name, namespace = %pod.namespace, "pod enrolled");
         self.record(uid, &pod.namespace, &pod.name, true);
@@ -280,9 +453,11 @@ impl Enroller {
             Enrolled {
                 pod: pod.clone(),
                 netns: kept,
+                cni: None,
+                seen: false,
             },
         );
-        true
+        Ok(())
     }
 
     /// Rules out first, then listeners (the mirror of [`Enroller::enroll`]).
@@ -349,6 +524,14 @@ impl Enroller {
                 tracing::error!(error = %e, "cannot update the kubelet probe rules; probes to enrolled pods will be captured")
             }
         }
+    }
+}
+
+/// The next CNI call, or never when there is no plugin.
+async fn next_call(cni: Option<&mut mpsc::Receiver<CniCall>>) -> Option<CniCall> {
+    match cni {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
