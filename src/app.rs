@@ -1,12 +1,17 @@
 //! Wiring for the binary, no protocol logic: [`node`] builds the node proxy from a
 //! [`crate::config::Config`], serves it until the shutdown future the caller passes resolves,
-//! and drains; [`loopback`] is a self-contained mode for machines without namespaces;
+//! and drains; `agent` is Kubernetes mode's node agent (`hboned agent`), which serves a
+//! proxy; [`loopback`] is a self-contained mode for machines without namespaces;
 //! `certs` picks the certificate source the config names.
 
+#[cfg(feature = "kubernetes")]
+mod agent;
 mod certs;
 pub(crate) mod loopback;
 pub(crate) mod node;
 
+#[cfg(feature = "kubernetes")]
+pub use agent::{Uninstalled, run_agent, uninstall};
 pub use loopback::{LoopbackSettings, run_loopback};
 pub use node::{Node, run};
 

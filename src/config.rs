@@ -74,6 +74,62 @@ pub struct Config {
     /// namespaces) and discovers workloads from the API server. Present: on. Refused with
     /// `zdsSocket`, `xds.address` or `pods`, which would mean a second agent for the same pods.
     pub kubernetes: Option<KubernetesConfig>,
+    /// Refuse plaintext into an enrolled pod whose source is an enrolled pod (its capture was
+    /// bypassed; it should have come through a tunnel). Always on in Kubernetes mode; set it on
+    /// the proxy of `hboned agent`.
+    pub refuse_mesh_plaintext: bool,
+    /// `hboned agent`'s own settings (Kubernetes mode's node agent, with `kubernetes:`); the
+    /// proxy does not read them.
+    pub agent: AgentConfig,
+}
+
+/// The node agent's sockets and its CNI plugin (README "Kubernetes mode").
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Where the proxy takes pods from (ZDS; the proxy's `zdsSocket`).
+    pub zds_socket: PathBuf,
+    /// Where the proxy discovers workloads and services (delta xDS; the proxy's
+    /// `xds.address: unix://...`).
+    pub xds_socket: PathBuf,
+    /// Where the CNI plugin asks for enrollments.
+    pub cni_socket: PathBuf,
+    /// Install the CNI plugin into the node's CNI configuration; unset: pods are found
+    /// through `/proc` once they run (their first connections uncaptured).
+    pub cni: Option<CniConfig>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            zds_socket: PathBuf::from("/var/run/hboned/zds.sock"),
+            xds_socket: PathBuf::from("/var/run/hboned/xds.sock"),
+            cni_socket: PathBuf::from(crate::cni::DEFAULT_AGENT_SOCKET),
+            cni: None,
+        }
+    }
+}
+
+/// Where the CNI plugin goes on the node.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct CniConfig {
+    /// The runtime's network configuration directory.
+    pub conf_dir: PathBuf,
+    /// The runtime's plugin directory.
+    pub bin_dir: PathBuf,
+    /// The plugin binary to install; unset: `hboned-cni` beside the running `hboned`.
+    pub plugin: Option<PathBuf>,
+}
+
+impl Default for CniConfig {
+    fn default() -> Self {
+        CniConfig {
+            conf_dir: PathBuf::from("/etc/cni/net.d"),
+            bin_dir: PathBuf::from("/opt/cni/bin"),
+            plugin: None,
+        }
+    }
 }
 
 /// Kubernetes mode's settings (README "Kubernetes mode").
@@ -142,6 +198,8 @@ impl Default for Config {
             drain_timeout_secs: 30,
             xds: XdsConfig::default(),
             kubernetes: None,
+            refuse_mesh_plaintext: false,
+            agent: AgentConfig::default(),
         }
     }
 }

@@ -70,6 +70,27 @@ pub struct Settings {
     pub cluster_domain: String,
 }
 
+impl Settings {
+    /// From the config file (`node`, `trustDomain`, `clusterId` and `kubernetes:`).
+    pub fn from_config(
+        config: &crate::config::Config,
+        kube: &KubernetesConfig,
+    ) -> Result<Settings, crate::config::BadLabel> {
+        Ok(Settings {
+            node: config.node.clone(),
+            labels: kube
+                .namespace_labels
+                .iter()
+                .map(|l| LabelMatch::parse(l))
+                .collect::<Result<_, _>>()?,
+            trust_domain: config.trust_domain.clone(),
+            cluster_id: config.cluster_id.clone(),
+            services: kube.services,
+            cluster_domain: kube.cluster_domain.clone(),
+        })
+    }
+}
+
 /// The running agent: its watch task and (when it enrolls) the enroller; both stop on
 /// [`Running::stop`] or drop, leaving every rule in place for the next proxy.
 #[derive(Debug)]
@@ -93,8 +114,8 @@ impl Drop for Running {
 }
 
 /// Starts the full agent: discovery into `state` and enrollment of this node's pods through
-/// `pods`, failed attempts counted in `metrics`. `ready` turns true once every watch has
-/// listed and the first enrollment pass ran.
+/// `pods` (and, with `cni`, in the CNI plugin's ADDs), failed attempts counted in `metrics`.
+/// `ready` turns true once every watch has listed and the first enrollment pass ran.
 pub fn start(
     client: kube::Client,
     settings: Settings,
@@ -102,6 +123,7 @@ pub fn start(
     pods: Arc<dyn PodHandler>,
     metrics: Arc<crate::metrics::Metrics>,
     ready: watch::Sender<bool>,
+    cni: Option<tokio::sync::mpsc::Receiver<enroll::CniCall>>,
 ) -> Running {
     let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired::default()));
     let (records_tx, records_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -112,7 +134,7 @@ pub fn start(
     Running {
         tasks: vec![
             tokio::spawn(agent.run(client.clone(), true)),
-            tokio::spawn(enroller.run(desired_rx, None)),
+            tokio::spawn(enroller.run(desired_rx, cni)),
             tokio::spawn(enroll::record_enrollments(
                 client,
                 records_rx,

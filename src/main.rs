@@ -175,6 +175,18 @@ enum Command {
         #[arg(long, env = "HBONED_CONFIG")]
         config: Option<PathBuf>,
     },
+    /// Kubernetes mode's node agent (privileged; `kubernetes:` and `agent:` in the config):
+    /// enrolls this node's pods of labelled namespaces — in their CNI ADD with `agent.cni` —
+    /// and serves their netns (ZDS) and the workloads (xDS) to an unprivileged `hboned run`
+    /// on Unix sockets. `hboned agent uninstall` takes the plugin, every rule and the node's
+    /// chain off the node.
+    #[cfg(feature = "kubernetes")]
+    Agent {
+        #[arg(long, env = "HBONED_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        action: Option<AgentAction>,
+    },
     /// What Istio's ztunnel chart runs (`proxy ztunnel`): the node proxy configured from
     /// ztunnel's environment variables with ztunnel's defaults (README, "Under Istio");
     /// `HBONED_*` variables apply on top.
@@ -226,6 +238,13 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+}
+
+#[cfg(feature = "kubernetes")]
+#[derive(Subcommand, Debug)]
+enum AgentAction {
+    /// Remove what the agent put on the node (run with the agent stopped).
+    Uninstall,
 }
 
 #[derive(Subcommand, Debug)]
@@ -293,6 +312,25 @@ fn main() -> anyhow::Result<()> {
                 Box::new(set_log_level),
                 app::shutdown_signal(),
             ))
+        }
+        #[cfg(feature = "kubernetes")]
+        Command::Agent { config, action } => {
+            let config = hboned::config::Config::load(config.as_deref())?;
+            match action {
+                None => runtime()?.block_on(app::run_agent(config, app::shutdown_signal())),
+                Some(AgentAction::Uninstall) => {
+                    let done = app::uninstall(&config)?;
+                    println!(
+                        "hboned agent uninstalled: CNI plugin removed, rules removed from {} namespace(s), node chain removed",
+                        done.cleaned
+                    );
+                    if done.failed.is_empty() {
+                        Ok(())
+                    } else {
+                        anyhow::bail!("rules left in: {}", done.failed.join("; "))
+                    }
+                }
+            }
         }
         Command::Proxy {
             kind: ProxyKind::Ztunnel,

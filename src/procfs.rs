@@ -206,5 +206,40 @@ pub fn find_pod_netns(
     found
 }
 
+/// Every network namespace of the node but the one `proc`'s `self` is in: those of its
+/// processes, and those pinned under `pinned` (`/var/run/netns`, where container runtimes keep
+/// a sandbox's namespace), each once. What an uninstall sweeps for rules.
+pub fn other_namespaces(proc: &Path, pinned: &Path) -> Vec<Netns> {
+    let own = std::fs::metadata(proc.join("self/ns/net"))
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    let processes = std::fs::read_dir(proc)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .map(|e| e.path().join("ns/net"));
+    let pins = std::fs::read_dir(pinned)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path());
+    let mut seen = std::collections::HashSet::new();
+    own.map(|o| seen.insert(o));
+    let mut out = Vec::new();
+    for path in processes.chain(pins) {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        if let Ok(netns) = Netns::open(&path) {
+            out.push(netns);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests;

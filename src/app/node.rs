@@ -81,7 +81,7 @@ impl Node {
             preserve_source_ip: config.preserve_source_ip,
             resolver,
             local_pods,
-            refuse_mesh_plaintext: config.kubernetes.is_some(),
+            refuse_mesh_plaintext: config.refuse_mesh_plaintext || config.kubernetes.is_some(),
         }));
         tracing::info!(node = %config.node, trust_domain = %config.trust_domain, pods = config.pods.len(), workloads = config.workloads.len(), services = config.services.len(), "hboned node proxy starting");
         enroll_config_pods(&config, &manager);
@@ -225,27 +225,16 @@ fn start_kubernetes(
     ready: tokio::sync::watch::Sender<bool>,
 ) -> anyhow::Result<crate::kube::Running> {
     let client = crate::kube::client(settings)?;
-    let labels = settings
-        .namespace_labels
-        .iter()
-        .map(|l| crate::config::LabelMatch::parse(l))
-        .collect::<Result<Vec<_>, _>>()?;
     tracing::info!(node = %config.node, labels = ?settings.namespace_labels, "Kubernetes mode: enrolling this node's pods of labelled namespaces");
     let handler: Arc<dyn PodHandler> = manager.clone();
     Ok(crate::kube::start(
         client,
-        crate::kube::Settings {
-            node: config.node.clone(),
-            labels,
-            trust_domain: config.trust_domain.clone(),
-            cluster_id: config.cluster_id.clone(),
-            services: settings.services,
-            cluster_domain: settings.cluster_domain.clone(),
-        },
+        crate::kube::Settings::from_config(config, settings)?,
         state.clone(),
         handler,
         metrics.clone(),
         ready,
+        None,
     ))
 }
 
@@ -306,7 +295,7 @@ fn enroll_config_pods(config: &Config, manager: &Arc<PodManager>) {
     manager.follow_netns_paths(by_path, Duration::from_secs(2));
 }
 
-fn serve_readiness(
+pub(super) fn serve_readiness(
     addr: SocketAddr,
     ready: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<SocketAddr> {
@@ -315,6 +304,18 @@ fn serve_readiness(
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "readiness at /healthz/ready");
     tokio::spawn(crate::admin::serve_readiness(listener, ready));
+    Ok(bound)
+}
+
+/// The node agent's metrics (enrollments; no certificates of its own).
+pub(super) fn serve_agent_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
+    let listener = crate::admin::bind(addr)
+        .with_context(|| format!("binding the metrics listener on {addr} (metricsAddress)"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(addr = %bound, "metrics at /metrics");
+    tokio::spawn(crate::admin::serve(listener, move |req| {
+        crate::admin::metrics(&req, || metrics.encode())
+    }));
     Ok(bound)
 }
 

@@ -243,6 +243,9 @@ impl Enroller {
                     self.ready.send_replace(true);
                 }
             }
+            if let Some(m) = &self.metrics {
+                m.enrolled_pods.set(self.enrolled.len() as i64);
+            }
             pass = true;
             tokio::select! {
                 changed = desired.changed() => if changed.is_err() { return },

@@ -45,7 +45,11 @@ impl XdsServer {
     /// Serves on a Unix socket at `path` (a stale socket file there is replaced; the socket is
     /// made readable and writable by its owner only) until the task is dropped.
     pub async fn serve_unix(self, path: PathBuf) -> std::io::Result<()> {
-        let listener = bind_unix(&path)?;
+        self.serve_listener(bind_unix(&path)?).await
+    }
+
+    /// Serves on a bound Unix listener until the task is dropped.
+    pub async fn serve_listener(self, listener: tokio::net::UnixListener) -> std::io::Result<()> {
         tonic::transport::Server::builder()
             .add_service(AggregatedDiscoveryServiceServer::new(self))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
