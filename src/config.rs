@@ -97,6 +97,9 @@ pub struct AgentConfig {
     /// Install the CNI plugin into the node's CNI configuration; unset: pods are found
     /// through `/proc` once they run (their first connections uncaptured).
     pub cni: Option<CniConfig>,
+    /// The user the proxy runs as, when not root: the ZDS and xDS sockets are made its own
+    /// (mode 0600) so that it alone can connect.
+    pub proxy_uid: Option<u32>,
 }
 
 impl Default for AgentConfig {
@@ -106,6 +109,7 @@ impl Default for AgentConfig {
             xds_socket: PathBuf::from("/var/run/hboned/xds.sock"),
             cni_socket: PathBuf::from(crate::cni::DEFAULT_AGENT_SOCKET),
             cni: None,
+            proxy_uid: None,
         }
     }
 }

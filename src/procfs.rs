@@ -217,7 +217,12 @@ pub fn other_namespaces(proc: &Path, pinned: &Path) -> Vec<Netns> {
         .into_iter()
         .flatten()
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .map(|e| e.path().join("ns/net"));
     let pins = std::fs::read_dir(pinned)
         .into_iter()

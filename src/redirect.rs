@@ -214,7 +214,12 @@ pub fn remove_probe_snat(node: &Netns) -> Result<(), RedirectError> {
         let jump = ["-t", "nat", "-D", "POSTROUTING", "-j", PROBE_CHAIN];
         while run(node, family.iptables(), &jump, None).is_ok() {}
         for action in ["-F", "-X"] {
-            let _ = run(node, family.iptables(), &["-t", "nat", action, PROBE_CHAIN], None);
+            let _ = run(
+                node,
+                family.iptables(),
+                &["-t", "nat", action, PROBE_CHAIN],
+                None,
+            );
         }
     }
     Ok(())

@@ -71,10 +71,16 @@ impl Endpoint {
                 Ok(request) => {
                     let result = self.decide(&request).await;
                     match &result {
-                        Ok(()) => tracing::debug!(pod = %format!("{}/{}", request.pod_namespace, request.pod_name), command = ?request.command, "CNI call answered"),
-                        Err(e) => tracing::warn!(pod = %format!("{}/{}", request.pod_namespace, request.pod_name), command = ?request.command, error = %e, "CNI call failed"),
+                        Ok(()) => {
+                            tracing::debug!(pod = %format!("{}/{}", request.pod_namespace, request.pod_name), command = ?request.command, "CNI call answered")
+                        }
+                        Err(e) => {
+                            tracing::warn!(pod = %format!("{}/{}", request.pod_namespace, request.pod_name), command = ?request.command, error = %e, "CNI call failed")
+                        }
                     }
-                    Reply { error: result.err() }
+                    Reply {
+                        error: result.err(),
+                    }
                 }
                 Err(e) => Reply {
                     error: Some(format!("cannot decode the plugin's request: {e}")),
@@ -299,7 +305,9 @@ impl Install {
             match tokio::task::spawn_blocking(move || this.install()).await {
                 Ok(Ok(true)) => {}
                 Ok(Ok(false)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "cannot install hboned-cni; pods start without enrollment at ADD until it is"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot install hboned-cni; pods start without enrollment at ADD until it is")
+                }
                 Err(e) => tracing::error!(error = %e, "the CNI install task failed"),
             }
             tokio::time::sleep(every).await;

@@ -2,9 +2,10 @@
 //! istio-cni's node agent (cni/pkg/nodeagent/ztunnelserver.go) and the Cilium agent do. One
 //! proxy holds the session at a time, the newest: during a rolling update the new proxy takes
 //! it over and the old one is let go. A proxy that connects is sent every pod the agent
-//! serves (AddWorkload, the netns descriptor by SCM_RIGHTS), then SnapshotSent; afterwards each
-//! enrollment is one AddWorkload and each removal one DelWorkload, every request waiting for
-//! the proxy's Ack. As a [`PodHandler`] it is what the enroller serves pods through, so an
+//! serves (AddWorkload, the netns descriptor by SCM_RIGHTS), then SnapshotSent — but only once
+//! the agent is primed (its first enrollment pass done): a restarted agent's snapshot would
+//! otherwise name no pod and the proxy would drop them all. Each enrollment is one AddWorkload
+//! and each removal one DelWorkload, every request waiting for the proxy's Ack. As a [`PodHandler`] it is what the enroller serves pods through, so an
 //! enrollment only succeeds once the proxy listens in the pod.
 
 use std::collections::BTreeMap;
@@ -58,6 +59,12 @@ pub struct Session {
     connected: watch::Sender<bool>,
 }
 
+/// The proxy holding the session, and whether its snapshot was sent.
+struct Holder {
+    conn: SeqPacket,
+    snapshot_sent: bool,
+}
+
 impl ZdsServer {
     /// Listens at `path` (a stale socket there is replaced, the new one mode 0600).
     pub fn bind(path: &Path) -> std::io::Result<(ZdsServer, Session)> {
@@ -92,7 +99,7 @@ impl ZdsServer {
         ))
     }
 
-    /// True while a proxy holds the session (its snapshot sent).
+    /// True while a proxy holds the session and has its snapshot.
     pub fn connected(&self) -> watch::Receiver<bool> {
         self.connected.clone()
     }
@@ -144,11 +151,27 @@ type Served = BTreeMap<String, (PodInfo, Netns)>;
 
 impl Session {
     /// Runs the session side until the handle is dropped: takes each new proxy, brings it up to
-    /// date, then passes on the enroller's requests.
-    pub async fn serve(mut self) {
+    /// date (its snapshot once `primed` is true), then passes on the enroller's requests.
+    pub async fn serve(mut self, mut primed: watch::Receiver<bool>) {
         let mut served: Served = BTreeMap::new();
-        let mut proxy: Option<SeqPacket> = None;
+        let mut proxy: Option<Holder> = None;
         loop {
+            if let Some(holder) = proxy.as_mut().filter(|h| !h.snapshot_sent)
+                && *primed.borrow_and_update()
+            {
+                let snapshot = zds::workload_request::Payload::SnapshotSent(zds::SnapshotSent {});
+                match request(&holder.conn, &snapshot, None).await {
+                    Ok(()) => {
+                        holder.snapshot_sent = true;
+                        tracing::info!(pods = served.len(), "ZDS snapshot sent to the proxy");
+                        self.connected.send_replace(true);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the proxy did not take the ZDS snapshot");
+                        proxy = None;
+                    }
+                }
+            }
             tokio::select! {
                 conn = self.listener.accept() => match conn {
                     Ok(conn) => {
@@ -159,9 +182,8 @@ impl Session {
                         proxy = None;
                         match greet(&conn, &served).await {
                             Ok(()) => {
-                                tracing::info!(pods = served.len(), "proxy connected over ZDS; snapshot sent");
-                                proxy = Some(conn);
-                                self.connected.send_replace(true);
+                                tracing::info!(pods = served.len(), "proxy connected over ZDS");
+                                proxy = Some(Holder { conn, snapshot_sent: false });
                             }
                             Err(e) => tracing::warn!(error = %e, "a proxy's ZDS session failed at its start"),
                         }
@@ -175,7 +197,13 @@ impl Session {
                     let Some(command) = command else { return };
                     self.handle(command, &mut served, &mut proxy).await;
                 }
-                gone = closed(proxy.as_ref()) => {
+                changed = primed.changed(), if proxy.as_ref().is_some_and(|h| !h.snapshot_sent) => {
+                    if changed.is_err() {
+                        // The agent stopped priming: whatever it has is all it will have.
+                        primed = watch::channel(true).1;
+                    }
+                }
+                gone = closed(proxy.as_ref().map(|h| &h.conn)) => {
                     tracing::warn!(reason = %gone, "the proxy left the ZDS session; its pods wait for the next one");
                     proxy = None;
                     self.connected.send_replace(false);
@@ -184,12 +212,12 @@ impl Session {
         }
     }
 
-    async fn handle(&self, command: Command, served: &mut Served, proxy: &mut Option<SeqPacket>) {
+    async fn handle(&self, command: Command, served: &mut Served, proxy: &mut Option<Holder>) {
         match command {
             Command::Add { info, netns, reply } => {
                 let result = match proxy.as_ref() {
                     None => Err("no proxy is connected to the node agent".to_owned()),
-                    Some(conn) => request(conn, &add(&info), Some(&netns)).await,
+                    Some(h) => request(&h.conn, &add(&info), Some(&netns)).await,
                 };
                 match &result {
                     Ok(()) => {
@@ -207,11 +235,11 @@ impl Session {
                 let result = match proxy.as_ref() {
                     // The next session's snapshot leaves it out.
                     None => Ok(()),
-                    Some(conn) => {
+                    Some(h) => {
                         let del = zds::workload_request::Payload::Del(zds::DelWorkload {
                             uid: uid.clone(),
                         });
-                        request(conn, &del, None).await
+                        request(&h.conn, &del, None).await
                     }
                 };
                 self.lost_if_broken(&result, proxy);
@@ -221,7 +249,7 @@ impl Session {
     }
 
     /// A request that failed on the socket (not a refusal) ends the session.
-    fn lost_if_broken(&self, result: &Result<(), String>, proxy: &mut Option<SeqPacket>) {
+    fn lost_if_broken(&self, result: &Result<(), String>, proxy: &mut Option<Holder>) {
         if let Err(e) = result
             && e.starts_with(BROKEN)
         {
@@ -245,7 +273,7 @@ fn add(info: &PodInfo) -> zds::workload_request::Payload {
     })
 }
 
-/// Reads the proxy's hello, then sends every served pod and SnapshotSent.
+/// Reads the proxy's hello, then sends every served pod.
 async fn greet(conn: &SeqPacket, served: &Served) -> Result<(), String> {
     let mut buf = vec![0u8; 1024];
     let hello = tokio::time::timeout(ACK_TIMEOUT, conn.recv(&mut buf))
@@ -266,8 +294,7 @@ async fn greet(conn: &SeqPacket, served: &Served) -> Result<(), String> {
             tracing::warn!(pod = %uid, error = %e, "the proxy refused a pod of its snapshot");
         }
     }
-    let snapshot = zds::workload_request::Payload::SnapshotSent(zds::SnapshotSent {});
-    request(conn, &snapshot, None).await
+    Ok(())
 }
 
 /// One request and its Ack; `Err` holds the proxy's refusal, or a [`BROKEN`] socket.

@@ -40,24 +40,45 @@ pub async fn run_agent(config: Config, shutdown: impl Future<Output = ()>) -> an
     let state = Arc::new(SharedState::new(State::from_config(&config)));
     let metrics = Metrics::new(Vec::new());
 
-    let (zds, session) = ZdsServer::bind(&agent.zds_socket)
-        .with_context(|| format!("serving ZDS (agent.zdsSocket {})", agent.zds_socket.display()))?;
-    let xds_listener = crate::xds::server::bind_unix(&agent.xds_socket)
-        .with_context(|| format!("serving xDS (agent.xdsSocket {})", agent.xds_socket.display()))?;
+    let (zds, session) = ZdsServer::bind(&agent.zds_socket).with_context(|| {
+        format!(
+            "serving ZDS (agent.zdsSocket {})",
+            agent.zds_socket.display()
+        )
+    })?;
+    let xds_listener = crate::xds::server::bind_unix(&agent.xds_socket).with_context(|| {
+        format!(
+            "serving xDS (agent.xdsSocket {})",
+            agent.xds_socket.display()
+        )
+    })?;
     let cni_listener = crate::xds::server::bind_unix(&agent.cni_socket).with_context(|| {
         format!(
             "serving the CNI plugin (agent.cniSocket {})",
             agent.cni_socket.display()
         )
     })?;
+    if let Some(uid) = agent.proxy_uid {
+        for socket in [&agent.zds_socket, &agent.xds_socket] {
+            nix::unistd::chown(socket, Some(nix::unistd::Uid::from_raw(uid)), None).with_context(
+                || {
+                    format!(
+                        "handing {} to the proxy's user {uid} (agent.proxyUid)",
+                        socket.display()
+                    )
+                },
+            )?;
+        }
+    }
     let (calls_tx, calls_rx) = tokio::sync::mpsc::channel(64);
     let endpoint = Endpoint {
         client: client.clone(),
         labels: settings.labels.clone(),
         calls: calls_tx,
     };
+    let (ready_tx, ready) = tokio::sync::watch::channel(false);
     let mut tasks = vec![
-        tokio::spawn(session.serve()),
+        tokio::spawn(session.serve(ready.clone())),
         tokio::spawn({
             let server = XdsServer::new(state.clone());
             async move {
@@ -72,7 +93,6 @@ pub async fn run_agent(config: Config, shutdown: impl Future<Output = ()>) -> an
         tracing::info!(conf_dir = %install.conf_dir.display(), bin_dir = %install.bin_dir.display(), "installing hboned-cni into the node's CNI configuration");
         tasks.push(tokio::spawn(install.keep(CNI_RECHECK)));
     }
-    let (ready_tx, ready) = tokio::sync::watch::channel(false);
     if let Some(addr) = config.readiness_address {
         super::node::serve_readiness(addr, ready)?;
     }

@@ -308,7 +308,10 @@ pub(super) fn serve_readiness(
 }
 
 /// The node agent's metrics (enrollments; no certificates of its own).
-pub(super) fn serve_agent_metrics(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
+pub(super) fn serve_agent_metrics(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<SocketAddr> {
     let listener = crate::admin::bind(addr)
         .with_context(|| format!("binding the metrics listener on {addr} (metricsAddress)"))?;
     let bound = listener.local_addr()?;

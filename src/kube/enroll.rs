@@ -378,7 +378,9 @@ impl Enroller {
             .filter(|(uid, e)| {
                 let waiting = !e.seen
                     && !want.enroll.contains_key(*uid)
-                    && e.cni.as_ref().is_some_and(|(at, _)| at.elapsed() < CNI_GRACE);
+                    && e.cni
+                        .as_ref()
+                        .is_some_and(|(at, _)| at.elapsed() < CNI_GRACE);
                 want.enroll.get(*uid) != Some(&e.pod) && !waiting
             })
             .map(|(uid, _)| uid.clone())
@@ -390,7 +392,9 @@ impl Enroller {
         let missing: HashMap<String, Vec<IpAddr>> = want
             .enroll
             .iter()
-            .filter(|(uid, _)| !self.enrolled.contains_key(*uid) && !self.released.contains_key(*uid))
+            .filter(|(uid, _)| {
+                !self.enrolled.contains_key(*uid) && !self.released.contains_key(*uid)
+            })
             .map(|(uid, pod)| (uid.clone(), pod.ips.clone()))
             .collect();
         let mut pending = false;

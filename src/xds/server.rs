@@ -359,7 +359,6 @@ fn encode_service(s: &Service) -> pb::Service {
             .map(|id| id.to_string())
             .collect(),
         load_balancing,
-        ..Default::default()
     }
 }
 

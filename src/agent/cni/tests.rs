@@ -38,7 +38,10 @@ fn the_plugin_goes_last_into_the_primary_list_once_and_comes_out_again() {
     let primary = install.conf_dir.join("10-k8s.conflist");
     assert!(install.install().unwrap());
     assert_eq!(types(&primary), ["ptp", "portmap", "hboned-cni"]);
-    assert_eq!(types(&install.conf_dir.join("99-other.conflist")), ["ptp", "portmap"]);
+    assert_eq!(
+        types(&install.conf_dir.join("99-other.conflist")),
+        ["ptp", "portmap"]
+    );
     assert!(install.bin_dir.join("hboned-cni").is_file());
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&primary).unwrap()).unwrap();
     assert_eq!(v["plugins"][2]["agentSocket"], "/var/run/hboned/cni.sock");
@@ -51,7 +54,10 @@ fn the_plugin_goes_last_into_the_primary_list_once_and_comes_out_again() {
     install.uninstall().unwrap();
     let back: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&primary).unwrap()).unwrap();
-    assert_eq!(back, serde_json::from_str::<serde_json::Value>(PTP).unwrap());
+    assert_eq!(
+        back,
+        serde_json::from_str::<serde_json::Value>(PTP).unwrap()
+    );
     assert!(!install.bin_dir.join("hboned-cni").exists());
     install.uninstall().unwrap();
 }
@@ -67,7 +73,10 @@ fn a_single_plugin_conf_becomes_a_list() {
     let list = install.conf_dir.join("05-bridge.conflist");
     assert_eq!(types(&list), ["bridge", "hboned-cni"]);
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&list).unwrap()).unwrap();
-    assert_eq!((v["cniVersion"].as_str(), v["name"].as_str()), (Some("0.4.0"), Some("br")));
+    assert_eq!(
+        (v["cniVersion"].as_str(), v["name"].as_str()),
+        (Some("0.4.0"), Some("br"))
+    );
     assert_eq!(v["plugins"][0]["bridge"], "cni0");
 }
 
@@ -80,5 +89,8 @@ fn no_configuration_or_a_broken_one_is_named() {
     let err = install.install().unwrap_err().to_string();
     assert!(err.contains("10-k8s.conflist"), "{err}");
     let (_dir, install) = setup(&[("10-k8s.conflist", r#"{"name":"x"}"#)]);
-    assert!(matches!(install.install(), Err(InstallError::Invalid { .. })));
+    assert!(matches!(
+        install.install(),
+        Err(InstallError::Invalid { .. })
+    ));
 }

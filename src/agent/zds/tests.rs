@@ -99,16 +99,22 @@ async fn the_newest_proxy_holds_the_session_and_gets_every_served_pod() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("zds.sock");
     let (server, session) = ZdsServer::bind(&path).unwrap();
-    let serving = tokio::spawn(session.serve());
+    let (primed_tx, primed) = watch::channel(false);
+    let serving = tokio::spawn(session.serve(primed));
 
     // No proxy yet: an enrollment fails, saying why.
     let err = add(&server, "early").await.unwrap_err().to_string();
     assert!(err.contains("no proxy is connected"), "{err}");
 
+    // A proxy connects before the agent's first pass: pods go to it as they are enrolled, and
+    // the snapshot only once the agent is primed.
     let (first, first_task) = connect(&path);
-    wait_connected(&server, true).await;
-    assert_eq!(first.events(), ["begin", "snapshot"]);
     add(&server, "p1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(first.events(), ["begin", "add p1 demo/p1-pod/app"]);
+    assert!(!*server.connected().borrow());
+    primed_tx.send_replace(true);
+    wait_connected(&server, true).await;
     // The proxy's refusal is the enrollment's failure, with the proxy's reason.
     let err = add(&server, "bad-1").await.unwrap_err().to_string();
     assert!(err.contains("not enrolled"), "{err}");
@@ -118,8 +124,8 @@ async fn the_newest_proxy_holds_the_session_and_gets_every_served_pod() {
         first.events(),
         [
             "begin",
-            "snapshot",
             "add p1 demo/p1-pod/app",
+            "snapshot",
             "add p2 demo/p2-pod/app",
             "del p2"
         ]
@@ -153,7 +159,7 @@ async fn a_proxy_that_leaves_is_noticed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("zds.sock");
     let (server, session) = ZdsServer::bind(&path).unwrap();
-    let serving = tokio::spawn(session.serve());
+    let serving = tokio::spawn(session.serve(watch::channel(true).1));
     let (_proxy, task) = connect(&path);
     wait_connected(&server, true).await;
     add(&server, "p1").await.unwrap();
