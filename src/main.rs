@@ -182,7 +182,8 @@ enum Command {
     /// chain off the node.
     #[cfg(feature = "kubernetes")]
     Agent {
-        #[arg(long, env = "HBONED_CONFIG")]
+        /// YAML configuration with `kubernetes:` and `agent:` (README, "Kubernetes mode").
+        #[arg(long, env = "HBONED_CONFIG", global = true)]
         config: Option<PathBuf>,
         #[command(subcommand)]
         action: Option<AgentAction>,

@@ -4,7 +4,8 @@
 //! An ADD is decided here from the API server (the pod and its namespace, read afresh: the
 //! watches may not have seen a pod that was just bound) and carried out by the enroller; when
 //! the API server cannot be read the ADD fails, so a pod never starts uncaptured for lack of an
-//! answer. The plugin is installed as istio-cni installs its own: its binary copied into the CNI
+//! answer, and while no proxy holds the ZDS session (the pod's traffic would go to nobody).
+//! The plugin is installed as istio-cni installs its own: its binary copied into the CNI
 //! bin directory, an entry appended to the node's primary network configuration (the first
 //! file by name in the conf directory, as the runtime picks it; a single-plugin `.conf` becomes
 //! a `.conflist`), the entry put back when another agent rewrites the file, and both taken
@@ -33,6 +34,8 @@ pub struct Endpoint {
     pub client: kube::Client,
     pub labels: Vec<LabelMatch>,
     pub calls: mpsc::Sender<CniCall>,
+    /// Whether a proxy holds the ZDS session: a new pod is enrolled only with one there.
+    pub proxy: tokio::sync::watch::Receiver<bool>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -106,6 +109,9 @@ impl Endpoint {
                     // Not ours to serve (namespace not opted in, the pod opted out).
                     return Ok(());
                 };
+                if request.command == Command::Add && !*self.proxy.borrow() {
+                    return Err("no proxy is connected to the node agent: the pod would start with its traffic redirected to nobody".into());
+                }
                 if request.command == Command::Check {
                     CniCall::Check {
                         namespace: pod.namespace,

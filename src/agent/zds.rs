@@ -5,7 +5,8 @@
 //! serves (AddWorkload, the netns descriptor by SCM_RIGHTS), then SnapshotSent — but only once
 //! the agent is primed (its first enrollment pass done): a restarted agent's snapshot would
 //! otherwise name no pod and the proxy would drop them all. Each enrollment is one AddWorkload
-//! and each removal one DelWorkload, every request waiting for the proxy's Ack. As a [`PodHandler`] it is what the enroller serves pods through, so an
+//! and each removal one DelWorkload, every request waiting for the proxy's Ack; with no proxy
+//! connected, a pod is kept for the next one's snapshot. As a [`PodHandler`] it is what the enroller serves pods through, so an
 //! enrollment only succeeds once the proxy listens in the pod.
 
 use std::collections::BTreeMap;
@@ -215,8 +216,11 @@ impl Session {
     async fn handle(&self, command: Command, served: &mut Served, proxy: &mut Option<Holder>) {
         match command {
             Command::Add { info, netns, reply } => {
+                // Without a proxy the pod waits for the next one's snapshot: a restarted agent
+                // takes over pods whose rules are in before any proxy is back. (The CNI
+                // endpoint refuses new pods while no proxy is connected.)
                 let result = match proxy.as_ref() {
-                    None => Err("no proxy is connected to the node agent".to_owned()),
+                    None => Ok(()),
                     Some(h) => request(&h.conn, &add(&info), Some(&netns)).await,
                 };
                 match &result {

@@ -75,6 +75,7 @@ pub async fn run_agent(config: Config, shutdown: impl Future<Output = ()>) -> an
         client: client.clone(),
         labels: settings.labels.clone(),
         calls: calls_tx,
+        proxy: zds.connected(),
     };
     let (ready_tx, ready) = tokio::sync::watch::channel(false);
     let mut tasks = vec![

@@ -418,8 +418,12 @@ impl Enroller {
             self.sweep(&want.others);
             self.swept = true;
         }
+        // A record of a pod served here is right, even when the watches do not show the pod
+        // as enrollable yet (its CNI ADD came before the kubelet reported its addresses).
         for (uid, (namespace, name)) in &want.stale {
-            self.record(uid, namespace, name, false);
+            if !self.enrolled.contains_key(uid) {
+                self.record(uid, namespace, name, false);
+            }
         }
         self.update_probe_chain();
         pending

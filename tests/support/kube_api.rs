@@ -16,6 +16,9 @@
 //! - `PATCH /api/v1/namespaces/{ns}/pods/{name}` with `application/merge-patch+json` applies an
 //!   RFC 7386 merge patch (a `null` removes a key), bumps the version and answers the object;
 //!   a missing pod is 404, another content type 415 (pkg/endpoints/handlers/patch.go);
+//! - `GET /api/v1/namespaces/{name}` and `GET /api/v1/namespaces/{ns}/pods/{name}` answer the
+//!   one object with its `kind` and `apiVersion`, or 404 NotFound with the message
+//!   `<resource> "<name>" not found` (pkg/endpoints/handlers/get.go, storage's NewNotFound);
 //! - unknown paths are 404 with a Status body.
 
 use std::collections::BTreeMap;
@@ -490,6 +493,28 @@ impl FakeApi {
                 "ServiceUnavailable",
                 "the server is currently unable to handle the request",
             );
+        }
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let one = match parts.as_slice() {
+            ["api", "v1", "namespaces", name] => {
+                Some((Kind::Namespaces, (*name).to_owned(), "namespaces", *name))
+            }
+            ["api", "v1", "namespaces", ns, "pods", name] => {
+                Some((Kind::Pods, format!("{ns}/{name}"), "pods", *name))
+            }
+            _ => None,
+        };
+        if let Some((kind, key, resource, name)) = one {
+            let s = self.store.lock().unwrap();
+            return match s.objects.get(&(kind, key)) {
+                Some(object) => {
+                    let mut object = object.clone();
+                    object["kind"] = json!(kind.kind());
+                    object["apiVersion"] = json!(kind.api_version());
+                    respond(200, serde_json::to_vec(&object).unwrap())
+                }
+                None => status(404, "NotFound", &format!("{resource} \"{name}\" not found")),
+            };
         }
         let kind = match Kind::ALL.into_iter().find(|k| k.path() == path) {
             Some(kind) => kind,
