@@ -55,6 +55,28 @@ fn netns(name: &str) -> Netns {
     Netns::open(&Path::new("/var/run/netns").join(name)).unwrap()
 }
 
+/// The proxy container's command in deploy/standalone/daemonset.yaml.
+fn deployed_proxy_command() -> Vec<String> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/standalone/daemonset.yaml"
+    ))
+    .unwrap();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let doc: serde_yaml_ng::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if doc["metadata"]["name"] == "hboned" {
+            let command = &doc["spec"]["template"]["spec"]["containers"][0]["command"];
+            return command
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_owned())
+                .collect();
+        }
+    }
+    panic!("no proxy DaemonSet in deploy/standalone/daemonset.yaml");
+}
+
 /// One node: its namespace, its proxy's, its CNI directories and sockets, and the two processes.
 struct Node {
     name: &'static str,
@@ -101,32 +123,20 @@ impl Node {
         }
     }
 
+    /// The proxy, started with the command deploy/standalone's DaemonSet gives it (setpriv to
+    /// user 65532 with three ambient capabilities), its binary and config swapped for ours.
     fn start_proxy(&mut self) {
-        let caps = "-all,+net_admin,+net_raw,+sys_admin";
-        let uid = PROXY_UID.to_string();
         let log = std::fs::File::create(self.dir.join("proxy.log")).unwrap();
+        let mut command = deployed_proxy_command().into_iter().map(|arg| match arg.as_str() {
+            "/usr/local/bin/hboned" => self.dir.join("hboned").display().to_string(),
+            "/etc/hboned/proxy.yaml" => self.dir.join("proxy.yaml").display().to_string(),
+            _ => arg,
+        });
+        let program = command.next().unwrap();
         self.proxy = Some(
             Command::new("ip")
-                .args(["netns", "exec", &self.proxy_ns.0])
-                .args([
-                    "setpriv",
-                    "--reuid",
-                    &uid,
-                    "--regid",
-                    &uid,
-                    "--clear-groups",
-                ])
-                .args([
-                    "--inh-caps",
-                    caps,
-                    "--ambient-caps",
-                    caps,
-                    "--bounding-set",
-                    caps,
-                ])
-                .arg(self.dir.join("hboned"))
-                .args(["run", "--config"])
-                .arg(self.dir.join("proxy.yaml"))
+                .args(["netns", "exec", &self.proxy_ns.0, &program])
+                .args(command)
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()
@@ -462,8 +472,14 @@ async fn agent_and_unprivileged_proxy_enroll_pods_in_their_cni_add() {
     for node in &nodes {
         let (ns, proxy_ns) = (node.ns.0.clone(), node.proxy_ns.0.clone());
         eventually(30, || ready(&ns) && ready(&proxy_ns)).await;
+        // Ready means the plugin is in the node's configuration.
         let conflist = std::fs::read_to_string(node.conflist()).unwrap();
-        assert!(conflist.contains("hboned-cni"), "{conflist}");
+        assert!(
+            conflist.contains("hboned-cni"),
+            "{conflist}\nagent readiness: {}\n{}",
+            http_get(&ns, 15021, "/healthz/ready"),
+            node.logs()
+        );
         // The proxy holds no privilege beyond the three capabilities, as a user of its own.
         let pid = node.proxy.as_ref().unwrap().id();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
