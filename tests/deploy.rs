@@ -1,7 +1,9 @@
-//! The manifests tell one story each. deploy/standalone/: the ConfigMap is a valid
-//! Kubernetes-mode config with SPIRE, the SPIRE ClusterSPIFFEID selects the namespaces the
-//! config opts in and names pods as hboned expects, the DaemonSet gives the agent what
-//! enrollment needs, and the RBAC reads pods and namespaces and nothing more. deploy/cilium/:
+//! The manifests tell one story each. deploy/standalone/: the ConfigMap holds a valid agent
+//! config (Kubernetes mode) and a proxy config that follows the agent's sockets with SPIRE,
+//! the SPIRE ClusterSPIFFEID selects the namespaces the config opts in and names pods as hboned
+//! expects, the agent's DaemonSet gives enrollment what it needs, the proxy's holds three
+//! capabilities and nothing of the host, and the RBAC (the agent's alone) reads what the
+//! watches need and nothing more. deploy/cilium/:
 //! the environment is Cilium's chart's plus SPIRE, and what it names is mounted. (The Kubernetes
 //! schemas are checked by kubernetes-validate in .ci/run; it has none for SPIRE's CRD.)
 
@@ -21,22 +23,111 @@ fn manifests(file: &str) -> Vec<Value> {
         .collect()
 }
 
-fn config() -> hboned::config::Config {
+fn parsed(key: &str) -> hboned::config::Config {
     let map = &documents("configmap.yaml")[0];
-    let text = map["data"]["config.yaml"].as_str().unwrap();
+    let text = map["data"][key].as_str().unwrap();
     let env = |k: &str| (k == "HBONED_NODE").then(|| "node-1".to_owned());
     hboned::config::Config::parse(text, &env).unwrap()
 }
 
+/// The agent's config.
+fn config() -> hboned::config::Config {
+    parsed("agent.yaml")
+}
+
+/// One of deploy/standalone/daemonset.yaml's DaemonSets, by name.
+fn daemonset(name: &str) -> Value {
+    documents("daemonset.yaml")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == name)
+        .unwrap()
+}
+
 #[test]
-fn the_config_is_kubernetes_mode_with_spire() {
-    let c = config();
-    assert!(c.kubernetes.is_some());
+fn the_agent_is_kubernetes_mode_and_the_proxy_follows_its_sockets_with_spire() {
+    let agent = config();
+    assert!(agent.kubernetes.is_some());
+    let cni = agent.agent.cni.as_ref().expect("the plugin is installed");
+    let proxy = parsed("proxy.yaml");
+    assert!(proxy.kubernetes.is_none());
+    assert_eq!(proxy.zds_socket.as_ref(), Some(&agent.agent.zds_socket));
     assert_eq!(
-        c.certificates.kind(true),
+        proxy.xds.address,
+        format!("unix://{}", agent.agent.xds_socket.display())
+    );
+    assert!(proxy.refuse_mesh_plaintext);
+    assert_eq!(
+        proxy.certificates.kind(false),
         hboned::config::CertSourceKind::Spire
     );
-    assert!(c.zds_socket.is_none() && c.xds.address.is_empty());
+    // The agent's mounts hold its sockets and the CNI directories it names.
+    let pod = &daemonset("hboned-agent")["spec"]["template"]["spec"];
+    let mounts: Vec<&str> = pod["containers"][0]["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    for path in [&cni.conf_dir, &cni.bin_dir] {
+        assert!(
+            mounts.contains(&path.to_str().unwrap()),
+            "{path:?} not mounted"
+        );
+    }
+    let sockets = agent.agent.zds_socket.parent().unwrap().to_str().unwrap();
+    assert!(mounts.contains(&sockets));
+    // The proxy's user is the one the agent hands the sockets to.
+    let command = &daemonset("hboned")["spec"]["template"]["spec"]["containers"][0]["command"];
+    let reuid = format!("--reuid={}", agent.agent.proxy_uid.unwrap());
+    assert!(
+        command
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str() == Some(&reuid)),
+        "{command:?}"
+    );
+}
+
+#[test]
+fn the_proxy_holds_three_capabilities_and_nothing_of_the_host() {
+    let ds = daemonset("hboned");
+    let pod = &ds["spec"]["template"]["spec"];
+    for key in ["hostPID", "hostNetwork", "hostIPC"] {
+        assert!(pod[key].is_null() || pod[key] == false, "{key} set");
+    }
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    let container = &pod["containers"][0];
+    let sc = &container["securityContext"];
+    assert_eq!(sc["privileged"], false);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+    // setpriv spends SETUID, SETGID and SETPCAP and keeps the three.
+    let command: Vec<&str> = container["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(command[0], "setpriv");
+    let three = "-all,+net_admin,+net_raw,+sys_admin";
+    for flag in ["--inh-caps", "--ambient-caps", "--bounding-set"] {
+        assert!(
+            command.contains(&format!("{flag}={three}").as_str()),
+            "{command:?}"
+        );
+    }
+    assert!(!command.iter().any(|a| a.starts_with("--reuid=0")));
+    let mounts: Vec<&str> = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        mounts,
+        ["/etc/hboned", "/var/run/hboned", "/run/spire/sockets"]
+    );
 }
 
 #[test]
@@ -68,17 +159,20 @@ fn spire_names_the_pods_of_the_namespaces_the_config_opts_in() {
         .replace("{{ .PodSpec.ServiceAccountName }}", "web");
     let want = hboned::identity::Identity::new("cluster.local", "shop", "web").unwrap();
     assert_eq!(id, want.to_string());
-    // hboned's own identity, the delegate the SPIRE agent must authorize.
-    assert!(ids.iter().any(|d| d["metadata"]["name"] == "hboned-agent"));
+    // The proxy's own identity, the delegate the SPIRE agent must authorize.
+    assert!(
+        ids.iter()
+            .any(|d| d["metadata"]["name"] == "hboned-delegate")
+    );
 }
 
 #[test]
-fn the_daemonset_gives_enrollment_what_it_needs_and_rbac_no_more() {
-    let ds = &documents("daemonset.yaml")[0];
+fn the_agent_gives_enrollment_what_it_needs_and_rbac_no_more() {
+    let ds = daemonset("hboned-agent");
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(
         pod["hostPID"], true,
-        "pods' namespaces are found from their processes"
+        "pods that ran before the plugin are found from their processes"
     );
     assert_eq!(
         pod["hostNetwork"], true,
@@ -90,9 +184,19 @@ fn the_daemonset_gives_enrollment_what_it_needs_and_rbac_no_more() {
         .iter()
         .map(|m| m["mountPath"].as_str().unwrap())
         .collect();
-    for path in ["/run/hboned", "/run/spire/sockets", "/run/xtables.lock"] {
+    for path in ["/run/hboned", "/var/run/netns", "/run/xtables.lock"] {
         assert!(mounts.contains(&path), "{path} not mounted: {mounts:?}");
     }
+    // The RBAC is bound to the agent's account, not the proxy's.
+    let binding = documents("rbac.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "ClusterRoleBinding")
+        .unwrap();
+    assert_eq!(binding["subjects"][0]["name"], pod["serviceAccountName"]);
+    assert_ne!(
+        binding["subjects"][0]["name"],
+        daemonset("hboned")["spec"]["template"]["spec"]["serviceAccountName"]
+    );
     // Exactly what the config's watches and the enrollment record need.
     let services = config().kubernetes.unwrap().services;
     assert!(services, "cluster IPs translated by default");

@@ -127,11 +127,13 @@ impl Node {
     /// user 65532 with three ambient capabilities), its binary and config swapped for ours.
     fn start_proxy(&mut self) {
         let log = std::fs::File::create(self.dir.join("proxy.log")).unwrap();
-        let mut command = deployed_proxy_command().into_iter().map(|arg| match arg.as_str() {
-            "/usr/local/bin/hboned" => self.dir.join("hboned").display().to_string(),
-            "/etc/hboned/proxy.yaml" => self.dir.join("proxy.yaml").display().to_string(),
-            _ => arg,
-        });
+        let mut command = deployed_proxy_command()
+            .into_iter()
+            .map(|arg| match arg.as_str() {
+                "/usr/local/bin/hboned" => self.dir.join("hboned").display().to_string(),
+                "/etc/hboned/proxy.yaml" => self.dir.join("proxy.yaml").display().to_string(),
+                _ => arg,
+            });
         let program = command.next().unwrap();
         self.proxy = Some(
             Command::new("ip")
