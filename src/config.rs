@@ -100,6 +100,10 @@ pub struct AgentConfig {
     /// The user the proxy runs as, when not root: the ZDS and xDS sockets are made its own
     /// (mode 0600) so that it alone can connect.
     pub proxy_uid: Option<u32>,
+    /// Where the agent keeps its last state (`pods.json`: the enrolled pods; `discovery.pb`:
+    /// the workloads and services), which a restarted agent serves again before (or without)
+    /// the API server. Keep it on a tmpfs: after a reboot nothing in it holds.
+    pub state_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -110,6 +114,7 @@ impl Default for AgentConfig {
             cni_socket: PathBuf::from(crate::cni::DEFAULT_AGENT_SOCKET),
             cni: None,
             proxy_uid: None,
+            state_dir: PathBuf::from("/var/run/hboned/state"),
         }
     }
 }

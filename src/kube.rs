@@ -113,9 +113,20 @@ impl Drop for Running {
     }
 }
 
+/// How `hboned agent` enrolls besides the watches: the CNI plugin's calls, and the state file
+/// its enrolled set is kept in across restarts. The one-process mode has neither.
+#[derive(Debug, Default)]
+pub struct AgentExtras {
+    pub cni: Option<tokio::sync::mpsc::Receiver<enroll::CniCall>>,
+    pub state_file: Option<std::path::PathBuf>,
+    /// Told when every watch has listed once (the discovery state is whole).
+    pub synced: Option<watch::Sender<bool>>,
+}
+
 /// Starts the full agent: discovery into `state` and enrollment of this node's pods through
-/// `pods` (and, with `cni`, in the CNI plugin's ADDs), failed attempts counted in `metrics`.
-/// `ready` turns true once every watch has listed and the first enrollment pass ran.
+/// `pods` (and, with `extras`, in the CNI plugin's ADDs, kept in a state file), failed attempts
+/// counted in `metrics`. `ready` turns true once every watch has listed and the first
+/// enrollment pass ran (or the state file's pods are served again).
 pub fn start(
     client: kube::Client,
     settings: Settings,
@@ -123,18 +134,22 @@ pub fn start(
     pods: Arc<dyn PodHandler>,
     metrics: Arc<crate::metrics::Metrics>,
     ready: watch::Sender<bool>,
-    cni: Option<tokio::sync::mpsc::Receiver<enroll::CniCall>>,
+    extras: AgentExtras,
 ) -> Running {
     let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired::default()));
     let (records_tx, records_rx) = tokio::sync::mpsc::unbounded_channel();
-    let enroller = enroll::Enroller::new(pods, ready)
+    let mut enroller = enroll::Enroller::new(pods, ready)
         .recording(records_tx)
         .counting(metrics.clone());
-    let agent = Agent::new(settings.clone(), state, Some(desired_tx));
+    if let Some(path) = extras.state_file {
+        enroller = enroller.persisting(path);
+    }
+    let mut agent = Agent::new(settings.clone(), state, Some(desired_tx));
+    agent.synced_tx = extras.synced;
     Running {
         tasks: vec![
             tokio::spawn(agent.run(client.clone(), true)),
-            tokio::spawn(enroller.run(desired_rx, cni)),
+            tokio::spawn(enroller.run(desired_rx, extras.cni)),
             tokio::spawn(enroll::record_enrollments(
                 client,
                 records_rx,

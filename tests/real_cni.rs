@@ -9,7 +9,8 @@
 //! after is tunneled; a kube-proxy-shaped ClusterIP (DNAT in the node) stays TLS; a pod of a
 //! namespace that did not opt in is left alone; with the agent down an ADD fails and the
 //! proxy keeps serving; a restarted agent takes its pods back without the proxy dropping them;
-//! DEL lets a pod go; `hboned agent uninstall` leaves no rule and no plugin behind. Needs root
+//! DEL lets a pod go; with the API server away, a restarted agent and proxy serve the agent's
+//! last state; `hboned agent uninstall` leaves no rule and no plugin behind. Needs root
 //! and Go; off CI each is skipped when missing, on CI (CI=true) that fails instead.
 
 #![allow(clippy::unwrap_used)]
@@ -404,7 +405,7 @@ async fn agent_and_unprivileged_proxy_enroll_pods_in_their_cni_add() {
             format!(
                 "node: node-{name}\nreadinessAddress: 127.0.0.1:15021\nmetricsAddress: 127.0.0.1:15020\nadminAddress: null\n\
                  kubernetes:\n  apiServer: {api_url}\n\
-                 agent:\n  zdsSocket: {run}/zds.sock\n  xdsSocket: {run}/xds.sock\n  cniSocket: {run}/cni.sock\n  proxyUid: {PROXY_UID}\n\
+                 agent:\n  zdsSocket: {run}/zds.sock\n  xdsSocket: {run}/xds.sock\n  cniSocket: {run}/cni.sock\n  proxyUid: {PROXY_UID}\n  stateDir: {run}/state\n\
                  \x20 cni:\n    confDir: {d}/net.d\n    binDir: {d}/bin\n    plugin: {plugin}\n",
                 run = run.display(),
                 d = node_dir.display(),
@@ -699,6 +700,41 @@ async fn agent_and_unprivileged_proxy_enroll_pods_in_their_cni_add() {
         api.pod_annotation("demo", "a3", REDIRECTION).is_none()
     })
     .await;
+
+    // The API server away, then agent A and its proxy both restarted: the agent serves its
+    // last state (the pods it enrolled, the workloads it knew) and a1 stays tunneled.
+    let state_dir = nodes[0].dir.join("run/state");
+    let (a1_uid, b1_uid) = (a1.uid.clone(), b1.uid.clone());
+    eventually(30, || {
+        let has = |f: &str, what: &str| {
+            std::fs::read(state_dir.join(f))
+                .is_ok_and(|b| b.windows(what.len()).any(|w| w == what.as_bytes()))
+        };
+        has("pods.json", &a1_uid) && has("discovery.pb", &a1_uid) && has("discovery.pb", &b1_uid)
+    })
+    .await;
+    api.set_unavailable(true);
+    nodes[0].stop_proxy();
+    nodes[0].stop_agent();
+    nodes[0].start_agent();
+    nodes[0].start_proxy();
+    let na3 = na.clone();
+    eventually(30, || ready(&na3) && ready(&a_proxy)).await;
+    let capture = Capture::start(&na, &ab, &root.join("outage.pcap"))
+        .await
+        .unwrap();
+    assert_eq!(
+        connect_at_start(&a1_ns.0, to_b1, "hboned-OUTAGE-5a1"),
+        "hboned-OUTAGE-5a1",
+        "{}",
+        nodes[0].logs()
+    );
+    let (clear, hbone) = seen(capture, &na, "hboned-OUTAGE-5a1").await;
+    assert!(
+        !clear && hbone,
+        "a1 during the outage: clear {clear}, hbone {hbone}"
+    );
+    api.set_unavailable(false);
 
     // Uninstall on node A: no plugin, no rule, no node chain left.
     nodes[0].stop_proxy();

@@ -39,6 +39,13 @@ pub async fn run_agent(config: Config, shutdown: impl Future<Output = ()>) -> an
     let settings = crate::kube::Settings::from_config(&config, kube)?;
     let state = Arc::new(SharedState::new(State::from_config(&config)));
     let metrics = Metrics::new(Vec::new());
+    // The last state: what the proxy is served until the watches have listed again.
+    let discovery_cache = agent.state_dir.join("discovery.pb");
+    let cached = crate::xds::server::read_cache(&discovery_cache, &config.trust_domain);
+    if let Some(c) = &cached {
+        tracing::info!(path = %discovery_cache.display(), workloads = c.workloads().count(), "serving the last discovery state until the API server is listed again");
+    }
+    let (synced_tx, synced) = tokio::sync::watch::channel(false);
 
     let (zds, session) = ZdsServer::bind(&agent.zds_socket).with_context(|| {
         format!(
@@ -81,7 +88,10 @@ pub async fn run_agent(config: Config, shutdown: impl Future<Output = ()>) -> an
     let mut tasks = vec![
         tokio::spawn(session.serve(ready.clone())),
         tokio::spawn({
-            let server = XdsServer::new(state.clone());
+            let server = XdsServer::new(state.clone()).gated(
+                synced.clone(),
+                cached.map(|c| Arc::new(SharedState::new(c))),
+            );
             async move {
                 if let Err(e) = server.serve_listener(xds_listener).await {
                     tracing::error!(error = %e, "the xDS server stopped; the proxy keeps its last state");
@@ -90,6 +100,11 @@ pub async fn run_agent(config: Config, shutdown: impl Future<Output = ()>) -> an
         }),
         tokio::spawn(endpoint.serve(cni_listener)),
     ];
+    tasks.push(tokio::spawn(keep_cache(
+        state.clone(),
+        synced,
+        discovery_cache,
+    )));
     if let Some(install) = install(&config)? {
         tracing::info!(conf_dir = %install.conf_dir.display(), bin_dir = %install.bin_dir.display(), "installing hboned-cni into the node's CNI configuration");
         tasks.push(tokio::spawn(install.keep(CNI_RECHECK)));
@@ -109,7 +124,11 @@ pub async fn run_agent(config: Config, shutdown: impl Future<Output = ()>) -> an
         handler,
         metrics,
         ready_tx,
-        Some(calls_rx),
+        crate::kube::AgentExtras {
+            cni: Some(calls_rx),
+            state_file: Some(agent.state_dir.join("pods.json")),
+            synced: Some(synced_tx),
+        },
     );
     shutdown.await;
     tracing::info!("hboned agent stopping; the pods keep their rules for the next agent");
@@ -118,6 +137,41 @@ pub async fn run_agent(config: Config, shutdown: impl Future<Output = ()>) -> an
         task.abort();
     }
     Ok(())
+}
+
+/// How often the discovery state is written down (when it changed).
+const CACHE_EVERY: Duration = Duration::from_secs(10);
+
+/// Writes the discovery state to `path` every [`CACHE_EVERY`] when it changed, once the watches
+/// have listed (a partial state must not become the next start's cache).
+async fn keep_cache(
+    state: Arc<SharedState>,
+    mut synced: tokio::sync::watch::Receiver<bool>,
+    path: PathBuf,
+) {
+    if synced.wait_for(|s| *s).await.is_err() {
+        return;
+    }
+    let mut changes = state.changes();
+    loop {
+        changes.borrow_and_update();
+        let snapshot = state.read().clone();
+        let target = path.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            if let Some(dir) = target.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            crate::xds::server::write_cache(&snapshot, &target)
+        })
+        .await;
+        if let Ok(Err(e)) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the discovery cache");
+        }
+        tokio::time::sleep(CACHE_EVERY).await;
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The plugin's install, when `agent.cni` asks for one.

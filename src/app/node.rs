@@ -234,7 +234,7 @@ fn start_kubernetes(
         handler,
         metrics.clone(),
         ready,
-        None,
+        crate::kube::AgentExtras::default(),
     ))
 }
 

@@ -16,6 +16,10 @@
 //! watches then confirm it (a pod the watch has not shown yet is kept for [`CNI_GRACE`]). A
 //! CNI DEL of the sandbox that was enrolled lets the pod go. Pods that were running before the
 //! plugin are found through `/proc` as without it.
+//!
+//! With a state file ([`Enroller::persisting`]) the enrolled set is written down after every
+//! change, and read back at start: a restarted agent serves the pods that still carry its rules
+//! at once, before (or without) the API server, and its proxy is never told to drop them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
@@ -96,6 +100,20 @@ impl Desired {
     }
 }
 
+/// One pod of the state file.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Persisted {
+    uid: String,
+    name: String,
+    namespace: String,
+    service_account: String,
+    ips: Vec<IpAddr>,
+    /// The namespace the runtime named; none: found from the pod's processes.
+    netns: Option<PathBuf>,
+    container_id: Option<String>,
+}
+
 /// How often pods that could not be enrolled yet (no process found, rules failed) are retried.
 const RETRY: Duration = Duration::from_secs(2);
 
@@ -112,7 +130,9 @@ struct Enrolled {
     pod: LocalPod,
     /// The pod's namespace, kept to take the rules out again.
     netns: Netns,
-    /// Enrolled by a CNI ADD: when, and for which sandbox.
+    /// The namespace's path, when the runtime named one (CNI).
+    netns_path: Option<PathBuf>,
+    /// Enrolled by a CNI ADD (or taken back from the state file): when, and for which sandbox.
     cni: Option<(Instant, String)>,
     /// The watches have shown the pod as it is enrolled.
     seen: bool,
@@ -163,6 +183,9 @@ pub struct Enroller {
     released: HashMap<String, String>,
     /// The addresses the probe chain was last written with.
     probe_ips: Option<Vec<IpAddr>>,
+    /// Where the enrolled set is kept across restarts, and what was last written there.
+    state_file: Option<PathBuf>,
+    written: Option<Vec<u8>>,
     swept: bool,
     proc: PathBuf,
 }
@@ -185,9 +208,18 @@ impl Enroller {
             enrolled: HashMap::new(),
             released: HashMap::new(),
             probe_ips: None,
+            state_file: None,
+            written: None,
             swept: false,
             proc: PathBuf::from("/proc"),
         }
+    }
+
+    /// Writes the enrolled set to `path` after every change and takes it back from there at
+    /// start.
+    pub fn persisting(mut self, path: PathBuf) -> Enroller {
+        self.state_file = Some(path);
+        self
     }
 
     /// Records every enrollment, and every one taken away, through `records`.
@@ -229,6 +261,18 @@ impl Enroller {
     ) {
         let mut pass = true;
         let mut pending = false;
+        if self.state_file.is_some() {
+            match self.blocking(Enroller::restore).await {
+                Some((back, restored)) => {
+                    self = back;
+                    // What it served before is served again: the proxy may have its snapshot.
+                    if restored {
+                        self.ready.send_replace(true);
+                    }
+                }
+                None => return,
+            }
+        }
         loop {
             if pass {
                 let want = desired.borrow_and_update().clone();
@@ -246,6 +290,7 @@ impl Enroller {
             if let Some(m) = &self.metrics {
                 m.enrolled_pods.set(self.enrolled.len() as i64);
             }
+            self.persist();
             pass = true;
             tokio::select! {
                 changed = desired.changed() => if changed.is_err() { return },
@@ -281,6 +326,120 @@ impl Enroller {
                 None
             }
         }
+    }
+
+    /// Writes the enrolled set when it changed (a temporary file renamed over the last one).
+    fn persist(&mut self) {
+        let Some(path) = &self.state_file else {
+            return;
+        };
+        let mut pods: Vec<Persisted> = self
+            .enrolled
+            .iter()
+            .map(|(uid, e)| Persisted {
+                uid: uid.clone(),
+                name: e.pod.name.clone(),
+                namespace: e.pod.namespace.clone(),
+                service_account: e.pod.service_account.clone(),
+                ips: e.pod.ips.clone(),
+                netns: e.netns_path.clone(),
+                container_id: e.cni.as_ref().map(|(_, c)| c.clone()),
+            })
+            .collect();
+        pods.sort_by(|a, b| a.uid.cmp(&b.uid));
+        let Ok(bytes) = serde_json::to_vec_pretty(&pods) else {
+            return;
+        };
+        if self.written.as_ref() == Some(&bytes) {
+            return;
+        }
+        let staged = path.with_extension("tmp");
+        let result = path
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&staged, &bytes))
+            .and_then(|()| std::fs::rename(&staged, path));
+        match result {
+            Ok(()) => self.written = Some(bytes),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the agent's state; a restart without the API server would not find its pods")
+            }
+        }
+    }
+
+    /// Takes back the pods of the state file that still carry the rules; true when there was
+    /// a state to take back (even an empty one).
+    fn restore(&mut self) -> bool {
+        let Some(path) = self.state_file.clone() else {
+            return false;
+        };
+        let pods: Vec<Persisted> = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(pods) => pods,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "the agent's state file is unreadable; starting from the API server alone");
+                    return false;
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the agent's state file");
+                return false;
+            }
+        };
+        let by_proc: HashMap<String, Vec<IpAddr>> = pods
+            .iter()
+            .filter(|p| p.netns.is_none())
+            .map(|p| (p.uid.clone(), p.ips.clone()))
+            .collect();
+        let mut found = crate::procfs::find_pod_netns(&self.proc, &by_proc);
+        for p in pods {
+            let netns = match &p.netns {
+                Some(path) => Netns::open(path).ok(),
+                None => found.remove(&p.uid),
+            };
+            let Some(netns) = netns else {
+                tracing::info!(pod = %p.uid, name = %p.name, "a pod of the agent's last state is gone");
+                continue;
+            };
+            if !matches!(redirect::installed(&netns), Ok(true)) {
+                tracing::info!(pod = %p.uid, name = %p.name, "a pod of the agent's last state lost its rules; left to the API server's view");
+                continue;
+            }
+            let pod = LocalPod {
+                name: p.name,
+                namespace: p.namespace,
+                service_account: p.service_account,
+                ips: p.ips,
+            };
+            let info = PodInfo {
+                uid: p.uid.clone(),
+                name: pod.name.clone(),
+                namespace: pod.namespace.clone(),
+                service_account: pod.service_account.clone(),
+            };
+            let kept = match netns.try_clone() {
+                Ok(k) => k,
+                Err(_) => continue,
+            };
+            if let Err(e) = self.pods.add(info, netns) {
+                tracing::warn!(pod = %p.uid, error = %e, "cannot serve a pod of the agent's last state");
+                continue;
+            }
+            tracing::info!(pod = %p.uid, name = %pod.name, "pod of the agent's last state served again");
+            self.enrolled.insert(
+                p.uid,
+                Enrolled {
+                    pod,
+                    netns: kept,
+                    netns_path: p.netns,
+                    // Kept until the watches show it (or show it gone).
+                    cni: Some((Instant::now(), p.container_id.unwrap_or_default())),
+                    seen: false,
+                },
+            );
+        }
+        true
     }
 
     /// One call of the CNI plugin.
@@ -361,6 +520,7 @@ impl Enroller {
         self.enroll(uid, &pod, netns)?;
         if let Some(e) = self.enrolled.get_mut(uid) {
             e.cni = Some((Instant::now(), container_id));
+            e.netns_path = Some(path.to_owned());
         }
         Ok(())
     }
@@ -464,6 +624,7 @@ impl Enroller {
             Enrolled {
                 pod: pod.clone(),
                 netns: kept,
+                netns_path: None,
                 cni: None,
                 seen: false,
             },

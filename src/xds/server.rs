@@ -7,6 +7,11 @@
 //! (versions are a hash of the encoded resource), and a reconnecting client's
 //! `initial_resource_versions` are taken as what it has, so it is sent only what changed and
 //! told what went. Changes are batched for 100 ms.
+//!
+//! A server can be gated ([`XdsServer::gated`]): until its source of truth has listed once it
+//! answers from a cache (the agent's last state, written by [`write_cache`]) or not at all, so a
+//! proxy that reconnects to a restarted agent keeps its state instead of being told that
+//! everything went; once listed, each stream is moved to the live state by one more delta.
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -15,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::convert::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
@@ -35,11 +40,30 @@ const BATCH: Duration = Duration::from_millis(100);
 #[derive(Debug, Clone)]
 pub struct XdsServer {
     state: Arc<SharedState>,
+    /// True once `state` is complete; the server waits for it (answering from `cached`
+    /// meanwhile, if there is one).
+    synced: Option<watch::Receiver<bool>>,
+    cached: Option<Arc<SharedState>>,
 }
 
 impl XdsServer {
     pub fn new(state: Arc<SharedState>) -> XdsServer {
-        XdsServer { state }
+        XdsServer {
+            state,
+            synced: None,
+            cached: None,
+        }
+    }
+
+    /// Serves `state` only once `synced` is true, and `cached` until then (nothing without).
+    pub fn gated(
+        mut self,
+        synced: watch::Receiver<bool>,
+        cached: Option<Arc<SharedState>>,
+    ) -> XdsServer {
+        self.synced = Some(synced);
+        self.cached = cached;
+        self
     }
 
     /// Serves on a Unix socket at `path` (a stale socket file there is replaced; the socket is
@@ -89,7 +113,7 @@ impl AggregatedDiscoveryService for XdsServer {
         request: tonic::Request<tonic::Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<tonic::Response<Self::DeltaAggregatedResourcesStream>, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(stream(self.state.clone(), request.into_inner(), tx));
+        tokio::spawn(stream(self.clone(), request.into_inner(), tx));
         Ok(tonic::Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -99,15 +123,55 @@ type Versions = BTreeMap<String, String>;
 
 /// One client stream until it ends.
 async fn stream(
-    state: Arc<SharedState>,
+    server: XdsServer,
     mut requests: tonic::Streaming<DeltaDiscoveryRequest>,
     responses: mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>>,
 ) {
-    let mut changes = state.changes();
-    // What the client has, per subscribed type.
+    let mut synced = server
+        .synced
+        .clone()
+        .unwrap_or_else(|| watch::channel(true).1);
+    // The state answered from: the live one once synced, else the cache (or none yet).
+    let source = |synced: bool| -> Option<Arc<SharedState>> {
+        if synced {
+            Some(server.state.clone())
+        } else {
+            server.cached.clone()
+        }
+    };
+    let mut on_live = *synced.borrow_and_update();
+    let mut current = source(on_live);
+    let mut changes = current.as_ref().map(|s| s.changes());
+    // What the client has, per subscribed type; types it asked for that were not answered yet.
     let mut subscribed: BTreeMap<String, Versions> = BTreeMap::new();
+    let mut unanswered: BTreeMap<String, Versions> = BTreeMap::new();
     let mut nonce = 0u64;
     loop {
+        if !on_live && *synced.borrow_and_update() {
+            // Listed: over to the live state, by one more delta per type.
+            on_live = true;
+            current = source(true);
+            changes = current.as_ref().map(|s| s.changes());
+            if let Some(state) = &current
+                && !push_all(state, &mut subscribed, &mut nonce, &responses).await
+            {
+                return;
+            }
+        }
+        // Answer what was asked once there is something to answer from.
+        if let Some(state) = &current {
+            for (type_url, mut versions) in std::mem::take(&mut unanswered) {
+                let snapshot = snapshot(&state.read(), &type_url);
+                // The first answer goes even when empty: the client is ready once it has one.
+                let push = delta(&type_url, &mut versions, snapshot, &mut nonce, true);
+                subscribed.insert(type_url, versions);
+                if let Some(p) = push
+                    && responses.send(Ok(p)).await.is_err()
+                {
+                    return;
+                }
+            }
+        }
         tokio::select! {
             request = requests.message() => {
                 let request = match request {
@@ -121,7 +185,9 @@ async fn stream(
                 if let Some(error) = &request.error_detail {
                     tracing::warn!(type_url = %request.type_url, nonce = %request.response_nonce, error = %error.message, "the proxy rejected a push");
                 }
-                if subscribed.contains_key(&request.type_url) {
+                let known = subscribed.contains_key(&request.type_url)
+                    || unanswered.contains_key(&request.type_url);
+                if known {
                     continue;
                 }
                 if request.type_url != ADDRESS_TYPE && request.type_url != AUTHORIZATION_TYPE {
@@ -129,32 +195,89 @@ async fn stream(
                     continue;
                 }
                 let has = request.initial_resource_versions.into_iter().collect();
-                subscribed.insert(request.type_url.clone(), has);
-                let current = snapshot(&state.read(), &request.type_url);
-                let Some(versions) = subscribed.get_mut(&request.type_url) else { continue };
-                // The first answer goes even when empty: the client is ready once it has one.
-                let push = delta(&request.type_url, versions, current, &mut nonce, true);
-                if let Some(p) = push && responses.send(Ok(p)).await.is_err() {
-                    return;
+                unanswered.insert(request.type_url, has);
+            }
+            changed = synced.changed(), if !on_live => {
+                // Nobody will say it synced any more: stay on the cache, or end.
+                if changed.is_err() {
+                    if current.is_none() {
+                        return;
+                    }
+                    on_live = true;
                 }
             }
-            changed = changes.changed() => {
-                if changed.is_err() {
+            changed = changed_or_never(changes.as_mut()) => {
+                if !changed {
                     return;
                 }
                 tokio::time::sleep(BATCH).await;
-                changes.borrow_and_update();
-                for (type_url, versions) in &mut subscribed {
-                    let current = snapshot(&state.read(), type_url);
-                    if let Some(p) = delta(type_url, versions, current, &mut nonce, false)
-                        && responses.send(Ok(p)).await.is_err()
-                    {
-                        return;
-                    }
+                if let Some(c) = changes.as_mut() {
+                    c.borrow_and_update();
+                }
+                if let Some(state) = &current
+                    && !push_all(state, &mut subscribed, &mut nonce, &responses).await
+                {
+                    return;
                 }
             }
         }
     }
+}
+
+/// Sends each subscribed type what changed in `state`; false when the client is gone.
+async fn push_all(
+    state: &SharedState,
+    subscribed: &mut BTreeMap<String, Versions>,
+    nonce: &mut u64,
+    responses: &mpsc::Sender<Result<DeltaDiscoveryResponse, tonic::Status>>,
+) -> bool {
+    for (type_url, versions) in subscribed.iter_mut() {
+        let current = snapshot(&state.read(), type_url);
+        if let Some(p) = delta(type_url, versions, current, nonce, false)
+            && responses.send(Ok(p)).await.is_err()
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// Resolves when `changes` moved (true) or its sender went (false); never without one.
+async fn changed_or_never(changes: Option<&mut watch::Receiver<u64>>) -> bool {
+    match changes {
+        Some(c) => c.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// Writes every Address of `state` to `path` (a delta response in protobuf, through a temporary
+/// file and a rename): the cache a restarted agent answers from until it has listed again.
+pub fn write_cache(state: &State, path: &Path) -> std::io::Result<()> {
+    let response = DeltaDiscoveryResponse {
+        type_url: ADDRESS_TYPE.to_owned(),
+        resources: snapshot(state, ADDRESS_TYPE).into_values().collect(),
+        ..Default::default()
+    };
+    let staged = path.with_extension("tmp");
+    std::fs::write(&staged, response.encode_to_vec())?;
+    std::fs::rename(&staged, path)
+}
+
+/// Reads a cache [`write_cache`] wrote into a new state; `None` when there is none or it does
+/// not read back whole (a cache is never half-applied).
+pub fn read_cache(path: &Path, trust_domain: &str) -> Option<State> {
+    let bytes = std::fs::read(path).ok()?;
+    let response = DeltaDiscoveryResponse::decode(bytes.as_slice())
+        .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "the discovery cache does not decode; ignored"))
+        .ok()?;
+    let mut state = State::default();
+    let mut tracked = super::convert::Tracked::default();
+    let applied = super::convert::apply_delta(&mut state, &mut tracked, &response, trust_domain);
+    if !applied.rejected.is_empty() {
+        tracing::warn!(path = %path.display(), rejected = applied.rejected.len(), "the discovery cache holds entries that do not convert; ignored");
+        return None;
+    }
+    Some(state)
 }
 
 /// Every resource of `type_url` in `state`, by name, with its version.

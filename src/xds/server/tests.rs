@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use super::*;
 use crate::identity::Identity;
 use crate::state::balance::{LoadBalancing, Locality, Mode, Scope};
@@ -128,6 +130,102 @@ fn a_push_carries_only_what_changed_and_names_what_went() {
     assert_eq!(again.removed_resources, ["gone-pod"]);
     // Authorization is answered, with nothing.
     assert!(snapshot(&state, AUTHORIZATION_TYPE).is_empty());
+}
+
+fn client(path: &Path, proxy: Arc<SharedState>) -> Arc<XdsClient> {
+    XdsClient::new(
+        XdsSettings {
+            address: format!("unix://{}", path.display()),
+            root_ca: None,
+            token_file: None,
+            cluster_id: "c1".into(),
+            node_id: "node-a".into(),
+            node_metadata: BTreeMap::new(),
+            trust_domain: "cluster.local".into(),
+            network: String::new(),
+            on_demand: false,
+            on_demand_timeout: Duration::from_secs(1),
+        },
+        proxy,
+    )
+}
+
+async fn until(what: impl Fn() -> bool) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !what() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_gated_server_answers_from_its_cache_then_moves_the_proxy_to_the_live_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("xds.sock");
+    // The agent's last state, written and read back as a restarted agent does.
+    let mut last = State::default();
+    last.upsert_workload(full_workload());
+    last.upsert_service(service());
+    let cache = dir.path().join("discovery.pb");
+    write_cache(&last, &cache).unwrap();
+    let cached = read_cache(&cache, "cluster.local").unwrap();
+    assert_eq!(
+        cached.workload("pod-1").map(|w| (**w).clone()),
+        Some(full_workload())
+    );
+    // Not listed yet: the live state is empty, and must not be what the proxy is told.
+    let live = Arc::new(SharedState::default());
+    let (synced_tx, synced) = watch::channel(false);
+    let server =
+        XdsServer::new(live.clone()).gated(synced, Some(Arc::new(SharedState::new(cached))));
+    let serving = tokio::spawn(server.serve_unix(path.clone()));
+    let proxy = Arc::new(SharedState::default());
+    let c = client(&path, proxy.clone());
+    let mut ready = c.ready();
+    let task = tokio::spawn(c.clone().run());
+    tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(proxy.read().workload("pod-1").is_some());
+    // Listed: pod-1 went meanwhile, pod-3 came.
+    live.write(|s| s.upsert_workload(workload("pod-3", "10.0.0.9", "db", Protocol::Hbone)));
+    synced_tx.send_replace(true);
+    until(|| {
+        let s = proxy.read();
+        s.workload("pod-1").is_none() && s.workload("pod-3").is_some()
+    })
+    .await;
+    task.abort();
+    serving.abort();
+}
+
+#[tokio::test]
+async fn a_gated_server_without_a_cache_answers_only_once_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("xds.sock");
+    let live = Arc::new(SharedState::default());
+    let (synced_tx, synced) = watch::channel(false);
+    let serving = tokio::spawn(
+        XdsServer::new(live.clone())
+            .gated(synced, None)
+            .serve_unix(path.clone()),
+    );
+    let proxy = Arc::new(SharedState::default());
+    proxy.write(|s| s.upsert_workload(workload("kept", "10.0.0.5", "a", Protocol::Hbone)));
+    let c = client(&path, proxy.clone());
+    let ready = c.ready();
+    let task = tokio::spawn(c.clone().run());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!*ready.borrow(), "answered before listing");
+    assert!(proxy.read().workload("kept").is_some());
+    live.write(|s| s.upsert_workload(workload("pod-3", "10.0.0.9", "db", Protocol::Hbone)));
+    synced_tx.send_replace(true);
+    until(|| proxy.read().workload("pod-3").is_some()).await;
+    task.abort();
+    serving.abort();
 }
 
 #[tokio::test]
