@@ -138,8 +138,10 @@ pub fn start(
 ) -> Running {
     let (desired_tx, desired_rx) = watch::channel(Arc::new(Desired::default()));
     let (records_tx, records_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (failures_tx, failures_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut enroller = enroll::Enroller::new(pods, ready)
         .recording(records_tx)
+        .reporting(failures_tx)
         .counting(metrics.clone());
     if let Some(path) = extras.state_file {
         enroller = enroller.persisting(path);
@@ -151,9 +153,14 @@ pub fn start(
             tokio::spawn(agent.run(client.clone(), true)),
             tokio::spawn(enroller.run(desired_rx, extras.cni)),
             tokio::spawn(enroll::record_enrollments(
-                client,
+                client.clone(),
                 records_rx,
                 Some(metrics),
+            )),
+            tokio::spawn(enroll::report_failures(
+                client,
+                settings.node.clone(),
+                failures_rx,
             )),
         ],
     }

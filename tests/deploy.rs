@@ -236,6 +236,7 @@ fn the_agent_gives_enrollment_what_it_needs_and_rbac_no_more() {
     need("", "namespaces", &read);
     need("", "services", &read);
     need("discovery.k8s.io", "endpointslices", &read);
+    need("events.k8s.io", "events", &["create"]);
     needed.sort();
     assert_eq!(granted, needed);
 }

@@ -530,6 +530,29 @@ mod netns {
         })
         .await;
         assert_eq!(api.pod_annotation("demo", "ghost", REDIRECTION), None);
+        // ... and reported on it, once, as an Event an operator sees in `kubectl describe`.
+        eventually(10, || {
+            api.events()
+                .iter()
+                .any(|e| e["regarding"]["name"] == "ghost" && e["reason"] == "EnrollmentFailed")
+        })
+        .await;
+        let ghost_events: Vec<_> = api
+            .events()
+            .into_iter()
+            .filter(|e| e["regarding"]["name"] == "ghost")
+            .collect();
+        assert_eq!(ghost_events.len(), 1, "{ghost_events:?}");
+        let event = &ghost_events[0];
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(
+            event["regarding"]["uid"],
+            "0000dead-0000-4000-8000-000000000001"
+        );
+        assert!(
+            event["note"].as_str().unwrap().contains("no_process"),
+            "{event}"
+        );
         api.delete_pod("demo", "ghost");
         // Plaintext from an enrolled pod that slipped past its capture (a socket carrying the
         // proxy's own mark) is refused at b1: an enrolled pod's traffic must come tunneled.

@@ -100,6 +100,76 @@ impl Desired {
     }
 }
 
+/// A failed attempt to enroll a pod, to report on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    /// The metric's reason (`no_process`, `listeners`, `rules`).
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// How often one pod's failures of one kind are reported again: its retries every 2 s would
+/// otherwise flood the API server (kube's recorder would patch a series within 6 minutes).
+const REPORT_AGAIN_AFTER: Duration = Duration::from_secs(10 * 60);
+
+/// Reports failed enrollments as Kubernetes Events on their pods (events.k8s.io/v1, type
+/// Warning, reason `EnrollmentFailed`, reported by `hboned` on `node`): what `kubectl describe
+/// pod` shows an operator. One per pod and kind of failure per [`REPORT_AGAIN_AFTER`]; an Event
+/// the API server refuses is logged and dropped (a later failure reports again).
+pub async fn report_failures(
+    client: kube::Client,
+    node: String,
+    mut failures: mpsc::UnboundedReceiver<Failure>,
+) {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let recorder = Recorder::new(
+        client,
+        Reporter {
+            controller: "hboned".into(),
+            instance: Some(node),
+        },
+    );
+    let mut last: HashMap<(String, &'static str), Instant> = HashMap::new();
+    while let Some(f) = failures.recv().await {
+        last.retain(|_, at| at.elapsed() < REPORT_AGAIN_AFTER);
+        let key = (f.uid.clone(), f.reason);
+        if last.contains_key(&key) {
+            continue;
+        }
+        last.insert(key, Instant::now());
+        // An Event's note holds at most 1 KiB.
+        let mut note = format!("{} ({})", f.message, f.reason);
+        if note.len() > 1000 {
+            let mut cut = 1000;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "EnrollmentFailed".into(),
+            note: Some(note),
+            action: "Enroll".into(),
+            secondary: None,
+        };
+        let pod = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(f.name.clone()),
+            namespace: Some(f.namespace.clone()),
+            uid: Some(f.uid.clone()),
+            ..Default::default()
+        };
+        if let Err(e) = recorder.publish(&event, &pod).await {
+            tracing::warn!(pod = %f.uid, name = %f.name, error = %e, "cannot report the failed enrollment as an Event");
+        }
+    }
+}
+
 /// One pod of the state file.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -177,6 +247,8 @@ pub struct Enroller {
     records: Option<mpsc::UnboundedSender<Record>>,
     /// Where failed attempts are counted.
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Where failed attempts go to be reported on their pods.
+    failures: Option<mpsc::UnboundedSender<Failure>>,
     enrolled: HashMap<String, Enrolled>,
     /// Pods a CNI DEL let go, not to be found again through `/proc` while they linger in the
     /// API (uid → the sandbox).
@@ -205,6 +277,7 @@ impl Enroller {
             ready,
             records: None,
             metrics: None,
+            failures: None,
             enrolled: HashMap::new(),
             released: HashMap::new(),
             probe_ips: None,
@@ -234,10 +307,26 @@ impl Enroller {
         self
     }
 
-    fn failed(&self, reason: &'static str) {
+    /// Counts a failed attempt and reports it on the pod (as a Kubernetes Event).
+    fn failed(&self, uid: &str, pod: &LocalPod, reason: &'static str, message: String) {
         if let Some(m) = &self.metrics {
             m.enrollment_failed(reason);
         }
+        if let Some(failures) = &self.failures {
+            let _ = failures.send(Failure {
+                uid: uid.to_owned(),
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                reason,
+                message,
+            });
+        }
+    }
+
+    /// Reports every failed attempt through `failures` (see [`report_failures`]).
+    pub fn reporting(mut self, failures: mpsc::UnboundedSender<Failure>) -> Enroller {
+        self.failures = Some(failures);
+        self
     }
 
     fn record(&self, uid: &str, namespace: &str, name: &str, enrolled: bool) {
@@ -568,7 +657,12 @@ impl Enroller {
                     Some(netns) => pending |= self.enroll(uid, pod, netns).is_err(),
                     None => {
                         tracing::debug!(pod = %uid, name = %pod.name, "no process of the pod found yet; retrying");
-                        self.failed("no_process");
+                        self.failed(
+                            uid,
+                            pod,
+                            "no_process",
+                            "no process of the pod shows its network namespace yet (retried every 2 s)".into(),
+                        );
                         pending = true;
                     }
                 }
@@ -602,20 +696,22 @@ impl Enroller {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!(pod = %uid, error = %e, "cannot keep the pod's namespace open");
-                self.failed("listeners");
-                return Err(format!("cannot keep the pod's namespace open: {e}"));
+                let why = format!("cannot keep the pod's namespace open: {e}");
+                self.failed(uid, pod, "listeners", why.clone());
+                return Err(why);
             }
         };
         if let Err(e) = self.pods.add(info, netns) {
             tracing::warn!(pod = %uid, name = %pod.name, error = %e, "cannot serve the pod; retrying");
-            self.failed("listeners");
+            self.failed(uid, pod, "listeners", e.to_string());
             return Err(e.to_string());
         }
         if let Err(e) = redirect::install(&kept) {
             tracing::error!(pod = %uid, name = %pod.name, error = %e, "cannot install the redirect rules; retrying");
-            self.failed("rules");
+            let why = format!("cannot install the redirect rules: {e}");
+            self.failed(uid, pod, "rules", why.clone());
             self.pods.remove(uid);
-            return Err(format!("cannot install the redirect rules: {e}"));
+            return Err(why);
         }
         tracing::info!(pod = %uid, name = %pod.name, namespace = %pod.namespace, "pod enrolled");
         self.record(uid, &pod.namespace, &pod.name, true);

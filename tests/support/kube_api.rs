@@ -19,6 +19,9 @@
 //! - `GET /api/v1/namespaces/{name}` and `GET /api/v1/namespaces/{ns}/pods/{name}` answer the
 //!   one object with its `kind` and `apiVersion`, or 404 NotFound with the message
 //!   `<resource> "<name>" not found` (pkg/endpoints/handlers/get.go, storage's NewNotFound);
+//! - `POST /apis/events.k8s.io/v1/namespaces/{ns}/events` creates an Event: 201 with the object,
+//!   a `metadata.name` taken is 409 AlreadyExists, an object whose `metadata.namespace` is not
+//!   the path's is 400 (pkg/endpoints/handlers/create.go);
 //! - unknown paths are 404 with a Status body.
 
 use std::collections::BTreeMap;
@@ -161,6 +164,8 @@ struct Store {
     max_watch: Option<Duration>,
     /// Every request answered 503 (an API server that is down behind its load balancer).
     unavailable: bool,
+    /// Events created (events.k8s.io/v1), in order.
+    events: Vec<Value>,
 }
 
 /// The fake API server; cheap to clone, shared by every listener.
@@ -195,6 +200,9 @@ impl FakeApi {
                         async move {
                             if req.method() == hyper::Method::PATCH {
                                 return Ok::<_, Infallible>(api.patch(req).await);
+                            }
+                            if req.method() == hyper::Method::POST {
+                                return Ok::<_, Infallible>(api.create_event(req).await);
                             }
                             Ok::<_, Infallible>(api.handle(req))
                         }
@@ -428,6 +436,68 @@ impl FakeApi {
 
     fn put(&self, kind: Kind, key: String, object: Option<Value>) {
         put_locked(&mut self.store.lock().unwrap(), kind, key, object);
+    }
+
+    /// The Events created so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.store.lock().unwrap().events.clone()
+    }
+
+    /// A POST: only Events are created here.
+    async fn create_event(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<Body> {
+        let path = req.uri().path().to_owned();
+        self.store
+            .lock()
+            .unwrap()
+            .requests
+            .push(format!("POST {path}"));
+        let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"] = parts.as_slice() else {
+            return status(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            );
+        };
+        let ns = (*ns).to_owned();
+        let body = match req.into_body().collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return status(400, "BadRequest", "cannot read the body"),
+        };
+        let Ok(mut event) = serde_json::from_slice::<Value>(&body) else {
+            return status(400, "BadRequest", "the body is not JSON");
+        };
+        if let Some(other) = event["metadata"]["namespace"].as_str()
+            && other != ns
+        {
+            return status(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+            );
+        }
+        let mut s = self.store.lock().unwrap();
+        let name = event["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        if s.events.iter().any(|e| {
+            e["metadata"]["name"] == name.as_str() && e["metadata"]["namespace"] == ns.as_str()
+        }) {
+            return status(
+                409,
+                "AlreadyExists",
+                &format!("events.events.k8s.io \"{name}\" already exists"),
+            );
+        }
+        s.rv += 1;
+        event["metadata"]["namespace"] = json!(ns);
+        event["metadata"]["resourceVersion"] = json!(s.rv.to_string());
+        s.events.push(event.clone());
+        respond(201, serde_json::to_vec(&event).unwrap())
     }
 
     /// A merge patch of one pod.
