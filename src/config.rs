@@ -78,6 +78,14 @@ pub struct Config {
     /// bypassed; it should have come through a tunnel). Always on in Kubernetes mode; set it on
     /// the proxy of `hboned agent`.
     pub refuse_mesh_plaintext: bool,
+    /// Refuse all plaintext into enrolled pods (kubelet's probes still pass, uncaptured), and
+    /// refuse rather than pass through connections to addresses of `podCidrs` that discovery
+    /// does not know. Off: permissive, as the seed design and ambient's default.
+    pub strict: bool,
+    /// The cluster's pod address ranges (CIDRs): a connection to an address there that
+    /// discovery does not know yet is held until it does (up to `xds.onDemandTimeoutMs`), and
+    /// with `strict` refused after that.
+    pub pod_cidrs: Vec<String>,
     /// `hboned agent`'s own settings (Kubernetes mode's node agent, with `kubernetes:`); the
     /// proxy does not read them.
     pub agent: AgentConfig,
@@ -161,6 +169,8 @@ pub struct KubernetesConfig {
     pub services: bool,
     /// The cluster's DNS domain, for service hostnames (`<svc>.<ns>.svc.<domain>`).
     pub cluster_domain: String,
+    /// `strict` for this mode (the same as the top-level key).
+    pub strict: bool,
 }
 
 impl Default for KubernetesConfig {
@@ -171,6 +181,7 @@ impl Default for KubernetesConfig {
             allow_builtin_ca: false,
             services: true,
             cluster_domain: "cluster.local".to_owned(),
+            strict: false,
         }
     }
 }
@@ -208,6 +219,8 @@ impl Default for Config {
             xds: XdsConfig::default(),
             kubernetes: None,
             refuse_mesh_plaintext: false,
+            strict: false,
+            pod_cidrs: Vec::new(),
             agent: AgentConfig::default(),
         }
     }

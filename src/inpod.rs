@@ -50,8 +50,10 @@ pub(crate) struct NodeContext {
     pub drain: crate::drain::Drain,
     /// The enrolled pods by identity, kept for certificate sources that attest a pod.
     pub local_pods: crate::identity::LocalPods,
-    /// Refuse plaintext into a pod from a pod that is reached over HBONE (Kubernetes mode).
-    pub refuse_mesh_plaintext: bool,
+    /// Which plaintext a pod's 15006 takes.
+    pub plaintext: crate::proxy::passthrough::InboundPlaintext,
+    /// Unknown destinations in the cluster's pod ranges: held, refused when strict.
+    pub cluster: Option<Arc<crate::proxy::outbound::ClusterGuard>>,
 }
 
 /// The operations a node agent drives; [`PodManager`] is the real one, tests use a double.
@@ -286,7 +288,8 @@ impl PodManager {
                 Some(ctx.metrics.clone()),
                 Some(ctx.drain.clone()),
             )
-            .for_pod(life.clone()),
+            .for_pod(life.clone())
+            .guarding(ctx.cluster.clone()),
         );
         let workload = LocalWorkload {
             identity: identity.clone(),
@@ -325,7 +328,7 @@ impl PodManager {
                 sockets.clone(),
                 workload.clone(),
                 ctx.tunnel.connect_timeout,
-                ctx.refuse_mesh_plaintext,
+                ctx.plaintext,
             )));
         }
         tracing::info!(uid = %info.uid, %identity, ?addresses, netns = netns.name(), "pod enrolled");

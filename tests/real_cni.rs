@@ -7,7 +7,8 @@
 //! by a veth; the API server is the fake of tests/support/kube_api.rs. Shown here: a pod's rules
 //! and listeners are in when its ADD returns, so the first connection of a process started right
 //! after is tunneled; a kube-proxy-shaped ClusterIP (DNAT in the node) stays TLS; a pod of a
-//! namespace that did not opt in is left alone; with the agent down an ADD fails and the
+//! namespace that did not opt in is left alone, and its plaintext refused by the strict proxies,
+//! which also refuse an unknown address of the pod ranges rather than send it in plaintext; with the agent down an ADD fails and the
 //! proxy keeps serving; a restarted agent takes its pods back without the proxy dropping them;
 //! DEL lets a pod go; with the API server away, a restarted agent and proxy serve the agent's
 //! last state; `hboned agent uninstall` leaves no rule and no plugin behind. Needs root
@@ -416,7 +417,8 @@ async fn agent_and_unprivileged_proxy_enroll_pods_in_their_cni_add() {
         std::fs::write(
             node_dir.join("proxy.yaml"),
             format!(
-                "node: node-{name}\nzdsSocket: {run}/zds.sock\nxds:\n  address: unix://{run}/xds.sock\nrefuseMeshPlaintext: true\n\
+                "node: node-{name}\nzdsSocket: {run}/zds.sock\nxds:\n  address: unix://{run}/xds.sock\n  onDemandTimeoutMs: 1000\n\
+                 refuseMeshPlaintext: true\nstrict: true\npodCidrs: [198.18.210.0/24, 198.18.220.0/24]\n\
                  ca:\n  rootDir: {ca}\nreadinessAddress: 127.0.0.1:15021\nmetricsAddress: 127.0.0.1:15020\nadminAddress: 127.0.0.1:15000\ndrainTimeoutSecs: 1\n",
                 run = run.display(),
                 ca = root.join("ca").display(),
@@ -619,8 +621,8 @@ async fn agent_and_unprivileged_proxy_enroll_pods_in_their_cni_add() {
         "a1 → ClusterIP: clear {clear}, hbone {hbone}"
     );
 
-    // a2, in a namespace that did not opt in: its ADD passes, nothing of ours in it, and its
-    // plaintext still reaches b1.
+    // a2, in a namespace that did not opt in: its ADD passes and nothing of ours is in it; the
+    // proxies are strict, so its plaintext into b1 is refused there.
     let a2 = pod(
         "00000000-0000-4000-8000-0000000000a2",
         "a2",
@@ -633,7 +635,27 @@ async fn agent_and_unprivileged_proxy_enroll_pods_in_their_cni_add() {
     let (ok, out) = nodes[0].cnitool("add", &a2, &a2_ns.0);
     assert!(ok, "{out}");
     assert!(!has_rules(&a2_ns.0) && !listens(&a2_ns.0, 15008));
-    assert_eq!(connect_at_start(&a2_ns.0, to_b1, "plain-ok"), "plain-ok");
+    assert_eq!(connect_at_start(&a2_ns.0, to_b1, "plain-refused"), "");
+    assert!(
+        nodes_log_has(&nodes[1].dir, "proxy.log", "refused (strict)"),
+        "{}",
+        nodes[1].logs()
+    );
+
+    // An address of the pod ranges discovery does not know: held, then refused (strict), and
+    // nothing of it reaches the wire in plaintext.
+    let capture = Capture::start(&na, &ab, &root.join("unknown.pcap"))
+        .await
+        .unwrap();
+    let unknown: SocketAddr = "198.18.220.77:7000".parse().unwrap();
+    assert_eq!(connect_at_start(&a1_ns.0, unknown, "hboned-UNKNOWN-c3"), "");
+    let segments = capture
+        .stop(&netns(&na), "198.18.0.2:9".parse().unwrap())
+        .unwrap();
+    assert!(
+        !segments.iter().any(|s| s.dst.ip() == unknown.ip()),
+        "a connection to an unknown pod address left the node"
+    );
 
     // Agent A down: an ADD fails (no pod of an opted-in namespace starts uncaptured), and
     // the proxy goes on serving a1.

@@ -81,7 +81,8 @@ impl Node {
             preserve_source_ip: config.preserve_source_ip,
             resolver,
             local_pods,
-            refuse_mesh_plaintext: config.refuse_mesh_plaintext || config.kubernetes.is_some(),
+            plaintext: inbound_plaintext(&config),
+            cluster: cluster_guard(&config, &state),
         }));
         tracing::info!(node = %config.node, trust_domain = %config.trust_domain, pods = config.pods.len(), workloads = config.workloads.len(), services = config.services.len(), "hboned node proxy starting");
         enroll_config_pods(&config, &manager);
@@ -236,6 +237,42 @@ fn start_kubernetes(
         ready,
         crate::kube::AgentExtras::default(),
     ))
+}
+
+/// Which plaintext enrolled pods take: none with `strict`; none from enrolled pods in
+/// Kubernetes mode or with `refuseMeshPlaintext`; else any (policy decides).
+fn inbound_plaintext(config: &Config) -> crate::proxy::passthrough::InboundPlaintext {
+    use crate::proxy::passthrough::InboundPlaintext;
+    let strict = config.strict || config.kubernetes.as_ref().is_some_and(|k| k.strict);
+    if strict {
+        InboundPlaintext::Refuse
+    } else if config.refuse_mesh_plaintext || config.kubernetes.is_some() {
+        InboundPlaintext::RefuseMesh
+    } else {
+        InboundPlaintext::Accept
+    }
+}
+
+/// The hold (and strict refusal) of unknown addresses in `podCidrs`, when any are given.
+fn cluster_guard(
+    config: &Config,
+    state: &Arc<SharedState>,
+) -> Option<Arc<crate::proxy::outbound::ClusterGuard>> {
+    // Validated at load: entries that do not parse were reported there.
+    let cidrs: Vec<crate::authz::IpNet> = config
+        .pod_cidrs
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect();
+    if cidrs.is_empty() {
+        return None;
+    }
+    Some(Arc::new(crate::proxy::outbound::ClusterGuard {
+        state: state.clone(),
+        cidrs,
+        hold: Duration::from_millis(config.xds.on_demand_timeout_ms.unwrap_or(5000)),
+        strict: config.strict || config.kubernetes.as_ref().is_some_and(|k| k.strict),
+    }))
 }
 
 /// The registry with the certificate and xDS counters.

@@ -50,6 +50,11 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
         }
     }
     let mut uids = std::collections::HashSet::new();
+    for (i, cidr) in config.pod_cidrs.iter().enumerate() {
+        if let Err(e) = cidr.parse::<crate::authz::IpNet>() {
+            p.push(format!("podCidrs[{i}]: {e}"));
+        }
+    }
     for (i, pod) in config.pods.iter().enumerate() {
         if Identity::new(&config.trust_domain, &pod.namespace, &pod.service_account).is_err() {
             p.push(format!(

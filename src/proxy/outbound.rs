@@ -7,6 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 
@@ -72,6 +73,46 @@ pub struct Outbound {
     drain: Option<Drain>,
     /// The source pod's life: its connections end when it is removed.
     pod: PodLife,
+    /// Unknown destinations in the cluster's pod ranges, held (and refused when strict).
+    cluster: Option<Arc<ClusterGuard>>,
+}
+
+/// What an outbound connection to an address of the cluster's pod ranges (`podCidrs`) that the
+/// state does not know meets: it is held until discovery knows the address (a pod just
+/// created, a watch behind) or `hold` passes, and then, with `strict`, refused rather than
+/// passed through in plaintext — the address may be an enrolled pod discovery has not shown
+/// yet (an API outage, a lagging watch).
+#[derive(Debug)]
+pub struct ClusterGuard {
+    pub state: Arc<crate::state::SharedState>,
+    pub cidrs: Vec<crate::authz::IpNet>,
+    pub hold: Duration,
+    pub strict: bool,
+}
+
+impl ClusterGuard {
+    /// Whether a connection to `ip` may go on: true at once outside the ranges or when known,
+    /// else once it is known within `hold`; past it, true only when not strict.
+    pub async fn admit(&self, ip: std::net::IpAddr) -> bool {
+        if !self.cidrs.iter().any(|n| n.contains(ip)) {
+            return true;
+        }
+        let mut changes = self.state.changes();
+        let known = async {
+            loop {
+                if self.state.read().knows(ip) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
+        };
+        match tokio::time::timeout(self.hold, known).await {
+            Ok(()) => true,
+            Err(_) => !self.strict,
+        }
+    }
 }
 
 impl Outbound {
@@ -95,7 +136,13 @@ impl Outbound {
             metrics,
             drain,
             pod: PodLife::default(),
+            cluster: None,
         }
+    }
+
+    /// Holds (and with `strict` refuses) unknown destinations in the cluster's pod ranges.
+    pub fn guarding(self, cluster: Option<Arc<ClusterGuard>>) -> Self {
+        Outbound { cluster, ..self }
     }
 
     /// The same, for the connections of one pod: they end when it is removed.
@@ -183,6 +230,13 @@ impl Outbound {
         if let Some(resolver) = &self.resolver {
             // Unknown destinations are looked up first; nothing is read from the app meanwhile.
             resolver.ensure(dst.ip()).await;
+        }
+        if let Some(cluster) = &self.cluster
+            && !cluster.admit(dst.ip()).await
+        {
+            tracing::warn!(%src, %dst, "an address of the cluster's pod ranges that discovery does not know; refused rather than sent in plaintext (strict)");
+            reset(app);
+            return None;
         }
         match self.router.route(src, dst) {
             Route::Hbone {

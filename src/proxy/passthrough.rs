@@ -94,16 +94,28 @@ pub(crate) async fn relay(
     }
 }
 
+/// Which plaintext an enrolled pod's 15006 takes (kubelet's probes never reach it: the pod's
+/// rules let them through uncaptured).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InboundPlaintext {
+    /// Any, authorized by policy (permissive: the seed design, ambient's default).
+    #[default]
+    Accept,
+    /// None from a pod that is itself reached over HBONE: it should have come through a
+    /// tunnel, so its capture was bypassed (Kubernetes mode).
+    RefuseMesh,
+    /// None at all (strict).
+    Refuse,
+}
+
 /// Serves the inbound plaintext listener (15006) of the pod `workload`: connections without an
-/// identity, authorized by source and destination alone. With `refuse_mesh_sources`, plaintext
-/// from a pod that is itself reached over HBONE is refused: it should have come through a
-/// tunnel, so its capture was bypassed (Kubernetes mode).
+/// identity, authorized by source and destination alone, as `plaintext` allows.
 pub(crate) async fn serve_inbound_plaintext(
     listener: TcpListener,
     sockets: Arc<dyn SocketFactory>,
     workload: LocalWorkload,
     timeout: Duration,
-    refuse_mesh_sources: bool,
+    plaintext: InboundPlaintext,
 ) {
     let workload = Arc::new(workload);
     let local = &workload.addresses;
@@ -126,7 +138,13 @@ pub(crate) async fn serve_inbound_plaintext(
         let conn = super::inbound::authz_facts(None, src, dst);
         let (labels, names) = workload.labels(src.ip(), None, dst.ip());
         let record = ConnectionRecord::open(workload.metrics.as_ref(), labels, names, src, dst);
-        if refuse_mesh_sources && workload.reached_over_hbone(src.ip()) {
+        if plaintext == InboundPlaintext::Refuse {
+            tracing::info!(%src, %dst, "plaintext into an enrolled pod, refused (strict); resetting");
+            record.failed(DENIED, 0, 0);
+            let _ = socket::reset_on_close(&app);
+            continue;
+        }
+        if plaintext == InboundPlaintext::RefuseMesh && workload.reached_over_hbone(src.ip()) {
             tracing::warn!(%src, %dst, "plaintext from an enrolled pod, which must use a tunnel (its capture was bypassed); resetting");
             record.failed(DENIED, 0, 0);
             let _ = socket::reset_on_close(&app);

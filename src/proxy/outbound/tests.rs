@@ -208,3 +208,42 @@ fn a_live_connection_holds_only_the_relays_state() {
     let record = std::mem::size_of::<crate::metrics::ConnectionRecord>();
     assert!(record <= 256, "a connection record is {record} bytes");
 }
+
+fn guard(strict: bool) -> (Arc<crate::state::SharedState>, ClusterGuard) {
+    let state = Arc::new(crate::state::SharedState::default());
+    let guard = ClusterGuard {
+        state: state.clone(),
+        cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        hold: Duration::from_millis(200),
+        strict,
+    };
+    (state, guard)
+}
+
+#[tokio::test]
+async fn an_unknown_pod_address_is_held_until_known_and_refused_when_strict() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let (state, strict) = guard(true);
+    // Outside the pod ranges: nothing to hold.
+    assert!(strict.admit(ip("192.0.2.7")).await);
+    // Never known: refused once the hold is over.
+    let started = std::time::Instant::now();
+    assert!(!strict.admit(ip("10.244.1.9")).await);
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    // Known while held: let through as soon as discovery has it.
+    let later = state.clone();
+    let known = tokio::spawn(async move { strict.admit(ip("10.244.1.10")).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    later.write(|s| {
+        s.upsert_workload(crate::state::tests::workload(
+            "p",
+            "10.244.1.10",
+            "sa",
+            Protocol::Hbone,
+        ))
+    });
+    assert!(known.await.unwrap());
+    // Not strict: held, then passed through.
+    let (_, permissive) = guard(false);
+    assert!(permissive.admit(ip("10.244.1.9")).await);
+}
