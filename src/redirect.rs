@@ -133,12 +133,32 @@ impl Family {
 }
 
 /// Installs the rule set, for IPv4 and IPv6, in `netns`; running it twice leaves one copy.
+/// Both families or neither: when one fails, what was installed is taken out again (a pod
+/// captured for one family and not the other would send the other's traffic in plaintext).
 pub fn install(netns: &Netns) -> Result<(), RedirectError> {
     let _lock = NodeLock::take();
     for family in Family::ALL {
-        install_family(netns, family)?;
+        // A pod without IPv6 (disabled in its namespace) has no IPv6 traffic to capture.
+        if family == Family::V6 && ipv6_disabled(netns) {
+            continue;
+        }
+        if let Err(e) = install_family(netns, family) {
+            for undo in Family::ALL {
+                if let Err(undo_error) = remove_family(netns, undo) {
+                    tracing::warn!(netns = netns.name(), error = %undo_error, "cannot take a half-installed rule set out again");
+                }
+            }
+            return Err(e);
+        }
     }
     Ok(())
+}
+
+/// Whether IPv6 is off in `netns` (disabled for all interfaces, or not in the kernel).
+fn ipv6_disabled(netns: &Netns) -> bool {
+    netns
+        .run(|| std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6"))
+        .map_or(true, |v| v.trim() == "1")
 }
 
 /// Removes everything [`install`] added; removing what is not there is not an error.

@@ -184,6 +184,12 @@ struct Persisted {
     container_id: Option<String>,
 }
 
+/// How many times a failed rule removal is tried (a pass every 2 s while any is left).
+const REMOVAL_ATTEMPTS: u32 = 150;
+
+/// How often this node's pods that should have no rules are checked for some.
+const SWEEP_EVERY: Duration = Duration::from_secs(300);
+
 /// How often pods that could not be enrolled yet (no process found, rules failed) are retried.
 const RETRY: Duration = Duration::from_secs(2);
 
@@ -255,6 +261,11 @@ pub struct Enroller {
     released: HashMap<String, String>,
     /// The addresses the probe chain was last written with.
     probe_ips: Option<Vec<IpAddr>>,
+    /// Namespaces whose rules could not be removed yet (uid, namespace, attempts), retried
+    /// every pass up to [`REMOVAL_ATTEMPTS`] times.
+    leftovers: Vec<(String, Option<Netns>, u32)>,
+    /// When this node's other pods were last swept for rules an earlier run left.
+    swept_at: Option<Instant>,
     /// Where the enrolled set is kept across restarts, and what was last written there.
     state_file: Option<PathBuf>,
     written: Option<Vec<u8>>,
@@ -283,6 +294,8 @@ impl Enroller {
             probe_ips: None,
             state_file: None,
             written: None,
+            leftovers: Vec::new(),
+            swept_at: None,
             swept: false,
             proc: PathBuf::from("/proc"),
         }
@@ -384,6 +397,8 @@ impl Enroller {
             tokio::select! {
                 changed = desired.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(RETRY), if pending => {}
+                // A pass now and then, for the periodic sweep.
+                _ = tokio::time::sleep(SWEEP_EVERY) => {}
                 call = next_call(cni.as_mut()) => match call {
                     Some(call) => {
                         match self.blocking(move |e| e.cni(call)).await {
@@ -668,10 +683,16 @@ impl Enroller {
                 }
             }
         }
-        if !self.swept {
+        // The sweep runs after the first listing and then every SWEEP_EVERY: rules can be left
+        // by a crash between a removal's steps, or by a pod that changed namespace opt-in
+        // while no agent ran.
+        if !self.swept || self.swept_at.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
             self.sweep(&want.others);
             self.swept = true;
+            self.swept_at = Some(Instant::now());
         }
+        self.retry_leftovers();
+        pending |= !self.leftovers.is_empty();
         // A record of a pod served here is right, even when the watches do not show the pod
         // as enrollable yet (its CNI ADD came before the kubelet reported its addresses).
         for (uid, (namespace, name)) in &want.stale {
@@ -734,12 +755,38 @@ impl Enroller {
             return;
         };
         if let Err(e) = redirect::remove(&gone.netns) {
-            // A deleted pod's namespace may already be empty of interfaces; the rules go with it.
-            tracing::debug!(pod = %uid, error = %e, "cannot remove the redirect rules");
+            // Retried every pass until done; a deleted pod's namespace takes them with it (its
+            // last holder, this descriptor, goes with the retry).
+            tracing::warn!(pod = %uid, error = %e, "cannot remove the redirect rules; retrying");
+            self.leftovers
+                .push((uid.to_owned(), gone.netns.try_clone().ok(), 1));
         }
         self.pods.remove(uid);
         self.record(uid, &gone.pod.namespace, &gone.pod.name, false);
         tracing::info!(pod = %uid, name = %gone.pod.name, "pod unenrolled");
+    }
+
+    /// Tries the removals that failed again; those that succeed (or whose namespace is gone)
+    /// are done.
+    fn retry_leftovers(&mut self) {
+        self.leftovers.retain_mut(|(uid, netns, attempts)| {
+            let Some(netns) = netns else { return false };
+            *attempts += 1;
+            match redirect::remove(netns) {
+                Ok(()) => {
+                    tracing::info!(pod = %uid, "removed the redirect rules on a retry");
+                    false
+                }
+                Err(e) if *attempts >= REMOVAL_ATTEMPTS => {
+                    tracing::error!(pod = %uid, error = %e, attempts = *attempts, "giving up removing the redirect rules; the periodic sweep looks again");
+                    false
+                }
+                Err(e) => {
+                    tracing::debug!(pod = %uid, error = %e, "the redirect rules are still not removed");
+                    true
+                }
+            }
+        });
     }
 
     /// Removes our rules from this node's pods that should have none.
