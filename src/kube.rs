@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures_util::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service as KubeService};
+use k8s_openapi::api::core::v1::{Namespace, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -24,9 +24,11 @@ use crate::state::SharedState;
 pub mod enroll;
 pub mod pods;
 pub mod services;
+pub mod slim;
 
 pub use enroll::{Desired, LocalPod};
 pub use pods::{LabelMatch, PodFacts};
+pub use slim::SlimPod;
 
 /// Why the API server cannot be reached.
 #[derive(Debug, thiserror::Error)]
@@ -269,12 +271,13 @@ impl Agent {
             kube::Api::all(client.clone()),
             watcher::Config::default(),
         ));
-        let mut all = Box::pin(watched::<Pod>(
+        // Pods in their slim form (kube/slim.rs): the watches never hold a whole pod.
+        let mut all = Box::pin(watched::<SlimPod>(
             kube::Api::all(client.clone()),
             watcher::Config::default(),
         ));
         let fields = format!("spec.nodeName={}", self.settings.node);
-        let mut mine: Events<Pod> = self.optional(LOCAL_PODS, local, || {
+        let mut mine: Events<SlimPod> = self.optional(LOCAL_PODS, local, || {
             watched(
                 kube::Api::all(client.clone()),
                 watcher::Config::default().fields(&fields),
@@ -380,17 +383,17 @@ impl Agent {
         });
     }
 
-    fn pod_event(&mut self, event: Event<Pod>) {
+    fn pod_event(&mut self, event: Event<SlimPod>) {
         match event {
             Event::Init => self.listings[ALL_PODS].begin(),
-            Event::InitApply(pod) | Event::Apply(pod) => {
+            Event::InitApply(SlimPod(pod)) | Event::Apply(SlimPod(pod)) => {
                 let Some(facts) = PodFacts::of(&pod) else {
                     return;
                 };
                 self.listings[ALL_PODS].saw(&facts.uid);
                 self.apply_workload(&facts);
             }
-            Event::Delete(pod) => {
+            Event::Delete(SlimPod(pod)) => {
                 if let Some(uid) = pod.metadata.uid {
                     self.remove_workload(&uid);
                 }
@@ -513,18 +516,18 @@ impl Agent {
         });
     }
 
-    fn local_event(&mut self, event: Event<Pod>) {
+    fn local_event(&mut self, event: Event<SlimPod>) {
         self.local_dirty = true;
         match event {
             Event::Init => self.listings[LOCAL_PODS].begin(),
-            Event::InitApply(pod) | Event::Apply(pod) => {
+            Event::InitApply(SlimPod(pod)) | Event::Apply(SlimPod(pod)) => {
                 let Some(facts) = PodFacts::of(&pod) else {
                     return;
                 };
                 self.listings[LOCAL_PODS].saw(&facts.uid);
                 self.local.insert(facts.uid.clone(), facts);
             }
-            Event::Delete(pod) => {
+            Event::Delete(SlimPod(pod)) => {
                 if let Some(uid) = pod.metadata.uid {
                     self.local.remove(&uid);
                 }
