@@ -226,6 +226,8 @@ fn main() {
 /// Pods listed in pages (`limit`, `continue`), `fieldSelector=spec.nodeName=` on Pods, and
 /// watches that stay open and carry the updates it is told to make (`update M` on stdin,
 /// answered `done`). Prints its URL and the mean pod size first.
+// Bench-only server: a failure here is a broken bench, said at once.
+#[allow(clippy::unwrap_used)]
 async fn serve_fake(n: usize) {
     use std::io::{BufRead, Write};
     let mut pods: Vec<(String, Vec<u8>)> = Vec::with_capacity(n);
@@ -300,6 +302,8 @@ async fn serve_fake(n: usize) {
 }
 
 /// One pod as the API server sends it: [`PodDef`]'s object filled out by [`realistic`].
+// Bench-only server: a failure here is a broken bench, said at once.
+#[allow(clippy::unwrap_used)]
 fn pod_json(p: &PodDef, i: usize) -> Vec<u8> {
     let mut object = serde_json::to_value(p.object()).unwrap();
     kube_api_merge(&mut object, &realistic(i));
@@ -319,6 +323,8 @@ struct Lean {
     >,
 }
 
+// Bench-only server: a failure here is a broken bench, said at once.
+#[allow(clippy::unwrap_used)]
 impl Lean {
     fn send(&self, node: &str, event: bytes::Bytes) {
         let watchers = self.watchers.lock().unwrap();
