@@ -35,6 +35,16 @@ fn config() -> hboned::config::Config {
     parsed("agent.yaml")
 }
 
+/// Where a container's volumes are mounted.
+fn mount_paths(container: &Value) -> Vec<&str> {
+    container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect()
+}
+
 /// One of deploy/standalone/daemonset.yaml's DaemonSets, by name.
 fn daemonset(name: &str) -> Value {
     documents("daemonset.yaml")
@@ -62,12 +72,7 @@ fn the_agent_is_kubernetes_mode_and_the_proxy_follows_its_sockets_with_spire() {
     );
     // The agent's mounts hold its sockets and the CNI directories it names.
     let pod = &daemonset("hboned-agent")["spec"]["template"]["spec"];
-    let mounts: Vec<&str> = pod["containers"][0]["volumeMounts"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|m| m["mountPath"].as_str().unwrap())
-        .collect();
+    let mounts = mount_paths(&pod["containers"][0]);
     for path in [&cni.conf_dir, &cni.bin_dir] {
         assert!(
             mounts.contains(&path.to_str().unwrap()),
@@ -118,12 +123,7 @@ fn the_proxy_holds_three_capabilities_and_nothing_of_the_host() {
         );
     }
     assert!(!command.iter().any(|a| a.starts_with("--reuid=0")));
-    let mounts: Vec<&str> = container["volumeMounts"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|m| m["mountPath"].as_str().unwrap())
-        .collect();
+    let mounts = mount_paths(container);
     assert_eq!(
         mounts,
         ["/etc/hboned", "/var/run/hboned", "/run/spire/sockets"]
@@ -178,12 +178,7 @@ fn the_agent_gives_enrollment_what_it_needs_and_rbac_no_more() {
         pod["hostNetwork"], true,
         "the probe rule lives in the node's namespace"
     );
-    let mounts: Vec<&str> = pod["containers"][0]["volumeMounts"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|m| m["mountPath"].as_str().unwrap())
-        .collect();
+    let mounts = mount_paths(&pod["containers"][0]);
     for path in ["/run/hboned", "/var/run/netns", "/run/xtables.lock"] {
         assert!(mounts.contains(&path), "{path} not mounted: {mounts:?}");
     }
@@ -280,12 +275,7 @@ fn the_cilium_daemonset_runs_hboned_on_spire_as_ciliums_chart_does() {
         })
         .collect();
     let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mounted: Vec<String> = container["volumeMounts"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|m| m["mountPath"].as_str().unwrap().to_owned())
-        .collect();
+    let mounted = mount_paths(container);
     let under_mount = |path: &std::path::Path| mounted.iter().any(|m| path.starts_with(m));
     let bootstrap = "/etc/ztunnel/bootstrap-root.crt";
     assert!(under_mount(std::path::Path::new(bootstrap)));

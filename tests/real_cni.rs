@@ -27,11 +27,11 @@ use std::time::Duration;
 use hboned::netns::Netns;
 use hboned::testbed::Capture;
 use support::agent::ScratchNetns;
-use support::eventually;
 use support::kube_api::{FakeApi, PodDef};
 use support::kubelet::PodProcess;
 use support::real::{go_program, have_go};
 use support::topo::{bin, can_run};
+use support::{eventually, sh};
 
 const LABEL: (&str, &str) = ("io.cilium/mtls-enabled", "true");
 const REDIRECTION: &str = "hboned.io/redirection";
@@ -42,16 +42,6 @@ const PROXY_CAPS: u64 = (1 << 12) | (1 << 13) | (1 << 21);
 const NETWORK: &str = "hboned-test";
 const APP_PORT: u16 = 7000;
 const VIP: &str = "198.18.100.10";
-
-fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn netns(name: &str) -> Netns {
     Netns::open(&Path::new("/var/run/netns").join(name)).unwrap()

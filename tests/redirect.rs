@@ -5,24 +5,13 @@
 
 mod support;
 
-use std::process::Command;
-
 use hboned::netns::Netns;
 use support::agent::ScratchNetns;
+use support::sh;
 use support::topo::can_run;
 
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn nat(ns: &str, tool: &str) -> String {
-    run(&["ip", "netns", "exec", ns, tool, "-t", "nat", "-S"])
+    sh(&["ip", "netns", "exec", ns, tool, "-t", "nat", "-S"])
 }
 
 #[test]
@@ -32,7 +21,7 @@ fn a_pod_without_ipv6_gets_the_ipv4_rules_alone() {
     }
     let ns = ScratchNetns::new(&format!("rd6off{}", std::process::id() % 100_000));
     for knob in ["all", "default", "lo"] {
-        run(&[
+        sh(&[
             "ip",
             "netns",
             "exec",
@@ -59,7 +48,7 @@ fn an_install_that_fails_for_one_family_leaves_neither() {
     // IPv6 on, but not on loopback: the IPv6 local route of the rule set cannot be added, after
     // the IPv4 rules went in.
     let ns = ScratchNetns::new(&format!("rd6lo{}", std::process::id() % 100_000));
-    run(&[
+    sh(&[
         "ip",
         "netns",
         "exec",
@@ -75,6 +64,6 @@ fn an_install_that_fails_for_one_family_leaves_neither() {
     for tool in ["iptables", "ip6tables"] {
         assert!(!nat(&ns.0, tool).contains("HBONE"), "{tool} rules left");
     }
-    let rules = run(&["ip", "-n", &ns.0, "rule", "show"]);
+    let rules = sh(&["ip", "-n", &ns.0, "rule", "show"]);
     assert!(!rules.contains("lookup 100"), "{rules}");
 }

@@ -26,6 +26,21 @@ use hboned::proxy::{HboneClient, InboundServer, LocalWorkload, PoolKey, TunnelSe
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// Runs a command to its end and returns its output, failing the test (with its stderr) if
+/// it fails.
+pub fn sh(args: &[&str]) -> String {
+    let out = std::process::Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn id(sa: &str) -> Identity {
     Identity::new("cluster.local", "test", sa).unwrap()
 }

@@ -239,21 +239,7 @@ async fn a_proxy_following_the_socket_ends_with_the_agents_state() {
     });
     let server = tokio::spawn(XdsServer::new(agent.clone()).serve_unix(path.clone()));
     let proxy = Arc::new(SharedState::default());
-    let client = XdsClient::new(
-        XdsSettings {
-            address: format!("unix://{}", path.display()),
-            root_ca: None,
-            token_file: None,
-            cluster_id: "c1".into(),
-            node_id: "node-a".into(),
-            node_metadata: BTreeMap::new(),
-            trust_domain: "cluster.local".into(),
-            network: String::new(),
-            on_demand: false,
-            on_demand_timeout: Duration::from_secs(1),
-        },
-        proxy.clone(),
-    );
+    let client = client(&path, proxy.clone());
     let mut ready = client.ready();
     let task = tokio::spawn(client.clone().run());
     tokio::time::timeout(Duration::from_secs(10), ready.wait_for(|r| *r))
