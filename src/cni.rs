@@ -82,6 +82,8 @@ struct CniError {
     details: String,
 }
 
+// The CNI spec's well-known error codes (containernetworking/cni SPEC.md, "Error"; 1–99 are
+// the spec's, 100 and up a plugin's own).
 /// Incompatible CNI version.
 const INCOMPATIBLE_VERSION: u32 = 1;
 /// Invalid necessary environment variables.
@@ -244,7 +246,9 @@ fn plugin(
     match ask(&socket, &request, timeout) {
         Ok(Reply { error: None }) => pass_through(),
         Ok(Reply { error: Some(e) }) => match command {
-            // DEL does not fail: what it would remove goes with the namespace.
+            // DEL does not fail: what it would remove goes with the namespace (SPEC.md, DEL:
+            // "plugins should generally complete a DEL action without error even if some
+            // resources are missing").
             Command::Del => Ok(None),
             _ => Err(CniError::new(
                 ENROLLMENT_FAILED,

@@ -171,14 +171,23 @@ impl Endpoint {
         facts.ips.clone_from(&request.ips);
         facts.terminal = false;
         let opted = opted_in(&self.labels, ns.metadata.labels.as_ref());
+        if request.ips.is_empty() && opted && !facts.opted_out && !facts.host_network {
+            // A pod to serve, but nothing to serve it by: refused, not let through uncaptured.
+            return Err(format!(
+                "the previous plugin's result names no address for pod {namespace}/{name}; it cannot be enrolled"
+            ));
+        }
         if !facts.enrollable(opted) {
             return Ok(None);
         }
+        // Sorted, as the watches' view of the pod is: equal sets compare equal.
+        let mut ips = request.ips.clone();
+        ips.sort_unstable();
         let pod = LocalPod {
             name: facts.name,
             namespace: facts.namespace,
             service_account: facts.service_account,
-            ips: request.ips.clone(),
+            ips,
         };
         Ok(Some((facts.uid, pod)))
     }

@@ -144,4 +144,22 @@ fn what_is_not_a_kubernetes_pod_or_not_chained_is_handled_without_the_agent() {
     assert_eq!((code, out["code"].as_u64()), (1, Some(6)), "{out}");
     let (code, out) = run(|_| None, "{}");
     assert_eq!((code, out["code"].as_u64()), (1, Some(4)), "{out}");
+    // An ADD without CNI_NETNS; a previous result whose address is not one.
+    let no_netns = |k: &str| {
+        (k != "CNI_NETNS")
+            .then(|| env("ADD", K8S_ARGS)(k))
+            .flatten()
+    };
+    let (code, out) = run(no_netns, &conf(&absent, Some(PREV)));
+    assert_eq!((code, out["code"].as_u64()), (1, Some(4)), "{out}");
+    let bad = PREV.replace("10.1.0.7/24", "10.1.0.999/24");
+    let (code, out) = run(env("ADD", K8S_ARGS), &conf(&absent, Some(&bad)));
+    assert_eq!((code, out["code"].as_u64()), (1, Some(6)), "{out}");
+    // No previous result's addresses at all: the agent is still asked (and refuses a pod it
+    // should serve: tests/agent_cni.rs).
+    let (code, out) = run(
+        env("ADD", K8S_ARGS),
+        &conf(&absent, Some(r#"{"cniVersion":"1.0.0"}"#)),
+    );
+    assert_eq!((code, out["code"].as_u64()), (1, Some(11)), "{out}");
 }
