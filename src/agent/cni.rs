@@ -313,15 +313,18 @@ impl Install {
         }
     }
 
-    /// Keeps the entry in place (another agent may rewrite the file), checking every `every`.
-    pub async fn keep(self, every: Duration) {
+    /// Keeps the entry in place (another agent may rewrite the file), checking every `every`;
+    /// `installed` says whether it is in.
+    pub async fn keep(self, every: Duration, installed: tokio::sync::watch::Sender<bool>) {
         loop {
             let this = self.clone();
             match tokio::task::spawn_blocking(move || this.install()).await {
-                Ok(Ok(true)) => {}
-                Ok(Ok(false)) => {}
+                Ok(Ok(_)) => {
+                    installed.send_replace(true);
+                }
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot install hboned-cni; pods start without enrollment at ADD until it is")
+                    installed.send_replace(false);
+                    tracing::warn!(error = %e, "cannot install hboned-cni; pods start without enrollment at ADD until it is");
                 }
                 Err(e) => tracing::error!(error = %e, "the CNI install task failed"),
             }

@@ -105,12 +105,17 @@ pub async fn run_agent(config: Config, shutdown: impl Future<Output = ()>) -> an
         synced,
         discovery_cache,
     )));
+    // Ready once the first enrollment pass ran (or the last state is served again) and, with
+    // `agent.cni`, the plugin is in the node's configuration.
+    let mut sources = vec![ready];
     if let Some(install) = install(&config)? {
         tracing::info!(conf_dir = %install.conf_dir.display(), bin_dir = %install.bin_dir.display(), "installing hboned-cni into the node's CNI configuration");
-        tasks.push(tokio::spawn(install.keep(CNI_RECHECK)));
+        let (installed_tx, installed) = tokio::sync::watch::channel(false);
+        sources.push(installed);
+        tasks.push(tokio::spawn(install.keep(CNI_RECHECK, installed_tx)));
     }
     if let Some(addr) = config.readiness_address {
-        super::node::serve_readiness(addr, ready)?;
+        super::node::serve_readiness(addr, crate::admin::all_ready(sources))?;
     }
     if let Some(addr) = config.metrics_address {
         super::node::serve_agent_metrics(addr, metrics.clone())?;
