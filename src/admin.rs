@@ -108,16 +108,33 @@ where
 
 /// Binds one of the proxy's own listeners with SO_REUSEPORT, so a new proxy can start beside
 /// a draining one in the same network namespace (a hostNetwork DaemonSet's rolling update).
+/// The IPv6 wildcard (`[::]`, the default, as ztunnel binds) takes IPv4 too (dual stack), so a
+/// kubelet probing an IPv6 or an IPv4 pod address is answered; where that cannot be bound
+/// (IPv6 disabled, or an older proxy holding the port on IPv4 alone) it falls back to
+/// `0.0.0.0` on the same port.
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(addr)?;
-    socket.listen(128)
+    match bind_once(addr) {
+        Err(e) if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED => {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            tracing::info!(%addr, error = %e, fallback = %v4, "no dual-stack listener here; IPv4 only");
+            bind_once(v4)
+        }
+        other => other,
+    }
+}
+
+fn bind_once(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(!addr.ip().is_unspecified())?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(128)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Binds the admin listener, which takes no partner: while an older proxy still holds the

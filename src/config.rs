@@ -212,8 +212,15 @@ impl Default for Config {
             policies: Vec::new(),
             preserve_source_ip: true,
             connect_timeout_secs: 10,
-            readiness_address: Some(SocketAddr::from(([0, 0, 0, 0], ports::READINESS))),
-            metrics_address: Some(SocketAddr::from(([0, 0, 0, 0], ports::METRICS))),
+            // Dual stack, as ztunnel binds them (IPv4 alone where IPv6 is off: admin::bind).
+            readiness_address: Some(SocketAddr::from((
+                std::net::Ipv6Addr::UNSPECIFIED,
+                ports::READINESS,
+            ))),
+            metrics_address: Some(SocketAddr::from((
+                std::net::Ipv6Addr::UNSPECIFIED,
+                ports::METRICS,
+            ))),
             admin_address: Some(SocketAddr::from(([127, 0, 0, 1], ports::ADMIN))),
             drain_timeout_secs: 30,
             xds: XdsConfig::default(),

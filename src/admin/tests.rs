@@ -126,3 +126,36 @@ async fn a_successor_binds_beside_the_draining_proxy() {
     assert_eq!(bound.local_addr().unwrap(), admin_addr);
     drop(first);
 }
+
+/// The default `[::]` answers a probe on IPv4 and on IPv6 (ztunnel binds dual stack, and an
+/// IPv6 cluster's kubelet probes the pod's IPv6 address); a successor binds beside it, and
+/// where the dual-stack bind is refused (an older proxy holding the port on IPv4 alone) the
+/// IPv4 wildcard is taken instead.
+#[tokio::test]
+async fn the_wildcard_listens_on_both_families() {
+    let any = bind("[::]:0".parse().unwrap()).unwrap();
+    let port = any.local_addr().unwrap().port();
+    let (ready_tx, ready) = tokio::sync::watch::channel(true);
+    let serving = tokio::spawn(serve_readiness(any, ready));
+    for ip in ["127.0.0.1", "::1"] {
+        let addr = SocketAddr::new(ip.parse().unwrap(), port);
+        assert_eq!(get(addr, "/healthz/ready").await, 200, "over {ip}");
+    }
+    let beside = bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))
+        .expect("a successor binds beside it");
+    drop(beside);
+    serving.abort();
+    drop(ready_tx);
+
+    // A port held on IPv4 alone by a listener without SO_REUSEPORT: the dual-stack bind fails,
+    // the fallback names the same port on IPv4, which fails too, and says so.
+    let held = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = held.local_addr().unwrap().port();
+    let err = bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
+    // An older proxy's IPv4 listener with SO_REUSEPORT: the successor joins it on IPv4.
+    let older = bind("0.0.0.0:0".parse().unwrap()).unwrap();
+    let port = older.local_addr().unwrap().port();
+    let successor = bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))).unwrap();
+    assert_eq!(successor.local_addr().unwrap().port(), port);
+}

@@ -70,6 +70,16 @@ pub(super) const OVERRIDES: &[Override] = &[
         },
     },
     Override {
+        var: "HBONED_METRICS_ADDRESS",
+        set: |c, v| {
+            c.metrics_address = Some(
+                v.parse()
+                    .map_err(|_| format!("HBONED_METRICS_ADDRESS={v:?} is not an address:port"))?,
+            );
+            Ok(())
+        },
+    },
+    Override {
         var: "HBONED_CERT_LIFETIME_SECS",
         set: |c, v| {
             c.ca.cert_lifetime_secs = Some(v.parse().map_err(|_| {

@@ -132,6 +132,16 @@ fn xds_settings_follow_the_config() {
     assert_eq!(x.root_ca.as_deref(), Some(Path::new("/etc/istio/root.pem")));
     assert_eq!(x.node_metadata["NAMESPACE"], "istio-system");
     let env = |k: &str| (k == "HBONED_XDS_ADDRESS").then(|| "http://10.0.0.1:15010".to_string());
+    let metrics = |k: &str| (k == "HBONED_METRICS_ADDRESS").then(|| "[::1]:9091".to_string());
+    let c = Config::parse("{}", &metrics).unwrap();
+    assert_eq!(c.metrics_address, Some("[::1]:9091".parse().unwrap()));
+    let bad = |k: &str| (k == "HBONED_METRICS_ADDRESS").then(|| "everywhere".to_string());
+    let err = Config::parse("{}", &bad).unwrap_err().to_string();
+    assert!(err.contains("HBONED_METRICS_ADDRESS"), "{err}");
+    // The defaults are dual stack, as ztunnel's.
+    let d = Config::default();
+    assert_eq!(d.readiness_address, Some("[::]:15021".parse().unwrap()));
+    assert_eq!(d.metrics_address, Some("[::]:15020".parse().unwrap()));
     let from_env = XdsSettings::from_config(&Config::parse(SAMPLE, &env).unwrap()).unwrap();
     assert_eq!(from_env.address, "http://10.0.0.1:15010");
     assert_eq!(from_env.on_demand_timeout, Duration::from_secs(5));
