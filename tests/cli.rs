@@ -203,3 +203,17 @@ fn proxy_ztunnel_reads_ztunnels_environment() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// The README's first commands run `cargo run` (scripts/demo, `cargo run -- loopback`): with
+/// two binaries in the package (the proxy and hboned-cni), that needs `default-run` naming the
+/// proxy, or cargo refuses to choose.
+#[test]
+fn cargo_run_runs_the_proxy() {
+    let manifest = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
+        .expect("Cargo.toml");
+    let bins = manifest.matches("[[bin]]").count();
+    assert!(
+        bins < 2 || manifest.contains("default-run = \"hboned\""),
+        "{bins} binaries and no default-run = \"hboned\": `cargo run` would refuse"
+    );
+}
