@@ -118,7 +118,7 @@ pub async fn run_agent(config: Config, shutdown: impl Future<Output = ()>) -> an
         super::node::serve_readiness(addr, crate::admin::all_ready(sources))?;
     }
     if let Some(addr) = config.metrics_address {
-        super::node::serve_agent_metrics(addr, metrics.clone())?;
+        super::node::serve_metrics(addr, metrics.clone(), None)?;
     }
     tracing::info!(node = %config.node, labels = ?kube.namespace_labels, zds = %agent.zds_socket.display(), xds = %agent.xds_socket.display(), cni = %agent.cni_socket.display(), "hboned agent: enrolling this node's pods of labelled namespaces for its proxy");
     let handler: Arc<dyn PodHandler> = Arc::new(zds);

@@ -99,7 +99,7 @@ impl Node {
             None => None,
         };
         let metrics_addr = match config.metrics_address {
-            Some(addr) => Some(serve_metrics(addr, metrics.clone(), certs.clone())?),
+            Some(addr) => Some(serve_metrics(addr, metrics.clone(), Some(certs.clone()))?),
             None => None,
         };
         // The node agent last, once the proxy's own ports answer: a probe during the first
@@ -344,25 +344,12 @@ pub(super) fn serve_readiness(
     Ok(bound)
 }
 
-/// The node agent's metrics (enrollments; no certificates of its own).
-pub(super) fn serve_agent_metrics(
+/// Serves `metrics` (with the expiries of `certs`' certificates, where there are any: the node
+/// agent has none of its own).
+pub(super) fn serve_metrics(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<SocketAddr> {
-    let listener = crate::admin::bind(addr)
-        .with_context(|| format!("binding the metrics listener on {addr} (metricsAddress)"))?;
-    let bound = listener.local_addr()?;
-    tracing::info!(addr = %bound, "metrics at /metrics");
-    tokio::spawn(crate::admin::serve(listener, move |req| {
-        crate::admin::metrics(&req, || metrics.encode())
-    }));
-    Ok(bound)
-}
-
-fn serve_metrics(
-    addr: SocketAddr,
-    metrics: Arc<Metrics>,
-    certs: Arc<CertificateManager>,
+    certs: Option<Arc<CertificateManager>>,
 ) -> anyhow::Result<SocketAddr> {
     let listener = crate::admin::bind(addr)
         .with_context(|| format!("binding the metrics listener on {addr} (metricsAddress)"))?;
@@ -370,7 +357,9 @@ fn serve_metrics(
     tracing::info!(addr = %bound, "metrics at /metrics and /stats/prometheus");
     tokio::spawn(crate::admin::serve(listener, move |req| {
         crate::admin::metrics(&req, || {
-            metrics.set_certificate_expiries(&certs.expiries());
+            if let Some(certs) = &certs {
+                metrics.set_certificate_expiries(&certs.expiries());
+            }
             metrics.encode()
         })
     }));
