@@ -59,7 +59,7 @@ async fn run() {
         .expect("bind");
     let hbone_addr = listener.local_addr().expect("addr");
     let workload = LocalWorkload {
-        identity: id("server"),
+        identity: id("server").into(),
         addresses: vec![echo_addr.ip()],
         preserve_source_ip: false,
         state: None,

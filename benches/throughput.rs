@@ -77,7 +77,7 @@ async fn rig() -> Rig {
         .expect("bind");
     let hbone_addr = hbone_l.local_addr().expect("addr");
     let workload = LocalWorkload {
-        identity: id("server"),
+        identity: id("server").into(),
         addresses: vec![sink_addr.ip()],
         preserve_source_ip: false,
         state: None,

@@ -86,6 +86,13 @@ pub struct Config {
     /// discovery does not know yet is held until it does (up to `xds.onDemandTimeoutMs`), and
     /// with `strict` refused after that.
     pub pod_cidrs: Vec<String>,
+    /// Take an HBONE client of any trust domain the roots verify, as ztunnel does (Istio's
+    /// trust-domain aliases and migrations rely on it; policies still see the client's
+    /// identity). Off: only clients of the server's own trust domain.
+    pub any_client_trust_domain: bool,
+    /// A file of certificate revocation lists (PEM or DER), reread when it changes: a peer
+    /// certificate it revokes is refused both ways. ztunnel's `CRL_PATH`.
+    pub crl_path: Option<PathBuf>,
     /// `hboned agent`'s own settings (Kubernetes mode's node agent, with `kubernetes:`); the
     /// proxy does not read them.
     pub agent: AgentConfig,
@@ -228,6 +235,8 @@ impl Default for Config {
             refuse_mesh_plaintext: false,
             strict: false,
             pod_cidrs: Vec::new(),
+            any_client_trust_domain: false,
+            crl_path: None,
             agent: AgentConfig::default(),
         }
     }

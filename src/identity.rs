@@ -165,6 +165,57 @@ fn check_segment(field: &'static str, value: &str) -> Result<(), IdentityError> 
     }
 }
 
+/// A local pod's identity as it is now. The node agent names the pod's namespace and service
+/// account, which never change; its trust domain is the one the pod's workload in discovery
+/// carries (istiod sends each workload's `trust_domain`, the proxy-wide setting stands in until
+/// the workload is known), so it may change once the pod runs. Cheap to clone; every clone sees
+/// the change.
+#[derive(Clone)]
+pub struct LiveIdentity(Arc<std::sync::RwLock<Arc<Identity>>>);
+
+impl LiveIdentity {
+    pub fn new(identity: Identity) -> Self {
+        LiveIdentity(Arc::new(std::sync::RwLock::new(Arc::new(identity))))
+    }
+
+    /// The identity now.
+    pub fn get(&self) -> Arc<Identity> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Moves the identity to `trust_domain`; the identity it had, if that changed it.
+    pub(crate) fn set_trust_domain(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Option<Identity>, IdentityError> {
+        let mut current = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if current.trust_domain == trust_domain {
+            return Ok(None);
+        }
+        let moved = Identity::new(trust_domain, &current.namespace, &current.service_account)?;
+        let old = std::mem::replace(&mut *current, Arc::new(moved));
+        Ok(Some(Arc::unwrap_or_clone(old)))
+    }
+}
+
+impl From<Identity> for LiveIdentity {
+    fn from(identity: Identity) -> Self {
+        LiveIdentity::new(identity)
+    }
+}
+
+impl fmt::Debug for LiveIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LiveIdentity({})", self.get())
+    }
+}
+
+impl fmt::Display for LiveIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.get().fmt(f)
+    }
+}
+
 /// The pods enrolled on this node (by UID) and their identities: written by the pod registry
 /// as pods come and go, read by a certificate source that attests a pod from one of its
 /// processes. Cheap to clone; every clone is the same registry.

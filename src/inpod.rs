@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
-use crate::identity::{CertificateManager, Identity};
+use crate::identity::{CertificateManager, Identity, LiveIdentity};
 use crate::netns::{Netns, PodSocketFactory, SocketFactory};
 use crate::ports;
 use crate::proto::zds;
@@ -73,7 +73,7 @@ pub trait PodHandler: Send + Sync {
 struct RunningPod {
     info: PodInfo,
     netns_inode: u64,
-    identity: Identity,
+    identity: LiveIdentity,
     addresses: Vec<IpAddr>,
     tasks: Vec<JoinHandle<()>>,
     /// `send(true)` ends the pod's live connections (on removal; a drain just drops it).
@@ -192,7 +192,7 @@ impl PodManager {
     /// by PID, finds it in [`NodeContext::local_pods`]).
     fn insert(&self, running: RunningPod) {
         let certs = self.ctx.certs.clone();
-        let identity = running.identity.clone();
+        let identity = Identity::clone(&running.identity.get());
         let uid = running.info.uid.clone();
         self.ctx.local_pods.insert(&uid, &identity);
         let mut pods = self.pods.lock();
@@ -212,7 +212,10 @@ impl PodManager {
     pub(crate) fn pods(&self) -> Vec<(PodInfo, Identity, Vec<IpAddr>)> {
         let pods = self.pods.lock();
         pods.values()
-            .map(|p| (p.info.clone(), p.identity.clone(), p.addresses.clone()))
+            .map(|p| {
+                let identity = Identity::clone(&p.identity.get());
+                (p.info.clone(), identity, p.addresses.clone())
+            })
             .collect()
     }
 
@@ -226,12 +229,68 @@ impl PodManager {
         self.ctx.metrics.enrolled_pods.set(0);
     }
 
+    /// After every change of the state, moves each enrolled pod to the trust domain its
+    /// workload names (see [`PodManager::follow_workloads`]).
+    pub(crate) fn follow_trust_domains(self: &Arc<Self>) {
+        let manager = Arc::downgrade(self);
+        let mut changes = self.ctx.state.changes();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Some(manager) = manager.upgrade() else {
+                    return;
+                };
+                manager.follow_workloads();
+            }
+        });
+    }
+
+    /// Moves each enrolled pod to the trust domain its workload in discovery names, as
+    /// ztunnel takes a local pod's identity from its workload (istiod sends `trust_domain`,
+    /// which a proxy-wide setting cannot know). Its live connections keep the certificate they
+    /// started with; new ones present the new one.
+    pub(crate) fn follow_workloads(&self) {
+        let moved: Vec<(String, Identity, Identity)> = {
+            let state = self.ctx.state.read();
+            let pods = self.pods.lock();
+            pods.values()
+                .filter_map(|p| {
+                    let td = workload_trust_domain(&state, &p.info, &p.addresses)?;
+                    match p.identity.set_trust_domain(&td) {
+                        Ok(Some(old)) => {
+                            Some((p.info.uid.clone(), old, Identity::clone(&p.identity.get())))
+                        }
+                        Ok(None) => None,
+                        Err(e) => {
+                            tracing::warn!(uid = %p.info.uid, error = %e, "the pod's workload names an unusable trust domain; identity kept");
+                            None
+                        }
+                    }
+                })
+                .collect()
+        };
+        for (uid, old, new) in moved {
+            tracing::info!(%uid, from = %old, to = %new, "pod identity follows its workload's trust domain");
+            self.ctx.local_pods.insert(&uid, &new);
+            let still_used = self.pods.lock().values().any(|p| *p.identity.get() == old);
+            if !still_used {
+                self.ctx.certs.forget(&old);
+            }
+            let certs = self.ctx.certs.clone();
+            tokio::spawn(async move {
+                if let Err(e) = certs.fetch(&new).await {
+                    tracing::warn!(identity = %new, error = %e, "no certificate yet for an enrolled pod");
+                }
+            });
+        }
+    }
+
     /// Creates a pod's listeners in its netns and starts serving them. Must run inside the
     /// tokio runtime.
     fn start(&self, info: &PodInfo, netns: &Netns) -> Result<RunningPod, PodError> {
         let ctx = &self.ctx;
         let uid = || info.uid.clone();
-        let identity = Identity::new(&ctx.trust_domain, &info.namespace, &info.service_account)
+        // Checked before anything is set up: a name that makes no identity never will.
+        Identity::new(&ctx.trust_domain, &info.namespace, &info.service_account)
             .map_err(|source| PodError::Identity { uid: uid(), source })?;
         let netns_inode = netns
             .inode()
@@ -244,6 +303,11 @@ impl PodManager {
         let addresses = netns
             .addresses()
             .map_err(|source| PodError::Addresses { uid: uid(), source })?;
+        let trust_domain = workload_trust_domain(&ctx.state.read(), info, &addresses)
+            .unwrap_or_else(|| ctx.trust_domain.clone());
+        let identity = Identity::new(&trust_domain, &info.namespace, &info.service_account)
+            .map_err(|source| PodError::Identity { uid: uid(), source })?;
+        let identity = LiveIdentity::new(identity);
         if let Err(e) = netns.enable_accept_queue_migration() {
             // An older kernel: an upgrade's overlap may then reset a connection or two.
             tracing::debug!(pod = %info.uid, error = %e, "cannot enable tcp_migrate_req");
@@ -393,9 +457,9 @@ impl PodHandler for PodManager {
                 .pods
                 .lock()
                 .values()
-                .any(|p| p.identity == pod.identity);
+                .any(|p| p.identity.get() == pod.identity.get());
             if !still_used {
-                self.ctx.certs.forget(&pod.identity);
+                self.ctx.certs.forget(&pod.identity.get());
             }
             tracing::info!(%uid, "pod removed");
         }
@@ -715,6 +779,20 @@ async fn publish_readiness(
             }
         }
     }
+}
+
+/// The trust domain discovery gives the pod `info` at `addresses`: that of the workload of the
+/// same name and namespace at one of them.
+fn workload_trust_domain(
+    state: &crate::state::State,
+    info: &PodInfo,
+    addresses: &[IpAddr],
+) -> Option<String> {
+    addresses
+        .iter()
+        .filter_map(|ip| state.workload_by_ip(*ip))
+        .find(|w| w.namespace == info.namespace && (w.name.is_empty() || w.name == info.name))
+        .map(|w| w.identity.trust_domain().to_owned())
 }
 
 #[cfg(test)]

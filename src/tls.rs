@@ -5,6 +5,7 @@
 //! Configs are built per workload certificate (server) or per dial (client, since the expected
 //! peer identities differ per destination); both are cheap next to a handshake.
 
+pub mod revocation;
 pub(crate) mod verify;
 
 use std::sync::{Arc, OnceLock};
@@ -21,6 +22,17 @@ use rustls_pki_types::TrustAnchor;
 use crate::identity::{Identity, WorkloadCert};
 
 pub(crate) use verify::{SpiffeClientVerifier, SpiffeServerVerifier};
+
+/// What a peer's certificate must pass besides its chain to the bundle and its identity.
+#[derive(Debug, Clone, Default)]
+pub struct PeerChecks {
+    /// A server takes a client of any trust domain its roots verify, as ztunnel does (trust
+    /// domain aliases and migrations rely on it; authorization policies still see the
+    /// client's identity). Off: only a client of the server's own trust domain.
+    pub any_client_trust_domain: bool,
+    /// Revoked certificates, refused both ways.
+    pub revocations: Option<Arc<revocation::Revocations>>,
+}
 
 /// The ALPN protocol HBONE negotiates.
 pub(crate) const ALPN_H2: &[u8] = b"h2";
@@ -280,7 +292,16 @@ pub fn client_config(
     cert: &WorkloadCert,
     expected: Vec<Identity>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    client_config_with(provider(), cert, expected)
+    client_config_with(provider(), cert, expected, &PeerChecks::default())
+}
+
+/// [`client_config`] with `checks`.
+pub fn client_config_checked(
+    cert: &WorkloadCert,
+    expected: Vec<Identity>,
+    checks: &PeerChecks,
+) -> Result<Arc<ClientConfig>, TlsError> {
+    client_config_with(provider(), cert, expected, checks)
 }
 
 /// [`client_config`] with a given crypto provider.
@@ -288,8 +309,10 @@ pub(crate) fn client_config_with(
     provider: Arc<CryptoProvider>,
     cert: &WorkloadCert,
     expected: Vec<Identity>,
+    checks: &PeerChecks,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let verifier = SpiffeServerVerifier::new(cert.bundle().clone(), expected);
+    let verifier = SpiffeServerVerifier::new(cert.bundle().clone(), expected)
+        .revoking(checks.revocations.clone());
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -303,18 +326,27 @@ pub(crate) fn client_config_with(
 
 /// Server config for one workload: present `cert`, require a client of its trust domain.
 pub fn server_config(cert: &WorkloadCert) -> Result<Arc<ServerConfig>, TlsError> {
-    server_config_with(provider(), cert)
+    server_config_with(provider(), cert, &PeerChecks::default())
+}
+
+/// [`server_config`] with `checks`.
+pub fn server_config_checked(
+    cert: &WorkloadCert,
+    checks: &PeerChecks,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with(provider(), cert, checks)
 }
 
 /// [`server_config`] with a given crypto provider.
 pub(crate) fn server_config_with(
     provider: Arc<CryptoProvider>,
     cert: &WorkloadCert,
+    checks: &PeerChecks,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = SpiffeClientVerifier::new(
-        cert.bundle().clone(),
-        cert.identity().trust_domain().to_owned(),
-    );
+    let trust_domain =
+        (!checks.any_client_trust_domain).then(|| cert.identity().trust_domain().to_owned());
+    let verifier = SpiffeClientVerifier::new(cert.bundle().clone(), trust_domain)
+        .revoking(checks.revocations.clone());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(verifier))

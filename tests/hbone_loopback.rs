@@ -238,6 +238,91 @@ async fn foreign_ca_is_refused_by_both_sides() {
     assert_eq!(app.accepted(), 0);
 }
 
+/// A revocation list (`crlPath`) in the tunnel settings: a revoked client is refused by the
+/// server, a revoked server by the client, each from the reload that lists it; nothing reaches
+/// the app either time.
+#[tokio::test]
+async fn revoked_certificates_are_refused_both_ways_from_the_reload_that_lists_them() {
+    use hboned::identity::CertificateManager;
+    use hboned::netns::DefaultSocketFactory;
+    use hboned::proxy::HboneClient;
+    use hboned::tls::revocation::Revocations;
+    let ca = ca();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crl.pem");
+    std::fs::write(&path, "").unwrap();
+    let revocations = Arc::new(Revocations::load(&path).unwrap());
+    let settings = TunnelSettings {
+        peers: hboned::tls::PeerChecks {
+            any_client_trust_domain: false,
+            revocations: Some(revocations.clone()),
+        },
+        ..TunnelSettings::default()
+    };
+    let server_certs = Arc::new(CertificateManager::new(ca.clone()));
+    let client_certs = Arc::new(CertificateManager::new(ca.clone()));
+    let leaf = |cert: Arc<hboned::identity::WorkloadCert>| cert.chain()[0].clone();
+    let server_leaf = leaf(server_certs.fetch(&id("server")).await.unwrap());
+    let client_leaf = leaf(client_certs.fetch(&id("client")).await.unwrap());
+    let srv = serve(
+        server_certs,
+        localhost_workload(id("server")),
+        "127.0.0.1:0".parse().unwrap(),
+        settings.clone(),
+    );
+    let app = echo_app().await;
+    // A fresh client each time: a pooled connection would carry on past the reload.
+    let dial = || {
+        let hbone = HboneClient::new(
+            client_certs.clone(),
+            Arc::new(DefaultSocketFactory),
+            settings.clone(),
+        );
+        let key = key(&id("client"), &srv);
+        let target = request(app.addr);
+        async move { within(10, hbone.connect(&key, &target)).await.map(|_| ()) }
+    };
+    dial().await.unwrap();
+    assert_eq!(app.accepted(), 1);
+
+    for (revoked, who) in [(&client_leaf, "client"), (&server_leaf, "server")] {
+        let pem = ca
+            .revocation_list(std::slice::from_ref(revoked), std::time::SystemTime::now())
+            .unwrap();
+        std::fs::write(&path, pem).unwrap();
+        assert!(revocations.reload().unwrap());
+        let err = dial().await.unwrap_err();
+        assert!(
+            matches!(err, ProxyError::Tls { .. } | ProxyError::Http2 { .. }),
+            "revoked {who}: {err}"
+        );
+        assert_eq!(app.accepted(), 1, "revoked {who}: nothing reaches the app");
+    }
+}
+
+/// ztunnel's rule (`anyClientTrustDomain`, on as a drop-in): a client of another trust domain
+/// the roots verify is taken, and the server sees its identity; off, it is refused.
+#[tokio::test]
+async fn a_client_of_another_trust_domain_is_taken_only_when_asked() {
+    let ca = ca();
+    let old = hboned::identity::Identity::new("old.example", "test", "client").unwrap();
+    let app = echo_app().await;
+    for any in [false, true] {
+        let settings = TunnelSettings {
+            peers: hboned::tls::PeerChecks {
+                any_client_trust_domain: any,
+                revocations: None,
+            },
+            ..TunnelSettings::default()
+        };
+        let srv = server_with_settings(ca.clone(), id("server"), settings);
+        let hbone = client(ca.clone(), TunnelSettings::default());
+        let result = within(10, hbone.connect(&key(&old, &srv), &request(app.addr))).await;
+        assert_eq!(result.is_ok(), any, "anyClientTrustDomain {any}");
+    }
+    assert_eq!(app.accepted(), 1);
+}
+
 #[tokio::test]
 async fn idle_pooled_connections_are_released() {
     let ca = ca();

@@ -778,3 +778,70 @@ async fn pods_cannot_reach_the_proxys_own_ports() {
     let reply = http_get(&topo, "nb", 15021, "/healthz/ready");
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
 }
+
+/// Under Istio a local pod's identity is `spiffe://<its workload's trust_domain>/…`, which
+/// istiod sends in WDS and no proxy-wide setting knows (Istio's chart never sets
+/// TRUST_DOMAIN). Node B's proxy learns b1's workload over xDS with trust domain
+/// `old.example`: b1's next connection to a1 presents that identity, and node A's proxy, taking
+/// any trust domain its roots verify as ztunnel does, admits it and records it as the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_presents_the_trust_domain_its_workload_names() {
+    use hboned::proto::istio::workload as pb;
+    use hboned::xds::convert::{ADDRESS_TYPE, AUTHORIZATION_TYPE, workload_resource};
+    if !can_run() {
+        return;
+    }
+    let mut topo = Topology::create(bin()).unwrap();
+    let listener = loopback_listener(&topo, "nb");
+    let mut ads = support::fake_ads::FakeAds::serve(listener);
+    let address = format!("http://{}", ads.addr);
+    topo.start_proxies(
+        bin(),
+        |a| a.any_client_trust_domain = true,
+        |b| b.xds.address = address,
+    )
+    .await
+    .unwrap();
+    let mut xds = ads.accept().await;
+    assert_eq!(xds.next().await.type_url, ADDRESS_TYPE);
+    assert_eq!(xds.next().await.type_url, AUTHORIZATION_TYPE);
+    let b1 = pb::Workload {
+        uid: "demo/b1".into(),
+        name: "b1".into(),
+        namespace: "demo".into(),
+        service_account: "server".into(),
+        trust_domain: "old.example".into(),
+        addresses: vec![B1.ip.octets().to_vec(), B1.ip6.octets().to_vec()],
+        tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+        node: "node-b".into(),
+        ..Default::default()
+    };
+    push(
+        &mut xds,
+        "a1",
+        ADDRESS_TYPE,
+        vec![workload_resource("demo/b1", "1", b1)],
+        &[],
+    )
+    .await;
+    let (_echo, _peers) = testbed::spawn_echo(topo.listen(A1.name, APP_PORT).unwrap());
+    let moved = r#"source_principal="spiffe://old.example/ns/demo/sa/server""#;
+    // The move follows the push: connect until a connection carries the new identity.
+    within(20, async {
+        loop {
+            let mut s = topo.connect(B1.name, A1.addr(APP_PORT)).await.unwrap();
+            echoes(&mut s, b"from b1").await;
+            drop(s);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if http_get(&topo, "na", 15020, "/metrics").contains(moved) {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        topo.logs()
+            .contains("pod identity follows its workload's trust domain"),
+        "node B logs the move"
+    );
+}

@@ -71,7 +71,9 @@ async fn serve_outbound(
     let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
     let router = Arc::new(StateRouter {
         state,
-        source: hboned::identity::Identity::new("cluster.local", "test", "client").unwrap(),
+        source: hboned::identity::Identity::new("cluster.local", "test", "client")
+            .unwrap()
+            .into(),
         source_name: "client".into(),
         source_ips: vec![ip("127.0.0.1")],
         cluster_id: "c1".into(),
@@ -427,7 +429,7 @@ async fn connection_to_an_unknown_destination_is_held_then_delivered() {
         .unwrap();
     let inbound = InboundServer::new(
         LocalWorkload {
-            identity: server_id,
+            identity: server_id.into(),
             addresses: vec![ip("127.0.0.7")],
             preserve_source_ip: false,
             state: None,

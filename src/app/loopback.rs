@@ -103,7 +103,7 @@ pub async fn run_loopback(
         .with_context(|| format!("binding the HBONE listener on {}", settings.inbound))?;
     let inbound_addr = inbound_listener.local_addr()?;
     let workload = LocalWorkload {
-        identity: server_id.clone(),
+        identity: server_id.clone().into(),
         addresses: vec![echo_addr.ip()],
         preserve_source_ip: false,
         state: None,

@@ -74,6 +74,7 @@ impl Node {
             state: state.clone(),
             tunnel: TunnelSettings {
                 connect_timeout: config.connect_timeout(),
+                peers: peer_checks(&config)?,
                 ..TunnelSettings::default()
             },
             trust_domain: config.trust_domain.clone(),
@@ -87,6 +88,7 @@ impl Node {
         tracing::info!(node = %config.node, trust_domain = %config.trust_domain, pods = config.pods.len(), workloads = config.workloads.len(), services = config.services.len(), "hboned node proxy starting");
         enroll_config_pods(&config, &manager);
         manager.retry_pending(Duration::from_secs(5));
+        manager.follow_trust_domains();
         let (ready_tx, zds_ready) = tokio::sync::watch::channel(config.zds_socket.is_none());
         let (kube_tx, kube_ready) = tokio::sync::watch::channel(config.kubernetes.is_none());
         // Ready once the node agent's snapshot arrived (and while it stays connected), no pod waits
@@ -237,6 +239,24 @@ fn start_kubernetes(
         ready,
         crate::kube::AgentExtras::default(),
     ))
+}
+
+/// The checks of peers' certificates `config` asks for; its revocation list read (and then
+/// watched), or the reason it cannot be.
+fn peer_checks(config: &Config) -> anyhow::Result<crate::tls::PeerChecks> {
+    let revocations = match &config.crl_path {
+        Some(path) => {
+            let revocations = Arc::new(crate::tls::revocation::Revocations::load(path)?);
+            revocations.watch(Duration::from_secs(2));
+            tracing::info!(path = %path.display(), lists = revocations.lists().len(), "refusing peers the revocation lists name");
+            Some(revocations)
+        }
+        None => None,
+    };
+    Ok(crate::tls::PeerChecks {
+        any_client_trust_domain: config.any_client_trust_domain,
+        revocations,
+    })
 }
 
 /// Which plaintext enrolled pods take: none with `strict`; none from enrolled pods in

@@ -32,6 +32,13 @@ pub(super) const OVERRIDES: &[Override] = &[
         },
     },
     Override {
+        var: "HBONED_CRL_PATH",
+        set: |c, v| {
+            c.crl_path = (!v.is_empty()).then(|| PathBuf::from(v));
+            Ok(())
+        },
+    },
+    Override {
         var: "HBONED_CLUSTER_ID",
         set: |c, v| {
             c.cluster_id = v;

@@ -106,6 +106,13 @@ pub(super) fn config(env: &Environment) -> (Config, Vec<String>) {
     if let Some(td) = env.get("TRUST_DOMAIN") {
         config.trust_domain = td;
     }
+    // ztunnel's servers take any identity the roots verify; a local pod's trust domain is its
+    // workload's (istiod's WDS), TRUST_DOMAIN only stands in until that is known.
+    config.any_client_trust_domain = true;
+    config.crl_path = env
+        .get("CRL_PATH")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
     config.cluster_id = env
         .get("ISTIO_META_CLUSTER_ID")
         .or_else(|| env.get("CLUSTER_ID"))

@@ -207,6 +207,40 @@ impl BuiltinCa {
     }
 }
 
+impl BuiltinCa {
+    /// A certificate revocation list (PEM) signed by this root, revoking `certs` (leaf DER) as
+    /// of `now`: what an operator puts at `crlPath` to cut off a workload.
+    pub fn revocation_list(
+        &self,
+        certs: &[rustls_pki_types::CertificateDer<'_>],
+        now: SystemTime,
+    ) -> Result<String, CaError> {
+        use x509_parser::prelude::FromDer;
+        let revoked_certs = certs
+            .iter()
+            .map(|der| {
+                let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+                    .map_err(|e| CaError::Root(format!("not a certificate: {e}")))?;
+                Ok(rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(cert.raw_serial()),
+                    revocation_time: to_offset(now)?,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, CaError>>()?;
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: to_offset(now.checked_sub(BACKDATE).ok_or(CaError::Validity)?)?,
+            next_update: to_offset(now.checked_add(ROOT_LIFETIME).ok_or(CaError::Validity)?)?,
+            crl_number: random_serial(),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
+    }
+}
+
 #[cfg(test)]
 impl BuiltinCa {
     /// A leaf chain for `id` whose URI SANs are `uris` instead (tests of the one-URI-SAN

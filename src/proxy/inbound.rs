@@ -21,7 +21,7 @@ use crate::authz;
 use crate::drain::{self, Drain};
 use crate::hbone::{self, ConnectRequest};
 use crate::identity::manager::CertError;
-use crate::identity::{CertificateManager, Identity, WorkloadCert};
+use crate::identity::{CertificateManager, Identity, LiveIdentity, WorkloadCert};
 use crate::metrics::{ConnectionLabels, ConnectionRecord, LogNames, Metrics, Peer, Reporter};
 use crate::netns::{self, SocketFactory};
 use crate::ports::POD_LISTENERS;
@@ -36,7 +36,7 @@ pub(crate) const DENIED: &str = "denied";
 /// The workload a server speaks for.
 #[derive(Debug, Clone)]
 pub struct LocalWorkload {
-    pub identity: Identity,
+    pub identity: LiveIdentity,
     /// The workload's IPs: a CONNECT authority must name one of them.
     pub addresses: Vec<IpAddr>,
     /// Deliver to the app from the client's IP (IP_TRANSPARENT) instead of our own.
@@ -135,7 +135,7 @@ impl LocalWorkload {
         dst: IpAddr,
     ) -> (ConnectionLabels, LogNames) {
         let source = self.peer_at(src, client);
-        let destination = self.peer_at(dst, Some(&self.identity));
+        let destination = self.peer_at(dst, Some(&self.identity.get()));
         let labels = ConnectionLabels::new(
             Reporter::Destination,
             &source,
@@ -182,7 +182,7 @@ impl LocalWorkload {
             .map(|w| w.authorization_policies.as_slice())
             .unwrap_or_default();
         authz::evaluate(
-            state.policies_for(self.identity.namespace(), selected),
+            state.policies_for(self.identity.get().namespace(), selected),
             conn,
         )
     }
@@ -254,14 +254,14 @@ impl InboundServer {
     }
 
     async fn server_config(&self) -> Result<Arc<ServerConfig>, InboundError> {
-        let cert = self.certs.fetch(&self.workload.identity).await?;
+        let cert = self.certs.fetch(&self.workload.identity.get()).await?;
         let mut cache = self.tls.lock();
         if let Some((cached, config)) = cache.as_ref()
             && Arc::ptr_eq(cached, &cert)
         {
             return Ok(config.clone());
         }
-        let config = tls::server_config(&cert)?;
+        let config = tls::server_config_checked(&cert, &self.settings.peers)?;
         *cache = Some((cert, config.clone()));
         Ok(config)
     }

@@ -18,7 +18,7 @@ use super::tunnel::TunnelSettings;
 use super::{PodLife, Stop};
 use crate::drain::Drain;
 use crate::hbone::{Baggage, ConnectRequest, TraceParent};
-use crate::identity::Identity;
+use crate::identity::{Identity, LiveIdentity};
 use crate::metrics::{ConnectionLabels, ConnectionRecord, LogNames, Metrics, Peer, Reporter};
 use crate::netns::SocketFactory;
 use crate::proxy::H2Stream;
@@ -342,7 +342,7 @@ fn reset(app: TcpStream) {
 pub struct StateRouter {
     pub state: Arc<SharedState>,
     /// The source pod's identity, presented to the peer.
-    pub source: Identity,
+    pub source: LiveIdentity,
     /// The source pod's name, for baggage.
     pub source_name: String,
     pub source_ips: Vec<IpAddr>,
@@ -381,14 +381,15 @@ impl StateRouter {
     /// may present, and both ends as metrics name them.
     pub fn decide(&self, state: &State, src: SocketAddr, dst: SocketAddr, dice: Dice) -> Route {
         let upstream = state.route(&self.source_ips, dst, dice.pick);
+        let source_identity = self.source.get();
         // The source as ztunnel labels it: its workload entry when the state has one.
         let source = self
             .source_ips
             .iter()
             .find_map(|ip| state.workload_by_ip(*ip))
             .map_or_else(
-                || Peer::new(&self.source_name, Some(&self.source)),
-                |w| Peer::of(w, Some(&self.source)),
+                || Peer::new(&self.source_name, Some(&source_identity)),
+                |w| Peer::of(w, Some(&source_identity)),
             );
         match upstream {
             Upstream::Hbone {
@@ -405,12 +406,12 @@ impl StateRouter {
                 let mut baggage = Baggage::default();
                 baggage
                     .push("k8s.cluster.name", &self.cluster_id)
-                    .push("k8s.namespace.name", self.source.namespace())
+                    .push("k8s.namespace.name", source_identity.namespace())
                     .push("k8s.pod.name", &self.source_name);
                 request.baggage = baggage;
                 request.traceparent = Some(dice.trace);
                 Route::Hbone {
-                    key: PoolKey::new(self.source.clone(), expected, peer, None),
+                    key: PoolKey::new(Identity::clone(&source_identity), expected, peer, None),
                     request,
                     peers: (source, destination),
                     service,

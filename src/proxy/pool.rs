@@ -274,7 +274,7 @@ impl HboneClient {
         let s = &self.settings;
         let addr = key.peer;
         let cert = self.certs.fetch(&key.source).await?;
-        let config = tls::client_config(&cert, key.expected.clone())?;
+        let config = tls::client_config_checked(&cert, key.expected.clone(), &s.peers)?;
         let tcp = netns::dial(&*self.sockets, key.source_ip, addr, s.connect_timeout)
             .await
             .map_err(|source| ProxyError::Connect { addr, source })?;

@@ -41,6 +41,9 @@ pub struct TunnelSettings {
     pub connect_timeout: Duration,
     /// Pooled connections with no stream for this long are closed.
     pub pool_idle_timeout: Duration,
+    /// What peers' certificates must pass besides chain and identity (trust domains,
+    /// revocations).
+    pub peers: crate::tls::PeerChecks,
 }
 
 impl Default for TunnelSettings {
@@ -57,6 +60,7 @@ impl Default for TunnelSettings {
             ping_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(10),
             pool_idle_timeout: Duration::from_secs(300),
+            peers: crate::tls::PeerChecks::default(),
         }
     }
 }

@@ -13,6 +13,7 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Signatu
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use webpki::KeyUsage;
 
+use super::revocation::Revocations;
 use super::{NO_HINTS, TrustBundle, leaf_info, provider};
 use crate::identity::Identity;
 
@@ -22,28 +23,48 @@ use crate::identity::Identity;
 pub(crate) struct SpiffeServerVerifier {
     bundle: Arc<TrustBundle>,
     expected: Vec<String>,
+    revocations: Option<Arc<Revocations>>,
 }
 
 impl SpiffeServerVerifier {
     pub(crate) fn new(bundle: Arc<TrustBundle>, expected: Vec<Identity>) -> Self {
         let expected = expected.iter().map(Identity::to_string).collect();
-        SpiffeServerVerifier { bundle, expected }
+        SpiffeServerVerifier {
+            bundle,
+            expected,
+            revocations: None,
+        }
+    }
+
+    /// Also refuses a chain that `revocations` revokes.
+    pub(crate) fn revoking(mut self, revocations: Option<Arc<Revocations>>) -> Self {
+        self.revocations = revocations;
+        self
     }
 }
 
-/// The server's check of a client: chain (clientAuth), then its SPIFFE ID in the trust domain.
+/// The server's check of a client: chain (clientAuth), then its SPIFFE ID in the trust domain
+/// (`None`: any trust domain, as ztunnel).
 #[derive(Debug)]
 pub(crate) struct SpiffeClientVerifier {
     bundle: Arc<TrustBundle>,
-    trust_domain: String,
+    trust_domain: Option<String>,
+    revocations: Option<Arc<Revocations>>,
 }
 
 impl SpiffeClientVerifier {
-    pub(crate) fn new(bundle: Arc<TrustBundle>, trust_domain: String) -> Self {
+    pub(crate) fn new(bundle: Arc<TrustBundle>, trust_domain: Option<String>) -> Self {
         SpiffeClientVerifier {
             bundle,
             trust_domain,
+            revocations: None,
         }
+    }
+
+    /// Also refuses a chain that `revocations` revokes.
+    pub(crate) fn revoking(mut self, revocations: Option<Arc<Revocations>>) -> Self {
+        self.revocations = revocations;
+        self
     }
 }
 
@@ -80,6 +101,7 @@ pub(crate) fn svid_identity(uris: &[String]) -> Result<Identity, IdentityMismatc
 
 fn verify_chain(
     bundle: &TrustBundle,
+    revocations: Option<&Revocations>,
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
     now: UnixTime,
@@ -87,13 +109,24 @@ fn verify_chain(
 ) -> Result<Vec<String>, rustls::Error> {
     let cert = webpki::EndEntityCert::try_from(end_entity)
         .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let lists = revocations.map(Revocations::lists).unwrap_or_default();
+    let lists: Vec<&webpki::CertRevocationList<'_>> = lists.iter().collect();
+    // Every certificate of the chain is looked up; a list of another issuer says nothing of
+    // it, and an expired list still revokes what it names (as ztunnel, which ignores
+    // nextUpdate).
+    let revocation = webpki::RevocationOptionsBuilder::new(&lists).ok().map(|b| {
+        b.with_depth(webpki::RevocationCheckDepth::Chain)
+            .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+            .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+            .build()
+    });
     cert.verify_for_usage(
         provider().signature_verification_algorithms.all,
         bundle.anchors(),
         intermediates,
         now,
         usage,
-        None,
+        revocation,
         None,
     )
     .map_err(map_webpki_error)?;
@@ -106,6 +139,7 @@ fn map_webpki_error(e: webpki::Error) -> rustls::Error {
     use webpki::Error as E;
     let kind = match e {
         E::CertExpired { .. } => CertificateError::Expired,
+        E::CertRevoked => CertificateError::Revoked,
         E::CertNotValidYet { .. } => CertificateError::NotValidYet,
         E::UnknownIssuer => CertificateError::UnknownIssuer,
         E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
@@ -158,6 +192,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         let uris = verify_chain(
             &self.bundle,
+            self.revocations.as_deref(),
             end_entity,
             intermediates,
             now,
@@ -210,19 +245,19 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let uris = verify_chain(
             &self.bundle,
+            self.revocations.as_deref(),
             end_entity,
             intermediates,
             now,
             KeyUsage::client_auth(),
         )?;
         let presented = svid_identity(&uris).map_err(mismatch)?;
-        if presented.trust_domain() == self.trust_domain {
-            Ok(ClientCertVerified::assertion())
-        } else {
-            Err(mismatch(IdentityMismatch::Client {
+        match &self.trust_domain {
+            Some(td) if presented.trust_domain() != td => Err(mismatch(IdentityMismatch::Client {
                 presented: uris,
-                trust_domain: self.trust_domain.clone(),
-            }))
+                trust_domain: td.clone(),
+            })),
+            _ => Ok(ClientCertVerified::assertion()),
         }
     }
 

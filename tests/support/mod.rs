@@ -142,7 +142,7 @@ fn any_port() -> SocketAddr {
 /// The workload at 127.0.0.1 presenting `identity`: no policies, metrics or drain.
 pub fn localhost_workload(identity: Identity) -> LocalWorkload {
     LocalWorkload {
-        identity,
+        identity: identity.into(),
         addresses: vec!["127.0.0.1".parse().unwrap()],
         preserve_source_ip: false,
         state: None,
@@ -159,7 +159,7 @@ pub fn serve(
     addr: SocketAddr,
     settings: TunnelSettings,
 ) -> Server {
-    let identity = workload.identity.clone();
+    let identity = hboned::identity::Identity::clone(&workload.identity.get());
     let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
     let listener = sockets.tcp_bind(addr).unwrap();
     let addr = listener.local_addr().unwrap();

@@ -36,7 +36,7 @@ fn server_verify(
 }
 
 fn client_verify(bundle_of: &BuiltinCa, cert: &WorkloadCert, td: &str) -> Result<(), Error> {
-    let v = SpiffeClientVerifier::new(bundle_of.bundle(), td.into());
+    let v = SpiffeClientVerifier::new(bundle_of.bundle(), Some(td.into()));
     v.verify_client_cert(&cert.chain()[0], &cert.chain()[1..], now())
         .map(|_| ())
 }
@@ -79,6 +79,22 @@ fn client_of_another_trust_domain_is_refused() {
     let cert = leaf(&ca, &id("evil.example", "ns", "client"));
     let err = client_verify(&ca, &cert, "cluster.local").unwrap_err();
     assert!(is_identity_mismatch(&err), "{err:?}");
+}
+
+#[test]
+fn a_server_that_takes_any_trust_domain_takes_a_verified_client_of_another() {
+    let ca = BuiltinCa::generate(SystemTime::now()).unwrap();
+    let cert = leaf(&ca, &id("old.example", "ns", "client"));
+    let any = SpiffeClientVerifier::new(ca.bundle(), None);
+    any.verify_client_cert(&cert.chain()[0], &cert.chain()[1..], now())
+        .unwrap();
+    // Still only what the roots verify.
+    let foreign = BuiltinCa::generate(SystemTime::now()).unwrap();
+    let theirs = leaf(&foreign, &id("old.example", "ns", "client"));
+    assert!(
+        any.verify_client_cert(&theirs.chain()[0], &theirs.chain()[1..], now())
+            .is_err()
+    );
 }
 
 #[test]
@@ -164,7 +180,7 @@ fn merged_bundle_accepts_both_roots() {
 #[test]
 fn garbage_certificate_is_bad_encoding() {
     let ca = BuiltinCa::generate(SystemTime::now()).unwrap();
-    let v = SpiffeClientVerifier::new(ca.bundle(), "cluster.local".into());
+    let v = SpiffeClientVerifier::new(ca.bundle(), Some("cluster.local".into()));
     let junk = rustls_pki_types::CertificateDer::from(vec![0x30, 0x03, 0x01, 0x02, 0x03]);
     let err = v.verify_client_cert(&junk, &[], now()).unwrap_err();
     assert!(
@@ -302,7 +318,7 @@ fn only_a_leaf_with_exactly_one_spiffe_uri_is_accepted() {
     let name = ServerName::try_from("ignored.example").unwrap();
     for (row, uris, ok) in rows {
         let chain = ca.issue_with_uris(&ours, uris);
-        let client = SpiffeClientVerifier::new(ca.bundle(), "cluster.local".into())
+        let client = SpiffeClientVerifier::new(ca.bundle(), Some("cluster.local".into()))
             .verify_client_cert(&chain[0], &[], now())
             .map(|_| ());
         let server = SpiffeServerVerifier::new(ca.bundle(), vec![ours.clone()])
@@ -340,11 +356,13 @@ async fn ring_and_aws_lc_record_ciphers_interoperate() {
             std::sync::Arc::new(provider_for(client_side)),
             &leaf(&ca, &a),
             vec![b.clone()],
+            &Default::default(),
         )
         .unwrap();
         let server = server_config_with(
             std::sync::Arc::new(provider_for(server_side)),
             &leaf(&ca, &b),
+            &Default::default(),
         )
         .unwrap();
         let (c, s) = handshake(client, server).await;
