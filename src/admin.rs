@@ -206,8 +206,62 @@ pub enum LogLevelError {
     Reload(#[from] tracing_subscriber::reload::Error),
 }
 
-/// Replaces the process's log filter with a new `EnvFilter` directive string.
-pub(crate) type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), LogLevelError> + Send + Sync>;
+/// The process's log filter as the admin page reads and changes it, with ztunnel's rules
+/// (`POST /logging`): no level lists the filter; a level is merged into the current filter (a
+/// bare level replaces the default level, `target=level` that target's); `reset` starts again
+/// from the filter the process started with.
+pub struct LogControl {
+    initial: String,
+    current: crate::sync::Lock<String>,
+    install: Box<InstallFilter>,
+}
+
+/// Puts a filter in force.
+type InstallFilter = dyn Fn(&str) -> Result<(), LogLevelError> + Send + Sync;
+
+impl LogControl {
+    /// The filter `initial` is in force; `install` puts a new one in force.
+    pub fn new(
+        initial: impl Into<String>,
+        install: impl Fn(&str) -> Result<(), LogLevelError> + Send + Sync + 'static,
+    ) -> Self {
+        let initial = initial.into();
+        LogControl {
+            current: crate::sync::Lock::new(initial.clone()),
+            initial,
+            install: Box::new(install),
+        }
+    }
+
+    /// Controls nothing (tests, a process without a reloadable logger).
+    pub fn inert() -> Self {
+        LogControl::new("info", |_| Ok(()))
+    }
+
+    /// The filter in force.
+    pub fn current(&self) -> String {
+        self.current.lock().clone()
+    }
+
+    /// Merges `level` (already checked by `log_filter::parse`; may be empty) into the current
+    /// filter, or into the initial one with `reset`; the filter now in force.
+    pub fn change(&self, reset: bool, level: &str) -> Result<String, LogLevelError> {
+        let mut current = self.current.lock();
+        let base = if reset { &self.initial } else { &*current };
+        let merged = log_filter::merge(base, level);
+        (self.install)(&merged)?;
+        *current = merged.clone();
+        Ok(merged)
+    }
+}
+
+impl std::fmt::Debug for LogControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogControl")
+            .field("current", &self.current())
+            .finish_non_exhaustive()
+    }
+}
 
 /// What the admin page (localhost:15000) reads and controls.
 pub(crate) struct AdminContext {
@@ -218,8 +272,8 @@ pub(crate) struct AdminContext {
     pub pods: std::sync::Arc<crate::inpod::PodManager>,
     /// Notified by `POST /quitquitquit`: the process drains and exits as on SIGTERM.
     pub quit: std::sync::Arc<tokio::sync::Notify>,
-    /// Replaces the log filter (`POST /logging?level=hboned=debug,info`).
-    pub set_log_level: LogLevelSetter,
+    /// The log filter (`POST /logging?level=hboned=debug,info`).
+    pub log: LogControl,
 }
 
 impl std::fmt::Debug for AdminContext {
@@ -241,26 +295,34 @@ pub(crate) fn admin(
             ctx.quit.notify_one();
             (StatusCode::OK, "draining and exiting\n".into())
         }
+        // ztunnel's `handle_logging`, which `istioctl ztunnel-config log` drives: no level
+        // (or an empty one, istioctl's listing) and no `reset` answers the filter in force.
         (&Method::POST, "/logging") => {
-            let level = query
-                .unwrap_or_default()
-                .split('&')
-                .find_map(|kv| kv.strip_prefix("level="));
-            match level.map(log_filter::parse) {
-                Some(Ok(level)) => match (ctx.set_log_level)(&level) {
-                    Ok(()) => (StatusCode::OK, format!("log level set to {level}\n")),
-                    Err(e) => (
-                        StatusCode::BAD_REQUEST,
-                        format!("invalid level {level:?}: {e}\n"),
-                    ),
+            let pairs: Vec<&str> = query.unwrap_or_default().split('&').collect();
+            let level = pairs.iter().find_map(|kv| kv.strip_prefix("level="));
+            let reset = pairs
+                .iter()
+                .any(|kv| *kv == "reset" || kv.starts_with("reset="));
+            let listed =
+                |filter: String| (StatusCode::OK, format!("current log level is {filter}\n"));
+            let level = match level {
+                Some(raw) if !raw.is_empty() => match log_filter::parse(raw) {
+                    Ok(level) => level,
+                    Err(e) => {
+                        return (
+                            StatusCode::BAD_REQUEST,
+                            format!("invalid level: {e}; nothing changed\n"),
+                        );
+                    }
                 },
-                Some(Err(e)) => (
+                _ if !reset => return listed(ctx.log.current()),
+                _ => String::new(),
+            };
+            match ctx.log.change(reset, &level) {
+                Ok(filter) => listed(filter),
+                Err(e) => (
                     StatusCode::BAD_REQUEST,
-                    format!("invalid level: {e}; nothing changed\n"),
-                ),
-                None => (
-                    StatusCode::BAD_REQUEST,
-                    "use /logging?level=<filter>\n".into(),
+                    format!("invalid level {level:?}: {e}; nothing changed\n"),
                 ),
             }
         }
@@ -293,6 +355,7 @@ fn config_dump(ctx: &AdminContext) -> serde_json::Value {
         })
         .collect();
     let enrolled = ctx.pods.pods();
+    let connections: std::collections::HashMap<_, _> = ctx.pods.connections().into_iter().collect();
     let pods: Vec<_> = enrolled
         .iter()
         .map(|(info, id, addresses)| json!({"uid": info.uid, "name": info.name, "namespace": info.namespace, "identity": id.to_string(), "addresses": addresses}))
@@ -304,7 +367,12 @@ fn config_dump(ctx: &AdminContext) -> serde_json::Value {
         .map(|(info, id, _)| {
             let info_json = json!({"name": info.name, "namespace": info.namespace,
                 "trustDomain": id.trust_domain(), "serviceAccount": id.service_account()});
-            (info.uid.clone(), json!({"state": "Up", "info": info_json}))
+            let live = connections.get(&info.uid).map_or_else(
+                || json!({"inbound": [], "outbound": []}),
+                |table| table.dump(),
+            );
+            let state = json!({"state": "Up", "connections": live, "info": info_json});
+            (info.uid.clone(), state)
         })
         .collect();
     json!({

@@ -75,6 +75,8 @@ struct RunningPod {
     netns_inode: u64,
     identity: LiveIdentity,
     addresses: Vec<IpAddr>,
+    /// Its live connections (the admin page's `workloadState`).
+    connections: Option<Arc<crate::proxy::live::ConnectionTable>>,
     tasks: Vec<JoinHandle<()>>,
     /// `send(true)` ends the pod's live connections (on removal; a drain just drops it).
     removal: watch::Sender<bool>,
@@ -210,13 +212,22 @@ impl PodManager {
 
     /// The enrolled pods, with their identity and addresses.
     pub(crate) fn pods(&self) -> Vec<(PodInfo, Identity, Vec<IpAddr>)> {
-        let pods = self.pods.lock();
-        pods.values()
-            .map(|p| {
-                let identity = Identity::clone(&p.identity.get());
-                (p.info.clone(), identity, p.addresses.clone())
-            })
+        self.each(|p| {
+            let identity = Identity::clone(&p.identity.get());
+            (p.info.clone(), identity, p.addresses.clone())
+        })
+    }
+
+    /// The enrolled pods' live connections, by uid.
+    pub(crate) fn connections(&self) -> Vec<(String, Arc<crate::proxy::live::ConnectionTable>)> {
+        self.each(|p| Some((p.info.uid.clone(), p.connections.clone()?)))
+            .into_iter()
+            .flatten()
             .collect()
+    }
+
+    fn each<T>(&self, f: impl FnMut(&RunningPod) -> T) -> Vec<T> {
+        self.pods.lock().values().map(f).collect()
     }
 
     /// Closes every pod's listeners (drain): live connections keep running, new ones go to
@@ -342,6 +353,7 @@ impl PodManager {
         });
         // Removing the pod (not draining the node) ends its live connections.
         let (removal, life) = PodLife::new();
+        let connections = life.connections().cloned();
         let outbound = Arc::new(
             Outbound::new(
                 client,
@@ -401,6 +413,7 @@ impl PodManager {
             netns_inode,
             identity,
             addresses,
+            connections,
             tasks,
             removal,
         })

@@ -292,8 +292,10 @@ fn main() -> anyhow::Result<()> {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::{EnvFilter, fmt, reload};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (filter, filter_handle) = reload::Layer::new(filter);
+    let initial = EnvFilter::try_from_default_env()
+        .map(|f| f.to_string())
+        .unwrap_or_else(|_| "info".to_owned());
+    let (filter, filter_handle) = reload::Layer::new(EnvFilter::new(&initial));
     let logs = tracing_subscriber::registry().with(filter);
     // HBONED_LOG_FORMAT=json: one JSON object per line (access logs included).
     if std::env::var("HBONED_LOG_FORMAT").is_ok_and(|f| f == "json") {
@@ -302,17 +304,13 @@ fn main() -> anyhow::Result<()> {
     } else {
         logs.with(fmt::layer().with_writer(std::io::stderr)).init();
     }
-    let set_log_level = move |level: &str| -> Result<(), hboned::admin::LogLevelError> {
+    let log = hboned::admin::LogControl::new(initial, move |level: &str| {
         Ok(filter_handle.reload(EnvFilter::try_new(level)?)?)
-    };
+    });
     match cli.command {
         Command::Run { config } => {
             let config = hboned::config::Config::load(config.as_deref())?;
-            runtime()?.block_on(app::run(
-                config,
-                Box::new(set_log_level),
-                app::shutdown_signal(),
-            ))
+            runtime()?.block_on(app::run(config, log, app::shutdown_signal()))
         }
         #[cfg(feature = "kubernetes")]
         Command::Agent { config, action } => {
@@ -338,11 +336,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let env = hboned::config::ztunnel::Environment::process();
             let config = hboned::config::Config::from_ztunnel_env(&env)?;
-            runtime()?.block_on(app::run(
-                config,
-                Box::new(set_log_level),
-                app::shutdown_signal(),
-            ))
+            runtime()?.block_on(app::run(config, log, app::shutdown_signal()))
         }
         #[cfg(feature = "testbed")]
         Command::Demo { throughput, bench } => {

@@ -6,6 +6,7 @@
 
 pub(crate) mod copy;
 pub mod inbound;
+pub mod live;
 pub(crate) mod outbound;
 pub(crate) mod passthrough;
 pub(crate) mod pool;
@@ -30,19 +31,32 @@ pub use tunnel::{H2Stream, TunnelSettings};
 /// Whether the pod a listener serves is still enrolled. Its live connections end when it is
 /// removed (DelWorkload, its netns gone), not when the proxy drains: a drain lets them finish.
 #[derive(Debug, Clone, Default)]
-pub struct PodLife(Option<tokio::sync::watch::Receiver<bool>>);
+pub struct PodLife {
+    removal: Option<tokio::sync::watch::Receiver<bool>>,
+    /// The pod's live connections (admin page); none outside a pod.
+    connections: Option<std::sync::Arc<live::ConnectionTable>>,
+}
 
 impl PodLife {
     /// A pod's life and the switch that ends it (`send(true)` on removal; dropping the sender
     /// without it, as a drain does, ends nothing).
     pub fn new() -> (tokio::sync::watch::Sender<bool>, PodLife) {
         let (tx, rx) = tokio::sync::watch::channel(false);
-        (tx, PodLife(Some(rx)))
+        let life = PodLife {
+            removal: Some(rx),
+            connections: Some(Default::default()),
+        };
+        (tx, life)
+    }
+
+    /// The pod's live connections, if it is a pod.
+    pub fn connections(&self) -> Option<&std::sync::Arc<live::ConnectionTable>> {
+        self.connections.as_ref()
     }
 
     /// Resolves once the pod is removed; never for a pod that stays, or for no pod.
     pub(crate) async fn removed(&self) {
-        if let Some(rx) = &self.0
+        if let Some(rx) = &self.removal
             && rx.clone().wait_for(|gone| *gone).await.is_ok()
         {
             return;

@@ -34,7 +34,7 @@ async fn get(addr: SocketAddr, path: &str) -> String {
 
 #[tokio::test]
 async fn a_node_serves_until_its_shutdown_future_and_then_returns() {
-    let node = Node::build(config(), Box::new(|_| Ok(()))).unwrap();
+    let node = Node::build(config(), hboned::admin::LogControl::inert()).unwrap();
     let readiness = node.readiness_address().unwrap();
     let metrics = node.metrics_address().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -70,7 +70,7 @@ async fn a_node_waiting_for_its_control_plane_is_not_ready() {
     drop(unused);
     let mut config = config();
     config.xds.address = address;
-    let node = Node::build(config, Box::new(|_| Ok(()))).unwrap();
+    let node = Node::build(config, hboned::admin::LogControl::inert()).unwrap();
     let readiness = node.readiness_address().unwrap();
     assert!(
         get(readiness, "/healthz/ready")
@@ -84,7 +84,7 @@ async fn a_node_waiting_for_its_control_plane_is_not_ready() {
 async fn a_certificate_source_without_its_section_refuses_to_build() {
     let mut config = config();
     config.certificates.source = Some(hboned::config::CertSourceKind::Spire);
-    let err = Node::build(config, Box::new(|_| Ok(()))).unwrap_err();
+    let err = Node::build(config, hboned::admin::LogControl::inert()).unwrap_err();
     assert!(
         err.to_string().contains("certificates.spireSocket"),
         "{err:#}"

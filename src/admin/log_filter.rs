@@ -62,6 +62,26 @@ fn is_target(s: &str) -> bool {
         })
 }
 
+/// `base` with the directives of `level` applied over it: each one replaces the directive of
+/// the same target in `base` (a bare level: the default level), in place; new targets are
+/// appended. Both are filters `parse` accepted (or empty).
+pub(crate) fn merge(base: &str, level: &str) -> String {
+    let target = |d: &str| d.split_once('=').map_or("", |(t, _)| t).to_owned();
+    let mut directives: Vec<String> = base
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(str::to_owned)
+        .collect();
+    for new in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        match directives.iter_mut().find(|d| target(d) == target(new)) {
+            Some(old) => *old = new.to_owned(),
+            None => directives.push(new.to_owned()),
+        }
+    }
+    directives.join(",")
+}
+
 /// `%XX` escapes and `+` as a space, as a query string carries them.
 fn percent_decode(s: &str) -> Result<String, FilterError> {
     let mut out = Vec::with_capacity(s.len());
@@ -89,6 +109,18 @@ fn percent_decode(s: &str) -> Result<String, FilterError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_merge_replaces_the_same_target_and_appends_new_ones() {
+        assert_eq!(merge("info", "debug"), "debug");
+        assert_eq!(
+            merge("info,h2=warn", "hboned=debug"),
+            "info,h2=warn,hboned=debug"
+        );
+        assert_eq!(merge("info,h2=warn", "h2=off,error"), "error,h2=off");
+        assert_eq!(merge("info", ""), "info");
+        assert_eq!(merge("", "access=debug"), "access=debug");
+    }
 
     #[test]
     fn good_filters_pass_and_bad_ones_say_why() {

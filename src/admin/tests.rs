@@ -159,3 +159,37 @@ async fn the_wildcard_listens_on_both_families() {
     let successor = bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))).unwrap();
     assert_eq!(successor.local_addr().unwrap().port(), port);
 }
+
+#[test]
+fn log_control_merges_resets_and_keeps_the_old_filter_when_install_fails() {
+    use std::sync::{Arc, Mutex};
+    let installed = Arc::new(Mutex::new(Vec::new()));
+    let seen = installed.clone();
+    let log = super::LogControl::new("info,h2=warn", move |f: &str| {
+        if f.contains("refuse") {
+            return Err(super::LogLevelError::Filter(
+                "=".parse::<tracing_subscriber::EnvFilter>().unwrap_err(),
+            ));
+        }
+        seen.lock().unwrap().push(f.to_owned());
+        Ok(())
+    });
+    assert_eq!(log.current(), "info,h2=warn");
+    assert_eq!(
+        log.change(false, "hboned=debug").unwrap(),
+        "info,h2=warn,hboned=debug"
+    );
+    assert_eq!(
+        log.change(false, "debug").unwrap(),
+        "debug,h2=warn,hboned=debug"
+    );
+    assert_eq!(log.change(true, "").unwrap(), "info,h2=warn");
+    assert_eq!(log.change(true, "error").unwrap(), "error,h2=warn");
+    assert!(log.change(false, "refuse=debug").is_err());
+    assert_eq!(
+        log.current(),
+        "error,h2=warn",
+        "a refused filter changes nothing"
+    );
+    assert_eq!(installed.lock().unwrap().len(), 4);
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::admin::LogLevelSetter;
+use crate::admin::LogControl;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::identity::CertificateManager;
@@ -37,10 +37,10 @@ pub struct Node {
 /// Builds a node from `config` and serves it until `shutdown` resolves, then drains.
 pub async fn run(
     config: Config,
-    set_log_level: LogLevelSetter,
+    log: LogControl,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    Node::build(config, set_log_level)?.serve(shutdown).await;
+    Node::build(config, log)?.serve(shutdown).await;
     Ok(())
 }
 
@@ -48,7 +48,7 @@ impl Node {
     /// Starts every part of the node inside the current tokio runtime. Fails on what the node
     /// cannot run without (its certificate source, its readiness and metrics ports); a broken
     /// config pod is reported and skipped.
-    pub fn build(config: Config, set_log_level: LogLevelSetter) -> anyhow::Result<Node> {
+    pub fn build(config: Config, log: LogControl) -> anyhow::Result<Node> {
         raise_descriptor_limit();
         // The enrolled pods by identity: the pod registry writes it, SPIRE attests from it.
         let local_pods = crate::identity::LocalPods::default();
@@ -129,7 +129,7 @@ impl Node {
                 certs,
                 pods: manager.clone(),
                 quit: quit.clone(),
-                set_log_level,
+                log,
             };
             tokio::spawn(serve_admin(addr, admin));
         }

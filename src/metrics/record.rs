@@ -55,6 +55,8 @@ pub(crate) struct ConnectionRecord {
     started: Instant,
     open: bool,
     meters: Meters,
+    /// The connection's entry in its pod's live table, removed as the record closes.
+    tracked: Option<crate::proxy::live::Tracked>,
 }
 
 impl ConnectionRecord {
@@ -88,9 +90,20 @@ impl ConnectionRecord {
             started: Instant::now(),
             open: true,
             meters,
+            tracked: None,
         };
         record.log(None, None);
         record
+    }
+
+    /// Lists the connection in `table` (its pod's, if any) while it is open.
+    pub(crate) fn listed(
+        mut self,
+        table: Option<&Arc<crate::proxy::live::ConnectionTable>>,
+        conn: impl FnOnce() -> crate::proxy::live::LiveConnection,
+    ) -> Self {
+        self.tracked = table.map(|t| t.track(conn()));
+        self
     }
 
     /// The live byte counters for this connection's relay (client → destination first).
@@ -118,6 +131,7 @@ impl ConnectionRecord {
         if let Some(reason) = flag {
             self.labels = Arc::new((*self.labels).clone().failed(reason));
         }
+        self.tracked = None;
         if let Some(m) = &self.metrics {
             if flag.is_some() {
                 m.failed(&self.labels);

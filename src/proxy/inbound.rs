@@ -16,6 +16,7 @@ use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::copy::{self, End, Ended};
+use super::live;
 use super::tunnel::{H2Stream, TunnelSettings, drive_with_keepalive};
 use crate::authz;
 use crate::drain::{self, Drain};
@@ -349,7 +350,11 @@ impl InboundServer {
             .labels(peer.ip(), client.as_ref(), target.ip());
         let names = names.hbone(target);
         let record =
-            ConnectionRecord::open(self.workload.metrics.as_ref(), labels, names, peer, target);
+            ConnectionRecord::open(self.workload.metrics.as_ref(), labels, names, peer, target)
+                .listed(self.workload.pod.connections(), || {
+                    live::LiveConnection::new(live::Direction::Inbound, peer, target, target)
+                        .carried(live::Carrier::Hbone)
+                });
         let decision = self
             .workload
             .authorize(&authz_facts(client.as_ref(), peer, target));

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::copy::{self, End, Ended};
+use super::live::{Carrier, Direction, LiveConnection};
 use super::passthrough;
 use super::pool::{HboneClient, PoolKey};
 use super::tunnel::TunnelSettings;
@@ -249,7 +250,11 @@ impl Outbound {
                     .for_service(service.as_ref());
                 let names = LogNames::of(&peers.0, &peers.1).hbone(request.authority);
                 let record =
-                    ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, key.peer());
+                    ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, key.peer())
+                        .listed(self.pod.connections(), || {
+                            LiveConnection::new(Direction::Outbound, src, dst, key.peer())
+                                .carried(Carrier::Hbone)
+                        });
                 match self.client.connect(&key, &request).await {
                     Ok(tunnel) => Some((app, tunnel, record)),
                     Err(e) => {
@@ -263,7 +268,10 @@ impl Outbound {
             Route::Passthrough { dst, peers } => {
                 let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, false);
                 let names = LogNames::of(&peers.0, &peers.1);
-                let record = ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, dst);
+                let record = ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, dst)
+                    .listed(self.pod.connections(), || {
+                        LiveConnection::new(Direction::Outbound, src, dst, dst)
+                    });
                 let timeout = self.settings.connect_timeout;
                 // No policy applies on the way out: only the pod's removal ends the relay.
                 let removed = async {
@@ -303,7 +311,10 @@ impl Outbound {
                     return None;
                 };
                 let record =
-                    ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, target);
+                    ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, target)
+                        .listed(self.pod.connections(), || {
+                            LiveConnection::new(Direction::Outbound, src, dst, target)
+                        });
                 let removed = async {
                     self.pod.removed().await;
                     Stop::PodRemoved

@@ -137,7 +137,10 @@ pub(crate) async fn serve_inbound_plaintext(
         }
         let conn = super::inbound::authz_facts(None, src, dst);
         let (labels, names) = workload.labels(src.ip(), None, dst.ip());
-        let record = ConnectionRecord::open(workload.metrics.as_ref(), labels, names, src, dst);
+        let record = ConnectionRecord::open(workload.metrics.as_ref(), labels, names, src, dst)
+            .listed(workload.pod.connections(), || {
+                super::live::LiveConnection::new(super::live::Direction::Inbound, src, dst, dst)
+            });
         if plaintext == InboundPlaintext::Refuse {
             tracing::info!(%src, %dst, "plaintext into an enrolled pod, refused (strict); resetting");
             record.failed(DENIED, 0, 0);
