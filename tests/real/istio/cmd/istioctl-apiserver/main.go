@@ -165,5 +165,3 @@ func closeWrite(c net.Conn) {
 		_ = tc.CloseWrite()
 	}
 }
-
-
