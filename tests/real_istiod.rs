@@ -8,8 +8,12 @@
 //! with a1's `example.org` identity, allowed by istiod's translation of an ALLOW policy on
 //! principals; the same through the Service's cluster IP; b3 (another service account) denied;
 //! plaintext from a2 denied by the same policy (no principal); a Pod deleted from the API
-//! leaves the proxies' state. Needs root and Go; off CI each is skipped when missing, on CI
-//! (CI=true) that fails instead.
+//! leaves the proxies' state. Every certificate comes from istiod's own CA server
+//! (`security/pkg/server/ca`, over TLS for istiod.istio-system.svc, which `/etc/netns/*/hosts`
+//! resolves as cluster DNS would): each proxy authenticates with its ztunnel pod's service
+//! account token and impersonates its pods, as the CA's node authorizer allows
+//! (CA_TRUSTED_NODE_ACCOUNTS=istio-system/ztunnel). Needs root and Go; off CI each is skipped
+//! when missing, on CI (CI=true) that fails instead.
 
 #![allow(clippy::unwrap_used)]
 
@@ -32,7 +36,20 @@ struct Istiod {
     child: Child,
     stdin: ChildStdin,
     replies: BufReader<std::process::ChildStdout>,
+    /// Delta ADS (istiod's 15010).
     addr: String,
+    /// The CA (istiod's 15012: TLS for istiod.istio-system.svc).
+    ca: String,
+}
+
+/// The ztunnel pod of `node`: its uid, and the service account token the API server accepts
+/// for it.
+fn ztunnel(node: char) -> (String, String) {
+    let n = if node == 'a' { 1 } else { 2 };
+    (
+        format!("00000000-0000-4000-8000-00000000ff0{n}"),
+        format!("token-of-ztunnel-{node}"),
+    )
 }
 
 impl Istiod {
@@ -45,8 +62,16 @@ impl Istiod {
             .args(["-listen", &format!("{}:0", node_ip('b'))])
             .args(["-trust-domain", TRUST_DOMAIN, "-objects"])
             .arg(objects)
-            // As istiod's chart sets it for ambient; read when the process starts.
+            .args(["-ca-listen", &format!("{}:0", node_ip('b'))])
+            .arg("-ca-root")
+            .arg(objects.with_file_name("root-cert.pem"))
+            .args(['a', 'b'].map(|node| {
+                let (uid, token) = ztunnel(node);
+                format!("-token={token}=istio-system/ztunnel/ztunnel-{node}/{uid}")
+            }))
+            // As istiod's chart sets them for ambient; read when the process starts.
             .env("PILOT_ENABLE_AMBIENT", "true")
+            .env("CA_TRUSTED_NODE_ACCOUNTS", "istio-system/ztunnel")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(log).unwrap())
@@ -54,18 +79,22 @@ impl Istiod {
             .unwrap();
         let stdin = child.stdin.take().unwrap();
         let mut replies = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        replies.read_line(&mut line).unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("xds listening on ")
-            .unwrap_or_else(|| panic!("istiod did not start: {line:?}"))
-            .to_owned();
+        let mut listening = |what: &str| {
+            let mut line = String::new();
+            replies.read_line(&mut line).unwrap();
+            line.trim()
+                .strip_prefix(&format!("{what} listening on "))
+                .unwrap_or_else(|| panic!("istiod did not start its {what}: {line:?}"))
+                .to_owned()
+        };
+        let addr = listening("xds");
+        let ca = listening("ca");
         Istiod {
             child,
             stdin,
             replies,
             addr,
+            ca,
         }
     }
 
@@ -82,6 +111,38 @@ impl Drop for Istiod {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `/etc/netns/<netns>/hosts`, which `ip netns exec` mounts over /etc/hosts for what it starts
+/// there (the proxies): istiod.istio-system.svc is node B's address, as cluster DNS would say.
+/// Removed when dropped.
+struct Hosts(Vec<std::path::PathBuf>);
+
+impl Hosts {
+    fn install(topo: &Topology) -> Hosts {
+        let dirs =
+            ["na", "nb"].map(|n| std::path::Path::new("/etc/netns").join(topo.netns_name(n)));
+        for dir in &dirs {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(
+                dir.join("hosts"),
+                format!(
+                    "127.0.0.1 localhost\n{} istiod.istio-system.svc\n",
+                    node_ip('b')
+                ),
+            )
+            .unwrap();
+        }
+        Hosts(dirs.to_vec())
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -130,7 +191,35 @@ metadata:
   labels: {istio.io/dataplane-mode: ambient}
 "
         .to_owned(),
+        "apiVersion: v1
+kind: Namespace
+metadata:
+  name: istio-system
+"
+        .to_owned(),
     ];
+    // The ztunnel DaemonSet's pods: the CA's node authorizer checks a caller against them.
+    for node in ['a', 'b'] {
+        let (uid, _) = ztunnel(node);
+        docs.push(format!(
+            "apiVersion: v1
+kind: Pod
+metadata:
+  name: ztunnel-{node}
+  namespace: istio-system
+  uid: {uid}
+  labels: {{app: ztunnel}}
+spec:
+  nodeName: node-{node}
+  serviceAccountName: ztunnel
+  containers: [{{name: istio-proxy, image: hboned}}]
+status:
+  phase: Running
+  podIP: {ip}
+",
+            ip = node_ip(node)
+        ));
+    }
     for (p, enrolled) in [
         (&A1, true),
         (&A2, false),
@@ -193,9 +282,26 @@ async fn hboned_serves_what_istiods_own_discovery_sends() {
     std::fs::write(&objects, cluster_objects()).unwrap();
     let mut istiod = Istiod::start(&topo, &objects, &dir.path().join("istiod.log"));
     let address = format!("http://{}", istiod.addr);
+    let _hosts = Hosts::install(&topo);
+    let ca_port = istiod.ca.rsplit(':').next().unwrap().to_owned();
+    let ca = format!("https://istiod.istio-system.svc:{ca_port}");
+    let root = dir.path().join("root-cert.pem");
+    let tokens = dir.path().to_owned();
     let from_istiod = |node: char| {
         let address = address.clone();
+        let token = tokens.join(format!("token-{node}"));
+        std::fs::write(&token, ztunnel(node).1).unwrap();
+        let ca = ca.clone();
+        let root = root.clone();
         move |c: &mut hboned::config::Config| {
+            use hboned::config::{CertSourceKind, IstioCaConfig};
+            // Certificates from istiod's CA, each impersonating a pod of this node.
+            c.certificates.source = Some(CertSourceKind::IstioCa);
+            c.certificates.istio_ca = Some(IstioCaConfig {
+                address: ca,
+                root_ca: Some(root),
+                token_file: Some(token),
+            });
             c.workloads.clear();
             c.services.clear();
             c.policies.clear();
@@ -213,6 +319,8 @@ async fn hboned_serves_what_istiods_own_discovery_sends() {
             c.xds.node_id = id;
             c.xds.node_metadata = metadata;
             c.any_client_trust_domain = true;
+            // The cluster istiod serves (CLUSTER_ID): the CA looks the caller up in it.
+            c.cluster_id = "Kubernetes".into();
         }
     };
     topo.start_proxies(bin(), from_istiod('a'), from_istiod('b'))
@@ -240,6 +348,29 @@ async fn hboned_serves_what_istiods_own_discovery_sends() {
     }
     let a = dump("na");
     assert!(a.contains("\"echo.demo.svc.cluster.local\""), "{a}");
+    // Each pod's certificate issued by istiod's CA to its node's proxy, impersonating the pod.
+    let issued = |node: &str, sa: &str| {
+        let d = dump(node);
+        let id = format!("\"identity\":\"spiffe://{TRUST_DOMAIN}/ns/demo/sa/{sa}\",\"rootCerts\"");
+        d.contains(&id) && d.contains("\"state\":\"Available\"")
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !(issued("na", "client") && issued("nb", "server") && issued("nb", "b3")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no certificates from istiod's CA:\n{}\n{}",
+            topo.logs(),
+            std::fs::read_to_string(dir.path().join("istiod.log"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("CA")
+                    || l.contains("impersonat")
+                    || l.contains("authenticat"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 
     let (_echo, peers) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     // a1 → b1 and a1 → the Service: HBONE, allowed by principal.

@@ -9,7 +9,11 @@ require (
 	k8s.io/streaming v0.36.1
 )
 
-require istio.io/client-go v1.31.0-rc.0.0.20260824155257-512e1cfc6c15
+require (
+	google.golang.org/grpc v1.82.0
+	istio.io/client-go v1.31.0-rc.0.0.20260824155257-512e1cfc6c15
+	k8s.io/client-go v0.36.1
+)
 
 require (
 	cel.dev/expr v0.25.1 // indirect
@@ -164,7 +168,6 @@ require (
 	gomodules.xyz/jsonpatch/v2 v2.5.0 // indirect
 	google.golang.org/genproto/googleapis/api v0.0.0-20260427160629-7cedc36a6bc4 // indirect
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20260427160629-7cedc36a6bc4 // indirect
-	google.golang.org/grpc v1.82.0 // indirect
 	google.golang.org/protobuf v1.36.12-0.20260120151049-f2248ac996af // indirect
 	gopkg.in/evanphx/json-patch.v4 v4.13.0 // indirect
 	gopkg.in/inf.v0 v0.9.1 // indirect
@@ -176,7 +179,6 @@ require (
 	k8s.io/apiextensions-apiserver v0.36.1 // indirect
 	k8s.io/apiserver v0.36.1 // indirect
 	k8s.io/cli-runtime v0.36.0 // indirect
-	k8s.io/client-go v0.36.1 // indirect
 	k8s.io/component-base v0.36.1 // indirect
 	k8s.io/component-helpers v0.36.0 // indirect
 	k8s.io/klog/v2 v2.140.0 // indirect

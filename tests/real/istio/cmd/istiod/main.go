@@ -7,8 +7,11 @@
 // address (istiod's 15010), with ambient on as istiod turns it on (PILOT_ENABLE_AMBIENT=true in
 // the environment: the flag is read when the process starts, so the caller sets it).
 //
+// With -ca-listen, it also serves istiod's CA (ca.go), over TLS for istiod.istio-system.svc.
+//
 // Usage: istiod -listen 198.18.0.2:0 -trust-domain example.org -objects a.yaml[,b.yaml]
-// Prints "xds listening on ADDR" once discovery has synced. Then reads commands on stdin, one
+// [-ca-listen 198.18.0.2:0 -ca-root root.pem -token TOKEN=NS/SA/POD/UID ...]
+// Prints "xds listening on ADDR" once discovery has synced (and "ca listening on ADDR"). Then reads commands on stdin, one
 // per line, answering "ok" or "error: ..." on stdout:
 //
 //	delete pod <namespace> <name>
@@ -73,6 +76,10 @@ func main() {
 	trustDomain := flag.String("trust-domain", "cluster.local", "meshConfig.trustDomain")
 	objects := flag.String("objects", "", "comma-separated YAML files of Kubernetes and Istio objects")
 	cluster := flag.String("cluster", "Kubernetes", "the cluster id")
+	caListen := flag.String("ca-listen", "", "where to serve istiod's CA (gRPC over TLS, as istiod's 15012); empty: no CA")
+	caRoot := flag.String("ca-root", "root-cert.pem", "where to write the CA's root (it signed the CA's serving certificate)")
+	var tokens tokenFlags
+	flag.Var(&tokens, "token", "TOKEN=NAMESPACE/SERVICEACCOUNT/POD/UID: a service account token the API server's TokenReview accepts (repeatable)")
 	flag.Parse()
 	// istiod's logs to stderr: stdout carries this driver's replies.
 	logOptions := istiolog.DefaultOptions()
@@ -110,6 +117,13 @@ func main() {
 		ListenerBuilder:        func() (net.Listener, error) { return l, nil },
 	})
 	fmt.Printf("xds listening on %s\n", l.Addr())
+	if *caListen != "" {
+		addr, err := serveCA(s, clusterID(*cluster), *caListen, *caRoot, tokens)
+		if err != nil {
+			log.Fatal(err)
+		}
+		fmt.Printf("ca listening on %s\n", addr)
+	}
 
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
