@@ -55,22 +55,32 @@ pub(crate) fn metrics(
     }
 }
 
-/// Connections one of these ports serves at once; more are closed as they arrive.
-pub(crate) const MAX_CONNECTIONS: usize = 32;
+/// Connections one of these ports holds at once; a new one past that closes the oldest.
+pub(crate) const MAX_CONNECTIONS: usize = 128;
 /// A request's head must arrive within this (a silent or half-sent request is closed).
 pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// No connection to these ports lives longer (keep-alive included).
 pub(crate) const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
+/// The connections a port holds, oldest first, each with the switch that closes it.
+#[derive(Default)]
+struct Held {
+    next: u64,
+    open: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
 /// Serves HTTP/1.1 on `listener`, answering each request with `handler`; at most
 /// [`MAX_CONNECTIONS`] at once, each closed when its request head is slower than
-/// [`HEADER_READ_TIMEOUT`] or it outlives [`CONNECTION_LIFETIME`].
+/// [`HEADER_READ_TIMEOUT`] or it outlives [`CONNECTION_LIFETIME`]. A connection past the cap
+/// closes the oldest one rather than being refused: whoever holds many idle connections open
+/// (anyone who can reach the port) cannot keep the kubelet's probe or a scrape out, since those
+/// send their request as soon as they connect.
 pub(crate) async fn serve<F>(listener: TcpListener, handler: F)
 where
     F: Fn(Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
     let handler = std::sync::Arc::new(handler);
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let held = std::sync::Arc::new(crate::sync::Lock::new(Held::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -81,13 +91,23 @@ where
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(%peer, "too many connections on an admin port; closing this one");
-            continue;
+        let (close, closed) = tokio::sync::oneshot::channel();
+        let id = {
+            let mut held = held.lock();
+            if held.open.len() >= MAX_CONNECTIONS
+                && let Some((_, oldest)) = held.open.pop_front()
+            {
+                tracing::debug!(%peer, "too many connections on an admin port; closing the oldest");
+                let _ = oldest.send(());
+            }
+            held.next += 1;
+            let id = held.next;
+            held.open.push_back((id, close));
+            id
         };
         let handler = handler.clone();
+        let held = held.clone();
         tokio::spawn(async move {
-            let _slot = slot;
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = handler(req);
                 async move { Ok::<_, Infallible>(resp) }
@@ -97,11 +117,15 @@ where
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(io, service);
-            match tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "HTTP connection failed"),
-                Err(_) => tracing::debug!(%peer, "HTTP connection closed at its lifetime"),
+            tokio::select! {
+                ended = tokio::time::timeout(CONNECTION_LIFETIME, conn) => match ended {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "HTTP connection failed"),
+                    Err(_) => tracing::debug!(%peer, "HTTP connection closed at its lifetime"),
+                },
+                _ = closed => {}
             }
+            held.lock().open.retain(|(other, _)| *other != id);
         });
     }
 }
