@@ -266,6 +266,85 @@ async fn unreachable_istio_ca_fails_closed_with_a_clear_error() {
     );
 }
 
+/// istiod rotates the root its CA endpoint is served under (the file the chart mounts as
+/// CA_ROOT_CA changes): the next certificate request trusts the new root, as ztunnel rebuilds
+/// its CA client; before, every renewal after the rotation failed its TLS handshake.
+#[tokio::test]
+async fn a_rotated_ca_root_is_trusted_from_the_next_request() {
+    use hboned::identity::CertSource;
+    hboned::tls::install_process_default();
+    let dir = tempfile::tempdir().unwrap();
+    let (token, root) = (dir.path().join("token"), dir.path().join("root-cert.pem"));
+    std::fs::write(&token, "t").unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // The CA endpoint under a root (its serving certificate self-signed for localhost).
+    let serve = |listener: tokio::net::TcpListener| {
+        let serving = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+        std::fs::write(&root, serving.cert.pem()).unwrap();
+        let identity = tonic::transport::Identity::from_pem(
+            serving.cert.pem(),
+            serving.signing_key.serialize_pem(),
+        );
+        let fake = FakeIstioCa {
+            ca: BuiltinCa::generate(SystemTime::now()).unwrap(),
+            seen: Arc::default(),
+            down: Arc::default(),
+            extra_roots: String::new(),
+        };
+        // The accepted connections, to cut them when this endpoint goes away (tonic's
+        // connection tasks outlive its server).
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let seen = accepted.clone();
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            move |conn| {
+                if let Ok(c) = &conn {
+                    seen.lock()
+                        .unwrap()
+                        .push(std::os::fd::AsRawFd::as_raw_fd(c));
+                }
+                conn
+            },
+        );
+        let task = tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .unwrap()
+                .add_service(IstioCertificateServiceServer::new(fake))
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        (task, accepted)
+    };
+    let (first, connections) = serve(listener);
+    let ca = IstioCa::new(IstioCaSettings {
+        address: format!("https://localhost:{port}"),
+        root_ca: Some(root.clone()),
+        token_file: Some(token),
+        cluster_id: "c1".into(),
+        lifetime: Duration::from_secs(3600),
+    })
+    .unwrap();
+    let id = Identity::new("cluster.local", "test", "client").unwrap();
+    within(20, ca.fetch(&id)).await.unwrap();
+
+    // The endpoint comes back under a new root on the same port; the file follows.
+    first.abort();
+    let _ = first.await;
+    for fd in connections.lock().unwrap().drain(..) {
+        // A connection still open (its task runs on): shut down, not closed.
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+    }
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let _second = serve(listener);
+    within(20, ca.fetch(&id))
+        .await
+        .expect("a certificate under the new root");
+}
+
 /// A TLS + HTTP/2 peer that records the client certificate of every connection, answers every
 /// CONNECT with 200 and echoes the stream.
 async fn recording_peer(

@@ -35,7 +35,10 @@ pub struct IstioCaSettings {
 #[derive(Debug)]
 pub struct IstioCa {
     settings: IstioCaSettings,
-    channel: tonic::transport::Channel,
+    /// The channel, and the root file's bytes it was built with: when istiod rotates its root
+    /// (the file changes), the next request builds a new channel that trusts the new one, as
+    /// ztunnel rebuilds its CA client.
+    channel: crate::sync::Lock<(Option<Vec<u8>>, tonic::transport::Channel)>,
 }
 
 /// Why the Istio CA gave no certificate; each says what to check.
@@ -64,13 +67,45 @@ pub enum IstioCaError {
 impl IstioCa {
     /// Prepares the (lazily connected) channel; fails only on a bad address or root file.
     pub fn new(settings: IstioCaSettings) -> Result<Self, crate::control_plane::ChannelError> {
+        let root = settings
+            .root_ca
+            .as_deref()
+            .and_then(|p| std::fs::read(p).ok());
+        let channel = Self::connect(&settings)?;
+        Ok(IstioCa {
+            channel: crate::sync::Lock::new((root, channel)),
+            settings,
+        })
+    }
+
+    fn connect(
+        settings: &IstioCaSettings,
+    ) -> Result<tonic::transport::Channel, crate::control_plane::ChannelError> {
         let target =
             crate::control_plane::endpoint(&settings.address, settings.root_ca.as_deref())?
                 .with(|e| e.timeout(Duration::from_secs(15)));
-        Ok(IstioCa {
-            channel: target.connect_lazy(),
-            settings,
-        })
+        Ok(target.connect_lazy())
+    }
+
+    /// The channel to use now: a new one if the root file changed since the last was built
+    /// (a root that cannot be read or parsed keeps the channel there is).
+    fn channel(&self) -> tonic::transport::Channel {
+        let mut current = self.channel.lock();
+        if let Some(path) = &self.settings.root_ca
+            && let Ok(root) = std::fs::read(path)
+            && current.0.as_deref() != Some(root.as_slice())
+        {
+            match Self::connect(&self.settings) {
+                Ok(channel) => {
+                    tracing::info!(path = %path.display(), "the CA's root changed; reconnecting with the new one");
+                    *current = (Some(root), channel);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the CA's new root is unusable; keeping the connection there is")
+                }
+            }
+        }
+        current.1.clone()
     }
 
     /// A CSR for `id`, signed by a fresh key: (CSR PEM, key).
@@ -115,7 +150,7 @@ impl IstioCa {
             &self.settings.cluster_id,
         )
         .map_err(|e| failed(e.into()))?;
-        let response = IstioCertificateServiceClient::new(self.channel.clone())
+        let response = IstioCertificateServiceClient::new(self.channel())
             .create_certificate(request)
             .await
             .map_err(|status| {
