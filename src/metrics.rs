@@ -29,6 +29,8 @@ pub struct Peer {
     pub canonical_service: String,
     pub canonical_revision: String,
     pub cluster: String,
+    /// Its locality, when it is a known workload (region, zone).
+    pub locality: Option<(String, String)>,
 }
 
 impl Peer {
@@ -54,6 +56,7 @@ impl Peer {
             canonical_service: w.canonical_name.clone(),
             canonical_revision: w.canonical_revision.clone(),
             cluster: w.cluster_id.clone(),
+            locality: Some((w.locality.region.clone(), w.locality.zone.clone())),
         }
     }
 }
@@ -64,6 +67,24 @@ fn or_unknown(s: &str) -> String {
     } else {
         s.to_owned()
     }
+}
+
+/// The locality labels of a connection between `source` and `destination`: present once
+/// either is a known workload, `unknown` for what the other does not say.
+fn locality(source: &Peer, destination: &Peer) -> Option<LocalityLabels> {
+    if source.locality.is_none() && destination.locality.is_none() {
+        return None;
+    }
+    let (src, dst) = (
+        source.locality.clone().unwrap_or_default(),
+        destination.locality.clone().unwrap_or_default(),
+    );
+    Some(LocalityLabels {
+        source_region: or_unknown(&src.0),
+        source_zone: or_unknown(&src.1),
+        destination_region: or_unknown(&dst.0),
+        destination_zone: or_unknown(&dst.1),
+    })
 }
 
 /// ztunnel's TCP metric labels, in its order (src/proxy/metrics.rs, CommonTrafficLabels):
@@ -93,6 +114,36 @@ pub(crate) struct ConnectionLabels {
     pub request_protocol: String,
     pub response_flags: String,
     pub connection_security_policy: String,
+    #[prometheus(flatten)]
+    pub locality: OptionalLabels<LocalityLabels>,
+}
+
+/// ztunnel's locality labels, added after the others once either end is a known workload
+/// (src/proxy/metrics.rs, `LocalityLabels`): Istio's dashboards group traffic by them.
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct LocalityLabels {
+    pub source_region: String,
+    pub source_zone: String,
+    pub destination_region: String,
+    pub destination_zone: String,
+}
+
+/// Labels encoded only when present.
+#[derive(Debug, Clone, Default, Hash, PartialEq, Eq)]
+pub(crate) struct OptionalLabels<T>(pub Option<T>);
+
+impl<T: prometheus_client::encoding::EncodeLabelSet> prometheus_client::encoding::EncodeLabelSet
+    for OptionalLabels<T>
+{
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        match &self.0 {
+            Some(labels) => labels.encode(encoder),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Which side of the tunnel reports.
@@ -137,6 +188,7 @@ impl ConnectionLabels {
             request_protocol: "tcp".into(),
             response_flags: "-".into(),
             connection_security_policy: if mutual_tls { "mutual_tls" } else { "unknown" }.into(),
+            locality: OptionalLabels(locality(source, destination)),
         }
     }
 
@@ -150,10 +202,27 @@ impl ConnectionLabels {
         self
     }
 
-    /// The same connection, failed for `reason` (a metrics-safe short string).
+    /// The same connection, failed for `reason` (our short reason; `response_flags` takes
+    /// ztunnel's flag for it).
     pub(crate) fn failed(mut self, reason: &str) -> Self {
-        self.response_flags = reason.to_owned();
+        self.response_flags = response_flag(reason).to_owned();
         self
+    }
+}
+
+/// ztunnel's `response_flags` for one of our failure reasons (src/proxy/metrics.rs,
+/// `ResponseFlags`): a policy's refusal is `DENY`, a TLS or HTTP/2 handshake failure
+/// `TLS_FAILURE` / `H2_HANDSHAKE_FAILURE`, a revoked peer `CERT_REVOKED`, no certificate of
+/// our own `IDENTITY_ERROR`, and anything else that ended a connection `CONNECT` (ztunnel's
+/// default for an error it does not classify).
+pub(crate) fn response_flag(reason: &str) -> &'static str {
+    match reason {
+        crate::proxy::inbound::DENIED => "DENY",
+        "tls_failed" => "TLS_FAILURE",
+        "http2_failed" => "H2_HANDSHAKE_FAILURE",
+        "cert_revoked" => "CERT_REVOKED",
+        "no_certificate" | "tls_config" => "IDENTITY_ERROR",
+        _ => "CONNECT",
     }
 }
 
@@ -349,6 +418,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn failure_reasons_become_ztuntels_response_flags() {
+        for (reason, flag) in [
+            ("denied", "DENY"),
+            ("tls_failed", "TLS_FAILURE"),
+            ("http2_failed", "H2_HANDSHAKE_FAILURE"),
+            ("cert_revoked", "CERT_REVOKED"),
+            ("no_certificate", "IDENTITY_ERROR"),
+            ("connect_failed", "CONNECT"),
+            ("pod_removed", "CONNECT"),
+            ("dropped", "CONNECT"),
+        ] {
+            assert_eq!(response_flag(reason), flag, "{reason}");
+        }
+    }
+
+    #[test]
+    fn locality_labels_follow_the_others_once_an_end_is_a_known_workload() {
+        let unknown = Peer::new("a", None);
+        let labels = ConnectionLabels::new(Reporter::Source, &unknown, &unknown, false);
+        assert!(
+            labels.locality.0.is_none(),
+            "neither end known: no locality labels"
+        );
+        let known = Peer {
+            locality: Some(("us-east1".into(), "us-east1-b".into())),
+            ..Peer::new("b", None)
+        };
+        let m = Metrics::new(Vec::new());
+        m.opened(&ConnectionLabels::new(
+            Reporter::Source,
+            &unknown,
+            &known,
+            true,
+        ));
+        let text = m.encode();
+        assert!(
+            text.contains("connection_security_policy=\"mutual_tls\",source_region=\"unknown\",source_zone=\"unknown\",destination_region=\"us-east1\",destination_zone=\"us-east1-b\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn exposition_uses_ztunnel_names_and_labels() {
         let renewals = Counter::default();
         renewals.inc();
@@ -380,7 +491,7 @@ mod tests {
             "istio_tcp_sent_bytes_total{",
             "} 100",
             "} 42",
-            "response_flags=\"connect_failed\",connection_security_policy=\"mutual_tls\"} 1",
+            "response_flags=\"CONNECT\",connection_security_policy=\"mutual_tls\"} 1",
             "hboned_enrolled_pods 3",
             "hboned_enrollment_failures_total{reason=\"rules\"} 2",
             "hboned_policy_dry_run_decisions_total{decision=\"deny\"} 1",

@@ -135,12 +135,25 @@ impl ProxyError {
             ProxyError::Certificate(_) => "no_certificate",
             ProxyError::TlsConfig(_) => "tls_config",
             ProxyError::Connect { .. } => "connect_failed",
+            ProxyError::Tls { source, .. } if revoked(source) => "cert_revoked",
             ProxyError::Tls { .. } => "tls_failed",
             ProxyError::Http2 { .. } => "http2_failed",
             ProxyError::Status { .. } => "connect_refused",
             ProxyError::Timeout { .. } => "timeout",
         }
     }
+}
+
+/// Whether a TLS handshake failed because the peer's certificate is revoked (`crlPath`).
+fn revoked(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+            )
+        })
 }
 
 /// Accepts the next connection on `listener`. Accept errors (out of file descriptors and the

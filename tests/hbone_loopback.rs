@@ -692,7 +692,7 @@ async fn a_policy_change_resets_live_connections_it_denies() {
     // Recorded by the server's stream task right after it sent the reset.
     let denied = |text: &str, name: &str| {
         text.lines()
-            .find(|l| l.starts_with(name) && l.contains("response_flags=\"denied\""))
+            .find(|l| l.starts_with(name) && l.contains("response_flags=\"DENY\""))
             .and_then(|l| l.rsplit(' ').next())
             .map(str::to_owned)
     };

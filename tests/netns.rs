@@ -248,7 +248,7 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
             (service, "demo", "echo")
         };
         format!(
-            "{{reporter=\"{reporter}\",source_workload=\"a1\",source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\",source_workload_namespace=\"demo\",source_principal=\"spiffe://cluster.local/ns/demo/sa/client\",source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"demo\",destination_service=\"{svc}\",destination_service_namespace=\"{svc_ns}\",destination_service_name=\"{svc_name}\",destination_workload=\"{dst}\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"unknown\",destination_workload_namespace=\"demo\",destination_principal=\"{dst_principal}\",destination_app=\"unknown\",destination_version=\"unknown\",destination_cluster=\"demo\",request_protocol=\"tcp\",response_flags=\"{flags}\",connection_security_policy=\"{security}\"}}"
+            "{{reporter=\"{reporter}\",source_workload=\"a1\",source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\",source_workload_namespace=\"demo\",source_principal=\"spiffe://cluster.local/ns/demo/sa/client\",source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"demo\",destination_service=\"{svc}\",destination_service_namespace=\"{svc_ns}\",destination_service_name=\"{svc_name}\",destination_workload=\"{dst}\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"unknown\",destination_workload_namespace=\"demo\",destination_principal=\"{dst_principal}\",destination_app=\"unknown\",destination_version=\"unknown\",destination_cluster=\"demo\",request_protocol=\"tcp\",response_flags=\"{flags}\",connection_security_policy=\"{security}\",source_region=\"unknown\",source_zone=\"unknown\",destination_region=\"unknown\",destination_zone=\"unknown\"}}"
         )
     };
     let labels = |reporter: &str, dst: &str, dst_sa: &str, security: &str, flags: &str| {
@@ -312,7 +312,7 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
         metric(
             &node_a,
             "istio_tcp_connections_failed_total",
-            &labels("source", "b3", B3_AS_SEEN_BY_A, "mutual_tls", "tls_failed")
+            &labels("source", "b3", B3_AS_SEEN_BY_A, "mutual_tls", "TLS_FAILURE")
         ),
         Some(1.0),
         "{node_a}"
@@ -331,7 +331,7 @@ async fn two_nodes_carry_pod_traffic_over_hbone_only() {
         metric(
             &node_a,
             "istio_tcp_connections_closed_total",
-            &labels("source", "b3", B3_AS_SEEN_BY_A, "mutual_tls", "tls_failed")
+            &labels("source", "b3", B3_AS_SEEN_BY_A, "mutual_tls", "TLS_FAILURE")
         ),
         Some(1.0),
         "{node_a}"
@@ -725,7 +725,7 @@ async fn policies_decide_on_real_traffic_and_changes_reset_live_connections() {
             _ => ("a1", "spiffe://cluster.local/ns/demo/sa/client"),
         };
         let labels = format!(
-            "{{reporter=\"destination\",source_workload=\"{src}\",source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\",source_workload_namespace=\"demo\",source_principal=\"{principal}\",source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"demo\",destination_service=\"unknown\",destination_service_namespace=\"unknown\",destination_service_name=\"unknown\",destination_workload=\"b1\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"unknown\",destination_workload_namespace=\"demo\",destination_principal=\"spiffe://cluster.local/ns/demo/sa/server\",destination_app=\"unknown\",destination_version=\"unknown\",destination_cluster=\"demo\",request_protocol=\"tcp\",response_flags=\"denied\",connection_security_policy=\"{security}\"}}"
+            "{{reporter=\"destination\",source_workload=\"{src}\",source_canonical_service=\"unknown\",source_canonical_revision=\"unknown\",source_workload_namespace=\"demo\",source_principal=\"{principal}\",source_app=\"unknown\",source_version=\"unknown\",source_cluster=\"demo\",destination_service=\"unknown\",destination_service_namespace=\"unknown\",destination_service_name=\"unknown\",destination_workload=\"b1\",destination_canonical_service=\"unknown\",destination_canonical_revision=\"unknown\",destination_workload_namespace=\"demo\",destination_principal=\"spiffe://cluster.local/ns/demo/sa/server\",destination_app=\"unknown\",destination_version=\"unknown\",destination_cluster=\"demo\",request_protocol=\"tcp\",response_flags=\"DENY\",connection_security_policy=\"{security}\",source_region=\"unknown\",source_zone=\"unknown\",destination_region=\"unknown\",destination_zone=\"unknown\"}}"
         );
         metric(text, "istio_tcp_connections_closed_total", &labels).is_some_and(|n| n >= 1.0)
     };
