@@ -139,6 +139,7 @@ impl PodManager {
             }
         }
         self.settled.send_replace(pending.is_empty());
+        self.ctx.metrics.pending_proxies.set(pending.len() as i64);
     }
 
     /// Retries pods whose enrollment failed every `period` (ztunnel's in-pod manager does the
@@ -181,6 +182,7 @@ impl PodManager {
                 }
                 pending.remove(&info.uid);
                 self.settled.send_replace(pending.is_empty());
+                self.ctx.metrics.pending_proxies.set(pending.len() as i64);
                 drop(pending);
                 tracing::info!(uid = %info.uid, "pod enrolled on retry");
                 self.insert(running);
@@ -200,6 +202,7 @@ impl PodManager {
         let mut pods = self.pods.lock();
         pods.insert(uid.clone(), running);
         self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
+        self.ctx.metrics.active_proxies.set(pods.len() as i64);
         let prefetch = tokio::spawn(async move {
             if let Err(e) = certs.fetch(&identity).await {
                 tracing::warn!(%identity, error = %e, "no certificate yet for an enrolled pod");
@@ -237,7 +240,9 @@ impl PodManager {
         pods.clear();
         self.ctx.local_pods.clear();
         self.pending.lock().clear();
+        self.ctx.metrics.pending_proxies.set(0);
         self.ctx.metrics.enrolled_pods.set(0);
+        self.ctx.metrics.active_proxies.set(0);
     }
 
     /// After every change of the state, moves each enrolled pod to the trust domain its
@@ -461,6 +466,7 @@ impl PodHandler for PodManager {
             let removed = pods.remove(uid);
             self.ctx.local_pods.remove(uid);
             self.ctx.metrics.enrolled_pods.set(pods.len() as i64);
+            self.ctx.metrics.active_proxies.set(pods.len() as i64);
             removed
         };
         if let Some(pod) = removed {

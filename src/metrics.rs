@@ -12,6 +12,7 @@ use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
 
+mod process;
 mod record;
 pub(crate) use record::{ConnectionRecord, LogNames};
 
@@ -226,6 +227,30 @@ pub(crate) fn response_flag(reason: &str) -> &'static str {
     }
 }
 
+/// Holds one inbound socket in `istio_tcp_sockets_open`.
+#[derive(Debug)]
+pub(crate) struct SocketGuard(Arc<Metrics>);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let label = ReporterLabel {
+            reporter: "destination",
+        };
+        self.0.sockets_open.get_or_create(&label).dec();
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabel {
+    component: &'static str,
+    tag: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReporterLabel {
+    reporter: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct IdentityLabel {
     identity: String,
@@ -255,6 +280,12 @@ pub struct Metrics {
     cert_expiry: Family<IdentityLabel, Gauge>,
     dry_run: Family<DecisionLabel, Counter>,
     enrollment_failures: Family<ReasonLabel, Counter>,
+    /// ztunnel's `istio_tcp_sockets_open{reporter}`: inbound sockets this proxy holds.
+    sockets_open: Family<ReporterLabel, Gauge>,
+    /// ztunnel's `workload_manager_active_proxy_count`: pods served.
+    pub(crate) active_proxies: Gauge,
+    /// ztunnel's `workload_manager_pending_proxy_count`: pods whose enrollment is retried.
+    pub(crate) pending_proxies: Gauge,
     /// One shared copy of each label set live connections carry (23 owned strings, ~1.3 KiB
     /// with their heap, would otherwise be held by every connection). Bounded like the
     /// families themselves: by the workload pairs seen.
@@ -264,6 +295,14 @@ pub struct Metrics {
 impl Metrics {
     /// `counters`: counters kept by other modules (renewals, xDS rejections), shared here.
     pub fn new(counters: Vec<(&str, &str, Counter)>) -> Arc<Self> {
+        Self::build(counters, None)
+    }
+
+    /// A node proxy's metrics: [`Metrics::new`]'s, and its xDS client's if it has one.
+    pub(crate) fn build(
+        counters: Vec<(&str, &str, Counter)>,
+        xds: Option<&crate::xds::XdsMetrics>,
+    ) -> Arc<Self> {
         let mut registry = Registry::default();
         for (name, help, counter) in counters {
             registry.register(name, help, counter);
@@ -323,8 +362,57 @@ impl Metrics {
             "Attempts to enroll a pod (Kubernetes mode) that failed, by reason: no_process (its namespace not found yet), listeners, rules, record (the pod's enrollment record not written)",
             enrollment_failures.clone(),
         );
+        // What Istio's ztunnel dashboard plots besides the connection series: the build, the
+        // xDS stream, the workload manager, inbound sockets and the process.
+        let build = Family::<BuildLabel, Gauge>::default();
+        build
+            .get_or_create(&BuildLabel {
+                component: "ztunnel",
+                tag: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register("istio_build", "Istio component build info", build);
+        let sockets_open = Family::<ReporterLabel, Gauge>::default();
+        registry.register(
+            "istio_tcp_sockets_open",
+            "The current number of open TCP sockets",
+            sockets_open.clone(),
+        );
+        let (active_proxies, pending_proxies) = (Gauge::default(), Gauge::default());
+        registry.register(
+            "workload_manager_active_proxy_count",
+            "The total number current workloads with active proxies",
+            active_proxies.clone(),
+        );
+        registry.register(
+            "workload_manager_pending_proxy_count",
+            "The total number current workloads with pending proxies",
+            pending_proxies.clone(),
+        );
+        if let Some(xds) = xds {
+            registry.register(
+                "istio_xds_connection_terminations",
+                "The total number of completed connections to xds server",
+                xds.terminations.clone(),
+            );
+            registry.register(
+                "istio_xds_message",
+                "Total number of messages received",
+                xds.messages.clone(),
+            );
+            registry.register_with_unit(
+                "istio_xds_message",
+                "Total number of bytes received",
+                prometheus_client::registry::Unit::Bytes,
+                xds.message_bytes.clone(),
+            );
+        }
+        registry.register_collector(Box::new(process::ProcessCollector));
         Arc::new(Metrics {
             registry,
+            sockets_open,
+            active_proxies,
+            pending_proxies,
             opened,
             closed,
             sent,
@@ -336,6 +424,16 @@ impl Metrics {
             enrollment_failures,
             interned: crate::sync::Lock::default(),
         })
+    }
+
+    /// An inbound socket (15008, 15006) is open until the guard is dropped, as ztunnel counts
+    /// `istio_tcp_sockets_open{reporter="destination"}`.
+    pub(crate) fn socket_open(self: &Arc<Self>) -> SocketGuard {
+        let label = ReporterLabel {
+            reporter: "destination",
+        };
+        self.sockets_open.get_or_create(&label).inc();
+        SocketGuard(self.clone())
     }
 
     /// One failed attempt to enroll a pod, for `reason`.

@@ -9,6 +9,8 @@
 pub mod convert;
 pub mod server;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -116,6 +118,73 @@ pub struct XdsClient {
     applied_types: Lock<HashSet<String>>,
     rejected: prometheus_client::metrics::counter::Counter,
     dropped: prometheus_client::metrics::counter::Counter,
+    metrics: XdsMetrics,
+}
+
+/// ztunnel's xDS client metrics (src/xds/metrics.rs), which Istio's ztunnel dashboard plots:
+/// `istio_xds_connection_terminations_total{reason}`, `istio_xds_message_total{url}` and
+/// `istio_xds_message_bytes_total{url}` (the resources' bytes).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct XdsMetrics {
+    pub(crate) terminations: Family<ReasonLabel, Counter>,
+    pub(crate) messages: Family<UrlLabel, Counter>,
+    pub(crate) message_bytes: Family<UrlLabel, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub(crate) struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub(crate) struct UrlLabel {
+    url: String,
+}
+
+impl XdsMetrics {
+    fn terminated(&self, reason: &'static str) {
+        self.terminations
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    fn received(
+        &self,
+        response: &crate::proto::envoy::service::discovery::v3::DeltaDiscoveryResponse,
+    ) {
+        let url = UrlLabel {
+            url: response.type_url.clone(),
+        };
+        self.messages.get_or_create(&url).inc();
+        let bytes: usize = response
+            .resources
+            .iter()
+            .filter_map(|r| r.resource.as_ref())
+            .map(|any| any.value.len())
+            .sum();
+        self.message_bytes.get_or_create(&url).inc_by(bytes as u64);
+    }
+}
+
+/// ztunnel's `ConnectionTerminationReason` for how a stream ended (src/xds/client.rs,
+/// `run_loop`): it never connected; the server ended it as servers do (a GOAWAY, a closing
+/// transport: `Reconnect`); any other failure; or it completed.
+fn termination_reason(result: &Result<(), XdsError>) -> &'static str {
+    match result {
+        Ok(()) => "Complete",
+        Err(XdsError::Connect(_) | XdsError::Channel(_)) => "ConnectionError",
+        Err(XdsError::Stream(status))
+            if matches!(
+                status.code(),
+                tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+            ) || (status.code() == tonic::Code::Unavailable
+                && (status.message().contains("transport is closing")
+                    || status.message().contains("received prior goaway"))) =>
+        {
+            "Reconnect"
+        }
+        Err(_) => "Error",
+    }
 }
 
 impl XdsClient {
@@ -131,7 +200,13 @@ impl XdsClient {
             applied_types: Lock::new(HashSet::new()),
             rejected: Default::default(),
             dropped: Default::default(),
+            metrics: XdsMetrics::default(),
         })
+    }
+
+    /// The client's metrics, to register with the metrics registry.
+    pub(crate) fn metrics(&self) -> &XdsMetrics {
+        &self.metrics
     }
 
     /// True once the first response of every subscribed type was applied.
@@ -172,7 +247,9 @@ impl XdsClient {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(15));
         loop {
             let before = *self.changed.borrow();
-            match self.session().await {
+            let ended = self.session().await;
+            self.metrics.terminated(termination_reason(&ended));
+            match ended {
                 Ok(()) => tracing::warn!("control plane closed the stream; reconnecting"),
                 Err(e) => {
                     tracing::warn!(error = %e, "xDS stream failed; serving the last good state and reconnecting")
@@ -278,6 +355,7 @@ impl XdsClient {
             let mut stream = client.delta_aggregated_resources(request).await?.into_inner();
             tracing::info!(address = %self.settings.address, on_demand = self.settings.on_demand, "xDS stream open");
             while let Some(response) = stream.message().await? {
+                self.metrics.received(&response);
                 let answer = self.handle(&response);
                 let acked = answer.error_detail.is_none();
                 if tx.send(answer).is_ok() && acked {

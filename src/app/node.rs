@@ -321,7 +321,7 @@ fn node_metrics(certs: &CertificateManager, xds: Option<&Arc<XdsClient>>) -> Arc
             client.dropped_policy_entries_counter(),
         ));
     }
-    Metrics::new(counters)
+    Metrics::build(counters, xds.map(|c| c.metrics()))
 }
 
 /// Enrolls the config file's pods, and removes each one when its netns path goes (there is no

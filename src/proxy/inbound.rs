@@ -240,8 +240,9 @@ impl InboundServer {
             // stream it still has to write out the final frames and close cleanly (GOAWAY),
             // or a peer would see its last streams cut off by the process exiting.
             let live = self.workload.drain.as_ref().map(Drain::guard);
+            let socket = self.workload.metrics.as_ref().map(Metrics::socket_open);
             tokio::spawn(async move {
-                let _live = live;
+                let (_live, _socket) = (live, socket);
                 match server.connection(tcp, peer).await {
                     Ok(()) => {}
                     // A TCP probe (kubelet, a load balancer) connects and leaves without TLS.

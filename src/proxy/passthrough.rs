@@ -163,9 +163,13 @@ pub(crate) async fn serve_inbound_plaintext(
         let sockets = sockets.clone();
         let source = workload.preserve_source_ip.then_some(src.ip());
         let live = workload.drain.as_ref().map(crate::drain::Drain::guard);
+        let socket = workload
+            .metrics
+            .as_ref()
+            .map(crate::metrics::Metrics::socket_open);
         let workload = workload.clone();
         tokio::spawn(async move {
-            let _live = live;
+            let (_live, _socket) = (live, socket);
             let conn = super::inbound::authz_facts(None, src, dst);
             let stop = workload.stop(&conn);
             let meters = record.meters().clone();
