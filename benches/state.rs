@@ -89,6 +89,7 @@ fn benches(c: &mut Criterion) {
         addresses: vec![pb::NetworkAddress {
             network: String::new(),
             address: vec![10, 96, 0, 1],
+            length: None,
         }],
         ports: vec![pb::Port {
             service_port: 80,

@@ -60,6 +60,35 @@ pub struct Workload {
     pub hostname: String,
     /// Its share of a service's load against the other endpoints (xDS default: 1).
     pub capacity: u32,
+    /// What discovery asks of traffic to it that this proxy cannot do: such traffic is
+    /// refused, never sent another way.
+    pub unsupported: Option<Unsupported>,
+    /// The port its app takes a PROXY protocol header on first (xDS `application_tunnel`):
+    /// this proxy delivers plain TCP, so tunnels into it are refused.
+    pub proxy_protocol: Option<u16>,
+}
+
+/// Something discovery asks of a workload's or service's traffic that this proxy does not do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsupported {
+    /// All its traffic must go through a waypoint proxy (which enforces its L7 policies).
+    Waypoint,
+    /// It takes a sidecar's Istio mTLS (`LEGACY_ISTIO_MTLS`), not HBONE.
+    LegacyIstioMtls,
+}
+
+impl Unsupported {
+    /// Why its traffic is refused, for the log.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Unsupported::Waypoint => {
+                "it must be reached through a waypoint, which hboned does not do"
+            }
+            Unsupported::LegacyIstioMtls => {
+                "it takes Istio mTLS (a sidecar), which hboned does not speak"
+            }
+        }
+    }
 }
 
 /// The service a connection was addressed to (through its VIP), as metrics name it.
@@ -84,6 +113,12 @@ pub(crate) struct Service {
     pub subject_alt_names: Vec<Identity>,
     /// How an endpoint is chosen.
     pub load_balancing: balance::LoadBalancing,
+    /// VIPs that stand for a range (a CIDR ServiceEntry): every address in it is the service.
+    pub vip_ranges: Vec<(IpAddr, u8)>,
+    /// Reached through its addresses only by clients of its own namespace (xDS `visibility`).
+    pub namespace_only: bool,
+    /// What discovery asks of its traffic that this proxy cannot do (a waypoint).
+    pub unsupported: Option<Unsupported>,
 }
 
 impl Service {
@@ -133,6 +168,8 @@ pub struct State {
     network: String,
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<IpAddr, String>,
+    /// (network address, prefix length, service key) of the services' VIP ranges.
+    vip_ranges: Vec<(IpAddr, u8, String)>,
     /// Authorization policies by `namespace/name` (evaluated by `authz`).
     policies: HashMap<String, Arc<Policy>>,
     /// GLOBAL policies, and NAMESPACE policies by namespace: the candidates of one decision
@@ -239,6 +276,9 @@ impl State {
         for vip in &s.vips {
             self.by_vip.insert(*vip, key.clone());
         }
+        for (net, len) in &s.vip_ranges {
+            self.vip_ranges.push((*net, *len, key.clone()));
+        }
         self.services.insert(key, Arc::new(s));
     }
 
@@ -249,6 +289,7 @@ impl State {
                 self.by_vip.remove(vip);
             }
         }
+        self.vip_ranges.retain(|(_, _, k)| k != key);
         Some(old)
     }
 
@@ -355,7 +396,17 @@ impl State {
     }
 
     pub(crate) fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
-        self.by_vip.get(&ip).and_then(|k| self.services.get(k))
+        match self.by_vip.get(&ip) {
+            Some(k) => self.services.get(k),
+            // The longest range that holds `ip` (few services have ranges: a scan of them).
+            None if !self.vip_ranges.is_empty() => self
+                .vip_ranges
+                .iter()
+                .filter(|(net, len, _)| in_range(ip, *net, *len))
+                .max_by_key(|(_, len, _)| *len)
+                .and_then(|(_, _, k)| self.services.get(k)),
+            None => None,
+        }
     }
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
@@ -398,12 +449,19 @@ impl State {
         {
             return Upstream::Refuse("destination is the proxy itself");
         }
-        if let Some(svc) = self.service_by_vip(ip) {
+        let source = source_ips.iter().find_map(|ip| self.workload_by_ip(*ip));
+        // A service visible only to its own namespace is, to any other client, no service.
+        let visible = |svc: &&Arc<Service>| {
+            !svc.namespace_only || source.is_some_and(|w| w.namespace == svc.namespace)
+        };
+        if let Some(svc) = self.service_by_vip(ip).filter(visible) {
+            if let Some(unsupported) = svc.unsupported {
+                return Upstream::Refuse(unsupported.reason());
+            }
             if svc.load_balancing.mode == balance::Mode::Passthrough {
                 return Upstream::Passthrough { target: dst };
             }
             let eps = self.endpoints(svc, dst.port());
-            let source = source_ips.iter().find_map(|ip| self.workload_by_ip(*ip));
             let lb = &svc.load_balancing;
             let Some((w, port)) = balance::choose(&eps, lb, source.map(|w| &**w), pick) else {
                 return if svc.ports.contains_key(&dst.port()) || !eps.is_empty() {
@@ -457,6 +515,9 @@ impl State {
         mut expected: Vec<Identity>,
         service: Option<ServiceRef>,
     ) -> Upstream {
+        if let Some(unsupported) = workload.unsupported {
+            return Upstream::Refuse(unsupported.reason());
+        }
         match workload.protocol {
             Protocol::Tcp => Upstream::Passthrough { target },
             Protocol::Hbone => {
@@ -474,3 +535,18 @@ impl State {
 
 #[cfg(test)]
 pub(crate) mod tests;
+
+/// Whether `ip` lies in `net/len` (same family only).
+fn in_range(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(ip), IpAddr::V4(net)) if len <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            u32::from(ip) & mask == u32::from(net) & mask
+        }
+        (IpAddr::V6(ip), IpAddr::V6(net)) if len <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            u128::from(ip) & mask == u128::from(net) & mask
+        }
+        _ => false,
+    }
+}

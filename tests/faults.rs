@@ -65,7 +65,7 @@ async fn a_peer_proxy_killed_mid_stream_resets_and_never_falls_back_to_plaintext
 /// keeps trying to reconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_control_plane_gone_the_last_state_keeps_serving() {
-    use hboned::proto::istio::security::{Action, Authorization, Clause, Match, Rule, Scope};
+    use hboned::proto::istio::security::{Action, Authorization, Group, Match, Rules, Scope};
     use hboned::xds::convert::{AUTHORIZATION_TYPE, authorization_resource};
     if !can_run() {
         return;
@@ -78,8 +78,8 @@ async fn with_the_control_plane_gone_the_last_state_keeps_serving() {
         namespace: "demo".into(),
         scope: Scope::Namespace as i32,
         action: Action::Deny as i32,
-        rules: vec![Rule {
-            clauses: vec![Clause {
+        groups: vec![Group {
+            rules: vec![Rules {
                 matches: vec![Match {
                     not_principals: vec![hboned::proto::istio::security::StringMatch {
                         match_type: Some(
@@ -91,6 +91,7 @@ async fn with_the_control_plane_gone_the_last_state_keeps_serving() {
             }],
         }],
         dry_run: false,
+        extensions: Vec::new(),
     };
     let policy = authorization_resource("demo/no-plaintext", "1", deny_plaintext);
     push(&mut xds, "p0", AUTHORIZATION_TYPE, vec![policy], &[]).await;

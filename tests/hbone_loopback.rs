@@ -767,6 +767,8 @@ async fn selector_policies_apply_to_the_workloads_that_list_them() {
         locality: Default::default(),
         hostname: String::new(),
         capacity: 1,
+        unsupported: None,
+        proxy_protocol: None,
     };
     state.write(|s| s.upsert_workload(server));
     let err = within(10, hbone.connect(&key, &request(app.addr)))

@@ -654,7 +654,7 @@ async fn upgrade_overlap(node: char) {
 /// resets the live connections at once, on 15008 as on 15006, counted closed as `denied`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_decide_on_real_traffic_and_changes_reset_live_connections() {
-    use hboned::proto::istio::security::{Action, Authorization, Rule, Scope};
+    use hboned::proto::istio::security::{Action, Authorization, Group, Scope};
     use hboned::xds::convert::{AUTHORIZATION_TYPE, authorization_resource};
     if !can_run() {
         return;
@@ -662,14 +662,15 @@ async fn policies_decide_on_real_traffic_and_changes_reset_live_connections() {
     let (topo, _ads, mut xds) = with_control_plane_on_b().await;
     let (_echo, _peers) = testbed::spawn_echo(topo.listen(B1.name, APP_PORT).unwrap());
     push(&mut xds, "p0", AUTHORIZATION_TYPE, Vec::new(), &[]).await;
-    // Istio's `rules: [{}]`, as istiod sends it: one rule with no clauses.
+    // Istio's `rules: [{}]`, as istiod sends it: one group with no rules.
     let everything = |name: &str, action: Action| Authorization {
         name: name.into(),
         namespace: "demo".into(),
         scope: Scope::Namespace as i32,
         action: action as i32,
-        rules: vec![Rule { clauses: vec![] }],
+        groups: vec![Group { rules: vec![] }],
         dry_run: false,
+        extensions: Vec::new(),
     };
     let to_b1 = B1.addr(APP_PORT);
 

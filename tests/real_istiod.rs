@@ -402,3 +402,84 @@ async fn hboned_serves_what_istiods_own_discovery_sends() {
     })
     .await;
 }
+
+/// The lines `istiod -proto-shape` prints, for hboned's own copy `proto` (under proto/):
+/// "Message.field N" per field and "Enum.VALUE N" per enum value, nested names by their path,
+/// sorted.
+fn our_shape(proto: &str) -> Vec<String> {
+    let text =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(proto))
+            .unwrap();
+    // (kind, name) of the blocks we are in.
+    let mut scopes: Vec<(&str, String)> = Vec::new();
+    let mut lines = Vec::new();
+    let path = |scopes: &[(&str, String)]| {
+        scopes
+            .iter()
+            .filter(|(kind, _)| *kind != "oneof")
+            .map(|(_, n)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    for raw in text.lines() {
+        let line = raw.split("//").next().unwrap().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            [kind @ ("message" | "enum" | "oneof"), name, "{"] => {
+                scopes.push((kind, (*name).to_owned()))
+            }
+            ["}"] => {
+                scopes.pop();
+            }
+            ["syntax" | "package" | "import" | "reserved", ..] => {}
+            _ => {
+                let (lhs, number) = line.trim_end_matches(';').split_once('=').unwrap();
+                let number = number.trim();
+                let name = lhs.split_whitespace().last().unwrap();
+                lines.push(format!("{}.{name} {number}", path(&scopes)));
+            }
+        }
+    }
+    lines.sort();
+    lines
+}
+
+/// Every message and enum hboned reads from istiod has istiod's own shape: the same fields and
+/// values, by name and number (istio/istio pkg/workloadapi, at the pinned commit).
+#[test]
+fn the_discovery_protos_have_istiods_shape() {
+    if !have_go() {
+        return;
+    }
+    let program = go_program("istio", "./cmd/istiod", "istiod");
+    for (which, ours, at_least) in [
+        ("workload", "proto/istio/workload/workload.proto", 90),
+        (
+            "authorization",
+            "proto/istio/security/authorization.proto",
+            30,
+        ),
+    ] {
+        let out = Command::new(&program)
+            .args(["-proto-shape", which])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{which}");
+        let istiod: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let ours = our_shape(ours);
+        let missing: Vec<&String> = istiod.iter().filter(|l| !ours.contains(l)).collect();
+        let extra: Vec<&String> = ours.iter().filter(|l| !istiod.contains(l)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{which}: missing from hboned's proto: {missing:#?}\nnot in istiod's: {extra:#?}"
+        );
+        assert!(istiod.len() > at_least, "{which}: {istiod:?}");
+    }
+}

@@ -162,6 +162,7 @@ async fn initial_sync_update_removal_and_readiness() {
         addresses: vec![pb::NetworkAddress {
             network: String::new(),
             address: vec![10, 96, 0, 1],
+            length: None,
         }],
         ..Default::default()
     };
@@ -507,6 +508,7 @@ async fn a_hostname_endpoint_is_resolved_when_the_connection_is_made() {
         addresses: vec![pb::NetworkAddress {
             network: String::new(),
             address: vec![10, 96, 0, 9],
+            length: None,
         }],
         ports: vec![pb::Port {
             service_port: 80,

@@ -46,6 +46,9 @@ pub(crate) fn workload(w: &Workload) -> Value {
         "services": services,
         "authorizationPolicies": w.authorization_policies,
         "networkMode": if w.host_network { "HostNetwork" } else { "Standard" },
+        // What discovery asks that hboned refuses to fake (its traffic is refused).
+        "refused": w.unsupported.map(|u| u.reason()),
+        "applicationTunnel": w.proxy_protocol.map(|port| json!({"protocol": "PROXY", "port": port})),
     })
 }
 
@@ -105,6 +108,9 @@ pub(crate) fn service(s: &Service, state: &State) -> Value {
         "endpoints": endpoints,
         "subjectAltNames": s.subject_alt_names.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "ipFamilies": families,
+        "vipRanges": s.vip_ranges.iter().map(|(net, len)| format!("{net}/{len}")).collect::<Vec<_>>(),
+        "visibility": if s.namespace_only { "Namespace" } else { "Public" },
+        "refused": s.unsupported.map(|u| u.reason()),
     })
 }
 
@@ -164,6 +170,9 @@ mod tests {
             ports: [(5432, 5433)].into(),
             subject_alt_names: vec![Identity::new("cluster.local", "prod", "db").unwrap()],
             load_balancing: LoadBalancing::default(),
+            vip_ranges: Vec::new(),
+            namespace_only: false,
+            unsupported: None,
         });
         state.upsert_policy(Policy {
             name: "allow-web".into(),

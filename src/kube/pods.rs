@@ -184,6 +184,8 @@ impl PodFacts {
             locality: Default::default(),
             hostname: String::new(),
             capacity: 1,
+            unsupported: None,
+            proxy_protocol: None,
         })
     }
 }

@@ -105,6 +105,9 @@ impl ServiceFacts {
                 .collect(),
             subject_alt_names: Vec::new(),
             load_balancing: LoadBalancing::default(),
+            vip_ranges: Vec::new(),
+            namespace_only: false,
+            unsupported: None,
         }
     }
 

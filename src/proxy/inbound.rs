@@ -119,6 +119,15 @@ impl LocalWorkload {
         }
     }
 
+    /// Whether discovery says the workload at `ip` takes a PROXY protocol header first.
+    pub(crate) fn wants_proxy_protocol(&self, ip: IpAddr) -> bool {
+        self.state.as_ref().is_some_and(|s| {
+            s.read()
+                .workload_by_ip(ip)
+                .is_some_and(|w| w.proxy_protocol.is_some())
+        })
+    }
+
     /// Whether `ip` is a workload peers reach over HBONE (an enrolled pod).
     pub(crate) fn reached_over_hbone(&self, ip: IpAddr) -> bool {
         self.state.as_ref().is_some_and(|s| {
@@ -363,6 +372,14 @@ impl InboundServer {
             tracing::info!(%peer, client = ?client.as_ref().map(Identity::to_string), %target, ?decision, "denied by policy; answering 401");
             record.failed(DENIED, 0, 0);
             let _ = respond.send_response(hbone::response(StatusCode::UNAUTHORIZED), true);
+            return None;
+        }
+        // Its app wants a PROXY protocol header first (xDS `application_tunnel`), which this
+        // proxy does not write: refused rather than delivered without it.
+        if self.workload.wants_proxy_protocol(target.ip()) {
+            tracing::info!(%peer, %target, "the workload takes tunnels with a PROXY protocol header, which hboned does not write; answering 503");
+            record.failed("proxy_protocol", 0, 0);
+            let _ = respond.send_response(hbone::response(StatusCode::SERVICE_UNAVAILABLE), true);
             return None;
         }
         // The HBONE connection was dialed from inside the client pod: its address is the pod's.

@@ -55,6 +55,8 @@ pub(crate) fn workload(config: &Config, w: &WorkloadConfig) -> Result<Workload, 
         locality: Default::default(),
         hostname: String::new(),
         capacity: 1,
+        unsupported: None,
+        proxy_protocol: None,
     })
 }
 
@@ -72,5 +74,8 @@ pub(crate) fn service(s: &ServiceConfig) -> Result<Service, IdentityError> {
             .map(|n| Identity::parse(n))
             .collect::<Result<_, _>>()?,
         load_balancing: Default::default(),
+        vip_ranges: Vec::new(),
+        namespace_only: false,
+        unsupported: None,
     })
 }

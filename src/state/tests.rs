@@ -33,6 +33,8 @@ pub(crate) fn workload(uid: &str, addr: &str, sa_name: &str, protocol: Protocol)
         locality: Default::default(),
         hostname: String::new(),
         capacity: 1,
+        unsupported: None,
+        proxy_protocol: None,
     }
 }
 
@@ -51,6 +53,9 @@ fn service(vip: &str, ports: &[(u16, u16)]) -> Service {
         ports: ports.iter().copied().collect(),
         subject_alt_names: vec![Identity::new("cluster.local", "default", "web-san").unwrap()],
         load_balancing: Default::default(),
+        vip_ranges: Vec::new(),
+        namespace_only: false,
+        unsupported: None,
     }
 }
 
@@ -437,4 +442,109 @@ fn the_policy_generation_moves_with_what_decisions_depend_on() {
     assert!(moved(&mut changes), "a policy removed");
     shared.write(|s| s.remove_policy("prod/p"));
     assert!(!moved(&mut changes), "removing what is not there");
+}
+
+/// What discovery asks that hboned cannot do is refused, never sent another way: a workload
+/// or service behind a waypoint, a sidecar's Istio mTLS.
+#[test]
+fn waypoints_and_istio_mtls_are_refused() {
+    let mut s = state();
+    let mut behind = workload("w", "10.0.2.20", "w", Protocol::Hbone);
+    behind.unsupported = Some(Unsupported::Waypoint);
+    s.upsert_workload(behind);
+    let mut sidecar = workload("sc", "10.0.2.21", "sc", Protocol::Tcp);
+    sidecar.unsupported = Some(Unsupported::LegacyIstioMtls);
+    s.upsert_workload(sidecar);
+    let src = [ip("10.0.1.2")];
+    for (dst, why) in [
+        ("10.0.2.20:80", Unsupported::Waypoint),
+        ("10.0.2.21:80", Unsupported::LegacyIstioMtls),
+    ] {
+        assert_eq!(
+            s.route(&src, sa(dst), 0),
+            Upstream::Refuse(why.reason()),
+            "{dst}"
+        );
+    }
+    let mut svc = service("10.96.0.10", &[(80, 9090)]);
+    svc.unsupported = Some(Unsupported::Waypoint);
+    s.upsert_service(svc);
+    assert_eq!(
+        s.route(&src, sa("10.96.0.10:80"), 0),
+        Upstream::Refuse(Unsupported::Waypoint.reason())
+    );
+}
+
+/// A CIDR ServiceEntry: every address of its range is the service (the longest range wins),
+/// and the range leaves with the service.
+#[test]
+fn every_address_of_a_service_range_reaches_the_service() {
+    let mut s = state();
+    let mut range = service("10.200.0.0", &[(80, 8080)]);
+    range.vip_ranges = vec![(ip("10.200.0.0"), 16)];
+    s.upsert_service(range);
+    let src = [ip("10.0.1.2")];
+    for dst in ["10.200.0.0:80", "10.200.7.9:80", "10.200.255.255:80"] {
+        assert!(
+            matches!(
+                s.route(&src, sa(dst), 0),
+                Upstream::Hbone {
+                    service: Some(_),
+                    ..
+                }
+            ),
+            "{dst}"
+        );
+    }
+    assert_eq!(
+        s.route(&src, sa("10.201.0.1:80"), 0),
+        Upstream::Passthrough {
+            target: sa("10.201.0.1:80")
+        },
+        "outside the range"
+    );
+    s.remove_service(SVC);
+    assert!(matches!(
+        s.route(&src, sa("10.200.7.9:80"), 0),
+        Upstream::Passthrough { .. }
+    ));
+}
+
+/// `visibility: NAMESPACE`: the service's addresses reach it only from its own namespace; to
+/// any other client they are addresses of nothing known.
+#[test]
+fn a_namespace_service_is_unknown_to_other_namespaces() {
+    let mut s = state();
+    let mut svc = service("10.96.0.10", &[(80, 9090)]);
+    svc.namespace_only = true;
+    s.upsert_service(svc);
+    let mut stranger = workload("x", "10.0.1.3", "x", Protocol::Hbone);
+    stranger.namespace = "other".into();
+    s.upsert_workload(stranger);
+    assert!(matches!(
+        s.route(&[ip("10.0.1.2")], sa("10.96.0.10:80"), 0),
+        Upstream::Hbone {
+            service: Some(_),
+            ..
+        }
+    ));
+    assert_eq!(
+        s.route(&[ip("10.0.1.3")], sa("10.96.0.10:80"), 0),
+        Upstream::Passthrough {
+            target: sa("10.96.0.10:80")
+        }
+    );
+}
+
+#[test]
+fn ranges_hold_what_their_prefix_says() {
+    assert!(in_range(ip("10.1.2.3"), ip("10.1.0.0"), 16));
+    assert!(!in_range(ip("10.2.0.0"), ip("10.1.0.0"), 16));
+    assert!(in_range(ip("1.2.3.4"), ip("0.0.0.0"), 0));
+    assert!(in_range(ip("fd00::5"), ip("fd00::"), 120));
+    assert!(!in_range(ip("fd00::1:0"), ip("fd00::"), 120));
+    assert!(
+        !in_range(ip("10.1.2.3"), ip("fd00::"), 0),
+        "families never mix"
+    );
 }

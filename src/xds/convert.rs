@@ -15,7 +15,7 @@ use crate::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDi
 use crate::proto::google::rpc::Status;
 use crate::proto::istio::security::{self as pb_security, Authorization, string_match::MatchType};
 use crate::proto::istio::workload::{self as pb, address::Type};
-use crate::state::{Protocol, Service, State, Workload};
+use crate::state::{Protocol, Service, State, Unsupported, Workload};
 
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
@@ -39,8 +39,14 @@ pub enum ConvertError {
     Identity(String),
     #[error("port {0} is out of range")]
     BadPort(u32),
-    #[error("tunnel protocol {0} is not one this proxy speaks (NONE or HBONE)")]
+    #[error("tunnel protocol {0} is not one this proxy knows (NONE, HBONE, LEGACY_ISTIO_MTLS)")]
     UnknownTunnel(i32),
+    #[error("application tunnel protocol {0} is not one this proxy knows (NONE, PROXY)")]
+    UnknownApplicationTunnel(i32),
+    #[error("address {0}/{1}: the prefix is longer than the address")]
+    BadPrefix(IpAddr, u32),
+    #[error("service visibility {0} is not one this proxy knows (PUBLIC, NAMESPACE)")]
+    UnknownVisibility(i32),
     #[error("policy has no name")]
     NoName,
 }
@@ -93,10 +99,33 @@ pub(crate) fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, 
     }
     // A protocol this proxy does not know is refused (NACK): plaintext would be a guess that
     // sends cleartext to a workload that expects a tunnel.
+    let mut unsupported = None;
     let protocol = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
         Ok(pb::TunnelProtocol::Hbone) => Protocol::Hbone,
         Ok(pb::TunnelProtocol::None) => Protocol::Tcp,
+        // A sidecar: its traffic is refused (below), never sent in plaintext.
+        Ok(pb::TunnelProtocol::LegacyIstioMtls) => {
+            unsupported = Some(Unsupported::LegacyIstioMtls);
+            Protocol::Tcp
+        }
         Err(_) => return Err(ConvertError::UnknownTunnel(w.tunnel_protocol)),
+    };
+    // Behind a waypoint: every connection to it must pass the waypoint's (L7) policies.
+    if w.waypoint.is_some() {
+        unsupported = Some(Unsupported::Waypoint);
+    }
+    // `network_gateway` only serves clients of other networks, and a workload of another
+    // network is never reached directly (State::route refuses it); `native_tunnel` workloads
+    // take their tunnels at their own address, where every tunnel goes; `extensions` are
+    // opaque and ignored, as ztunnel ignores them.
+    let proxy_protocol = match w.application_tunnel {
+        Some(t) if t.protocol == pb::application_tunnel::Protocol::Proxy as i32 => {
+            Some(port(t.port)?)
+        }
+        Some(t) if t.protocol != pb::application_tunnel::Protocol::None as i32 => {
+            return Err(ConvertError::UnknownApplicationTunnel(t.protocol));
+        }
+        _ => None,
     };
     Ok(Workload {
         uid: w.uid,
@@ -126,15 +155,34 @@ pub(crate) fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, 
         hostname: w.hostname,
         // Unset: 1 (workload.proto).
         capacity: w.capacity.unwrap_or(1),
+        unsupported,
+        proxy_protocol,
     })
 }
 
 pub(crate) fn service(s: pb::Service) -> Result<Service, ConvertError> {
-    let vips = s
+    let vips: Vec<IpAddr> = s
         .addresses
         .iter()
         .map(|a| ip(&a.address))
         .collect::<Result<_, _>>()?;
+    // A CIDR address (ServiceEntry `addresses: [10.0.0.0/16]`) stands for its whole range; a
+    // full-length prefix is the address alone.
+    let mut vip_ranges = Vec::new();
+    for (a, vip) in s.addresses.iter().zip(&vips) {
+        let full = if vip.is_ipv4() { 32 } else { 128 };
+        match a.length {
+            None => {}
+            Some(len) if len == full => {}
+            Some(len) if len < full => vip_ranges.push((*vip, len as u8)),
+            Some(len) => return Err(ConvertError::BadPrefix(*vip, len)),
+        }
+    }
+    let visibility = pb::service::Visibility::try_from(s.visibility)
+        .map_err(|_| ConvertError::UnknownVisibility(s.visibility))?;
+    // A waypoint (or several, by weight) must see every connection to the service.
+    let unsupported =
+        (s.waypoint.is_some() || !s.weighted_waypoints.is_empty()).then_some(Unsupported::Waypoint);
     // A target port of 0 is a named one (`targetPort: http`): istiod resolves it per pod, in
     // each workload's own port list, and leaves out the pods without that port
     // (pilot/pkg/serviceregistry/kube/controller/ambient). It is kept as 0: no fallback.
@@ -163,6 +211,9 @@ pub(crate) fn service(s: pb::Service) -> Result<Service, ConvertError> {
         ports,
         subject_alt_names,
         load_balancing: s.load_balancing.map(load_balancing).unwrap_or_default(),
+        vip_ranges,
+        namespace_only: visibility == pb::service::Visibility::Namespace,
+        unsupported,
     })
 }
 
@@ -207,7 +258,9 @@ fn load_balancing(lb: pb::LoadBalancing) -> crate::state::balance::LoadBalancing
 ///   matches nothing instead, so the ALLOW cannot widen; in a DENY policy a match left with no
 ///   condition matches every connection, so the DENY cannot vanish;
 /// - an unknown action makes the policy a DENY of everything in its scope; an unknown scope
-///   makes it a NAMESPACE policy (its own namespace).
+///   makes it a NAMESPACE policy (its own namespace);
+/// - extensions (which nothing here understands) make a match carrying them an unreadable one,
+///   and an ALLOW policy carrying them allow nothing; a DENY carrying them stays as it is.
 pub fn policy(p: Authorization) -> Result<(Policy, Vec<String>), ConvertError> {
     use crate::proto::istio::security::{Action as PbAction, Scope as PbScope};
     if p.name.is_empty() {
@@ -238,15 +291,22 @@ pub fn policy(p: Authorization) -> Result<(Policy, Vec<String>), ConvertError> {
             Scope::Namespace
         }
     };
+    let extended = !p.extensions.is_empty();
+    if extended {
+        let names: Vec<&str> = p.extensions.iter().map(|e| e.name.as_str()).collect();
+        dropped.push(format!("{key}: extensions {names:?} are not understood"));
+    }
     let rules = match action {
         // A rule with no clauses matches everything.
         None => vec![Rule::default()],
+        // No rule: allows nothing.
+        Some(Action::Allow) if extended => Vec::new(),
         Some(action) => p
-            .rules
+            .groups
             .into_iter()
             .map(|r| Rule {
                 clauses: r
-                    .clauses
+                    .rules
                     .into_iter()
                     .map(|c| Clause {
                         matches: c
@@ -278,6 +338,12 @@ fn policy_match(
     dropped: &mut Vec<String>,
 ) -> Match {
     let before = dropped.len();
+    if !m.extensions.is_empty() {
+        let names: Vec<&str> = m.extensions.iter().map(|e| e.name.as_str()).collect();
+        dropped.push(format!(
+            "{key}: a match's extensions {names:?} are not understood"
+        ));
+    }
     let mut strings = |list: &[pb_security::StringMatch], field: &str| -> Vec<StringMatch> {
         list.iter()
             .filter_map(|s| {

@@ -465,6 +465,11 @@ fn encode_service(s: &Service) -> pb::Service {
                     std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
                     std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
                 },
+                length: s
+                    .vip_ranges
+                    .iter()
+                    .find(|(net, _)| net == vip)
+                    .map(|(_, len)| u32::from(*len)),
             })
             .collect(),
         ports: s
@@ -482,6 +487,12 @@ fn encode_service(s: &Service) -> pb::Service {
             .map(|id| id.to_string())
             .collect(),
         load_balancing,
+        visibility: if s.namespace_only {
+            pb::service::Visibility::Namespace
+        } else {
+            pb::service::Visibility::Public
+        } as i32,
+        ..Default::default()
     }
 }
 

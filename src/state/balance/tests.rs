@@ -30,6 +30,8 @@ fn wl(uid: &str, zone: &str, node: &str, healthy: bool, capacity: u32) -> Arc<Wo
         },
         hostname: String::new(),
         capacity,
+        unsupported: None,
+        proxy_protocol: None,
     })
 }
 

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::authz;
-use crate::proto::istio::security::{Address as Net, Clause, Match, Rule};
+use crate::proto::istio::security::{Address as Net, Group, Match, Rules};
 
 fn wl(uid: &str, ip: &[u8]) -> pb::Workload {
     pb::Workload {
@@ -139,6 +139,120 @@ fn none_is_plain_tcp_and_unknown_protocols_are_refused() {
 }
 
 /// A hostNetwork workload shares its node's address: kept by uid, never found by address.
+/// Every field istiod may set is read: what hboned cannot honour marks the workload refused
+/// (its traffic is refused), the rest is kept or, like ztunnel, ignored; an enum value nobody
+/// defined is a NACK.
+#[test]
+fn waypoints_sidecars_and_application_tunnels_are_read() {
+    use crate::state::Unsupported;
+    let gateway = || pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Hostname(
+            pb::NamespacedHostname {
+                namespace: "ns".into(),
+                hostname: "waypoint.ns.svc.cluster.local".into(),
+            },
+        )),
+        hbone_mtls_port: 15008,
+    };
+    let behind = pb::Workload {
+        waypoint: Some(gateway()),
+        ..wl("w1", &[10, 0, 0, 1])
+    };
+    assert_eq!(
+        workload(behind, "td").unwrap().unsupported,
+        Some(Unsupported::Waypoint)
+    );
+    let sidecar = pb::Workload {
+        tunnel_protocol: pb::TunnelProtocol::LegacyIstioMtls as i32,
+        ..wl("w2", &[10, 0, 0, 2])
+    };
+    let sidecar = workload(sidecar, "td").unwrap();
+    assert_eq!(sidecar.unsupported, Some(Unsupported::LegacyIstioMtls));
+    let proxy = pb::Workload {
+        application_tunnel: Some(pb::ApplicationTunnel {
+            protocol: pb::application_tunnel::Protocol::Proxy as i32,
+            port: 15088,
+        }),
+        native_tunnel: true,
+        network_gateway: Some(gateway()),
+        extensions: vec![pb::Extension {
+            name: "x".into(),
+            config: None,
+        }],
+        ..wl("w3", &[10, 0, 0, 3])
+    };
+    let proxy = workload(proxy, "td").unwrap();
+    assert_eq!(
+        (proxy.proxy_protocol, proxy.unsupported),
+        (Some(15088), None)
+    );
+    let unknown = pb::Workload {
+        application_tunnel: Some(pb::ApplicationTunnel {
+            protocol: 7,
+            port: 1,
+        }),
+        ..wl("w4", &[10, 0, 0, 4])
+    };
+    assert!(matches!(
+        workload(unknown, "td"),
+        Err(ConvertError::UnknownApplicationTunnel(7))
+    ));
+}
+
+/// CIDR addresses, visibility and waypoints of a service.
+#[test]
+fn service_ranges_visibility_and_waypoints_are_read() {
+    use crate::state::Unsupported;
+    let base = pb::Service {
+        name: "range".into(),
+        namespace: "ns".into(),
+        hostname: "range.example".into(),
+        addresses: vec![
+            pb::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 200, 0, 0],
+                length: Some(16),
+            },
+            pb::NetworkAddress {
+                network: String::new(),
+                address: vec![10, 96, 0, 9],
+                length: Some(32),
+            },
+        ],
+        visibility: pb::service::Visibility::Namespace as i32,
+        ..Default::default()
+    };
+    let s = service(base.clone()).unwrap();
+    assert_eq!(s.vip_ranges, vec![("10.200.0.0".parse().unwrap(), 16)]);
+    assert!(s.namespace_only);
+    assert_eq!(s.unsupported, None);
+    let weighted = pb::Service {
+        weighted_waypoints: vec![pb::WeightedWaypoint {
+            destination: None,
+            weight: 1,
+        }],
+        ..base.clone()
+    };
+    assert_eq!(
+        service(weighted).unwrap().unsupported,
+        Some(Unsupported::Waypoint)
+    );
+    let mut too_long = base.clone();
+    too_long.addresses[0].length = Some(33);
+    assert!(matches!(
+        service(too_long),
+        Err(ConvertError::BadPrefix(_, 33))
+    ));
+    let odd = pb::Service {
+        visibility: 9,
+        ..base
+    };
+    assert!(matches!(
+        service(odd),
+        Err(ConvertError::UnknownVisibility(9))
+    ));
+}
+
 #[test]
 fn host_network_workloads_are_not_indexed_by_address() {
     let mut w = wl("host", &[10, 0, 0, 9]);
@@ -163,6 +277,7 @@ fn service_converts_and_keeps_its_valid_sans() {
         addresses: vec![pb::NetworkAddress {
             network: String::new(),
             address: vec![10, 96, 0, 1],
+            length: None,
         }],
         ports: vec![pb::Port {
             service_port: 80,
@@ -171,6 +286,7 @@ fn service_converts_and_keeps_its_valid_sans() {
         }],
         subject_alt_names: vec!["spiffe://td/ns/ns/sa/web".into()],
         load_balancing: None,
+        ..Default::default()
     };
     let c = service(s.clone()).unwrap();
     assert_eq!(c.key(), "ns/web.ns.svc");
@@ -191,10 +307,11 @@ fn pb_policy(action: i32, scope: i32, matches: Vec<Match>) -> Authorization {
         namespace: "ns".into(),
         scope,
         action,
-        rules: vec![Rule {
-            clauses: vec![Clause { matches }],
+        groups: vec![Group {
+            rules: vec![Rules { matches }],
         }],
         dry_run: false,
+        extensions: Vec::new(),
     }
 }
 
@@ -257,8 +374,8 @@ fn policy_entries_convert_and_unreadable_ones_never_widen_a_policy() {
 #[test]
 fn policy_empty_forms_and_unknown_enums() {
     use authz::{Action, Rule as DomainRule, Scope};
-    let with_rules = |rules: Vec<Rule>| Authorization {
-        rules,
+    let with_rules = |groups: Vec<Group>| Authorization {
+        groups,
         ..pb_policy(0, 1, vec![])
     };
     let (p, _) = policy(with_rules(vec![])).unwrap();
@@ -266,7 +383,7 @@ fn policy_empty_forms_and_unknown_enums() {
         p.rules.is_empty(),
         "no rules stays no rules (matches nothing)"
     );
-    let (p, _) = policy(with_rules(vec![Rule { clauses: vec![] }])).unwrap();
+    let (p, _) = policy(with_rules(vec![Group { rules: vec![] }])).unwrap();
     assert_eq!(
         p.rules,
         vec![DomainRule::default()],
@@ -380,6 +497,7 @@ fn services_and_policies_apply_and_remove() {
         addresses: vec![pb::NetworkAddress {
             network: String::new(),
             address: vec![10, 96, 0, 1],
+            length: None,
         }],
         ..Default::default()
     };
@@ -426,4 +544,39 @@ fn services_and_policies_apply_and_remove() {
         "td",
     );
     assert!(state.service_by_vip("10.96.0.1".parse().unwrap()).is_none());
+}
+
+/// Extensions nothing here understands never widen a policy: an ALLOW carrying them allows
+/// nothing, a match carrying them is an unreadable one; a DENY stays as it is.
+#[test]
+fn policy_extensions_never_widen_a_policy() {
+    use crate::proto::istio::workload::Extension;
+    let ext = || Extension {
+        name: "istio.io/future".into(),
+        config: None,
+    };
+    let allow = Authorization {
+        extensions: vec![ext()],
+        ..pb_policy(0, 1, vec![Match::default()])
+    };
+    let (p, dropped) = policy(allow).unwrap();
+    assert!(p.rules.is_empty(), "the ALLOW allows nothing");
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    let deny = Authorization {
+        extensions: vec![ext()],
+        ..pb_policy(1, 1, vec![Match::default()])
+    };
+    let (p, _) = policy(deny).unwrap();
+    assert_eq!(p.rules.len(), 1, "the DENY keeps its rules");
+    let extended = Match {
+        destination_ports: vec![80],
+        extensions: vec![ext()],
+        ..Match::default()
+    };
+    let (m, dropped) = converted_match(pb_security::Action::Allow, extended);
+    assert_eq!(
+        (m, dropped),
+        (authz::Match::default(), 1),
+        "the ALLOW match matches nothing"
+    );
 }

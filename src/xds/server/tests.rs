@@ -48,6 +48,9 @@ fn service() -> Service {
             mode: Mode::Failover,
             allow_unhealthy: true,
         },
+        vip_ranges: Vec::new(),
+        namespace_only: false,
+        unsupported: None,
     }
 }
 

@@ -11,7 +11,8 @@
 //
 // Usage: istiod -listen 198.18.0.2:0 -trust-domain example.org -objects a.yaml[,b.yaml]
 // [-ca-listen 198.18.0.2:0 -ca-root root.pem -token TOKEN=NS/SA/POD/UID ...]
-// Prints "xds listening on ADDR" once discovery has synced (and "ca listening on ADDR"). Then reads commands on stdin, one
+// Prints "xds listening on ADDR" once discovery has synced (and "ca listening on ADDR").
+// With -proto-shape workload|authorization it prints the shape of that proto instead (shapes.go). Then reads commands on stdin, one
 // per line, answering "ok" or "error: ..." on stdout:
 //
 //	delete pod <namespace> <name>
@@ -80,7 +81,18 @@ func main() {
 	caRoot := flag.String("ca-root", "root-cert.pem", "where to write the CA's root (it signed the CA's serving certificate)")
 	var tokens tokenFlags
 	flag.Var(&tokens, "token", "TOKEN=NAMESPACE/SERVICEACCOUNT/POD/UID: a service account token the API server's TokenReview accepts (repeatable)")
+	shape := flag.String("proto-shape", "", "workload or authorization: print the fields and enum values of istiod's proto of that name, and exit")
 	flag.Parse()
+	if *shape != "" {
+		lines := protoShape(*shape)
+		if lines == nil {
+			log.Fatalf("no proto named %q", *shape)
+		}
+		for _, line := range lines {
+			fmt.Println(line)
+		}
+		return
+	}
 	// istiod's logs to stderr: stdout carries this driver's replies.
 	logOptions := istiolog.DefaultOptions()
 	logOptions.OutputPaths = []string{"stderr"}
