@@ -170,3 +170,124 @@ async fn istioctl_ztunnel_config_reads_hboneds_state() {
     assert!(run("log", &["-r"]).contains("current log level is info"));
     drop(live);
 }
+
+/// The image deploy/istio/ztunnel.yaml names.
+const IMAGE: &str = "ghcr.io/example/hboned:0.1.0";
+
+/// Istio's ztunnel chart as istioctl renders it (`manifest generate --set profile=ambient`,
+/// its charts built in) with hboned's image and `values`: the ztunnel ServiceAccount and
+/// DaemonSet.
+fn rendered_ztunnel(values: &[&str]) -> Vec<serde_yaml_ng::Value> {
+    let program = go_program("istio", "istio.io/istio/istioctl/cmd/istioctl", "istioctl");
+    let mut args = vec![
+        "manifest".to_owned(),
+        "generate".to_owned(),
+        "--set".to_owned(),
+        "profile=ambient".to_owned(),
+        "--set".to_owned(),
+        format!("values.ztunnel.image={IMAGE}"),
+    ];
+    for v in values {
+        args.extend(["--set".to_owned(), (*v).to_owned()]);
+    }
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(program)
+        .args(&args)
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "istioctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml_ng::Deserializer::from_str(&text)
+        .filter_map(|doc| serde::Deserialize::deserialize(doc).ok())
+        .filter(|doc: &serde_yaml_ng::Value| {
+            matches!(doc["kind"].as_str(), Some("ServiceAccount" | "DaemonSet"))
+                && doc["metadata"]["name"].as_str() == Some("ztunnel")
+        })
+        .collect()
+}
+
+/// deploy/istio/ztunnel.yaml is Istio's chart rendered with hboned's image, nothing else
+/// changed (command, environment, mounts, securityContext, probes): regenerated with
+/// `HBONED_RENDER_DEPLOY=1 cargo test --test real_istioctl -- deploy_istio`.
+#[test]
+fn deploy_istio_is_istios_chart_with_hboneds_image() {
+    if !have_go() {
+        return;
+    }
+    let chart = rendered_ztunnel(&[]);
+    assert_eq!(chart.len(), 2, "the chart's ServiceAccount and DaemonSet");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/istio/ztunnel.yaml");
+    if std::env::var("HBONED_RENDER_DEPLOY").is_ok() {
+        let mut text = String::from(
+            "# Istio's ztunnel chart (istioctl manifest generate --set profile=ambient, istio/istio at the\n\
+             # commit pinned in tests/real/istio/go.mod) with hboned's image and nothing else changed;\n\
+             # tests/real_istioctl.rs renders it again and fails on any difference. For a revisioned\n\
+             # istiod, another cluster name or other addresses, render the chart with those values and\n\
+             # set `values.ztunnel.image` to hboned's (README \"Under Istio\").\n",
+        );
+        for doc in &chart {
+            text.push_str("---\n");
+            text.push_str(&serde_yaml_ng::to_string(doc).unwrap());
+        }
+        std::fs::write(&path, text).unwrap();
+    }
+    let committed: Vec<serde_yaml_ng::Value> =
+        serde_yaml_ng::Deserializer::from_str(&std::fs::read_to_string(&path).unwrap())
+            .filter_map(|doc| serde::Deserialize::deserialize(doc).ok())
+            .filter(|doc: &serde_yaml_ng::Value| !doc.is_null())
+            .collect();
+    assert!(
+        committed == chart,
+        "deploy/istio/ztunnel.yaml is not the chart's rendering; regenerate it with \
+         HBONED_RENDER_DEPLOY=1 cargo test --test real_istioctl -- deploy_istio"
+    );
+}
+
+/// A revisioned istiod and another cluster name, rendered by the chart, are what hboned reads
+/// from the DaemonSet's environment: the addresses of istiod-<revision> and the cluster id.
+#[test]
+fn the_charts_revision_and_cluster_values_reach_hboneds_configuration() {
+    if !have_go() {
+        return;
+    }
+    let chart = rendered_ztunnel(&[
+        "revision=canary",
+        "values.global.multiCluster.clusterName=east",
+    ]);
+    let daemonset = chart
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("DaemonSet"))
+        .unwrap();
+    let container = &daemonset["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["args"],
+        serde_yaml_ng::from_str::<serde_yaml_ng::Value>("[proxy, ztunnel]").unwrap(),
+        "the chart starts `proxy ztunnel`, hboned's ztunnel mode"
+    );
+    let vars: Vec<(String, String)> = container["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_owned(),
+                e["value"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let env = hboned::config::ztunnel::Environment::fixed(&refs, &[]);
+    let config = hboned::config::Config::from_ztunnel_env(&env).unwrap();
+    assert_eq!(
+        config.xds.address,
+        "https://istiod-canary.istio-system.svc:15012"
+    );
+    let ca = config.certificates.istio_ca.unwrap();
+    assert_eq!(ca.address, "https://istiod-canary.istio-system.svc:15012");
+    assert_eq!(config.cluster_id, "east");
+}
