@@ -242,6 +242,34 @@ spec:
   ports: [{{name: tcp, port: {SERVICE_PORT}, targetPort: {APP_PORT}, protocol: TCP}}]
 "
     ));
+    // A ServiceEntry whose address is a range (every address in it is the service), and
+    // STRICT mTLS for the namespace (istiod turns it into a DENY of plaintext).
+    docs.push(
+        "apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: range
+  namespace: demo
+spec:
+  hosts: [range.example]
+  addresses: [198.18.200.0/24]
+  ports: [{number: 80, name: tcp, protocol: TCP}]
+  resolution: NONE
+  location: MESH_INTERNAL
+"
+        .to_owned(),
+    );
+    docs.push(
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata:
+  name: strict
+  namespace: demo
+spec:
+  mtls: {mode: STRICT}
+"
+        .to_owned(),
+    );
     // Only a1's service account may reach b1.
     docs.push(format!(
         "apiVersion: security.istio.io/v1
@@ -348,6 +376,9 @@ async fn hboned_serves_what_istiods_own_discovery_sends() {
     }
     let a = dump("na");
     assert!(a.contains("\"echo.demo.svc.cluster.local\""), "{a}");
+    // The ServiceEntry's range, whole; PeerAuthentication STRICT as istiod translates it.
+    assert!(a.contains("\"198.18.200.0/24\""), "{a}");
+    assert!(a.contains("istio_converted_static_strict"), "{a}");
     // Each pod's certificate issued by istiod's CA to its node's proxy, impersonating the pod.
     let issued = |node: &str, sa: &str| {
         let d = dump(node);
