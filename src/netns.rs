@@ -80,7 +80,8 @@ impl Netns {
         }
     }
 
-    /// The descriptor that holds the namespace (handed to a proxy over ZDS).
+    /// The descriptor that holds the namespace (handed to a proxy over ZDS by the agent).
+    #[cfg(feature = "kubernetes")]
     pub(crate) fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.file.as_fd()
