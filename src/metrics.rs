@@ -14,7 +14,7 @@ use crate::identity::Identity;
 
 mod process;
 mod record;
-pub(crate) use record::{ConnectionRecord, LogNames};
+pub(crate) use record::{ConnectionRecord, LogNames, Outcome};
 
 /// One end of a connection, as metrics and access logs name it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -203,27 +203,10 @@ impl ConnectionLabels {
         self
     }
 
-    /// The same connection, failed for `reason` (our short reason; `response_flags` takes
-    /// ztunnel's flag for it).
-    pub(crate) fn failed(mut self, reason: &str) -> Self {
-        self.response_flags = response_flag(reason).to_owned();
+    /// The same connection, failed with ztunnel's `flag` (`Outcome::flag`).
+    pub(crate) fn failed(mut self, flag: &str) -> Self {
+        self.response_flags = flag.to_owned();
         self
-    }
-}
-
-/// ztunnel's `response_flags` for one of our failure reasons (src/proxy/metrics.rs,
-/// `ResponseFlags`): a policy's refusal is `DENY`, a TLS or HTTP/2 handshake failure
-/// `TLS_FAILURE` / `H2_HANDSHAKE_FAILURE`, a revoked peer `CERT_REVOKED`, no certificate of
-/// our own `IDENTITY_ERROR`, and anything else that ended a connection `CONNECT` (ztunnel's
-/// default for an error it does not classify).
-pub(crate) fn response_flag(reason: &str) -> &'static str {
-    match reason {
-        crate::proxy::inbound::DENIED => "DENY",
-        "tls_failed" => "TLS_FAILURE",
-        "http2_failed" => "H2_HANDSHAKE_FAILURE",
-        "cert_revoked" => "CERT_REVOKED",
-        "no_certificate" | "tls_config" => "IDENTITY_ERROR",
-        _ => "CONNECT",
     }
 }
 
@@ -516,18 +499,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failure_reasons_become_ztuntels_response_flags() {
-        for (reason, flag) in [
-            ("denied", "DENY"),
-            ("tls_failed", "TLS_FAILURE"),
-            ("http2_failed", "H2_HANDSHAKE_FAILURE"),
-            ("cert_revoked", "CERT_REVOKED"),
-            ("no_certificate", "IDENTITY_ERROR"),
-            ("connect_failed", "CONNECT"),
-            ("pod_removed", "CONNECT"),
-            ("dropped", "CONNECT"),
+    fn outcomes_carry_ztunnels_response_flags_and_our_reasons() {
+        for (outcome, flag, error) in [
+            (Outcome::Completed, "-", None),
+            (
+                Outcome::Broken("reset by peer".into()),
+                "-",
+                Some("reset by peer"),
+            ),
+            (Outcome::Denied, "DENY", Some("denied")),
+            (
+                Outcome::Tunnel("tls_failed"),
+                "TLS_FAILURE",
+                Some("tls_failed"),
+            ),
+            (
+                Outcome::Tunnel("http2_failed"),
+                "H2_HANDSHAKE_FAILURE",
+                Some("http2_failed"),
+            ),
+            (
+                Outcome::Tunnel("cert_revoked"),
+                "CERT_REVOKED",
+                Some("cert_revoked"),
+            ),
+            (
+                Outcome::Tunnel("no_certificate"),
+                "IDENTITY_ERROR",
+                Some("no_certificate"),
+            ),
+            (
+                Outcome::Tunnel("connect_failed"),
+                "CONNECT",
+                Some("connect_failed"),
+            ),
+            (Outcome::ConnectFailed, "CONNECT", Some("connect_failed")),
+            (Outcome::PodRemoved, "CONNECT", Some("pod_removed")),
+            (Outcome::ClientReset, "CONNECT", Some("client_reset")),
+            (Outcome::DnsFailed, "CONNECT", Some("dns_failed")),
+            (Outcome::ProxyProtocol, "CONNECT", Some("proxy_protocol")),
+            (Outcome::Dropped, "CONNECT", Some("dropped")),
         ] {
-            assert_eq!(response_flag(reason), flag, "{reason}");
+            assert_eq!(outcome.flag(), flag, "{outcome:?}");
+            assert_eq!(outcome.error().as_deref(), error, "{outcome:?}");
+            assert_eq!(outcome.is_failure(), flag != "-", "{outcome:?}");
         }
     }
 
@@ -574,7 +589,7 @@ mod tests {
         request.inc_by(100);
         response.inc_by(42);
         m.closed(&labels);
-        m.failed(&labels.clone().failed("connect_failed"));
+        m.failed(&labels.clone().failed(Outcome::ConnectFailed.flag()));
         m.enrolled_pods.set(3);
         m.enrollment_failed("rules");
         m.enrollment_failed("rules");

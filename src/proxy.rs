@@ -22,6 +22,7 @@ use crate::identity::manager::CertError;
 use crate::tls::TlsError;
 
 use crate::authz;
+use crate::metrics::Outcome;
 
 pub use inbound::{InboundServer, LocalWorkload};
 pub use outbound::{Dice, Outbound, Route, Router, StateRouter};
@@ -75,11 +76,11 @@ pub(crate) enum Stop {
 }
 
 impl Stop {
-    /// The reason in metrics (`response_flags`) and access logs.
-    pub(crate) fn reason(&self) -> &'static str {
+    /// How the connection it stopped ended.
+    pub(crate) fn outcome(&self) -> Outcome {
         match self {
-            Stop::Denied(_) => inbound::DENIED,
-            Stop::PodRemoved => "pod_removed",
+            Stop::Denied(_) => Outcome::Denied,
+            Stop::PodRemoved => Outcome::PodRemoved,
         }
     }
 }

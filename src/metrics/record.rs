@@ -111,34 +111,29 @@ impl ConnectionRecord {
         &self.meters
     }
 
-    /// Relayed to its end: `request` bytes from the client, `response` back (for the access
-    /// log: the metrics counted them as they moved); `error` when a side failed mid-way.
-    pub(crate) fn done(mut self, request: u64, response: u64, error: Option<&str>) {
-        self.close(None, request, response, error);
+    /// Closes the connection with how it ended, after `request` bytes from the client and
+    /// `response` back (for the access log: the metrics counted them as they moved). A failure
+    /// is also counted in `istio_tcp_connections_failed_total`.
+    pub(crate) fn finish(mut self, outcome: Outcome, (request, response): (u64, u64)) {
+        self.close(&outcome, request, response);
     }
 
-    /// Ended by the proxy or a failure, with `reason` as `response_flags` (metrics-safe), after
-    /// `request`/`response` bytes (0 when it failed before relaying). Counted in
-    /// `istio_tcp_connections_failed_total` too.
-    pub(crate) fn failed(mut self, reason: &str, request: u64, response: u64) {
-        self.close(Some(reason), request, response, Some(reason));
-    }
-
-    fn close(&mut self, flag: Option<&str>, request: u64, response: u64, error: Option<&str>) {
+    fn close(&mut self, outcome: &Outcome, request: u64, response: u64) {
         if !std::mem::replace(&mut self.open, false) {
             return;
         }
-        if let Some(reason) = flag {
-            self.labels = Arc::new((*self.labels).clone().failed(reason));
+        let failed = outcome.is_failure();
+        if failed {
+            self.labels = Arc::new((*self.labels).clone().failed(outcome.flag()));
         }
         self.tracked = None;
         if let Some(m) = &self.metrics {
-            if flag.is_some() {
+            if failed {
                 m.failed(&self.labels);
             }
             m.closed(&self.labels);
         }
-        self.log(Some((request, response)), error);
+        self.log(Some((request, response)), outcome.error().as_deref());
     }
 
     /// ztunnel's access log (src/proxy/metrics.rs, ConnectionResult): target `access`, "connection
@@ -210,7 +205,73 @@ impl Drop for ConnectionRecord {
     /// A path that returned without saying how the connection ended (the client went away
     /// first) still closes it.
     fn drop(&mut self) {
-        self.close(Some("dropped"), 0, 0, Some("dropped"));
+        self.close(&Outcome::Dropped, 0, 0);
+    }
+}
+
+/// How a connection the proxy took on ended: the one value its `response_flags` (ztunnel's
+/// vocabulary, src/proxy/metrics.rs `ResponseFlags`) and its access log's `error` come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Relayed until both sides finished.
+    Completed,
+    /// Relayed until one side failed (a reset, an I/O error): the peers' doing, logged, not a
+    /// proxy failure.
+    Broken(String),
+    /// A policy refused it, or a policy change ended it.
+    Denied,
+    /// Its pod was removed while it ran.
+    PodRemoved,
+    /// The client reset or left before the destination answered.
+    ClientReset,
+    /// The destination could not be dialed.
+    ConnectFailed,
+    /// The destination's host name did not resolve.
+    DnsFailed,
+    /// The tunnel to the peer proxy failed, for this reason (`ProxyError::reason`).
+    Tunnel(&'static str),
+    /// The destination takes a PROXY protocol header first, which this proxy does not write.
+    ProxyProtocol,
+    /// Dropped with no one saying how.
+    Dropped,
+}
+
+impl Outcome {
+    /// Whether the proxy counts it as failed (everything but a relay that ran to its end).
+    pub(crate) fn is_failure(&self) -> bool {
+        !matches!(self, Outcome::Completed | Outcome::Broken(_))
+    }
+
+    /// ztunnel's `response_flags`: `DENY` for a policy, `TLS_FAILURE`, `H2_HANDSHAKE_FAILURE`,
+    /// `CERT_REVOKED`, `IDENTITY_ERROR` (no certificate of our own), and `CONNECT` for any other
+    /// failure (ztunnel's default for an error it does not classify); `-` when none.
+    pub(crate) fn flag(&self) -> &'static str {
+        match self {
+            Outcome::Completed | Outcome::Broken(_) => "-",
+            Outcome::Denied => "DENY",
+            Outcome::Tunnel("tls_failed") => "TLS_FAILURE",
+            Outcome::Tunnel("http2_failed") => "H2_HANDSHAKE_FAILURE",
+            Outcome::Tunnel("cert_revoked") => "CERT_REVOKED",
+            Outcome::Tunnel("no_certificate" | "tls_config") => "IDENTITY_ERROR",
+            _ => "CONNECT",
+        }
+    }
+
+    /// The access log's `error`: our own reason, finer than the flag.
+    pub(crate) fn error(&self) -> Option<std::borrow::Cow<'static, str>> {
+        use std::borrow::Cow::{Borrowed, Owned};
+        Some(match self {
+            Outcome::Completed => return None,
+            Outcome::Broken(e) => Owned(e.clone()),
+            Outcome::Denied => Borrowed("denied"),
+            Outcome::PodRemoved => Borrowed("pod_removed"),
+            Outcome::ClientReset => Borrowed("client_reset"),
+            Outcome::ConnectFailed => Borrowed("connect_failed"),
+            Outcome::DnsFailed => Borrowed("dns_failed"),
+            Outcome::Tunnel(reason) => Borrowed(reason),
+            Outcome::ProxyProtocol => Borrowed("proxy_protocol"),
+            Outcome::Dropped => Borrowed("dropped"),
+        })
     }
 }
 
@@ -246,12 +307,9 @@ mod tests {
         let meters = record.meters().clone();
         meters.request.as_ref().unwrap().inc_by(5);
         meters.response.as_ref().unwrap().inc_by(7);
-        record.done(5, 7, None);
-        ConnectionRecord::open(Some(&m), labels.clone(), LogNames::default(), src, dst).failed(
-            "connect_failed",
-            0,
-            0,
-        );
+        record.finish(Outcome::Completed, (5, 7));
+        ConnectionRecord::open(Some(&m), labels.clone(), LogNames::default(), src, dst)
+            .finish(Outcome::ConnectFailed, (0, 0));
         drop(ConnectionRecord::open(
             Some(&m),
             labels,
@@ -338,10 +396,12 @@ mod tests {
         let lines = access_lines(|| {
             let labels = ConnectionLabels::new(Reporter::Source, &source, &destination, true);
             let names = LogNames::of(&source, &destination).hbone(target);
-            ConnectionRecord::open(None, labels, names, src, peer).done(10, 20, None);
+            ConnectionRecord::open(None, labels, names, src, peer)
+                .finish(Outcome::Completed, (10, 20));
             let labels = ConnectionLabels::new(Reporter::Destination, &source, &destination, false);
             let names = LogNames::of(&source, &destination);
-            ConnectionRecord::open(None, labels, names, src, target).failed("denied", 0, 0);
+            ConnectionRecord::open(None, labels, names, src, target)
+                .finish(Outcome::Denied, (0, 0));
         });
         let [opened, outbound, _, inbound] = &lines[..] else {
             panic!("{lines:?}");

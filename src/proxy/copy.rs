@@ -20,6 +20,7 @@
 //! the other direction until it ends too. An error in either direction ends both and says
 //! which side failed, so the caller can pass a reset on.
 
+use crate::metrics::Outcome;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -158,6 +159,28 @@ pub(crate) enum Ended<S> {
     /// `stop` resolved first (with `reason`); the streams are left as they are, for the caller
     /// to reset or close.
     Stopped { reason: S, transferred: Transferred },
+}
+
+impl<S> Ended<S> {
+    /// How the relay ended (a stop says for itself through `stopped`), and what it moved.
+    pub(crate) fn outcome(&self, stopped: impl FnOnce(&S) -> Outcome) -> (Outcome, Transferred) {
+        match self {
+            Ended::Copied(Ok(t)) => (Outcome::Completed, *t),
+            Ended::Copied(Err(e)) => (Outcome::Broken(e.source.to_string()), e.transferred),
+            Ended::Stopped {
+                reason,
+                transferred,
+            } => (stopped(reason), *transferred),
+        }
+    }
+}
+
+impl Transferred {
+    /// (request, response): client → destination, destination → client (every relay takes
+    /// the client's side first).
+    pub(crate) fn request_response(self) -> (u64, u64) {
+        (self.a_to_b, self.b_to_a)
+    }
 }
 
 /// [`bidirectional`], until `stop` resolves (a policy change, for one), counting what moved

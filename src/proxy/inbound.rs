@@ -23,16 +23,15 @@ use crate::drain::{self, Drain};
 use crate::hbone::{self, ConnectRequest};
 use crate::identity::manager::CertError;
 use crate::identity::{CertificateManager, Identity, LiveIdentity, WorkloadCert};
-use crate::metrics::{ConnectionLabels, ConnectionRecord, LogNames, Metrics, Peer, Reporter};
+use crate::metrics::{
+    ConnectionLabels, ConnectionRecord, LogNames, Metrics, Outcome, Peer, Reporter,
+};
 use crate::netns::{self, SocketFactory};
 use crate::ports::POD_LISTENERS;
 use crate::socket;
 use crate::state::SharedState;
 use crate::sync::Lock;
 use crate::tls::{self, TlsError};
-
-/// The reason (`response_flags`, access log `error`) of a connection a policy refused or closed.
-pub(crate) const DENIED: &str = "denied";
 
 /// The workload a server speaks for.
 #[derive(Debug, Clone)]
@@ -365,22 +364,51 @@ impl InboundServer {
                     live::LiveConnection::new(live::Direction::Inbound, peer, target, target)
                         .carried(live::Carrier::Hbone)
                 });
-        let decision = self
-            .workload
-            .authorize(&authz_facts(client.as_ref(), peer, target));
+        match self
+            .authorize_and_dial(&mut respond, client.as_ref(), peer, target)
+            .await
+        {
+            Ok((app, send)) => Some(Admitted {
+                tunnel: H2Stream::new(send, request.into_body()),
+                app,
+                record,
+                client,
+                peer,
+                target,
+            }),
+            Err((outcome, answer)) => {
+                if let Some(status) = answer {
+                    let _ = respond.send_response(hbone::response(status), true);
+                }
+                record.finish(outcome, (0, 0));
+                None
+            }
+        }
+    }
+
+    /// Authorizes an admitted CONNECT, dials its app and answers 200: the app's socket and the
+    /// stream's sending half, or how it ended and what to answer (nothing when the client has
+    /// already gone).
+    async fn authorize_and_dial(
+        &self,
+        respond: &mut SendResponse<Bytes>,
+        client: Option<&Identity>,
+        peer: SocketAddr,
+        target: SocketAddr,
+    ) -> Result<(TcpStream, h2::SendStream<Bytes>), (Outcome, Option<StatusCode>)> {
+        let decision = self.workload.authorize(&authz_facts(client, peer, target));
         if !decision.is_allowed() {
-            tracing::info!(%peer, client = ?client.as_ref().map(Identity::to_string), %target, ?decision, "denied by policy; answering 401");
-            record.failed(DENIED, 0, 0);
-            let _ = respond.send_response(hbone::response(StatusCode::UNAUTHORIZED), true);
-            return None;
+            tracing::info!(%peer, client = ?client.map(Identity::to_string), %target, ?decision, "denied by policy; answering 401");
+            return Err((Outcome::Denied, Some(StatusCode::UNAUTHORIZED)));
         }
         // Its app wants a PROXY protocol header first (xDS `application_tunnel`), which this
         // proxy does not write: refused rather than delivered without it.
         if self.workload.wants_proxy_protocol(target.ip()) {
             tracing::info!(%peer, %target, "the workload takes tunnels with a PROXY protocol header, which hboned does not write; answering 503");
-            record.failed("proxy_protocol", 0, 0);
-            let _ = respond.send_response(hbone::response(StatusCode::SERVICE_UNAVAILABLE), true);
-            return None;
+            return Err((
+                Outcome::ProxyProtocol,
+                Some(StatusCode::SERVICE_UNAVAILABLE),
+            ));
         }
         // The HBONE connection was dialed from inside the client pod: its address is the pod's.
         let source = self.workload.preserve_source_ip.then_some(peer.ip());
@@ -398,36 +426,23 @@ impl InboundServer {
             dialed = dial => dialed,
             reason = reset => {
                 tracing::debug!(%peer, %target, ?reason, "stream reset by the client before the app answered; dial abandoned");
-                record.failed("client_reset", 0, 0);
-                return None;
+                return Err((Outcome::ClientReset, None));
             }
         };
-        let app = match dialed {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::info!(%peer, %target, error = %e, "cannot reach the app; answering 503");
-                record.failed("connect_failed", 0, 0);
-                let _ =
-                    respond.send_response(hbone::response(StatusCode::SERVICE_UNAVAILABLE), true);
-                return None;
-            }
-        };
-        let send = match respond.send_response(hbone::response(StatusCode::OK), false) {
-            Ok(s) => s,
+        let app = dialed.map_err(|e| {
+            tracing::info!(%peer, %target, error = %e, "cannot reach the app; answering 503");
+            (
+                Outcome::ConnectFailed,
+                Some(StatusCode::SERVICE_UNAVAILABLE),
+            )
+        })?;
+        match respond.send_response(hbone::response(StatusCode::OK), false) {
+            Ok(send) => Ok((app, send)),
             Err(e) => {
                 tracing::debug!(%peer, error = %e, "client went away before 200");
-                record.failed("client_reset", 0, 0);
-                return None;
+                Err((Outcome::ClientReset, None))
             }
-        };
-        Some(Admitted {
-            tunnel: H2Stream::new(send, request.into_body()),
-            app,
-            record,
-            client,
-            peer,
-            target,
-        })
+        }
     }
 
     /// Relays an admitted stream until either side ends, or a policy change or the pod's
@@ -443,30 +458,24 @@ impl InboundServer {
         } = stream;
         let conn = authz_facts(client.as_ref(), peer, target);
         let stop = self.workload.stop(&conn);
-        match copy::bidirectional_until(&mut tunnel, &mut app, stop, record.meters()).await {
-            Ended::Copied(Ok(t)) => record.done(t.a_to_b, t.b_to_a, None),
-            Ended::Copied(Err(e)) => {
-                // Pass a reset through to whichever side did not cause it.
-                match e.end {
-                    End::A => {
-                        let _ = socket::reset_on_close(&app);
-                    }
-                    End::B => tunnel.reset(h2::Reason::CONNECT_ERROR),
+        let ended = copy::bidirectional_until(&mut tunnel, &mut app, stop, record.meters()).await;
+        match &ended {
+            Ended::Copied(Ok(_)) => {}
+            // Pass a reset through to whichever side did not cause it.
+            Ended::Copied(Err(e)) => match e.end {
+                End::A => {
+                    let _ = socket::reset_on_close(&app);
                 }
-                let t = e.transferred;
-                record.done(t.a_to_b, t.b_to_a, Some(&e.source.to_string()));
-            }
-            Ended::Stopped {
-                reason,
-                transferred,
-            } => {
+                End::B => tunnel.reset(h2::Reason::CONNECT_ERROR),
+            },
+            Ended::Stopped { reason, .. } => {
                 tracing::info!(%peer, %target, why = ?reason, "ending this connection (a policy change denies it, or its pod was removed); resetting it");
                 tunnel.reset(h2::Reason::CONNECT_ERROR);
                 let _ = socket::reset_on_close(&app);
-                let t = transferred;
-                record.failed(reason.reason(), t.a_to_b, t.b_to_a);
             }
         }
+        let (outcome, transferred) = ended.outcome(super::Stop::outcome);
+        record.finish(outcome, transferred.request_response());
     }
 }
 

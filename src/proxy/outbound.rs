@@ -20,6 +20,7 @@ use super::{PodLife, Stop};
 use crate::drain::Drain;
 use crate::hbone::{Baggage, ConnectRequest, TraceParent};
 use crate::identity::{Identity, LiveIdentity};
+use crate::metrics::Outcome;
 use crate::metrics::{ConnectionLabels, ConnectionRecord, LogNames, Metrics, Peer, Reporter};
 use crate::netns::SocketFactory;
 use crate::proxy::H2Stream;
@@ -200,24 +201,23 @@ impl Outbound {
         dst: SocketAddr,
     ) {
         let removed = self.pod.removed();
-        match copy::bidirectional_until(&mut app, &mut tunnel, removed, record.meters()).await {
-            Ended::Copied(Ok(t)) => record.done(t.a_to_b, t.b_to_a, None),
-            Ended::Copied(Err(e)) => {
-                match e.end {
-                    End::A => tunnel.reset(h2::Reason::CONNECT_ERROR),
-                    End::B => reset(app),
-                }
-                let t = e.transferred;
-                record.done(t.a_to_b, t.b_to_a, Some(&e.source.to_string()));
-            }
-            Ended::Stopped { transferred, .. } => {
+        let ended =
+            copy::bidirectional_until(&mut app, &mut tunnel, removed, record.meters()).await;
+        let (outcome, transferred) = ended.outcome(|()| Outcome::PodRemoved);
+        match ended {
+            Ended::Copied(Ok(_)) => {}
+            // Pass a reset through to whichever side did not cause it.
+            Ended::Copied(Err(e)) => match e.end {
+                End::A => tunnel.reset(h2::Reason::CONNECT_ERROR),
+                End::B => reset(app),
+            },
+            Ended::Stopped { .. } => {
                 tracing::info!(%src, %dst, "the source pod was removed; resetting its connection");
                 tunnel.reset(h2::Reason::CANCEL);
                 reset(app);
-                let t = transferred;
-                record.failed(Stop::PodRemoved.reason(), t.a_to_b, t.b_to_a);
             }
         }
+        record.finish(outcome, transferred.request_response());
     }
 
     /// Routes one connection: a tunnel's app connection, tunnel and record to relay, or `None`
@@ -259,7 +259,7 @@ impl Outbound {
                     Ok(tunnel) => Some((app, tunnel, record)),
                     Err(e) => {
                         tracing::warn!(%src, %dst, peer = %key.peer(), side = ?e.side(), reason = e.reason(), error = %e, "tunnel failed; resetting the app connection");
-                        record.failed(e.reason(), 0, 0);
+                        record.finish(Outcome::Tunnel(e.reason()), (0, 0));
                         reset(app);
                         None
                     }
@@ -302,11 +302,8 @@ impl Outbound {
                     });
                 let Some(target) = resolved else {
                     tracing::info!(%src, %host, "hostname workload did not resolve; resetting");
-                    ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, dst).failed(
-                        "dns_failed",
-                        0,
-                        0,
-                    );
+                    ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, dst)
+                        .finish(Outcome::DnsFailed, (0, 0));
                     reset(app);
                     return None;
                 };

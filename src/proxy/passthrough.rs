@@ -11,8 +11,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::Stop;
 use super::copy::{self, End, Ended, Meters, Transferred};
-use super::inbound::{DENIED, LocalWorkload};
-use crate::metrics::ConnectionRecord;
+use super::inbound::LocalWorkload;
+use crate::metrics::{ConnectionRecord, Outcome};
 use crate::netns::{self, SocketFactory};
 use crate::ports::POD_LISTENERS;
 use crate::socket;
@@ -20,25 +20,15 @@ use crate::socket;
 /// How a plain TCP relay ended.
 #[derive(Debug)]
 pub(crate) struct Relayed {
+    pub outcome: Outcome,
     /// app → dst, dst → app.
     pub transferred: Transferred,
-    /// The error that ended it (a failed dial, a reset), if any.
-    pub error: Option<String>,
-    /// Set when `stop` ended it: both sockets were reset.
-    pub stopped: Option<Stop>,
-    /// The dial to the destination failed: nothing was relayed.
-    pub dial_failed: bool,
 }
 
 impl Relayed {
     /// Closes `record` with how the relay ended.
     pub(crate) fn record(self, record: ConnectionRecord) {
-        let t = self.transferred;
-        match (self.stopped, self.dial_failed) {
-            (Some(reason), _) => record.failed(reason.reason(), t.a_to_b, t.b_to_a),
-            (None, true) => record.failed("connect_failed", 0, 0),
-            (None, false) => record.done(t.a_to_b, t.b_to_a, self.error.as_deref()),
-        }
+        record.finish(self.outcome, self.transferred.request_response());
     }
 }
 
@@ -54,43 +44,38 @@ pub(crate) async fn relay(
     meters: &Meters,
 ) -> Relayed {
     let peer = app.peer_addr().ok();
-    let ended = |transferred, error, stopped| Relayed {
-        transferred,
-        error,
-        stopped,
-        dial_failed: false,
-    };
     let mut upstream = match netns::dial(sockets, source, dst, timeout).await {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(?peer, %dst, error = %e, "plaintext dial failed; resetting");
             let _ = socket::reset_on_close(&app);
-            let error = format!("connect_failed: {e}");
             return Relayed {
-                dial_failed: true,
-                ..ended(Transferred::default(), Some(error), None)
+                outcome: Outcome::ConnectFailed,
+                transferred: Transferred::default(),
             };
         }
     };
-    match copy::bidirectional_until(&mut app, &mut upstream, stop, meters).await {
-        Ended::Copied(Ok(t)) => ended(t, None, None),
+    let ended = copy::bidirectional_until(&mut app, &mut upstream, stop, meters).await;
+    match &ended {
+        Ended::Copied(Ok(_)) => {}
+        // Pass a reset through to whichever side did not cause it.
         Ended::Copied(Err(e)) => {
             let other = match e.end {
                 End::A => &upstream,
                 End::B => &app,
             };
             let _ = socket::reset_on_close(other);
-            ended(e.transferred, Some(e.source.to_string()), None)
         }
-        Ended::Stopped {
-            reason,
-            transferred,
-        } => {
+        Ended::Stopped { reason, .. } => {
             tracing::info!(?peer, %dst, why = ?reason, "ending this connection (a policy change denies it, or its pod was removed); resetting it");
             let _ = socket::reset_on_close(&app);
             let _ = socket::reset_on_close(&upstream);
-            ended(transferred, Some(reason.reason().to_owned()), Some(reason))
         }
+    }
+    let (outcome, transferred) = ended.outcome(Stop::outcome);
+    Relayed {
+        outcome,
+        transferred,
     }
 }
 
@@ -141,22 +126,23 @@ pub(crate) async fn serve_inbound_plaintext(
             .listed(workload.pod.connections(), || {
                 super::live::LiveConnection::new(super::live::Direction::Inbound, src, dst, dst)
             });
-        if plaintext == InboundPlaintext::Refuse {
-            tracing::info!(%src, %dst, "plaintext into an enrolled pod, refused (strict); resetting");
-            record.failed(DENIED, 0, 0);
-            let _ = socket::reset_on_close(&app);
-            continue;
-        }
-        if plaintext == InboundPlaintext::RefuseMesh && workload.reached_over_hbone(src.ip()) {
-            tracing::warn!(%src, %dst, "plaintext from an enrolled pod, which must use a tunnel (its capture was bypassed); resetting");
-            record.failed(DENIED, 0, 0);
-            let _ = socket::reset_on_close(&app);
-            continue;
-        }
-        let decision = workload.authorize(&conn);
-        if !decision.is_allowed() {
-            tracing::info!(%src, %dst, ?decision, "plaintext connection denied by policy; resetting");
-            record.failed(DENIED, 0, 0);
+        // Strict takes no plaintext; refusing the mesh's takes none from an enrolled pod (its
+        // capture was bypassed: it should have come through a tunnel); then the policies.
+        let refused = match plaintext {
+            InboundPlaintext::Refuse => Some("plaintext into an enrolled pod, refused (strict)"),
+            InboundPlaintext::RefuseMesh if workload.reached_over_hbone(src.ip()) => {
+                // An anomaly, not a policy: worth a warning.
+                tracing::warn!(%src, %dst, "plaintext from an enrolled pod, which must use a tunnel (its capture was bypassed)");
+                Some("plaintext from an enrolled pod")
+            }
+            _ if !workload.authorize(&conn).is_allowed() => {
+                Some("plaintext connection denied by policy")
+            }
+            _ => None,
+        };
+        if let Some(why) = refused {
+            tracing::info!(%src, %dst, "{why}; resetting");
+            record.finish(Outcome::Denied, (0, 0));
             let _ = socket::reset_on_close(&app);
             continue;
         }
