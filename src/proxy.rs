@@ -9,6 +9,7 @@ pub mod inbound;
 pub mod live;
 pub(crate) mod outbound;
 pub(crate) mod passthrough;
+pub(crate) mod pod;
 pub(crate) mod pool;
 pub(crate) mod tunnel;
 

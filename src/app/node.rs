@@ -14,7 +14,7 @@ use crate::admin::LogControl;
 use crate::config::Config;
 use crate::drain::Drain;
 use crate::identity::CertificateManager;
-use crate::inpod::{NodeContext, PodError, PodHandler, PodInfo, PodManager};
+use crate::inpod::{NodeContext, PodError, PodHandler, PodInfo, PodManager, PodProxyContext};
 use crate::metrics::Metrics;
 use crate::netns::Netns;
 use crate::proxy::TunnelSettings;
@@ -68,22 +68,24 @@ impl Node {
         let metrics = node_metrics(&certs, xds.as_ref());
         let drain = Drain::default();
         let manager = Arc::new(PodManager::new(NodeContext {
-            drain: drain.clone(),
-            metrics: metrics.clone(),
-            certs: certs.clone(),
-            state: state.clone(),
-            tunnel: TunnelSettings {
-                connect_timeout: config.connect_timeout(),
-                peers: peer_checks(&config)?,
-                ..TunnelSettings::default()
+            proxy: PodProxyContext {
+                drain: drain.clone(),
+                metrics: metrics.clone(),
+                certs: certs.clone(),
+                state: state.clone(),
+                tunnel: TunnelSettings {
+                    connect_timeout: config.connect_timeout(),
+                    peers: peer_checks(&config)?,
+                    ..TunnelSettings::default()
+                },
+                cluster_id: config.cluster_id.clone(),
+                preserve_source_ip: config.preserve_source_ip,
+                resolver,
+                plaintext: inbound_plaintext(&config),
+                cluster: cluster_guard(&config, &state),
             },
             trust_domain: config.trust_domain.clone(),
-            cluster_id: config.cluster_id.clone(),
-            preserve_source_ip: config.preserve_source_ip,
-            resolver,
             local_pods,
-            plaintext: inbound_plaintext(&config),
-            cluster: cluster_guard(&config, &state),
         }));
         tracing::info!(node = %config.node, trust_domain = %config.trust_domain, pods = config.pods.len(), workloads = config.workloads.len(), services = config.services.len(), "hboned node proxy starting");
         enroll_config_pods(&config, &manager);

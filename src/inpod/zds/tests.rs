@@ -1,9 +1,11 @@
 //! ZDS protocol tests over a socketpair, with a recording handler (no netns, no root).
 
+use std::collections::HashSet;
 use std::os::fd::AsFd;
 use std::sync::Mutex;
 
 use super::*;
+use crate::socket;
 
 #[derive(Default)]
 struct Recorder {
