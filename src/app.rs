@@ -13,7 +13,7 @@ pub(crate) mod node;
 #[cfg(feature = "kubernetes")]
 pub use agent::{Uninstalled, run_agent, uninstall};
 pub use loopback::{LoopbackSettings, run_loopback};
-pub use node::{Node, run};
+pub use node::Node;
 
 /// Resolves on SIGINT or SIGTERM: the binary's shutdown future.
 pub async fn shutdown_signal() {

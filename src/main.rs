@@ -286,6 +286,22 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the tokio runtime")
 }
 
+/// Runs the node proxy until SIGTERM or Ctrl-C, then drains.
+fn serve_node(
+    config: hboned::config::Config,
+    log: hboned::admin::LogControl,
+) -> anyhow::Result<()> {
+    runtime()?.block_on(async {
+        let node = app::Node::build(config, log)?;
+        println!(
+            "hboned: serving {} pod(s); Ctrl-C stops",
+            node.pods_served()
+        );
+        node.serve(app::shutdown_signal()).await;
+        Ok(())
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     hboned::tls::install_process_default();
@@ -310,7 +326,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config } => {
             let config = hboned::config::Config::load(config.as_deref())?;
-            runtime()?.block_on(app::run(config, log, app::shutdown_signal()))
+            serve_node(config, log)
         }
         #[cfg(feature = "kubernetes")]
         Command::Agent { config, action } => {
@@ -336,7 +352,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let env = hboned::config::ztunnel::Environment::process();
             let config = hboned::config::Config::from_ztunnel_env(&env)?;
-            runtime()?.block_on(app::run(config, log, app::shutdown_signal()))
+            serve_node(config, log)
         }
         #[cfg(feature = "testbed")]
         Command::Demo { throughput, bench } => {
@@ -357,6 +373,7 @@ fn main() -> anyhow::Result<()> {
                 cert_lifetime: Duration::from_secs(cert_lifetime_secs),
                 check_only,
             },
+            |line| println!("hboned: {line}"),
             app::shutdown_signal(),
         )),
         Command::Redirect { action } => {

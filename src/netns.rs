@@ -156,7 +156,7 @@ impl Drop for Return {
         if let Err(e) = setns(&self.0, CloneFlags::CLONE_NEWNET) {
             // A worker thread left in a pod's namespace would create later sockets there:
             // stopping is the only safe outcome.
-            eprintln!("hboned: cannot return a thread to its network namespace: {e}");
+            tracing::error!(error = %e, "cannot return a thread to its network namespace; aborting");
             std::process::abort();
         }
     }

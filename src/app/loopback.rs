@@ -78,9 +78,11 @@ impl Router for FixedRouter {
     }
 }
 
-/// Runs the loopback proxy until `shutdown` resolves (or only the self-check).
+/// Runs the loopback proxy until `shutdown` resolves (or only the self-check); what a user at
+/// the terminal should read goes to `announce`.
 pub async fn run_loopback(
     settings: LoopbackSettings,
+    announce: impl Fn(&str),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let drain = crate::drain::Drain::default();
@@ -140,7 +142,7 @@ pub async fn run_loopback(
     tokio::spawn(outbound.serve(outbound_listener, |s| s.local_addr().ok()));
 
     tracing::info!(%outbound_addr, %inbound_addr, app = %echo_addr, client = %client_id, server = %server_id, "loopback HBONE proxy up");
-    self_check(outbound_addr).await?;
+    announce(&self_check(outbound_addr).await?);
     if settings.check_only {
         // Let the self-check's connections finish on both proxies (their access-log lines
         // included) before exiting.
@@ -148,18 +150,18 @@ pub async fn run_loopback(
         drain.wait(Duration::from_secs(5)).await;
         return Ok(());
     }
-    println!(
-        "hboned: connect to {outbound_addr} (e.g. `nc {} {}`): what you send is echoed back through an mTLS HBONE tunnel. Ctrl-C stops.",
+    announce(&format!(
+        "connect to {outbound_addr} (e.g. `nc {} {}`): what you send is echoed back through an mTLS HBONE tunnel. Ctrl-C stops.",
         outbound_addr.ip(),
         outbound_addr.port()
-    );
+    ));
     shutdown.await;
     tracing::info!(pool = ?client.stats(), "shutting down");
     Ok(())
 }
 
-/// Sends 1 MiB through the outbound listener and checks the echo.
-async fn self_check(outbound: SocketAddr) -> anyhow::Result<()> {
+/// Sends 1 MiB through the outbound listener and checks the echo; the line that says so.
+async fn self_check(outbound: SocketAddr) -> anyhow::Result<String> {
     const LEN: usize = 1024 * 1024;
     let started = Instant::now();
     let data: Vec<u8> = (0..LEN).map(|i| (i * 31 % 251) as u8).collect();
@@ -183,8 +185,7 @@ async fn self_check(outbound: SocketAddr) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64() * 1000.0
     );
     tracing::info!("{line}");
-    println!("hboned: {line}");
-    Ok(())
+    Ok(line)
 }
 
 async fn serve_echo(listener: tokio::net::TcpListener) {

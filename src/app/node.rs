@@ -34,17 +34,12 @@ pub struct Node {
     metrics: Option<SocketAddr>,
 }
 
-/// Builds a node from `config` and serves it until `shutdown` resolves, then drains.
-pub async fn run(
-    config: Config,
-    log: LogControl,
-    shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    Node::build(config, log)?.serve(shutdown).await;
-    Ok(())
-}
-
 impl Node {
+    /// How many pods the node serves now.
+    pub fn pods_served(&self) -> usize {
+        self.manager.pods().len()
+    }
+
     /// Starts every part of the node inside the current tokio runtime. Fails on what the node
     /// cannot run without (its certificate source, its readiness and metrics ports); a broken
     /// config pod is reported and skipped.
@@ -119,10 +114,6 @@ impl Node {
             )?),
             None => None,
         };
-        println!(
-            "hboned: serving {} pod(s); Ctrl-C stops",
-            manager.pods().len()
-        );
         let quit = Arc::new(tokio::sync::Notify::new());
         if let Some(addr) = config.admin_address {
             let admin = crate::admin::AdminContext {
