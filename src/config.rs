@@ -507,7 +507,7 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("config is not valid YAML for hboned: {0}")]
-    Parse(String),
+    Parse(#[source] serde_yaml_ng::Error),
     #[error("invalid config:\n  - {}", .0.join("\n  - "))]
     Invalid(Vec<String>),
 }
@@ -515,8 +515,7 @@ pub enum ConfigError {
 impl Config {
     /// Parses YAML, applies `HBONED_*` overrides from `env`, and validates.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let mut config: Config =
-            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut config: Config = serde_yaml_ng::from_str(text).map_err(ConfigError::Parse)?;
         let mut problems = env::apply(&mut config, env);
         problems.extend(validate::problems(&config));
         if problems.is_empty() {

@@ -37,7 +37,7 @@ pub struct Identity {
 }
 
 /// Why a string or a set of fields is not a usable SPIFFE identity.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
     #[error("{0:?} is not a SPIFFE ID: it must start with spiffe://")]
     NotSpiffe(String),

@@ -33,30 +33,30 @@ pub use slim::SlimPod;
 /// Why the API server cannot be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum KubeError {
-    #[error("kubernetes.apiServer {url:?} is not a URL: {reason}")]
-    Url { url: String, reason: String },
+    #[error("kubernetes.apiServer {url:?} is not a URL: {source}")]
+    Url {
+        url: String,
+        source: http::uri::InvalidUri,
+    },
     #[error(
         "not running in a cluster ({0}); set kubernetes.apiServer (e.g. http://127.0.0.1:8001 behind `kubectl proxy`)"
     )]
-    InCluster(String),
+    InCluster(#[source] kube::config::InClusterError),
     #[error("cannot build the Kubernetes client: {0}")]
-    Client(String),
+    Client(#[source] kube::Error),
 }
 
 /// A client for `kubernetes.apiServer`, else the in-cluster service account. Needs a tokio
 /// runtime (the client's connection pool lives on it).
 pub fn client(settings: &KubernetesConfig) -> Result<kube::Client, KubeError> {
-    let config =
-        match &settings.api_server {
-            Some(url) => kube::Config::new(url.parse().map_err(|e: http::uri::InvalidUri| {
-                KubeError::Url {
-                    url: url.clone(),
-                    reason: e.to_string(),
-                }
-            })?),
-            None => kube::Config::incluster().map_err(|e| KubeError::InCluster(e.to_string()))?,
-        };
-    kube::Client::try_from(config).map_err(|e| KubeError::Client(e.to_string()))
+    let config = match &settings.api_server {
+        Some(url) => kube::Config::new(url.parse().map_err(|source| KubeError::Url {
+            url: url.clone(),
+            source,
+        })?),
+        None => kube::Config::incluster().map_err(KubeError::InCluster)?,
+    };
+    kube::Client::try_from(config).map_err(KubeError::Client)
 }
 
 /// What the agent needs besides its client.

@@ -30,13 +30,13 @@ pub enum ConvertError {
     #[error("resource is a {0}, not of the response's type")]
     WrongType(String),
     #[error("cannot decode: {0}")]
-    Decode(String),
+    Decode(#[source] prost::DecodeError),
     #[error("workload has no uid")]
     NoUid,
     #[error("address of {0} bytes is neither IPv4 (4) nor IPv6 (16)")]
     BadIp(usize),
     #[error("bad identity: {0}")]
-    Identity(String),
+    Identity(#[source] crate::identity::IdentityError),
     #[error("port {0} is out of range")]
     BadPort(u32),
     #[error("tunnel protocol {0} is not one this proxy knows (NONE, HBONE, LEGACY_ISTIO_MTLS)")]
@@ -77,8 +77,8 @@ pub(crate) fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, 
     } else {
         &w.trust_domain
     };
-    let identity = Identity::new(td, &w.namespace, &w.service_account)
-        .map_err(|e| ConvertError::Identity(e.to_string()))?;
+    let identity =
+        Identity::new(td, &w.namespace, &w.service_account).map_err(ConvertError::Identity)?;
     let addresses = w
         .addresses
         .iter()
@@ -550,7 +550,7 @@ fn convert_one(
     if any.type_url != type_url {
         return Err(ConvertError::WrongType(any.type_url.clone()));
     }
-    let decode = |e: prost::DecodeError| ConvertError::Decode(e.to_string());
+    let decode = ConvertError::Decode;
     match type_url {
         ADDRESS_TYPE => match pb::Address::decode(any.value.as_slice())
             .map_err(decode)?
