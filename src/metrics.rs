@@ -212,14 +212,11 @@ impl ConnectionLabels {
 
 /// Holds one inbound socket in `istio_tcp_sockets_open`.
 #[derive(Debug)]
-pub(crate) struct SocketGuard(Arc<Metrics>);
+pub(crate) struct SocketGuard(Gauge);
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
-        let label = ReporterLabel {
-            reporter: "destination",
-        };
-        self.0.sockets_open.get_or_create(&label).dec();
+        self.0.dec();
     }
 }
 
@@ -263,8 +260,9 @@ pub struct Metrics {
     cert_expiry: Family<IdentityLabel, Gauge>,
     dry_run: Family<DecisionLabel, Counter>,
     enrollment_failures: Family<ReasonLabel, Counter>,
-    /// ztunnel's `istio_tcp_sockets_open{reporter}`: inbound sockets this proxy holds.
-    sockets_open: Family<ReporterLabel, Gauge>,
+    /// ztunnel's `istio_tcp_sockets_open{reporter="destination"}`: inbound sockets this proxy
+    /// holds (the series taken once, not looked up per connection).
+    inbound_sockets: Gauge,
     /// ztunnel's `workload_manager_active_proxy_count`: pods served.
     pub(crate) active_proxies: Gauge,
     /// ztunnel's `workload_manager_pending_proxy_count`: pods whose enrollment is retried.
@@ -393,7 +391,11 @@ impl Metrics {
         registry.register_collector(Box::new(process::ProcessCollector));
         Arc::new(Metrics {
             registry,
-            sockets_open,
+            inbound_sockets: sockets_open
+                .get_or_create(&ReporterLabel {
+                    reporter: "destination",
+                })
+                .clone(),
             active_proxies,
             pending_proxies,
             opened,
@@ -412,11 +414,8 @@ impl Metrics {
     /// An inbound socket (15008, 15006) is open until the guard is dropped, as ztunnel counts
     /// `istio_tcp_sockets_open{reporter="destination"}`.
     pub(crate) fn socket_open(self: &Arc<Self>) -> SocketGuard {
-        let label = ReporterLabel {
-            reporter: "destination",
-        };
-        self.sockets_open.get_or_create(&label).inc();
-        SocketGuard(self.clone())
+        self.inbound_sockets.inc();
+        SocketGuard(self.inbound_sockets.clone())
     }
 
     /// One failed attempt to enroll a pod, for `reason`.
