@@ -10,54 +10,32 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use support::agent::{ScratchNetns, ZdsProxy};
-use support::real::{go_program, have_go};
+use support::real::{Driver, go_program, have_go};
 use support::topo::{bin, can_run};
 use support::{eventually, within};
 
 /// istio-cni's ZDS server on `socket`, with `pods` already on the node; killed on drop.
-struct IstioCni {
-    child: Child,
-    stdin: ChildStdin,
-    replies: BufReader<ChildStdout>,
-}
+struct IstioCni(Driver);
 
 impl IstioCni {
     fn start(socket: &std::path::Path, pods: &[String], log: &std::path::Path) -> IstioCni {
-        let program = go_program("istio", "./cmd/istio-cni", "istio-cni");
-        let mut command = Command::new(program);
+        let mut command = Command::new(go_program("istio", "./cmd/istio-cni", "istio-cni"));
         command.arg("-socket").arg(socket);
         for p in pods {
             command.args(["-pod", p]);
         }
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut replies = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        replies.read_line(&mut line).unwrap();
-        assert_eq!(line.trim(), "listening", "istio-cni did not start");
-        IstioCni {
-            child,
-            stdin,
-            replies,
-        }
+        let mut driver = Driver::start(command, log);
+        assert_eq!(driver.line(), "listening", "istio-cni did not start");
+        IstioCni(driver)
     }
 
     /// One command; istio-cni's answer ("ok" or "error: ...").
     fn command(&mut self, line: &str) -> String {
-        writeln!(self.stdin, "{line}").unwrap();
-        let mut reply = String::new();
-        self.replies.read_line(&mut reply).unwrap();
-        reply.trim().to_owned()
+        self.0.command(line)
     }
 
     /// Adds a pod, retrying while no proxy is connected yet ("no ztunnel connection").
@@ -74,13 +52,6 @@ impl IstioCni {
             }
         })
         .await;
-    }
-}
-
-impl Drop for IstioCni {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

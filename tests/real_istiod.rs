@@ -19,13 +19,12 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::Command;
 
 use hboned::testbed::{
     self, A1, A2, APP_PORT, B1, B3, Pod, SERVICE_PORT, SERVICE_VIP, Topology, node_ip,
 };
-use support::real::{go_program, have_go};
+use support::real::{Driver, go_program, have_go};
 use support::topo::{bin, can_run, echoes, http_get, until_closed};
 use support::{eventually, within};
 
@@ -33,9 +32,7 @@ const TRUST_DOMAIN: &str = "example.org";
 
 /// istiod's driver, killed when the test ends; its stdin takes commands.
 struct Istiod {
-    child: Child,
-    stdin: ChildStdin,
-    replies: BufReader<std::process::ChildStdout>,
+    driver: Driver,
     /// Delta ADS (istiod's 15010).
     addr: String,
     /// The CA (istiod's 15012: TLS for istiod.istio-system.svc).
@@ -56,7 +53,8 @@ impl Istiod {
     /// Starts istiod in node B's netns on B's link address with `objects` (a YAML file).
     fn start(topo: &Topology, objects: &std::path::Path, log: &std::path::Path) -> Istiod {
         let program = go_program("istio", "./cmd/istiod", "istiod");
-        let mut child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &topo.netns_name("nb")])
             .arg(program)
             .args(["-listen", &format!("{}:0", node_ip('b'))])
@@ -71,46 +69,22 @@ impl Istiod {
             }))
             // As istiod's chart sets them for ambient; read when the process starts.
             .env("PILOT_ENABLE_AMBIENT", "true")
-            .env("CA_TRUSTED_NODE_ACCOUNTS", "istio-system/ztunnel")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut replies = BufReader::new(child.stdout.take().unwrap());
+            .env("CA_TRUSTED_NODE_ACCOUNTS", "istio-system/ztunnel");
+        let mut driver = Driver::start(command, log);
         let mut listening = |what: &str| {
-            let mut line = String::new();
-            replies.read_line(&mut line).unwrap();
-            line.trim()
-                .strip_prefix(&format!("{what} listening on "))
+            let line = driver.line();
+            line.strip_prefix(&format!("{what} listening on "))
                 .unwrap_or_else(|| panic!("istiod did not start its {what}: {line:?}"))
                 .to_owned()
         };
         let addr = listening("xds");
         let ca = listening("ca");
-        Istiod {
-            child,
-            stdin,
-            replies,
-            addr,
-            ca,
-        }
+        Istiod { driver, addr, ca }
     }
 
     /// Sends one command; panics unless istiod answers "ok".
     fn command(&mut self, line: &str) {
-        writeln!(self.stdin, "{line}").unwrap();
-        let mut reply = String::new();
-        self.replies.read_line(&mut reply).unwrap();
-        assert_eq!(reply.trim(), "ok", "istiod: {line}");
-    }
-}
-
-impl Drop for Istiod {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert_eq!(self.driver.command(line), "ok", "istiod: {line}");
     }
 }
 

@@ -104,3 +104,52 @@ fn is_fresh(program: &Path, dir: &Path) -> bool {
         .and_then(|m| m.modified())
         .is_ok_and(|built| built > newest(dir))
 }
+
+/// A real component's driver process (tests/real/*/cmd/*) that takes commands on stdin and
+/// answers one line each on stdout; killed when dropped.
+pub struct Driver {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    replies: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Driver {
+    /// Starts `command` with piped stdin and stdout, its stderr into `log`.
+    pub fn start(mut command: Command, log: &Path) -> Driver {
+        let mut child = command
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let replies = std::io::BufReader::new(child.stdout.take().unwrap());
+        Driver {
+            child,
+            stdin,
+            replies,
+        }
+    }
+
+    /// The next line it printed, trimmed.
+    pub fn line(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        self.replies.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    }
+
+    /// Sends one command; its answer.
+    pub fn command(&mut self, line: &str) -> String {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").unwrap();
+        self.line()
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
