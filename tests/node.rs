@@ -60,6 +60,13 @@ async fn a_node_serves_until_its_shutdown_future_and_then_returns() {
         .await
         .expect("drained and returned within the drain timeout")
         .unwrap();
+    // The node's own servers ended with it: nothing answers on their ports any more.
+    for addr in [readiness, metrics] {
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "{addr} still answers after the node returned"
+        );
+    }
 }
 
 #[tokio::test]

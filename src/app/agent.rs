@@ -115,10 +115,10 @@ pub async fn run_agent(config: Config, shutdown: impl Future<Output = ()>) -> an
         tasks.push(tokio::spawn(install.keep(CNI_RECHECK, installed_tx)));
     }
     if let Some(addr) = config.readiness_address {
-        super::node::serve_readiness(addr, crate::admin::all_ready(sources))?;
+        tasks.push(super::node::serve_readiness(addr, crate::admin::all_ready(sources))?.1);
     }
     if let Some(addr) = config.metrics_address {
-        super::node::serve_metrics(addr, metrics.clone(), None)?;
+        tasks.push(super::node::serve_metrics(addr, metrics.clone(), None)?.1);
     }
     tracing::info!(node = %config.node, labels = ?kube.namespace_labels, zds = %agent.zds_socket.display(), xds = %agent.xds_socket.display(), cni = %agent.cni_socket.display(), "hboned agent: enrolling this node's pods of labelled namespaces for its proxy");
     let handler: Arc<dyn PodHandler> = Arc::new(zds);

@@ -28,6 +28,9 @@ pub struct Node {
     drain_timeout: Duration,
     manager: Arc<PodManager>,
     zds: Option<tokio::task::JoinHandle<()>>,
+    /// The node's own tasks (the xDS client, the readiness, metrics and admin servers):
+    /// stopped, and waited for, when the drain ends.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
     kube: Option<KubeAgent>,
     quit: Arc<tokio::sync::Notify>,
     readiness: Option<SocketAddr>,
@@ -55,9 +58,10 @@ impl Node {
             Some(client) if config.xds.on_demand => Some(client.clone()),
             _ => None,
         };
+        let mut tasks = Vec::new();
         if let Some(client) = &xds {
             tracing::info!(address = %config.xds.address, on_demand = config.xds.on_demand, "discovering workloads over xDS (on top of the config file's tables)");
-            tokio::spawn(client.clone().run());
+            tasks.push(tokio::spawn(client.clone().run()));
         }
         let certs = Arc::new(CertificateManager::new(source.clone()));
         let metrics = node_metrics(&certs, xds.as_ref());
@@ -94,11 +98,19 @@ impl Node {
         let mut sources = vec![zds_ready, kube_ready, manager.settled()];
         sources.extend(xds.as_ref().map(|c| c.ready()));
         let readiness = match config.readiness_address {
-            Some(addr) => Some(serve_readiness(addr, crate::admin::all_ready(sources))?),
+            Some(addr) => {
+                let (bound, task) = serve_readiness(addr, crate::admin::all_ready(sources))?;
+                tasks.push(task);
+                Some(bound)
+            }
             None => None,
         };
         let metrics_addr = match config.metrics_address {
-            Some(addr) => Some(serve_metrics(addr, metrics.clone(), Some(certs.clone()))?),
+            Some(addr) => {
+                let (bound, task) = serve_metrics(addr, metrics.clone(), Some(certs.clone()))?;
+                tasks.push(task);
+                Some(bound)
+            }
             None => None,
         };
         // The node agent last, once the proxy's own ports answer: a probe during the first
@@ -124,13 +136,14 @@ impl Node {
                 quit: quit.clone(),
                 log,
             };
-            tokio::spawn(serve_admin(addr, admin));
+            tasks.push(tokio::spawn(serve_admin(addr, admin)));
         }
         Ok(Node {
             drain,
             drain_timeout: config.drain_timeout(),
             manager,
             zds,
+            tasks,
             kube,
             quit,
             readiness,
@@ -179,6 +192,13 @@ impl Node {
                 live = self.drain.active(),
                 "drain deadline passed; closing the remaining connections"
             );
+        }
+        // Readiness and metrics answered through the drain; now the node's own tasks end.
+        for task in &self.tasks {
+            task.abort();
+        }
+        for task in self.tasks {
+            let _ = task.await;
         }
     }
 }
@@ -345,30 +365,31 @@ fn enroll_config_pods(config: &Config, manager: &Arc<PodManager>) {
     manager.follow_netns_paths(by_path, Duration::from_secs(2));
 }
 
+/// Serves readiness on `addr`: the address bound, and the task serving it.
 pub(super) fn serve_readiness(
     addr: SocketAddr,
     ready: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<SocketAddr> {
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = crate::admin::bind(addr)
         .with_context(|| format!("binding the readiness listener on {addr} (readinessAddress)"))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "readiness at /healthz/ready");
-    tokio::spawn(crate::admin::serve_readiness(listener, ready));
-    Ok(bound)
+    let task = tokio::spawn(crate::admin::serve_readiness(listener, ready));
+    Ok((bound, task))
 }
 
 /// Serves `metrics` (with the expiries of `certs`' certificates, where there are any: the node
-/// agent has none of its own).
+/// agent has none of its own): the address bound, and the task serving it.
 pub(super) fn serve_metrics(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     certs: Option<Arc<CertificateManager>>,
-) -> anyhow::Result<SocketAddr> {
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = crate::admin::bind(addr)
         .with_context(|| format!("binding the metrics listener on {addr} (metricsAddress)"))?;
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, "metrics at /metrics and /stats/prometheus");
-    tokio::spawn(crate::admin::serve(listener, move |req| {
+    let task = tokio::spawn(crate::admin::serve(listener, move |req| {
         crate::admin::metrics(&req, || {
             if let Some(certs) = &certs {
                 metrics.set_certificate_expiries(&certs.expiries());
@@ -376,7 +397,7 @@ pub(super) fn serve_metrics(
             metrics.encode()
         })
     }));
-    Ok(bound)
+    Ok((bound, task))
 }
 
 /// The admin page; its port is taken once a predecessor beside this proxy has let it go.
