@@ -29,6 +29,8 @@ pub enum CertError {
     Source {
         identity: String,
         source_name: &'static str,
+        /// The source's own error, typed (`SourceError::downcast_ref`); shown in this one's
+        /// message rather than chained, so it is not printed twice.
         reason: SourceError,
     },
     #[error("invalid certificate for {identity}: {reason}")]
@@ -42,40 +44,33 @@ pub enum CertError {
 }
 
 /// What went wrong inside a certificate source, as that source's own error (shared, so a
-/// failure remembered for fast retries is the same value the first caller saw).
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum SourceError {
-    #[error(transparent)]
-    Ca(Arc<super::ca::CaError>),
-    #[error(transparent)]
-    Files(Arc<super::files::FilesError>),
-    #[error(transparent)]
-    IstioCa(Arc<super::istio_ca::IstioCaError>),
-    #[error(transparent)]
-    Spire(Arc<super::spire::SpireError>),
-}
+/// failure remembered for fast retries is the same value the first caller saw). Any source's
+/// error fits: the manager names no source, and a new one adds no variant here.
+#[derive(Debug, Clone)]
+pub struct SourceError(Arc<dyn std::error::Error + Send + Sync>);
 
-impl From<super::ca::CaError> for SourceError {
-    fn from(e: super::ca::CaError) -> Self {
-        SourceError::Ca(Arc::new(e))
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
     }
 }
 
-impl From<super::files::FilesError> for SourceError {
-    fn from(e: super::files::FilesError) -> Self {
-        SourceError::Files(Arc::new(e))
+impl std::error::Error for SourceError {
+    /// The source's own error is this one's display; its cause is this one's cause.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
     }
 }
 
-impl From<super::istio_ca::IstioCaError> for SourceError {
-    fn from(e: super::istio_ca::IstioCaError) -> Self {
-        SourceError::IstioCa(Arc::new(e))
+impl SourceError {
+    /// A source's own error.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SourceError(Arc::new(e))
     }
-}
 
-impl From<super::spire::SpireError> for SourceError {
-    fn from(e: super::spire::SpireError) -> Self {
-        SourceError::Spire(Arc::new(e))
+    /// The source's own error, if it is an `E`.
+    pub fn downcast_ref<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        self.0.downcast_ref()
     }
 }
 
@@ -84,12 +79,12 @@ impl CertError {
     pub(crate) fn from_source(
         identity: &Identity,
         source_name: &'static str,
-        e: impl Into<SourceError>,
+        e: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
         CertError::Source {
             identity: identity.to_string(),
             source_name,
-            reason: e.into(),
+            reason: SourceError::new(e),
         }
     }
 }

@@ -204,3 +204,23 @@ fn refresh_point_is_half_of_life() {
     assert!(cert.is_valid_at(start + Duration::from_secs(3599)));
     assert!(!cert.is_valid_at(start + Duration::from_secs(3600)));
 }
+
+/// Any source's own error is kept, typed, in a `CertError` (the manager names no source).
+#[test]
+fn a_sources_error_is_kept_typed() {
+    let id = Identity::new("cluster.local", "ns", "sa").unwrap();
+    let e = CertError::from_source(
+        &id,
+        "test",
+        crate::identity::ca::CaError::Root("down".into()),
+    );
+    let CertError::Source { reason, .. } = &e else {
+        panic!("{e:?}")
+    };
+    assert!(
+        reason
+            .downcast_ref::<crate::identity::ca::CaError>()
+            .is_some()
+    );
+    assert!(e.to_string().contains("down"), "{e}");
+}
