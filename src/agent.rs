@@ -1,4 +1,4 @@
 //! `hboned agent`: Kubernetes mode's node agent, the privileged half of the mode.
 
 pub mod cni;
-pub mod zds;
+pub(crate) mod zds;

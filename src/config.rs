@@ -283,7 +283,7 @@ const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(3600);
 /// ... and from the Istio CA: ztunnel's SECRET_TTL default.
 const ISTIO_CA_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
-/// The certificate source, as the file spells it; [`CertificatesConfig::selected`] reads it as
+/// The certificate source, as the file spells it; [`CertificatesConfig::kind`] reads it as
 /// one typed choice.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]

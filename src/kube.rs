@@ -5,7 +5,7 @@
 //! state (every pod a workload, HBONE when its namespace opted in) and into the set of this
 //! node's pods to enroll, which [`enroll`] reconciles in the pods' namespaces (redirect rules,
 //! listeners). Deciding is pure ([`pods`]); finding a pod's namespace reads `/proc`
-//! ([`procfs`]).
+//! (`procfs`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -22,12 +22,13 @@ use crate::inpod::PodHandler;
 use crate::state::SharedState;
 
 pub mod enroll;
-pub mod pods;
-pub mod services;
-pub mod slim;
+pub(crate) mod pods;
+pub(crate) mod services;
+pub(crate) mod slim;
 
+pub use crate::config::LabelMatch;
 pub use enroll::{Desired, LocalPod};
-pub use pods::{LabelMatch, PodFacts};
+pub use pods::PodFacts;
 pub use slim::SlimPod;
 
 /// Why the API server cannot be reached.

@@ -20,7 +20,7 @@
 //!   pods' iptables rules.
 //! - [`kube`]: Kubernetes mode, hboned as its own node agent: namespace and pod watches,
 //!   enrollment of this node's pods ([`kube::enroll`]), pods as workloads ([`kube::pods`]).
-//! - [`procfs`]: pods' processes found in `/proc` by the UID in their cgroup path.
+//! - `procfs`: pods' processes found in `/proc` by the UID in their cgroup path.
 //! - [`netns`]: the [`netns::SocketFactory`] seam every socket is made through; [`socket`]: the
 //!   socket options and SEQPACKET (the only other place that touches the OS directly).
 //! - [`metrics`], [`admin`], [`drain`]: Prometheus metrics and access logs, the proxy's own HTTP
@@ -31,18 +31,24 @@
 //!   `hboned demo`, the netns tests and benches.
 //!
 //! ARCHITECTURE.md has the ports, threads and data path on one page.
+//!
+//! The public surface is what the binaries, the tests under `tests/` and the benches use; the
+//! rest is `pub(crate)` (`unreachable_pub` warns of a `pub` that reaches no one). The tour above
+//! names internal modules too: `cargo doc --document-private-items` renders them.
 
 #![deny(unsafe_code)]
+// The tour links internal modules on purpose.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod admin;
 #[cfg(feature = "kubernetes")]
 pub mod agent;
 pub mod app;
 pub mod authz;
-pub mod backoff;
+pub(crate) mod backoff;
 pub mod cni;
 pub mod config;
-pub mod control_plane;
+pub(crate) mod control_plane;
 pub mod drain;
 pub mod hbone;
 pub mod identity;
@@ -51,8 +57,8 @@ pub mod inpod;
 pub mod kube;
 pub mod metrics;
 pub mod netns;
-pub mod ports;
-pub mod procfs;
+pub(crate) mod ports;
+pub(crate) mod procfs;
 pub mod proto;
 pub mod proxy;
 pub mod redirect;
@@ -61,7 +67,7 @@ pub mod redirect;
 #[allow(unsafe_code)]
 pub mod socket;
 pub mod state;
-pub mod sync;
+pub(crate) mod sync;
 pub mod tls;
 pub mod xds;
 

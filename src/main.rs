@@ -63,7 +63,7 @@ mod thread_cache {
     }
 
     /// For tokio's `on_thread_park`: flush this thread's cache if it has churned enough.
-    pub fn on_park() {
+    pub(crate) fn on_park() {
         COUNTERS.with(|counters| {
             if let Some(counters) = counters {
                 counters.flush_if_churned();

@@ -21,7 +21,7 @@ use crate::netns::Netns;
 /// container's own segment, e.g. `/kubepods/burstable/pod2c48913c-.../9bca8d...` or
 /// `/kubepods.slice/.../kubepods-burstable-pod2c48913c_b29f_....slice/cri-containerd-....scope`.
 /// Paths relative to a cgroup namespace (`/../../pod.../...`) work the same.
-pub fn pod_uid(cgroup: &str) -> Option<String> {
+pub(crate) fn pod_uid(cgroup: &str) -> Option<String> {
     let mut found: Option<String> = None;
     for line in cgroup.lines() {
         let Some(path) = line.splitn(3, ':').nth(2) else {
@@ -86,14 +86,14 @@ fn hex_groups(bytes: &[u8]) -> Option<(String, usize)> {
 
 /// The start time of a process (clock ticks since boot), field 22 of `/proc/PID/stat`,
 /// counted after the command name's closing parenthesis (which may hold spaces).
-pub fn start_time(stat: &str) -> Option<u64> {
+pub(crate) fn start_time(stat: &str) -> Option<u64> {
     let after = &stat[stat.rfind(')')? + 1..];
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// A process of a pod, as `/proc` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodProcess {
+pub(crate) struct PodProcess {
     /// The pod's UID (from the process's cgroup path).
     pub uid: String,
     pub pid: u32,
@@ -106,7 +106,7 @@ pub struct PodProcess {
 
 /// Every process under `proc` in a pod that `wanted` accepts (by UID), in no order. Processes
 /// come and go during the scan: one whose files cannot be read is skipped.
-pub fn pod_processes(proc: &Path, wanted: impl Fn(&str) -> bool) -> Vec<PodProcess> {
+pub(crate) fn pod_processes(proc: &Path, wanted: impl Fn(&str) -> bool) -> Vec<PodProcess> {
     let Ok(entries) = std::fs::read_dir(proc) else {
         return Vec::new();
     };
@@ -148,7 +148,7 @@ pub fn pod_processes(proc: &Path, wanted: impl Fn(&str) -> bool) -> Vec<PodProce
 
 /// The application processes of pod `uid` (its sandbox left out), oldest first: a process
 /// the SPIRE agent's Kubernetes attestor can map to a container of the pod's status.
-pub fn application_pids(proc: &Path, uid: &str) -> Vec<u32> {
+pub(crate) fn application_pids(proc: &Path, uid: &str) -> Vec<u32> {
     let mut processes: Vec<PodProcess> = pod_processes(proc, |u| u == uid)
         .into_iter()
         .filter(|p| !p.sandbox)
@@ -160,7 +160,8 @@ pub fn application_pids(proc: &Path, uid: &str) -> Vec<u32> {
 /// The network namespaces of the pods in `wanted` (UID → the pod's IPs), found among the
 /// processes under `proc`. A pod with no process yet, or whose candidate namespace holds none
 /// of its IPs, is left out (its enrollment is retried).
-pub fn find_pod_netns(
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))] // the node agent's
+pub(crate) fn find_pod_netns(
     proc: &Path,
     wanted: &HashMap<String, Vec<IpAddr>>,
 ) -> HashMap<String, Netns> {
@@ -209,7 +210,8 @@ pub fn find_pod_netns(
 /// Every network namespace of the node but the one `proc`'s `self` is in: those of its
 /// processes, and those pinned under `pinned` (`/var/run/netns`, where container runtimes keep
 /// a sandbox's namespace), each once. What an uninstall sweeps for rules.
-pub fn other_namespaces(proc: &Path, pinned: &Path) -> Vec<Netns> {
+#[cfg_attr(not(feature = "kubernetes"), allow(dead_code))] // the node agent's
+pub(crate) fn other_namespaces(proc: &Path, pinned: &Path) -> Vec<Netns> {
     let own = std::fs::metadata(proc.join("self/ns/net"))
         .ok()
         .map(|m| (m.dev(), m.ino()));

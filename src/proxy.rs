@@ -6,7 +6,7 @@
 
 pub(crate) mod copy;
 pub mod inbound;
-pub mod live;
+pub(crate) mod live;
 pub(crate) mod outbound;
 pub(crate) mod passthrough;
 pub(crate) mod pod;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::authz::{Policy, Scope};
 use crate::identity::Identity;
 
-pub mod balance;
+pub(crate) mod balance;
 pub(crate) mod from_config;
 mod shared;
 pub use shared::SharedState;

@@ -30,7 +30,7 @@ use crate::config::{Config, PodConfig, ServiceConfig, WorkloadConfig};
 use crate::netns::Netns;
 use crate::state::Protocol;
 
-pub mod bench;
+pub(crate) mod bench;
 mod capture;
 pub use capture::{Capture, Segment, parse_pcap};
 

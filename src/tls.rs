@@ -40,8 +40,12 @@ pub(crate) const ALPN_H2: &[u8] = b"h2";
 /// Errors building TLS material.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    #[error("certificate is not valid PEM: {0}")]
+    Pem(#[source] std::io::Error),
     #[error("certificate is not valid DER: {0}")]
-    BadCertificate(String),
+    Der(#[from] x509_parser::error::X509Error),
+    #[error("certificate cannot be a trust anchor: {0:?}")]
+    Anchor(#[source] webpki::Error),
     #[error("trust bundle is empty")]
     EmptyBundle,
     #[error("rustls rejected the configuration: {0}")]
@@ -204,7 +208,7 @@ impl TrustBundle {
             .map(|c| {
                 webpki::anchor_from_trusted_cert(c)
                     .map(|a| a.to_owned())
-                    .map_err(|e| TlsError::BadCertificate(format!("{e:?}")))
+                    .map_err(TlsError::Anchor)
             })
             .collect::<Result<_, _>>()?;
         Ok(TrustBundle { certs, anchors })
@@ -214,7 +218,7 @@ impl TrustBundle {
     pub(crate) fn from_pem(pem: &str) -> Result<Self, TlsError> {
         let certs = rustls_pemfile::certs(&mut pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+            .map_err(TlsError::Pem)?;
         Self::new(certs)
     }
 
@@ -253,12 +257,9 @@ pub struct LeafInfo {
 /// Reads the URI SANs and validity of a DER certificate.
 pub fn leaf_info(der: &CertificateDer<'_>) -> Result<LeafInfo, TlsError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-        .map_err(|e| TlsError::BadCertificate(e.to_string()))?;
+        .map_err(x509_parser::error::X509Error::from)?;
     let mut uris = Vec::new();
-    if let Some(san) = cert
-        .subject_alternative_name()
-        .map_err(|e| TlsError::BadCertificate(e.to_string()))?
-    {
+    if let Some(san) = cert.subject_alternative_name()? {
         for name in &san.value.general_names {
             if let x509_parser::extensions::GeneralName::URI(uri) = name {
                 uris.push((*uri).to_owned());

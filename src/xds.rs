@@ -1,13 +1,15 @@
 //! Discovery over delta ADS (docs/design.md §5): one gRPC stream to the control plane carrying
 //! `istio.workload.Address` and `istio.security.Authorization`, applied to the shared
-//! [`State`]. Conversion and the (N)ACK decision are pure ([`convert`]); this module owns the
+//! [`State`](crate::state::State). Conversion and the (N)ACK decision are pure ([`convert`]); this module owns the
 //! stream: reconnects with capped, jittered backoff, resends what it has
 //! (`initial_resource_versions`), keeps serving the last good state while disconnected,
 //! reports readiness once every subscribed type has been applied once, and resolves unknown
 //! IPs on demand (subscribing `<network>/<ip>`, one request per IP however many wait).
 
 pub mod convert;
-pub mod server;
+// The node agent's xDS server (Kubernetes mode only).
+#[cfg(feature = "kubernetes")]
+pub(crate) mod server;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

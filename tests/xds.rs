@@ -69,15 +69,15 @@ async fn serve_outbound(
     use hboned::netns::{DefaultSocketFactory, SocketFactory};
     use hboned::proxy::{HboneClient, Outbound, StateRouter, TunnelSettings};
     let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
-    let router = Arc::new(StateRouter {
+    let router = Arc::new(StateRouter::new(
         state,
-        source: hboned::identity::Identity::new("cluster.local", "test", "client")
+        hboned::identity::Identity::new("cluster.local", "test", "client")
             .unwrap()
             .into(),
-        source_name: "client".into(),
-        source_ips: vec![ip("127.0.0.1")],
-        cluster_id: "c1".into(),
-    });
+        "client",
+        vec![ip("127.0.0.1")],
+        "c1",
+    ));
     let client = Arc::new(HboneClient::new(
         certs,
         sockets.clone(),

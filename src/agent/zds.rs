@@ -39,7 +39,7 @@ enum Command {
 
 /// The handle the enroller holds; the session runs in [`ZdsServer::serve`].
 #[derive(Clone)]
-pub struct ZdsServer {
+pub(crate) struct ZdsServer {
     commands: mpsc::UnboundedSender<Command>,
     connected: watch::Receiver<bool>,
 }
@@ -54,7 +54,7 @@ impl std::fmt::Debug for ZdsServer {
 
 /// The session side, run by [`ZdsServer::serve`].
 #[derive(Debug)]
-pub struct Session {
+pub(crate) struct Session {
     listener: SeqPacketListener,
     commands: mpsc::UnboundedReceiver<Command>,
     connected: watch::Sender<bool>,
@@ -68,7 +68,7 @@ struct Holder {
 
 impl ZdsServer {
     /// Listens at `path` (a stale socket there is replaced, the new one mode 0600).
-    pub fn bind(path: &Path) -> std::io::Result<(ZdsServer, Session)> {
+    pub(crate) fn bind(path: &Path) -> std::io::Result<(ZdsServer, Session)> {
         use std::os::unix::fs::{FileTypeExt, PermissionsExt};
         if let Ok(meta) = std::fs::symlink_metadata(path)
             && meta.file_type().is_socket()
@@ -101,7 +101,7 @@ impl ZdsServer {
     }
 
     /// True while a proxy holds the session and has its snapshot.
-    pub fn connected(&self) -> watch::Receiver<bool> {
+    pub(crate) fn connected(&self) -> watch::Receiver<bool> {
         self.connected.clone()
     }
 
@@ -153,7 +153,7 @@ type Served = BTreeMap<String, (PodInfo, Netns)>;
 impl Session {
     /// Runs the session side until the handle is dropped: takes each new proxy, brings it up to
     /// date (its snapshot once `primed` is true), then passes on the enroller's requests.
-    pub async fn serve(mut self, mut primed: watch::Receiver<bool>) {
+    pub(crate) async fn serve(mut self, mut primed: watch::Receiver<bool>) {
         let mut served: Served = BTreeMap::new();
         let mut proxy: Option<Holder> = None;
         loop {

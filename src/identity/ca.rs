@@ -47,6 +47,8 @@ pub enum CaError {
     Root(String),
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("the certificate issued is unusable: {0}")]
+    Issued(#[source] Box<crate::identity::manager::CertError>),
     #[error("validity period out of range")]
     Validity,
 }
@@ -203,7 +205,7 @@ impl BuiltinCa {
             key_der,
             self.bundle.clone(),
         )
-        .map_err(|e| CaError::Root(e.to_string()))
+        .map_err(|e| CaError::Issued(Box::new(e)))
     }
 }
 

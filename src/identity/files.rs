@@ -25,7 +25,7 @@ pub(crate) struct FileSource {
 
 /// Why the files gave no certificate; each names the file to check.
 #[derive(Debug, thiserror::Error)]
-pub enum FilesError {
+pub(crate) enum FilesError {
     #[error("cannot read {path}: {source} (certificates.files)")]
     Read {
         path: PathBuf,

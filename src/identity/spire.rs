@@ -38,7 +38,7 @@ use crate::backoff::Backoff;
 use crate::sync::Lock;
 use crate::tls::TrustBundle;
 
-pub mod process;
+pub(crate) mod process;
 
 pub use process::{PodPid, PodProcesses, ProcessError};
 

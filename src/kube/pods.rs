@@ -12,22 +12,22 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
 
-pub use crate::config::{BadLabel, LabelMatch};
+pub(crate) use crate::config::LabelMatch;
 use crate::identity::Identity;
 use crate::state::{Protocol, Workload};
 
 /// The annotation that records a pod's enrollment: `enabled` while its node's proxy serves it.
-pub const REDIRECTION_ANNOTATION: &str = "hboned.io/redirection";
+pub(crate) const REDIRECTION_ANNOTATION: &str = "hboned.io/redirection";
 /// Its value while the pod is enrolled.
-pub const REDIRECTION_ENABLED: &str = "enabled";
+pub(crate) const REDIRECTION_ENABLED: &str = "enabled";
 /// A pod label that keeps a pod of an opted-in namespace out (`none`), as Istio's
 /// `istio.io/dataplane-mode=none` does for ambient.
-pub const OPT_OUT_LABEL: &str = "hboned.io/dataplane-mode";
+pub(crate) const OPT_OUT_LABEL: &str = "hboned.io/dataplane-mode";
 /// The value of [`OPT_OUT_LABEL`] that opts a pod out.
-pub const OPT_OUT: &str = "none";
+pub(crate) const OPT_OUT: &str = "none";
 
 /// Whether a namespace with `labels` is opted in by any of `matches`.
-pub fn opted_in(matches: &[LabelMatch], labels: Option<&BTreeMap<String, String>>) -> bool {
+pub(crate) fn opted_in(matches: &[LabelMatch], labels: Option<&BTreeMap<String, String>>) -> bool {
     labels.is_some_and(|l| matches.iter().any(|m| m.matches(l)))
 }
 

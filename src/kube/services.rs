@@ -24,7 +24,7 @@ struct ServicePort {
 
 /// What is kept of a Service with a cluster IP.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServiceFacts {
+pub(crate) struct ServiceFacts {
     name: String,
     namespace: String,
     hostname: String,
@@ -35,7 +35,7 @@ pub struct ServiceFacts {
 impl ServiceFacts {
     /// `None` for an object without name or namespace, an ExternalName service, or a
     /// headless one (no VIP: clients reach its pods by their own addresses).
-    pub fn of(svc: &KubeService, cluster_domain: &str) -> Option<ServiceFacts> {
+    pub(crate) fn of(svc: &KubeService, cluster_domain: &str) -> Option<ServiceFacts> {
         let name = svc.metadata.name.clone()?;
         let namespace = svc.metadata.namespace.clone()?;
         let spec = svc.spec.as_ref()?;
@@ -86,7 +86,7 @@ impl ServiceFacts {
     }
 
     /// `namespace/name`, how slices name it.
-    pub fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
 
@@ -129,7 +129,7 @@ impl ServiceFacts {
 
 /// What is kept of an EndpointSlice: its service, its ports, the pods it lists.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SliceFacts {
+pub(crate) struct SliceFacts {
     service: String,
     ports: Vec<(String, u16)>,
     pods: BTreeSet<String>,
@@ -137,7 +137,7 @@ pub struct SliceFacts {
 
 impl SliceFacts {
     /// `(namespace/slice name, facts)`; `None` without the `kubernetes.io/service-name` label.
-    pub fn of(slice: &EndpointSlice) -> Option<(String, SliceFacts)> {
+    pub(crate) fn of(slice: &EndpointSlice) -> Option<(String, SliceFacts)> {
         let meta = &slice.metadata;
         let namespace = meta.namespace.clone()?;
         let service = meta.labels.as_ref()?.get("kubernetes.io/service-name")?;
@@ -174,7 +174,7 @@ impl SliceFacts {
 
 /// Services, slices, and which pods each backs.
 #[derive(Debug, Default)]
-pub struct Index {
+pub(crate) struct Index {
     services: HashMap<String, ServiceFacts>,
     slices: HashMap<String, SliceFacts>,
     /// Pod uid → the slices listing it.
@@ -185,7 +185,7 @@ pub struct Index {
 
 impl Index {
     /// Records a service; the pods whose maps may have changed.
-    pub fn apply_service(&mut self, facts: ServiceFacts) -> BTreeSet<String> {
+    pub(crate) fn apply_service(&mut self, facts: ServiceFacts) -> BTreeSet<String> {
         let key = facts.key();
         if self.services.get(&key) == Some(&facts) {
             return BTreeSet::new();
@@ -195,14 +195,14 @@ impl Index {
     }
 
     /// Forgets a service (`namespace/name`); its state key and the pods that lost it.
-    pub fn remove_service(&mut self, key: &str) -> Option<(String, BTreeSet<String>)> {
+    pub(crate) fn remove_service(&mut self, key: &str) -> Option<(String, BTreeSet<String>)> {
         let gone = self.services.remove(key)?;
         let state_key = gone.to_state().key();
         Some((state_key, self.pods_of_service(key)))
     }
 
     /// Records a slice; the pods it listed before or lists now.
-    pub fn apply_slice(&mut self, key: String, facts: SliceFacts) -> BTreeSet<String> {
+    pub(crate) fn apply_slice(&mut self, key: String, facts: SliceFacts) -> BTreeSet<String> {
         let mut touched = self.remove_slice(&key);
         for uid in &facts.pods {
             self.by_pod
@@ -220,7 +220,7 @@ impl Index {
     }
 
     /// Forgets a slice; the pods it listed.
-    pub fn remove_slice(&mut self, key: &str) -> BTreeSet<String> {
+    pub(crate) fn remove_slice(&mut self, key: &str) -> BTreeSet<String> {
         let Some(old) = self.slices.remove(key) else {
             return BTreeSet::new();
         };
@@ -242,7 +242,7 @@ impl Index {
     }
 
     /// A pod's `services` map: `ns/hostname` → service port → the pod's port.
-    pub fn services_of(&self, uid: &str) -> BTreeMap<String, BTreeMap<u16, u16>> {
+    pub(crate) fn services_of(&self, uid: &str) -> BTreeMap<String, BTreeMap<u16, u16>> {
         let mut out = BTreeMap::new();
         for slice in self.by_pod.get(uid).into_iter().flatten() {
             let Some(slice) = self.slices.get(slice) else {
@@ -260,12 +260,12 @@ impl Index {
     }
 
     /// Every known service key (`namespace/name`), for a relist's sweep.
-    pub fn service_keys(&self) -> impl Iterator<Item = &String> {
+    pub(crate) fn service_keys(&self) -> impl Iterator<Item = &String> {
         self.services.keys()
     }
 
     /// Every known slice key, for a relist's sweep.
-    pub fn slice_keys(&self) -> impl Iterator<Item = &String> {
+    pub(crate) fn slice_keys(&self) -> impl Iterator<Item = &String> {
         self.slices.keys()
     }
 

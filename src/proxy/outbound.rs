@@ -348,13 +348,14 @@ fn reset(app: TcpStream) {
 /// destinations through HBONE to `<podIP>:15008`, the rest as plain TCP.
 #[derive(Debug)]
 pub struct StateRouter {
-    pub state: Arc<SharedState>,
+    state: Arc<SharedState>,
     /// The source pod's identity, presented to the peer.
-    pub source: LiveIdentity,
+    source: LiveIdentity,
     /// The source pod's name, for baggage.
-    pub source_name: String,
-    pub source_ips: Vec<IpAddr>,
-    pub cluster_id: String,
+    source_name: String,
+    /// The source pod's addresses: what finds its workload entry in the state.
+    source_ips: Vec<IpAddr>,
+    cluster_id: String,
 }
 
 /// The randomness one route decision uses, drawn by the caller so that the decision itself is
@@ -384,6 +385,24 @@ impl Router for StateRouter {
 }
 
 impl StateRouter {
+    /// The router of the pod `source_name` at `source_ips`, presenting `source`, in the
+    /// cluster `cluster_id`.
+    pub fn new(
+        state: Arc<SharedState>,
+        source: LiveIdentity,
+        source_name: impl Into<String>,
+        source_ips: Vec<IpAddr>,
+        cluster_id: impl Into<String>,
+    ) -> Self {
+        StateRouter {
+            state,
+            source,
+            source_name: source_name.into(),
+            source_ips,
+            cluster_id: cluster_id.into(),
+        }
+    }
+
     /// The whole route of a connection from this router's pod (`src`) to `dst`, decided from
     /// `state` alone: the target and CONNECT authority, the headers, the identities the peer
     /// may present, and both ends as metrics name them.

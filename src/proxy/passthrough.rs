@@ -82,7 +82,7 @@ pub(crate) async fn relay(
 /// Which plaintext an enrolled pod's 15006 takes (kubelet's probes never reach it: the pod's
 /// rules let them through uncaptured).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum InboundPlaintext {
+pub(crate) enum InboundPlaintext {
     /// Any, authorized by policy (permissive: the seed design, ambient's default).
     #[default]
     Accept,

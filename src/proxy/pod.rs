@@ -95,13 +95,13 @@ impl PodProxy {
             sockets.clone(),
             ctx.tunnel.clone(),
         ));
-        let router = Arc::new(StateRouter {
-            state: ctx.state.clone(),
-            source: identity.clone(),
-            source_name: name.to_owned(),
-            source_ips: addresses.to_vec(),
-            cluster_id: ctx.cluster_id.clone(),
-        });
+        let router = Arc::new(StateRouter::new(
+            ctx.state.clone(),
+            identity.clone(),
+            name,
+            addresses.to_vec(),
+            ctx.cluster_id.clone(),
+        ));
         // Removing the pod (not draining the node) ends its live connections.
         let (removal, life) = PodLife::new();
         let connections = life.connections().cloned();

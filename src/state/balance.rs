@@ -18,7 +18,7 @@ pub struct Locality {
 
 /// One routing preference: what a source and an endpoint should share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
+pub(crate) enum Scope {
     Region,
     Zone,
     Subzone,
@@ -29,7 +29,7 @@ pub enum Scope {
 
 /// What the preferences do.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// No preference applies: any endpoint.
     #[default]
     Any,
@@ -43,7 +43,7 @@ pub enum Mode {
 
 /// A service's load-balancing policy.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LoadBalancing {
+pub(crate) struct LoadBalancing {
     pub preferences: Vec<Scope>,
     pub mode: Mode,
     /// ALLOW_ALL: unhealthy endpoints count too.

@@ -92,7 +92,7 @@ fn percentile(v: &mut [Duration], p: f64) -> Duration {
 }
 
 /// The benchmark's apps on b1 and b2, serving while the handles are held.
-pub fn start_apps(topo: &Topology) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+pub(crate) fn start_apps(topo: &Topology) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let mut apps = on_pod(topo, B1.name)?;
     apps.extend(on_pod(topo, B2.name)?);
     Ok(apps)
@@ -347,7 +347,7 @@ async fn rss_per_connection(topo: &Topology, count: usize) -> anyhow::Result<([f
 }
 
 /// `hboned demo --throughput`'s line: bulk one stream, raw and tunnelled (apps started).
-pub async fn throughput(topo: &Topology, runs: usize) -> anyhow::Result<String> {
+pub(crate) async fn throughput(topo: &Topology, runs: usize) -> anyhow::Result<String> {
     let Bulk { raw, tunnel, .. } = bulk(topo, runs, "1 stream").await?;
     Ok(format!(
         "pod-to-pod throughput, {} MiB per run, median of {runs}: raw TCP a2→b2 {raw:.2} Gbit/s, HBONE a1→b1 {tunnel:.2} Gbit/s, tunnel/raw {:.2}",
@@ -357,7 +357,7 @@ pub async fn throughput(topo: &Topology, runs: usize) -> anyhow::Result<String> 
 }
 
 /// The whole report, `runs` alternating runs per bulk shape (apps started).
-pub async fn report(topo: &Topology, runs: usize) -> anyhow::Result<String> {
+pub(crate) async fn report(topo: &Topology, runs: usize) -> anyhow::Result<String> {
     let mut out = String::new();
     let flags = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

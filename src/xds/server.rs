@@ -15,7 +15,9 @@
 
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(test)]
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +40,7 @@ const BATCH: Duration = Duration::from_millis(100);
 
 /// Serves `state` over delta ADS; see the module docs.
 #[derive(Debug, Clone)]
-pub struct XdsServer {
+pub(crate) struct XdsServer {
     state: Arc<SharedState>,
     /// True once `state` is complete; the server waits for it (answering from `cached`
     /// meanwhile, if there is one).
@@ -47,7 +49,7 @@ pub struct XdsServer {
 }
 
 impl XdsServer {
-    pub fn new(state: Arc<SharedState>) -> XdsServer {
+    pub(crate) fn new(state: Arc<SharedState>) -> XdsServer {
         XdsServer {
             state,
             synced: None,
@@ -56,7 +58,7 @@ impl XdsServer {
     }
 
     /// Serves `state` only once `synced` is true, and `cached` until then (nothing without).
-    pub fn gated(
+    pub(crate) fn gated(
         mut self,
         synced: watch::Receiver<bool>,
         cached: Option<Arc<SharedState>>,
@@ -67,13 +69,18 @@ impl XdsServer {
     }
 
     /// Serves on a Unix socket at `path` (a stale socket file there is replaced; the socket is
-    /// made readable and writable by its owner only) until the task is dropped.
-    pub async fn serve_unix(self, path: PathBuf) -> std::io::Result<()> {
+    /// made readable and writable by its owner only) until the task is dropped. The agent binds
+    /// first (`serve_listener`); the tests bind through this.
+    #[cfg(test)]
+    pub(crate) async fn serve_unix(self, path: PathBuf) -> std::io::Result<()> {
         self.serve_listener(bind_unix(&path)?).await
     }
 
     /// Serves on a bound Unix listener until the task is dropped.
-    pub async fn serve_listener(self, listener: tokio::net::UnixListener) -> std::io::Result<()> {
+    pub(crate) async fn serve_listener(
+        self,
+        listener: tokio::net::UnixListener,
+    ) -> std::io::Result<()> {
         tonic::transport::Server::builder()
             .add_service(AggregatedDiscoveryServiceServer::new(self))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
@@ -252,7 +259,7 @@ async fn changed_or_never(changes: Option<&mut watch::Receiver<u64>>) -> bool {
 
 /// Writes every Address of `state` to `path` (a delta response in protobuf, through a temporary
 /// file and a rename): the cache a restarted agent answers from until it has listed again.
-pub fn write_cache(state: &State, path: &Path) -> std::io::Result<()> {
+pub(crate) fn write_cache(state: &State, path: &Path) -> std::io::Result<()> {
     let response = DeltaDiscoveryResponse {
         type_url: ADDRESS_TYPE.to_owned(),
         resources: snapshot(state, ADDRESS_TYPE).into_values().collect(),
@@ -265,7 +272,7 @@ pub fn write_cache(state: &State, path: &Path) -> std::io::Result<()> {
 
 /// Reads a cache [`write_cache`] wrote into a new state; `None` when there is none or it does
 /// not read back whole (a cache is never half-applied).
-pub fn read_cache(path: &Path, trust_domain: &str) -> Option<State> {
+pub(crate) fn read_cache(path: &Path, trust_domain: &str) -> Option<State> {
     let bytes = std::fs::read(path).ok()?;
     let response = DeltaDiscoveryResponse::decode(bytes.as_slice())
         .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "the discovery cache does not decode; ignored"))

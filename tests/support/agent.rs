@@ -14,10 +14,10 @@ use prost::Message;
 use super::within;
 
 /// A network namespace of its own, with loopback up; deleted on drop.
-pub struct ScratchNetns(pub String);
+pub(crate) struct ScratchNetns(pub String);
 
 impl ScratchNetns {
-    pub fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let run = |args: &[&str]| {
             assert!(
                 std::process::Command::new("ip")
@@ -33,7 +33,7 @@ impl ScratchNetns {
         guard
     }
 
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         Path::new("/var/run/netns").join(&self.0)
     }
 }
@@ -48,7 +48,7 @@ impl Drop for ScratchNetns {
 
 /// `hboned run` following the ZDS socket `zds` and nothing else, readiness on a free loopback
 /// port; killed on drop (its log shown on failure).
-pub struct ZdsProxy {
+pub(crate) struct ZdsProxy {
     pub child: std::process::Child,
     /// Where the proxy serves readiness.
     pub readiness: std::net::SocketAddr,
@@ -57,7 +57,7 @@ pub struct ZdsProxy {
 
 impl ZdsProxy {
     /// Starts `bin run` with its config and log in `dir`, named `name`.
-    pub fn start(bin: &Path, dir: &Path, name: &str, zds: &Path) -> ZdsProxy {
+    pub(crate) fn start(bin: &Path, dir: &Path, name: &str, zds: &Path) -> ZdsProxy {
         let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let readiness = free.local_addr().unwrap();
         drop(free);
@@ -86,7 +86,7 @@ impl ZdsProxy {
     }
 
     /// The readiness endpoint's status code, once its listener is up; 0 when it never answers.
-    pub fn readiness_status(&self) -> u16 {
+    pub(crate) fn readiness_status(&self) -> u16 {
         use std::io::{Read, Write};
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         let mut s = loop {
@@ -116,7 +116,7 @@ impl Drop for ZdsProxy {
 }
 
 /// `hboned run` enrolling pods from a fake agent (istio-cni's behaviour).
-pub struct AgentNode {
+pub(crate) struct AgentNode {
     agent: SeqPacketListener,
     conn: Option<SeqPacket>,
     proxy: ZdsProxy,
@@ -125,7 +125,7 @@ pub struct AgentNode {
 
 impl AgentNode {
     /// Starts the proxy and takes its first connection (hello read).
-    pub async fn start(bin: &Path) -> AgentNode {
+    pub(crate) async fn start(bin: &Path) -> AgentNode {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("ztunnel.sock");
         let agent = SeqPacketListener::bind(&sock).unwrap();
@@ -141,13 +141,13 @@ impl AgentNode {
 
     /// The agent restarts: its connection closes, and the proxy's next one is taken (hello
     /// read).
-    pub async fn reconnect(&mut self) {
+    pub(crate) async fn reconnect(&mut self) {
         self.conn = None;
         self.conn = Some(accept_hello(&self.agent).await);
     }
 
     /// Sends one request (with descriptors) and returns the Ack's error ("" for success).
-    pub async fn request(
+    pub(crate) async fn request(
         &self,
         payload: zds::workload_request::Payload,
         fds: &[std::os::fd::BorrowedFd<'_>],
@@ -167,7 +167,7 @@ impl AgentNode {
     }
 
     /// AddWorkload for the pod in `netns` (its descriptor passed along).
-    pub async fn add(&self, uid: &str, netns: &ScratchNetns) -> String {
+    pub(crate) async fn add(&self, uid: &str, netns: &ScratchNetns) -> String {
         let file = std::fs::File::open(netns.path()).unwrap();
         let add = zds::workload_request::Payload::Add(zds::AddWorkload {
             uid: uid.into(),
@@ -180,18 +180,18 @@ impl AgentNode {
         self.request(add, &[file.as_fd()]).await
     }
 
-    pub async fn snapshot_sent(&self) -> String {
+    pub(crate) async fn snapshot_sent(&self) -> String {
         let snapshot = zds::workload_request::Payload::SnapshotSent(zds::SnapshotSent {});
         self.request(snapshot, &[]).await
     }
 
-    pub async fn del(&self, uid: &str) -> String {
+    pub(crate) async fn del(&self, uid: &str) -> String {
         let del = zds::workload_request::Payload::Del(zds::DelWorkload { uid: uid.into() });
         self.request(del, &[]).await
     }
 
     /// The readiness endpoint's status code, once its listener is up; 0 when it never answers.
-    pub fn readiness_status(&self) -> u16 {
+    pub(crate) fn readiness_status(&self) -> u16 {
         self.proxy.readiness_status()
     }
 }

@@ -28,7 +28,7 @@ const READ_BUFFER: usize = 1024;
 
 /// One ZDS update for the connection.
 #[derive(Debug)]
-pub enum Update {
+pub(crate) enum Update {
     Add(Pod),
     Del(String),
 }
@@ -36,7 +36,7 @@ pub enum Update {
 type Queued = (Update, oneshot::Sender<Result<(), String>>);
 
 /// The agent's ZDS side; dropped: its socket closes.
-pub struct Zds {
+pub(crate) struct Zds {
     pub socket: PathBuf,
     updates: mpsc::UnboundedSender<Queued>,
     accepted: Arc<AtomicUsize>,
@@ -52,7 +52,7 @@ impl Drop for Zds {
 
 impl Zds {
     /// Listens on `socket`; the first connection gets `snapshot`.
-    pub fn start(socket: &Path, snapshot: Vec<Pod>) -> Zds {
+    pub(crate) fn start(socket: &Path, snapshot: Vec<Pod>) -> Zds {
         let listener = SeqPacketListener::bind(socket).expect("bind the ZDS socket");
         let (updates, rx) = mpsc::unbounded_channel();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -75,7 +75,7 @@ impl Zds {
 
     /// Queues an update for the connection; resolves with its outcome (an Ack error, or the
     /// connection lost: the update is gone, as in Cilium).
-    pub async fn send(&self, update: Update) -> Result<(), String> {
+    pub(crate) async fn send(&self, update: Update) -> Result<(), String> {
         let (tx, rx) = oneshot::channel();
         self.updates
             .send((update, tx))
@@ -86,12 +86,12 @@ impl Zds {
     }
 
     /// Proxy connections accepted so far.
-    pub fn accepted(&self) -> usize {
+    pub(crate) fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
 
     /// Whether the agent died of a second connection.
-    pub fn crashed(&self) -> bool {
+    pub(crate) fn crashed(&self) -> bool {
         self.crashed.load(Ordering::SeqCst)
     }
 }

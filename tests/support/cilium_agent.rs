@@ -16,7 +16,7 @@ use super::real::go_program;
 
 /// A pod as the agent knows it.
 #[derive(Debug, Clone)]
-pub struct Pod {
+pub(crate) struct Pod {
     pub uid: String,
     pub name: String,
     pub namespace: String,
@@ -38,14 +38,14 @@ impl Pod {
 }
 
 /// Where the agent serves xDS: Cilium's address, with the bootstrap certificate and key.
-pub struct XdsTls<'a> {
+pub(crate) struct XdsTls<'a> {
     pub listen: &'a str,
     pub cert: &'a Path,
     pub key: &'a Path,
 }
 
 /// A running agent driver.
-pub struct CiliumAgent {
+pub(crate) struct CiliumAgent {
     child: Child,
     stdin: ChildStdin,
     stdout: Lines<BufReader<ChildStdout>>,
@@ -55,7 +55,7 @@ pub struct CiliumAgent {
 impl CiliumAgent {
     /// Starts the agent in namespace `netns` (a name under /var/run/netns; `None`: this one)
     /// with its ZDS socket at `zds` and, when given, xDS over TLS; returns once it listens.
-    pub async fn start(
+    pub(crate) async fn start(
         netns: Option<&str>,
         zds: &Path,
         xds: Option<XdsTls<'_>>,
@@ -119,7 +119,7 @@ impl CiliumAgent {
     }
 
     /// The agent's initial snapshot (its restored endpoints), sent to every proxy that connects.
-    pub async fn seed(&mut self, pods: &[Pod]) {
+    pub(crate) async fn seed(&mut self, pods: &[Pod]) {
         let pods: Vec<_> = pods.iter().map(Pod::json).collect();
         self.command(serde_json::json!({"op": "seed", "pods": pods}))
             .await
@@ -128,35 +128,35 @@ impl CiliumAgent {
 
     /// EnrollEndpoint: Cilium's rules in the pod, then AddWorkload to the proxy; returns once
     /// the proxy acknowledged it.
-    pub async fn enroll(&mut self, pod: &Pod) -> Result<(), String> {
+    pub(crate) async fn enroll(&mut self, pod: &Pod) -> Result<(), String> {
         self.command(serde_json::json!({"op": "enroll", "pod": pod.json()}))
             .await
     }
 
     /// DisenrollEndpoint: Cilium's rules removed, then DelWorkload.
-    pub async fn disenroll(&mut self, pod: &Pod) -> Result<(), String> {
+    pub(crate) async fn disenroll(&mut self, pod: &Pod) -> Result<(), String> {
         self.command(serde_json::json!({"op": "disenroll", "pod": pod.json()}))
             .await
     }
 
     /// The pod's CiliumEndpoint, as the agent's watcher sees it (xDS).
-    pub async fn workload(&mut self, pod: &Pod) {
+    pub(crate) async fn workload(&mut self, pod: &Pod) {
         self.command(serde_json::json!({"op": "workload", "pod": pod.json()}))
             .await
             .unwrap();
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn pid(&self) -> Option<u32> {
+    pub(crate) fn pid(&self) -> Option<u32> {
         self.child.id()
     }
 }
 
 /// The container runtime stand-in: answers CRI calls from a JSON file of the node's pods.
-pub struct CriRuntime {
+pub(crate) struct CriRuntime {
     child: std::process::Child,
     pub socket: PathBuf,
     pods: PathBuf,
@@ -170,7 +170,7 @@ impl Drop for CriRuntime {
 }
 
 impl CriRuntime {
-    pub fn start(dir: &Path) -> CriRuntime {
+    pub(crate) fn start(dir: &Path) -> CriRuntime {
         let bin = go_program("cri", "./cmd/cri-runtime", "cri-runtime");
         let (socket, pods) = (dir.join("containerd.sock"), dir.join("cri-pods.json"));
         std::fs::write(&pods, "[]").unwrap();
@@ -195,7 +195,7 @@ impl CriRuntime {
     }
 
     /// Sets the node's pods: (pod UID, the pid of its one running application container).
-    pub fn set_pods(&self, pods: &[(&str, u32)]) {
+    pub(crate) fn set_pods(&self, pods: &[(&str, u32)]) {
         let json: Vec<_> = pods
             .iter()
             .enumerate()

@@ -13,7 +13,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 /// Whether istiod would take this node (pilot/pkg/model/context.go,
 /// ParseServiceNodeWithMetadata): an id of four `~`-separated parts, a proxy type istiod knows,
 /// and a valid IP in the second part unless the metadata lists INSTANCE_IPS.
-pub fn istiod_accepts(node: &hboned::proto::envoy::config::core::v3::Node) -> Result<(), String> {
+pub(crate) fn istiod_accepts(
+    node: &hboned::proto::envoy::config::core::v3::Node,
+) -> Result<(), String> {
     let parts: Vec<&str> = node.id.split('~').collect();
     let [kind, ip, _id, _domain] = parts[..] else {
         return Err(format!("missing parts in the service node {:?}", node.id));
@@ -32,7 +34,7 @@ pub fn istiod_accepts(node: &hboned::proto::envoy::config::core::v3::Node) -> Re
 }
 
 /// One client stream, as the server sees it.
-pub struct AdsStream {
+pub(crate) struct AdsStream {
     pub requests: tonic::Streaming<DeltaDiscoveryRequest>,
     pub responses: mpsc::UnboundedSender<Result<DeltaDiscoveryResponse, tonic::Status>>,
     pub metadata: tonic::metadata::MetadataMap,
@@ -40,7 +42,7 @@ pub struct AdsStream {
 
 impl AdsStream {
     /// The next request, failing the test after 10 s.
-    pub async fn next(&mut self) -> DeltaDiscoveryRequest {
+    pub(crate) async fn next(&mut self) -> DeltaDiscoveryRequest {
         tokio::time::timeout(std::time::Duration::from_secs(10), self.requests.message())
             .await
             .expect("no request from the client")
@@ -48,7 +50,13 @@ impl AdsStream {
             .expect("stream ended")
     }
 
-    pub fn send(&self, type_url: &str, nonce: &str, resources: Vec<Resource>, removed: &[&str]) {
+    pub(crate) fn send(
+        &self,
+        type_url: &str,
+        nonce: &str,
+        resources: Vec<Resource>,
+        removed: &[&str],
+    ) {
         self.responses
             .send(Ok(DeltaDiscoveryResponse {
                 type_url: type_url.into(),
@@ -86,7 +94,7 @@ impl AggregatedDiscoveryService for Fake {
 }
 
 /// A running fake control plane; dropping it stops the server and its streams.
-pub struct FakeAds {
+pub(crate) struct FakeAds {
     pub addr: std::net::SocketAddr,
     pub streams: mpsc::UnboundedReceiver<AdsStream>,
     task: tokio::task::JoinHandle<()>,
@@ -100,26 +108,26 @@ impl Drop for FakeAds {
 
 impl FakeAds {
     /// Serves on `addr` (use port 0 for any).
-    pub async fn start(addr: std::net::SocketAddr) -> FakeAds {
+    pub(crate) async fn start(addr: std::net::SocketAddr) -> FakeAds {
         Self::start_with(addr, None).await
     }
 
     /// Serves TLS with the given (certificate PEM, key PEM).
-    pub async fn start_tls(addr: std::net::SocketAddr, cert: &str, key: &str) -> FakeAds {
+    pub(crate) async fn start_tls(addr: std::net::SocketAddr, cert: &str, key: &str) -> FakeAds {
         hboned::tls::install_process_default();
         Self::start_with(addr, Some(tonic::transport::Identity::from_pem(cert, key))).await
     }
 
     /// Serves plaintext on `listener` (bound by the caller, e.g. inside a test's network
     /// namespace; non-blocking).
-    pub fn serve(listener: std::net::TcpListener) -> FakeAds {
+    pub(crate) fn serve(listener: std::net::TcpListener) -> FakeAds {
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
         Self::serve_with(listener, None)
     }
 
     /// Serves plaintext gRPC on a Unix socket at `path`, as Cilium's agent serves xDS on
     /// /var/run/cilium/xds.sock (`addr` is unspecified then).
-    pub fn serve_unix(path: &std::path::Path) -> FakeAds {
+    pub(crate) fn serve_unix(path: &std::path::Path) -> FakeAds {
         let listener = tokio::net::UnixListener::bind(path).expect("bind the xDS socket");
         let (tx, streams) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
@@ -169,7 +177,7 @@ impl FakeAds {
     }
 
     /// The next client stream, failing the test after 10 s.
-    pub async fn accept(&mut self) -> AdsStream {
+    pub(crate) async fn accept(&mut self) -> AdsStream {
         tokio::time::timeout(std::time::Duration::from_secs(10), self.streams.recv())
             .await
             .expect("the client did not connect")

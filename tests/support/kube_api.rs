@@ -42,7 +42,7 @@ type Body = BoxBody<Bytes, Infallible>;
 
 /// A pod as the test describes it.
 #[derive(Debug, Clone)]
-pub struct PodDef {
+pub(crate) struct PodDef {
     pub uid: String,
     pub name: String,
     pub namespace: String,
@@ -56,7 +56,7 @@ pub struct PodDef {
 
 impl PodDef {
     /// The Pod object: running, ready, with its addresses.
-    pub fn object(&self) -> Pod {
+    pub(crate) fn object(&self) -> Pod {
         Pod {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
@@ -170,12 +170,12 @@ struct Store {
 
 /// The fake API server; cheap to clone, shared by every listener.
 #[derive(Clone)]
-pub struct FakeApi {
+pub(crate) struct FakeApi {
     store: Arc<Mutex<Store>>,
 }
 
 impl FakeApi {
-    pub fn new() -> FakeApi {
+    pub(crate) fn new() -> FakeApi {
         FakeApi {
             store: Arc::new(Mutex::new(Store {
                 rv: 100,
@@ -187,7 +187,7 @@ impl FakeApi {
 
     /// Serves on `listener` (non-blocking, bound wherever the proxy can reach it); returns its
     /// `http://` URL.
-    pub fn serve(&self, listener: std::net::TcpListener) -> String {
+    pub(crate) fn serve(&self, listener: std::net::TcpListener) -> String {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let api = self.clone();
@@ -217,14 +217,14 @@ impl FakeApi {
     }
 
     /// On 127.0.0.1 of this process.
-    pub fn serve_loopback(&self) -> String {
+    pub(crate) fn serve_loopback(&self) -> String {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
         self.serve(l)
     }
 
     /// While set, every request is answered 503 ServiceUnavailable and open watches end.
-    pub fn set_unavailable(&self, down: bool) {
+    pub(crate) fn set_unavailable(&self, down: bool) {
         let mut s = self.store.lock().unwrap();
         s.unavailable = down;
         if down {
@@ -233,11 +233,11 @@ impl FakeApi {
     }
 
     /// Watches end after at most `d` (each then ends with a bookmark, if asked for).
-    pub fn set_max_watch(&self, d: Duration) {
+    pub(crate) fn set_max_watch(&self, d: Duration) {
         self.store.lock().unwrap().max_watch = Some(d);
     }
 
-    pub fn apply_namespace(&self, name: &str, labels: &[(&str, &str)]) {
+    pub(crate) fn apply_namespace(&self, name: &str, labels: &[(&str, &str)]) {
         let ns = Namespace {
             metadata: ObjectMeta {
                 name: Some(name.into()),
@@ -261,7 +261,7 @@ impl FakeApi {
 
     /// Creates or replaces a pod's spec and status (as its controller and kubelet do); the
     /// annotations it already carries stay.
-    pub fn apply_pod(&self, pod: &PodDef) {
+    pub(crate) fn apply_pod(&self, pod: &PodDef) {
         let key = format!("{}/{}", pod.namespace, pod.name);
         let mut object = serde_json::to_value(pod.object()).unwrap();
         let mut s = self.store.lock().unwrap();
@@ -276,7 +276,7 @@ impl FakeApi {
     }
 
     /// Applies a merge patch to pod `namespace/name`, as another client of the API would.
-    pub fn patch_pod(&self, namespace: &str, name: &str, patch: Value) {
+    pub(crate) fn patch_pod(&self, namespace: &str, name: &str, patch: Value) {
         let key = format!("{namespace}/{name}");
         let mut s = self.store.lock().unwrap();
         let mut object = s.objects[&(Kind::Pods, key.clone())].clone();
@@ -285,7 +285,7 @@ impl FakeApi {
     }
 
     /// The annotation `key` of pod `namespace/name`, if set.
-    pub fn pod_annotation(&self, namespace: &str, name: &str, key: &str) -> Option<String> {
+    pub(crate) fn pod_annotation(&self, namespace: &str, name: &str, key: &str) -> Option<String> {
         let s = self.store.lock().unwrap();
         s.objects
             .get(&(Kind::Pods, format!("{namespace}/{name}")))?["metadata"]["annotations"][key]
@@ -294,7 +294,14 @@ impl FakeApi {
     }
 
     /// A ClusterIP Service with one TCP port whose target port is named `target`.
-    pub fn apply_service(&self, namespace: &str, name: &str, vip: IpAddr, port: u16, target: &str) {
+    pub(crate) fn apply_service(
+        &self,
+        namespace: &str,
+        name: &str,
+        vip: IpAddr,
+        port: u16,
+        target: &str,
+    ) {
         use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
         use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
         let svc = Service {
@@ -328,7 +335,7 @@ impl FakeApi {
 
     /// The EndpointSlice the control plane would write for `service`: its pods (uid, IP) on
     /// port `port` named `port_name`.
-    pub fn apply_slice(
+    pub(crate) fn apply_slice(
         &self,
         namespace: &str,
         service: &str,
@@ -377,13 +384,13 @@ impl FakeApi {
         );
     }
 
-    pub fn delete_pod(&self, namespace: &str, name: &str) {
+    pub(crate) fn delete_pod(&self, namespace: &str, name: &str) {
         self.put(Kind::Pods, format!("{namespace}/{name}"), None);
     }
 
     /// Forgets the history up to now (etcd compaction): a watch resuming from an older
     /// version than the current one gets 410 Gone.
-    pub fn compact(&self) {
+    pub(crate) fn compact(&self) {
         let mut s = self.store.lock().unwrap();
         s.oldest = s.rv;
         s.history.clear();
@@ -392,7 +399,7 @@ impl FakeApi {
     /// An API server restart that the watches did not see through: every open watch ends,
     /// `pods` change meanwhile, and the history is compacted; watches resuming from where
     /// they were get 410 Gone and must list again to learn of `pods`.
-    pub fn restart_compacted(&self, pods: &[PodDef]) {
+    pub(crate) fn restart_compacted(&self, pods: &[PodDef]) {
         let mut s = self.store.lock().unwrap();
         s.watchers.clear();
         for pod in pods {
@@ -409,12 +416,12 @@ impl FakeApi {
     }
 
     /// Ends every open watch; clients resume from their last version.
-    pub fn end_watches(&self) {
+    pub(crate) fn end_watches(&self) {
         self.store.lock().unwrap().watchers.clear();
     }
 
     /// Sends a bookmark with the current version to every watch that asked for them.
-    pub fn bookmark(&self) {
+    pub(crate) fn bookmark(&self) {
         let mut s = self.store.lock().unwrap();
         let rv = s.rv;
         s.watchers
@@ -422,12 +429,12 @@ impl FakeApi {
     }
 
     /// The requests so far (`path?query`).
-    pub fn requests(&self) -> Vec<String> {
+    pub(crate) fn requests(&self) -> Vec<String> {
         self.store.lock().unwrap().requests.clone()
     }
 
     /// How many list (non-watch) requests were made for `path`.
-    pub fn lists_of(&self, path: &str) -> usize {
+    pub(crate) fn lists_of(&self, path: &str) -> usize {
         self.requests()
             .iter()
             .filter(|r| r.split('?').next() == Some(path) && !r.contains("watch=true"))
@@ -439,7 +446,7 @@ impl FakeApi {
     }
 
     /// The Events created so far.
-    pub fn events(&self) -> Vec<Value> {
+    pub(crate) fn events(&self) -> Vec<Value> {
         self.store.lock().unwrap().events.clone()
     }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 /// One pod's sandbox process.
-pub struct PodProcess {
+pub(crate) struct PodProcess {
     child: Child,
     /// Directories made, innermost first (removed in this order).
     dirs: Vec<PathBuf>,
@@ -33,13 +33,13 @@ fn hierarchy() -> PathBuf {
 impl PodProcess {
     /// Starts the pod's process in netns `netns` (a name under /var/run/netns), in a cgroup
     /// named after `uid`; `scope` keeps different tests' groups apart.
-    pub fn start(netns: &str, uid: &str, scope: &str) -> PodProcess {
+    pub(crate) fn start(netns: &str, uid: &str, scope: &str) -> PodProcess {
         Self::start_as(netns, uid, scope, None)
     }
 
     /// Like [`PodProcess::start`], the process running as user and group `user` (an app
     /// container's process, as SPIRE's unix attestor sees it).
-    pub fn start_as(netns: &str, uid: &str, scope: &str, user: Option<u32>) -> PodProcess {
+    pub(crate) fn start_as(netns: &str, uid: &str, scope: &str, user: Option<u32>) -> PodProcess {
         let root = hierarchy().join(format!("hboned-test-{scope}"));
         let pod_dir = root.join("kubepods/besteffort").join(format!("pod{uid}"));
         let container = pod_dir.join(format!("{:0>64}", uid.replace('-', "")));
@@ -69,7 +69,7 @@ impl PodProcess {
         PodProcess { child, dirs }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }

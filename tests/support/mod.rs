@@ -3,15 +3,15 @@
 
 #![allow(dead_code, clippy::unwrap_used)]
 
-pub mod agent;
-pub mod cilium;
-pub mod cilium_agent;
-pub mod fake_ads;
-pub mod kube_api;
-pub mod kubelet;
-pub mod real;
-pub mod spire;
-pub mod topo;
+pub(crate) mod agent;
+pub(crate) mod cilium;
+pub(crate) mod cilium_agent;
+pub(crate) mod fake_ads;
+pub(crate) mod kube_api;
+pub(crate) mod kubelet;
+pub(crate) mod real;
+pub(crate) mod spire;
+pub(crate) mod topo;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 
 /// Runs a command to its end and returns its output, failing the test (with its stderr) if
 /// it fails.
-pub fn sh(args: &[&str]) -> String {
+pub(crate) fn sh(args: &[&str]) -> String {
     let out = std::process::Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -41,17 +41,17 @@ pub fn sh(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-pub fn id(sa: &str) -> Identity {
+pub(crate) fn id(sa: &str) -> Identity {
     Identity::new("cluster.local", "test", sa).unwrap()
 }
 
 /// A CA shared by both ends, the way two nodes of one cluster share a root.
-pub fn ca() -> Arc<BuiltinCa> {
+pub(crate) fn ca() -> Arc<BuiltinCa> {
     Arc::new(BuiltinCa::generate(SystemTime::now()).unwrap())
 }
 
 /// A running HBONE server presenting `identity` for the workload at 127.0.0.1.
-pub struct Server {
+pub(crate) struct Server {
     pub addr: SocketAddr,
     pub identity: Identity,
     task: tokio::task::JoinHandle<()>,
@@ -59,7 +59,7 @@ pub struct Server {
 
 impl Server {
     /// Stops accepting (its connections go on), as a draining proxy does.
-    pub fn stop_accepting(&self) {
+    pub(crate) fn stop_accepting(&self) {
         self.task.abort();
     }
 }
@@ -70,12 +70,12 @@ impl Drop for Server {
     }
 }
 
-pub async fn server(ca: Arc<BuiltinCa>, identity: Identity) -> Server {
+pub(crate) async fn server(ca: Arc<BuiltinCa>, identity: Identity) -> Server {
     server_with_policies(ca, identity, None).await
 }
 
 /// Like [`server`], enforcing the policies in `policies`.
-pub async fn server_with_policies(
+pub(crate) async fn server_with_policies(
     ca: Arc<BuiltinCa>,
     identity: Identity,
     policies: Option<Arc<hboned::state::SharedState>>,
@@ -84,7 +84,7 @@ pub async fn server_with_policies(
 }
 
 /// Like [`server_with_policies`], counting connections in `metrics`.
-pub async fn server_with(
+pub(crate) async fn server_with(
     ca: Arc<BuiltinCa>,
     identity: Identity,
     policies: Option<Arc<hboned::state::SharedState>>,
@@ -104,7 +104,7 @@ pub async fn server_with(
 }
 
 /// A server on `addr` (port 0: any) whose connections follow `drain`.
-pub fn server_on(
+pub(crate) fn server_on(
     ca: Arc<BuiltinCa>,
     identity: Identity,
     addr: SocketAddr,
@@ -118,7 +118,7 @@ pub fn server_on(
 }
 
 /// A server for the workload at 127.0.0.1 with these tunnel settings (short timeouts).
-pub fn server_with_settings(
+pub(crate) fn server_with_settings(
     ca: Arc<BuiltinCa>,
     identity: Identity,
     settings: TunnelSettings,
@@ -140,7 +140,7 @@ fn any_port() -> SocketAddr {
 }
 
 /// The workload at 127.0.0.1 presenting `identity`: no policies, metrics or drain.
-pub fn localhost_workload(identity: Identity) -> LocalWorkload {
+pub(crate) fn localhost_workload(identity: Identity) -> LocalWorkload {
     LocalWorkload {
         identity: identity.into(),
         addresses: vec!["127.0.0.1".parse().unwrap()],
@@ -153,7 +153,7 @@ pub fn localhost_workload(identity: Identity) -> LocalWorkload {
 }
 
 /// Serves HBONE for `workload` on `addr` (port 0: any), certificates from `certs`.
-pub fn serve(
+pub(crate) fn serve(
     certs: Arc<CertificateManager>,
     workload: LocalWorkload,
     addr: SocketAddr,
@@ -172,12 +172,12 @@ pub fn serve(
     }
 }
 
-pub fn client(ca: Arc<BuiltinCa>, settings: TunnelSettings) -> HboneClient {
+pub(crate) fn client(ca: Arc<BuiltinCa>, settings: TunnelSettings) -> HboneClient {
     let certs = Arc::new(CertificateManager::new(ca));
     HboneClient::new(certs, Arc::new(DefaultSocketFactory), settings)
 }
 
-pub fn key(source: &Identity, server: &Server) -> PoolKey {
+pub(crate) fn key(source: &Identity, server: &Server) -> PoolKey {
     PoolKey::new(
         source.clone(),
         vec![server.identity.clone()],
@@ -186,12 +186,12 @@ pub fn key(source: &Identity, server: &Server) -> PoolKey {
     )
 }
 
-pub fn request(target: SocketAddr) -> ConnectRequest {
+pub(crate) fn request(target: SocketAddr) -> ConnectRequest {
     ConnectRequest::new(target)
 }
 
 /// A TCP app on 127.0.0.1 that counts accepted connections and runs `handler` on each.
-pub struct App {
+pub(crate) struct App {
     pub addr: SocketAddr,
     pub accepted: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -204,12 +204,12 @@ impl Drop for App {
 }
 
 impl App {
-    pub fn accepted(&self) -> usize {
+    pub(crate) fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
     }
 }
 
-pub async fn app<F, Fut>(handler: F) -> App
+pub(crate) async fn app<F, Fut>(handler: F) -> App
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -232,7 +232,7 @@ where
 }
 
 /// Echoes everything back, then closes its write side when the client does.
-pub async fn echo_app() -> App {
+pub(crate) async fn echo_app() -> App {
     app(|mut s| async move {
         let (mut r, mut w) = s.split();
         let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -243,7 +243,7 @@ pub async fn echo_app() -> App {
 
 /// FNV-1a over a byte stream: the same value however the stream was chunked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Fnv(pub u64);
+pub(crate) struct Fnv(pub u64);
 
 impl Default for Fnv {
     fn default() -> Self {
@@ -252,7 +252,7 @@ impl Default for Fnv {
 }
 
 impl Fnv {
-    pub fn update(&mut self, data: &[u8]) {
+    pub(crate) fn update(&mut self, data: &[u8]) {
         for b in data {
             self.0 ^= u64::from(*b);
             self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
@@ -261,7 +261,7 @@ impl Fnv {
 }
 
 /// Deterministic, non-repeating-looking test data.
-pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
+pub(crate) fn pattern(offset: u64, len: usize) -> Vec<u8> {
     (0..len as u64)
         .map(|i| {
             let x = (offset + i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -271,14 +271,14 @@ pub fn pattern(offset: u64, len: usize) -> Vec<u8> {
 }
 
 /// Fails the test instead of hanging it.
-pub async fn within<T>(secs: u64, fut: impl std::future::Future<Output = T>) -> T {
+pub(crate) async fn within<T>(secs: u64, fut: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(secs), fut)
         .await
         .expect("timed out")
 }
 
 /// Waits until `cond` holds (polling), failing after `secs`.
-pub async fn eventually(secs: u64, mut cond: impl FnMut() -> bool) {
+pub(crate) async fn eventually(secs: u64, mut cond: impl FnMut() -> bool) {
     within(secs, async {
         while !cond() {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -288,7 +288,9 @@ pub async fn eventually(secs: u64, mut cond: impl FnMut() -> bool) {
 }
 
 /// Reads until EOF.
-pub async fn read_all(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Vec<u8>> {
+pub(crate) async fn read_all(
+    s: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> std::io::Result<Vec<u8>> {
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
     Ok(out)

@@ -27,7 +27,7 @@ fn module_dir(module: &str) -> PathBuf {
 }
 
 /// Whether Go is on this machine; on CI it must be.
-pub fn have_go() -> bool {
+pub(crate) fn have_go() -> bool {
     let found = Command::new("go")
         .arg("version")
         .output()
@@ -46,7 +46,7 @@ pub fn have_go() -> bool {
 
 /// `package` of module `module` (a directory under tests/real), built as `name`; its path.
 /// Panics with go's output when the build fails.
-pub fn go_program(module: &str, package: &str, name: &str) -> PathBuf {
+pub(crate) fn go_program(module: &str, package: &str, name: &str) -> PathBuf {
     static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     let built = built.get_or_insert_with(HashMap::new);
@@ -107,7 +107,7 @@ fn is_fresh(program: &Path, dir: &Path) -> bool {
 
 /// A real component's driver process (tests/real/*/cmd/*) that takes commands on stdin and
 /// answers one line each on stdout; killed when dropped.
-pub struct Driver {
+pub(crate) struct Driver {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
     replies: std::io::BufReader<std::process::ChildStdout>,
@@ -115,7 +115,7 @@ pub struct Driver {
 
 impl Driver {
     /// Starts `command` with piped stdin and stdout, its stderr into `log`.
-    pub fn start(mut command: Command, log: &Path) -> Driver {
+    pub(crate) fn start(mut command: Command, log: &Path) -> Driver {
         let mut child = command
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -132,7 +132,7 @@ impl Driver {
     }
 
     /// The next line it printed, trimmed.
-    pub fn line(&mut self) -> String {
+    pub(crate) fn line(&mut self) -> String {
         use std::io::BufRead;
         let mut line = String::new();
         self.replies.read_line(&mut line).unwrap();
@@ -140,7 +140,7 @@ impl Driver {
     }
 
     /// Sends one command; its answer.
-    pub fn command(&mut self, line: &str) -> String {
+    pub(crate) fn command(&mut self, line: &str) -> String {
         use std::io::Write;
         writeln!(self.stdin, "{line}").unwrap();
         self.line()

@@ -15,9 +15,9 @@ use std::time::Duration;
 use super::real::go_program;
 
 /// The SPIFFE ID path of hboned's own entry, the agents' authorized delegate (Cilium's).
-pub const DELEGATE: &str = "/ztunnel";
+pub(crate) const DELEGATE: &str = "/ztunnel";
 /// The node alias every agent's join token maps to (the parent of the delegate's entry).
-pub const NODES: &str = "/nodes";
+pub(crate) const NODES: &str = "/nodes";
 
 fn server_bin() -> PathBuf {
     go_program(
@@ -70,7 +70,7 @@ fn spawn(bin: &Path, args: &[&str], log: &Path) -> Child {
 }
 
 /// A running SPIRE server.
-pub struct Server {
+pub(crate) struct Server {
     child: Child,
     pub dir: PathBuf,
     pub port: u16,
@@ -89,7 +89,7 @@ impl Drop for Server {
 impl Server {
     /// A server for `trust_domain` with its data under `dir`; returns once it is healthy.
     /// SVIDs live `svid_ttl` (a Go duration) unless their entry says otherwise.
-    pub fn start(dir: &Path, trust_domain: &str, svid_ttl: &str) -> Server {
+    pub(crate) fn start(dir: &Path, trust_domain: &str, svid_ttl: &str) -> Server {
         let dir = dir.join("spire-server");
         std::fs::create_dir_all(dir.join("data")).unwrap();
         let port = free_port();
@@ -149,7 +149,7 @@ plugins {{
     }
 
     /// `spire-server <args> -socketPath <ours>`: its stdout, or its stderr as the error.
-    pub fn try_cli(&self, args: &[&str]) -> Result<String, String> {
+    pub(crate) fn try_cli(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new(server_bin())
             .args(args)
             .arg("-socketPath")
@@ -168,17 +168,17 @@ plugins {{
     }
 
     /// Like [`Server::try_cli`], panicking on failure.
-    pub fn cli(&self, args: &[&str]) -> String {
+    pub(crate) fn cli(&self, args: &[&str]) -> String {
         self.try_cli(args)
             .unwrap_or_else(|e| panic!("spire-server {}: {e}", args.join(" ")))
     }
 
-    pub fn id(&self, path: &str) -> String {
+    pub(crate) fn id(&self, path: &str) -> String {
         format!("spiffe://{}{path}", self.trust_domain)
     }
 
     /// A one-time join token for an agent, its node aliased as [`NODES`].
-    pub fn join_token(&self) -> String {
+    pub(crate) fn join_token(&self) -> String {
         let out = self.cli(&["token", "generate", "-spiffeID", &self.id(NODES)]);
         out.trim()
             .strip_prefix("Token: ")
@@ -188,7 +188,13 @@ plugins {{
 
     /// Creates an entry; returns its id. `ttl`: the X.509-SVID lifetime in seconds (0: the
     /// server's default).
-    pub fn create_entry(&self, path: &str, parent: &str, selectors: &[&str], ttl: u32) -> String {
+    pub(crate) fn create_entry(
+        &self,
+        path: &str,
+        parent: &str,
+        selectors: &[&str],
+        ttl: u32,
+    ) -> String {
         let (id, parent) = (self.id(path), self.id(parent));
         let ttl = ttl.to_string();
         let mut args = vec![
@@ -216,12 +222,12 @@ plugins {{
     }
 
     /// The entry of hboned's own process (uid `uid`), the authorized delegate.
-    pub fn delegate_entry(&self, uid: u32) -> String {
+    pub(crate) fn delegate_entry(&self, uid: u32) -> String {
         self.create_entry(DELEGATE, NODES, &[&format!("unix:uid:{uid}")], 0)
     }
 
     /// The entry Cilium's operator registers for a service account.
-    pub fn service_account_entry(&self, ns: &str, sa: &str, ttl: u32) -> String {
+    pub(crate) fn service_account_entry(&self, ns: &str, sa: &str, ttl: u32) -> String {
         self.create_entry(
             &format!("/ns/{ns}/sa/{sa}"),
             DELEGATE,
@@ -230,19 +236,19 @@ plugins {{
         )
     }
 
-    pub fn delete_entry(&self, id: &str) {
+    pub(crate) fn delete_entry(&self, id: &str) {
         self.cli(&["entry", "delete", "-entryID", id]);
     }
 
     /// The trust bundle (PEM), as agents bootstrap from it.
-    pub fn bundle(&self) -> String {
+    pub(crate) fn bundle(&self) -> String {
         self.cli(&["bundle", "show"])
     }
 
     /// Rotates the X.509 authority: prepares a new one, activates it, then taints and revokes
     /// the old one, so new SVIDs chain to the new root and the old root leaves the bundle.
     /// Returns (old, new) authority ids.
-    pub fn rotate_authority(&self) -> (String, String) {
+    pub(crate) fn rotate_authority(&self) -> (String, String) {
         let show = |s: &Self| -> serde_json::Value {
             serde_json::from_str(&s.cli(&["localauthority", "x509", "show", "-output", "json"]))
                 .unwrap()
@@ -261,18 +267,18 @@ plugins {{
     }
 
     /// Taints and revokes an authority (after [`Server::rotate_authority`]).
-    pub fn retire_authority(&self, id: &str) {
+    pub(crate) fn retire_authority(&self, id: &str) {
         self.cli(&["localauthority", "x509", "taint", "-authorityID", id]);
         self.cli(&["localauthority", "x509", "revoke", "-authorityID", id]);
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
 /// A running SPIRE agent of one node.
-pub struct Agent {
+pub(crate) struct Agent {
     child: Option<Child>,
     dir: PathBuf,
     config: PathBuf,
@@ -292,7 +298,7 @@ impl Drop for Agent {
 impl Agent {
     /// An agent named `name`, attested by a fresh join token, trusting `delegates` (SPIFFE ID
     /// paths) on its admin socket; returns once healthy.
-    pub fn start(server: &Server, name: &str, delegates: &[&str]) -> Agent {
+    pub(crate) fn start(server: &Server, name: &str, delegates: &[&str]) -> Agent {
         let dir = server
             .dir
             .parent()
@@ -393,7 +399,7 @@ plugins {{
     }
 
     /// Kills the agent (its admin socket goes away with it).
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -402,14 +408,14 @@ plugins {{
 
     /// Starts the agent again from its data directory (its own SVID and key, kept on disk: a
     /// join token is good for one attestation only).
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         self.stop();
         self.run();
     }
 
     /// Waits until the agent holds an SVID for SPIFFE ID path `path` that this process (uid 0)
     /// can fetch over the Workload API: the delegate's entry has reached the agent.
-    pub fn wait_for_own_svid(&self, server: &Server, path: &str) {
+    pub(crate) fn wait_for_own_svid(&self, server: &Server, path: &str) {
         let want = server.id(path);
         let socket = self.socket.clone();
         wait_for(60, &format!("the agent issued {want}"), &self.log, || {
@@ -421,11 +427,11 @@ plugins {{
         });
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 }

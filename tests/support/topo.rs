@@ -11,12 +11,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::within;
 
 /// GET `path` on 127.0.0.1:`port` inside a namespace of the topology; the whole response.
-pub fn http_get(topo: &Topology, netns: &str, port: u16, path: &str) -> String {
+pub(crate) fn http_get(topo: &Topology, netns: &str, port: u16, path: &str) -> String {
     http(topo, netns, port, "GET", path)
 }
 
 /// `method path` on 127.0.0.1:`port` inside a namespace of the topology; the whole response.
-pub fn http(topo: &Topology, netns: &str, port: u16, method: &str, path: &str) -> String {
+pub(crate) fn http(topo: &Topology, netns: &str, port: u16, method: &str, path: &str) -> String {
     use std::io::{Read, Write};
     topo.netns(netns)
         .unwrap()
@@ -35,7 +35,7 @@ pub fn http(topo: &Topology, netns: &str, port: u16, method: &str, path: &str) -
 }
 
 /// Deletes a pod's namespace under the proxies (`ip netns del`), as a pod's deletion does.
-pub fn delete_netns(topo: &Topology, pod: &str) {
+pub(crate) fn delete_netns(topo: &Topology, pod: &str) {
     let name = topo.netns_name(pod);
     let deleted = std::process::Command::new("ip")
         .args(["netns", "del", &name])
@@ -45,7 +45,7 @@ pub fn delete_netns(topo: &Topology, pod: &str) {
 }
 
 /// The value of `name{labels}` in a Prometheus text exposition.
-pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
     let series = format!("{name}{labels} ");
     text.lines()
         .find_map(|l| l.strip_prefix(&series))
@@ -53,7 +53,7 @@ pub fn metric(text: &str, name: &str, labels: &str) -> Option<f64> {
 }
 
 /// Whether a proxy serves the pod in `netns`: its HBONE port answers inside the pod.
-pub fn hbone_listens(netns: &hboned::netns::Netns) -> bool {
+pub(crate) fn hbone_listens(netns: &hboned::netns::Netns) -> bool {
     netns
         .run(|| {
             std::net::TcpStream::connect_timeout(
@@ -65,16 +65,16 @@ pub fn hbone_listens(netns: &hboned::netns::Netns) -> bool {
 }
 
 /// Whether a proxy serves pod `pod` of the topology.
-pub fn serves(topo: &Topology, pod: &str) -> bool {
+pub(crate) fn serves(topo: &Topology, pod: &str) -> bool {
     hbone_listens(&topo.netns(pod).unwrap())
 }
 
-pub fn bin() -> &'static Path {
+pub(crate) fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_hboned"))
 }
 
 /// False (and a note) when these tests cannot run here; a panic on CI, where they must.
-pub fn can_run() -> bool {
+pub(crate) fn can_run() -> bool {
     if nix::unistd::Uid::effective().is_root() {
         return true;
     }
@@ -87,7 +87,7 @@ pub fn can_run() -> bool {
 }
 
 /// Reads until the connection ends; `Err` with the kind when it was reset.
-pub async fn until_closed(s: &mut tokio::net::TcpStream) -> Result<usize, ErrorKind> {
+pub(crate) async fn until_closed(s: &mut tokio::net::TcpStream) -> Result<usize, ErrorKind> {
     let mut buf = [0u8; 1024];
     let mut total = 0;
     within(10, async {
@@ -103,7 +103,7 @@ pub async fn until_closed(s: &mut tokio::net::TcpStream) -> Result<usize, ErrorK
 }
 
 /// Writes `msg` and expects it echoed back.
-pub async fn echoes(s: &mut tokio::net::TcpStream, msg: &[u8]) {
+pub(crate) async fn echoes(s: &mut tokio::net::TcpStream, msg: &[u8]) {
     s.write_all(msg).await.unwrap();
     let mut back = vec![0u8; msg.len()];
     within(10, s.read_exact(&mut back)).await.unwrap();
@@ -111,7 +111,7 @@ pub async fn echoes(s: &mut tokio::net::TcpStream, msg: &[u8]) {
 }
 
 /// Sends one delta response and waits for its ACK.
-pub async fn push(
+pub(crate) async fn push(
     xds: &mut super::fake_ads::AdsStream,
     nonce: &str,
     type_url: &str,
@@ -129,7 +129,7 @@ pub async fn push(
 /// The topology with node B's proxy on a fake control plane that listens inside node B's netns
 /// (the proxy reaches it on 127.0.0.1 there): returns once both proxies serve and the stream
 /// has subscribed to addresses and policies, with the first (empty) address push ACKed.
-pub async fn with_control_plane_on_b() -> (
+pub(crate) async fn with_control_plane_on_b() -> (
     Topology,
     super::fake_ads::FakeAds,
     super::fake_ads::AdsStream,
@@ -151,7 +151,7 @@ pub async fn with_control_plane_on_b() -> (
 
 /// A non-blocking listener on 127.0.0.1 (a free port) inside a namespace of the topology: where
 /// a fake control plane or API server serves the proxy of that node.
-pub fn loopback_listener(topo: &Topology, netns: &str) -> std::net::TcpListener {
+pub(crate) fn loopback_listener(topo: &Topology, netns: &str) -> std::net::TcpListener {
     topo.netns(netns)
         .unwrap()
         .run(|| {
@@ -163,7 +163,7 @@ pub fn loopback_listener(topo: &Topology, netns: &str) -> std::net::TcpListener 
 }
 
 /// What a capture of the node link saw of one transfer.
-pub struct Seen {
+pub(crate) struct Seen {
     /// The marker appeared in some segment's payload.
     pub clear: bool,
     /// Every segment between the two pods went to or from port 15008.
@@ -172,7 +172,7 @@ pub struct Seen {
 
 /// Echoes `marker` followed by `len` pattern bytes from pod `from` to `to`'s app port under a
 /// capture of the node link (asserting the echo and that the transfer was captured).
-pub async fn transfer_seen(
+pub(crate) async fn transfer_seen(
     topo: &Topology,
     from: &hboned::testbed::Pod,
     to: &hboned::testbed::Pod,

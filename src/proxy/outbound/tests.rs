@@ -49,15 +49,15 @@ fn state() -> State {
 }
 
 fn router() -> StateRouter {
-    StateRouter {
-        state: Arc::new(SharedState::default()),
-        source: Identity::new("cluster.local", "demo", "client")
+    StateRouter::new(
+        Arc::new(SharedState::default()),
+        Identity::new("cluster.local", "demo", "client")
             .unwrap()
             .into(),
-        source_name: "a1-pod".into(),
-        source_ips: vec!["10.0.1.1".parse().unwrap()],
-        cluster_id: "c1".into(),
-    }
+        "a1-pod",
+        vec!["10.0.1.1".parse().unwrap()],
+        "c1",
+    )
 }
 
 const DICE: Dice = Dice {
