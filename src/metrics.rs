@@ -14,7 +14,7 @@ use crate::identity::Identity;
 
 mod process;
 mod record;
-pub(crate) use record::{ConnectionRecord, LogNames, Outcome};
+pub(crate) use record::{ConnectionRecord, LogNames, Meters, Outcome};
 
 /// One end of a connection, as metrics and access logs name it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -9,7 +9,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{ConnectionLabels, Metrics, Peer};
-use crate::proxy::copy::Meters;
+
+/// Live byte counters a relay adds to as bytes move (metrics update while a connection runs,
+/// not only at its end): `request` for a → b, `response` for b → a.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Meters {
+    pub request: Option<prometheus_client::metrics::counter::Counter>,
+    pub response: Option<prometheus_client::metrics::counter::Counter>,
+}
 
 /// What the access log says beyond the metric labels, as ztunnel's ConnectionResult does
 /// (src/proxy/metrics.rs): each end's pod name (falling back to its canonical service), and for

@@ -20,6 +20,7 @@
 //! the other direction until it ends too. An error in either direction ends both and says
 //! which side failed, so the caller can pass a reset on.
 
+use crate::metrics::Meters;
 use crate::metrics::Outcome;
 use std::io;
 use std::pin::Pin;
@@ -45,14 +46,6 @@ pub(crate) struct Transferred {
     pub a_to_b: u64,
     /// From the second argument to the first.
     pub b_to_a: u64,
-}
-
-/// Live byte counters a relay adds to as bytes move (metrics update while a connection runs,
-/// not only at its end): `request` for a → b, `response` for b → a.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Meters {
-    pub request: Option<prometheus_client::metrics::counter::Counter>,
-    pub response: Option<prometheus_client::metrics::counter::Counter>,
 }
 
 /// Which end of a copy failed.

@@ -10,8 +10,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Stop;
-use super::copy::{self, End, Ended, Meters, Transferred};
+use super::copy::{self, End, Ended, Transferred};
 use super::inbound::LocalWorkload;
+use crate::metrics::Meters;
 use crate::metrics::{ConnectionRecord, Outcome};
 use crate::netns::{self, SocketFactory};
 use crate::ports::POD_LISTENERS;
