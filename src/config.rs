@@ -96,6 +96,41 @@ pub struct Config {
     /// `hboned agent`'s own settings (Kubernetes mode's node agent, with `kubernetes:`); the
     /// proxy does not read them.
     pub agent: AgentConfig,
+    /// The DNS proxy in each enrolled pod (README "DNS proxy").
+    pub dns: DnsConfig,
+}
+
+/// The DNS proxy each enrolled pod gets when DNS capture is on: what the pod's port-53
+/// traffic (redirected to `port` on its localhost, as istio-cni's DNS capture does) is
+/// answered with.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Serve DNS in each enrolled pod. Off by default; on under `hboned proxy ztunnel` unless
+    /// `ISTIO_META_DNS_CAPTURE` says otherwise, as ztunnel has it.
+    pub enabled: bool,
+    /// The port on the pod's localhost (127.0.0.1, and ::1 where the pod has IPv6).
+    pub port: u16,
+    /// The cluster's DNS domain: `<service>.<namespace>.svc.<clusterDomain>`.
+    pub cluster_domain: String,
+    /// The upstream resolvers (their `nameserver` lines, `timeout` and `attempts` options) for
+    /// names discovery does not know; read once at start.
+    pub resolv_conf: PathBuf,
+    /// Upstream queries one pod may have in flight; past it a query is answered SERVFAIL at
+    /// once (a flood costs no memory).
+    pub max_upstream_queries: usize,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            enabled: false,
+            port: ports::DNS,
+            cluster_domain: "cluster.local".to_owned(),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
+            max_upstream_queries: 64,
+        }
+    }
 }
 
 /// The node agent's sockets and its CNI plugin (README "Kubernetes mode").
@@ -238,6 +273,7 @@ impl Default for Config {
             any_client_trust_domain: false,
             crl_path: None,
             agent: AgentConfig::default(),
+            dns: DnsConfig::default(),
         }
     }
 }

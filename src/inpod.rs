@@ -307,8 +307,15 @@ impl PodManager {
         let identity = Identity::new(&trust_domain, &info.namespace, &info.service_account)
             .map_err(|source| PodError::Identity { uid: uid(), source })?;
         let identity = LiveIdentity::new(identity);
-        let proxy = PodProxy::start(&ctx.proxy, &info.name, &identity, netns.clone(), &addresses)
-            .map_err(|e| PodError::Listen {
+        let proxy = PodProxy::start(
+            &ctx.proxy,
+            &info.name,
+            &info.namespace,
+            &identity,
+            netns.clone(),
+            &addresses,
+        )
+        .map_err(|e| PodError::Listen {
             uid: uid(),
             port: e.port,
             netns: netns.name().to_owned(),

@@ -49,6 +49,7 @@ pub(crate) mod backoff;
 pub mod cni;
 pub mod config;
 pub(crate) mod control_plane;
+pub(crate) mod dns;
 pub mod drain;
 pub mod hbone;
 pub mod identity;

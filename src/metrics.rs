@@ -12,7 +12,9 @@ use prometheus_client::registry::Registry;
 
 use crate::identity::Identity;
 
+mod dns;
 mod process;
+pub(crate) use dns::{DnsLabels, DnsMetrics};
 mod record;
 pub(crate) use record::{ConnectionRecord, LogNames, Meters, Outcome};
 
@@ -271,6 +273,8 @@ pub struct Metrics {
     /// with their heap, would otherwise be held by every connection). Bounded like the
     /// families themselves: by the workload pairs seen.
     interned: crate::sync::Lock<std::collections::HashSet<Arc<ConnectionLabels>>>,
+    /// The DNS proxy's series.
+    pub(crate) dns: DnsMetrics,
 }
 
 impl Metrics {
@@ -388,8 +392,10 @@ impl Metrics {
                 xds.message_bytes.clone(),
             );
         }
+        let dns = DnsMetrics::register(&mut registry);
         registry.register_collector(Box::new(process::ProcessCollector));
         Arc::new(Metrics {
+            dns,
             registry,
             inbound_sockets: sockets_open
                 .get_or_create(&ReporterLabel {

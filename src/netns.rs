@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 use crate::socket;
 
@@ -27,6 +27,8 @@ pub trait SocketFactory: Send + Sync + fmt::Debug {
     fn tcp_socket(&self, addr: SocketAddr) -> io::Result<TcpSocket>;
     /// A listener bound to `addr`.
     fn tcp_bind(&self, addr: SocketAddr) -> io::Result<TcpListener>;
+    /// A UDP socket bound to `addr` (the DNS proxy's server and upstream sockets).
+    fn udp_bind(&self, addr: SocketAddr) -> io::Result<UdpSocket>;
 }
 
 /// Sockets in the current network namespace, with no mark: loopback tests and the node netns.
@@ -47,6 +49,12 @@ impl SocketFactory for DefaultSocketFactory {
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
         socket.listen(1024)
+    }
+
+    fn udp_bind(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        let s = std::net::UdpSocket::bind(addr)?;
+        s.set_nonblocking(true)?;
+        UdpSocket::from_std(s)
     }
 }
 
@@ -213,6 +221,21 @@ impl SocketFactory for PodSocketFactory {
             Ok(s)
         })?;
         TcpListener::from_std(s.into())
+    }
+
+    fn udp_bind(&self, addr: SocketAddr) -> io::Result<UdpSocket> {
+        let s = self.netns.run(|| {
+            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+            socket::set_mark(&s, self.mark)?;
+            s.set_nonblocking(true)?;
+            s.set_cloexec(true)?;
+            if addr.is_ipv6() {
+                s.set_only_v6(true)?;
+            }
+            s.bind(&addr.into())?;
+            Ok::<_, io::Error>(s)
+        })?;
+        UdpSocket::from_std(s.into())
     }
 }
 

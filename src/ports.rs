@@ -16,5 +16,8 @@ pub(crate) const METRICS: u16 = 15020;
 /// Readiness (`GET /healthz/ready`), in the proxy's own netns.
 pub(crate) const READINESS: u16 = 15021;
 
+/// The DNS proxy inside each enrolled pod (localhost only), where DNS capture sends port 53.
+pub(crate) const DNS: u16 = 15053;
+
 /// The pod ports the proxy listens on: a connection aimed at one of them would loop.
 pub(crate) const POD_LISTENERS: [u16; 3] = [OUTBOUND, INBOUND_PLAINTEXT, HBONE];

@@ -168,6 +168,9 @@ pub struct State {
     network: String,
     services: HashMap<String, Arc<Service>>,
     by_vip: HashMap<IpAddr, String>,
+    /// Hostname (lower case) → the keys of the services of that name, one per namespace that
+    /// has one: what the DNS proxy answers from.
+    by_hostname: HashMap<String, Vec<String>>,
     /// (network address, prefix length, service key) of the services' VIP ranges.
     vip_ranges: Vec<(IpAddr, u8, String)>,
     /// Authorization policies by `namespace/name` (evaluated by `authz`).
@@ -279,6 +282,10 @@ impl State {
         for (net, len) in &s.vip_ranges {
             self.vip_ranges.push((*net, *len, key.clone()));
         }
+        self.by_hostname
+            .entry(s.hostname.to_ascii_lowercase())
+            .or_default()
+            .push(key.clone());
         self.services.insert(key, Arc::new(s));
     }
 
@@ -290,7 +297,31 @@ impl State {
             }
         }
         self.vip_ranges.retain(|(_, _, k)| k != key);
+        let host = old.hostname.to_ascii_lowercase();
+        if let Some(keys) = self.by_hostname.get_mut(&host) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.by_hostname.remove(&host);
+            }
+        }
         Some(old)
+    }
+
+    /// The services named `hostname` (any case), one per namespace that has one.
+    pub(crate) fn services_by_hostname(
+        &self,
+        hostname: &str,
+    ) -> impl Iterator<Item = &Arc<Service>> {
+        self.by_hostname
+            .get(&hostname.to_ascii_lowercase())
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.services.get(k))
+    }
+
+    /// The workloads behind a service (those that name it), in no particular order.
+    pub(crate) fn service_workloads(&self, svc: &Service) -> &[Arc<Workload>] {
+        self.by_service.get(&svc.key()).map_or(&[], Vec::as_slice)
     }
 
     /// Adds or replaces a policy (by `namespace/name`).

@@ -3,9 +3,9 @@
 //! two-node topology, with the `pod` and `app` labels its Kubernetes discovery would attach to a
 //! ztunnel pod, and each PromQL expression of the dashboard (istio/istio
 //! manifests/addons/dashboards/ztunnel.libsonnet, written out below with `$__rate_interval` as
-//! 30s) returns data after traffic and one control-plane reconnect. Two panels cannot: the
-//! container CPU and memory ones read cAdvisor's series, which the kubelet exports, not the
-//! proxy; the DNS one counts the DNS proxy's requests, which hboned does not serve yet. Needs
+//! 30s) returns data after traffic, DNS queries and one control-plane reconnect. Two panels
+//! cannot: the container CPU and memory ones read cAdvisor's series, which the kubelet exports,
+//! not the proxy. Needs
 //! root and the `prometheus` binary; off CI each is skipped when missing, on CI (CI=true) that
 //! fails instead.
 
@@ -17,10 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use hboned::testbed::{self, A1, APP_PORT, B1, node_ip};
-use support::topo::{can_run, echoes, http_get, push, with_control_plane_on_b};
+use support::topo::{can_run, echoes, http_get, push, with_control_plane_on_b_and};
 
 /// The dashboard's expressions hboned must answer.
-const PANELS: [&str; 12] = [
+const PANELS: [&str; 13] = [
     r#"sum by (tag) (istio_build{component="ztunnel"})"#,
     r#"sum by (pod) (rate(istio_tcp_connections_opened_total{pod=~"ztunnel-.*"}[30s]))"#,
     r#"-sum by (pod) (rate(istio_tcp_connections_closed_total{pod=~"ztunnel-.*"}[30s]))"#,
@@ -33,6 +33,7 @@ const PANELS: [&str; 12] = [
     r#"sum by (pod) (istio_tcp_connections_opened_total{app="ztunnel"}) - sum by (pod) (istio_tcp_connections_closed_total{app="ztunnel"})"#,
     r#"sum by (pod) (process_open_fds{app="ztunnel"})"#,
     r#"sum by (pod) (istio_tcp_sockets_open{app="ztunnel"})"#,
+    r#"sum by (pod) (rate(istio_dns_requests_total{pod=~"ztunnel-.*"}[30s]))"#,
 ];
 
 /// Where Prometheus listens inside node B.
@@ -60,6 +61,28 @@ fn have_prometheus() -> bool {
         eprintln!("skipped: needs prometheus (apt-get install prometheus)");
     }
     found
+}
+
+/// One A query for `name` from pod a1 to its DNS proxy (127.0.0.1:15053 in its netns, where
+/// the capture would send port 53); whether an answer came.
+fn ask_dns(topo: &testbed::Topology, name: &str) -> bool {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let mut q = Message::query();
+    q.metadata.id = 7;
+    q.add_query(Query::query(name.parse::<Name>().unwrap(), RecordType::A));
+    let bytes = q.to_vec().unwrap();
+    topo.netns(A1.name)
+        .unwrap()
+        .run(|| {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.send_to(&bytes, "127.0.0.1:15053")?;
+            let mut buf = [0u8; 512];
+            let n = s.recv(&mut buf)?;
+            Ok(Message::from_vec(&buf[..n]).is_ok_and(|m| !m.answers.is_empty()))
+        })
+        .unwrap_or(false)
 }
 
 /// Percent-encodes a query parameter.
@@ -95,8 +118,16 @@ async fn every_panel_of_istios_ztunnel_dashboard_has_data() {
     if !can_run() || !have_prometheus() {
         return;
     }
-    let (topo, mut ads, xds) = with_control_plane_on_b().await;
     let dir = tempfile::tempdir().unwrap();
+    // Node A serves DNS in its pods (the queries below are for a service it knows: the
+    // upstream named here is never asked).
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 127.0.0.1\n").unwrap();
+    let (topo, mut ads, xds) = with_control_plane_on_b_and(|a| {
+        a.dns.enabled = true;
+        a.dns.resolv_conf = resolv.clone();
+    })
+    .await;
     let config = dir.path().join("prometheus.yml");
     // The labels Prometheus' Kubernetes discovery attaches to the ztunnel pods' targets.
     std::fs::write(
@@ -138,6 +169,14 @@ scrape_configs:
     }
     let mut live = topo.connect(A1.name, B1.addr(APP_PORT)).await.unwrap();
     echoes(&mut live, b"held open").await;
+    // DNS queries from a1 to its proxy, over a few scrapes (a rate needs two samples).
+    for _ in 0..3 {
+        assert!(
+            ask_dns(&topo, "echo.demo.svc.cluster.local"),
+            "a1's DNS proxy answered"
+        );
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
     // The control plane ends the stream once: node B reconnects.
     let _ = xds
         .responses

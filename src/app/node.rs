@@ -82,6 +82,7 @@ impl Node {
                 resolver,
                 plaintext: inbound_plaintext(&config),
                 cluster: cluster_guard(&config, &state),
+                dns: dns_settings(&config)?,
             },
             trust_domain: config.trust_domain.clone(),
             local_pods,
@@ -284,6 +285,17 @@ fn inbound_plaintext(config: &Config) -> crate::proxy::passthrough::InboundPlain
     } else {
         InboundPlaintext::Accept
     }
+}
+
+/// The pods' DNS proxy, when `dns.enabled`: its upstream read from the resolv.conf now, so
+/// a missing one stops the start rather than every pod's first lookup.
+fn dns_settings(config: &Config) -> anyhow::Result<Option<crate::dns::DnsSettings>> {
+    let settings = crate::dns::DnsSettings::from_config(&config.dns)
+        .context("dns: the DNS proxy cannot start")?;
+    if let Some(dns) = &settings {
+        tracing::info!(port = dns.port(), upstream = ?dns.upstream().servers(), "DNS proxy on in each enrolled pod");
+    }
+    Ok(settings)
 }
 
 /// The hold (and strict refusal) of unknown addresses in `podCidrs`, when any are given.

@@ -39,6 +39,17 @@ pub(super) const OVERRIDES: &[Override] = &[
         },
     },
     Override {
+        var: "HBONED_DNS_ENABLED",
+        set: |c, v| {
+            c.dns.enabled = match v.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => return Err(format!("HBONED_DNS_ENABLED={v:?} is not true or false")),
+            };
+            Ok(())
+        },
+    },
+    Override {
         var: "HBONED_CLUSTER_ID",
         set: |c, v| {
             c.cluster_id = v;

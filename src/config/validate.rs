@@ -49,6 +49,12 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
             ));
         }
     }
+    if config.dns.enabled && crate::dns::lookup::Zone::new(&config.dns.cluster_domain).is_err() {
+        p.push(format!(
+            "dns.clusterDomain {:?} is not a DNS name",
+            config.dns.cluster_domain
+        ));
+    }
     let mut uids = std::collections::HashSet::new();
     for (i, cidr) in config.pod_cidrs.iter().enumerate() {
         if let Err(e) = cidr.parse::<crate::authz::IpNet>() {
@@ -159,7 +165,7 @@ fn is_unix_url(address: &str) -> bool {
 
 /// Every numeric setting with the range it must fall in, checked at load: a value past
 /// them (a lifetime of 2^64 seconds) would only fail later, at every use.
-fn numeric_settings(config: &Config) -> [(&'static str, Option<u64>, RangeInclusive<u64>); 5] {
+fn numeric_settings(config: &Config) -> [(&'static str, Option<u64>, RangeInclusive<u64>); 7] {
     [
         // Istio's CA caps workload certificates at 90 days (MAX_WORKLOAD_CERT_TTL).
         (
@@ -186,6 +192,12 @@ fn numeric_settings(config: &Config) -> [(&'static str, Option<u64>, RangeInclus
             "xds.onDemandTimeoutMs",
             config.xds.on_demand_timeout_ms,
             1..=60_000,
+        ),
+        ("dns.port", Some(u64::from(config.dns.port)), 1..=65_535),
+        (
+            "dns.maxUpstreamQueries",
+            Some(config.dns.max_upstream_queries as u64),
+            1..=65_536,
         ),
     ]
 }

@@ -113,6 +113,7 @@ pub(super) fn config(env: &Environment) -> (Config, Vec<String>) {
         .get("CRL_PATH")
         .filter(|p| !p.is_empty())
         .map(PathBuf::from);
+    dns(env, &mut config, &mut problems);
     config.cluster_id = env
         .get("ISTIO_META_CLUSTER_ID")
         .or_else(|| env.get("CLUSTER_ID"))
@@ -191,6 +192,34 @@ pub(super) fn config(env: &Environment) -> (Config, Vec<String>) {
     config.ca.cert_lifetime_secs = Some(ttl.as_secs());
     config.drain_timeout_secs = drain_deadline(env, &mut problems).as_secs();
     (config, problems)
+}
+
+/// The DNS proxy as ztunnel's `construct_config` sets it (src/config.rs): on unless the proxy
+/// metadata's `DNS_CAPTURE` (`ISTIO_META_DNS_CAPTURE`) is other than "true"; its address from
+/// `DNS_PROXY_ADDR` (localhost only here), the cluster's domain from `CLUSTER_DOMAIN`.
+fn dns(env: &Environment, config: &mut Config, problems: &mut Vec<String>) {
+    config.dns.enabled = env
+        .get("ISTIO_META_DNS_CAPTURE")
+        .is_none_or(|v| v.eq_ignore_ascii_case("true"));
+    if let Some(domain) = env.get("CLUSTER_DOMAIN").filter(|d| !d.is_empty()) {
+        config.dns.cluster_domain = domain;
+    }
+    if let Some(addr) = env.get("ISTIO_META_DNS_PROXY_ADDR") {
+        let port = addr.rsplit_once(':').and_then(|(host, port)| {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let local = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            port.parse::<u16>().ok().filter(|p| local && *p != 0)
+        });
+        match port {
+            Some(port) => config.dns.port = port,
+            None => problems.push(format!(
+                "ISTIO_META_DNS_PROXY_ADDR={addr:?} is not a localhost address with a port (the DNS proxy listens on the pod's localhost)"
+            )),
+        }
+    }
 }
 
 /// ztunnel's `validate_uri`: an address without a scheme is https.

@@ -36,6 +36,8 @@ pub(crate) struct PodProxyContext {
     pub plaintext: InboundPlaintext,
     /// Unknown destinations in the cluster's pod ranges: held, refused when strict.
     pub cluster: Option<Arc<super::outbound::ClusterGuard>>,
+    /// The DNS proxy each pod gets, when on.
+    pub dns: Option<crate::dns::DnsSettings>,
 }
 
 /// A pod's proxy, serving until dropped: then its listeners close and live connections run to
@@ -62,6 +64,7 @@ impl PodProxy {
     pub(crate) fn start(
         ctx: &PodProxyContext,
         name: &str,
+        namespace: &str,
         identity: &LiveIdentity,
         netns: Arc<Netns>,
         addresses: &[IpAddr],
@@ -81,6 +84,7 @@ impl PodProxy {
                 .tcp_bind(SocketAddr::new(ip, port))
                 .map_err(|source| ListenError { port, source })
         };
+        let ipv6 = unspecified.len() > 1;
         let mut listeners = Vec::new();
         for ip in unspecified {
             listeners.push((
@@ -134,6 +138,26 @@ impl PodProxy {
             ctx.tunnel.clone(),
         );
         let mut tasks = Vec::new();
+        if let Some(dns) = &ctx.dns {
+            let client = crate::dns::DnsClient {
+                namespace: namespace.to_owned(),
+                addresses: addresses.to_vec(),
+            };
+            let served = crate::dns::start(
+                dns,
+                sockets.clone(),
+                client,
+                ctx.state.clone(),
+                ctx.metrics.clone(),
+                ipv6,
+            )
+            .map_err(|source| ListenError {
+                port: dns.port(),
+                source,
+            })?;
+            tracing::debug!(pod = name, udp = %served.udp, tcp = %served.tcp, "DNS proxy serving");
+            tasks.push(served.task);
+        }
         for (outbound_l, plaintext_l, hbone_l) in listeners {
             tasks.push(tokio::spawn(
                 outbound

@@ -134,12 +134,23 @@ pub(crate) async fn with_control_plane_on_b() -> (
     super::fake_ads::FakeAds,
     super::fake_ads::AdsStream,
 ) {
+    with_control_plane_on_b_and(|_| {}).await
+}
+
+/// [`with_control_plane_on_b`], node A's config changed by `adjust_a`.
+pub(crate) async fn with_control_plane_on_b_and(
+    adjust_a: impl FnOnce(&mut hboned::config::Config),
+) -> (
+    Topology,
+    super::fake_ads::FakeAds,
+    super::fake_ads::AdsStream,
+) {
     use hboned::xds::convert::{ADDRESS_TYPE, AUTHORIZATION_TYPE};
     let mut topo = Topology::create(bin()).unwrap();
     let listener = loopback_listener(&topo, "nb");
     let mut ads = super::fake_ads::FakeAds::serve(listener);
     let address = format!("http://{}", ads.addr);
-    topo.start_proxies(bin(), |_| {}, |b| b.xds.address = address)
+    topo.start_proxies(bin(), adjust_a, |b| b.xds.address = address)
         .await
         .unwrap();
     let mut xds = ads.accept().await;

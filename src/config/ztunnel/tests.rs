@@ -305,3 +305,40 @@ fn bad_spire_variables_are_refused_by_name() {
     let err = Config::from_ztunnel_env(&zero).unwrap_err().to_string();
     assert!(err.contains("SPIRE_TIMEOUT"), "{err}");
 }
+
+#[test]
+fn the_dns_proxy_is_on_unless_dns_capture_says_otherwise() {
+    let c = Config::from_ztunnel_env(&istio_chart(&[])).unwrap();
+    assert!(c.dns.enabled, "on by default, as ztunnel has it");
+    assert_eq!(c.dns.port, 15053);
+    assert_eq!(c.dns.cluster_domain, "cluster.local");
+    for (value, on) in [
+        ("true", true),
+        ("TRUE", true),
+        ("false", false),
+        ("no", false),
+    ] {
+        let c =
+            Config::from_ztunnel_env(&istio_chart(&[("ISTIO_META_DNS_CAPTURE", value)])).unwrap();
+        assert_eq!(c.dns.enabled, on, "ISTIO_META_DNS_CAPTURE={value}");
+    }
+    let c = Config::from_ztunnel_env(&istio_chart(&[
+        ("ISTIO_META_DNS_PROXY_ADDR", "localhost:15054"),
+        ("CLUSTER_DOMAIN", "corp.internal"),
+    ]))
+    .unwrap();
+    assert_eq!(
+        (c.dns.port, c.dns.cluster_domain.as_str()),
+        (15054, "corp.internal")
+    );
+    let err = Config::from_ztunnel_env(&istio_chart(&[(
+        "ISTIO_META_DNS_PROXY_ADDR",
+        "10.0.0.5:53",
+    )]))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("ISTIO_META_DNS_PROXY_ADDR"), "{err}");
+    // hboned's own switch wins.
+    let c = Config::from_ztunnel_env(&istio_chart(&[("HBONED_DNS_ENABLED", "false")])).unwrap();
+    assert!(!c.dns.enabled);
+}
