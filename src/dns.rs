@@ -77,6 +77,22 @@ impl DnsSettings {
         &self.upstream
     }
 
+    /// Settings without a config file (the testbed's loopback proxy).
+    #[cfg(feature = "testbed")]
+    pub(crate) fn for_tests(
+        port: u16,
+        zone: Zone,
+        upstream: Upstream,
+        max_upstream_queries: usize,
+    ) -> DnsSettings {
+        DnsSettings {
+            port,
+            zone,
+            upstream: Arc::new(upstream),
+            max_upstream_queries,
+        }
+    }
+
     /// The port on each pod's localhost.
     pub(crate) fn port(&self) -> u16 {
         self.port

@@ -32,6 +32,7 @@ use crate::state::Protocol;
 
 pub(crate) mod bench;
 mod capture;
+pub mod dns;
 pub use capture::{Capture, Segment, parse_pcap};
 
 /// One pod of the topology.
