@@ -506,6 +506,33 @@ pub struct WorkloadConfig {
     /// `ns/hostname` → service port → target port.
     #[serde(default)]
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
+    /// The waypoint connections addressed to this workload go through.
+    #[serde(default)]
+    pub waypoint: Option<WaypointConfig>,
+}
+
+/// A waypoint: a service VIP or workload address, or a service's hostname, and its HBONE port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WaypointConfig {
+    /// A service VIP (one of its endpoints is dialed) or a workload's address.
+    #[serde(default)]
+    pub address: Option<IpAddr>,
+    /// Or a service's hostname …
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// … in this namespace (default: the entry's own).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The port its HBONE listener takes.
+    #[serde(default = "WaypointConfig::default_port")]
+    pub hbone_port: u16,
+}
+
+impl WaypointConfig {
+    fn default_port() -> u16 {
+        ports::HBONE
+    }
 }
 
 impl WorkloadConfig {
@@ -532,6 +559,9 @@ pub struct ServiceConfig {
     /// SPIFFE IDs its endpoints may present besides their own.
     #[serde(default)]
     pub subject_alt_names: Vec<String>,
+    /// The waypoint every connection to the service goes through.
+    #[serde(default)]
+    pub waypoint: Option<WaypointConfig>,
 }
 
 /// Why a configuration was refused; every problem found is listed.

@@ -66,13 +66,48 @@ pub struct Workload {
     /// The port its app takes a PROXY protocol header on first (xDS `application_tunnel`):
     /// this proxy delivers plain TCP, so tunnels into it are refused.
     pub proxy_protocol: Option<u16>,
+    /// The waypoint its traffic goes through when addressed to the workload itself (xDS
+    /// `waypoint`; a service's own waypoint governs traffic to the service).
+    pub waypoint: Option<Gateway>,
+    /// The east-west gateway clients of other networks reach it through (xDS
+    /// `network_gateway`).
+    pub network_gateway: Option<Gateway>,
+}
+
+/// A waypoint or network gateway as discovery names it (xDS `GatewayAddress`): an address or
+/// a service's hostname, and the port its HBONE listener takes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Gateway {
+    pub destination: GatewayDestination,
+    /// The HBONE port (`hbone_mtls_port`; 15008).
+    pub port: u16,
+}
+
+/// Where a [`Gateway`] is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GatewayDestination {
+    /// A service VIP or a workload address, in `network`.
+    Address { network: String, ip: IpAddr },
+    /// A service by its hostname in `namespace`.
+    Hostname { namespace: String, hostname: String },
+}
+
+impl std::fmt::Display for GatewayDestination {
+    /// As ztunnel's config dump writes it: `network/ip` or `namespace/hostname`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GatewayDestination::Address { network, ip } => write!(f, "{network}/{ip}"),
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => write!(f, "{namespace}/{hostname}"),
+        }
+    }
 }
 
 /// Something discovery asks of a workload's or service's traffic that this proxy does not do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unsupported {
-    /// All its traffic must go through a waypoint proxy (which enforces its L7 policies).
-    Waypoint,
     /// It takes a sidecar's Istio mTLS (`LEGACY_ISTIO_MTLS`), not HBONE.
     LegacyIstioMtls,
 }
@@ -81,9 +116,6 @@ impl Unsupported {
     /// Why its traffic is refused, for the log.
     pub fn reason(self) -> &'static str {
         match self {
-            Unsupported::Waypoint => {
-                "it must be reached through a waypoint, which hboned does not do"
-            }
             Unsupported::LegacyIstioMtls => {
                 "it takes Istio mTLS (a sidecar), which hboned does not speak"
             }
@@ -117,8 +149,17 @@ pub(crate) struct Service {
     pub vip_ranges: Vec<(IpAddr, u8)>,
     /// Reached through its addresses only by clients of its own namespace (xDS `visibility`).
     pub namespace_only: bool,
-    /// What discovery asks of its traffic that this proxy cannot do (a waypoint).
+    /// What discovery asks of its traffic that this proxy cannot do.
     pub unsupported: Option<Unsupported>,
+    /// The waypoint every connection to the service goes through (xDS `waypoint`).
+    pub waypoint: Option<Gateway>,
+    /// Several waypoints, each taking connections in proportion to its weight (a waypoint
+    /// canary); when non-empty (and some weight is not 0) it is used in place of `waypoint`.
+    pub weighted_waypoints: Vec<(Gateway, u32)>,
+    /// Ingress gateways should send the service's traffic through its waypoint (xDS
+    /// `ingress_use_waypoint`). Read by ingress gateways, not by ztunnel or hboned: kept for
+    /// the config dump.
+    pub ingress_use_waypoint: bool,
 }
 
 impl Service {
@@ -126,16 +167,44 @@ impl Service {
     pub(crate) fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)
     }
+
+    /// The waypoint a connection goes through: one of the weighted ones in proportion to
+    /// their weights (`pick` the caller's random number), else the single one (ztunnel's
+    /// sample_weighted_waypoint: weights all 0 fall back to `waypoint`).
+    pub(crate) fn pick_waypoint(&self, pick: u64) -> Option<&Gateway> {
+        let total: u64 = self
+            .weighted_waypoints
+            .iter()
+            .map(|(_, w)| u64::from(*w))
+            .sum();
+        if total == 0 {
+            return self.waypoint.as_ref();
+        }
+        let mut at = pick % total;
+        for (gateway, weight) in &self.weighted_waypoints {
+            let weight = u64::from(*weight);
+            if at < weight {
+                return Some(gateway);
+            }
+            at -= weight;
+        }
+        self.waypoint.as_ref()
+    }
 }
 
 /// Where an outbound connection goes, decided from the state alone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Upstream {
-    /// Through HBONE to the proxy at `target.ip():15008`.
+    /// Through HBONE to the server at `peer`: the destination's proxy (`<podIP>:15008`), or
+    /// the waypoint in front of it.
     Hbone {
+        /// The workload at `peer` (the waypoint, when through one).
         workload: Arc<Workload>,
-        /// `<podIP>:<targetPort>`, the CONNECT authority.
+        /// The CONNECT authority: `<podIP>:<targetPort>`, or through a waypoint the address
+        /// the client asked for (a service VIP and port, or the pod's).
         target: SocketAddr,
+        /// The HBONE server dialed.
+        peer: SocketAddr,
         /// Identities the peer may present.
         expected: Vec<Identity>,
         /// The service, when reached through its VIP.
@@ -489,6 +558,16 @@ impl State {
             if let Some(unsupported) = svc.unsupported {
                 return Upstream::Refuse(unsupported.reason());
             }
+            // A service with a waypoint: every connection to it goes there, authority
+            // unchanged (ztunnel's build_request, fetch_service_waypoint).
+            if let Some(waypoint) = svc.pick_waypoint(pick) {
+                let service = ServiceRef {
+                    hostname: svc.hostname.clone(),
+                    name: svc.name.clone(),
+                    namespace: svc.namespace.clone(),
+                };
+                return self.via_waypoint(waypoint, source.map(|w| &**w), dst, Some(service), pick);
+            }
             if svc.load_balancing.mode == balance::Mode::Passthrough {
                 return Upstream::Passthrough { target: dst };
             }
@@ -529,7 +608,14 @@ impl State {
             );
         }
         match self.workload_by_ip(ip) {
-            Some(w) => self.to_workload(w.clone(), dst, Vec::new(), None),
+            // Addressed to a workload with a waypoint: through it, unless the client is that
+            // waypoint (ztunnel's fetch_workload_waypoint, check_from_waypoint).
+            Some(w) => match &w.waypoint {
+                Some(waypoint) if !self.is_gateway(waypoint, source.map(|w| &**w)) => {
+                    self.via_waypoint(waypoint, source.map(|w| &**w), dst, None, pick)
+                }
+                _ => self.to_workload(w.clone(), dst, Vec::new(), None),
+            },
             // An enrolled workload of another network, reachable only through an east-west
             // gateway this proxy does not use: refused, never sent in plaintext.
             None if self.remote_hbone_ips.contains_key(&ip) => {
@@ -537,6 +623,112 @@ impl State {
             }
             None => Upstream::Passthrough { target: dst },
         }
+    }
+
+    /// Through `waypoint` to `dst`: the waypoint's HBONE port on one of its workloads (of
+    /// `dst`'s family where it has one), expecting its identity and its service's SANs. A
+    /// waypoint that cannot be found, has no endpoint, or is on another network refuses the
+    /// connection: it is never sent around the waypoint.
+    fn via_waypoint(
+        &self,
+        waypoint: &Gateway,
+        source: Option<&Workload>,
+        dst: SocketAddr,
+        service: Option<ServiceRef>,
+        pick: u64,
+    ) -> Upstream {
+        match self.resolve_gateway(waypoint, source, dst.is_ipv4(), pick) {
+            Ok((workload, peer, mut expected)) => {
+                expected.insert(0, workload.identity.clone());
+                Upstream::Hbone {
+                    workload,
+                    target: dst,
+                    peer,
+                    expected,
+                    service,
+                }
+            }
+            Err(reason) => Upstream::Refuse(reason),
+        }
+    }
+
+    /// The workload a gateway's traffic goes to, the address dialed (its HBONE port), and the
+    /// extra identities it may present (its service's SANs), as ztunnel's fetch_waypoint
+    /// finds them: an address is a service VIP (one of its endpoints, by its load balancing)
+    /// or a workload's own address; a hostname is a service of that namespace.
+    fn resolve_gateway(
+        &self,
+        gateway: &Gateway,
+        source: Option<&Workload>,
+        v4: bool,
+        pick: u64,
+    ) -> Result<(Arc<Workload>, SocketAddr, Vec<Identity>), &'static str> {
+        const UNKNOWN: &str = "its waypoint is not known to discovery";
+        let service = match &gateway.destination {
+            GatewayDestination::Address { network, ip } => {
+                if *network != self.network {
+                    return Err("its waypoint is on another network");
+                }
+                match self.service_by_vip(*ip) {
+                    Some(svc) => svc,
+                    None => {
+                        let w = self.workload_by_ip(*ip).ok_or(UNKNOWN)?;
+                        return Ok((w.clone(), SocketAddr::new(*ip, gateway.port), Vec::new()));
+                    }
+                }
+            }
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => self
+                .services_by_hostname(hostname)
+                .find(|s| s.namespace == *namespace)
+                .ok_or(UNKNOWN)?,
+        };
+        let endpoints = self.endpoints(service, gateway.port);
+        let (w, port) = balance::choose(&endpoints, &service.load_balancing, source, pick)
+            .ok_or("its waypoint has no endpoints")?;
+        let ip = w
+            .addresses
+            .iter()
+            .find(|a| a.is_ipv4() == v4)
+            .or_else(|| w.addresses.first())
+            .ok_or("its waypoint has no address")?;
+        if w.network != self.network {
+            return Err("its waypoint is on another network");
+        }
+        Ok((
+            w.clone(),
+            SocketAddr::new(*ip, port),
+            service.subject_alt_names.clone(),
+        ))
+    }
+
+    /// Whether `source` is one of the workloads behind `gateway` (traffic from a waypoint to
+    /// the workloads it serves does not go back through it).
+    fn is_gateway(&self, gateway: &Gateway, source: Option<&Workload>) -> bool {
+        let Some(source) = source else {
+            return false;
+        };
+        let service = match &gateway.destination {
+            GatewayDestination::Address { ip, .. } => match self.service_by_vip(*ip) {
+                Some(svc) => svc,
+                None => return source.addresses.contains(ip),
+            },
+            GatewayDestination::Hostname {
+                namespace,
+                hostname,
+            } => match self
+                .services_by_hostname(hostname)
+                .find(|s| s.namespace == *namespace)
+            {
+                Some(svc) => svc,
+                None => return false,
+            },
+        };
+        self.service_workloads(service)
+            .iter()
+            .any(|w| w.uid == source.uid && w.identity == source.identity)
     }
 
     fn to_workload(
@@ -556,6 +748,7 @@ impl State {
                 Upstream::Hbone {
                     workload,
                     target,
+                    peer: SocketAddr::new(target.ip(), crate::ports::HBONE),
                     expected,
                     service,
                 }

@@ -430,6 +430,7 @@ impl Topology {
                         Protocol::Tcp
                     },
                     services,
+                    waypoint: None,
                 }
             })
             .collect();
@@ -440,6 +441,7 @@ impl Topology {
             vips: vec![IpAddr::V4(SERVICE_VIP)],
             ports: BTreeMap::from([(SERVICE_PORT, APP_PORT)]),
             subject_alt_names: Vec::new(),
+            waypoint: None,
         }];
         if node == 'a' {
             // Plaintext (no identity) to a1's port DENIED_PLAINTEXT_PORT is refused.
@@ -576,6 +578,13 @@ impl Topology {
     /// The directory of this topology's files (configs, logs, the CA root).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The CA both proxies issue from: for a test's own HBONE peer (a waypoint, a gateway).
+    pub fn ca(&self) -> anyhow::Result<crate::identity::ca::BuiltinCa> {
+        Ok(crate::identity::ca::BuiltinCa::load_dir(
+            &self.dir.join("ca"),
+        )?)
     }
 
     /// Waits until every enrolled pod's HBONE listener accepts.

@@ -226,6 +226,7 @@ async fn a_pod_resolves_services_service_entries_and_external_names_through_its_
                 vips: vec![IpAddr::V4(ALLOCATED)],
                 ports: [(443, 443)].into(),
                 subject_alt_names: Vec::new(),
+                waypoint: None,
             });
         },
         |_| {},

@@ -769,6 +769,8 @@ async fn selector_policies_apply_to_the_workloads_that_list_them() {
         capacity: 1,
         unsupported: None,
         proxy_protocol: None,
+        waypoint: None,
+        network_gateway: None,
     };
     state.write(|s| s.upsert_workload(server));
     let err = within(10, hbone.connect(&key, &request(app.addr)))

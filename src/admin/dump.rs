@@ -48,6 +48,8 @@ pub(crate) fn workload(w: &Workload) -> Value {
         "networkMode": if w.host_network { "HostNetwork" } else { "Standard" },
         // What discovery asks that hboned refuses to fake (its traffic is refused).
         "refused": w.unsupported.map(|u| u.reason()),
+        "waypoint": w.waypoint.as_ref().map(gateway),
+        "networkGateway": w.network_gateway.as_ref().map(gateway),
         "applicationTunnel": w.proxy_protocol.map(|port| json!({"protocol": "PROXY", "port": port})),
     })
 }
@@ -111,7 +113,15 @@ pub(crate) fn service(s: &Service, state: &State) -> Value {
         "vipRanges": s.vip_ranges.iter().map(|(net, len)| format!("{net}/{len}")).collect::<Vec<_>>(),
         "visibility": if s.namespace_only { "Namespace" } else { "Public" },
         "refused": s.unsupported.map(|u| u.reason()),
+        "waypoint": s.waypoint.as_ref().map(gateway),
+        "ingressUseWaypoint": s.ingress_use_waypoint,
     })
+}
+
+/// A waypoint or network gateway as ztunnel dumps it (`GatewayAddress`): the destination as
+/// `network/ip` or `namespace/hostname` (what istioctl matches against services and VIPs).
+fn gateway(g: &crate::state::Gateway) -> Value {
+    json!({"destination": g.destination.to_string(), "hboneMtlsPort": g.port})
 }
 
 /// Workloads and services sorted by key, policies by `namespace/name`.
@@ -173,6 +183,9 @@ mod tests {
             vip_ranges: Vec::new(),
             namespace_only: false,
             unsupported: None,
+            waypoint: None,
+            weighted_waypoints: Vec::new(),
+            ingress_use_waypoint: false,
         });
         state.upsert_policy(Policy {
             name: "allow-web".into(),

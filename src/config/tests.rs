@@ -409,3 +409,41 @@ fn kubernetes_mode_is_refused_beside_another_agent_and_with_the_builtin_ca() {
         "from-env"
     );
 }
+
+/// Waypoints in the file: by address or by hostname (in the entry's namespace unless named),
+/// one of the two, read into the state as discovery's would be.
+#[test]
+fn waypoints_in_the_file() {
+    let yaml = "
+workloads:
+- {uid: w1, name: w1, namespace: demo, workloadIps: [10.0.0.1], protocol: HBONE,
+   waypoint: {address: 10.96.0.99}}
+services:
+- {name: s, namespace: demo, hostname: s.demo.svc.cluster.local, vips: [10.96.0.1],
+   waypoint: {hostname: waypoint.mesh.svc.cluster.local, namespace: mesh, hbonePort: 15009}}
+";
+    let config = Config::parse(yaml, &no_env).unwrap();
+    let state = State::from_config(&config);
+    let w = state.workload("w1").unwrap();
+    assert_eq!(
+        w.waypoint.as_ref().unwrap().destination.to_string(),
+        "/10.96.0.99"
+    );
+    let s = state.services().next().unwrap();
+    let wp = s.waypoint.as_ref().unwrap();
+    assert_eq!(
+        (wp.destination.to_string(), wp.port),
+        ("mesh/waypoint.mesh.svc.cluster.local".to_owned(), 15009)
+    );
+    for (bad, why) in [
+        ("{address: 10.0.0.9, hostname: x}", "both"),
+        ("{hbonePort: 15008}", "neither"),
+        ("{hostname: \"\"}", "hostname is empty"),
+    ] {
+        let yaml = format!(
+            "services:\n- {{name: s, namespace: demo, hostname: s.demo, vips: [10.96.0.1], waypoint: {bad}}}\n"
+        );
+        let err = Config::parse(&yaml, &no_env).unwrap_err().to_string();
+        assert!(err.contains("services[0]") && err.contains(why), "{err}");
+    }
+}

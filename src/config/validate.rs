@@ -84,6 +84,9 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
         if w.workload_ips.is_empty() {
             p.push(format!("workloads[{i}] ({}): workloadIps is empty", w.uid));
         }
+        if let Some(e) = w.waypoint.as_ref().and_then(waypoint_problem) {
+            p.push(format!("workloads[{i}] ({}): waypoint {e}", w.uid));
+        }
     }
     for (i, s) in config.services.iter().enumerate() {
         if let Some(e) = s
@@ -92,6 +95,9 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
             .find_map(|n| Identity::parse(n).err())
         {
             p.push(format!("services[{i}] ({}): {e}", s.hostname));
+        }
+        if let Some(e) = s.waypoint.as_ref().and_then(waypoint_problem) {
+            p.push(format!("services[{i}] ({}): waypoint {e}", s.hostname));
         }
     }
     for (i, policy) in config.policies.iter().enumerate() {
@@ -103,6 +109,17 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
         }
     }
     p
+}
+
+/// What is wrong with a waypoint entry, if anything: it names one address or one hostname.
+fn waypoint_problem(w: &super::WaypointConfig) -> Option<&'static str> {
+    match (&w.address, &w.hostname) {
+        (Some(_), Some(_)) => Some("has both an address and a hostname"),
+        (None, None) => Some("has neither an address nor a hostname"),
+        (None, Some(h)) if h.is_empty() => Some("hostname is empty"),
+        _ if w.hbone_port == 0 => Some("hbonePort is 0"),
+        _ => None,
+    }
 }
 
 /// Kubernetes mode is the node agent: it must not share pods with another one (istio-cni or

@@ -140,6 +140,9 @@ fn service(hostname: &str, vips: Vec<IpAddr>) -> Service {
         vip_ranges: Vec::new(),
         namespace_only: false,
         unsupported: None,
+        waypoint: None,
+        weighted_waypoints: Vec::new(),
+        ingress_use_waypoint: false,
     }
 }
 

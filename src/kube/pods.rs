@@ -186,6 +186,8 @@ impl PodFacts {
             capacity: 1,
             unsupported: None,
             proxy_protocol: None,
+            waypoint: None,
+            network_gateway: None,
         })
     }
 }

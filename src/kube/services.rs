@@ -108,6 +108,9 @@ impl ServiceFacts {
             vip_ranges: Vec::new(),
             namespace_only: false,
             unsupported: None,
+            waypoint: None,
+            weighted_waypoints: Vec::new(),
+            ingress_use_waypoint: false,
         }
     }
 

@@ -422,11 +422,11 @@ impl StateRouter {
             Upstream::Hbone {
                 workload,
                 target,
+                peer,
                 expected,
                 service,
             } => {
                 let destination = Peer::of(&workload, Some(&workload.identity));
-                let peer = SocketAddr::new(target.ip(), crate::ports::HBONE);
                 let mut request = ConnectRequest::new(target);
                 request.forwarded_for = Some(src);
                 request.forwarded_host = service.as_ref().map(|s| s.hostname.clone());

@@ -2,8 +2,8 @@
 //! validated when the file was parsed (`config::validate`); converting one here cannot fail
 //! for a parsed config, and one that does anyway is skipped, never fatal.
 
-use super::{Service, State, Workload};
-use crate::config::{Config, ServiceConfig, WorkloadConfig};
+use super::{Gateway, GatewayDestination, Service, State, Workload};
+use crate::config::{Config, ServiceConfig, WaypointConfig, WorkloadConfig};
 use crate::identity::{Identity, IdentityError};
 
 impl State {
@@ -17,7 +17,11 @@ impl State {
         {
             state.upsert_workload(w);
         }
-        for s in config.services.iter().filter_map(|s| service(s).ok()) {
+        for s in config
+            .services
+            .iter()
+            .filter_map(|s| service(config, s).ok())
+        {
             state.upsert_service(s);
         }
         for p in config.policies.iter().filter_map(|p| p.to_policy().ok()) {
@@ -57,11 +61,35 @@ pub(crate) fn workload(config: &Config, w: &WorkloadConfig) -> Result<Workload, 
         capacity: 1,
         unsupported: None,
         proxy_protocol: None,
+        waypoint: w
+            .waypoint
+            .as_ref()
+            .and_then(|g| gateway(config, g, &w.namespace)),
+        network_gateway: None,
+    })
+}
+
+/// A waypoint entry (validated: exactly one of address and hostname).
+fn gateway(config: &Config, g: &WaypointConfig, namespace: &str) -> Option<Gateway> {
+    let destination = match (&g.address, &g.hostname) {
+        (Some(ip), None) => GatewayDestination::Address {
+            network: config.xds.network.clone(),
+            ip: *ip,
+        },
+        (None, Some(hostname)) => GatewayDestination::Hostname {
+            namespace: g.namespace.clone().unwrap_or_else(|| namespace.to_owned()),
+            hostname: hostname.clone(),
+        },
+        _ => return None,
+    };
+    Some(Gateway {
+        destination,
+        port: g.hbone_port,
     })
 }
 
 /// A service entry.
-pub(crate) fn service(s: &ServiceConfig) -> Result<Service, IdentityError> {
+pub(crate) fn service(config: &Config, s: &ServiceConfig) -> Result<Service, IdentityError> {
     Ok(Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
@@ -77,5 +105,11 @@ pub(crate) fn service(s: &ServiceConfig) -> Result<Service, IdentityError> {
         vip_ranges: Vec::new(),
         namespace_only: false,
         unsupported: None,
+        waypoint: s
+            .waypoint
+            .as_ref()
+            .and_then(|g| gateway(config, g, &s.namespace)),
+        weighted_waypoints: Vec::new(),
+        ingress_use_waypoint: false,
     })
 }

@@ -35,6 +35,8 @@ pub(crate) fn workload(uid: &str, addr: &str, sa_name: &str, protocol: Protocol)
         capacity: 1,
         unsupported: None,
         proxy_protocol: None,
+        waypoint: None,
+        network_gateway: None,
     }
 }
 
@@ -56,6 +58,9 @@ fn service(vip: &str, ports: &[(u16, u16)]) -> Service {
         vip_ranges: Vec::new(),
         namespace_only: false,
         unsupported: None,
+        waypoint: None,
+        weighted_waypoints: Vec::new(),
+        ingress_use_waypoint: false,
     }
 }
 
@@ -444,34 +449,209 @@ fn the_policy_generation_moves_with_what_decisions_depend_on() {
     assert!(!moved(&mut changes), "removing what is not there");
 }
 
-/// What discovery asks that hboned cannot do is refused, never sent another way: a workload
-/// or service behind a waypoint, a sidecar's Istio mTLS.
+/// A sidecar's Istio mTLS is refused, never sent another way.
 #[test]
-fn waypoints_and_istio_mtls_are_refused() {
+fn istio_mtls_is_refused() {
     let mut s = state();
-    let mut behind = workload("w", "10.0.2.20", "w", Protocol::Hbone);
-    behind.unsupported = Some(Unsupported::Waypoint);
-    s.upsert_workload(behind);
     let mut sidecar = workload("sc", "10.0.2.21", "sc", Protocol::Tcp);
     sidecar.unsupported = Some(Unsupported::LegacyIstioMtls);
     s.upsert_workload(sidecar);
-    let src = [ip("10.0.1.2")];
-    for (dst, why) in [
-        ("10.0.2.20:80", Unsupported::Waypoint),
-        ("10.0.2.21:80", Unsupported::LegacyIstioMtls),
-    ] {
-        assert_eq!(
-            s.route(&src, sa(dst), 0),
-            Upstream::Refuse(why.reason()),
-            "{dst}"
-        );
+    assert_eq!(
+        s.route(&[ip("10.0.1.2")], sa("10.0.2.21:80"), 0),
+        Upstream::Refuse(Unsupported::LegacyIstioMtls.reason())
+    );
+}
+
+const WAYPOINT_VIP: &str = "10.96.0.99";
+
+/// `state()` with a waypoint: its Service (VIP 10.96.0.99, port 15008, SAN `wp-san`) in front
+/// of the workload `wp` (10.0.3.1, service account `waypoint`).
+fn with_waypoint() -> State {
+    let mut s = state();
+    let mut wp_svc = service(WAYPOINT_VIP, &[(15008, 15008)]);
+    wp_svc.name = "waypoint".into();
+    wp_svc.hostname = "waypoint.default.svc.cluster.local".into();
+    wp_svc.subject_alt_names = vec![Identity::new("cluster.local", "default", "wp-san").unwrap()];
+    s.upsert_service(wp_svc);
+    s.upsert_workload(with_service(
+        workload("wp", "10.0.3.1", "waypoint", Protocol::Tcp),
+        "default/waypoint.default.svc.cluster.local",
+        &[(15008, 15008)],
+    ));
+    s
+}
+
+fn by_address(vip: &str) -> Gateway {
+    Gateway {
+        destination: GatewayDestination::Address {
+            network: String::new(),
+            ip: ip(vip),
+        },
+        port: 15008,
     }
-    let mut svc = service("10.96.0.10", &[(80, 9090)]);
-    svc.unsupported = Some(Unsupported::Waypoint);
+}
+
+fn by_hostname(namespace: &str, hostname: &str) -> Gateway {
+    Gateway {
+        destination: GatewayDestination::Hostname {
+            namespace: namespace.into(),
+            hostname: hostname.into(),
+        },
+        port: 15008,
+    }
+}
+
+/// Where a route goes: (the peer dialed, the CONNECT authority, the first expected identity).
+fn hop(u: &Upstream) -> Option<(SocketAddr, SocketAddr, String)> {
+    match u {
+        Upstream::Hbone {
+            peer,
+            target,
+            expected,
+            ..
+        } => Some((*peer, *target, expected[0].to_string())),
+        _ => None,
+    }
+}
+
+/// A service with a waypoint (named by address or hostname): its connections go to the
+/// waypoint's HBONE port, the CONNECT authority the VIP and port the client asked for, the
+/// waypoint's identity and SANs expected (ztunnel's build_request).
+#[test]
+fn a_service_with_a_waypoint_is_reached_through_it() {
+    let waypoint_id = "spiffe://cluster.local/ns/default/sa/waypoint".to_owned();
+    for gateway in [
+        by_address(WAYPOINT_VIP),
+        by_hostname("default", "waypoint.default.svc.cluster.local"),
+    ] {
+        let mut s = with_waypoint();
+        let mut svc = service("10.96.0.10", &[(80, 8080)]);
+        svc.waypoint = Some(gateway.clone());
+        s.upsert_service(svc);
+        let u = s.route(&[ip("10.0.1.2")], sa("10.96.0.10:80"), 0);
+        assert_eq!(
+            hop(&u),
+            Some((
+                sa("10.0.3.1:15008"),
+                sa("10.96.0.10:80"),
+                waypoint_id.clone()
+            )),
+            "{gateway:?}"
+        );
+        let Upstream::Hbone {
+            expected,
+            service,
+            workload,
+            ..
+        } = u
+        else {
+            unreachable!()
+        };
+        assert_eq!(workload.uid, "wp");
+        assert!(expected.iter().any(|i| i.service_account() == "wp-san"));
+        assert_eq!(service.unwrap().hostname, "web.default.svc.cluster.local");
+    }
+}
+
+/// A workload with a waypoint, addressed directly: through the waypoint, authority the pod's
+/// address; not when the client is the waypoint itself, and not when the workload is reached
+/// through a service without one (ztunnel checks the workload's waypoint only then).
+#[test]
+fn a_workload_with_a_waypoint_is_reached_through_it_unless_from_it() {
+    let mut s = with_waypoint();
+    let mut behind = workload("w", "10.0.2.20", "w", Protocol::Hbone);
+    behind.waypoint = Some(by_address(WAYPOINT_VIP));
+    s.upsert_workload(with_service(behind, SVC, &[(80, 8080)]));
+    let (peer, target, _) = hop(&s.route(&[ip("10.0.1.2")], sa("10.0.2.20:8080"), 0)).unwrap();
+    assert_eq!((peer, target), (sa("10.0.3.1:15008"), sa("10.0.2.20:8080")));
+    // From the waypoint: straight to the workload's proxy.
+    let (peer, _, _) = hop(&s.route(&[ip("10.0.3.1")], sa("10.0.2.20:8080"), 0)).unwrap();
+    assert_eq!(peer, sa("10.0.2.20:15008"));
+}
+
+/// A waypoint that cannot be found, has no endpoint or is on another network: refused, never
+/// bypassed.
+#[test]
+fn a_waypoint_that_cannot_be_reached_fails_closed() {
+    let cases = [
+        by_address("10.96.0.77"),
+        by_hostname("default", "nowhere.default.svc.cluster.local"),
+        by_hostname("other", "waypoint.default.svc.cluster.local"),
+        Gateway {
+            destination: GatewayDestination::Address {
+                network: "far".into(),
+                ip: ip(WAYPOINT_VIP),
+            },
+            port: 15008,
+        },
+    ];
+    for gateway in cases {
+        let mut s = with_waypoint();
+        let mut svc = service("10.96.0.10", &[(80, 8080)]);
+        svc.waypoint = Some(gateway.clone());
+        s.upsert_service(svc);
+        let mut behind = workload("w", "10.0.2.20", "w", Protocol::Hbone);
+        behind.waypoint = Some(gateway.clone());
+        s.upsert_workload(behind);
+        for dst in ["10.96.0.10:80", "10.0.2.20:8080"] {
+            assert!(
+                matches!(s.route(&[ip("10.0.1.2")], sa(dst), 0), Upstream::Refuse(_)),
+                "{gateway:?} {dst}"
+            );
+        }
+    }
+    // Its only endpoint gone.
+    let mut s = with_waypoint();
+    s.remove_workload("wp");
+    let mut svc = service("10.96.0.10", &[(80, 8080)]);
+    svc.waypoint = Some(by_address(WAYPOINT_VIP));
     s.upsert_service(svc);
     assert_eq!(
-        s.route(&src, sa("10.96.0.10:80"), 0),
-        Upstream::Refuse(Unsupported::Waypoint.reason())
+        s.route(&[ip("10.0.1.2")], sa("10.96.0.10:80"), 0),
+        Upstream::Refuse("its waypoint has no endpoints")
+    );
+}
+
+/// Weighted waypoints share connections by weight (a canary); weights all 0 fall back to the
+/// single waypoint.
+#[test]
+fn weighted_waypoints_share_connections_by_weight() {
+    let mut s = with_waypoint();
+    let mut canary = service("10.96.0.98", &[(15008, 15008)]);
+    canary.hostname = "canary.default.svc.cluster.local".into();
+    s.upsert_service(canary);
+    s.upsert_workload(with_service(
+        workload("wp2", "10.0.3.2", "waypoint", Protocol::Tcp),
+        "default/canary.default.svc.cluster.local",
+        &[(15008, 15008)],
+    ));
+    let mut svc = service("10.96.0.10", &[(80, 8080)]);
+    svc.weighted_waypoints = vec![(by_address(WAYPOINT_VIP), 3), (by_address("10.96.0.98"), 1)];
+    s.upsert_service(svc.clone());
+    let peers: Vec<SocketAddr> = (0..4)
+        .map(|pick| {
+            hop(&s.route(&[ip("10.0.1.2")], sa("10.96.0.10:80"), pick))
+                .unwrap()
+                .0
+        })
+        .collect();
+    assert_eq!(
+        peers,
+        vec![
+            sa("10.0.3.1:15008"),
+            sa("10.0.3.1:15008"),
+            sa("10.0.3.1:15008"),
+            sa("10.0.3.2:15008")
+        ]
+    );
+    svc.weighted_waypoints = vec![(by_address("10.96.0.98"), 0)];
+    svc.waypoint = Some(by_address(WAYPOINT_VIP));
+    s.upsert_service(svc);
+    assert_eq!(
+        hop(&s.route(&[ip("10.0.1.2")], sa("10.96.0.10:80"), 3))
+            .unwrap()
+            .0,
+        sa("10.0.3.1:15008")
     );
 }
 

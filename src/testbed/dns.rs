@@ -50,6 +50,9 @@ pub fn loopback_dns(
             vip_ranges: Vec::new(),
             namespace_only: false,
             unsupported: None,
+            waypoint: None,
+            weighted_waypoints: Vec::new(),
+            ingress_use_waypoint: false,
         });
     }
     let settings = DnsSettings::for_tests(

@@ -15,7 +15,7 @@ use crate::proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDi
 use crate::proto::google::rpc::Status;
 use crate::proto::istio::security::{self as pb_security, Authorization, string_match::MatchType};
 use crate::proto::istio::workload::{self as pb, address::Type};
-use crate::state::{Protocol, Service, State, Unsupported, Workload};
+use crate::state::{Gateway, GatewayDestination, Protocol, Service, State, Unsupported, Workload};
 
 pub const ADDRESS_TYPE: &str = "type.googleapis.com/istio.workload.Address";
 pub const AUTHORIZATION_TYPE: &str = "type.googleapis.com/istio.security.Authorization";
@@ -49,6 +49,29 @@ pub enum ConvertError {
     UnknownVisibility(i32),
     #[error("policy has no name")]
     NoName,
+    #[error("{0} names no destination (neither an address nor a hostname)")]
+    NoGatewayDestination(&'static str),
+}
+
+/// A waypoint or network gateway reference (ztunnel's `GatewayAddress::try_from`: one with
+/// no destination is an error, never a gateway to nowhere).
+fn gateway(g: &pb::GatewayAddress, what: &'static str) -> Result<Gateway, ConvertError> {
+    use pb::gateway_address::Destination;
+    let destination = match &g.destination {
+        Some(Destination::Address(a)) => GatewayDestination::Address {
+            network: a.network.clone(),
+            ip: ip(&a.address)?,
+        },
+        Some(Destination::Hostname(h)) => GatewayDestination::Hostname {
+            namespace: h.namespace.clone(),
+            hostname: h.hostname.clone(),
+        },
+        None => return Err(ConvertError::NoGatewayDestination(what)),
+    };
+    Ok(Gateway {
+        destination,
+        port: port(g.hbone_mtls_port)?,
+    })
 }
 
 fn ip(bytes: &[u8]) -> Result<IpAddr, ConvertError> {
@@ -110,12 +133,18 @@ pub(crate) fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, 
         }
         Err(_) => return Err(ConvertError::UnknownTunnel(w.tunnel_protocol)),
     };
-    // Behind a waypoint: every connection to it must pass the waypoint's (L7) policies.
-    if w.waypoint.is_some() {
-        unsupported = Some(Unsupported::Waypoint);
-    }
-    // `network_gateway` only serves clients of other networks, and a workload of another
-    // network is never reached directly (State::route refuses it); `native_tunnel` workloads
+    // Behind a waypoint: connections addressed to it go through the waypoint.
+    let waypoint = w
+        .waypoint
+        .as_ref()
+        .map(|g| gateway(g, "waypoint"))
+        .transpose()?;
+    let network_gateway = w
+        .network_gateway
+        .as_ref()
+        .map(|g| gateway(g, "network_gateway"))
+        .transpose()?;
+    // `native_tunnel` workloads
     // take their tunnels at their own address, where every tunnel goes; `extensions` are
     // opaque and ignored, as ztunnel ignores them.
     let proxy_protocol = match w.application_tunnel {
@@ -157,6 +186,8 @@ pub(crate) fn workload(w: pb::Workload, trust_domain: &str) -> Result<Workload, 
         capacity: w.capacity.unwrap_or(1),
         unsupported,
         proxy_protocol,
+        waypoint,
+        network_gateway,
     })
 }
 
@@ -180,9 +211,20 @@ pub(crate) fn service(s: pb::Service) -> Result<Service, ConvertError> {
     }
     let visibility = pb::service::Visibility::try_from(s.visibility)
         .map_err(|_| ConvertError::UnknownVisibility(s.visibility))?;
-    // A waypoint (or several, by weight) must see every connection to the service.
-    let unsupported =
-        (s.waypoint.is_some() || !s.weighted_waypoints.is_empty()).then_some(Unsupported::Waypoint);
+    // A waypoint (or several, by weight) sees every connection to the service.
+    let waypoint = s
+        .waypoint
+        .as_ref()
+        .map(|g| gateway(g, "waypoint"))
+        .transpose()?;
+    let mut weighted_waypoints = Vec::with_capacity(s.weighted_waypoints.len());
+    for ww in &s.weighted_waypoints {
+        let g = ww
+            .destination
+            .as_ref()
+            .ok_or(ConvertError::NoGatewayDestination("weighted waypoint"))?;
+        weighted_waypoints.push((gateway(g, "weighted waypoint")?, ww.weight));
+    }
     // A target port of 0 is a named one (`targetPort: http`): istiod resolves it per pod, in
     // each workload's own port list, and leaves out the pods without that port
     // (pilot/pkg/serviceregistry/kube/controller/ambient). It is kept as 0: no fallback.
@@ -213,7 +255,10 @@ pub(crate) fn service(s: pb::Service) -> Result<Service, ConvertError> {
         load_balancing: s.load_balancing.map(load_balancing).unwrap_or_default(),
         vip_ranges,
         namespace_only: visibility == pb::service::Visibility::Namespace,
-        unsupported,
+        unsupported: None,
+        waypoint,
+        weighted_waypoints,
+        ingress_use_waypoint: s.ingress_use_waypoint,
     })
 }
 

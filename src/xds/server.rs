@@ -421,7 +421,36 @@ fn encode_workload(w: &Workload) -> pb::Workload {
         }),
         hostname: w.hostname.clone(),
         capacity: Some(w.capacity),
+        waypoint: w.waypoint.as_ref().map(encode_gateway),
+        network_gateway: w.network_gateway.as_ref().map(encode_gateway),
         ..Default::default()
+    }
+}
+
+/// A waypoint or network gateway as istiod sends it.
+fn encode_gateway(g: &crate::state::Gateway) -> pb::GatewayAddress {
+    use crate::state::GatewayDestination;
+    use pb::gateway_address::Destination;
+    let destination = match &g.destination {
+        GatewayDestination::Address { network, ip } => Destination::Address(pb::NetworkAddress {
+            network: network.clone(),
+            address: match ip {
+                std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+                std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+            },
+            length: None,
+        }),
+        GatewayDestination::Hostname {
+            namespace,
+            hostname,
+        } => Destination::Hostname(pb::NamespacedHostname {
+            namespace: namespace.clone(),
+            hostname: hostname.clone(),
+        }),
+    };
+    pb::GatewayAddress {
+        destination: Some(destination),
+        hbone_mtls_port: u32::from(g.port),
     }
 }
 
@@ -499,6 +528,16 @@ fn encode_service(s: &Service) -> pb::Service {
         } else {
             pb::service::Visibility::Public
         } as i32,
+        waypoint: s.waypoint.as_ref().map(encode_gateway),
+        weighted_waypoints: s
+            .weighted_waypoints
+            .iter()
+            .map(|(g, weight)| pb::WeightedWaypoint {
+                destination: Some(encode_gateway(g)),
+                weight: *weight,
+            })
+            .collect(),
+        ingress_use_waypoint: s.ingress_use_waypoint,
         ..Default::default()
     }
 }

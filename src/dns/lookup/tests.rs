@@ -28,6 +28,9 @@ fn service(name: &str, namespace: &str, hostname: &str, vips: &[&str]) -> Servic
         vip_ranges: Vec::new(),
         namespace_only: false,
         unsupported: None,
+        waypoint: None,
+        weighted_waypoints: Vec::new(),
+        ingress_use_waypoint: false,
     }
 }
 

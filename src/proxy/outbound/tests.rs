@@ -18,6 +18,7 @@ fn workload(name: &str, ip: &str, sa: &str, protocol: Protocol) -> WorkloadConfi
         node: String::new(),
         protocol,
         services: Default::default(),
+        waypoint: None,
     }
 }
 
@@ -42,6 +43,7 @@ fn state() -> State {
             vips: vec!["10.96.0.1".parse().unwrap()],
             ports: [(80, 0)].into(),
             subject_alt_names: vec!["spiffe://cluster.local/ns/demo/sa/echo-san".into()],
+            waypoint: None,
         }],
         ..Config::default()
     };

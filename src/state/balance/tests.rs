@@ -32,6 +32,8 @@ fn wl(uid: &str, zone: &str, node: &str, healthy: bool, capacity: u32) -> Arc<Wo
         capacity,
         unsupported: None,
         proxy_protocol: None,
+        waypoint: None,
+        network_gateway: None,
     })
 }
 

@@ -158,10 +158,29 @@ fn waypoints_sidecars_and_application_tunnels_are_read() {
         waypoint: Some(gateway()),
         ..wl("w1", &[10, 0, 0, 1])
     };
+    let behind = workload(behind, "td").unwrap();
+    assert_eq!(behind.unsupported, None);
     assert_eq!(
-        workload(behind, "td").unwrap().unsupported,
-        Some(Unsupported::Waypoint)
+        behind.waypoint,
+        Some(crate::state::Gateway {
+            destination: crate::state::GatewayDestination::Hostname {
+                namespace: "ns".into(),
+                hostname: "waypoint.ns.svc.cluster.local".into(),
+            },
+            port: 15008,
+        })
     );
+    let nowhere = pb::Workload {
+        waypoint: Some(pb::GatewayAddress {
+            destination: None,
+            hbone_mtls_port: 15008,
+        }),
+        ..wl("w0", &[10, 0, 0, 9])
+    };
+    assert!(matches!(
+        workload(nowhere, "td"),
+        Err(ConvertError::NoGatewayDestination("waypoint"))
+    ));
     let sidecar = pb::Workload {
         tunnel_protocol: pb::TunnelProtocol::LegacyIstioMtls as i32,
         ..wl("w2", &[10, 0, 0, 2])
@@ -186,6 +205,7 @@ fn waypoints_sidecars_and_application_tunnels_are_read() {
         (proxy.proxy_protocol, proxy.unsupported),
         (Some(15088), None)
     );
+    assert!(proxy.network_gateway.is_some());
     let unknown = pb::Workload {
         application_tunnel: Some(pb::ApplicationTunnel {
             protocol: 7,
@@ -202,7 +222,6 @@ fn waypoints_sidecars_and_application_tunnels_are_read() {
 /// CIDR addresses, visibility and waypoints of a service.
 #[test]
 fn service_ranges_visibility_and_waypoints_are_read() {
-    use crate::state::Unsupported;
     let base = pb::Service {
         name: "range".into(),
         namespace: "ns".into(),
@@ -226,17 +245,56 @@ fn service_ranges_visibility_and_waypoints_are_read() {
     assert_eq!(s.vip_ranges, vec![("10.200.0.0".parse().unwrap(), 16)]);
     assert!(s.namespace_only);
     assert_eq!(s.unsupported, None);
+    let at = |ip: [u8; 4]| pb::GatewayAddress {
+        destination: Some(pb::gateway_address::Destination::Address(
+            pb::NetworkAddress {
+                network: String::new(),
+                address: ip.to_vec(),
+                length: None,
+            },
+        )),
+        hbone_mtls_port: 15008,
+    };
     let weighted = pb::Service {
+        waypoint: Some(at([10, 96, 0, 50])),
+        weighted_waypoints: vec![
+            pb::WeightedWaypoint {
+                destination: Some(at([10, 96, 0, 51])),
+                weight: 90,
+            },
+            pb::WeightedWaypoint {
+                destination: Some(at([10, 96, 0, 52])),
+                weight: 10,
+            },
+        ],
+        ingress_use_waypoint: true,
+        ..base.clone()
+    };
+    let weighted = service(weighted).unwrap();
+    assert_eq!(weighted.unsupported, None);
+    assert!(weighted.waypoint.is_some() && weighted.ingress_use_waypoint);
+    assert_eq!(
+        weighted
+            .weighted_waypoints
+            .iter()
+            .map(|(g, w)| (g.destination.to_string(), *w))
+            .collect::<Vec<_>>(),
+        vec![
+            ("/10.96.0.51".to_owned(), 90),
+            ("/10.96.0.52".to_owned(), 10)
+        ]
+    );
+    let nowhere = pb::Service {
         weighted_waypoints: vec![pb::WeightedWaypoint {
             destination: None,
             weight: 1,
         }],
         ..base.clone()
     };
-    assert_eq!(
-        service(weighted).unwrap().unsupported,
-        Some(Unsupported::Waypoint)
-    );
+    assert!(matches!(
+        service(nowhere),
+        Err(ConvertError::NoGatewayDestination("weighted waypoint"))
+    ));
     let mut too_long = base.clone();
     too_long.addresses[0].length = Some(33);
     assert!(matches!(

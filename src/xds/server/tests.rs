@@ -32,6 +32,13 @@ fn full_workload() -> Workload {
         subzone: "s".into(),
     };
     w.capacity = 3;
+    w.waypoint = Some(crate::state::Gateway {
+        destination: crate::state::GatewayDestination::Address {
+            network: "n1".into(),
+            ip: "10.96.0.99".parse().unwrap(),
+        },
+        port: 15008,
+    });
     w
 }
 
@@ -51,6 +58,19 @@ fn service() -> Service {
         vip_ranges: Vec::new(),
         namespace_only: false,
         unsupported: None,
+        waypoint: Some(waypoint_by_name()),
+        weighted_waypoints: vec![(waypoint_by_name(), 7)],
+        ingress_use_waypoint: true,
+    }
+}
+
+fn waypoint_by_name() -> crate::state::Gateway {
+    crate::state::Gateway {
+        destination: crate::state::GatewayDestination::Hostname {
+            namespace: "default".into(),
+            hostname: "waypoint.default.svc.cluster.local".into(),
+        },
+        port: 15008,
     }
 }
 
