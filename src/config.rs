@@ -508,13 +508,21 @@ pub struct WorkloadConfig {
     pub services: BTreeMap<String, BTreeMap<u16, u16>>,
     /// The waypoint connections addressed to this workload go through.
     #[serde(default)]
-    pub waypoint: Option<WaypointConfig>,
+    pub waypoint: Option<GatewayConfig>,
+    /// Its network; empty: the proxy's own (`xds.network`).
+    #[serde(default)]
+    pub network: String,
+    /// On another network: the east-west gateway it is reached through (double HBONE); its
+    /// `address` is on the workload's network.
+    #[serde(default)]
+    pub network_gateway: Option<GatewayConfig>,
 }
 
-/// A waypoint: a service VIP or workload address, or a service's hostname, and its HBONE port.
+/// A waypoint or network gateway: a service VIP or workload address, or a service's hostname,
+/// and its HBONE port.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct WaypointConfig {
+pub struct GatewayConfig {
     /// A service VIP (one of its endpoints is dialed) or a workload's address.
     #[serde(default)]
     pub address: Option<IpAddr>,
@@ -525,11 +533,11 @@ pub struct WaypointConfig {
     #[serde(default)]
     pub namespace: Option<String>,
     /// The port its HBONE listener takes.
-    #[serde(default = "WaypointConfig::default_port")]
+    #[serde(default = "GatewayConfig::default_port")]
     pub hbone_port: u16,
 }
 
-impl WaypointConfig {
+impl GatewayConfig {
     fn default_port() -> u16 {
         ports::HBONE
     }
@@ -561,7 +569,7 @@ pub struct ServiceConfig {
     pub subject_alt_names: Vec<String>,
     /// The waypoint every connection to the service goes through.
     #[serde(default)]
-    pub waypoint: Option<WaypointConfig>,
+    pub waypoint: Option<GatewayConfig>,
 }
 
 /// Why a configuration was refused; every problem found is listed.

@@ -11,18 +11,84 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 pub(crate) const FORWARDED: &str = "forwarded";
 pub(crate) const BAGGAGE: &str = "baggage";
 pub(crate) const TRACEPARENT: &str = "traceparent";
+/// The client's network, on the inner CONNECT of double HBONE (ztunnel's
+/// `X_FORWARDED_NETWORK_HEADER`).
+pub(crate) const FORWARDED_NETWORK: &str = "x-forwarded-network";
 
 /// What a CONNECT request carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectRequest {
-    /// `<podIP>:<targetPort>`: where the peer delivers the bytes.
-    pub authority: SocketAddr,
+    /// Where the peer delivers the bytes: `<podIP>:<targetPort>`, or a service's
+    /// `<hostname>:<port>` (double HBONE, both layers, as ztunnel sends them).
+    pub authority: Authority,
     /// The original client's address (`forwarded: for=`).
     pub forwarded_for: Option<SocketAddr>,
     /// The destination service's hostname (`forwarded: ...;host=`), when known.
     pub forwarded_host: Option<String>,
     pub baggage: Baggage,
     pub traceparent: Option<TraceParent>,
+    /// The client's network (`x-forwarded-network`), on double HBONE's inner request.
+    pub origin_network: Option<String>,
+}
+
+/// A CONNECT's `:authority`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Authority {
+    /// `<ip>:<port>` (`[v6]:<port>`).
+    Addr(SocketAddr),
+    /// `<service hostname>:<service port>`: the receiver finds the service and its port.
+    Host(String, u16),
+}
+
+impl Authority {
+    pub fn port(&self) -> u16 {
+        match self {
+            Authority::Addr(a) => a.port(),
+            Authority::Host(_, port) => *port,
+        }
+    }
+
+    /// The address, when it is one.
+    pub fn addr(&self) -> Option<SocketAddr> {
+        match self {
+            Authority::Addr(a) => Some(*a),
+            Authority::Host(..) => None,
+        }
+    }
+
+    /// Parses `ip:port`, `[v6]:port` or `hostname:port` (a DNS name: letters, digits, `-`,
+    /// `_` and dots, at most 253 characters; a port other than 0).
+    fn parse(s: &str) -> Option<Authority> {
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            return Some(Authority::Addr(addr));
+        }
+        let (host, port) = s.rsplit_once(':')?;
+        let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+        let name_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        let is_name = !host.is_empty()
+            && host.len() <= 253
+            && host.chars().all(name_char)
+            && host.split('.').all(|label| !label.is_empty() && label.len() <= 63)
+            // A bare IPv4-looking name is not a hostname (and an unbracketed IPv6 never
+            // reaches here: ':' is not a name character).
+            && host.parse::<IpAddr>().is_err();
+        is_name.then(|| Authority::Host(host.to_ascii_lowercase(), port))
+    }
+}
+
+impl From<SocketAddr> for Authority {
+    fn from(addr: SocketAddr) -> Self {
+        Authority::Addr(addr)
+    }
+}
+
+impl fmt::Display for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Authority::Addr(a) => write!(f, "{a}"),
+            Authority::Host(host, port) => write!(f, "{host}:{port}"),
+        }
+    }
 }
 
 /// Why a CONNECT request is refused with 400.
@@ -32,18 +98,19 @@ pub enum RequestError {
     Method(String),
     #[error("missing :authority")]
     MissingAuthority,
-    #[error("authority {0:?} is not <ip>:<port>")]
+    #[error("authority {0:?} is neither <ip>:<port> nor <hostname>:<port>")]
     Authority(String),
 }
 
 impl ConnectRequest {
-    pub fn new(authority: SocketAddr) -> Self {
+    pub fn new(authority: impl Into<Authority>) -> Self {
         ConnectRequest {
-            authority,
+            authority: authority.into(),
             forwarded_for: None,
             forwarded_host: None,
             baggage: Baggage::default(),
             traceparent: None,
+            origin_network: None,
         }
     }
 
@@ -51,7 +118,8 @@ impl ConnectRequest {
     pub fn to_http(&self) -> Request<()> {
         let mut req = Request::new(());
         *req.method_mut() = Method::CONNECT;
-        // A SocketAddr's text form ("1.2.3.4:80", "[::1]:80") always parses as an authority URI.
+        // A SocketAddr's text form ("1.2.3.4:80", "[::1]:80") and a DNS name with a port
+        // always parse as an authority URI.
         *req.uri_mut() = http::Uri::try_from(self.authority.to_string()).unwrap_or_default();
         let headers = req.headers_mut();
         if let Some(client) = self.forwarded_for {
@@ -76,6 +144,13 @@ impl ConnectRequest {
         {
             headers.insert(TRACEPARENT, v);
         }
+        if let Some(v) = self
+            .origin_network
+            .as_deref()
+            .and_then(|n| HeaderValue::try_from(n).ok())
+        {
+            headers.insert(FORWARDED_NETWORK, v);
+        }
         req
     }
 
@@ -89,9 +164,8 @@ impl ConnectRequest {
             .authority()
             .ok_or(RequestError::MissingAuthority)?
             .as_str();
-        let authority: SocketAddr = authority
-            .parse()
-            .map_err(|_| RequestError::Authority(authority.to_owned()))?;
+        let authority = Authority::parse(authority)
+            .ok_or_else(|| RequestError::Authority(authority.to_owned()))?;
         let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
         let (forwarded_for, forwarded_host) =
             header(FORWARDED).map(parse_forwarded).unwrap_or_default();
@@ -101,6 +175,7 @@ impl ConnectRequest {
             forwarded_host,
             baggage: header(BAGGAGE).map(Baggage::parse).unwrap_or_default(),
             traceparent: header(TRACEPARENT).and_then(TraceParent::parse),
+            origin_network: header(FORWARDED_NETWORK).map(str::to_owned),
         })
     }
 }

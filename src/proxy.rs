@@ -111,7 +111,7 @@ pub enum ProxyError {
     #[error("peer {addr} answered {status} to CONNECT {authority}")]
     Status {
         addr: SocketAddr,
-        authority: SocketAddr,
+        authority: crate::hbone::Authority,
         status: http::StatusCode,
     },
     #[error("{what} with {addr} timed out after {after:?}")]

@@ -210,6 +210,22 @@ pub enum Upstream {
         /// The service, when reached through its VIP.
         service: Option<ServiceRef>,
     },
+    /// To a service endpoint on another network, through that network's east-west gateway:
+    /// an outer HBONE tunnel to the gateway, an inner one (TLS and HTTP/2 of its own) to the
+    /// destination inside it, both with the CONNECT authority `hostname:port` (ztunnel's
+    /// double HBONE, `build_request_through_gateway`).
+    DoubleHbone {
+        /// The gateway, dialed at `peer`, expected to present one of `gateway_expected`.
+        gateway: Arc<Workload>,
+        peer: SocketAddr,
+        gateway_expected: Vec<Identity>,
+        /// The service's hostname and the port the client asked for.
+        authority: (String, u16),
+        /// Who may answer inside: the identities of the service's endpoints on that network
+        /// (the gateway picks one) and the service's SANs.
+        expected: Vec<Identity>,
+        service: ServiceRef,
+    },
     /// Plain TCP to `target` (not enrolled, or unknown).
     Passthrough { target: SocketAddr },
     /// Plain TCP to `host:port`, resolved with the system resolver when the connection is made
@@ -581,6 +597,9 @@ impl State {
                 };
             };
             let (w, port) = (&w, &port);
+            if w.network != self.network {
+                return self.through_network_gateway(w, svc, dst, source.map(|w| &**w), pick);
+            }
             let Some(addr) = w.addresses.iter().find(|a| a.is_ipv4() == ip.is_ipv4()) else {
                 // Known by name: resolved at connect time. Only in plaintext: a tunnel's peer
                 // and identity cannot be checked against a name resolved later (fail closed).
@@ -637,7 +656,7 @@ impl State {
         service: Option<ServiceRef>,
         pick: u64,
     ) -> Upstream {
-        match self.resolve_gateway(waypoint, source, dst.is_ipv4(), pick) {
+        match self.resolve_gateway(waypoint, source, dst.is_ipv4(), pick, false) {
             Ok((workload, peer, mut expected)) => {
                 expected.insert(0, workload.identity.clone());
                 Upstream::Hbone {
@@ -656,27 +675,34 @@ impl State {
     /// extra identities it may present (its service's SANs), as ztunnel's fetch_waypoint
     /// finds them: an address is a service VIP (one of its endpoints, by its load balancing)
     /// or a workload's own address; a hostname is a service of that namespace.
+    /// With `remote`, a network gateway: its address may be a workload of another network
+    /// (the gateway's own), reached at that address.
     fn resolve_gateway(
         &self,
         gateway: &Gateway,
         source: Option<&Workload>,
         v4: bool,
         pick: u64,
+        remote: bool,
     ) -> Result<(Arc<Workload>, SocketAddr, Vec<Identity>), &'static str> {
         const UNKNOWN: &str = "its waypoint is not known to discovery";
         let service = match &gateway.destination {
-            GatewayDestination::Address { network, ip } => {
-                if *network != self.network {
+            GatewayDestination::Address { network, ip } if *network != self.network => {
+                if !remote {
                     return Err("its waypoint is on another network");
                 }
-                match self.service_by_vip(*ip) {
-                    Some(svc) => svc,
-                    None => {
-                        let w = self.workload_by_ip(*ip).ok_or(UNKNOWN)?;
-                        return Ok((w.clone(), SocketAddr::new(*ip, gateway.port), Vec::new()));
-                    }
-                }
+                let w = self
+                    .workload_by_network_ip(network, *ip)
+                    .ok_or("its network gateway is not known to discovery")?;
+                return Ok((w.clone(), SocketAddr::new(*ip, gateway.port), Vec::new()));
             }
+            GatewayDestination::Address { ip, .. } => match self.service_by_vip(*ip) {
+                Some(svc) => svc,
+                None => {
+                    let w = self.workload_by_ip(*ip).ok_or(UNKNOWN)?;
+                    return Ok((w.clone(), SocketAddr::new(*ip, gateway.port), Vec::new()));
+                }
+            },
             GatewayDestination::Hostname {
                 namespace,
                 hostname,
@@ -694,7 +720,7 @@ impl State {
             .find(|a| a.is_ipv4() == v4)
             .or_else(|| w.addresses.first())
             .ok_or("its waypoint has no address")?;
-        if w.network != self.network {
+        if w.network != self.network && !remote {
             return Err("its waypoint is on another network");
         }
         Ok((
@@ -702,6 +728,50 @@ impl State {
             SocketAddr::new(*ip, port),
             service.subject_alt_names.clone(),
         ))
+    }
+
+    /// A service endpoint `w` on another network: through its network's gateway, double HBONE.
+    /// No gateway, or one discovery does not know: refused (never sent in plaintext, never
+    /// dialed directly across networks).
+    fn through_network_gateway(
+        &self,
+        w: &Workload,
+        svc: &Service,
+        dst: SocketAddr,
+        source: Option<&Workload>,
+        pick: u64,
+    ) -> Upstream {
+        let Some(gateway) = &w.network_gateway else {
+            return Upstream::Refuse("an endpoint on another network without a network gateway");
+        };
+        let (gateway, peer, mut gateway_expected) =
+            match self.resolve_gateway(gateway, source, dst.is_ipv4(), pick, true) {
+                Ok(found) => found,
+                Err(reason) => return Upstream::Refuse(reason),
+            };
+        gateway_expected.insert(0, gateway.identity.clone());
+        // The gateway forwards by hostname to any endpoint of the service there.
+        let mut expected: Vec<Identity> = self
+            .service_workloads(svc)
+            .iter()
+            .filter(|e| e.network == w.network)
+            .map(|e| e.identity.clone())
+            .chain(svc.subject_alt_names.iter().cloned())
+            .collect();
+        expected.sort_by_key(ToString::to_string);
+        expected.dedup();
+        Upstream::DoubleHbone {
+            gateway,
+            peer,
+            gateway_expected,
+            authority: (svc.hostname.clone(), dst.port()),
+            expected,
+            service: ServiceRef {
+                hostname: svc.hostname.clone(),
+                name: svc.name.clone(),
+                namespace: svc.namespace.clone(),
+            },
+        }
     }
 
     /// Whether `source` is one of the workloads behind `gateway` (traffic from a waypoint to

@@ -431,6 +431,8 @@ impl Topology {
                     },
                     services,
                     waypoint: None,
+                    network: String::new(),
+                    network_gateway: None,
                 }
             })
             .collect();

@@ -443,7 +443,7 @@ async fn client_sends_the_exact_connect_head() {
         while let Some(Ok(_)) = conn.accept().await {}
     });
     let hbone = client(ca, TunnelSettings::default());
-    let mut req = ConnectRequest::new("[fd00::7]:9090".parse().unwrap());
+    let mut req = ConnectRequest::new("[fd00::7]:9090".parse::<std::net::SocketAddr>().unwrap());
     req.forwarded_for = Some("10.1.2.3:4444".parse().unwrap());
     let mut baggage = Baggage::default();
     baggage

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use hboned::config::{ServiceConfig, WaypointConfig};
+use hboned::config::{GatewayConfig, ServiceConfig};
 use hboned::identity::Identity;
 use hboned::testbed::{self, A1, APP_PORT, B1, B2, B3, SERVICE_PORT, SERVICE_VIP, Topology};
 use support::topo::*;
@@ -100,8 +100,8 @@ fn start_waypoint(topo: &Topology) -> (Arc<Mutex<Vec<Arrived>>>, tokio::task::Jo
     (arrived, task)
 }
 
-fn by_address(ip: Ipv4Addr) -> WaypointConfig {
-    WaypointConfig {
+fn by_address(ip: Ipv4Addr) -> GatewayConfig {
+    GatewayConfig {
         address: Some(IpAddr::V4(ip)),
         hostname: None,
         namespace: None,
@@ -145,7 +145,7 @@ async fn connections_to_a_service_or_workload_with_a_waypoint_go_through_it() {
                 }
                 // b3 is behind the waypoint when addressed itself, named by hostname.
                 if w.name == B3.name {
-                    w.waypoint = Some(WaypointConfig {
+                    w.waypoint = Some(GatewayConfig {
                         address: None,
                         hostname: Some(WAYPOINT_HOST.into()),
                         namespace: None,

@@ -72,6 +72,7 @@ impl Router for FixedRouter {
         Route::Hbone {
             key: self.key.clone(),
             request,
+            inner: None,
             peers: (source, destination),
             service: None,
         }

@@ -87,6 +87,9 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
         if let Some(e) = w.waypoint.as_ref().and_then(waypoint_problem) {
             p.push(format!("workloads[{i}] ({}): waypoint {e}", w.uid));
         }
+        if let Some(e) = w.network_gateway.as_ref().and_then(waypoint_problem) {
+            p.push(format!("workloads[{i}] ({}): networkGateway {e}", w.uid));
+        }
     }
     for (i, s) in config.services.iter().enumerate() {
         if let Some(e) = s
@@ -112,7 +115,7 @@ pub(super) fn problems(config: &Config) -> Vec<String> {
 }
 
 /// What is wrong with a waypoint entry, if anything: it names one address or one hostname.
-fn waypoint_problem(w: &super::WaypointConfig) -> Option<&'static str> {
+fn waypoint_problem(w: &super::GatewayConfig) -> Option<&'static str> {
     match (&w.address, &w.hostname) {
         (Some(_), Some(_)) => Some("has both an address and a hostname"),
         (None, None) => Some("has neither an address nor a hostname"),

@@ -3,7 +3,7 @@
 use super::*;
 
 fn sample() -> ConnectRequest {
-    let mut req = ConnectRequest::new("10.0.2.2:8080".parse().unwrap());
+    let mut req = ConnectRequest::new("10.0.2.2:8080".parse::<SocketAddr>().unwrap());
     req.forwarded_for = Some("10.0.1.1:43210".parse().unwrap());
     req.forwarded_host = Some("web.prod.svc.cluster.local".into());
     req.baggage
@@ -53,7 +53,7 @@ fn request_head_is_exact() {
 
 #[test]
 fn minimal_request_has_no_optional_headers() {
-    let req = ConnectRequest::new("10.0.2.2:80".parse().unwrap()).to_http();
+    let req = ConnectRequest::new("10.0.2.2:80".parse::<SocketAddr>().unwrap()).to_http();
     assert!(req.headers().is_empty());
 }
 
@@ -63,9 +63,25 @@ fn request_round_trips() {
     assert_eq!(ConnectRequest::from_http(&req.to_http()).unwrap(), req);
 }
 
+/// Double HBONE's authority: a service's hostname and port (ztunnel's `SvcHostname`).
+#[test]
+fn a_hostname_authority_round_trips() {
+    let req = ConnectRequest::new(Authority::Host("echo.demo.svc.cluster.local".into(), 80));
+    let head = req.to_http();
+    assert_eq!(head.uri().to_string(), "echo.demo.svc.cluster.local:80");
+    assert_eq!(ConnectRequest::from_http(&head).unwrap(), req);
+    let upper = Request::connect("Echo.Demo.svc.cluster.local:80")
+        .body(())
+        .unwrap();
+    assert_eq!(
+        ConnectRequest::from_http(&upper).unwrap().authority,
+        Authority::Host("echo.demo.svc.cluster.local".into(), 80)
+    );
+}
+
 #[test]
 fn ipv6_authority_is_bracketed() {
-    let mut req = ConnectRequest::new("[fd00::2]:8080".parse().unwrap());
+    let mut req = ConnectRequest::new("[fd00::2]:8080".parse::<SocketAddr>().unwrap());
     req.forwarded_for = Some("[fd00::1]:5000".parse().unwrap());
     let head = req.to_http();
     assert_eq!(head.uri().to_string(), "[fd00::2]:8080");
@@ -80,11 +96,27 @@ fn bad_method_and_authority_are_refused() {
         ConnectRequest::from_http(&get),
         Err(RequestError::Method("GET".into()))
     );
-    let host = Request::connect("example.com:80").body(()).unwrap();
-    assert_eq!(
-        ConnectRequest::from_http(&host),
-        Err(RequestError::Authority("example.com:80".into()))
-    );
+    for bad in [
+        "exa mple.com:80",
+        "example.com:0",
+        "example..com:80",
+        ":80",
+        "a:b:80",
+    ] {
+        let req = Request::connect("10.0.0.1:80").body(()).unwrap();
+        let mut req = req;
+        *req.uri_mut() = match http::Uri::try_from(bad) {
+            Ok(u) => u,
+            Err(_) => continue,
+        };
+        assert!(
+            matches!(
+                ConnectRequest::from_http(&req),
+                Err(RequestError::Authority(_))
+            ),
+            "{bad}"
+        );
+    }
     let no_port = Request::connect("10.0.0.1").body(()).unwrap();
     assert!(matches!(
         ConnectRequest::from_http(&no_port),

@@ -25,7 +25,7 @@ pub(crate) struct Meters {
 pub(crate) struct LogNames {
     src: Option<String>,
     dst: Option<String>,
-    hbone: Option<SocketAddr>,
+    hbone: Option<crate::hbone::Authority>,
 }
 
 impl LogNames {
@@ -44,8 +44,8 @@ impl LogNames {
     }
 
     /// The connection was tunnelled: `authority` is what the CONNECT asked for.
-    pub(crate) fn hbone(mut self, authority: SocketAddr) -> Self {
-        self.hbone = Some(authority);
+    pub(crate) fn hbone(mut self, authority: impl Into<crate::hbone::Authority>) -> Self {
+        self.hbone = Some(authority.into());
         self
     }
 }
@@ -157,7 +157,7 @@ impl ConnectionRecord {
         let direction = if outbound { "outbound" } else { "inbound" };
         let src_identity = known(&l.source_principal).filter(|_| mtls);
         let dst_identity = known(&l.destination_principal).filter(|_| mtls);
-        let hbone = self.names.hbone.map(tracing::field::display);
+        let hbone = self.names.hbone.as_ref().map(tracing::field::display);
         macro_rules! event {
             ($level:expr, $($rest:tt)*) => {
                 tracing::event!(

@@ -20,7 +20,7 @@ use super::live;
 use super::tunnel::{H2Stream, TunnelSettings, drive_with_keepalive};
 use crate::authz;
 use crate::drain::{self, Drain};
-use crate::hbone::{self, ConnectRequest};
+use crate::hbone::{self, Authority, ConnectRequest};
 use crate::identity::manager::CertError;
 use crate::identity::{CertificateManager, Identity, LiveIdentity, WorkloadCert};
 use crate::metrics::{
@@ -54,11 +54,13 @@ pub struct LocalWorkload {
 
 /// Admission of one CONNECT to the workload at `addresses` (a pure function of the request
 /// head): 400 for another method, an unparsable authority, an authority IP that is not the
-/// workload's, or one of the proxy's own ports.
+/// workload's, or one of the proxy's own ports. A hostname authority (double HBONE) passes
+/// here; its service and port are found with the state ([`LocalWorkload::service_target`]).
 pub fn admit<B>(request: &Request<B>, addresses: &[IpAddr]) -> Result<ConnectRequest, StatusCode> {
     let connect = ConnectRequest::from_http(request).map_err(|_| StatusCode::BAD_REQUEST)?;
-    let target = connect.authority;
-    if !addresses.contains(&target.ip()) || POD_LISTENERS.contains(&target.port()) {
+    if let Authority::Addr(target) = connect.authority
+        && (!addresses.contains(&target.ip()) || POD_LISTENERS.contains(&target.port()))
+    {
         return Err(StatusCode::BAD_REQUEST);
     }
     Ok(connect)
@@ -119,6 +121,34 @@ impl LocalWorkload {
     }
 
     /// Whether discovery says the workload at `ip` takes a PROXY protocol header first.
+    /// Where a CONNECT to `hostname:port` goes in this workload (ztunnel's
+    /// find_inbound_upstream, `SvcHostname`): the service of that hostname (its own
+    /// namespace's first) must be one this workload is an endpoint of; the port is the
+    /// workload's target port for the service port, else the service's; the address is the one
+    /// the connection came to (`local`). `None`: no such service here (400).
+    pub(crate) fn service_target(
+        &self,
+        hostname: &str,
+        port: u16,
+        local: IpAddr,
+    ) -> Option<SocketAddr> {
+        let state = self.state.as_ref()?.read();
+        let me = state.workload_by_ip(local)?;
+        let namespace = self.identity.get().namespace().to_owned();
+        let service = state
+            .services_by_hostname(hostname)
+            .filter(|s| me.services.contains_key(&s.key()))
+            .min_by_key(|s| (s.namespace != namespace, s.namespace.clone()))?;
+        let target = me
+            .services
+            .get(&service.key())
+            .and_then(|ports| ports.get(&port))
+            .or_else(|| service.ports.get(&port))
+            .copied()
+            .filter(|t| *t != 0 && !POD_LISTENERS.contains(t))?;
+        Some(SocketAddr::new(local, target))
+    }
+
     pub(crate) fn wants_proxy_protocol(&self, ip: IpAddr) -> bool {
         self.state.as_ref().is_some_and(|s| {
             s.read()
@@ -283,6 +313,17 @@ impl InboundServer {
     ) -> Result<(), InboundError> {
         // Options are best effort: a socket that refuses them still works.
         let _ = socket::set_stream_options(&tcp);
+        // The address the client dialed: where a hostname CONNECT is delivered.
+        let local = tcp.local_addr().map_or_else(
+            |_| {
+                self.workload
+                    .addresses
+                    .first()
+                    .copied()
+                    .unwrap_or(peer.ip())
+            },
+            |a| a.ip(),
+        );
         let config = self.server_config().await?;
         let handshake_timeout = self.settings.connect_timeout;
         let tls = tokio::time::timeout(
@@ -314,7 +355,7 @@ impl InboundServer {
                         let guard = self.workload.drain.as_ref().map(Drain::guard);
                         // The admission and the dial run boxed, freed once the relay starts: the
                         // task holds only the relay's state for the stream's life.
-                        let admitted = Box::pin(server.clone().admit(request, respond, client, peer));
+                        let admitted = Box::pin(server.clone().admit(request, respond, client, (peer, local)));
                         tokio::spawn(async move {
                             if let Some(stream) = admitted.await {
                                 server.relay(stream).await;
@@ -343,17 +384,23 @@ impl InboundServer {
         request: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
         client: Option<Identity>,
-        peer: SocketAddr,
+        (peer, local): (SocketAddr, IpAddr),
     ) -> Option<Admitted> {
-        let connect = match admit(&request, &self.workload.addresses) {
-            Ok(c) => c,
+        let target = admit(&request, &self.workload.addresses).and_then(|c| match c.authority {
+            Authority::Addr(target) => Ok(target),
+            Authority::Host(host, port) => self
+                .workload
+                .service_target(&host, port, local)
+                .ok_or(StatusCode::BAD_REQUEST),
+        });
+        let target = match target {
+            Ok(t) => t,
             Err(status) => {
                 tracing::info!(%peer, uri = %request.uri(), %status, "refused CONNECT");
                 let _ = respond.send_response(hbone::response(status), true);
                 return None;
             }
         };
-        let target = connect.authority;
         let (labels, names) = self
             .workload
             .labels(peer.ip(), client.as_ref(), target.ip());

@@ -18,7 +18,7 @@ use super::pool::{HboneClient, PoolKey};
 use super::tunnel::TunnelSettings;
 use super::{PodLife, Stop};
 use crate::drain::Drain;
-use crate::hbone::{Baggage, ConnectRequest, TraceParent};
+use crate::hbone::{Authority, Baggage, ConnectRequest, TraceParent};
 use crate::identity::{Identity, LiveIdentity};
 use crate::metrics::Outcome;
 use crate::metrics::{ConnectionLabels, ConnectionRecord, LogNames, Metrics, Peer, Reporter};
@@ -34,10 +34,13 @@ use crate::xds::Resolver;
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    /// Through an HBONE tunnel to a peer proxy.
+    /// Through an HBONE tunnel to a peer proxy (or waypoint, or network gateway).
     Hbone {
         key: PoolKey,
         request: ConnectRequest,
+        /// Double HBONE: the tunnel inside this one, to the destination behind a network
+        /// gateway.
+        inner: Option<Box<InnerTunnel>>,
         /// The two ends, for metrics and access logs.
         peers: (Peer, Peer),
         /// The service it was addressed to (through its VIP), for metrics.
@@ -56,6 +59,14 @@ pub enum Route {
     },
     /// Refused (reset), with the reason for the log.
     Refuse { reason: &'static str },
+}
+
+/// The inner tunnel of double HBONE: its own TLS (the source's certificate, one of `expected`
+/// presented back) and HTTP/2 inside the outer CONNECT stream, then `request`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InnerTunnel {
+    pub expected: Vec<Identity>,
+    pub request: ConnectRequest,
 }
 
 /// Decides the route of a connection from `src` to its original destination `dst`.
@@ -243,19 +254,32 @@ impl Outbound {
             Route::Hbone {
                 key,
                 request,
+                inner,
                 peers,
                 service,
             } => {
                 let labels = ConnectionLabels::new(Reporter::Source, &peers.0, &peers.1, true)
                     .for_service(service.as_ref());
-                let names = LogNames::of(&peers.0, &peers.1).hbone(request.authority);
+                let names = LogNames::of(&peers.0, &peers.1).hbone(request.authority.clone());
                 let record =
                     ConnectionRecord::open(self.metrics.as_ref(), labels, names, src, key.peer())
                         .listed(self.pod.connections(), || {
                             LiveConnection::new(Direction::Outbound, src, dst, key.peer())
                                 .carried(Carrier::Hbone)
                         });
-                match self.client.connect(&key, &request).await {
+                let connected = match inner {
+                    None => self.client.connect(&key, &request).await,
+                    Some(inner) => {
+                        let InnerTunnel {
+                            expected,
+                            request: inner_request,
+                        } = *inner;
+                        self.client
+                            .connect_double(&key, &request, expected, &inner_request)
+                            .await
+                    }
+                };
+                match connected {
                     Ok(tunnel) => Some((app, tunnel, record)),
                     Err(e) => {
                         tracing::warn!(%src, %dst, peer = %key.peer(), side = ?e.side(), reason = e.reason(), error = %e, "tunnel failed; resetting the app connection");
@@ -385,6 +409,28 @@ impl Router for StateRouter {
 }
 
 impl StateRouter {
+    /// A CONNECT to `authority` for a connection from `src`, with ztunnel's headers.
+    fn request(
+        &self,
+        authority: impl Into<Authority>,
+        src: SocketAddr,
+        service: Option<&ServiceRef>,
+        source_identity: &Identity,
+        dice: Dice,
+    ) -> ConnectRequest {
+        let mut request = ConnectRequest::new(authority);
+        request.forwarded_for = Some(src);
+        request.forwarded_host = service.map(|s| s.hostname.clone());
+        let mut baggage = Baggage::default();
+        baggage
+            .push("k8s.cluster.name", &self.cluster_id)
+            .push("k8s.namespace.name", source_identity.namespace())
+            .push("k8s.pod.name", &self.source_name);
+        request.baggage = baggage;
+        request.traceparent = Some(dice.trace);
+        request
+    }
+
     /// The router of the pod `source_name` at `source_ips`, presenting `source`, in the
     /// cluster `cluster_id`.
     pub fn new(
@@ -427,19 +473,48 @@ impl StateRouter {
                 service,
             } => {
                 let destination = Peer::of(&workload, Some(&workload.identity));
-                let mut request = ConnectRequest::new(target);
-                request.forwarded_for = Some(src);
-                request.forwarded_host = service.as_ref().map(|s| s.hostname.clone());
-                let mut baggage = Baggage::default();
-                baggage
-                    .push("k8s.cluster.name", &self.cluster_id)
-                    .push("k8s.namespace.name", source_identity.namespace())
-                    .push("k8s.pod.name", &self.source_name);
-                request.baggage = baggage;
-                request.traceparent = Some(dice.trace);
+                let request = self.request(target, src, service.as_ref(), &source_identity, dice);
                 Route::Hbone {
                     key: PoolKey::new(Identity::clone(&source_identity), expected, peer, None),
                     request,
+                    inner: None,
+                    peers: (source, destination),
+                    service,
+                }
+            }
+            Upstream::DoubleHbone {
+                gateway,
+                peer,
+                gateway_expected,
+                authority,
+                expected,
+                service,
+            } => {
+                // Metrics name the gateway as the destination, as ztunnel does.
+                let destination = Peer::of(&gateway, Some(&gateway.identity));
+                let authority = Authority::Host(authority.0, authority.1);
+                let service = Some(service);
+                let outer = self.request(
+                    authority.clone(),
+                    src,
+                    service.as_ref(),
+                    &source_identity,
+                    dice,
+                );
+                let mut inner = outer.clone();
+                inner.origin_network = Some(state.network().to_owned());
+                Route::Hbone {
+                    key: PoolKey::new(
+                        Identity::clone(&source_identity),
+                        gateway_expected,
+                        peer,
+                        None,
+                    ),
+                    request: outer,
+                    inner: Some(Box::new(InnerTunnel {
+                        expected,
+                        request: inner,
+                    })),
                     peers: (source, destination),
                     service,
                 }

@@ -247,6 +247,64 @@ impl HboneClient {
         }
     }
 
+    /// Double HBONE (ztunnel's proxy_to_double_hbone): a CONNECT stream to the network
+    /// gateway in `key` (pooled), then inside it a TLS handshake of its own with the source's
+    /// certificate, the destination presenting one of `inner_expected`, HTTP/2, and
+    /// `inner_request`. The inner connection is not pooled: the gateway picks an endpoint per
+    /// outer stream, and the inner connection ends with its one stream.
+    pub async fn connect_double(
+        &self,
+        key: &PoolKey,
+        request: &ConnectRequest,
+        inner_expected: Vec<Identity>,
+        inner_request: &ConnectRequest,
+    ) -> Result<H2Stream, ProxyError> {
+        let outer = self.connect(key, request).await?;
+        let s = &self.settings;
+        let addr = key.peer;
+        let cert = self.certs.fetch(&key.source).await?;
+        let config = tls::client_config_checked(&cert, inner_expected, &s.peers)?;
+        let tls = deadline("inner TLS handshake", addr, s.connect_timeout, async {
+            tokio_rustls::TlsConnector::from(config)
+                .connect(ServerName::IpAddress(addr.ip().into()), outer)
+                .await
+                .map_err(|source| ProxyError::Tls { addr, source })
+        })
+        .await?;
+        let h2err = |source| ProxyError::Http2 { addr, source };
+        deadline("inner CONNECT", addr, s.connect_timeout, async {
+            let (send, conn) = s
+                .client_builder()
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(h2err)?;
+            let mut conn = conn;
+            let ping = conn.ping_pong();
+            let settings = self.settings.clone();
+            tokio::spawn(async move {
+                if let Err(reason) = drive_with_keepalive(conn, ping, &settings).await {
+                    tracing::debug!(peer = %addr, %reason, "inner HBONE connection closed");
+                }
+            });
+            let mut send = send.ready().await.map_err(h2err)?;
+            let (response, stream) = send
+                .send_request(inner_request.to_http(), false)
+                .map_err(h2err)?;
+            // The connection closes once its one stream has.
+            drop(send);
+            let response = response.await.map_err(h2err)?;
+            if response.status() != http::StatusCode::OK {
+                return Err(ProxyError::Status {
+                    addr,
+                    authority: inner_request.authority.clone(),
+                    status: response.status(),
+                });
+            }
+            Ok(H2Stream::new(stream, response.into_body()))
+        })
+        .await
+    }
+
     pub fn stats(&self) -> PoolStats {
         self.pool.stats()
     }
@@ -337,7 +395,7 @@ impl HboneClient {
             if response.status() != http::StatusCode::OK {
                 return Err(ProxyError::Status {
                     addr,
-                    authority: request.authority,
+                    authority: request.authority.clone(),
                     status: response.status(),
                 });
             }

@@ -3,7 +3,7 @@
 //! for a parsed config, and one that does anyway is skipped, never fatal.
 
 use super::{Gateway, GatewayDestination, Service, State, Workload};
-use crate::config::{Config, ServiceConfig, WaypointConfig, WorkloadConfig};
+use crate::config::{Config, GatewayConfig, ServiceConfig, WorkloadConfig};
 use crate::identity::{Identity, IdentityError};
 
 impl State {
@@ -38,12 +38,17 @@ pub(crate) fn workload(config: &Config, w: &WorkloadConfig) -> Result<Workload, 
     } else {
         &w.trust_domain
     };
+    let network = if w.network.is_empty() {
+        config.xds.network.clone()
+    } else {
+        w.network.clone()
+    };
     Ok(Workload {
         uid: w.uid.clone(),
         name: w.name.clone(),
         namespace: w.namespace.clone(),
         identity: Identity::new(trust_domain, &w.namespace, &w.service_account)?,
-        network: config.xds.network.clone(),
+        network: network.clone(),
         addresses: w.workload_ips.clone(),
         node: w.node.clone(),
         protocol: w.protocol,
@@ -64,16 +69,20 @@ pub(crate) fn workload(config: &Config, w: &WorkloadConfig) -> Result<Workload, 
         waypoint: w
             .waypoint
             .as_ref()
-            .and_then(|g| gateway(config, g, &w.namespace)),
-        network_gateway: None,
+            .and_then(|g| gateway(&config.xds.network, g, &w.namespace)),
+        network_gateway: w
+            .network_gateway
+            .as_ref()
+            .and_then(|g| gateway(&network, g, &w.namespace)),
     })
 }
 
-/// A waypoint entry (validated: exactly one of address and hostname).
-fn gateway(config: &Config, g: &WaypointConfig, namespace: &str) -> Option<Gateway> {
+/// A waypoint or network gateway entry (validated: exactly one of address and hostname), an
+/// address taken on `network`.
+fn gateway(network: &str, g: &GatewayConfig, namespace: &str) -> Option<Gateway> {
     let destination = match (&g.address, &g.hostname) {
         (Some(ip), None) => GatewayDestination::Address {
-            network: config.xds.network.clone(),
+            network: network.to_owned(),
             ip: *ip,
         },
         (None, Some(hostname)) => GatewayDestination::Hostname {
@@ -108,7 +117,7 @@ pub(crate) fn service(config: &Config, s: &ServiceConfig) -> Result<Service, Ide
         waypoint: s
             .waypoint
             .as_ref()
-            .and_then(|g| gateway(config, g, &s.namespace)),
+            .and_then(|g| gateway(&config.xds.network, g, &s.namespace)),
         weighted_waypoints: Vec::new(),
         ingress_use_waypoint: false,
     })

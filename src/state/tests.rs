@@ -728,3 +728,96 @@ fn ranges_hold_what_their_prefix_says() {
         "families never mix"
     );
 }
+
+/// `web` with one endpoint on the proxy's network and one on `net-b` behind the east-west
+/// gateway `ew` (198.51.100.1, network `net-b`), as istiod describes a multi-network mesh.
+fn two_networks(gateway: Option<Gateway>) -> State {
+    let mut s = State::with_network("net-a");
+    let mut svc = service("10.96.0.10", &[(80, 8080)]);
+    svc.load_balancing = balance::LoadBalancing::default();
+    s.upsert_service(svc);
+    let mut remote = with_service(
+        workload("far", "10.8.0.5", "far", Protocol::Hbone),
+        SVC,
+        &[(80, 8080)],
+    );
+    remote.network = "net-b".into();
+    remote.network_gateway = gateway;
+    s.upsert_workload(remote);
+    let mut ew = workload("ew", "198.51.100.1", "eastwest", Protocol::Tcp);
+    ew.network = "net-b".into();
+    s.upsert_workload(ew);
+    s
+}
+
+fn gateway_at(network: &str, addr: &str) -> Gateway {
+    Gateway {
+        destination: GatewayDestination::Address {
+            network: network.into(),
+            ip: ip(addr),
+        },
+        port: 15008,
+    }
+}
+
+/// A service endpoint on another network is reached through its network's gateway with double
+/// HBONE: the outer tunnel to the gateway (its identity), the inner to `hostname:port` (the
+/// identities of the service's endpoints there and its SANs); without a known gateway,
+/// refused. A local endpoint of the same service is reached directly as always.
+#[test]
+fn an_endpoint_on_another_network_is_reached_through_its_gateway() {
+    let s = two_networks(Some(gateway_at("net-b", "198.51.100.1")));
+    let Upstream::DoubleHbone {
+        gateway,
+        peer,
+        gateway_expected,
+        authority,
+        expected,
+        service,
+    } = s.route(&[ip("10.0.1.2")], sa("10.96.0.10:80"), 0)
+    else {
+        panic!("not double HBONE");
+    };
+    assert_eq!(gateway.uid, "ew");
+    assert_eq!(peer, sa("198.51.100.1:15008"));
+    assert_eq!(gateway_expected[0].service_account(), "eastwest");
+    assert_eq!(authority, ("web.default.svc.cluster.local".to_owned(), 80));
+    let expected: Vec<&str> = expected.iter().map(Identity::service_account).collect();
+    assert_eq!(expected, vec!["far", "web-san"]);
+    assert_eq!(service.hostname, "web.default.svc.cluster.local");
+
+    for gateway in [None, Some(gateway_at("net-b", "198.51.100.9"))] {
+        let s = two_networks(gateway);
+        assert!(
+            matches!(
+                s.route(&[ip("10.0.1.2")], sa("10.96.0.10:80"), 0),
+                Upstream::Refuse(_)
+            ),
+            "never across networks without the gateway"
+        );
+    }
+
+    // A local endpoint too: it is picked by the load balancing like any other, and reached
+    // directly when it is.
+    let mut s = two_networks(Some(gateway_at("net-b", "198.51.100.1")));
+    let mut local = with_service(
+        workload("near", "10.0.2.9", "near", Protocol::Hbone),
+        SVC,
+        &[(80, 8080)],
+    );
+    local.network = "net-a".into();
+    s.upsert_workload(local);
+    let kinds: std::collections::BTreeSet<&str> = (0..8)
+        .map(
+            |pick| match s.route(&[ip("10.0.1.2")], sa("10.96.0.10:80"), pick) {
+                Upstream::Hbone { peer, .. } if peer == sa("10.0.2.9:15008") => "direct",
+                Upstream::DoubleHbone { .. } => "double",
+                other => panic!("{other:?}"),
+            },
+        )
+        .collect();
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        vec!["direct", "double"]
+    );
+}

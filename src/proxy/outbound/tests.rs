@@ -19,6 +19,8 @@ fn workload(name: &str, ip: &str, sa: &str, protocol: Protocol) -> WorkloadConfi
         protocol,
         services: Default::default(),
         waypoint: None,
+        network: String::new(),
+        network_gateway: None,
     }
 }
 
@@ -80,6 +82,7 @@ fn summary(route: &Route) -> String {
             request,
             peers,
             service,
+            ..
         } => {
             let expected: Vec<String> = key
                 .expected()
