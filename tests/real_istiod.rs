@@ -129,6 +129,13 @@ fn pod(p: &Pod, enrolled: bool) -> String {
     } else {
         ""
     };
+    // b2 runs the waypoint (the Gateway's pods carry its name, as istiod's deployment controller
+    // labels them).
+    let waypoint = if p.name == testbed::B2.name {
+        ", gateway.networking.k8s.io/gateway-name: waypoint"
+    } else {
+        ""
+    };
     format!(
         "apiVersion: v1
 kind: Pod
@@ -136,7 +143,7 @@ metadata:
   name: {name}
   namespace: demo
   uid: 00000000-0000-4000-8000-0000000000{uid:02x}
-  labels: {{app: {name}}}{annotation}
+  labels: {{app: {name}{waypoint}}}{annotation}
 spec:
   nodeName: node-{node}
   serviceAccountName: {sa}
@@ -216,6 +223,44 @@ spec:
   ports: [{{name: tcp, port: {SERVICE_PORT}, targetPort: {APP_PORT}, protocol: TCP}}]
 "
     ));
+    // A waypoint (the Gateway istioctl's `waypoint apply` writes, ready: its address in the
+    // status), its Service in front of b2, and a Service of b1's that uses it.
+    docs.push(format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: waypoint
+  namespace: demo
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+status:
+  addresses: [{{type: Hostname, value: waypoint.demo.svc.cluster.local}}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: waypoint
+  namespace: demo
+spec:
+  selector: {{gateway.networking.k8s.io/gateway-name: waypoint}}
+  clusterIP: {WAYPOINT_VIP}
+  clusterIPs: [{WAYPOINT_VIP}]
+  ports: [{{name: mesh, port: 15008, targetPort: 15008, protocol: TCP}}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: echo-wp
+  namespace: demo
+  labels: {{istio.io/use-waypoint: waypoint}}
+spec:
+  selector: {{app: b1}}
+  clusterIP: {BEHIND_WAYPOINT_VIP}
+  clusterIPs: [{BEHIND_WAYPOINT_VIP}]
+  ports: [{{name: tcp, port: {SERVICE_PORT}, targetPort: {APP_PORT}, protocol: TCP}}]
+"
+    ));
     // A ServiceEntry whose address is a range (every address in it is the service), and
     // STRICT mTLS for the namespace (istiod turns it into a DENY of plaintext).
     docs.push(
@@ -260,6 +305,10 @@ spec:
     ));
     docs.join("---\n")
 }
+
+/// The waypoint Service's cluster IP, and that of the Service that uses the waypoint.
+const WAYPOINT_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 100, 98);
+const BEHIND_WAYPOINT_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 100, 97);
 
 /// Whether a connection from `from` to `to` is refused (reset, at once or after a write).
 async fn refused(topo: &Topology, from: &str, to: std::net::SocketAddr) -> bool {
@@ -394,6 +443,43 @@ async fn hboned_serves_what_istiods_own_discovery_sends() {
     assert!(refused(&topo, B3.name, B1.addr(APP_PORT)).await, "b3 → b1");
     assert!(refused(&topo, A2.name, B1.addr(APP_PORT)).await, "a2 → b1");
     assert_eq!(peers.lock().unwrap().len(), 2, "nothing denied reached b1");
+
+    // The Service that uses the waypoint: istiod names the waypoint by hostname, and a1's
+    // connection to it goes to the waypoint's pod (b2) on its HBONE port, never to b1. (The
+    // listener here speaks no TLS: the connection then fails, it does not go around.)
+    let waypoint = "\"destination\":\"demo/waypoint.demo.svc.cluster.local\"";
+    eventually(30, || dump("na").contains(waypoint)).await;
+    let at_waypoint = topo
+        .netns(testbed::B2.name)
+        .unwrap()
+        .run(|| {
+            let l = std::net::TcpListener::bind((testbed::B2.ip, 15008))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        })
+        .unwrap();
+    let at_waypoint = tokio::net::TcpListener::from_std(at_waypoint).unwrap();
+    let before = peers.lock().unwrap().len();
+    let behind = std::net::SocketAddr::from((BEHIND_WAYPOINT_VIP, SERVICE_PORT));
+    let (accepted, refused_at_a1) = tokio::join!(
+        within(20, at_waypoint.accept()),
+        refused(&topo, A1.name, behind)
+    );
+    let (_, from) = accepted.unwrap();
+    assert_eq!(
+        from.ip(),
+        std::net::IpAddr::V4(A1.ip),
+        "the tunnel to the waypoint"
+    );
+    assert!(
+        refused_at_a1,
+        "no waypoint speaking HBONE here: the connection fails"
+    );
+    assert_eq!(
+        peers.lock().unwrap().len(),
+        before,
+        "b1 reached around its waypoint"
+    );
 
     // b3's Pod deleted from the API server: gone from both proxies' state.
     istiod.command("delete pod demo b3");
