@@ -163,6 +163,33 @@ pub(crate) struct Service {
 }
 
 impl Service {
+    /// A service of `namespace` named `hostname` at `vips` with `ports` (service port →
+    /// target port), everything else as discovery leaves it by default: no SANs, standard
+    /// load balancing, public, no waypoint.
+    pub(crate) fn new(
+        name: &str,
+        namespace: &str,
+        hostname: &str,
+        vips: Vec<IpAddr>,
+        ports: BTreeMap<u16, u16>,
+    ) -> Service {
+        Service {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            hostname: hostname.to_owned(),
+            vips,
+            ports,
+            subject_alt_names: Vec::new(),
+            load_balancing: balance::LoadBalancing::default(),
+            vip_ranges: Vec::new(),
+            namespace_only: false,
+            unsupported: None,
+            waypoint: None,
+            weighted_waypoints: Vec::new(),
+            ingress_use_waypoint: false,
+        }
+    }
+
     /// The key workloads use to name this service.
     pub(crate) fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.hostname)

@@ -173,19 +173,14 @@ mod tests {
         );
         state.upsert_workload(w);
         state.upsert_service(Service {
-            name: "db".into(),
-            namespace: "prod".into(),
-            hostname: "db.prod.svc.cluster.local".into(),
-            vips: vec!["10.96.0.7".parse().unwrap()],
-            ports: [(5432, 5433)].into(),
             subject_alt_names: vec![Identity::new("cluster.local", "prod", "db").unwrap()],
-            load_balancing: LoadBalancing::default(),
-            vip_ranges: Vec::new(),
-            namespace_only: false,
-            unsupported: None,
-            waypoint: None,
-            weighted_waypoints: Vec::new(),
-            ingress_use_waypoint: false,
+            ..Service::new(
+                "db",
+                "prod",
+                "db.prod.svc.cluster.local",
+                vec!["10.96.0.7".parse().unwrap()],
+                [(5432, 5433)].into(),
+            )
         });
         state.upsert_policy(Policy {
             name: "allow-web".into(),

@@ -129,21 +129,8 @@ impl FakeUpstream {
 }
 
 fn service(hostname: &str, vips: Vec<IpAddr>) -> Service {
-    Service {
-        name: hostname.split('.').next().unwrap().into(),
-        namespace: "demo".into(),
-        hostname: hostname.into(),
-        vips,
-        ports: BTreeMap::from([(80, 8080)]),
-        subject_alt_names: Vec::new(),
-        load_balancing: Default::default(),
-        vip_ranges: Vec::new(),
-        namespace_only: false,
-        unsupported: None,
-        waypoint: None,
-        weighted_waypoints: Vec::new(),
-        ingress_use_waypoint: false,
-    }
+    let name = hostname.split('.').next().unwrap();
+    Service::new(name, "demo", hostname, vips, BTreeMap::from([(80, 8080)]))
 }
 
 struct Proxy {

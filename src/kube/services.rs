@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Service as KubeService;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::state::{Service, balance::LoadBalancing};
+use crate::state::Service;
 
 /// One port of a Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,25 +93,16 @@ impl ServiceFacts {
     /// The state's service (`ns/hostname`): a named target port is 0 there, resolved by each
     /// endpoint's own map.
     pub(crate) fn to_state(&self) -> Service {
-        Service {
-            name: self.name.clone(),
-            namespace: self.namespace.clone(),
-            hostname: self.hostname.clone(),
-            vips: self.vips.clone(),
-            ports: self
-                .ports
+        Service::new(
+            &self.name,
+            &self.namespace,
+            &self.hostname,
+            self.vips.clone(),
+            self.ports
                 .iter()
                 .map(|p| (p.port, p.target.unwrap_or(0)))
                 .collect(),
-            subject_alt_names: Vec::new(),
-            load_balancing: LoadBalancing::default(),
-            vip_ranges: Vec::new(),
-            namespace_only: false,
-            unsupported: None,
-            waypoint: None,
-            weighted_waypoints: Vec::new(),
-            ingress_use_waypoint: false,
-        }
+        )
     }
 
     /// An endpoint's map for this service: each service port to the port its slice gives for

@@ -286,21 +286,8 @@ impl HboneClient {
                     tracing::debug!(peer = %addr, %reason, "inner HBONE connection closed");
                 }
             });
-            let mut send = send.ready().await.map_err(h2err)?;
-            let (response, stream) = send
-                .send_request(inner_request.to_http(), false)
-                .map_err(h2err)?;
-            // The connection closes once its one stream has.
-            drop(send);
-            let response = response.await.map_err(h2err)?;
-            if response.status() != http::StatusCode::OK {
-                return Err(ProxyError::Status {
-                    addr,
-                    authority: inner_request.authority.clone(),
-                    status: response.status(),
-                });
-            }
-            Ok(H2Stream::new(stream, response.into_body()))
+            // Moved in: the connection closes once its one stream has.
+            send_connect(send, addr, inner_request).await
         })
         .await
     }
@@ -387,22 +374,33 @@ impl HboneClient {
         request: &ConnectRequest,
     ) -> Result<H2Stream, ProxyError> {
         let addr = key.peer;
-        let h2err = |source| ProxyError::Http2 { addr, source };
         deadline("CONNECT", addr, self.settings.connect_timeout, async {
-            let mut send = permit.conn.send.clone().ready().await.map_err(h2err)?;
-            let (response, stream) = send.send_request(request.to_http(), false).map_err(h2err)?;
-            let response = response.await.map_err(h2err)?;
-            if response.status() != http::StatusCode::OK {
-                return Err(ProxyError::Status {
-                    addr,
-                    authority: request.authority.clone(),
-                    status: response.status(),
-                });
-            }
-            Ok(H2Stream::new(stream, response.into_body()))
+            send_connect(permit.conn.send.clone(), addr, request).await
         })
         .await
     }
+}
+
+/// Sends `request` on the HTTP/2 connection of `send` (to the peer at `addr`): the stream,
+/// once the peer answered 200.
+async fn send_connect(
+    send: h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    request: &ConnectRequest,
+) -> Result<H2Stream, ProxyError> {
+    let h2err = |source| ProxyError::Http2 { addr, source };
+    let mut send = send.ready().await.map_err(h2err)?;
+    let (response, stream) = send.send_request(request.to_http(), false).map_err(h2err)?;
+    drop(send);
+    let response = response.await.map_err(h2err)?;
+    if response.status() != http::StatusCode::OK {
+        return Err(ProxyError::Status {
+            addr,
+            authority: request.authority.clone(),
+            status: response.status(),
+        });
+    }
+    Ok(H2Stream::new(stream, response.into_body()))
 }
 
 /// Whether the peer cannot have processed a stream that failed with `e`: a GOAWAY (the stream

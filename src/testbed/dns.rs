@@ -39,21 +39,14 @@ pub fn loopback_dns(
 ) -> std::io::Result<LoopbackDns> {
     let mut state = State::default();
     for (hostname, vip) in services {
-        state.upsert_service(Service {
-            name: hostname.split('.').next().unwrap_or_default().to_owned(),
-            namespace: "demo".into(),
-            hostname: (*hostname).to_owned(),
-            vips: vec![*vip],
-            ports: [(80, 80)].into(),
-            subject_alt_names: Vec::new(),
-            load_balancing: Default::default(),
-            vip_ranges: Vec::new(),
-            namespace_only: false,
-            unsupported: None,
-            waypoint: None,
-            weighted_waypoints: Vec::new(),
-            ingress_use_waypoint: false,
-        });
+        let name = hostname.split('.').next().unwrap_or_default();
+        state.upsert_service(Service::new(
+            name,
+            "demo",
+            hostname,
+            vec![*vip],
+            [(80, 80)].into(),
+        ));
     }
     let settings = DnsSettings::for_tests(
         0,

@@ -17,21 +17,14 @@ fn n(s: &str) -> Name {
 }
 
 fn service(name: &str, namespace: &str, hostname: &str, vips: &[&str]) -> Service {
-    Service {
-        name: name.into(),
-        namespace: namespace.into(),
-        hostname: hostname.into(),
-        vips: vips.iter().map(|v| ip(v)).collect(),
-        ports: BTreeMap::from([(80, 8080)]),
-        subject_alt_names: Vec::new(),
-        load_balancing: Default::default(),
-        vip_ranges: Vec::new(),
-        namespace_only: false,
-        unsupported: None,
-        waypoint: None,
-        weighted_waypoints: Vec::new(),
-        ingress_use_waypoint: false,
-    }
+    let vips = vips.iter().map(|v| ip(v)).collect();
+    Service::new(
+        name,
+        namespace,
+        hostname,
+        vips,
+        BTreeMap::from([(80, 8080)]),
+    )
 }
 
 fn state() -> State {
