@@ -12,10 +12,8 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
 
 use hboned::config::GatewayConfig;
-use hboned::identity::Identity;
 use hboned::testbed::{self, A1, APP_PORT, B1, B2, SERVICE_PORT, SERVICE_VIP, Topology};
 use support::topo::*;
 use support::{pattern, within};
@@ -23,72 +21,42 @@ use support::{pattern, within};
 /// What the gateway took: each CONNECT's authority and the client's identity.
 type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
 
-/// The east-west gateway on b2's address, port 15008: TLS as `demo/eastwest` from the
-/// topology's CA, HTTP/2; a CONNECT for the echo service is answered 200 and its stream joined
-/// to a TCP connection to b1's HBONE port, byte for byte (the inner tunnel passes through).
+/// The east-west gateway (as `demo/eastwest`, on b2): a CONNECT for the echo service is
+/// answered 200 and its stream joined to a TCP connection to b1's HBONE port, byte for byte
+/// (the inner tunnel passes through); anything else is 400.
 fn start_gateway(topo: &Topology) -> (Seen, tokio::task::JoinHandle<()>) {
-    let ca = topo.ca().unwrap();
-    let id = Identity::new("cluster.local", "demo", "eastwest").unwrap();
-    let cert = ca.issue(&id, SystemTime::now()).unwrap();
-    let tls = tokio_rustls::TlsAcceptor::from(hboned::tls::server_config(&cert).unwrap());
     let ns = Arc::new(topo.netns(B2.name).unwrap());
-    let listener = ns
-        .run(|| {
-            let l = std::net::TcpListener::bind(SocketAddr::from((B2.ip, 15008)))?;
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })
-        .unwrap();
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
     let seen: Seen = Arc::default();
     let log = seen.clone();
-    let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (tls, log, ns) = (tls.clone(), log.clone(), ns.clone());
-            conns.spawn(async move {
-                let Ok(stream) = tls.accept(tcp).await else {
-                    return;
-                };
-                let client = hboned::tls::peer_identity(stream.get_ref().1.peer_certificates())
-                    .map(|i| i.to_string());
-                let Ok(mut h2) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = h2.accept().await {
-                    let authority = req
-                        .uri()
-                        .authority()
-                        .map(ToString::to_string)
-                        .unwrap_or_default();
-                    log.lock()
-                        .unwrap()
-                        .push((authority.clone(), client.clone()));
-                    if authority != format!("echo.demo.svc.cluster.local:{SERVICE_PORT}") {
-                        let mut no = http::Response::new(());
-                        *no.status_mut() = http::StatusCode::BAD_REQUEST;
-                        let _ = respond.send_response(no, true);
-                        continue;
-                    }
-                    // The socket is made in b2's namespace, where the gateway runs.
-                    let socket = ns.run(tokio::net::TcpSocket::new_v4).unwrap();
-                    let Ok(mut upstream) = socket.connect(SocketAddr::from((B1.ip, 15008))).await
-                    else {
-                        let mut no = http::Response::new(());
-                        *no.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-                        let _ = respond.send_response(no, true);
-                        continue;
-                    };
-                    let Ok(send) = respond.send_response(http::Response::new(()), false) else {
-                        continue;
-                    };
-                    let mut tunnel = hboned::proxy::H2Stream::new(send, req.into_body());
-                    tokio::spawn(async move {
-                        let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await;
-                    });
-                }
-            });
+    let task = support::peer::serve(topo, &B2, "eastwest", move |(req, mut respond, client)| {
+        let authority = req
+            .uri()
+            .authority()
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        log.lock().unwrap().push((authority.clone(), client));
+        let answer = |status| {
+            let mut no = http::Response::new(());
+            *no.status_mut() = status;
+            no
+        };
+        if authority != format!("echo.demo.svc.cluster.local:{SERVICE_PORT}") {
+            let _ = respond.send_response(answer(http::StatusCode::BAD_REQUEST), true);
+            return;
         }
+        // The socket is made in b2's namespace, where the gateway runs.
+        let socket = ns.run(tokio::net::TcpSocket::new_v4).unwrap();
+        tokio::spawn(async move {
+            let Ok(mut upstream) = socket.connect(SocketAddr::from((B1.ip, 15008))).await else {
+                let _ = respond.send_response(answer(http::StatusCode::SERVICE_UNAVAILABLE), true);
+                return;
+            };
+            let Ok(send) = respond.send_response(http::Response::new(()), false) else {
+                return;
+            };
+            let mut tunnel = hboned::proxy::H2Stream::new(send, req.into_body());
+            let _ = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await;
+        });
     });
     (seen, task)
 }

@@ -11,11 +11,10 @@ mod support;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hboned::config::{GatewayConfig, ServiceConfig};
-use hboned::identity::Identity;
 use hboned::testbed::{self, A1, APP_PORT, B1, B2, B3, SERVICE_PORT, SERVICE_VIP, Topology};
 use support::topo::*;
 use support::within;
@@ -33,69 +32,37 @@ struct Arrived {
     forwarded: Option<String>,
 }
 
-/// The waypoint: TLS as `demo/waypoint` from the topology's CA (clients must present one of
-/// its certificates too), HTTP/2, each CONNECT recorded and answered 200, its bytes sent back
-/// behind `waypoint:`. Serves until the returned task is aborted.
+/// The waypoint (as `demo/waypoint`, on b2): each CONNECT recorded and answered 200, its bytes
+/// sent back behind `waypoint:`.
 fn start_waypoint(topo: &Topology) -> (Arc<Mutex<Vec<Arrived>>>, tokio::task::JoinHandle<()>) {
-    let ca = topo.ca().unwrap();
-    let id = Identity::new("cluster.local", "demo", "waypoint").unwrap();
-    let cert = ca.issue(&id, SystemTime::now()).unwrap();
-    let tls = tokio_rustls::TlsAcceptor::from(hboned::tls::server_config(&cert).unwrap());
-    let at = SocketAddr::from((B2.ip, 15008));
-    let listener = topo
-        .netns(B2.name)
-        .unwrap()
-        .run(|| {
-            let l = std::net::TcpListener::bind(at)?;
-            l.set_nonblocking(true)?;
-            Ok(l)
-        })
-        .unwrap();
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
     let arrived: Arc<Mutex<Vec<Arrived>>> = Arc::default();
     let log = arrived.clone();
-    let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        while let Ok((tcp, _)) = listener.accept().await {
-            let (tls, log) = (tls.clone(), log.clone());
-            conns.spawn(async move {
-                let Ok(stream) = tls.accept(tcp).await else {
-                    return;
-                };
-                let client = hboned::tls::peer_identity(stream.get_ref().1.peer_certificates())
-                    .map(|i| i.to_string());
-                let Ok(mut h2) = h2::server::handshake(stream).await else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = h2.accept().await {
-                    log.lock().unwrap().push(Arrived {
-                        authority: req
-                            .uri()
-                            .authority()
-                            .map(ToString::to_string)
-                            .unwrap_or_default(),
-                        client: client.clone(),
-                        forwarded: req
-                            .headers()
-                            .get("forwarded")
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_owned),
-                    });
-                    let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
-                        continue;
-                    };
-                    let mut body = req.into_body();
-                    tokio::spawn(async move {
-                        let _ = send.send_data(Bytes::from_static(b"waypoint:"), false);
-                        while let Some(Ok(data)) = body.data().await {
-                            let _ = body.flow_control().release_capacity(data.len());
-                            let _ = send.send_data(data, false);
-                        }
-                        let _ = send.send_data(Bytes::new(), true);
-                    });
-                }
-            });
-        }
+    let task = support::peer::serve(topo, &B2, "waypoint", move |(req, mut respond, client)| {
+        log.lock().unwrap().push(Arrived {
+            authority: req
+                .uri()
+                .authority()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            client,
+            forwarded: req
+                .headers()
+                .get("forwarded")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        });
+        let Ok(mut send) = respond.send_response(http::Response::new(()), false) else {
+            return;
+        };
+        let mut body = req.into_body();
+        tokio::spawn(async move {
+            let _ = send.send_data(Bytes::from_static(b"waypoint:"), false);
+            while let Some(Ok(data)) = body.data().await {
+                let _ = body.flow_control().release_capacity(data.len());
+                let _ = send.send_data(data, false);
+            }
+            let _ = send.send_data(Bytes::new(), true);
+        });
     });
     (arrived, task)
 }

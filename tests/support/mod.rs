@@ -9,6 +9,7 @@ pub(crate) mod cilium_agent;
 pub(crate) mod fake_ads;
 pub(crate) mod kube_api;
 pub(crate) mod kubelet;
+pub(crate) mod peer;
 pub(crate) mod real;
 pub(crate) mod spire;
 pub(crate) mod topo;
