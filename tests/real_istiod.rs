@@ -210,6 +210,23 @@ status:
     ] {
         docs.push(pod(p, enrolled));
     }
+    // net-b's east-west gateway (the Gateway `istioctl multicluster expose` writes: class
+    // istio-remote, the network label, an HBONE listener, its address in the status).
+    docs.push(format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata:
+  name: eastwest
+  namespace: istio-system
+  labels: {{topology.istio.io/network: net-b}}
+spec:
+  gatewayClassName: istio-remote
+  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]
+status:
+  addresses: [{{type: IPAddress, value: \"{b2}\"}}]
+",
+        b2 = testbed::B2.ip
+    ));
     docs.push(format!(
         "apiVersion: v1
 kind: Service
@@ -480,6 +497,18 @@ async fn hboned_serves_what_istiods_own_discovery_sends() {
         before,
         "b1 reached around its waypoint"
     );
+
+    // net-b's gateway, as istiod sends it to every ztunnel: a workload of net-b at the
+    // gateway's address with the gateway's service account, kept apart from b2 (the same
+    // address on the proxy's own network). A pod on net-b itself comes only from another
+    // cluster (istiod puts a cluster's pods on its system namespace's network), which the
+    // fake server, one cluster, cannot serve: tests/multi_network.rs covers the route.
+    let gateway = format!(
+        "\"name\":\"NetworkGateway/net-b/{}/15008\",\"namespace\":\"istio-system\",\"network\":\"net-b\"",
+        testbed::B2.ip
+    );
+    eventually(30, || dump("na").contains(&gateway)).await;
+    assert!(dump("na").contains("\"serviceAccount\":\"eastwest-istio-remote\""));
 
     // b3's Pod deleted from the API server: gone from both proxies' state.
     istiod.command("delete pod demo b3");
