@@ -100,25 +100,21 @@ fn gateway(network: &str, g: &GatewayConfig, namespace: &str) -> Option<Gateway>
 /// A service entry.
 pub(crate) fn service(config: &Config, s: &ServiceConfig) -> Result<Service, IdentityError> {
     Ok(Service {
-        name: s.name.clone(),
-        namespace: s.namespace.clone(),
-        hostname: s.hostname.clone(),
-        vips: s.vips.clone(),
-        ports: s.ports.clone(),
         subject_alt_names: s
             .subject_alt_names
             .iter()
             .map(|n| Identity::parse(n))
             .collect::<Result<_, _>>()?,
-        load_balancing: Default::default(),
-        vip_ranges: Vec::new(),
-        namespace_only: false,
-        unsupported: None,
         waypoint: s
             .waypoint
             .as_ref()
             .and_then(|g| gateway(&config.xds.network, g, &s.namespace)),
-        weighted_waypoints: Vec::new(),
-        ingress_use_waypoint: false,
+        ..Service::new(
+            &s.name,
+            &s.namespace,
+            &s.hostname,
+            s.vips.clone(),
+            s.ports.clone(),
+        )
     })
 }
