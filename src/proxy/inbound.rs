@@ -120,7 +120,6 @@ impl LocalWorkload {
         }
     }
 
-    /// Whether discovery says the workload at `ip` takes a PROXY protocol header first.
     /// Where a CONNECT to `hostname:port` goes in this workload (ztunnel's
     /// find_inbound_upstream, `SvcHostname`): the service of that hostname (its own
     /// namespace's first) must be one this workload is an endpoint of; the port is the
@@ -149,6 +148,7 @@ impl LocalWorkload {
         Some(SocketAddr::new(local, target))
     }
 
+    /// Whether discovery says the workload at `ip` takes a PROXY protocol header first.
     pub(crate) fn wants_proxy_protocol(&self, ip: IpAddr) -> bool {
         self.state.as_ref().is_some_and(|s| {
             s.read()
