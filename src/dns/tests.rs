@@ -62,9 +62,21 @@ fn answer(query: &Message, tcp: bool, max_udp: usize) -> Option<Message> {
 
 impl FakeUpstream {
     async fn start() -> FakeUpstream {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).await.unwrap();
+        // UDP and TCP on one port: a free UDP port's TCP twin may be taken (by another test's
+        // connection), so try a few.
+        let mut attempts = 0;
+        let (udp, tcp, addr) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            match TcpListener::bind(addr).await {
+                Ok(tcp) => break (udp, tcp, addr),
+                Err(e) if attempts < 20 => {
+                    attempts += 1;
+                    eprintln!("{addr} taken for TCP ({e}); another port");
+                }
+                Err(e) => panic!("no port free for both UDP and TCP: {e}"),
+            }
+        };
         let seen = Arc::new(Mutex::new(Vec::new()));
         let release = Arc::new(Semaphore::new(0));
         let (seen2, release2) = (seen.clone(), release.clone());
