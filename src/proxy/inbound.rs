@@ -537,6 +537,9 @@ struct Admitted {
 }
 
 #[cfg(test)]
+mod tests;
+
+#[cfg(test)]
 mod size_tests {
     use super::*;
 

@@ -331,6 +331,9 @@ fn the_dns_proxy_is_on_unless_dns_capture_says_otherwise() {
         (c.dns.port, c.dns.cluster_domain.as_str()),
         (15054, "corp.internal")
     );
+    // An empty CLUSTER_DOMAIN is no domain: the default stands.
+    let c = Config::from_ztunnel_env(&istio_chart(&[("CLUSTER_DOMAIN", "")])).unwrap();
+    assert_eq!(c.dns.cluster_domain, "cluster.local");
     let err = Config::from_ztunnel_env(&istio_chart(&[(
         "ISTIO_META_DNS_PROXY_ADDR",
         "10.0.0.5:53",
