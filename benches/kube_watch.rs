@@ -9,9 +9,8 @@
 //! this process's peak RSS. Run: `cargo bench --bench kube_watch`. Not a criterion bench: one
 //! long pass, bytes and rates.
 
-use std::alloc::{GlobalAlloc, Layout};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hboned::kube::{LabelMatch, Settings};
@@ -23,33 +22,9 @@ use hboned::state::{SharedState, State};
 mod kube_api;
 use kube_api::PodDef;
 
-/// jemalloc (as the proxy runs), counting live bytes.
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to jemalloc.
-        unsafe { tikv_jemallocator::Jemalloc.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: forwarded unchanged to jemalloc.
-        unsafe { tikv_jemallocator::Jemalloc.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        // SAFETY: forwarded unchanged to jemalloc.
-        unsafe { tikv_jemallocator::Jemalloc.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "support/counting.rs"]
+mod counting;
+use counting::LIVE;
 
 fn pod(i: usize) -> PodDef {
     PodDef {

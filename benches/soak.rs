@@ -43,23 +43,8 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// The echo app (child mode): echoes every connection on `[::]:port` until killed.
-fn echo_server(port: u16) {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(("::", port)).await.unwrap();
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-}
+#[path = "support/echo.rs"]
+mod echo;
 
 /// One connection's life: connect, 1 KiB round trip, hold, close. The error, if it failed. A
 /// failed connection waits out its hold too, so failures never speed the churn up.
@@ -88,7 +73,7 @@ async fn one(topo: &Topology, to: SocketAddr, hold: Duration) -> Result<(), Stri
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(i) = args.iter().position(|a| a == "--soak-echo") {
-        return echo_server(args[i + 1].parse().unwrap());
+        return echo::serve(args[i + 1].parse().unwrap());
     }
     let Some(secs) = std::env::var("HBONED_SOAK_SECS")
         .ok()

@@ -3,60 +3,17 @@
 //! index), which is what a proxy does when it (re)connects to its control plane.
 
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use hboned::proto::envoy::service::discovery::v3::DeltaDiscoveryResponse;
 use hboned::proto::istio::workload as pb;
 use hboned::state::State;
-use hboned::xds::convert::{
-    ADDRESS_TYPE, Tracked, apply_delta, service_resource, workload_resource,
-};
+use hboned::xds::convert::{ADDRESS_TYPE, Tracked, apply_delta, service_resource};
 
-fn ip(i: u32) -> Ipv4Addr {
-    Ipv4Addr::from(0x0a00_0000 + i)
-}
-
-fn snapshot(n: u32) -> DeltaDiscoveryResponse {
-    let resources = (0..n)
-        .map(|i| {
-            let uid = format!("cluster1//v1/Pod/ns{}/pod-{i}", i % 50);
-            let w = pb::Workload {
-                uid: uid.clone(),
-                name: format!("pod-{i}"),
-                namespace: format!("ns{}", i % 50),
-                service_account: format!("sa{}", i % 200),
-                addresses: vec![ip(i).octets().to_vec()],
-                tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
-                node: format!("node-{}", i % 100),
-                // Every 10,000th pod backs the one service (10 endpoints in 100,000).
-                services: if i % 10_000 == 0 {
-                    [(
-                        "ns0/web.ns0.svc.cluster.local".to_string(),
-                        pb::PortList {
-                            ports: vec![pb::Port {
-                                service_port: 80,
-                                target_port: 8080,
-                                app_protocol: 0,
-                            }],
-                        },
-                    )]
-                    .into()
-                } else {
-                    Default::default()
-                },
-                ..Default::default()
-            };
-            workload_resource(&uid, "1", w)
-        })
-        .collect();
-    DeltaDiscoveryResponse {
-        type_url: ADDRESS_TYPE.into(),
-        nonce: "n".into(),
-        resources,
-        ..Default::default()
-    }
-}
+#[path = "support/workloads.rs"]
+mod workloads;
+use workloads::{ip, snapshot};
 
 fn benches(c: &mut Criterion) {
     let mut state = State::default();

@@ -203,9 +203,10 @@ enum Command {
         /// Also measure pod-to-pod throughput through the proxies next to raw TCP.
         #[arg(long)]
         throughput: bool,
-        /// Also run the netns benchmark: bulk (1 stream, reverse, 4 streams) with Gbit/s per
-        /// proxy core, ping-pong latency, connections/s, RSS per idle connection; then a plain
-        /// two-hop relay (socat, if installed) over the same path, the floor.
+        /// Also run the netns benchmark on proxies started afresh: RSS per idle connection
+        /// (2,000 opened at once) and after they close; bulk (1 stream, reverse, 4 streams) with
+        /// Gbit/s per proxy core next to a plain two-hop relay's per relay core (socat, if
+        /// installed), ping-pong latency against raw TCP's, connections/s.
         #[arg(long)]
         bench: bool,
     },

@@ -1,9 +1,11 @@
 //! The netns benchmark (`hboned demo --bench`, `scripts/netns-bench`): on the demo topology,
-//! pod to pod through both proxies next to raw TCP over the same nodes and link, measured from
-//! outside the proxies (their CPU and RSS read from /proc). Reports bulk one stream, reverse and
-//! four streams (tunnel/raw and Gbit/s per proxy CPU core), 1-byte ping-pong p50/p99 added over
-//! raw, connections per second, and RSS per idle connection, fresh and after a 16 MiB burst;
-//! then the same path through a plain two-hop relay without TLS (`relay`), the floor.
+//! pod to pod through both proxies next to raw TCP over the same nodes and link and next to a
+//! plain two-hop relay without TLS (`relay`, the floor), measured from outside the proxies
+//! (their CPU and RSS read from /proc). Reports, each against its baseline of the same run: RSS
+//! per idle connection with 2,000 opened at once on fresh proxies, and how far RSS comes back
+//! after they close; bulk one stream, reverse and four streams (tunnel/raw, Gbit/s per proxy
+//! CPU core and its ratio to the relay's per relay core); 1-byte ping-pong p50/p99 against
+//! raw's; connections per second. `curves` measures the scale curves (`benches/scale.rs`).
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ const ECHO: u16 = 7102;
 const BULK: u64 = 512 << 20;
 const CHUNK: usize = 256 << 10;
 
+pub mod curves;
 mod relay;
 
 /// The numeric fields of `/proc/PID/stat` after the command name (0 where one is not a number;
@@ -220,39 +223,65 @@ struct Bulk {
     per_core: f64,
     /// Share of the proxies' CPU spent in the kernel.
     in_kernel: f64,
+    /// The plain relay's Gbit/s per relay CPU core, when it runs.
+    relay_per_core: Option<f64>,
 }
 
-/// One bulk shape, raw and tunnelled alternately `runs` times.
-async fn bulk(topo: &Topology, runs: usize, shape: &str) -> anyhow::Result<Bulk> {
-    let bits = BULK as f64 * 8.0;
-    let one = |from: &'static str, to: SocketAddr| async move {
-        match shape {
-            "reverse" => pull(topo, from, SocketAddr::new(to.ip(), SOURCE), BULK).await,
-            "4 streams" => {
-                let t = Instant::now();
-                let each = BULK / 4;
-                let runs = (0..4).map(|_| push(topo, from, to, each));
-                for r in futures_util::future::join_all(runs).await {
-                    r?;
-                }
-                Ok(t.elapsed().as_secs_f64())
+/// One run of a bulk shape from `from` into the sink app (reverse: out of the source app),
+/// `at` giving where to connect for an app's port; seconds taken.
+async fn shape_once(
+    topo: &Topology,
+    shape: &str,
+    from: &str,
+    at: &dyn Fn(u16) -> SocketAddr,
+) -> anyhow::Result<f64> {
+    let to = at(SINK);
+    match shape {
+        "reverse" => pull(topo, from, at(SOURCE), BULK).await,
+        "4 streams" => {
+            let t = Instant::now();
+            let runs = (0..4).map(|_| push(topo, from, to, BULK / 4));
+            for r in futures_util::future::join_all(runs).await {
+                r?;
             }
-            _ => push(topo, from, to, BULK).await,
+            Ok(t.elapsed().as_secs_f64())
         }
-    };
+        _ => push(topo, from, to, BULK).await,
+    }
+}
+
+/// One bulk shape, raw, tunnelled and (with `relay`) through the plain relay, alternately
+/// `runs` times.
+async fn bulk(
+    topo: &Topology,
+    runs: usize,
+    shape: &str,
+    relay: Option<&relay::PlainRelay>,
+) -> anyhow::Result<Bulk> {
+    let bits = BULK as f64 * 8.0;
     let (mut raw, mut tunnel, mut per_core, mut in_kernel) = (vec![], vec![], vec![], vec![]);
+    let mut relay_per_core = vec![];
     for _ in 0..runs {
-        raw.push(measured(topo, bits, one(A2.name, B2.addr(SINK))).await?.0);
-        let (gbps, cpu, system) = measured(topo, bits, one(A1.name, B1.addr(SINK))).await?;
+        let secs = shape_once(topo, shape, A2.name, &|p| B2.addr(p)).await?;
+        raw.push(bits / secs / 1e9);
+        let tunnelled = shape_once(topo, shape, A1.name, &|p| B1.addr(p));
+        let (gbps, cpu, system) = measured(topo, bits, tunnelled).await?;
         tunnel.push(gbps);
         per_core.push(bits / 1e9 / cpu.max(1e-9));
         in_kernel.push(system);
+        if let Some(relay) = relay {
+            let before = relay.cpu().await?;
+            shape_once(topo, shape, A2.name, &relay::PlainRelay::entry).await?;
+            let cpu = relay.cpu().await?.saturating_sub(before);
+            relay_per_core.push(bits / 1e9 / cpu.as_secs_f64().max(1e-9));
+        }
     }
     Ok(Bulk {
         raw: median(&mut raw),
         tunnel: median(&mut tunnel),
         per_core: median(&mut per_core),
         in_kernel: median(&mut in_kernel),
+        relay_per_core: (!relay_per_core.is_empty()).then(|| median(&mut relay_per_core)),
     })
 }
 
@@ -292,24 +321,51 @@ async fn connection_rate(
     Ok(f64::from(n) / t.elapsed().as_secs_f64())
 }
 
-/// RSS added per connection on each proxy: `count` idle a1 → b1 connections (1 byte echoed),
-/// then each after a 16 MiB burst through it; settled for two seconds (twelve after the burst)
-/// before each sample.
-async fn rss_per_connection(topo: &Topology, count: usize) -> anyhow::Result<([f64; 2], [f64; 2])> {
-    let settle = || tokio::time::sleep(Duration::from_secs(2));
-    settle().await;
-    let base = proxies(topo)?;
-    let mut conns = Vec::with_capacity(count);
-    for _ in 0..count {
+/// Both proxies' RSS through two cycles of `count` idle a1 → b1 connections opened at once
+/// (1 byte echoed through each), the first on fresh proxies; a 16 MiB echo burst through
+/// `burst` of the second cycle's before they close. Samples are taken two seconds settled,
+/// twelve after closing or a burst (past the relay's 1 s shrink and jemalloc's 10 s decay).
+struct Memory {
+    count: usize,
+    burst: usize,
+    fresh: [u64; 2],
+    idle: [u64; 2],
+    /// After the first cycle closed: the warm start of the second.
+    warm: [u64; 2],
+    idle_warm: [u64; 2],
+    after_burst: [u64; 2],
+    /// After the second cycle closed.
+    end: [u64; 2],
+}
+
+impl Memory {
+    /// KiB per connection between two samples, each proxy.
+    fn per(&self, from: [u64; 2], to: [u64; 2], n: usize) -> [f64; 2] {
+        [0, 1].map(|i| (to[i] as f64 - from[i] as f64) / n as f64 / 1024.0)
+    }
+}
+
+async fn rss(topo: &Topology) -> anyhow::Result<[u64; 2]> {
+    Ok(proxies(topo)?.map(|(_, rss)| rss))
+}
+
+/// `count` idle a1 → b1 connections opened at once, 1 byte echoed through each.
+async fn open_at_once(topo: &Topology, count: usize) -> anyhow::Result<Vec<TcpStream>> {
+    let one = || async {
         let mut s = connect(topo, A1.name, B1.addr(ECHO)).await?;
         s.write_all(&[1]).await?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await?;
-        conns.push(s);
-    }
-    settle().await;
-    let idle = proxies(topo)?;
-    // A 16 MiB burst through each, echoed back, a few connections at a time.
+        anyhow::Ok(s)
+    };
+    futures_util::future::join_all((0..count).map(|_| one()))
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// A 16 MiB burst echoed through each connection, four at a time.
+async fn burst_through(conns: &mut [TcpStream]) -> anyhow::Result<()> {
     let burst = vec![0x5au8; 16 << 20];
     for group in conns.chunks_mut(4) {
         let runs = group.iter_mut().map(|s| {
@@ -336,19 +392,43 @@ async fn rss_per_connection(topo: &Topology, count: usize) -> anyhow::Result<([f
             r?;
         }
     }
-    // Past the relay's idle shrink (1 s) and jemalloc's dirty-page decay (10 s).
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    let after_burst = proxies(topo)?;
+    Ok(())
+}
+
+async fn memory(topo: &Topology, count: usize, burst: usize) -> anyhow::Result<Memory> {
+    let settle = |secs| tokio::time::sleep(Duration::from_secs(secs));
+    settle(2).await;
+    let fresh = rss(topo).await?;
+    let conns = open_at_once(topo, count).await?;
+    settle(2).await;
+    let idle = rss(topo).await?;
     drop(conns);
-    let per = |s: [(Cpu, u64); 2]| {
-        [0, 1].map(|i| (s[i].1 as f64 - base[i].1 as f64) / count as f64 / 1024.0)
-    };
-    Ok((per(idle), per(after_burst)))
+    settle(12).await;
+    let warm = rss(topo).await?;
+    let mut conns = open_at_once(topo, count).await?;
+    settle(2).await;
+    let idle_warm = rss(topo).await?;
+    burst_through(&mut conns[..burst]).await?;
+    settle(12).await;
+    let after_burst = rss(topo).await?;
+    drop(conns);
+    settle(12).await;
+    let end = rss(topo).await?;
+    Ok(Memory {
+        count,
+        burst,
+        fresh,
+        idle,
+        warm,
+        idle_warm,
+        after_burst,
+        end,
+    })
 }
 
 /// `hboned demo --throughput`'s line: bulk one stream, raw and tunnelled (apps started).
 pub(crate) async fn throughput(topo: &Topology, runs: usize) -> anyhow::Result<String> {
-    let Bulk { raw, tunnel, .. } = bulk(topo, runs, "1 stream").await?;
+    let Bulk { raw, tunnel, .. } = bulk(topo, runs, "1 stream", None).await?;
     Ok(format!(
         "pod-to-pod throughput, {} MiB per run, median of {runs}: raw TCP a2→b2 {raw:.2} Gbit/s, HBONE a1→b1 {tunnel:.2} Gbit/s, tunnel/raw {:.2}",
         BULK >> 20,
@@ -376,45 +456,81 @@ pub(crate) async fn report(topo: &Topology, runs: usize) -> anyhow::Result<Strin
         has("vaes"),
         BULK >> 20
     )?;
-    // Memory first, on proxies that have not moved bulk traffic yet.
-    let (idle, burst) = rss_per_connection(topo, 500).await?;
+    // Memory first, on proxies that have not carried a connection yet (`run` restarts them).
+    let m = memory(topo, 2_000, 200).await?;
+    let kib = |b: u64| b as f64 / 1024.0;
+    let idle = m.per(m.fresh, m.idle, m.count);
+    let idle_warm = m.per(m.warm, m.idle_warm, m.count);
+    let burst = m.per(m.idle_warm, m.after_burst, m.burst);
     writeln!(
         out,
-        "RSS per idle tunnelled connection (500): node A {:.1} KiB, node B {:.1} KiB; after a 16 MiB burst through each: {:.1} / {:.1} KiB",
-        idle[0], idle[1], burst[0], burst[1]
+        "RSS per idle connection, {} opened at once on fresh proxies: node A {:.1} KiB, node B {:.1} KiB (fresh RSS {:.0} / {:.0} KiB); again after they closed: {:.1} / {:.1} KiB",
+        m.count,
+        idle[0],
+        idle[1],
+        kib(m.fresh[0]),
+        kib(m.fresh[1]),
+        idle_warm[0],
+        idle_warm[1]
     )?;
     writeln!(
         out,
-        "| shape | raw Gbit/s | HBONE Gbit/s | tunnel/raw | Gbit/s per proxy CPU core | proxy CPU in the kernel |"
+        "RSS after close, against the warm start (after the first {} closed): node A {:.0} → {:.0} KiB ({:+.1}%), node B {:.0} → {:.0} KiB ({:+.1}%); added per connection by a 16 MiB burst through {} of them: {:.1} / {:.1} KiB",
+        m.count,
+        kib(m.warm[0]),
+        kib(m.end[0]),
+        (m.end[0] as f64 / m.warm[0] as f64 - 1.0) * 100.0,
+        kib(m.warm[1]),
+        kib(m.end[1]),
+        (m.end[1] as f64 / m.warm[1] as f64 - 1.0) * 100.0,
+        m.burst,
+        burst[0],
+        burst[1]
     )?;
-    writeln!(out, "|---|---|---|---|---|---|")?;
+    let relay = relay::PlainRelay::start(topo).await?;
+    if relay.is_none() {
+        writeln!(out, "plain relay: skipped (socat is not installed)")?;
+    }
+    writeln!(
+        out,
+        "| shape | raw Gbit/s | HBONE Gbit/s | tunnel/raw | Gbit/s per proxy CPU core | proxy CPU in the kernel | plain relay per relay core | hboned/relay per core |"
+    )?;
+    writeln!(out, "|---|---|---|---|---|---|---|---|")?;
     for shape in ["1 stream", "reverse", "4 streams"] {
-        let b = bulk(topo, runs, shape).await?;
+        let b = bulk(topo, runs, shape, relay.as_ref()).await?;
+        let relay = b.relay_per_core.unwrap_or(f64::NAN);
         writeln!(
             out,
-            "| {shape} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% |",
+            "| {shape} | {:.2} | {:.2} | {:.2} | {:.2} | {:.0}% | {relay:.2} | {:.2} |",
             b.raw,
             b.tunnel,
             b.tunnel / b.raw,
             b.per_core,
-            b.in_kernel * 100.0
+            b.in_kernel * 100.0,
+            b.per_core / relay
         )?;
     }
     let mut raw = ping_pong(topo, A2.name, B2.addr(ECHO)).await?;
     let mut tunnel = ping_pong(topo, A1.name, B1.addr(ECHO)).await?;
-    let (r50, r99) = (percentile(&mut raw, 0.5), percentile(&mut raw, 0.99));
-    let (t50, t99) = (percentile(&mut tunnel, 0.5), percentile(&mut tunnel, 0.99));
-    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    let us = |v: &mut [Duration], p: f64| percentile(v, p).as_secs_f64() * 1e6;
+    let (r50, r99) = (us(&mut raw, 0.5), us(&mut raw, 0.99));
+    let (t50, t99) = (us(&mut tunnel, 0.5), us(&mut tunnel, 0.99));
     writeln!(
         out,
-        "1-byte ping-pong: raw p50 {:.0} µs p99 {:.0} µs; HBONE p50 {:.0} µs p99 {:.0} µs; added p50 +{:.0} µs, p99 +{:.0} µs",
-        us(r50),
-        us(r99),
-        us(t50),
-        us(t99),
-        us(t50) - us(r50),
-        us(t99) - us(r99)
+        "1-byte ping-pong: raw p50 {r50:.0} µs p99 {r99:.0} µs; HBONE p50 {t50:.0} µs p99 {t99:.0} µs ({:.2}× and {:.2}× raw's)",
+        t50 / r50,
+        t99 / r99
     )?;
+    if relay.is_some() {
+        let mut via = ping_pong(topo, A2.name, relay::PlainRelay::entry(ECHO)).await?;
+        let (v50, v99) = (us(&mut via, 0.5), us(&mut via, 0.99));
+        writeln!(
+            out,
+            "  through the plain relay: p50 {v50:.0} µs p99 {v99:.0} µs ({:.2}× and {:.2}× raw's)",
+            v50 / r50,
+            v99 / r99
+        )?;
+    }
     let window = Duration::from_secs(3);
     let raw = connection_rate(topo, A2.name, B2.addr(ECHO), window).await?;
     let tunnel = connection_rate(topo, A1.name, B1.addr(ECHO), window).await?;
@@ -423,6 +539,5 @@ pub(crate) async fn report(topo: &Topology, runs: usize) -> anyhow::Result<Strin
         "connect + 1-byte echo + close, sequential: raw {raw:.0}/s, HBONE {tunnel:.0}/s ({:.2})",
         tunnel / raw
     )?;
-    writeln!(out, "{}", relay::baseline(topo, runs).await?)?;
     Ok(out)
 }

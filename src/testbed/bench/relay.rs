@@ -7,12 +7,12 @@ use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{BULK, ECHO, SINK, Topology, median, percentile, ping_pong, push, ticks};
-use crate::testbed::{A2, B2, node_ip};
+use super::{ECHO, SINK, SOURCE, Topology, ticks};
+use crate::testbed::{B2, node_ip};
 /// First of the relay's ports: node A listens on `FIRST_PORT + 2i` and node B on the next one,
 /// for the i-th target of [`TARGETS`].
 const FIRST_PORT: u16 = 7200;
-const TARGETS: [u16; 2] = [SINK, ECHO];
+const TARGETS: [u16; 3] = [SINK, SOURCE, ECHO];
 
 /// The running socat processes, two per target; killed when dropped.
 pub(super) struct PlainRelay {
@@ -51,7 +51,9 @@ impl PlainRelay {
                         "-b",
                         "131072",
                     ])
-                    .arg(format!("TCP-LISTEN:{listen},fork,reuseaddr,nodelay"))
+                    .arg(format!(
+                        "TCP-LISTEN:{listen},fork,reuseaddr,nodelay,backlog=1024"
+                    ))
                     .arg(format!("TCP:{to},nodelay"))
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -132,35 +134,4 @@ fn ports(i: usize) -> (u16, u16) {
 fn has_children(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
         .is_ok_and(|c| !c.trim().is_empty())
-}
-
-/// The baseline's report line: bulk one stream through the relays next to raw a2 → b2
-/// (alternating, medians of `runs`), with Gbit/s per relay CPU core, and 1-byte ping-pong added
-/// over raw.
-pub(super) async fn baseline(topo: &Topology, runs: usize) -> anyhow::Result<String> {
-    let Some(relay) = PlainRelay::start(topo).await? else {
-        return Ok("plain relay baseline: skipped (socat is not installed)".into());
-    };
-    let bits = BULK as f64 * 8.0;
-    let (mut raw, mut relayed, mut per_core) = (vec![], vec![], vec![]);
-    for _ in 0..runs {
-        let secs = push(topo, A2.name, B2.addr(SINK), BULK).await?;
-        raw.push(bits / secs / 1e9);
-        let before = relay.cpu().await?;
-        let secs = push(topo, A2.name, PlainRelay::entry(SINK), BULK).await?;
-        let cpu = relay.cpu().await?.saturating_sub(before);
-        relayed.push(bits / secs / 1e9);
-        per_core.push(bits / 1e9 / cpu.as_secs_f64().max(1e-9));
-    }
-    let mut direct = ping_pong(topo, A2.name, B2.addr(ECHO)).await?;
-    let mut via = ping_pong(topo, A2.name, PlainRelay::entry(ECHO)).await?;
-    let us = |v: &mut [Duration], p: f64| percentile(v, p).as_secs_f64() * 1e6;
-    let (raw, relayed) = (median(&mut raw), median(&mut relayed));
-    Ok(format!(
-        "plain relay baseline (socat, 128 KiB buffers, no TLS or HTTP/2: a2 → node A → node B → b2): 1 stream {relayed:.2} Gbit/s against raw {raw:.2} (relay/raw {:.2}), {:.2} Gbit/s per relay CPU core; 1-byte ping-pong added p50 +{:.0} µs, p99 +{:.0} µs",
-        relayed / raw,
-        median(&mut per_core),
-        us(&mut via, 0.5) - us(&mut direct, 0.5),
-        us(&mut via, 0.99) - us(&mut direct, 0.99),
-    ))
 }
