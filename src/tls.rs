@@ -37,6 +37,17 @@ pub struct PeerChecks {
 /// The ALPN protocol HBONE negotiates.
 pub(crate) const ALPN_H2: &[u8] = b"h2";
 
+/// How many bytes of records a connection may hold unsent (rustls' default is 64 KiB). One
+/// write from HTTP/2 (a DATA frame, up to the 1 MiB frames we allow) is sealed and handed to
+/// the socket in one `writev` up to this much; with 64 KiB, a 128 KiB read from an app left as
+/// two writes.
+pub(crate) const SEND_BUFFER_LIMIT: usize = 256 * 1024;
+
+/// Applies [`SEND_BUFFER_LIMIT`] to an established connection.
+pub(crate) fn tune<S>(conn: &mut rustls::ConnectionCommon<S>) {
+    conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
+}
+
 /// Errors building TLS material.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

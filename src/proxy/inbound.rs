@@ -326,13 +326,14 @@ impl InboundServer {
         );
         let config = self.server_config().await?;
         let handshake_timeout = self.settings.connect_timeout;
-        let tls = tokio::time::timeout(
+        let mut tls = tokio::time::timeout(
             handshake_timeout,
             tokio_rustls::TlsAcceptor::from(config).accept(tcp),
         )
         .await
         .map_err(|_| InboundError::Timeout)?
         .map_err(InboundError::Tls)?;
+        tls::tune(tls.get_mut().1);
         let client = tls::peer_identity(tls.get_ref().1.peer_certificates());
         let mut conn = tokio::time::timeout(
             handshake_timeout,

@@ -264,13 +264,14 @@ impl HboneClient {
         let addr = key.peer;
         let cert = self.certs.fetch(&key.source).await?;
         let config = tls::client_config_checked(&cert, inner_expected, &s.peers)?;
-        let tls = deadline("inner TLS handshake", addr, s.connect_timeout, async {
+        let mut tls = deadline("inner TLS handshake", addr, s.connect_timeout, async {
             tokio_rustls::TlsConnector::from(config)
                 .connect(ServerName::IpAddress(addr.ip().into()), outer)
                 .await
                 .map_err(|source| ProxyError::Tls { addr, source })
         })
         .await?;
+        tls::tune(tls.get_mut().1);
         let h2err = |source| ProxyError::Http2 { addr, source };
         deadline("inner CONNECT", addr, s.connect_timeout, async {
             let (send, conn) = s
@@ -323,13 +324,14 @@ impl HboneClient {
         let tcp = netns::dial(&*self.sockets, key.source_ip, addr, s.connect_timeout)
             .await
             .map_err(|source| ProxyError::Connect { addr, source })?;
-        let tls = deadline("TLS handshake", addr, s.connect_timeout, async {
+        let mut tls = deadline("TLS handshake", addr, s.connect_timeout, async {
             tokio_rustls::TlsConnector::from(config)
                 .connect(ServerName::IpAddress(addr.ip().into()), tcp)
                 .await
                 .map_err(|source| ProxyError::Tls { addr, source })
         })
         .await?;
+        tls::tune(tls.get_mut().1);
         let session = tls.get_ref().1;
         let expires = session
             .peer_certificates()
