@@ -1,11 +1,11 @@
 //! Bidirectional copy between the two halves of a proxied connection, counting bytes each way.
 //!
-//! Memory: each direction that reads into a buffer of its own owns one that starts at
-//! [`INITIAL_BUFFER`] (1 KiB) and grows ×4 after two consecutive reads that filled it, up to
-//! [`MAX_BUFFER`] (128 KiB); a grown buffer goes back to its first size once a read has waited
-//! [`IDLE_SHRINK`] (the burst is over). A direction fed by an HTTP/2 stream hands over h2's
-//! buffers and never allocates one. So an idle connection holds 1 KiB here, also after a
-//! burst, and a busy one at most 128 KiB; benches/README.md adds up the rest (TLS and HTTP/2
+//! Memory: each direction that reads into a buffer of its own takes one of [`INITIAL_BUFFER`]
+//! (1 KiB) once a read is ready (it waits holding none) and gives it back after writing what it
+//! read; after two consecutive reads that filled it the buffer grows ×4, up to [`MAX_BUFFER`]
+//! (128 KiB), and is kept until a read has waited [`IDLE_SHRINK`] (the burst is over). A
+//! direction fed by an HTTP/2 stream hands over h2's buffers and never allocates one. So an
+//! idle connection holds no buffer here, also after a burst, and a busy one at most 128 KiB; benches/README.md adds up the rest (TLS and HTTP/2
 //! state) per tunneled connection. Large buffers are what bulk throughput needs (8 KiB ≈ 3
 //! Gbit/s, 128 KiB ≈ 11 on this class of machine); small ones are what ten thousand idle
 //! connections need.
@@ -94,9 +94,20 @@ pub(crate) trait Source: AsyncRead + Unpin {
         let n = self.read_buf(&mut buf.limit(limit)).await?;
         Ok(Chunk::Buffered(n))
     }
+
+    /// Waits, holding no buffer, until a read would find something (a relay gives its small
+    /// buffer back between reads, so an idle direction holds none). The default returns at
+    /// once: the read waits instead.
+    async fn wait_readable(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
-impl Source for tokio::net::tcp::ReadHalf<'_> {}
+impl Source for tokio::net::tcp::ReadHalf<'_> {
+    async fn wait_readable(&mut self) -> io::Result<()> {
+        tokio::net::tcp::ReadHalf::readable(self).await
+    }
+}
 /// The generic (locked) split's read half, for in-memory test streams.
 #[cfg(test)]
 impl<T: AsyncRead> Source for tokio::io::ReadHalf<T> {}
@@ -247,11 +258,12 @@ where
                     size = INITIAL_BUFFER;
                     buf = BytesMut::new();
                     full_reads = 0;
-                    reader.next_chunk(&mut buf, size).await
+                    next_unbuffered(reader, &mut buf, size).await
                 }
             }
         } else {
-            reader.next_chunk(&mut buf, size).await
+            // The first size is given back after every write (below): wait without it.
+            next_unbuffered(reader, &mut buf, size).await
         };
         let n = match read.map_err(|e| (read_end, e))? {
             Chunk::Buffered(0) => return writer.shutdown().await.map_err(|e| (write_end, e)),
@@ -259,6 +271,9 @@ where
                 write_buffer(writer, &mut buf)
                     .await
                     .map_err(|e| (write_end, e))?;
+                if size == INITIAL_BUFFER {
+                    buf = BytesMut::new();
+                }
                 n
             }
             Chunk::Owned(bytes) => {
@@ -280,6 +295,18 @@ where
             full_reads = 0;
         }
     }
+}
+
+/// The next chunk, the wait for it made holding no buffer when `buf` has none.
+async fn next_unbuffered<R: Source + ?Sized>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    size: usize,
+) -> io::Result<Chunk> {
+    if buf.capacity() == 0 {
+        reader.wait_readable().await?;
+    }
+    reader.next_chunk(buf, size).await
 }
 
 /// Hands all of `buf` to `writer`.
