@@ -324,7 +324,7 @@ async fn connection_rate(
 /// Both proxies' RSS through two cycles of `count` idle a1 → b1 connections opened at once
 /// (1 byte echoed through each), the first on fresh proxies; a 16 MiB echo burst through
 /// `burst` of the second cycle's before they close. Samples are taken two seconds settled,
-/// twelve after closing or a burst (past the relay's 1 s shrink and jemalloc's 10 s decay).
+/// twelve after closing or a burst (past the relay's 1 s shrink and jemalloc's 1 s decay).
 struct Memory {
     count: usize,
     burst: usize,

@@ -114,7 +114,7 @@ async fn open_idle(topo: &Topology, to: SocketAddr) -> anyhow::Result<tokio::net
 /// missing connections opened at once (at most `burst` connecting at a time), two seconds
 /// settled, RSS sampled, then sequential new connections for two seconds while they are held.
 /// Returns the points and, last, both proxies' RSS twelve seconds after every connection closed
-/// (past the relay's 1 s shrink and jemalloc's 10 s decay), next to the RSS before the first.
+/// (past the relay's 1 s shrink and jemalloc's 1 s decay), next to the RSS before the first.
 pub async fn idle(
     topo: &Topology,
     to: SocketAddr,
