@@ -358,9 +358,7 @@ impl InboundServer {
                         // task holds only the relay's state for the stream's life.
                         let admitted = Box::pin(server.clone().admit(request, respond, client, (peer, local)));
                         tokio::spawn(async move {
-                            if let Some(stream) = admitted.await {
-                                server.relay(stream).await;
-                            }
+                            server.relay(admitted).await;
                             drop(guard);
                         });
                     }
@@ -493,37 +491,41 @@ impl InboundServer {
         }
     }
 
-    /// Relays an admitted stream until either side ends, or a policy change or the pod's
-    /// removal stops it.
-    async fn relay(&self, stream: Admitted) {
-        let Admitted {
-            mut tunnel,
-            mut app,
-            record,
-            client,
-            peer,
-            target,
-        } = stream;
-        let conn = authz_facts(client.as_ref(), peer, target);
-        let stop = self.workload.stop(&conn);
-        let ended = copy::bidirectional_until(&mut tunnel, &mut app, stop, record.meters()).await;
+    /// Relays a stream once `admission` has admitted it and dialed its app, until either side
+    /// ends, or a policy change or the pod's removal stops it.
+    ///
+    /// The stream's task holds this future for the connection's whole life, so the admitted
+    /// stream lives in it once: taken from the admission here (an `Admitted` passed by value
+    /// would sit in the caller's future and twice in this one, as passed and as bound) and its
+    /// fields used where they are.
+    async fn relay(&self, admission: impl std::future::Future<Output = Option<Admitted>>) {
+        let Some(mut stream) = admission.await else {
+            return;
+        };
+        let (peer, target) = (stream.peer, stream.target);
+        let conn = authz_facts(stream.client.as_ref(), peer, target);
+        let stop = std::pin::pin!(self.workload.stop(&conn));
+        let (tunnel, app) = (&mut stream.tunnel, &mut stream.app);
+        let ended = copy::bidirectional_until(tunnel, app, stop, stream.record.meters()).await;
         match &ended {
             Ended::Copied(Ok(_)) => {}
             // Pass a reset through to whichever side did not cause it.
             Ended::Copied(Err(e)) => match e.end {
                 End::A => {
-                    let _ = socket::reset_on_close(&app);
+                    let _ = socket::reset_on_close(app);
                 }
                 End::B => tunnel.reset(h2::Reason::CONNECT_ERROR),
             },
             Ended::Stopped { reason, .. } => {
                 tracing::info!(%peer, %target, why = ?reason, "ending this connection (a policy change denies it, or its pod was removed); resetting it");
                 tunnel.reset(h2::Reason::CONNECT_ERROR);
-                let _ = socket::reset_on_close(&app);
+                let _ = socket::reset_on_close(app);
             }
         }
         let (outcome, transferred) = ended.outcome(super::Stop::outcome);
-        record.finish(outcome, transferred.request_response());
+        stream
+            .record
+            .finish(outcome, transferred.request_response());
     }
 }
 
@@ -554,7 +556,7 @@ mod size_tests {
         {
             std::mem::size_of::<Fut>()
         }
-        let relay = size(|s: &InboundServer, a| s.relay(a));
-        assert!(relay < 4096, "the inbound relay future is {relay} bytes");
+        let relay = size(|s: &InboundServer, a| s.relay(Box::pin(std::future::ready(Some(a)))));
+        assert!(relay < 2560, "the inbound relay future is {relay} bytes");
     }
 }

@@ -196,7 +196,8 @@ fn the_connect_request_carries_the_source_and_the_dice() {
 
 /// A connection's task holds its `handle` future for the connection's whole life: the dial's
 /// state (TLS and HTTP/2 handshakes, 13 KB inline before it was boxed) must not stay in it, nor
-/// the labels' 23 strings in the record (shared per label set).
+/// the labels' 23 strings in the record (shared per label set), nor any part twice (3,376
+/// bytes before the relay's parts were each stored once; 1,808 after).
 #[test]
 fn a_live_connection_holds_only_the_relays_state() {
     fn size<'a, F, Fut>(_: F) -> usize
@@ -209,7 +210,7 @@ fn a_live_connection_holds_only_the_relays_state() {
     let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
     let handle = size(move |o: &Outbound, s| o.handle(s, a, a));
     assert!(
-        handle < 4096,
+        handle < 2048,
         "the outbound handle future is {handle} bytes"
     );
     let record = std::mem::size_of::<crate::metrics::ConnectionRecord>();
