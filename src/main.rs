@@ -31,7 +31,7 @@ unsafe impl Sync for ConfString {}
 /// `MADV_FREE` stage, whose pages still count as resident). A burst of new connections
 /// allocates its dials' state all at once; with 5 s decay that memory was still resident after
 /// the burst had settled (benches/README.md: 2,000 connections opened at once on a fresh
-/// proxy, node A's RSS per idle connection 9.3–12.8 KiB with 5 s, 6.4–6.5 KiB with 1 s, no
+/// proxy, node A's RSS per idle connection 9.3–12.8 KiB with 5 s, 6.4–6.8 KiB with 1 s, no
 /// throughput cost measured). `MALLOC_CONF` in the environment overrides these.
 #[allow(non_upper_case_globals, unsafe_code)]
 #[unsafe(no_mangle)]

@@ -5,10 +5,10 @@
 //! read; after two consecutive reads that filled it the buffer grows ×4, up to [`MAX_BUFFER`]
 //! (128 KiB), and is kept until a read has waited [`IDLE_SHRINK`] (the burst is over). A
 //! direction fed by an HTTP/2 stream hands over h2's buffers and never allocates one. So an
-//! idle connection holds no buffer here, also after a burst, and a busy one at most 128 KiB; benches/README.md adds up the rest (TLS and HTTP/2
-//! state) per tunneled connection. Large buffers are what bulk throughput needs (8 KiB ≈ 3
-//! Gbit/s, 128 KiB ≈ 11 on this class of machine); small ones are what ten thousand idle
-//! connections need.
+//! idle connection holds no buffer here, also after a burst, and a busy one at most 128 KiB;
+//! benches/README.md adds up the rest (TLS and HTTP/2 state) per tunneled connection. Large
+//! buffers are what bulk throughput needs (8 KiB ≈ 3 Gbit/s, 128 KiB ≈ 11 on this class of
+//! machine); small ones are what ten thousand idle connections need.
 //!
 //! Each direction reads into a `BytesMut`; a writer that can take bytes as they are (an HTTP/2
 //! stream: they become a DATA frame) takes them without a copy ([`Sink`]), a reader that
