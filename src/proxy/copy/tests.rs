@@ -197,3 +197,56 @@ async fn a_grown_buffer_shrinks_when_the_connection_goes_idle() {
         "after the pause the buffer was still large: {writes:?}"
     );
 }
+
+/// Hands out its chunks one per read, then EOF; counts the waits a relay made before reading
+/// (`wait_readable`: what it does when it holds no buffer).
+struct Scripted {
+    chunks: std::collections::VecDeque<&'static [u8]>,
+    waits: usize,
+}
+
+impl Source for Scripted {
+    async fn wait_readable(&mut self) -> io::Result<()> {
+        self.waits += 1;
+        Ok(())
+    }
+}
+
+impl AsyncRead for Scripted {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(chunk) = self.chunks.pop_front() {
+            buf.put_slice(chunk);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Sink for Vec<u8> {}
+
+#[tokio::test]
+async fn an_idle_direction_holds_no_buffer_between_small_reads() {
+    let mut reader = Scripted {
+        chunks: [&b"ping"[..], &b"pong"[..]].into(),
+        waits: 0,
+    };
+    let mut written = Vec::new();
+    let mut count = 0;
+    one_way(
+        &mut reader,
+        &mut written,
+        &mut count,
+        None,
+        (End::A, End::B),
+    )
+    .await
+    .unwrap();
+    assert_eq!(written, b"pingpong");
+    assert_eq!(count, 8);
+    // Every read, EOF's too, began with no buffer held: the first-size buffer went back after
+    // each write (kept, only the first read would have waited without one).
+    assert_eq!(reader.waits, 3);
+}
