@@ -51,16 +51,21 @@ fn ticks(t: u64) -> Duration {
     Duration::from_millis(t * 1000 / hz)
 }
 
+/// A `/proc/<pid>/status` line's figure in KiB (0 when absent).
+fn status_kib(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// One proxy's CPU time (user + system, and the system part) and resident set, from /proc.
 fn proc_sample(pid: u32) -> anyhow::Result<(Cpu, u64)> {
     let fields = stat_fields(pid)?;
     let (user, system) = (fields[11], fields[12]);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
+    let rss_kib = status_kib(&status, "VmRSS:");
     let cpu = Cpu {
         total: ticks(user + system),
         system: ticks(system),
@@ -330,6 +335,9 @@ struct Memory {
     burst: usize,
     fresh: [u64; 2],
     idle: [u64; 2],
+    /// Of `fresh` and `idle`, the file-backed pages: code paged in by the first connections.
+    fresh_file: [u64; 2],
+    idle_file: [u64; 2],
     /// After the first cycle closed: the warm start of the second.
     warm: [u64; 2],
     idle_warm: [u64; 2],
@@ -347,6 +355,19 @@ impl Memory {
 
 async fn rss(topo: &Topology) -> anyhow::Result<[u64; 2]> {
     Ok(proxies(topo)?.map(|(_, rss)| rss))
+}
+
+/// Both proxies' resident file-backed pages (`RssFile`: the binary's code and data as it is
+/// paged in, shared libraries), in bytes.
+fn file_rss(topo: &Topology) -> anyhow::Result<[u64; 2]> {
+    let one = |i| -> anyhow::Result<u64> {
+        let pid = topo
+            .pid(i)
+            .ok_or_else(|| anyhow::anyhow!("proxy {i} is not running"))?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        Ok(status_kib(&status, "RssFile:") * 1024)
+    };
+    Ok([one(0)?, one(1)?])
 }
 
 /// `count` idle a1 → b1 connections opened at once, 1 byte echoed through each.
@@ -399,9 +420,11 @@ async fn memory(topo: &Topology, count: usize, burst: usize) -> anyhow::Result<M
     let settle = |secs| tokio::time::sleep(Duration::from_secs(secs));
     settle(2).await;
     let fresh = rss(topo).await?;
+    let fresh_file = file_rss(topo)?;
     let conns = open_at_once(topo, count).await?;
     settle(2).await;
     let idle = rss(topo).await?;
+    let idle_file = file_rss(topo)?;
     drop(conns);
     settle(12).await;
     let warm = rss(topo).await?;
@@ -419,6 +442,8 @@ async fn memory(topo: &Topology, count: usize, burst: usize) -> anyhow::Result<M
         burst,
         fresh,
         idle,
+        fresh_file,
+        idle_file,
         warm,
         idle_warm,
         after_burst,
@@ -460,14 +485,17 @@ pub(crate) async fn report(topo: &Topology, runs: usize) -> anyhow::Result<Strin
     let m = memory(topo, 2_000, 200).await?;
     let kib = |b: u64| b as f64 / 1024.0;
     let idle = m.per(m.fresh, m.idle, m.count);
+    let code = m.per(m.fresh_file, m.idle_file, m.count);
     let idle_warm = m.per(m.warm, m.idle_warm, m.count);
     let burst = m.per(m.idle_warm, m.after_burst, m.burst);
     writeln!(
         out,
-        "RSS per idle connection, {} opened at once on fresh proxies: node A {:.1} KiB, node B {:.1} KiB (fresh RSS {:.0} / {:.0} KiB); again after they closed: {:.1} / {:.1} KiB",
+        "RSS per idle connection, {} opened at once on fresh proxies: node A {:.1} KiB, node B {:.1} KiB (of which code paged in: {:.1} / {:.1}; fresh RSS {:.0} / {:.0} KiB); again after they closed: {:.1} / {:.1} KiB",
         m.count,
         idle[0],
         idle[1],
+        code[0],
+        code[1],
         kib(m.fresh[0]),
         kib(m.fresh[1]),
         idle_warm[0],
