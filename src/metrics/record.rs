@@ -21,10 +21,12 @@ pub(crate) struct Meters {
 /// What the access log says beyond the metric labels, as ztunnel's ConnectionResult does
 /// (src/proxy/metrics.rs): each end's pod name (falling back to its canonical service), and for
 /// a tunnel the address inside the CONNECT (`dst.hbone_addr`) next to the peer it went to.
+/// The names are boxed `str`s (a pointer and a length, no capacity): a record lives in every
+/// connection's task.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct LogNames {
-    src: Option<String>,
-    dst: Option<String>,
+    src: Option<Box<str>>,
+    dst: Option<Box<str>>,
     hbone: Option<crate::hbone::Authority>,
 }
 
@@ -34,7 +36,7 @@ impl LogNames {
             [&p.pod, &p.canonical_service]
                 .into_iter()
                 .find(|s| !s.is_empty())
-                .cloned()
+                .map(|s| s.as_str().into())
         };
         LogNames {
             src: name(source),
@@ -111,6 +113,16 @@ impl ConnectionRecord {
     ) -> Self {
         self.tracked = table.map(|t| t.track(conn()));
         self
+    }
+
+    /// Where the connection came from, as opened.
+    pub(crate) fn src(&self) -> SocketAddr {
+        self.src
+    }
+
+    /// Where it goes, as opened.
+    pub(crate) fn dst(&self) -> SocketAddr {
+        self.dst
     }
 
     /// The live byte counters for this connection's relay (client → destination first).

@@ -170,19 +170,15 @@ impl Outbound {
         listener: TcpListener,
         original_dst: impl Fn(&TcpStream) -> Option<SocketAddr> + Send + Sync + 'static,
     ) {
-        let original_dst = Arc::new(original_dst);
         loop {
             let (app, src) = super::accept(&listener, "outbound").await;
-            let this = self.clone();
-            let original_dst = original_dst.clone();
-            tokio::spawn(async move {
-                let Some(dst) = original_dst(&app) else {
-                    tracing::info!(%src, "no original destination; resetting");
-                    reset(app);
-                    return;
-                };
-                this.handle(app, src, dst).await;
-            });
+            // Read here (one getsockopt), so the connection's task is its `handle` alone.
+            let Some(dst) = original_dst(&app) else {
+                tracing::info!(%src, "no original destination; resetting");
+                reset(app);
+                continue;
+            };
+            tokio::spawn(self.clone().handle(app, src, dst));
         }
     }
 
@@ -191,35 +187,48 @@ impl Outbound {
     /// The task keeps this future for the connection's whole life, and a future is as large as
     /// its largest state: so the routing and the dial (TCP, TLS and HTTP/2 handshakes) run in a
     /// boxed future freed once the tunnel is up, and only the relay's state stays (see
-    /// `a_live_connection_holds_only_the_relays_state`).
-    pub(crate) async fn handle(&self, app: TcpStream, src: SocketAddr, dst: SocketAddr) {
-        let _ = socket::set_stream_options(&app);
-        let _live = self.drain.as_ref().map(Drain::guard);
-        let Some((mut app, mut tunnel, record)) =
-            Box::pin(self.route_and_connect(app, src, dst)).await
-        else {
-            return;
-        };
-        // The relay, here rather than in an `async fn` of its own: an async fn's arguments are
-        // stored twice in its future (as passed and as bound), ~400 bytes for these.
-        let removed = std::pin::pin!(self.pod.removed());
-        let ended =
-            copy::bidirectional_until(&mut app, &mut tunnel, removed, record.meters()).await;
-        let (outcome, transferred) = ended.outcome(|()| Outcome::PodRemoved);
-        match ended {
-            Ended::Copied(Ok(_)) => {}
-            // Pass a reset through to whichever side did not cause it.
-            Ended::Copied(Err(e)) => match e.end {
-                End::A => tunnel.reset(h2::Reason::CONNECT_ERROR),
-                End::B => reset(app),
-            },
-            Ended::Stopped { .. } => {
-                tracing::info!(%src, %dst, "the source pod was removed; resetting its connection");
-                tunnel.reset(h2::Reason::CANCEL);
-                reset(app);
+    /// `a_live_connection_holds_only_the_relays_state`). It is the task itself (spawned as it
+    /// is, no block around it), and a plain fn around an `async move` block: an async fn holds
+    /// its arguments twice (as passed and as bound), a block its captures once.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold its arguments twice"
+    )]
+    pub(crate) fn handle(
+        self: Arc<Self>,
+        app: TcpStream,
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        async move {
+            let _ = socket::set_stream_options(&app);
+            let _live = self.drain.as_ref().map(Drain::guard);
+            let Some((mut app, mut tunnel, record)) =
+                Box::pin(self.route_and_connect(app, src, dst)).await
+            else {
+                return;
+            };
+            // The relay, here rather than in an `async fn` of its own: an async fn's arguments are
+            // stored twice in its future (as passed and as bound), ~400 bytes for these.
+            let removed = std::pin::pin!(self.pod.removed());
+            let ended =
+                copy::bidirectional_until(&mut app, &mut tunnel, removed, record.meters()).await;
+            let (outcome, transferred) = ended.outcome(|()| Outcome::PodRemoved);
+            match ended {
+                Ended::Copied(Ok(_)) => {}
+                // Pass a reset through to whichever side did not cause it.
+                Ended::Copied(Err(e)) => match e.end {
+                    End::A => tunnel.reset(h2::Reason::CONNECT_ERROR),
+                    End::B => reset(app),
+                },
+                Ended::Stopped { .. } => {
+                    tracing::info!(%src, %dst, "the source pod was removed; resetting its connection");
+                    tunnel.reset(h2::Reason::CANCEL);
+                    reset(app);
+                }
             }
+            record.finish(outcome, transferred.request_response());
         }
-        record.finish(outcome, transferred.request_response());
     }
 
     /// Routes one connection: a tunnel's app connection, tunnel and record to relay, or `None`
