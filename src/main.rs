@@ -363,7 +363,16 @@ fn main() -> anyhow::Result<()> {
         #[cfg(feature = "testbed")]
         Command::Demo { throughput, bench } => {
             let bin = std::env::current_exe().context("locating the hboned binary")?;
-            runtime()?.block_on(hboned::testbed::run(&bin, throughput, bench))
+            // Interrupted (Ctrl-C, SIGTERM), the run's future is dropped and its topology with
+            // it, which stops the proxies and deletes the namespaces it made.
+            runtime()?.block_on(async {
+                tokio::select! {
+                    done = hboned::testbed::run(&bin, throughput, bench) => done,
+                    () = app::shutdown_signal() => {
+                        anyhow::bail!("interrupted: the demo's proxies and namespaces were removed")
+                    }
+                }
+            })
         }
         Command::Loopback {
             outbound,
