@@ -180,20 +180,31 @@ impl PodManager {
     fn insert(&self, running: RunningPod) {
         let certs = self.ctx.proxy.certs.clone();
         let identity = Identity::clone(&running.identity.get());
+        let live = running.identity.clone();
         let uid = running.info.uid.clone();
         self.ctx.local_pods.insert(&uid, &identity);
-        let mut pods = self.pods.lock();
-        pods.insert(uid.clone(), running);
-        self.ctx.proxy.metrics.enrolled_pods.set(pods.len() as i64);
-        self.ctx.proxy.metrics.active_proxies.set(pods.len() as i64);
-        let prefetch = tokio::spawn(async move {
-            if let Err(e) = certs.fetch(&identity).await {
-                tracing::warn!(%identity, error = %e, "no certificate yet for an enrolled pod");
+        certs.hold(&identity);
+        {
+            let mut pods = self.pods.lock();
+            pods.insert(uid.clone(), running);
+            self.ctx.proxy.metrics.enrolled_pods.set(pods.len() as i64);
+            self.ctx.proxy.metrics.active_proxies.set(pods.len() as i64);
+            let prefetch = tokio::spawn(async move {
+                // The identity as it is when the task runs: the pod may have moved to another
+                // trust domain meanwhile.
+                let identity = live.get();
+                if let Err(e) = certs.fetch(&identity).await {
+                    tracing::warn!(%identity, error = %e, "no certificate yet for an enrolled pod");
+                }
+            });
+            if let Some(p) = pods.get_mut(&uid) {
+                p.proxy.hold(prefetch);
             }
-        });
-        if let Some(p) = pods.get_mut(&uid) {
-            p.proxy.hold(prefetch);
         }
+        // The pod's trust domain was read from the state before its listeners were set up; a
+        // workload that arrived since found the pod not yet here, and the state may not change
+        // again for a long time: read it again now the pod is in the table.
+        self.follow_workloads();
     }
 
     /// The enrolled pods, with their identity and addresses.
@@ -229,7 +240,8 @@ impl PodManager {
     }
 
     /// After every change of the state, moves each enrolled pod to the trust domain its
-    /// workload names (see [`PodManager::follow_workloads`]).
+    /// workload names (see [`PodManager::follow_workloads`]). Called before the first pod is
+    /// enrolled: a change between a pod's enrollment and the subscription would be missed.
     pub(crate) fn follow_trust_domains(self: &Arc<Self>) {
         let manager = Arc::downgrade(self);
         let mut changes = self.ctx.proxy.state.changes();
@@ -270,6 +282,7 @@ impl PodManager {
         for (uid, old, new) in moved {
             tracing::info!(%uid, from = %old, to = %new, "pod identity follows its workload's trust domain");
             self.ctx.local_pods.insert(&uid, &new);
+            self.ctx.proxy.certs.hold(&new);
             let still_used = self.pods.lock().values().any(|p| *p.identity.get() == old);
             if !still_used {
                 self.ctx.proxy.certs.forget(&old);

@@ -397,17 +397,31 @@ async fn hboned_serves_what_istiods_own_discovery_sends() {
 
     // Both proxies hold istiod's workloads, and their pods have moved to its trust domain.
     let dump = |node: &str| http_get(&topo, node, 15000, "/config_dump");
-    let synced = |d: &str| {
-        d.contains("Kubernetes//Pod/demo/b3")
-            && d.contains("demo/only-client")
-            && d.contains(&format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/"))
-            && !d.contains("spiffe://cluster.local/ns/demo/sa/")
+    // What a node's dump still lacks (empty once synced), named first in a failure so a
+    // truncated log still says which.
+    let lacks = |d: &str| {
+        let mut missing = Vec::new();
+        if !d.contains("Kubernetes//Pod/demo/b3") {
+            missing.push("istiod's workload b3");
+        }
+        if !d.contains("demo/only-client") {
+            missing.push("istiod's policy demo/only-client");
+        }
+        if !d.contains(&format!("spiffe://{TRUST_DOMAIN}/ns/demo/sa/")) {
+            missing.push("a pod in istiod's trust domain");
+        }
+        if d.contains("spiffe://cluster.local/ns/demo/sa/") {
+            missing.push("every pod out of the configured trust domain");
+        }
+        missing
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !["na", "nb"].iter().all(|n| synced(&dump(n))) {
+    while !["na", "nb"].iter().all(|n| lacks(&dump(n)).is_empty()) {
         assert!(
             std::time::Instant::now() < deadline,
-            "not synced from istiod:\nA: {}\nB: {}\n{}",
+            "not synced from istiod: A lacks {:?}, B lacks {:?}\nA: {}\nB: {}\n{}",
+            lacks(&dump("na")),
+            lacks(&dump("nb")),
             dump("na"),
             dump("nb"),
             topo.logs()

@@ -88,9 +88,9 @@ impl Node {
             local_pods,
         }));
         tracing::info!(node = %config.node, trust_domain = %config.trust_domain, pods = config.pods.len(), workloads = config.workloads.len(), services = config.services.len(), "hboned node proxy starting");
+        manager.follow_trust_domains();
         enroll_config_pods(&config, &manager);
         manager.retry_pending(Duration::from_secs(5));
-        manager.follow_trust_domains();
         let (ready_tx, zds_ready) = tokio::sync::watch::channel(config.zds_socket.is_none());
         let (kube_tx, kube_ready) = tokio::sync::watch::channel(config.kubernetes.is_none());
         // Ready once the node agent's snapshot arrived (and while it stays connected), no pod waits

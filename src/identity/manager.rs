@@ -213,6 +213,11 @@ const FAIL_FAST: std::time::Duration = std::time::Duration::from_secs(1);
 /// The least time between two renewal attempts of one identity.
 const RENEW_FLOOR: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// How long a forgotten identity stays retired (see [`Slots::retired`]): far longer than any
+/// connection takes to ask for its certificate, so one that began before its pod left or moved
+/// cannot bring the identity back, and short enough that the set stays small under churn.
+const RETIRED_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// One identity's certificate and the machinery that keeps it fresh.
 #[derive(Default)]
 struct Slot {
@@ -252,6 +257,26 @@ impl Drop for Slot {
     }
 }
 
+/// The identities a [`CertificateManager`] keeps certificates for, and those it forgot lately.
+#[derive(Default)]
+struct Slots {
+    held: HashMap<Identity, Arc<Slot>>,
+    /// Identities forgotten within [`RETIRED_FOR`], and when. A fetch for one (a connection
+    /// that began before its pod left the node or moved to another trust domain, a pod's first
+    /// fetch still queued when it moved) is served once and not kept: without this, it would
+    /// bring the identity back and renew it for nobody from then on. [`CertificateManager::hold`]
+    /// takes an identity out (a pod with it enrolled again).
+    retired: HashMap<Identity, tokio::time::Instant>,
+}
+
+impl Slots {
+    fn is_retired(&self, id: &Identity) -> bool {
+        self.retired
+            .get(id)
+            .is_some_and(|at| at.elapsed() < RETIRED_FOR)
+    }
+}
+
 /// Counters for the metrics endpoint (shared atomics: clones count together).
 #[derive(Debug, Default)]
 pub struct CertMetrics {
@@ -264,7 +289,7 @@ pub struct CertMetrics {
 /// still valid when renewals fail, and refused once expired (fail closed).
 pub struct CertificateManager {
     source: Arc<dyn CertSource>,
-    slots: Lock<HashMap<Identity, Arc<Slot>>>,
+    slots: Lock<Slots>,
     clock: Clock,
     metrics: Arc<CertMetrics>,
 }
@@ -285,7 +310,7 @@ impl CertificateManager {
     pub(crate) fn with_clock(source: Arc<dyn CertSource>, clock: Clock) -> Self {
         CertificateManager {
             source,
-            slots: Lock::new(HashMap::new()),
+            slots: Lock::new(Slots::default()),
             clock,
             metrics: Arc::new(CertMetrics::default()),
         }
@@ -299,6 +324,7 @@ impl CertificateManager {
     pub(crate) fn held(&self) -> Vec<(Identity, Option<Arc<WorkloadCert>>)> {
         let slots = self.slots.lock();
         let mut held: Vec<_> = slots
+            .held
             .iter()
             .map(|(id, slot)| (id.clone(), slot.current()))
             .collect();
@@ -310,6 +336,7 @@ impl CertificateManager {
     pub(crate) fn expiries(&self) -> Vec<(Identity, SystemTime)> {
         let slots = self.slots.lock();
         slots
+            .held
             .iter()
             .filter_map(|(id, slot)| slot.current().map(|c| (id.clone(), c.not_after())))
             .collect()
@@ -317,11 +344,19 @@ impl CertificateManager {
 
     /// The certificate for `id`. A held certificate is returned while valid (renewal runs in
     /// the background); with none, or an expired one, the source is asked now. Must be called
-    /// inside a tokio runtime (the renewal task is spawned on first use).
+    /// inside a tokio runtime (the renewal task is spawned on first use). An identity forgotten
+    /// lately is fetched once and not kept (see [`Slots::retired`]).
     pub async fn fetch(&self, id: &Identity) -> Result<Arc<WorkloadCert>, CertError> {
         let slot = {
             let mut slots = self.slots.lock();
-            slots.entry(id.clone()).or_default().clone()
+            match slots.held.get(id) {
+                Some(slot) => Some(slot.clone()),
+                None if slots.is_retired(id) => None,
+                None => Some(slots.held.entry(id.clone()).or_default().clone()),
+            }
+        };
+        let Some(slot) = slot else {
+            return self.fetch_once(id).await;
         };
         if let Some(cert) = slot.current()
             && cert.is_valid_at((self.clock)())
@@ -377,10 +412,33 @@ impl CertificateManager {
         }
     }
 
-    /// Forgets the certificate of an identity no longer on this node (stops its renewals).
+    /// A retired identity's certificate, for one caller: nothing kept, and whatever the source
+    /// opened for it (a SPIRE subscription) closed again unless a pod took the identity since.
+    async fn fetch_once(&self, id: &Identity) -> Result<Arc<WorkloadCert>, CertError> {
+        tracing::debug!(identity = %id, "certificate of a retired identity, fetched for one connection");
+        let result = self.fetch_now(id, &Slot::default()).await;
+        let slots = self.slots.lock();
+        if !slots.held.contains_key(id) {
+            self.source.forget(id);
+        }
+        result
+    }
+
+    /// A pod with identity `id` is served from now on: a fetch keeps and renews its certificate
+    /// again even if the identity was forgotten lately (see [`Slots::retired`]).
+    pub fn hold(&self, id: &Identity) {
+        self.slots.lock().retired.remove(id);
+    }
+
+    /// Forgets the certificate of an identity no longer on this node (stops its renewals); a
+    /// fetch for it within [`RETIRED_FOR`] does not bring it back, unless [`Self::hold`] does.
     pub fn forget(&self, id: &Identity) {
         let mut slots = self.slots.lock();
-        slots.remove(id);
+        slots.held.remove(id);
+        slots.retired.retain(|_, at| at.elapsed() < RETIRED_FOR);
+        slots
+            .retired
+            .insert(id.clone(), tokio::time::Instant::now());
         self.source.forget(id);
     }
 }

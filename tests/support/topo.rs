@@ -16,13 +16,27 @@ pub(crate) fn http_get(topo: &Topology, netns: &str, port: u16, path: &str) -> S
 }
 
 /// `method path` on 127.0.0.1:`port` inside a namespace of the topology; the whole response.
+/// A refused connection is tried again for up to 10 s: a proxy binds its admin page after its
+/// pods are served (and retries while a draining proxy holds the port), so a test that starts
+/// on "pods served" can be ahead of it on a loaded machine.
 pub(crate) fn http(topo: &Topology, netns: &str, port: u16, method: &str, path: &str) -> String {
     use std::io::{Read, Write};
     topo.netns(netns)
         .unwrap()
         .run(|| {
             let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let mut s = loop {
+                match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                    Err(e)
+                        if e.kind() == ErrorKind::ConnectionRefused
+                            && std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    connected => break connected?,
+                }
+            };
             write!(
                 s,
                 "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"

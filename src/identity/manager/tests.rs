@@ -62,6 +62,65 @@ async fn caches_fresh_certificates() {
     assert!(!Arc::ptr_eq(&a, &c));
 }
 
+/// The built-in CA, counting fetches and the source's `forget`s.
+#[derive(Default)]
+struct Counting {
+    ca: Option<BuiltinCa>,
+    fetches: AtomicUsize,
+    forgets: AtomicUsize,
+}
+
+impl CertSource for Counting {
+    fn fetch<'a>(&'a self, id: &'a Identity) -> BoxFuture<'a, Result<WorkloadCert, CertError>> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        self.ca.as_ref().expect("a CA").fetch(id)
+    }
+    fn name(&self) -> &'static str {
+        "test"
+    }
+    fn forget(&self, _id: &Identity) {
+        self.forgets.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_forgotten_identity_is_served_but_not_kept_until_held_again() {
+    let src = Arc::new(Counting {
+        ca: Some(BuiltinCa::generate(SystemTime::now()).unwrap()),
+        ..Counting::default()
+    });
+    let mgr = CertificateManager::new(src.clone());
+    let id = Identity::new("td", "a", "b").unwrap();
+    let held =
+        |mgr: &CertificateManager| mgr.held().into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+    mgr.fetch(&id).await.unwrap();
+    assert_eq!(held(&mgr), std::slice::from_ref(&id));
+    mgr.forget(&id);
+    assert!(held(&mgr).is_empty());
+    assert_eq!(src.forgets.load(Ordering::SeqCst), 1);
+    // A late caller (a connection begun before the pod left) still gets a certificate, but
+    // the identity is not brought back: nothing held, nothing renewed, the source told again.
+    let before = src.fetches.load(Ordering::SeqCst);
+    let late = mgr.fetch(&id).await.unwrap();
+    assert_eq!(late.identity(), &id);
+    mgr.fetch(&id).await.unwrap();
+    assert_eq!(src.fetches.load(Ordering::SeqCst), before + 2, "not cached");
+    assert!(held(&mgr).is_empty());
+    assert_eq!(src.forgets.load(Ordering::SeqCst), 3);
+    // A pod with the identity again: kept and cached from then on.
+    mgr.hold(&id);
+    let a = mgr.fetch(&id).await.unwrap();
+    let b = mgr.fetch(&id).await.unwrap();
+    assert!(Arc::ptr_eq(&a, &b));
+    assert_eq!(held(&mgr), std::slice::from_ref(&id));
+    // Retirement ends on its own: long after a forget, a fetch keeps the identity again.
+    let other = Identity::new("td", "a", "c").unwrap();
+    mgr.forget(&other);
+    tokio::time::advance(RETIRED_FOR + Duration::from_secs(1)).await;
+    mgr.fetch(&other).await.unwrap();
+    assert!(held(&mgr).contains(&other));
+}
+
 #[tokio::test]
 async fn keeps_a_valid_certificate_while_the_source_fails() {
     let src = flaky(Duration::from_secs(3600));
