@@ -391,6 +391,19 @@ mod netns {
         (server, a, b)
     }
 
+    /// Whether the proxy of `node` takes `pod` for one reached over HBONE (its `/config_dump`).
+    fn sees_hbone(topo: &Topology, node: &str, pod: &str) -> bool {
+        let dump = http_get(topo, node, 15000, "/config_dump");
+        let body = dump.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|d| d["workloads"].as_array().cloned())
+            .is_some_and(|ws| {
+                ws.iter()
+                    .any(|w| w["name"] == pod && w["protocol"] == "HBONE")
+            })
+    }
+
     fn has_rules(topo: &Topology, pod: &str) -> bool {
         hboned::redirect::installed(&topo.netns(pod).unwrap()).unwrap()
     }
@@ -498,6 +511,9 @@ mod netns {
         })
         .await;
         assert!(!serves(&topo, A2.name) && !has_rules(&topo, B2.name));
+        // Node A tunnels to b1 once its watch has seen node B record b1's enrollment; until
+        // then b1 is a pod out of the mesh to it (plaintext, as to any such pod).
+        eventually(30, || sees_hbone(&topo, "na", B1.name)).await;
         let Seen { clear, hbone } =
             transfer_seen(&topo, &A1, &B1, b"hboned-KUBE-labelled-91b3", 64 * 1024).await;
         assert!(!clear, "plaintext of an enrolled pod on the wire");
