@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 /// First size of a direction's buffer.
 pub(crate) const INITIAL_BUFFER: usize = 1024;
@@ -85,27 +85,40 @@ pub(crate) enum Chunk {
 }
 
 /// The read side of a relay. The default reads into the relay's buffer; an HTTP/2 stream hands
-/// over its DATA frames as they arrived (no copy into the buffer).
+/// over its DATA frames as they arrived (no copy into the buffer). Poll functions, not async
+/// ones: a relay is held by its connection's task for the connection's whole life, and the
+/// hand-written [`OneWay`] around them is a third of what async fns' state took.
 pub(crate) trait Source: AsyncRead + Unpin {
     /// The next bytes, read into `buf` (room for `limit` made first, at most `limit` read) or
-    /// handed over; cancel-safe.
-    async fn next_chunk(&mut self, buf: &mut BytesMut, limit: usize) -> io::Result<Chunk> {
+    /// handed over. Nothing is taken from the source while it returns `Pending`.
+    fn poll_next_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        limit: usize,
+    ) -> Poll<io::Result<Chunk>> {
         buf.reserve(limit);
-        let n = self.read_buf(&mut buf.limit(limit)).await?;
-        Ok(Chunk::Buffered(n))
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(self),
+            cx,
+            &mut buf.limit(limit)
+        ))?;
+        Poll::Ready(Ok(Chunk::Buffered(n)))
     }
 
-    /// Waits, holding no buffer, until a read would find something (a relay gives its small
-    /// buffer back between reads, so an idle direction holds none). The default returns at
+    /// Ready, holding no buffer, once a read would find something (a relay gives its small
+    /// buffer back between reads, so an idle direction holds none). The default is ready at
     /// once: the read waits instead.
-    async fn wait_readable(&mut self) -> io::Result<()> {
-        Ok(())
+    fn poll_wait_readable(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 }
 
 impl Source for tokio::net::tcp::ReadHalf<'_> {
-    async fn wait_readable(&mut self) -> io::Result<()> {
-        tokio::net::tcp::ReadHalf::readable(self).await
+    fn poll_wait_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The read that follows registers the same waker slot: one reader per socket.
+        let stream: &tokio::net::TcpStream = (*self).as_ref();
+        stream.poll_read_ready(cx)
     }
 }
 /// The generic (locked) split's read half, for in-memory test streams.
@@ -235,93 +248,180 @@ where
 }
 
 /// Copies until EOF, then shuts the writer down; `meter` counts along.
-async fn one_way<R, W>(
-    reader: &mut R,
-    writer: &mut W,
-    count: &mut u64,
-    meter: Option<&prometheus_client::metrics::counter::Counter>,
+fn one_way<'a, R, W>(
+    reader: &'a mut R,
+    writer: &'a mut W,
+    count: &'a mut u64,
+    meter: Option<&'a prometheus_client::metrics::counter::Counter>,
     (read_end, write_end): (End, End),
-) -> Result<(), (End, io::Error)>
+) -> OneWay<'a, R, W>
 where
     R: Source + ?Sized,
     W: Sink + ?Sized,
 {
-    // `size` is how much one read may take; the buffer's capacity follows it (a writer that
-    // keeps what it was handed leaves the buffer empty, and the next read's reserve allocates
-    // anew). A reader that hands its bytes over never makes the buffer allocate.
-    let mut size = INITIAL_BUFFER;
-    let mut buf = BytesMut::new();
-    let mut full_reads = 0;
-    loop {
-        let read = if size > INITIAL_BUFFER {
-            // A grown buffer: if no data comes for a while, give it back before waiting on
-            // (reads are cancel-safe: nothing was read when the timeout wins).
-            match tokio::time::timeout(IDLE_SHRINK, reader.next_chunk(&mut buf, size)).await {
-                Ok(read) => read,
-                Err(_) => {
-                    size = INITIAL_BUFFER;
-                    buf = BytesMut::new();
-                    full_reads = 0;
-                    next_unbuffered(reader, &mut buf, size).await
+    OneWay {
+        reader,
+        writer,
+        count,
+        meter,
+        ends: (read_end, write_end),
+        buf: BytesMut::new(),
+        size: INITIAL_BUFFER,
+        full_reads: 0,
+        shrink: None,
+        shrink_armed: false,
+        step: Step::Read,
+    }
+}
+
+/// One direction of a relay, as a future: read a chunk, write it all, again, until EOF (then
+/// the writer's shutdown) or an error (with the end it came from).
+///
+/// `size` is how much one read may take; the buffer's capacity follows it (a writer that
+/// keeps what it was handed leaves the buffer empty, and the next read's reserve allocates
+/// anew). A reader that hands its bytes over never makes the buffer allocate. The first size
+/// is given back after every write and a read waits without it; a grown buffer is kept while
+/// reads come within [`IDLE_SHRINK`] of each other (the `shrink` timer, boxed and only there
+/// once the buffer grew: an idle connection carries none).
+pub(crate) struct OneWay<'a, R: ?Sized, W: ?Sized> {
+    reader: &'a mut R,
+    writer: &'a mut W,
+    count: &'a mut u64,
+    meter: Option<&'a prometheus_client::metrics::counter::Counter>,
+    ends: (End, End),
+    buf: BytesMut,
+    size: usize,
+    full_reads: u32,
+    shrink: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether `shrink` is set for the read now waiting (reset at the first `Pending`).
+    shrink_armed: bool,
+    step: Step,
+}
+
+/// Where a [`OneWay`] is.
+enum Step {
+    Read,
+    /// Writing the buffer's `n` bytes just read.
+    WriteBuffered(usize),
+    /// Writing bytes the reader handed over (what is left of them) that were `n` long.
+    WriteOwned(Bytes, usize),
+    Shutdown,
+    Done,
+}
+
+impl<R, W> std::future::Future for OneWay<'_, R, W>
+where
+    R: Source + ?Sized,
+    W: Sink + ?Sized,
+{
+    type Output = Result<(), (End, io::Error)>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let (read_end, write_end) = this.ends;
+        loop {
+            match &mut this.step {
+                Step::Read => {
+                    let chunk = ready!(this.poll_read(cx)).map_err(|e| (read_end, e))?;
+                    this.step = match chunk {
+                        Chunk::Buffered(0) => Step::Shutdown,
+                        Chunk::Buffered(n) => Step::WriteBuffered(n),
+                        Chunk::Owned(bytes) => {
+                            let n = bytes.len();
+                            Step::WriteOwned(bytes, n)
+                        }
+                    };
                 }
-            }
-        } else {
-            // The first size is given back after every write (below): wait without it.
-            next_unbuffered(reader, &mut buf, size).await
-        };
-        let n = match read.map_err(|e| (read_end, e))? {
-            Chunk::Buffered(0) => return writer.shutdown().await.map_err(|e| (write_end, e)),
-            Chunk::Buffered(n) => {
-                write_buffer(writer, &mut buf)
-                    .await
-                    .map_err(|e| (write_end, e))?;
-                if size == INITIAL_BUFFER {
-                    buf = BytesMut::new();
+                Step::WriteBuffered(n) => {
+                    let n = *n;
+                    while !this.buf.is_empty() {
+                        let written = ready!(this.writer.poll_write_owned(cx, &mut this.buf))
+                            .map_err(|e| (write_end, e))?;
+                        if written == 0 {
+                            return Poll::Ready(Err((write_end, io::ErrorKind::WriteZero.into())));
+                        }
+                    }
+                    if this.size == INITIAL_BUFFER {
+                        this.buf = BytesMut::new();
+                    }
+                    this.moved(n);
                 }
-                n
+                Step::WriteOwned(bytes, n) => {
+                    let n = *n;
+                    while !bytes.is_empty() {
+                        let written = ready!(Pin::new(&mut *this.writer).poll_write(cx, bytes))
+                            .map_err(|e| (write_end, e))?;
+                        if written == 0 {
+                            return Poll::Ready(Err((write_end, io::ErrorKind::WriteZero.into())));
+                        }
+                        bytes.advance(written);
+                    }
+                    this.moved(n);
+                }
+                Step::Shutdown => {
+                    let shut = ready!(Pin::new(&mut *this.writer).poll_shutdown(cx));
+                    this.step = Step::Done;
+                    return Poll::Ready(shut.map_err(|e| (write_end, e)));
+                }
+                Step::Done => return Poll::Ready(Ok(())),
             }
-            Chunk::Owned(bytes) => {
-                writer.write_all(&bytes).await.map_err(|e| (write_end, e))?;
-                bytes.len()
+        }
+    }
+}
+
+impl<R, W> OneWay<'_, R, W>
+where
+    R: Source + ?Sized,
+    W: Sink + ?Sized,
+{
+    /// The next chunk. A grown buffer that waits [`IDLE_SHRINK`] for it is given back first
+    /// (nothing was read: the read is retried without it).
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Chunk>> {
+        if self.size > INITIAL_BUFFER {
+            if let Poll::Ready(read) = self.reader.poll_next_chunk(cx, &mut self.buf, self.size) {
+                self.shrink_armed = false;
+                return Poll::Ready(read);
             }
-        };
-        *count += n as u64;
-        if let Some(m) = meter {
+            let shrink = self
+                .shrink
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(IDLE_SHRINK)));
+            if !self.shrink_armed {
+                shrink
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + IDLE_SHRINK);
+                self.shrink_armed = true;
+            }
+            ready!(shrink.as_mut().poll(cx));
+            self.size = INITIAL_BUFFER;
+            self.buf = BytesMut::new();
+            self.full_reads = 0;
+            self.shrink = None;
+            self.shrink_armed = false;
+        }
+        // The first size is given back after every write: wait without it.
+        if self.buf.capacity() == 0 {
+            ready!(self.reader.poll_wait_readable(cx))?;
+        }
+        self.reader.poll_next_chunk(cx, &mut self.buf, self.size)
+    }
+
+    /// `n` bytes read and written: counted, and the buffer grown after full reads.
+    fn moved(&mut self, n: usize) {
+        *self.count += n as u64;
+        if let Some(m) = self.meter {
             m.inc_by(n as u64);
         }
-        if n == size && size < MAX_BUFFER {
-            full_reads += 1;
-            if full_reads >= FULL_READS_TO_GROW {
-                size = (size * GROWTH).min(MAX_BUFFER);
-                full_reads = 0;
+        if n == self.size && self.size < MAX_BUFFER {
+            self.full_reads += 1;
+            if self.full_reads >= FULL_READS_TO_GROW {
+                self.size = (self.size * GROWTH).min(MAX_BUFFER);
+                self.full_reads = 0;
             }
         } else {
-            full_reads = 0;
+            self.full_reads = 0;
         }
+        self.step = Step::Read;
     }
-}
-
-/// The next chunk, the wait for it made holding no buffer when `buf` has none.
-async fn next_unbuffered<R: Source + ?Sized>(
-    reader: &mut R,
-    buf: &mut BytesMut,
-    size: usize,
-) -> io::Result<Chunk> {
-    if buf.capacity() == 0 {
-        reader.wait_readable().await?;
-    }
-    reader.next_chunk(buf, size).await
-}
-
-/// Hands all of `buf` to `writer`.
-async fn write_buffer<W: Sink + ?Sized>(writer: &mut W, buf: &mut BytesMut) -> io::Result<()> {
-    while !buf.is_empty() {
-        let written = std::future::poll_fn(|cx| writer.poll_write_owned(cx, buf)).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

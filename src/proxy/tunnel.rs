@@ -364,15 +364,18 @@ impl AsyncRead for H2Reader<'_> {
 
 impl Source for H2Reader<'_> {
     /// The received DATA as it is (a view of h2's read buffer, let go of once written).
-    async fn next_chunk(&mut self, _buf: &mut bytes::BytesMut, _limit: usize) -> io::Result<Chunk> {
-        let more =
-            std::future::poll_fn(|cx| poll_fill(self.recv, self.pending, self.read_done, cx))
-                .await?;
-        Ok(if more {
+    fn poll_next_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        _buf: &mut bytes::BytesMut,
+        _limit: usize,
+    ) -> Poll<io::Result<Chunk>> {
+        let more = ready!(poll_fill(self.recv, self.pending, self.read_done, cx))?;
+        Poll::Ready(Ok(if more {
             Chunk::Owned(std::mem::take(self.pending))
         } else {
             Chunk::Buffered(0)
-        })
+        }))
     }
 }
 

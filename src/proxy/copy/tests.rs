@@ -1,7 +1,7 @@
 //! Tests of `copy`.
 
 use super::*;
-use tokio::io::{DuplexStream, duplex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 
 /// In-memory streams split the generic (locked) way.
 impl Split for DuplexStream {
@@ -199,16 +199,16 @@ async fn a_grown_buffer_shrinks_when_the_connection_goes_idle() {
 }
 
 /// Hands out its chunks one per read, then EOF; counts the waits a relay made before reading
-/// (`wait_readable`: what it does when it holds no buffer).
+/// (`poll_wait_readable`: what it does when it holds no buffer).
 struct Scripted {
     chunks: std::collections::VecDeque<&'static [u8]>,
     waits: usize,
 }
 
 impl Source for Scripted {
-    async fn wait_readable(&mut self) -> io::Result<()> {
+    fn poll_wait_readable(&mut self, _cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
         self.waits += 1;
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 }
 
