@@ -61,16 +61,27 @@ fn status_kib(status: &str, field: &str) -> u64 {
 }
 
 /// One proxy's CPU time (user + system, and the system part) and resident set, from /proc.
-fn proc_sample(pid: u32) -> anyhow::Result<(Cpu, u64)> {
+fn proc_sample(pid: u32) -> anyhow::Result<(Cpu, Resident)> {
     let fields = stat_fields(pid)?;
     let (user, system) = (fields[11], fields[12]);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib = status_kib(&status, "VmRSS:");
+    let resident = Resident {
+        all: status_kib(&status, "VmRSS:") * 1024,
+        file: status_kib(&status, "RssFile:") * 1024,
+    };
     let cpu = Cpu {
         total: ticks(user + system),
         system: ticks(system),
     };
-    Ok((cpu, rss_kib * 1024))
+    Ok((cpu, resident))
+}
+
+/// A process's resident set in bytes: all of it, and its file-backed part (`RssFile`: the
+/// binary's code and data as they are paged in, shared libraries).
+#[derive(Debug, Clone, Copy)]
+struct Resident {
+    all: u64,
+    file: u64,
 }
 
 /// CPU time of a process: all of it, and what it spent in the kernel.
@@ -81,7 +92,7 @@ struct Cpu {
 }
 
 /// Both proxies' samples (node A's, node B's).
-fn proxies(topo: &Topology) -> anyhow::Result<[(Cpu, u64); 2]> {
+fn proxies(topo: &Topology) -> anyhow::Result<[(Cpu, Resident); 2]> {
     let pid = |i| {
         topo.pid(i)
             .ok_or_else(|| anyhow::anyhow!("proxy {i} is not running"))
@@ -353,21 +364,14 @@ impl Memory {
     }
 }
 
-async fn rss(topo: &Topology) -> anyhow::Result<[u64; 2]> {
-    Ok(proxies(topo)?.map(|(_, rss)| rss))
+/// Both proxies' resident sets.
+fn resident(topo: &Topology) -> anyhow::Result<[Resident; 2]> {
+    Ok(proxies(topo)?.map(|(_, resident)| resident))
 }
 
-/// Both proxies' resident file-backed pages (`RssFile`: the binary's code and data as it is
-/// paged in, shared libraries), in bytes.
-fn file_rss(topo: &Topology) -> anyhow::Result<[u64; 2]> {
-    let one = |i| -> anyhow::Result<u64> {
-        let pid = topo
-            .pid(i)
-            .ok_or_else(|| anyhow::anyhow!("proxy {i} is not running"))?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        Ok(status_kib(&status, "RssFile:") * 1024)
-    };
-    Ok([one(0)?, one(1)?])
+/// Both proxies' resident sets, all of each, in bytes.
+async fn rss(topo: &Topology) -> anyhow::Result<[u64; 2]> {
+    Ok(resident(topo)?.map(|r| r.all))
 }
 
 /// `count` idle a1 → b1 connections opened at once, 1 byte echoed through each.
@@ -419,12 +423,10 @@ async fn burst_through(conns: &mut [TcpStream]) -> anyhow::Result<()> {
 async fn memory(topo: &Topology, count: usize, burst: usize) -> anyhow::Result<Memory> {
     let settle = |secs| tokio::time::sleep(Duration::from_secs(secs));
     settle(2).await;
-    let fresh = rss(topo).await?;
-    let fresh_file = file_rss(topo)?;
+    let fresh = resident(topo)?;
     let conns = open_at_once(topo, count).await?;
     settle(2).await;
-    let idle = rss(topo).await?;
-    let idle_file = file_rss(topo)?;
+    let idle = resident(topo)?;
     drop(conns);
     settle(12).await;
     let warm = rss(topo).await?;
@@ -440,10 +442,10 @@ async fn memory(topo: &Topology, count: usize, burst: usize) -> anyhow::Result<M
     Ok(Memory {
         count,
         burst,
-        fresh,
-        idle,
-        fresh_file,
-        idle_file,
+        fresh: fresh.map(|r| r.all),
+        idle: idle.map(|r| r.all),
+        fresh_file: fresh.map(|r| r.file),
+        idle_file: idle.map(|r| r.file),
         warm,
         idle_warm,
         after_burst,

@@ -122,7 +122,7 @@ pub async fn idle(
     burst: usize,
 ) -> anyhow::Result<(Vec<IdlePoint>, [u64; 2], [u64; 2])> {
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let start = proxies(topo)?.map(|(_, rss)| rss);
+    let start = proxies(topo)?.map(|(_, r)| r.all);
     let mut held = Vec::new();
     let mut points = Vec::new();
     for &count in counts {
@@ -134,7 +134,7 @@ pub async fn idle(
             }
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let rss = proxies(topo)?.map(|(_, rss)| rss);
+        let rss = proxies(topo)?.map(|(_, r)| r.all);
         let pooled = hbone_connections(topo)?;
         let before = proxies(topo)?;
         let t = Instant::now();
@@ -156,7 +156,7 @@ pub async fn idle(
     }
     drop(held);
     tokio::time::sleep(Duration::from_secs(12)).await;
-    let end = proxies(topo)?.map(|(_, rss)| rss);
+    let end = proxies(topo)?.map(|(_, r)| r.all);
     Ok((points, start, end))
 }
 
