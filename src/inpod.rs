@@ -391,7 +391,7 @@ impl PodHandler for PodManager {
         };
         if let Some(pod) = removed {
             // The pod is gone (DelWorkload, its netns deleted): so are its connections.
-            pod.proxy.removal.send_replace(true);
+            pod.proxy.removal.remove();
             let still_used = self
                 .pods
                 .lock()

@@ -188,24 +188,22 @@ impl Outbound {
     /// its largest state: so the routing and the dial (TCP, TLS and HTTP/2 handshakes) run in a
     /// boxed future freed once the tunnel is up, and only the relay's state stays (see
     /// `a_live_connection_holds_only_the_relays_state`). It is the task itself (spawned as it
-    /// is, no block around it), and a plain fn around an `async move` block: an async fn holds
-    /// its arguments twice (as passed and as bound), a block its captures once.
-    #[expect(
-        clippy::manual_async_fn,
-        reason = "an async fn would hold its arguments twice"
-    )]
+    /// is, no block around it), and a plain fn that boxes the dial before its `async move`
+    /// block: an async fn would hold its arguments for the connection's life (twice: as passed
+    /// and as bound), the block holds only the boxed dial and the drain guard.
     pub(crate) fn handle(
         self: Arc<Self>,
         app: TcpStream,
         src: SocketAddr,
         dst: SocketAddr,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let _ = socket::set_stream_options(&app);
+        let live = self.drain.as_ref().map(Drain::guard);
+        // Boxed here, not in the block: the block would hold the app's stream and both
+        // addresses for the connection's life (96 bytes) only to hand them over.
+        let routed = Box::pin(self.clone().route_and_connect(app, src, dst));
         async move {
-            let _ = socket::set_stream_options(&app);
-            let _live = self.drain.as_ref().map(Drain::guard);
-            let Some((mut app, mut tunnel, record)) =
-                Box::pin(self.route_and_connect(app, src, dst)).await
-            else {
+            let Some((mut app, mut tunnel, record)) = routed.await else {
                 return;
             };
             // The relay, here rather than in an `async fn` of its own: an async fn's arguments are
@@ -222,19 +220,24 @@ impl Outbound {
                     End::B => reset(app),
                 },
                 Ended::Stopped { .. } => {
-                    tracing::info!(%src, %dst, "the source pod was removed; resetting its connection");
+                    // The record's addresses: the app's, and where the relay went (the
+                    // destination, or the peer proxy of its tunnel).
+                    let (src, to) = (record.src(), record.dst());
+                    tracing::info!(%src, %to, "the source pod was removed; resetting its connection");
                     tunnel.reset(h2::Reason::CANCEL);
                     reset(app);
                 }
             }
             record.finish(outcome, transferred.request_response());
+            // The drain guard, held (as captured) until the relay has ended.
+            drop(live);
         }
     }
 
     /// Routes one connection: a tunnel's app connection, tunnel and record to relay, or `None`
     /// once a plaintext relay, a refusal or a failure has dealt with it.
     async fn route_and_connect(
-        &self,
+        self: Arc<Self>,
         app: TcpStream,
         src: SocketAddr,
         dst: SocketAddr,

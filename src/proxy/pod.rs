@@ -6,7 +6,6 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::live::ConnectionTable;
@@ -45,8 +44,8 @@ pub(crate) struct PodProxyContext {
 #[derive(Debug)]
 pub(crate) struct PodProxy {
     tasks: Vec<JoinHandle<()>>,
-    /// `send(true)` ends the pod's live connections (on removal; a drain just drops it).
-    pub removal: watch::Sender<bool>,
+    /// Ends the pod's live connections (on removal; a drain just drops it).
+    pub removal: super::Removal,
     /// Its live connections (the admin page's `workloadState`).
     pub connections: Option<Arc<ConnectionTable>>,
 }
