@@ -427,6 +427,7 @@ async fn memory(topo: &Topology, count: usize, burst: usize) -> anyhow::Result<M
     let conns = open_at_once(topo, count).await?;
     settle(2).await;
     let idle = resident(topo)?;
+    hold_for_heap_profile(topo).await;
     drop(conns);
     settle(12).await;
     let warm = rss(topo).await?;
@@ -451,6 +452,25 @@ async fn memory(topo: &Topology, count: usize, burst: usize) -> anyhow::Result<M
         after_burst,
         end,
     })
+}
+
+/// With `HBONED_BENCH_HOLD=<seconds>` (benches/heap-profile), the first cycle's connections stay
+/// open that long after the sample, announced on stderr with both proxies' pids, so that their
+/// heaps can be dumped at that point.
+async fn hold_for_heap_profile(topo: &Topology) {
+    let Some(secs) = std::env::var("HBONED_BENCH_HOLD")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return;
+    };
+    eprintln!(
+        "holding the idle connections for {secs} s: node A pid {}, node B pid {}",
+        topo.pid(0).unwrap_or(0),
+        topo.pid(1).unwrap_or(0)
+    );
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    eprintln!("released");
 }
 
 /// `hboned demo --throughput`'s line: bulk one stream, raw and tunnelled (apps started).
