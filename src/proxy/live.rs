@@ -71,10 +71,10 @@ impl LiveConnection {
 /// A pod's live connections. Cheap to share; entries leave with their [`Tracked`] guard.
 ///
 /// Every connection has an entry for its life, so the table is kept small: a slab of compact
-/// entries (72 bytes, the addresses without IPv6 flow labels and scopes, which the dump does
-/// not show), filled up to its length before it grows, where a hash map of [`LiveConnection`]s
-/// held 113 bytes a bucket at half to seven-eighths load (2,000 connections: 256 KiB against
-/// 512). Like a hash map, it keeps its largest size after a burst.
+/// entries (72 bytes: the addresses without IPv6 flow labels and scope ids, which pods'
+/// addresses do not carry), filled up to its length before it grows, where a hash map of
+/// [`LiveConnection`]s held 113 bytes a bucket at half to seven-eighths load (2,000
+/// connections: 160 KiB against 512). Like a hash map, it keeps its largest size after a burst.
 #[derive(Debug, Default)]
 pub struct ConnectionTable {
     next: AtomicU64,
