@@ -76,6 +76,13 @@ impl PodLife {
         self.connections.as_ref()
     }
 
+    /// Whether the pod was removed (never, for no pod).
+    pub(crate) fn is_removed(&self) -> bool {
+        self.removal
+            .as_ref()
+            .is_some_and(|r| r.gone.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
     /// Resolves once the pod is removed; never for a pod that stays, or for no pod.
     pub(crate) async fn removed(&self) {
         let Some(removal) = &self.removal else {

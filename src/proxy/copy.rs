@@ -114,6 +114,33 @@ pub(crate) trait Source: AsyncRead + Unpin {
     }
 }
 
+/// The tests relay through borrowed streams they read back afterwards.
+#[cfg(test)]
+impl<T: Source + ?Sized> Source for &mut T {
+    fn poll_next_chunk(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+        limit: usize,
+    ) -> Poll<io::Result<Chunk>> {
+        (**self).poll_next_chunk(cx, buf, limit)
+    }
+
+    fn poll_wait_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        (**self).poll_wait_readable(cx)
+    }
+}
+#[cfg(test)]
+impl<T: Sink + ?Sized> Sink for &mut T {
+    fn poll_write_owned(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        (**self).poll_write_owned(cx, data)
+    }
+}
+
 impl Source for tokio::net::tcp::ReadHalf<'_> {
     fn poll_wait_readable(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // The read that follows registers the same waker slot: one reader per socket.
@@ -213,28 +240,26 @@ where
     B: Split,
     S: std::future::Future,
 {
-    let (mut ar, mut aw) = a.halves();
-    let (mut br, mut bw) = b.halves();
-    let mut a_to_b = 0u64;
-    let mut b_to_a = 0u64;
-    let copied = {
-        let request = meters.request.as_ref();
-        let response = meters.response.as_ref();
-        let forward = one_way(&mut ar, &mut bw, &mut a_to_b, request, (End::A, End::B));
-        let backward = one_way(&mut br, &mut aw, &mut b_to_a, response, (End::B, End::A));
-        // A connection's task holds this future for the connection's whole life: each part is
-        // stored once (an async block around `try_join!` held both directions twice, ~880
-        // bytes more). Callers pass `stop` pinned where it lives (`Pin<&mut _>` is a future),
-        // so it is not copied in here either.
-        let both = futures_util::future::try_join(forward, backward);
-        tokio::select! {
-            res = both => Ok(res),
-            reason = stop => Err(reason),
-        }
+    let (ar, aw) = a.halves();
+    let (br, bw) = b.halves();
+    // A connection's task holds this future for the connection's whole life, so each part is
+    // stored once: the directions own their halves and counts (read back below once the relay
+    // ended, however it ended), and callers pass `stop` pinned where it lives (`Pin<&mut _>`
+    // is a future), so it is not copied in here either.
+    let mut both = Both {
+        forward: one_way(ar, bw, meters.request.as_ref(), End::A),
+        backward: one_way(br, aw, meters.response.as_ref(), End::B),
     };
-    let transferred = Transferred { a_to_b, b_to_a };
+    let copied = tokio::select! {
+        res = &mut both => Ok(res),
+        reason = stop => Err(reason),
+    };
+    let transferred = Transferred {
+        a_to_b: both.forward.count,
+        b_to_a: both.backward.count,
+    };
     match copied {
-        Ok(Ok(_)) => Ended::Copied(Ok(transferred)),
+        Ok(Ok(())) => Ended::Copied(Ok(transferred)),
         Ok(Err((end, source))) => Ended::Copied(Err(CopyError {
             end,
             source,
@@ -247,35 +272,66 @@ where
     }
 }
 
-/// Copies until EOF, then shuts the writer down; `meter` counts along.
+/// Both directions of a relay, polled in turn: done when both are, failed when either fails.
+/// Unlike a join combinator it keeps the finished directions, so their counts can be read.
+struct Both<F, B> {
+    forward: F,
+    backward: B,
+}
+
+impl<'a, R1, W1, R2, W2> std::future::Future for Both<OneWay<'a, R1, W1>, OneWay<'a, R2, W2>>
+where
+    R1: Source,
+    W1: Sink,
+    R2: Source,
+    W2: Sink,
+{
+    type Output = Result<(), (End, io::Error)>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let forward = Pin::new(&mut this.forward).poll(cx)?;
+        let backward = Pin::new(&mut this.backward).poll(cx)?;
+        if forward.is_ready() && backward.is_ready() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+/// Copies until EOF, then shuts the writer down; `meter` counts along, and so does the
+/// returned future's `count`. `read_end` is the reader's end of the relay (the writer's is the
+/// other), for the errors.
 fn one_way<'a, R, W>(
-    reader: &'a mut R,
-    writer: &'a mut W,
-    count: &'a mut u64,
+    reader: R,
+    writer: W,
     meter: Option<&'a prometheus_client::metrics::counter::Counter>,
-    (read_end, write_end): (End, End),
+    read_end: End,
 ) -> OneWay<'a, R, W>
 where
-    R: Source + ?Sized,
-    W: Sink + ?Sized,
+    R: Source,
+    W: Sink,
 {
     OneWay {
         reader,
         writer,
-        count,
         meter,
-        ends: (read_end, write_end),
+        count: 0,
         buf: BytesMut::new(),
-        size: INITIAL_BUFFER,
-        full_reads: 0,
+        owned: Bytes::new(),
         shrink: None,
+        size: INITIAL_BUFFER as u32,
+        full_reads: 0,
+        read_end,
         shrink_armed: false,
         step: Step::Read,
     }
 }
 
 /// One direction of a relay, as a future: read a chunk, write it all, again, until EOF (then
-/// the writer's shutdown) or an error (with the end it came from).
+/// the writer's shutdown) or an error (with the end it came from). Once done it stays done
+/// (polled again it is ready at once), so [`Both`] can poll a finished direction.
 ///
 /// `size` is how much one read may take; the buffer's capacity follows it (a writer that
 /// keeps what it was handed leaves the buffer empty, and the next read's reserve allocates
@@ -283,83 +339,109 @@ where
 /// is given back after every write and a read waits without it; a grown buffer is kept while
 /// reads come within [`IDLE_SHRINK`] of each other (the `shrink` timer, boxed and only there
 /// once the buffer grew: an idle connection carries none).
-pub(crate) struct OneWay<'a, R: ?Sized, W: ?Sized> {
-    reader: &'a mut R,
-    writer: &'a mut W,
-    count: &'a mut u64,
+///
+/// Every live connection's task holds two of these, so they are packed: the halves owned (not
+/// references to them), sizes in `u32`s, bytes counted as they are written (no pending length),
+/// one end stored, and the handed-over bytes a field of their own beside a one-byte step (an
+/// enum carrying them takes a word for its tag): 128 bytes for a TCP/HTTP/2 pair, 136 before.
+pub(crate) struct OneWay<'a, R, W> {
+    reader: R,
+    writer: W,
     meter: Option<&'a prometheus_client::metrics::counter::Counter>,
-    ends: (End, End),
+    /// Bytes written so far.
+    pub(crate) count: u64,
     buf: BytesMut,
-    size: usize,
-    full_reads: u32,
+    /// Bytes the reader handed over, what is left of them to write ([`Step::WriteOwned`]).
+    owned: Bytes,
     shrink: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// How much one read may take (at most [`MAX_BUFFER`]).
+    size: u32,
+    full_reads: u8,
+    read_end: End,
     /// Whether `shrink` is set for the read now waiting (reset at the first `Pending`).
     shrink_armed: bool,
     step: Step,
 }
 
 /// Where a [`OneWay`] is.
+#[derive(Clone, Copy)]
 enum Step {
     Read,
-    /// Writing the buffer's `n` bytes just read.
-    WriteBuffered(usize),
-    /// Writing bytes the reader handed over (what is left of them) that were `n` long.
-    WriteOwned(Bytes, usize),
+    /// Writing the buffer's bytes just read.
+    WriteBuffered,
+    /// Writing `owned`.
+    WriteOwned,
     Shutdown,
     Done,
 }
 
+impl End {
+    /// The relay's other end.
+    fn other(self) -> End {
+        match self {
+            End::A => End::B,
+            End::B => End::A,
+        }
+    }
+}
+
 impl<R, W> std::future::Future for OneWay<'_, R, W>
 where
-    R: Source + ?Sized,
-    W: Sink + ?Sized,
+    R: Source,
+    W: Sink,
 {
     type Output = Result<(), (End, io::Error)>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let (read_end, write_end) = this.ends;
+        let (read_end, write_end) = (this.read_end, this.read_end.other());
         loop {
-            match &mut this.step {
+            match this.step {
                 Step::Read => {
                     let chunk = ready!(this.poll_read(cx)).map_err(|e| (read_end, e))?;
                     this.step = match chunk {
                         Chunk::Buffered(0) => Step::Shutdown,
-                        Chunk::Buffered(n) => Step::WriteBuffered(n),
+                        Chunk::Buffered(n) => {
+                            this.read_full(n);
+                            Step::WriteBuffered
+                        }
                         Chunk::Owned(bytes) => {
-                            let n = bytes.len();
-                            Step::WriteOwned(bytes, n)
+                            this.owned = bytes;
+                            Step::WriteOwned
                         }
                     };
                 }
-                Step::WriteBuffered(n) => {
-                    let n = *n;
+                Step::WriteBuffered => {
                     while !this.buf.is_empty() {
                         let written = ready!(this.writer.poll_write_owned(cx, &mut this.buf))
                             .map_err(|e| (write_end, e))?;
                         if written == 0 {
                             return Poll::Ready(Err((write_end, io::ErrorKind::WriteZero.into())));
                         }
+                        this.moved(written);
                     }
-                    if this.size == INITIAL_BUFFER {
+                    if this.size as usize == INITIAL_BUFFER {
                         this.buf = BytesMut::new();
                     }
-                    this.moved(n);
+                    this.step = Step::Read;
                 }
-                Step::WriteOwned(bytes, n) => {
-                    let n = *n;
-                    while !bytes.is_empty() {
-                        let written = ready!(Pin::new(&mut *this.writer).poll_write(cx, bytes))
-                            .map_err(|e| (write_end, e))?;
+                Step::WriteOwned => {
+                    while !this.owned.is_empty() {
+                        let written =
+                            ready!(Pin::new(&mut this.writer).poll_write(cx, &this.owned))
+                                .map_err(|e| (write_end, e))?;
                         if written == 0 {
                             return Poll::Ready(Err((write_end, io::ErrorKind::WriteZero.into())));
                         }
-                        bytes.advance(written);
+                        this.owned.advance(written);
+                        this.moved(written);
                     }
-                    this.moved(n);
+                    // Empty: gives its storage back (an HTTP/2 frame's) now, not at the next.
+                    this.owned = Bytes::new();
+                    this.step = Step::Read;
                 }
                 Step::Shutdown => {
-                    let shut = ready!(Pin::new(&mut *this.writer).poll_shutdown(cx));
+                    let shut = ready!(Pin::new(&mut this.writer).poll_shutdown(cx));
                     this.step = Step::Done;
                     return Poll::Ready(shut.map_err(|e| (write_end, e)));
                 }
@@ -371,14 +453,15 @@ where
 
 impl<R, W> OneWay<'_, R, W>
 where
-    R: Source + ?Sized,
-    W: Sink + ?Sized,
+    R: Source,
+    W: Sink,
 {
     /// The next chunk. A grown buffer that waits [`IDLE_SHRINK`] for it is given back first
     /// (nothing was read: the read is retried without it).
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Chunk>> {
-        if self.size > INITIAL_BUFFER {
-            if let Poll::Ready(read) = self.reader.poll_next_chunk(cx, &mut self.buf, self.size) {
+        let size = self.size as usize;
+        if size > INITIAL_BUFFER {
+            if let Poll::Ready(read) = self.reader.poll_next_chunk(cx, &mut self.buf, size) {
                 self.shrink_armed = false;
                 return Poll::Ready(read);
             }
@@ -392,7 +475,7 @@ where
                 self.shrink_armed = true;
             }
             ready!(shrink.as_mut().poll(cx));
-            self.size = INITIAL_BUFFER;
+            self.size = INITIAL_BUFFER as u32;
             self.buf = BytesMut::new();
             self.full_reads = 0;
             self.shrink = None;
@@ -402,25 +485,30 @@ where
         if self.buf.capacity() == 0 {
             ready!(self.reader.poll_wait_readable(cx))?;
         }
-        self.reader.poll_next_chunk(cx, &mut self.buf, self.size)
+        self.reader
+            .poll_next_chunk(cx, &mut self.buf, self.size as usize)
     }
 
-    /// `n` bytes read and written: counted, and the buffer grown after full reads.
+    /// `n` bytes were written: counted.
     fn moved(&mut self, n: usize) {
-        *self.count += n as u64;
+        self.count += n as u64;
         if let Some(m) = self.meter {
             m.inc_by(n as u64);
         }
-        if n == self.size && self.size < MAX_BUFFER {
+    }
+
+    /// A read into the buffer took `n` bytes: after consecutive reads that filled it, the next
+    /// may take more.
+    fn read_full(&mut self, n: usize) {
+        if n == self.size as usize && n < MAX_BUFFER {
             self.full_reads += 1;
-            if self.full_reads >= FULL_READS_TO_GROW {
-                self.size = (self.size * GROWTH).min(MAX_BUFFER);
+            if u32::from(self.full_reads) >= FULL_READS_TO_GROW {
+                self.size = (self.size * GROWTH as u32).min(MAX_BUFFER as u32);
                 self.full_reads = 0;
             }
         } else {
             self.full_reads = 0;
         }
-        self.step = Step::Read;
     }
 }
 

@@ -157,8 +157,7 @@ pub(crate) async fn serve_inbound_plaintext(
         let workload = workload.clone();
         tokio::spawn(async move {
             let (_live, _socket) = (live, socket);
-            let conn = super::inbound::authz_facts(None, src, dst);
-            let stop = workload.stop(&conn);
+            let stop = workload.stop(|| super::inbound::authz_facts(None, src, dst));
             let meters = record.meters().clone();
             relay(app, &*sockets, (source, dst), timeout, stop, &meters)
                 .await

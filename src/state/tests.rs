@@ -422,31 +422,50 @@ fn policies_are_indexed_by_scope() {
 
 #[test]
 fn the_policy_generation_moves_with_what_decisions_depend_on() {
+    use futures_util::FutureExt;
     let shared = SharedState::default();
-    let mut changes = shared.policy_changes();
-    let moved = |changes: &mut tokio::sync::watch::Receiver<u64>| {
-        let m = changes.has_changed().unwrap();
-        changes.mark_unchanged();
-        m
+    // Whether `change` woke a policy waiter enabled before it.
+    let moved = |change: &dyn Fn(&mut State)| {
+        let mut waiter = std::pin::pin!(shared.policy_changed());
+        waiter.as_mut().enable();
+        shared.write(change);
+        waiter.now_or_never().is_some()
     };
-    shared.write(|s| s.upsert_workload(workload("w", "10.0.0.1", "w", Protocol::Hbone)));
-    assert!(!moved(&mut changes), "a workload that selects no policy");
-    shared.write(|s| s.upsert_policy(policy("p", "prod", Scope::Namespace)));
-    assert!(moved(&mut changes), "a new policy");
-    let mut selecting = workload("w", "10.0.0.1", "w", Protocol::Hbone);
+    let w = || workload("w", "10.0.0.1", "w", Protocol::Hbone);
+    assert!(
+        !moved(&|s| s.upsert_workload(w())),
+        "a workload that selects no policy"
+    );
+    assert!(
+        moved(&|s| s.upsert_policy(policy("p", "prod", Scope::Namespace))),
+        "a new policy"
+    );
+    let mut selecting = w();
     selecting.authorization_policies = vec!["prod/p".into()];
-    shared.write(|s| s.upsert_workload(selecting.clone()));
-    assert!(moved(&mut changes), "a workload now selecting a policy");
-    shared.write(|s| s.upsert_workload(selecting));
-    assert!(!moved(&mut changes), "the same selection again");
-    shared.write(|s| s.upsert_service(service("10.96.0.1", &[(80, 8080)])));
-    assert!(!moved(&mut changes), "a service");
-    shared.write(|s| s.remove_workload("w"));
-    assert!(moved(&mut changes), "a selecting workload removed");
-    shared.write(|s| s.remove_policy("prod/p"));
-    assert!(moved(&mut changes), "a policy removed");
-    shared.write(|s| s.remove_policy("prod/p"));
-    assert!(!moved(&mut changes), "removing what is not there");
+    assert!(
+        moved(&|s| s.upsert_workload(selecting.clone())),
+        "a workload now selecting a policy"
+    );
+    assert!(
+        !moved(&|s| s.upsert_workload(selecting.clone())),
+        "the same selection again"
+    );
+    assert!(
+        !moved(&|s| s.upsert_service(service("10.96.0.1", &[(80, 8080)]))),
+        "a service"
+    );
+    assert!(
+        moved(&|s| drop(s.remove_workload("w"))),
+        "a selecting workload removed"
+    );
+    assert!(
+        moved(&|s| drop(s.remove_policy("prod/p"))),
+        "a policy removed"
+    );
+    assert!(
+        !moved(&|s| drop(s.remove_policy("prod/p"))),
+        "removing what is not there"
+    );
 }
 
 /// A sidecar's Istio mTLS is refused, never sent another way.
