@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{ConnectionLabels, Metrics, Peer};
+use crate::proxy::live::Addr;
 
 /// Live byte counters a relay adds to as bytes move (metrics update while a connection runs,
 /// not only at its end): `request` for a → b, `response` for b → a.
@@ -59,8 +60,10 @@ pub(crate) struct ConnectionRecord {
     metrics: Option<Arc<Metrics>>,
     labels: Arc<ConnectionLabels>,
     names: LogNames,
-    src: SocketAddr,
-    dst: SocketAddr,
+    /// Kept as 20-byte addresses (a `SocketAddr` is 32): every connection's task holds a
+    /// record.
+    src: Addr,
+    dst: Addr,
     started: Instant,
     open: bool,
     meters: Meters,
@@ -94,8 +97,8 @@ impl ConnectionRecord {
             metrics: metrics.cloned(),
             labels,
             names,
-            src,
-            dst,
+            src: src.into(),
+            dst: dst.into(),
             started: Instant::now(),
             open: true,
             meters,
@@ -117,12 +120,12 @@ impl ConnectionRecord {
 
     /// Where the connection came from, as opened.
     pub(crate) fn src(&self) -> SocketAddr {
-        self.src
+        self.src.into()
     }
 
     /// Where it goes, as opened.
     pub(crate) fn dst(&self) -> SocketAddr {
-        self.dst
+        self.dst.into()
     }
 
     /// The live byte counters for this connection's relay (client → destination first).
@@ -175,11 +178,11 @@ impl ConnectionRecord {
                 tracing::event!(
                     target: "access",
                     $level,
-                    src.addr = %self.src,
+                    src.addr = %self.src(),
                     src.workload = self.names.src.as_deref(),
                     src.namespace = known(&l.source_workload_namespace),
                     src.identity = src_identity,
-                    dst.addr = %self.dst,
+                    dst.addr = %self.dst(),
                     dst.hbone_addr = hbone,
                     dst.service = known(&l.destination_service),
                     dst.workload = self.names.dst.as_deref(),

@@ -81,9 +81,10 @@ pub struct ConnectionTable {
     live: Lock<Slab<Entry>>,
 }
 
-/// An address as the table keeps it: 20 bytes where a `SocketAddr` takes 32.
+/// An address as the table (and a connection's record) keeps it: 20 bytes where a `SocketAddr`
+/// takes 32; an IPv6 flow label and scope id are not kept.
 #[derive(Debug, Clone, Copy)]
-struct Addr {
+pub(crate) struct Addr {
     ip: IpAddr,
     port: u16,
 }

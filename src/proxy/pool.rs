@@ -126,7 +126,7 @@ impl PooledConn {
 
 /// A reserved stream slot; released (and the idle clock restarted) on drop.
 #[derive(Debug)]
-struct StreamPermit {
+pub(crate) struct StreamPermit {
     conn: Arc<PooledConn>,
 }
 
@@ -241,9 +241,9 @@ impl HboneClient {
                 let permit = self.checkout(key).await?;
                 self.open(&permit, key, request)
                     .await
-                    .map(|s| s.with_guard(permit))
+                    .map(|s| s.with_permit(permit))
             }
-            res => res.map(|s| s.with_guard(permit)),
+            res => res.map(|s| s.with_permit(permit)),
         }
     }
 

@@ -145,8 +145,10 @@ pub struct H2Stream {
     pending: Bytes,
     read_done: bool,
     write_done: bool,
-    /// Held for its `Drop` (pool stream accounting).
-    _guard: Option<Box<dyn Send + Sync + std::fmt::Debug>>,
+    /// The pooled connection's slot this stream takes, given back when it drops (none for a
+    /// server's stream or an inner tunnel's). Held as it is, not boxed: every live outbound
+    /// connection's task holds one.
+    _permit: Option<crate::proxy::pool::StreamPermit>,
 }
 
 impl H2Stream {
@@ -157,16 +159,13 @@ impl H2Stream {
             pending: Bytes::new(),
             read_done: false,
             write_done: false,
-            _guard: None,
+            _permit: None,
         }
     }
 
-    /// Keeps `guard` alive as long as the stream.
-    pub(crate) fn with_guard(
-        mut self,
-        guard: impl Send + Sync + std::fmt::Debug + 'static,
-    ) -> Self {
-        self._guard = Some(Box::new(guard));
+    /// Holds `permit` (its pooled connection's stream slot) as long as the stream.
+    pub(crate) fn with_permit(mut self, permit: crate::proxy::pool::StreamPermit) -> Self {
+        self._permit = Some(permit);
         self
     }
 
