@@ -92,7 +92,7 @@ impl PodLife {
         // (`notify_waiters` reaches every `Notified` created before it).
         let mut notified = std::pin::pin!(removal.notify.notified());
         notified.as_mut().enable();
-        if !removal.gone.load(std::sync::atomic::Ordering::SeqCst) {
+        if !self.is_removed() {
             notified.await;
         }
     }

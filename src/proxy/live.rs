@@ -6,7 +6,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use slab::Slab;
 
@@ -77,8 +76,15 @@ impl LiveConnection {
 /// connections: 160 KiB against 512). Like a hash map, it keeps its largest size after a burst.
 #[derive(Debug, Default)]
 pub struct ConnectionTable {
-    next: AtomicU64,
-    live: Lock<Slab<Entry>>,
+    live: Lock<Entries>,
+}
+
+/// The table's entries, and the sequence number the next one gets (taken under the same lock,
+/// so the dump's order is the order of insertion).
+#[derive(Debug, Default)]
+struct Entries {
+    next: u64,
+    slab: Slab<Entry>,
 }
 
 /// An address as the table (and a connection's record) keeps it: 20 bytes where a `SocketAddr`
@@ -130,15 +136,18 @@ impl Entry {
 impl ConnectionTable {
     /// Adds `conn` until the guard is dropped.
     pub(crate) fn track(self: &Arc<Self>, conn: LiveConnection) -> Tracked {
+        let mut live = self.live.lock();
         let entry = Entry {
-            seq: self.next.fetch_add(1, Ordering::Relaxed),
+            seq: live.next,
             direction: conn.direction,
             carrier: conn.carrier,
             src: conn.src.into(),
             original_dst: conn.original_dst.into(),
             actual_dst: conn.actual_dst.into(),
         };
-        let key = self.live.lock().insert(entry);
+        live.next += 1;
+        let key = live.slab.insert(entry);
+        drop(live);
         Tracked {
             table: self.clone(),
             key,
@@ -148,7 +157,7 @@ impl ConnectionTable {
     /// The live connections, oldest first.
     pub fn snapshot(&self) -> Vec<LiveConnection> {
         let live = self.live.lock();
-        let mut entries: Vec<&Entry> = live.iter().map(|(_, e)| e).collect();
+        let mut entries: Vec<&Entry> = live.slab.iter().map(|(_, e)| e).collect();
         entries.sort_unstable_by_key(|e| e.seq);
         entries.into_iter().map(Entry::connection).collect()
     }
@@ -181,7 +190,7 @@ pub(crate) struct Tracked {
 impl Drop for Tracked {
     fn drop(&mut self) {
         // The key is this guard's alone: nothing else removes it.
-        self.table.live.lock().try_remove(self.key);
+        self.table.live.lock().slab.try_remove(self.key);
     }
 }
 
