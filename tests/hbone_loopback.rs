@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hboned::authz::{Action, Clause, Match, Policy, Rule, Scope, StringMatch};
-use hboned::proxy::{ProxyError, TunnelSettings};
+use hboned::proxy::{PoolKey, ProxyError, TunnelSettings};
 use hboned::state::SharedState;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -58,6 +58,93 @@ async fn sixty_four_mib_each_way_arrive_intact() {
     let (echoed, n) = within(120, reader).await.unwrap();
     assert_eq!(n, TOTAL);
     assert_eq!(sent, echoed, "checksum of the echoed stream differs");
+}
+
+/// A bulk stream from the app leaves the server's relay in whole TLS records: a DATA frame's
+/// 9-byte header never travels in a record of its own. It did after every read that filled
+/// the relay's buffer (a power of two: the frame was a record's multiple plus its header), one
+/// record in eight, each costing both ends an AEAD operation, an allocation and a wake-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_from_the_app_leaves_in_whole_tls_records() {
+    const TOTAL: usize = 16 << 20;
+    let ca = ca();
+    let srv = server(ca.clone(), id("server")).await;
+    // Sends TOTAL bytes as fast as it can, in writes of an odd size: the relay reading it
+    // falls behind and its reads fill its buffer.
+    let app = app(|mut s| async move {
+        let chunk = vec![7u8; 100_000];
+        let mut left = TOTAL;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if s.write_all(&chunk[..n]).await.is_err() {
+                return;
+            }
+            left -= n;
+        }
+        let _ = s.shutdown().await;
+    })
+    .await;
+    // Between client and server, keeping what the server sends.
+    let tap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let via = PoolKey::new(
+        id("client"),
+        vec![srv.identity.clone()],
+        tap.local_addr().unwrap(),
+        None,
+    );
+    let upstream = srv.addr;
+    let tapped = tokio::spawn(async move {
+        let (down, _) = tap.accept().await.unwrap();
+        let up = tokio::net::TcpStream::connect(upstream).await.unwrap();
+        let (mut down_rd, mut down_wr) = down.into_split();
+        let (mut up_rd, mut up_wr) = up.into_split();
+        tokio::spawn(async move { tokio::io::copy(&mut down_rd, &mut up_wr).await });
+        let mut seen = Vec::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = up_rd.read(&mut buf).await.unwrap_or(0);
+            if n == 0 || down_wr.write_all(&buf[..n]).await.is_err() {
+                return seen;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+    });
+    let hbone = client(ca, TunnelSettings::default());
+    let mut stream = within(10, hbone.connect(&via, &request(app.addr)))
+        .await
+        .unwrap();
+    let mut got = 0;
+    let mut buf = vec![0u8; 128 * 1024];
+    within(60, async {
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+    })
+    .await;
+    assert_eq!(got, TOTAL);
+    drop((stream, hbone, srv));
+    let seen = within(10, tapped).await.unwrap();
+    // TLS 1.3 application records: 5-byte header, then the plaintext, its content type and a
+    // 16-byte tag. A record carrying 9 bytes is 26 long: a frame header alone (or an empty
+    // frame: the SETTINGS acknowledgement, the stream's end).
+    let (mut full, mut header_only, mut at) = (0, 0, 0);
+    while at + 5 <= seen.len() {
+        let len = usize::from(u16::from_be_bytes([seen[at + 3], seen[at + 4]]));
+        if seen[at] == 23 {
+            full += usize::from(len == 16384 + 17);
+            header_only += usize::from(len == 9 + 17);
+        }
+        at += 5 + len;
+    }
+    assert!(full >= TOTAL / 16384 / 2, "{full} full records");
+    assert!(
+        header_only <= 4,
+        "{header_only} records carried 9 bytes, next to {full} full ones"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

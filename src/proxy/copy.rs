@@ -14,7 +14,9 @@
 //! stream: they become a DATA frame) takes them without a copy ([`Sink`]), a reader that
 //! already holds its bytes (an HTTP/2 stream's received DATA) hands them over without a copy
 //! ([`Source`]), and streams come apart into their two directions without a lock between them
-//! ([`Split`]).
+//! ([`Split`]). Into an HTTP/2 stream, a read of a TLS record (16 KiB) or more takes 9 bytes
+//! less than the buffer holds, so that the DATA frame carrying it, header included, fills whole
+//! TLS records ([`Sink::FRAME_HEADER`]).
 //!
 //! EOF on one side becomes a write shutdown on the other (half-close), and the copy goes on in
 //! the other direction until it ends too. An error in either direction ends both and says
@@ -34,6 +36,8 @@ pub(crate) const INITIAL_BUFFER: usize = 1024;
 /// Largest size of a direction's buffer.
 pub(crate) const MAX_BUFFER: usize = 128 * 1024;
 const GROWTH: usize = 4;
+/// The most plaintext a TLS record carries (TLS 1.3's limit, and rustls's default fragment).
+pub(crate) const RECORD: usize = 16 * 1024;
 /// Consecutive full reads before the buffer grows.
 const FULL_READS_TO_GROW: u32 = 2;
 /// How long a read waits with a grown buffer before the buffer is given back.
@@ -59,6 +63,11 @@ pub(crate) enum End {
 /// `poll_write`; an HTTP/2 stream takes the bytes as they are (they become a DATA frame without
 /// a copy).
 pub(crate) trait Sink: AsyncWrite + Unpin {
+    /// Bytes the writer puts on the wire in front of each write's payload (an HTTP/2 DATA
+    /// frame's header). A read of [`RECORD`] bytes or more takes that much less, so a frame
+    /// that carries a full read fills whole TLS records (see [`OneWay::read_limit`]).
+    const FRAME_HEADER: usize = 0;
+
     fn poll_write_owned(
         &mut self,
         cx: &mut Context<'_>,
@@ -132,6 +141,8 @@ impl<T: Source + ?Sized> Source for &mut T {
 }
 #[cfg(test)]
 impl<T: Sink + ?Sized> Sink for &mut T {
+    const FRAME_HEADER: usize = T::FRAME_HEADER;
+
     fn poll_write_owned(
         &mut self,
         cx: &mut Context<'_>,
@@ -461,7 +472,8 @@ where
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Chunk>> {
         let size = self.size as usize;
         if size > INITIAL_BUFFER {
-            if let Poll::Ready(read) = self.reader.poll_next_chunk(cx, &mut self.buf, size) {
+            let limit = self.read_limit();
+            if let Poll::Ready(read) = self.reader.poll_next_chunk(cx, &mut self.buf, limit) {
                 self.shrink_armed = false;
                 return Poll::Ready(read);
             }
@@ -485,8 +497,22 @@ where
         if self.buf.capacity() == 0 {
             ready!(self.reader.poll_wait_readable(cx))?;
         }
-        self.reader
-            .poll_next_chunk(cx, &mut self.buf, self.size as usize)
+        let limit = self.read_limit();
+        self.reader.poll_next_chunk(cx, &mut self.buf, limit)
+    }
+
+    /// How much the next read may take: the buffer's size, less the writer's frame header once
+    /// the buffer holds a TLS record or more. A full read's frame (a multiple of [`RECORD`],
+    /// the buffer growing by powers of two, plus 9 bytes) took one record more than its data
+    /// needed, carrying the header's 9 bytes alone: one record in eight at 128 KiB, each
+    /// costing both proxies an AEAD operation, an allocation and a frame to parse.
+    fn read_limit(&self) -> usize {
+        let size = self.size as usize;
+        if size >= RECORD {
+            size - W::FRAME_HEADER
+        } else {
+            size
+        }
     }
 
     /// `n` bytes were written: counted.
@@ -500,7 +526,7 @@ where
     /// A read into the buffer took `n` bytes: after consecutive reads that filled it, the next
     /// may take more.
     fn read_full(&mut self, n: usize) {
-        if n == self.size as usize && n < MAX_BUFFER {
+        if n == self.read_limit() && (self.size as usize) < MAX_BUFFER {
             self.full_reads += 1;
             if u32::from(self.full_reads) >= FULL_READS_TO_GROW {
                 self.size = (self.size * GROWTH as u32).min(MAX_BUFFER as u32);

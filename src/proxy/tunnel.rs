@@ -398,6 +398,9 @@ impl AsyncWrite for H2Writer<'_> {
 }
 
 impl Sink for H2Writer<'_> {
+    /// A DATA frame's header: type, flags, length and stream id.
+    const FRAME_HEADER: usize = 9;
+
     /// The front of the relay's buffer becomes a DATA frame as it is: no copy.
     fn poll_write_owned(
         &mut self,

@@ -47,14 +47,15 @@ async fn copies_both_ways_and_counts() {
     );
 }
 
-/// Reads fill whatever buffer they are given (until `left` runs out); writes are recorded.
-struct Firehose {
+/// Reads fill whatever buffer they are given (until `left` runs out); writes are recorded. As a
+/// writer it frames each write with `HEADER` bytes (an HTTP/2 stream's 9).
+struct Firehose<const HEADER: usize = 0> {
     left: usize,
     writes: Vec<usize>,
 }
-impl Source for Firehose {}
+impl<const HEADER: usize> Source for Firehose<HEADER> {}
 
-impl AsyncRead for Firehose {
+impl<const HEADER: usize> AsyncRead for Firehose<HEADER> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
@@ -66,7 +67,7 @@ impl AsyncRead for Firehose {
         std::task::Poll::Ready(Ok(()))
     }
 }
-impl AsyncWrite for Firehose {
+impl<const HEADER: usize> AsyncWrite for Firehose<HEADER> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
@@ -89,16 +90,18 @@ impl AsyncWrite for Firehose {
     }
 }
 
-impl Sink for Firehose {}
+impl<const HEADER: usize> Sink for Firehose<HEADER> {
+    const FRAME_HEADER: usize = HEADER;
+}
 impl Source for DuplexStream {}
 
 #[tokio::test]
 async fn buffer_grows_under_load_and_is_bounded() {
-    let mut src = Firehose {
+    let mut src = Firehose::<0> {
         left: 4 << 20,
         writes: vec![],
     };
-    let mut dst = Firehose {
+    let mut dst = Firehose::<0> {
         left: 0,
         writes: vec![],
     };
@@ -109,6 +112,35 @@ async fn buffer_grows_under_load_and_is_bounded() {
     let w = &dst.writes;
     assert_eq!(&w[..6], &[1024, 1024, 4096, 4096, 16384, 16384]);
     assert_eq!(w.iter().max(), Some(&MAX_BUFFER));
+}
+
+/// Into a framing writer, a read of a TLS record or more leaves room for the frame's header, so
+/// a full read's frame fills whole records; growth still follows full reads.
+#[tokio::test]
+async fn reads_into_a_framing_writer_leave_room_for_its_header() {
+    let mut src = Firehose::<0> {
+        left: 4 << 20,
+        writes: vec![],
+    };
+    let mut dst = Firehose::<9> {
+        left: 0,
+        writes: vec![],
+    };
+    let mut relay = one_way(&mut src, &mut dst, None, End::A);
+    (&mut relay).await.unwrap();
+    assert_eq!(relay.count, 4 << 20);
+    drop(relay);
+    let w = &dst.writes;
+    assert_eq!(
+        &w[..8],
+        &[1024, 1024, 4096, 4096, 16375, 16375, 65527, 65527]
+    );
+    assert_eq!(w.iter().max(), Some(&(MAX_BUFFER - 9)));
+    assert!(
+        w[..w.len() - 1]
+            .iter()
+            .all(|n| n + 9 < RECORD || (n + 9) % RECORD == 0)
+    );
 }
 
 #[tokio::test]
@@ -162,7 +194,7 @@ async fn error_names_the_failing_end() {
 #[tokio::test(start_paused = true)]
 async fn a_grown_buffer_shrinks_when_the_connection_goes_idle() {
     let (mut writer, mut src) = duplex(1 << 20);
-    let mut dst = Firehose {
+    let mut dst = Firehose::<0> {
         left: 0,
         writes: vec![],
     };
