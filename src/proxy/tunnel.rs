@@ -288,7 +288,22 @@ impl AsyncWrite for H2Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let (_, mut writer) = self.halves();
-        writer.write_copy(cx, buf)
+        writer.write_copy(cx, &[io::IoSlice::new(buf)])
+    }
+
+    /// What a TLS connection inside the stream (double HBONE's inner one) writes: its records
+    /// together, as one DATA frame.
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let (_, mut writer) = self.halves();
+        writer.write_copy(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -316,14 +331,30 @@ pub(crate) struct H2Writer<'a> {
 }
 
 impl H2Writer<'_> {
-    /// Sends a copy of what h2 grants of `buf`.
-    fn write_copy(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        if buf.is_empty() {
+    /// Sends a copy of what h2 grants of `bufs`, in order, as one DATA frame. A TLS connection
+    /// inside the stream writes its records (16,406 bytes each, full) as the slices of one
+    /// write: a frame apiece took two of the outer connection's records each (16,384 bytes and
+    /// the rest, the frame's header among it), one frame for them all one more in total.
+    fn write_copy(
+        &mut self,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let total = bufs.iter().map(|b| b.len()).sum::<usize>();
+        if total == 0 {
             return Poll::Ready(Ok(0));
         }
-        let granted = ready!(poll_grant(self.send, *self.write_done, cx, buf.len()))?;
+        let granted = ready!(poll_grant(self.send, *self.write_done, cx, total))?;
+        let mut frame = bytes::BytesMut::with_capacity(granted);
+        for buf in bufs {
+            let take = buf.len().min(granted - frame.len());
+            frame.extend_from_slice(&buf[..take]);
+            if frame.len() == granted {
+                break;
+            }
+        }
         self.send
-            .send_data(Bytes::copy_from_slice(&buf[..granted]), false)
+            .send_data(frame.freeze(), false)
             .map_err(write_error)?;
         Poll::Ready(Ok(granted))
     }
@@ -384,7 +415,19 @@ impl AsyncWrite for H2Writer<'_> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.write_copy(cx, buf)
+        self.write_copy(cx, &[io::IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.write_copy(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -433,6 +476,63 @@ fn drain_into(pending: &mut Bytes, buf: &mut ReadBuf<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A vectored write (a TLS connection's records, inside the stream) goes out as one DATA
+    /// frame, its slices in order.
+    #[tokio::test]
+    async fn a_vectored_write_is_one_frame() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 20);
+        let server = tokio::spawn(async move {
+            let mut conn = TunnelSettings::default()
+                .server_builder()
+                .handshake::<_, Bytes>(server_io)
+                .await
+                .unwrap();
+            let (request, mut respond) = conn.accept().await.unwrap().unwrap();
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            let _send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            let mut body = request.into_body();
+            let mut frames = Vec::new();
+            while let Some(data) = body.data().await {
+                let data = data.unwrap();
+                let _ = body.flow_control().release_capacity(data.len());
+                frames.push(data);
+            }
+            frames
+        });
+        let (h2, conn) = TunnelSettings::default()
+            .client_builder()
+            .handshake::<_, Bytes>(client_io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut h2 = h2.ready().await.unwrap();
+        let request = http::Request::post("http://tunnel/").body(()).unwrap();
+        let (response, send) = h2.send_request(request, false).unwrap();
+        let recv = response.await.unwrap().into_body();
+        let mut stream = H2Stream::new(send, recv);
+        let (a, b, c) = (vec![1u8; 16_406], vec![2u8; 16_406], vec![3u8; 100]);
+        let slices = [
+            io::IoSlice::new(&a),
+            io::IoSlice::new(&b),
+            io::IoSlice::new(&c),
+        ];
+        assert!(stream.is_write_vectored());
+        let n = std::future::poll_fn(|cx| Pin::new(&mut stream).poll_write_vectored(cx, &slices))
+            .await
+            .unwrap();
+        assert_eq!(n, 32_912);
+        std::future::poll_fn(|cx| Pin::new(&mut stream).poll_shutdown(cx))
+            .await
+            .unwrap();
+        let frames = server.await.unwrap();
+        // The stream's end is an empty frame of its own.
+        let sizes: Vec<usize> = frames.iter().map(Bytes::len).filter(|&n| n > 0).collect();
+        assert_eq!(sizes, [32_912], "one frame");
+        assert_eq!(&frames[0][..], &[a, b, c].concat()[..]);
+    }
 
     /// Reading a frame to its end lets go of the buffer it is a view of.
     #[test]
