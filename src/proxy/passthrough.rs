@@ -56,6 +56,7 @@ pub(crate) async fn relay(
             };
         }
     };
+    let stop = std::pin::pin!(stop);
     let ended = copy::bidirectional_until(&mut app, &mut upstream, stop, meters).await;
     match &ended {
         Ended::Copied(Ok(_)) => {}

@@ -393,7 +393,9 @@ impl AsyncRead for H2Reader<'_> {
 }
 
 impl Source for H2Reader<'_> {
-    /// The received DATA as it is (a view of h2's read buffer, let go of once written).
+    /// The received DATA as it is (a view of h2's read buffer, let go of once written), left in
+    /// the stream's `pending` for the relay to write from: a relay direction holds no copy of
+    /// its handle.
     fn poll_next_chunk(
         &mut self,
         cx: &mut Context<'_>,
@@ -402,10 +404,14 @@ impl Source for H2Reader<'_> {
     ) -> Poll<io::Result<Chunk>> {
         let more = ready!(poll_fill(self.recv, self.pending, self.read_done, cx))?;
         Poll::Ready(Ok(if more {
-            Chunk::Owned(std::mem::take(self.pending))
+            Chunk::Held
         } else {
             Chunk::Buffered(0)
         }))
+    }
+
+    fn held(&mut self) -> Option<&mut Bytes> {
+        Some(self.pending)
     }
 }
 
