@@ -66,14 +66,45 @@ async fn sixty_four_mib_each_way_arrive_intact() {
 /// record in eight, each costing both ends an AEAD operation, an allocation and a wake-up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_from_the_app_leaves_in_whole_tls_records() {
-    const TOTAL: usize = 16 << 20;
+    let (full, header_only) = records_of_bulk_from_the_app(TunnelSettings::default()).await;
+    assert!(full >= BULK / 16384 / 2, "{full} full records");
+    assert!(
+        header_only <= 4,
+        "{header_only} records carried 9 bytes, next to {full} full ones"
+    );
+}
+
+/// The same against a client that takes frames of at most 16 KiB (HTTP/2's default, which
+/// Envoy, as a waypoint or an east-west gateway, keeps): h2 cuts the relay's writes into frames
+/// of that payload, and a frame of 16,384 bytes and its header is a record and 9 bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_to_a_peer_of_16_kib_frames_leaves_in_whole_tls_records() {
+    let small = TunnelSettings {
+        max_frame_size: 16 * 1024,
+        ..TunnelSettings::default()
+    };
+    let (full, header_only) = records_of_bulk_from_the_app(small).await;
+    assert!(full >= BULK / 16384 / 2, "{full} full records");
+    assert!(
+        header_only <= 4,
+        "{header_only} records carried 9 bytes, next to {full} full ones"
+    );
+}
+
+/// What the bulk tests send: 16 MiB.
+const BULK: usize = 16 << 20;
+
+/// Sends [`BULK`] bytes from an app behind the server to a client with `client_settings`,
+/// tapping the server's side of the connection: its TLS application records, those of 16 KiB
+/// and those carrying 9 bytes.
+async fn records_of_bulk_from_the_app(client_settings: TunnelSettings) -> (usize, usize) {
     let ca = ca();
     let srv = server(ca.clone(), id("server")).await;
-    // Sends TOTAL bytes as fast as it can, in writes of an odd size: the relay reading it
+    // Sends BULK bytes as fast as it can, in writes of an odd size: the relay reading it
     // falls behind and its reads fill its buffer.
     let app = app(|mut s| async move {
         let chunk = vec![7u8; 100_000];
-        let mut left = TOTAL;
+        let mut left = BULK;
         while left > 0 {
             let n = left.min(chunk.len());
             if s.write_all(&chunk[..n]).await.is_err() {
@@ -109,7 +140,7 @@ async fn bulk_from_the_app_leaves_in_whole_tls_records() {
             seen.extend_from_slice(&buf[..n]);
         }
     });
-    let hbone = client(ca, TunnelSettings::default());
+    let hbone = client(ca, client_settings);
     let mut stream = within(10, hbone.connect(&via, &request(app.addr)))
         .await
         .unwrap();
@@ -125,7 +156,7 @@ async fn bulk_from_the_app_leaves_in_whole_tls_records() {
         }
     })
     .await;
-    assert_eq!(got, TOTAL);
+    assert_eq!(got, BULK);
     drop((stream, hbone, srv));
     let seen = within(10, tapped).await.unwrap();
     // TLS 1.3 application records: 5-byte header, then the plaintext, its content type and a
@@ -140,11 +171,7 @@ async fn bulk_from_the_app_leaves_in_whole_tls_records() {
         }
         at += 5 + len;
     }
-    assert!(full >= TOTAL / 16384 / 2, "{full} full records");
-    assert!(
-        header_only <= 4,
-        "{header_only} records carried 9 bytes, next to {full} full ones"
-    );
+    (full, header_only)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

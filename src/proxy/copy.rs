@@ -14,9 +14,9 @@
 //! stream: they become a DATA frame) takes them without a copy ([`Sink`]), a reader that
 //! already holds its bytes (an HTTP/2 stream's received DATA) hands them over without a copy
 //! ([`Source`]), and streams come apart into their two directions without a lock between them
-//! ([`Split`]). Into an HTTP/2 stream, a read of a TLS record (16 KiB) or more takes 9 bytes
-//! less than the buffer holds, so that the DATA frame carrying it, header included, fills whole
-//! TLS records ([`Sink::FRAME_HEADER`]).
+//! ([`Split`]). Into an HTTP/2 stream, a read of a TLS record (16 KiB) or more takes less than
+//! the buffer holds, room for the DATA frames' 9-byte headers, so that each frame carrying it,
+//! header included, fills whole TLS records ([`Sink::read_limit`]).
 //!
 //! EOF on one side becomes a write shutdown on the other (half-close), and the copy goes on in
 //! the other direction until it ends too. An error in either direction ends both and says
@@ -63,10 +63,12 @@ pub(crate) enum End {
 /// `poll_write`; an HTTP/2 stream takes the bytes as they are (they become a DATA frame without
 /// a copy).
 pub(crate) trait Sink: AsyncWrite + Unpin {
-    /// Bytes the writer puts on the wire in front of each write's payload (an HTTP/2 DATA
-    /// frame's header). A read of [`RECORD`] bytes or more takes that much less, so a frame
-    /// that carries a full read fills whole TLS records (see [`OneWay::read_limit`]).
-    const FRAME_HEADER: usize = 0;
+    /// How much of a buffer of `size` bytes one read may fill: all of it, unless the writer
+    /// puts headers on the wire in front of what it writes (an HTTP/2 stream's DATA frames)
+    /// and wants each frame, header included, to fill whole TLS records.
+    fn read_limit(&self, size: usize) -> usize {
+        size
+    }
 
     fn poll_write_owned(
         &mut self,
@@ -152,7 +154,9 @@ impl<T: Source + ?Sized> Source for &mut T {
 }
 #[cfg(test)]
 impl<T: Sink + ?Sized> Sink for &mut T {
-    const FRAME_HEADER: usize = T::FRAME_HEADER;
+    fn read_limit(&self, size: usize) -> usize {
+        (**self).read_limit(size)
+    }
 
     fn poll_write_owned(
         &mut self,
@@ -536,18 +540,13 @@ where
         self.reader.poll_next_chunk(cx, &mut self.buf, limit)
     }
 
-    /// How much the next read may take: the buffer's size, less the writer's frame header once
-    /// the buffer holds a TLS record or more. A full read's frame (a multiple of [`RECORD`],
-    /// the buffer growing by powers of two, plus 9 bytes) took one record more than its data
+    /// How much the next read may take: the buffer's size, less what the writer's frame
+    /// headers need ([`Sink::read_limit`]). A full read's frame (a multiple of [`RECORD`], the
+    /// buffer growing by powers of two, plus 9 bytes) took one record more than its data
     /// needed, carrying the header's 9 bytes alone: one record in eight at 128 KiB, each
     /// costing both proxies an AEAD operation, an allocation and a frame to parse.
     fn read_limit(&self) -> usize {
-        let size = self.size as usize;
-        if size >= RECORD {
-            size - W::FRAME_HEADER
-        } else {
-            size
-        }
+        self.writer.read_limit(self.size as usize)
     }
 
     /// A read into the buffer took `n` bytes: after consecutive reads that filled it, the next

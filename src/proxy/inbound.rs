@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::copy::{self, End, Ended};
 use super::live;
-use super::tunnel::{H2Stream, TunnelSettings, drive_with_keepalive};
+use super::tunnel::{H2Stream, PeerFrames, TunnelSettings, drive_with_keepalive};
 use crate::authz;
 use crate::drain::{self, Drain};
 use crate::hbone::{self, Authority, ConnectRequest};
@@ -368,6 +368,7 @@ impl InboundServer {
         tls::tune(tls.get_mut().1);
         // Shared by the connection's streams: each holds a pointer, not its own three strings.
         let client = tls::peer_identity(tls.get_ref().1.peer_certificates()).map(Arc::new);
+        let (tls, max_frame) = PeerFrames::server(tls);
         let mut conn = tokio::time::timeout(
             handshake_timeout,
             self.settings.server_builder().handshake::<_, Bytes>(tls),
@@ -387,9 +388,11 @@ impl InboundServer {
                         let server = self.clone();
                         let client = client.clone();
                         let guard = self.workload.drain.as_ref().map(Drain::guard);
+                        // The client's SETTINGS came before its first request.
+                        let client_frame = max_frame.get();
                         // The admission and the dial run boxed, freed once the relay starts: the
                         // task holds only the relay's state for the stream's life.
-                        let admitted = Box::pin(server.clone().admit(request, respond, client, (peer, local)));
+                        let admitted = Box::pin(server.clone().admit(request, respond, client, (peer, local), client_frame));
                         tokio::spawn(server.relay(admitted, guard));
                     }
                     _ = &mut draining, if !goaway_sent => {
@@ -407,13 +410,15 @@ impl InboundServer {
     }
 
     /// Checks a CONNECT request against this workload and dials its app: the stream to relay,
-    /// or `None` once it was answered with a refusal.
+    /// or `None` once it was answered with a refusal. The client takes frames of `client_frame`
+    /// bytes at most (0: not known).
     async fn admit(
         self: Arc<Self>,
         request: Request<h2::RecvStream>,
         mut respond: SendResponse<Bytes>,
         client: Option<Arc<Identity>>,
         (peer, local): (SocketAddr, IpAddr),
+        client_frame: u32,
     ) -> Option<Admitted> {
         let target = admit(&request, &self.workload.addresses).and_then(|c| match c.authority {
             Authority::Addr(target) => Ok(target),
@@ -445,7 +450,7 @@ impl InboundServer {
             .await
         {
             Ok((app, send)) => Some(Admitted {
-                tunnel: H2Stream::new(send, request.into_body()),
+                tunnel: H2Stream::new(send, request.into_body()).with_peer_max_frame(client_frame),
                 app,
                 record,
                 client,

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use rustls_pki_types::ServerName;
 
-use super::tunnel::{H2Stream, TunnelSettings, drive_with_keepalive};
+use super::tunnel::{H2Stream, MaxFrame, PeerFrames, TunnelSettings, drive_with_keepalive};
 use super::{ProxyError, deadline};
 use crate::hbone::ConnectRequest;
 use crate::identity::{CertificateManager, Identity};
@@ -92,6 +92,8 @@ struct PooledConn {
     idle_since: Lock<Instant>,
     /// When the first certificate of the handshake (ours, or the peer's leaf) expires.
     expires: SystemTime,
+    /// The peer's largest frame, which its streams cut what they send by.
+    max_frame: MaxFrame,
 }
 
 impl PooledConn {
@@ -272,6 +274,7 @@ impl HboneClient {
         })
         .await?;
         tls::tune(tls.get_mut().1);
+        let (tls, max_frame) = PeerFrames::client(tls);
         let h2err = |source| ProxyError::Http2 { addr, source };
         deadline("inner CONNECT", addr, s.connect_timeout, async {
             let (send, conn) = s
@@ -288,7 +291,7 @@ impl HboneClient {
                 }
             });
             // Moved in: the connection closes once its one stream has.
-            send_connect(send, addr, inner_request).await
+            send_connect(send, addr, inner_request, &max_frame).await
         })
         .await
     }
@@ -341,6 +344,7 @@ impl HboneClient {
             .map_or(cert.not_after(), |peer| peer.min(cert.not_after()));
         let suite = session.negotiated_cipher_suite().map(|s| s.suite());
         let kx = session.negotiated_key_exchange_group().map(|g| g.name());
+        let (tls, max_frame) = PeerFrames::client(tls);
         let (send, mut conn) = deadline("HTTP/2 handshake", addr, s.connect_timeout, async {
             s.client_builder()
                 .handshake::<_, Bytes>(tls)
@@ -366,6 +370,7 @@ impl HboneClient {
             closed,
             idle_since: Lock::new(Instant::now()),
             expires,
+            max_frame,
         }))
     }
 
@@ -377,18 +382,25 @@ impl HboneClient {
     ) -> Result<H2Stream, ProxyError> {
         let addr = key.peer;
         deadline("CONNECT", addr, self.settings.connect_timeout, async {
-            send_connect(permit.conn.send.clone(), addr, request).await
+            send_connect(
+                permit.conn.send.clone(),
+                addr,
+                request,
+                &permit.conn.max_frame,
+            )
+            .await
         })
         .await
     }
 }
 
-/// Sends `request` on the HTTP/2 connection of `send` (to the peer at `addr`): the stream,
-/// once the peer answered 200.
+/// Sends `request` on the HTTP/2 connection of `send` (to the peer at `addr`, whose largest
+/// frame is `max_frame`): the stream, once the peer answered 200.
 async fn send_connect(
     send: h2::client::SendRequest<Bytes>,
     addr: SocketAddr,
     request: &ConnectRequest,
+    max_frame: &MaxFrame,
 ) -> Result<H2Stream, ProxyError> {
     let h2err = |source| ProxyError::Http2 { addr, source };
     let mut send = send.ready().await.map_err(h2err)?;
@@ -402,7 +414,8 @@ async fn send_connect(
             status: response.status(),
         });
     }
-    Ok(H2Stream::new(stream, response.into_body()))
+    // The peer's SETTINGS came before its answer: what it says is known by now.
+    Ok(H2Stream::new(stream, response.into_body()).with_peer_max_frame(max_frame.get()))
 }
 
 /// Whether the peer cannot have processed a stream that failed with `e`: a GOAWAY (the stream

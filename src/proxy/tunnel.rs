@@ -14,7 +14,10 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::proxy::copy::{Chunk, Sink, Source, Split};
+use crate::proxy::copy::{Chunk, RECORD, Sink, Source, Split};
+
+mod peer_frames;
+pub(crate) use peer_frames::{MaxFrame, PeerFrames};
 
 /// HTTP/2 and timing settings of HBONE (docs/design.md §4, ztunnel's values).
 #[derive(Debug, Clone)]
@@ -145,6 +148,8 @@ pub struct H2Stream {
     pending: Bytes,
     read_done: bool,
     write_done: bool,
+    /// How what is written is cut into DATA frames (by the peer's largest frame).
+    framing: Framing,
     /// The pooled connection's slot this stream takes, given back when it drops (none for a
     /// server's stream or an inner tunnel's). Held as it is, not boxed: every live outbound
     /// connection's task holds one.
@@ -159,8 +164,17 @@ impl H2Stream {
             pending: Bytes::new(),
             read_done: false,
             write_done: false,
+            framing: Framing::default(),
             _permit: None,
         }
+    }
+
+    /// Cuts what is written into DATA frames that fill whole TLS records, for a peer whose
+    /// largest frame is `max_frame` (its SETTINGS_MAX_FRAME_SIZE; 0: not known, and frames are
+    /// as large as each write).
+    pub fn with_peer_max_frame(mut self, max_frame: u32) -> Self {
+        self.framing = Framing::for_peer(max_frame);
+        self
     }
 
     /// Holds `permit` (its pooled connection's stream slot) as long as the stream.
@@ -197,6 +211,72 @@ fn write_error(e: h2::Error) -> io::Error {
             format!("stream reset by peer: {reason}"),
         ),
         _ => io::Error::other(e),
+    }
+}
+
+/// A DATA frame's header: length, type, flags and stream id.
+const FRAME_HEADER: usize = 9;
+
+/// How a stream cuts what it sends into DATA frames. h2 writes a large DATA frame, its header
+/// and payload, as one write into TLS, and rustls cuts each write into records of [`RECORD`]
+/// bytes from its start: a frame whose size with its header is not a multiple of that ends in
+/// a short record. h2 itself cuts a write into frames of the peer's largest frame, which for a
+/// peer that keeps HTTP/2's default (16 KiB: Envoy, as a waypoint or an east-west gateway) made
+/// every frame a full record and a record of 9 bytes. So the stream cuts first, into frames of
+/// `payload` bytes (a multiple of [`RECORD`] with the header, within the peer's limit), and
+/// the relay reads what fills such frames ([`Framing::read_limit`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Framing {
+    /// Bytes a DATA frame carries at most; 0: no cut (the peer's limit is not known).
+    payload: u32,
+}
+
+impl Framing {
+    /// For a peer whose largest frame is `max_frame` (0: not known).
+    pub(crate) fn for_peer(max_frame: u32) -> Self {
+        let whole = (max_frame as usize + FRAME_HEADER) / RECORD * RECORD;
+        if whole < RECORD {
+            // Below HTTP/2's minimum (h2 refuses such a peer) or not known.
+            return Framing::default();
+        }
+        Framing {
+            payload: u32::try_from(whole - FRAME_HEADER).unwrap_or(0),
+        }
+    }
+
+    /// The most one frame carries.
+    fn cut(self) -> usize {
+        match self.payload {
+            0 => usize::MAX,
+            n => n as usize,
+        }
+    }
+
+    /// How much a read into a buffer of `size` bytes may take so that the frames carrying it
+    /// fill whole records: all of it below a record; else the whole records it holds, less a
+    /// header for each frame they make.
+    pub(crate) fn read_limit(self, size: usize) -> usize {
+        if size < RECORD {
+            return size;
+        }
+        let records = size / RECORD * RECORD;
+        if self.payload == 0 {
+            return records - FRAME_HEADER;
+        }
+        let frame = self.payload as usize + FRAME_HEADER;
+        let rest = records % frame;
+        records / frame * self.payload as usize + rest.saturating_sub(FRAME_HEADER)
+    }
+
+    /// Sends `data` on `send` as frames of at most [`Framing::cut`] bytes, the last ending
+    /// the stream if `end`.
+    fn send(self, send: &mut SendStream<Bytes>, mut data: bytes::BytesMut) -> io::Result<()> {
+        let cut = self.cut();
+        while data.len() > cut {
+            send.send_data(data.split_to(cut).freeze(), false)
+                .map_err(write_error)?;
+        }
+        send.send_data(data.freeze(), false).map_err(write_error)
     }
 }
 
@@ -328,10 +408,12 @@ pub(crate) struct H2Reader<'a> {
 pub(crate) struct H2Writer<'a> {
     send: &'a mut SendStream<Bytes>,
     write_done: &'a mut bool,
+    framing: Framing,
 }
 
 impl H2Writer<'_> {
-    /// Sends a copy of what h2 grants of `bufs`, in order, as one DATA frame. A TLS connection
+    /// Sends a copy of what h2 grants of `bufs`, in order, as one DATA frame (or as few as the
+    /// stream's [`Framing`] allows). A TLS connection
     /// inside the stream writes its records (16,406 bytes each, full) as the slices of one
     /// write: a frame apiece took two of the outer connection's records each (16,384 bytes and
     /// the rest, the frame's header among it), one frame for them all one more in total.
@@ -353,9 +435,7 @@ impl H2Writer<'_> {
                 break;
             }
         }
-        self.send
-            .send_data(frame.freeze(), false)
-            .map_err(write_error)?;
+        self.framing.send(self.send, frame)?;
         Poll::Ready(Ok(granted))
     }
 }
@@ -373,6 +453,7 @@ impl Split for H2Stream {
             H2Writer {
                 send: &mut self.send,
                 write_done: &mut self.write_done,
+                framing: self.framing,
             },
         )
     }
@@ -447,8 +528,9 @@ impl AsyncWrite for H2Writer<'_> {
 }
 
 impl Sink for H2Writer<'_> {
-    /// A DATA frame's header: type, flags, length and stream id.
-    const FRAME_HEADER: usize = 9;
+    fn read_limit(&self, size: usize) -> usize {
+        self.framing.read_limit(size)
+    }
 
     /// The front of the relay's buffer becomes a DATA frame as it is: no copy.
     fn poll_write_owned(
@@ -460,9 +542,7 @@ impl Sink for H2Writer<'_> {
             return Poll::Ready(Ok(0));
         }
         let granted = ready!(poll_grant(self.send, *self.write_done, cx, data.len()))?;
-        self.send
-            .send_data(data.split_to(granted).freeze(), false)
-            .map_err(write_error)?;
+        self.framing.send(self.send, data.split_to(granted))?;
         Poll::Ready(Ok(granted))
     }
 }

@@ -91,7 +91,9 @@ impl<const HEADER: usize> AsyncWrite for Firehose<HEADER> {
 }
 
 impl<const HEADER: usize> Sink for Firehose<HEADER> {
-    const FRAME_HEADER: usize = HEADER;
+    fn read_limit(&self, size: usize) -> usize {
+        if size >= RECORD { size - HEADER } else { size }
+    }
 }
 impl Source for DuplexStream {}
 

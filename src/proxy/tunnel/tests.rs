@@ -1,4 +1,5 @@
-//! Tests of `tunnel`: received frames let go of, vectored writes as one frame.
+//! Tests of `tunnel`: received frames let go of, vectored writes as one frame, frames cut to
+//! fill whole TLS records.
 
 use super::*;
 
@@ -6,6 +7,23 @@ use super::*;
 /// frame, its slices in order.
 #[tokio::test]
 async fn a_vectored_write_is_one_frame() {
+    assert_eq!(frames_of_a_vectored_write(0).await, [32_912], "one frame");
+}
+
+/// To a peer of 16 KiB frames the same write goes out as frames of 16,375 bytes, a TLS record
+/// each with their headers, where h2 would have cut it into frames of 16,384 (a record and 9
+/// bytes each).
+#[tokio::test]
+async fn to_a_peer_of_small_frames_a_write_is_cut_to_whole_records() {
+    assert_eq!(
+        frames_of_a_vectored_write(16_384).await,
+        [16_375, 16_375, 162]
+    );
+}
+
+/// The DATA frames (their sizes) of a vectored write of two inner TLS records and 100 bytes
+/// into a stream that takes its peer's largest frame as `peer_max_frame`.
+async fn frames_of_a_vectored_write(peer_max_frame: u32) -> Vec<usize> {
     let (client_io, server_io) = tokio::io::duplex(1 << 20);
     let server = tokio::spawn(async move {
         let mut conn = TunnelSettings::default()
@@ -37,7 +55,7 @@ async fn a_vectored_write_is_one_frame() {
     let request = http::Request::post("http://tunnel/").body(()).unwrap();
     let (response, send) = h2.send_request(request, false).unwrap();
     let recv = response.await.unwrap().into_body();
-    let mut stream = H2Stream::new(send, recv);
+    let mut stream = H2Stream::new(send, recv).with_peer_max_frame(peer_max_frame);
     let (a, b, c) = (vec![1u8; 16_406], vec![2u8; 16_406], vec![3u8; 100]);
     let slices = [
         io::IoSlice::new(&a),
@@ -54,9 +72,38 @@ async fn a_vectored_write_is_one_frame() {
         .unwrap();
     let frames = server.await.unwrap();
     // The stream's end is an empty frame of its own.
-    let sizes: Vec<usize> = frames.iter().map(Bytes::len).filter(|&n| n > 0).collect();
-    assert_eq!(sizes, [32_912], "one frame");
-    assert_eq!(&frames[0][..], &[a, b, c].concat()[..]);
+    assert_eq!(frames.concat(), [a, b, c].concat());
+    frames.iter().map(Bytes::len).filter(|&n| n > 0).collect()
+}
+
+/// For every peer limit and every buffer size the relay reads into, the frames carrying a full
+/// read fill whole records and stay within the peer's limit.
+#[test]
+fn frames_of_a_full_read_fill_whole_records() {
+    for max_frame in [0, 16_384, 16_385, 20_000, 32_768, 1 << 20, (1 << 24) - 1] {
+        let framing = Framing::for_peer(max_frame);
+        for size in [16 << 10, 64 << 10, 128 << 10, 256 << 10] {
+            let mut left = framing.read_limit(size);
+            assert!(
+                left <= size && left + 9 * (size / RECORD) >= size,
+                "{max_frame} {size}"
+            );
+            while left > 0 {
+                let frame = left.min(framing.cut());
+                assert_eq!((frame + 9) % RECORD, 0, "{max_frame}: {frame} of {size}");
+                assert!(max_frame == 0 || frame <= max_frame as usize);
+                left -= frame;
+            }
+        }
+    }
+    // Below a record, reads take what the buffer holds.
+    assert_eq!(Framing::for_peer(16_384).read_limit(4_096), 4_096);
+    // No limit known (or one below HTTP/2's minimum): frames as large as the read.
+    assert_eq!(Framing::for_peer(0), Framing::default());
+    assert_eq!(Framing::for_peer(1_000), Framing::default());
+    assert_eq!(Framing::default().read_limit(65_536), 65_527);
+    assert_eq!(Framing::for_peer(16_384).read_limit(65_536), 65_500);
+    assert_eq!(Framing::for_peer(1 << 20).read_limit(131_072), 131_063);
 }
 
 /// Reading a frame to its end lets go of the buffer it is a view of.
