@@ -268,8 +268,7 @@ impl Framing {
         records / frame * self.payload as usize + rest.saturating_sub(FRAME_HEADER)
     }
 
-    /// Sends `data` on `send` as frames of at most [`Framing::cut`] bytes, the last ending
-    /// the stream if `end`.
+    /// Sends `data` on `send` as frames of at most [`Framing::cut`] bytes.
     fn send(self, send: &mut SendStream<Bytes>, mut data: bytes::BytesMut) -> io::Result<()> {
         let cut = self.cut();
         while data.len() > cut {
@@ -412,11 +411,11 @@ pub(crate) struct H2Writer<'a> {
 }
 
 impl H2Writer<'_> {
-    /// Sends a copy of what h2 grants of `bufs`, in order, as one DATA frame (or as few as the
-    /// stream's [`Framing`] allows). A TLS connection
-    /// inside the stream writes its records (16,406 bytes each, full) as the slices of one
-    /// write: a frame apiece took two of the outer connection's records each (16,384 bytes and
-    /// the rest, the frame's header among it), one frame for them all one more in total.
+    /// Sends a copy of what h2 grants of `bufs`, in order, as one DATA frame (as few as the
+    /// stream's [`Framing`] allows). A TLS connection inside the stream writes its records
+    /// (16,406 bytes each, full) as the slices of one write: a frame apiece took two of the
+    /// outer connection's records each (16,384 bytes and the rest, the frame's header among
+    /// it), one frame for them all one more in total.
     fn write_copy(
         &mut self,
         cx: &mut Context<'_>,
