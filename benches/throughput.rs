@@ -1,5 +1,8 @@
 //! Tunnel benchmarks over loopback, each next to plain TCP in the same run:
 //! - `bulk`: one stream moving 32 MiB one way (client → app), through HBONE vs raw TCP;
+//! - `download`: 32 MiB the other way (an app behind the server → client): through the
+//!   server's relay to a client that takes frames of 16 KiB at most (HTTP/2's default, which
+//!   Envoy keeps), next to one that takes 1 MiB (ztunnel's and hboned's);
 //! - `rr_1k`: 1 KiB request/response round trips on one warm stream vs one raw connection;
 //! - `connect`: a new tunneled stream per iteration over a warm pool (one byte echoed, then
 //!   closed) vs a new raw TCP connection.
@@ -25,9 +28,13 @@ const CHUNK: usize = 128 * 1024;
 
 struct Rig {
     client: HboneClient,
+    /// A client that takes frames of 16 KiB at most.
+    small_frames: HboneClient,
     key: PoolKey,
     sink: SocketAddr,
     echo: SocketAddr,
+    /// Writes [`BULK`] bytes to whoever connects, in writes of an odd size, and closes.
+    source: SocketAddr,
 }
 
 fn id(sa: &str) -> Identity {
@@ -51,6 +58,37 @@ async fn sink(listener: TcpListener) {
     }
 }
 
+async fn source(listener: TcpListener) {
+    while let Ok((mut s, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let chunk = vec![0x5au8; 100_000];
+            let mut left = BULK;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                if s.write_all(&chunk[..n]).await.is_err() {
+                    return;
+                }
+                left -= n;
+            }
+            let _ = s.shutdown().await;
+        });
+    }
+}
+
+/// Reads `s` to its end: all of [`BULK`].
+async fn pull<S: AsyncRead + Unpin>(mut s: S) {
+    let mut buf = vec![0u8; CHUNK];
+    let mut total = 0;
+    loop {
+        let n = s.read(&mut buf).await.expect("read");
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    assert_eq!(total, BULK);
+}
+
 async fn echo(listener: TcpListener) {
     while let Ok((mut s, _)) = listener.accept().await {
         tokio::spawn(async move {
@@ -66,12 +104,15 @@ async fn rig() -> Rig {
     let sockets: Arc<dyn SocketFactory> = Arc::new(DefaultSocketFactory);
     let sink_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let echo_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let (sink_addr, echo_addr) = (
+    let source_l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let (sink_addr, echo_addr, source_addr) = (
         sink_l.local_addr().expect("addr"),
         echo_l.local_addr().expect("addr"),
+        source_l.local_addr().expect("addr"),
     );
     tokio::spawn(sink(sink_l));
     tokio::spawn(echo(echo_l));
+    tokio::spawn(source(source_l));
     let hbone_l = sockets
         .tcp_bind("127.0.0.1:0".parse().expect("addr"))
         .expect("bind");
@@ -94,13 +135,24 @@ async fn rig() -> Rig {
     );
     tokio::spawn(server.serve(hbone_l));
     let client_certs = Arc::new(CertificateManager::new(ca));
-    let client = HboneClient::new(client_certs, sockets, TunnelSettings::default());
+    let client = HboneClient::new(
+        client_certs.clone(),
+        sockets.clone(),
+        TunnelSettings::default(),
+    );
+    let small = TunnelSettings {
+        max_frame_size: 16 * 1024,
+        ..TunnelSettings::default()
+    };
+    let small_frames = HboneClient::new(client_certs, sockets, small);
     let key = PoolKey::new(id("client"), vec![id("server")], hbone_addr, None);
     Rig {
         client,
+        small_frames,
         key,
         sink: sink_addr,
         echo: echo_addr,
+        source: source_addr,
     }
 }
 
@@ -150,6 +202,30 @@ fn benches(c: &mut Criterion) {
         })
     });
     bulk.finish();
+
+    let mut download = c.benchmark_group("download");
+    download
+        .throughput(Throughput::Bytes(BULK as u64))
+        .sample_size(20);
+    download.bench_function("raw_tcp", |b| {
+        b.to_async(&rt)
+            .iter(|| async { pull(raw(rig.source).await).await })
+    });
+    for (name, client) in [
+        ("hbone", &rig.client),
+        ("hbone_to_16k_frames", &rig.small_frames),
+    ] {
+        download.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| async {
+                let s = client
+                    .connect(&rig.key, &ConnectRequest::new(rig.source))
+                    .await
+                    .expect("tunnel");
+                pull(s).await
+            })
+        });
+    }
+    download.finish();
 
     let mut rr = c.benchmark_group("rr_1k");
     rr.throughput(Throughput::Elements(1));
