@@ -221,10 +221,11 @@ const FRAME_HEADER: usize = 9;
 /// and payload, as one write into TLS, and rustls cuts each write into records of [`RECORD`]
 /// bytes from its start: a frame whose size with its header is not a multiple of that ends in
 /// a short record. h2 itself cuts a write into frames of the peer's largest frame, which for a
-/// peer that keeps HTTP/2's default (16 KiB: Envoy, as a waypoint or an east-west gateway) made
-/// every frame a full record and a record of 9 bytes. So the stream cuts first, into frames of
-/// `payload` bytes (a multiple of [`RECORD`] with the header, within the peer's limit), and
-/// the relay reads what fills such frames ([`Framing::read_limit`]).
+/// peer that keeps HTTP/2's default (16 KiB: Envoy, as a waypoint or an east-west gateway,
+/// whose `Http2ProtocolOptions` in api/envoy/config/core/v3/protocol.proto has no frame size to
+/// set) made every frame a full record and a record of 9 bytes. So the stream cuts first, into
+/// frames of `payload` bytes (a multiple of [`RECORD`] with the header, within the peer's
+/// limit), and the relay reads what fills such frames ([`Framing::read_limit`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Framing {
     /// Bytes a DATA frame carries at most; 0: no cut (the peer's limit is not known).
