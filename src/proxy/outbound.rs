@@ -235,7 +235,7 @@ impl Outbound {
     }
 
     /// Routes one connection: a tunnel's app connection, tunnel and record to relay, or `None`
-    /// once a plaintext relay, a refusal or a failure has dealt with it.
+    /// once a plaintext relay has been started or a refusal or a failure has dealt with it.
     async fn route_and_connect(
         self: Arc<Self>,
         app: TcpStream,
@@ -277,9 +277,15 @@ impl Outbound {
                             expected,
                             request: inner_request,
                         } = *inner;
-                        self.client
-                            .connect_double(&key, &request, expected, &inner_request)
-                            .await
+                        // Boxed: the inner handshakes' state is ~10 KiB, which every
+                        // connection's routing would otherwise allocate.
+                        Box::pin(self.client.connect_double(
+                            &key,
+                            &request,
+                            expected,
+                            &inner_request,
+                        ))
+                        .await
                     }
                 };
                 match connected {
@@ -299,16 +305,7 @@ impl Outbound {
                     .listed(self.pod.connections(), || {
                         LiveConnection::new(Direction::Outbound, src, dst, dst)
                     });
-                let timeout = self.settings.connect_timeout;
-                // No policy applies on the way out: only the pod's removal ends the relay.
-                let removed = async {
-                    self.pod.removed().await;
-                    Stop::PodRemoved
-                };
-                let meters = record.meters().clone();
-                passthrough::relay(app, &*self.sockets, (None, dst), timeout, removed, &meters)
-                    .await
-                    .record(record);
+                tokio::spawn(self.plaintext(app, dst, record));
                 None
             }
             Route::PassthroughHost { host, port, peers } => {
@@ -339,21 +336,7 @@ impl Outbound {
                         .listed(self.pod.connections(), || {
                             LiveConnection::new(Direction::Outbound, src, dst, target)
                         });
-                let removed = async {
-                    self.pod.removed().await;
-                    Stop::PodRemoved
-                };
-                let meters = record.meters().clone();
-                passthrough::relay(
-                    app,
-                    &*self.sockets,
-                    (None, target),
-                    timeout,
-                    removed,
-                    &meters,
-                )
-                .await
-                .record(record);
+                tokio::spawn(self.plaintext(app, target, record));
                 None
             }
             Route::Refuse { reason } => {
@@ -361,6 +344,40 @@ impl Outbound {
                 reset(app);
                 None
             }
+        }
+    }
+
+    /// The plaintext relay of `app` to `target`, recorded in `record`, as a task of its own:
+    /// the connection's routing runs in a box sized for its largest state (the route, the
+    /// record and a CONNECT in flight: ~3.5 KiB), and a relay awaited inside it would keep
+    /// that box for the connection's life. Spawned before the routing returns, with a drain guard of its own, so a drain
+    /// never sees the connection gone.
+    fn plaintext(
+        self: Arc<Self>,
+        app: TcpStream,
+        target: SocketAddr,
+        record: ConnectionRecord,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let live = self.drain.as_ref().map(Drain::guard);
+        async move {
+            let timeout = self.settings.connect_timeout;
+            // No policy applies on the way out: only the pod's removal ends the relay.
+            let removed = async {
+                self.pod.removed().await;
+                Stop::PodRemoved
+            };
+            let meters = record.meters().clone();
+            passthrough::relay(
+                app,
+                &*self.sockets,
+                (None, target),
+                timeout,
+                removed,
+                &meters,
+            )
+            .await
+            .record(record);
+            drop(live);
         }
     }
 }

@@ -310,7 +310,9 @@ impl HboneClient {
         if let Some(permit) = entry.checkout() {
             return Ok(permit);
         }
-        let conn = self.dial(key).await?;
+        // Boxed: a dial's state (TCP, TLS and HTTP/2 handshakes) is ~9 KiB, and every
+        // connection's routing future would otherwise be that large, dialing or not.
+        let conn = Box::pin(self.dial(key)).await?;
         let permit = conn.try_reserve();
         entry.conns.lock().push(conn);
         permit.ok_or_else(|| ProxyError::Http2 {

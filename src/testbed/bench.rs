@@ -339,8 +339,10 @@ async fn connection_rate(
 
 /// Both proxies' RSS through two cycles of `count` idle a1 → b1 connections opened at once
 /// (1 byte echoed through each), the first on fresh proxies; a 16 MiB echo burst through
-/// `burst` of the second cycle's before they close. Samples are taken two seconds settled,
-/// twelve after closing or a burst (past the relay's 1 s shrink and jemalloc's 1 s decay).
+/// `burst` of the second cycle's before they close; then `count` idle a1 → b2 connections
+/// (b2 is not enrolled: node A relays them in plaintext). Samples are taken two seconds
+/// settled, twelve after closing or a burst (past the relay's 1 s shrink and jemalloc's 1 s
+/// decay).
 struct Memory {
     count: usize,
     burst: usize,
@@ -355,6 +357,8 @@ struct Memory {
     after_burst: [u64; 2],
     /// After the second cycle closed.
     end: [u64; 2],
+    /// With the plaintext connections held (`end` before them).
+    plaintext: [u64; 2],
 }
 
 impl Memory {
@@ -374,10 +378,14 @@ async fn rss(topo: &Topology) -> anyhow::Result<[u64; 2]> {
     Ok(resident(topo)?.map(|r| r.all))
 }
 
-/// `count` idle a1 → b1 connections opened at once, 1 byte echoed through each.
-async fn open_at_once(topo: &Topology, count: usize) -> anyhow::Result<Vec<TcpStream>> {
+/// `count` idle connections from a1 to `to` opened at once, 1 byte echoed through each.
+async fn open_at_once(
+    topo: &Topology,
+    count: usize,
+    to: SocketAddr,
+) -> anyhow::Result<Vec<TcpStream>> {
     let one = || async {
-        let mut s = connect(topo, A1.name, B1.addr(ECHO)).await?;
+        let mut s = connect(topo, A1.name, to).await?;
         s.write_all(&[1]).await?;
         let mut b = [0u8; 1];
         s.read_exact(&mut b).await?;
@@ -424,14 +432,14 @@ async fn memory(topo: &Topology, count: usize, burst: usize) -> anyhow::Result<M
     let settle = |secs| tokio::time::sleep(Duration::from_secs(secs));
     settle(2).await;
     let fresh = resident(topo)?;
-    let conns = open_at_once(topo, count).await?;
+    let conns = open_at_once(topo, count, B1.addr(ECHO)).await?;
     settle(2).await;
     let idle = resident(topo)?;
     hold_for_heap_profile(topo).await;
     drop(conns);
     settle(12).await;
     let warm = rss(topo).await?;
-    let mut conns = open_at_once(topo, count).await?;
+    let mut conns = open_at_once(topo, count, B1.addr(ECHO)).await?;
     settle(2).await;
     let idle_warm = rss(topo).await?;
     burst_through(&mut conns[..burst]).await?;
@@ -440,6 +448,10 @@ async fn memory(topo: &Topology, count: usize, burst: usize) -> anyhow::Result<M
     drop(conns);
     settle(12).await;
     let end = rss(topo).await?;
+    let plain = open_at_once(topo, count, B2.addr(ECHO)).await?;
+    settle(2).await;
+    let plaintext = rss(topo).await?;
+    drop(plain);
     Ok(Memory {
         count,
         burst,
@@ -451,6 +463,7 @@ async fn memory(topo: &Topology, count: usize, burst: usize) -> anyhow::Result<M
         idle_warm,
         after_burst,
         end,
+        plaintext,
     })
 }
 
@@ -536,6 +549,12 @@ pub(crate) async fn report(topo: &Topology, runs: usize) -> anyhow::Result<Strin
         m.burst,
         burst[0],
         burst[1]
+    )?;
+    writeln!(
+        out,
+        "RSS per idle plaintext connection (a1 → b2, not enrolled), {} opened at once after those: node A {:.1} KiB",
+        m.count,
+        m.per(m.end, m.plaintext, m.count)[0]
     )?;
     let relay = relay::PlainRelay::start(topo).await?;
     if relay.is_none() {

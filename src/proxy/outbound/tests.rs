@@ -225,6 +225,43 @@ fn a_live_connection_holds_only_the_relays_state() {
     assert!(record <= 256, "a connection record is {record} bytes");
 }
 
+/// Every connection's routing is boxed at the size of its largest state, whichever route it
+/// takes, and a connection storm allocates one per connection at once: the rare dials (a new
+/// pooled connection's TCP, TLS and HTTP/2 handshakes, ~9 KiB; double HBONE's inner ones,
+/// ~10 KiB) are boxed on their own, so a connection that takes a pooled stream (most of
+/// them) allocates under a page. A plaintext relay is a task of its own, sized for the relay,
+/// rather than running inside that box for the connection's life.
+#[test]
+fn routing_is_boxed_without_the_dials_and_plaintext_relays_apart() {
+    let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    fn routed<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(Arc<Outbound>, TcpStream) -> Fut,
+        Fut: std::future::Future,
+    {
+        std::mem::size_of::<Fut>()
+    }
+    let routing = routed(move |o: Arc<Outbound>, s| o.route_and_connect(s, a, a));
+    assert!(
+        routing <= 4096,
+        "the routing future is {routing} bytes: a dial's state is in it again"
+    );
+    fn relayed<F, Fut>(_: F) -> usize
+    where
+        F: FnOnce(Arc<Outbound>, TcpStream, ConnectionRecord) -> Fut,
+        Fut: std::future::Future,
+    {
+        std::mem::size_of::<Fut>()
+    }
+    let plain = relayed(move |o: Arc<Outbound>, s, r| o.plaintext(s, a, r));
+    // With tokio's 104 bytes around it, 1,536 bytes (a jemalloc class): was 768 for the
+    // connection's task plus the routing's box (~13 KiB) for the connection's life.
+    assert!(
+        plain <= 1432,
+        "a plaintext relay's future is {plain} bytes: its task no longer fits 1,536 bytes"
+    );
+}
+
 fn guard(strict: bool) -> (Arc<crate::state::SharedState>, ClusterGuard) {
     let state = Arc::new(crate::state::SharedState::default());
     let guard = ClusterGuard {
