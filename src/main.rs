@@ -209,9 +209,10 @@ enum Command {
         #[arg(long)]
         throughput: bool,
         /// Also run the netns benchmark on proxies started afresh: RSS per idle connection
-        /// (2,000 opened at once), after they close, and per idle plaintext one; bulk (1 stream, reverse, 4 streams) with
-        /// Gbit/s per proxy core next to a plain two-hop relay's per relay core (socat, if
-        /// installed), ping-pong latency against raw TCP's, connections/s.
+        /// (2,000 opened at once), after they close and per idle plaintext connection; bulk (1
+        /// stream, reverse, 4 streams) with Gbit/s per proxy core next to a plain two-hop
+        /// relay's per relay core (socat, if installed), ping-pong latency against raw TCP's,
+        /// connections/s.
         #[arg(long)]
         bench: bool,
     },

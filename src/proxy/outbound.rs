@@ -350,8 +350,8 @@ impl Outbound {
     /// The plaintext relay of `app` to `target`, recorded in `record`, as a task of its own:
     /// the connection's routing runs in a box sized for its largest state (the route, the
     /// record and a CONNECT in flight: ~3.5 KiB), and a relay awaited inside it would keep
-    /// that box for the connection's life. Spawned before the routing returns, with a drain guard of its own, so a drain
-    /// never sees the connection gone.
+    /// that box for the connection's life. Its drain guard is taken here, before the routing
+    /// returns and the connection's task drops its own, so a drain never sees it gone.
     fn plaintext(
         self: Arc<Self>,
         app: TcpStream,

@@ -208,15 +208,8 @@ fn the_connect_request_carries_the_source_and_the_dice() {
 /// 8 bytes more and it takes the 896 class.
 #[test]
 fn a_live_connection_holds_only_the_relays_state() {
-    fn size<F, Fut>(_: F) -> usize
-    where
-        F: FnOnce(Arc<Outbound>, TcpStream) -> Fut,
-        Fut: std::future::Future,
-    {
-        std::mem::size_of::<Fut>()
-    }
     let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    let handle = size(move |o: Arc<Outbound>, s| o.handle(s, a, a));
+    let handle = future_size(move |(o, s): (Arc<Outbound>, TcpStream)| o.handle(s, a, a));
     assert!(
         handle <= 664,
         "the outbound handle future is {handle} bytes: its task no longer fits 768 bytes"
@@ -234,32 +227,26 @@ fn a_live_connection_holds_only_the_relays_state() {
 #[test]
 fn routing_is_boxed_without_the_dials_and_plaintext_relays_apart() {
     let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-    fn routed<F, Fut>(_: F) -> usize
-    where
-        F: FnOnce(Arc<Outbound>, TcpStream) -> Fut,
-        Fut: std::future::Future,
-    {
-        std::mem::size_of::<Fut>()
-    }
-    let routing = routed(move |o: Arc<Outbound>, s| o.route_and_connect(s, a, a));
+    let routing =
+        future_size(move |(o, s): (Arc<Outbound>, TcpStream)| o.route_and_connect(s, a, a));
     assert!(
         routing <= 4096,
         "the routing future is {routing} bytes: a dial's state is in it again"
     );
-    fn relayed<F, Fut>(_: F) -> usize
-    where
-        F: FnOnce(Arc<Outbound>, TcpStream, ConnectionRecord) -> Fut,
-        Fut: std::future::Future,
-    {
-        std::mem::size_of::<Fut>()
-    }
-    let plain = relayed(move |o: Arc<Outbound>, s, r| o.plaintext(s, a, r));
+    let plain = future_size(
+        move |(o, s, r): (Arc<Outbound>, TcpStream, ConnectionRecord)| o.plaintext(s, a, r),
+    );
     // With tokio's 104 bytes around it, 1,536 bytes (a jemalloc class): was 768 for the
     // connection's task plus the routing's box (~13 KiB) for the connection's life.
     assert!(
         plain <= 1432,
         "a plaintext relay's future is {plain} bytes: its task no longer fits 1,536 bytes"
     );
+}
+
+/// The size of the future `make` returns, read from its type: `make` is never called.
+fn future_size<Args, Fut: std::future::Future>(_make: impl FnOnce(Args) -> Fut) -> usize {
+    std::mem::size_of::<Fut>()
 }
 
 fn guard(strict: bool) -> (Arc<crate::state::SharedState>, ClusterGuard) {
