@@ -287,3 +287,73 @@ async fn an_unknown_pod_address_is_held_until_known_and_refused_when_strict() {
     let (_, permissive) = guard(false);
     assert!(permissive.admit(ip("10.244.1.9")).await);
 }
+
+/// Every connection to `to`, in plaintext.
+#[derive(Debug)]
+struct PlainTo(SocketAddr);
+
+impl Router for PlainTo {
+    fn route(&self, _: SocketAddr, _: SocketAddr) -> Route {
+        Route::Passthrough {
+            dst: self.0,
+            peers: (Peer::default(), Peer::default()),
+        }
+    }
+}
+
+/// A plaintext relay is a task of its own with a drain guard of its own: a drain waits for it
+/// while its connection is open (the connection's task, whose guard it replaced, has ended),
+/// and it lets go once the connection closes.
+#[tokio::test]
+async fn a_plaintext_relay_holds_the_drain_until_its_connection_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let to = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let sockets: Arc<dyn SocketFactory> = Arc::new(crate::netns::DefaultSocketFactory);
+    let ca = crate::identity::ca::BuiltinCa::generate(std::time::SystemTime::now()).unwrap();
+    let certs = Arc::new(crate::identity::CertificateManager::new(Arc::new(ca)));
+    let settings = TunnelSettings::default();
+    let client = Arc::new(HboneClient::new(certs, sockets.clone(), settings.clone()));
+    let drain = Drain::default();
+    let outbound = Arc::new(Outbound::new(
+        client,
+        sockets,
+        Arc::new(PlainTo(to)),
+        None,
+        settings,
+        None,
+        Some(drain.clone()),
+    ));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let entry = listener.local_addr().unwrap();
+    tokio::spawn(outbound.serve(listener, move |_| Some(to)));
+
+    let mut app = TcpStream::connect(entry).await.unwrap();
+    app.write_all(b"hello").await.unwrap();
+    let mut got = [0u8; 5];
+    app.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello");
+    assert_eq!(
+        drain.active(),
+        1,
+        "the live plaintext relay holds one guard"
+    );
+    drain.start();
+    assert!(
+        !drain.wait(Duration::from_millis(200)).await,
+        "a drain finished while a plaintext relay was live"
+    );
+    drop(app);
+    assert!(
+        drain.wait(Duration::from_secs(5)).await,
+        "the relay's guard outlived its connection"
+    );
+}
