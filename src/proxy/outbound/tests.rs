@@ -288,24 +288,43 @@ async fn an_unknown_pod_address_is_held_until_known_and_refused_when_strict() {
     assert!(permissive.admit(ip("10.244.1.9")).await);
 }
 
-/// Every connection to `to`, in plaintext.
+/// Every connection to `to` in plaintext: to its address, or by name (`localhost` and its
+/// port, as a hostname workload's).
 #[derive(Debug)]
-struct PlainTo(SocketAddr);
+struct PlainTo {
+    to: SocketAddr,
+    by_name: bool,
+}
 
 impl Router for PlainTo {
     fn route(&self, _: SocketAddr, _: SocketAddr) -> Route {
-        Route::Passthrough {
-            dst: self.0,
-            peers: (Peer::default(), Peer::default()),
+        let peers = (Peer::default(), Peer::default());
+        match self.by_name {
+            false => Route::Passthrough {
+                dst: self.to,
+                peers,
+            },
+            true => Route::PassthroughHost {
+                host: "localhost".into(),
+                port: self.to.port(),
+                peers,
+            },
         }
     }
 }
 
 /// A plaintext relay is a task of its own with a drain guard of its own: a drain waits for it
 /// while its connection is open (the connection's task, whose guard it replaced, has ended),
-/// and it lets go once the connection closes.
+/// and it lets go once the connection closes. Both plaintext routes: to an address, and to a
+/// name resolved as the connection is made.
 #[tokio::test]
 async fn a_plaintext_relay_holds_the_drain_until_its_connection_ends() {
+    for by_name in [false, true] {
+        plaintext_relay_holds_the_drain(by_name).await;
+    }
+}
+
+async fn plaintext_relay_holds_the_drain(by_name: bool) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let to = echo.local_addr().unwrap();
@@ -326,7 +345,7 @@ async fn a_plaintext_relay_holds_the_drain_until_its_connection_ends() {
     let outbound = Arc::new(Outbound::new(
         client,
         sockets,
-        Arc::new(PlainTo(to)),
+        Arc::new(PlainTo { to, by_name }),
         None,
         settings,
         None,
@@ -344,7 +363,7 @@ async fn a_plaintext_relay_holds_the_drain_until_its_connection_ends() {
     assert_eq!(
         drain.active(),
         1,
-        "the live plaintext relay holds one guard"
+        "the live plaintext relay holds one guard (by name: {by_name})"
     );
     drain.start();
     assert!(
