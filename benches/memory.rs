@@ -1,6 +1,9 @@
 //! Memory per tunneled connection: opens N idle HBONE streams (client, server and an echo app
 //! all in this process), and reports the RSS growth per stream; then makes every stream move
-//! 1 MiB at once and reports the peak growth per busy stream. Run:
+//! 1 MiB at once and reports the peak growth per busy stream. First, on the fresh process, it
+//! opens HBONE connections that carry one stream each (to peers told apart by the identities
+//! they may present, as connections to distinct destinations are) and reports the growth per
+//! HBONE connection: what a node pays per peer it talks to. Run:
 //! `cargo bench --bench memory`. Not a criterion bench: it measures bytes, not time.
 
 use std::sync::Arc;
@@ -14,6 +17,8 @@ use hboned::proxy::{HboneClient, InboundServer, LocalWorkload, PoolKey, TunnelSe
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const STREAMS: usize = 2000;
+/// HBONE connections of one stream each.
+const CONNECTIONS: usize = 1000;
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("statm");
@@ -53,7 +58,7 @@ async fn run() {
             });
         }
     });
-    let id = |sa| Identity::new("cluster.local", "mem", sa).expect("id");
+    let id = |sa: &str| Identity::new("cluster.local", "mem", sa).expect("id");
     let listener = sockets
         .tcp_bind("127.0.0.1:0".parse().expect("addr"))
         .expect("bind");
@@ -88,6 +93,30 @@ async fn run() {
     ping(&mut warm).await;
     drop(warm);
 
+    // One stream per HBONE connection: each pool key names another identity the peer may
+    // present besides its own, so each dials a connection of its own (TLS and HTTP/2 on both
+    // ends, a stream and its echo). Held open to the end.
+    let before = rss_bytes();
+    let mut single = Vec::with_capacity(CONNECTIONS);
+    for i in 0..CONNECTIONS {
+        let other = id(&format!("other-{i}"));
+        let key = PoolKey::new(id("client"), vec![id("server"), other], hbone_addr, None);
+        let mut s = client
+            .connect(&key, &ConnectRequest::new(echo_addr))
+            .await
+            .expect("tunnel");
+        ping(&mut s).await;
+        single.push(s);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let grown = rss_bytes().saturating_sub(before);
+    println!(
+        "one stream per HBONE connection: {} connections: +{:.1} MiB RSS, {:.1} KiB per HBONE connection (both proxies + echo app)",
+        client.stats().connections - 1,
+        grown as f64 / (1 << 20) as f64,
+        grown as f64 / CONNECTIONS as f64 / 1024.0
+    );
+
     let before = rss_bytes();
     let mut streams = Vec::with_capacity(STREAMS);
     for _ in 0..STREAMS {
@@ -102,7 +131,7 @@ async fn run() {
     let idle = rss_bytes().saturating_sub(before);
     println!(
         "idle: {STREAMS} streams over {} connections: +{:.1} MiB RSS, {:.1} KiB per tunneled connection (both proxies + echo app)",
-        client.stats().connections,
+        client.stats().connections - CONNECTIONS,
         idle as f64 / (1 << 20) as f64,
         idle as f64 / STREAMS as f64 / 1024.0
     );
@@ -143,6 +172,7 @@ async fn run() {
         busy as f64 / (1 << 20) as f64,
         busy as f64 / busy_n as f64 / 1024.0
     );
+    drop(single);
 }
 
 async fn ping(s: &mut hboned::proxy::H2Stream) {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use rustls_pki_types::ServerName;
 
 use super::tunnel::{H2Stream, MaxFrame, PeerFrames, TunnelSettings, drive_with_keepalive};
@@ -282,14 +283,7 @@ impl HboneClient {
                 .handshake::<_, Bytes>(tls)
                 .await
                 .map_err(h2err)?;
-            let mut conn = conn;
-            let ping = conn.ping_pong();
-            let settings = self.settings.clone();
-            tokio::spawn(async move {
-                if let Err(reason) = drive_with_keepalive(conn, ping, &settings).await {
-                    tracing::debug!(peer = %addr, %reason, "inner HBONE connection closed");
-                }
-            });
+            tokio::spawn(connection_task(conn, &self.settings, addr, None));
             // Moved in: the connection closes once its one stream has.
             send_connect(send, addr, inner_request, &max_frame).await
         })
@@ -347,7 +341,7 @@ impl HboneClient {
         let suite = session.negotiated_cipher_suite().map(|s| s.suite());
         let kx = session.negotiated_key_exchange_group().map(|g| g.name());
         let (tls, max_frame) = PeerFrames::client(tls);
-        let (send, mut conn) = deadline("HTTP/2 handshake", addr, s.connect_timeout, async {
+        let (send, conn) = deadline("HTTP/2 handshake", addr, s.connect_timeout, async {
             s.client_builder()
                 .handshake::<_, Bytes>(tls)
                 .await
@@ -356,14 +350,7 @@ impl HboneClient {
         .await?;
         self.pool.dials.fetch_add(1, Ordering::Relaxed);
         let closed = Arc::new(AtomicBool::new(false));
-        let ping = conn.ping_pong();
-        let (done, settings) = (closed.clone(), self.settings.clone());
-        tokio::spawn(async move {
-            if let Err(reason) = drive_with_keepalive(conn, ping, &settings).await {
-                tracing::debug!(peer = %addr, %reason, "HBONE connection closed");
-            }
-            done.store(true, Ordering::Release);
-        });
+        tokio::spawn(connection_task(conn, s, addr, Some(closed.clone())));
         tracing::info!(peer = %addr, source = %key.source, ?suite, ?kx, "HBONE connection established");
         Ok(Arc::new(PooledConn {
             send,
@@ -394,6 +381,30 @@ impl HboneClient {
         })
         .await
     }
+}
+
+/// The task that drives a client HBONE connection to the peer at `peer` for its life, with
+/// its keepalive; `closed` (a pooled connection's) is set when it ends. Mapped rather than
+/// awaited in an `async` block, which would hold the connection (~2.4 KiB) twice.
+fn connection_task<T>(
+    mut conn: h2::client::Connection<T, Bytes>,
+    settings: &TunnelSettings,
+    peer: SocketAddr,
+    closed: Option<Arc<AtomicBool>>,
+) -> impl std::future::Future<Output = ()> + Send + 'static
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let ping = conn.ping_pong();
+    drive_with_keepalive(conn, ping, settings).map(move |res| {
+        if let Err(reason) = res {
+            let pooled = closed.is_some();
+            tracing::debug!(%peer, %reason, pooled, "HBONE connection closed");
+        }
+        if let Some(closed) = closed {
+            closed.store(true, Ordering::Release);
+        }
+    })
 }
 
 /// Sends `request` on the HTTP/2 connection of `send` (to the peer at `addr`, whose largest
@@ -438,3 +449,6 @@ fn spawn_reaper(pool: Weak<Pool>, idle_timeout: Duration) {
         }
     });
 }
+
+#[cfg(test)]
+mod tests;

@@ -128,3 +128,81 @@ fn an_emptied_frame_releases_its_buffer() {
         "the emptied frame still holds the buffer"
     );
 }
+
+/// Keepalive on an idle connection whose peer answers: PINGs every interval, each answered, so
+/// the connection is still up minutes later and ends when the peer goes.
+#[tokio::test(start_paused = true)]
+async fn an_answered_keepalive_keeps_an_idle_connection() {
+    let (client_io, server_io) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(async move {
+        let mut conn = TunnelSettings::default()
+            .server_builder()
+            .handshake::<_, Bytes>(server_io)
+            .await
+            .unwrap();
+        // Serving the connection answers its PINGs.
+        while conn.accept().await.is_some() {}
+    });
+    let (_send, mut conn) = TunnelSettings::default()
+        .client_builder()
+        .handshake::<_, Bytes>(client_io)
+        .await
+        .unwrap();
+    let ping = conn.ping_pong();
+    let mut driven = tokio::spawn(drive_with_keepalive(conn, ping, &TunnelSettings::default()));
+    // Thirty intervals, each ping answered well within its timeout.
+    let idle = tokio::time::timeout(Duration::from_secs(300), &mut driven).await;
+    assert!(idle.is_err(), "ended while idle: {idle:?}");
+    server.abort();
+    let ended = tokio::time::timeout(Duration::from_secs(60), driven).await;
+    assert!(
+        matches!(ended, Ok(Ok(Err(ConnectionEnd::Http2(_)) | Ok(())))),
+        "{ended:?}"
+    );
+}
+
+/// A peer that reads but never answers: the connection ends once a PING has gone unanswered for
+/// the timeout, an interval after the last activity, not before and not never.
+#[tokio::test(start_paused = true)]
+async fn an_unanswered_ping_ends_the_connection_after_interval_and_timeout() {
+    let (client_io, mut server_io) = tokio::io::duplex(1 << 16);
+    // Reads everything, writes nothing: no SETTINGS, no PONG.
+    tokio::spawn(async move {
+        let mut sink = tokio::io::sink();
+        let _ = tokio::io::copy(&mut server_io, &mut sink).await;
+    });
+    let (_send, mut conn) = TunnelSettings::default()
+        .client_builder()
+        .handshake::<_, Bytes>(client_io)
+        .await
+        .unwrap();
+    let ping = conn.ping_pong();
+    let settings = TunnelSettings {
+        ping_interval: Duration::from_secs(10),
+        ping_timeout: Duration::from_secs(20),
+        ..TunnelSettings::default()
+    };
+    let start = tokio::time::Instant::now();
+    let ended = drive_with_keepalive(conn, ping, &settings).await;
+    let after = start.elapsed();
+    assert!(
+        matches!(ended, Err(ConnectionEnd::NoPong(t)) if t == Duration::from_secs(20)),
+        "{ended:?}"
+    );
+    assert!(
+        after >= Duration::from_secs(30) && after < Duration::from_secs(31),
+        "ended after {after:?}"
+    );
+}
+
+/// The driver holds the connection once (a future written out, not an async fn around
+/// `select!`, which held it three times): see `pool::connection_task`.
+#[test]
+fn the_driver_holds_its_connection_once() {
+    type Conn = h2::client::Connection<tokio::io::DuplexStream, Bytes>;
+    let (driven, conn) = (size_of::<Driven<Conn>>(), size_of::<Conn>());
+    assert!(
+        driven <= conn + 24,
+        "{driven} bytes for a connection of {conn}"
+    );
+}
