@@ -86,12 +86,7 @@ async fn run() {
     );
     let key = PoolKey::new(id("client"), vec![id("server")], hbone_addr, None);
     // Warm up: one connection and stream, so one-time allocations are not counted.
-    let mut warm = client
-        .connect(&key, &ConnectRequest::new(echo_addr))
-        .await
-        .expect("tunnel");
-    ping(&mut warm).await;
-    drop(warm);
+    drop(open(&client, &key, echo_addr).await);
 
     // One stream per HBONE connection: each pool key names another identity the peer may
     // present besides its own, so each dials a connection of its own (TLS and HTTP/2 on both
@@ -101,12 +96,7 @@ async fn run() {
     for i in 0..CONNECTIONS {
         let other = id(&format!("other-{i}"));
         let key = PoolKey::new(id("client"), vec![id("server"), other], hbone_addr, None);
-        let mut s = client
-            .connect(&key, &ConnectRequest::new(echo_addr))
-            .await
-            .expect("tunnel");
-        ping(&mut s).await;
-        single.push(s);
+        single.push(open(&client, &key, echo_addr).await);
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let grown = rss_bytes().saturating_sub(before);
@@ -120,12 +110,7 @@ async fn run() {
     let before = rss_bytes();
     let mut streams = Vec::with_capacity(STREAMS);
     for _ in 0..STREAMS {
-        let mut s = client
-            .connect(&key, &ConnectRequest::new(echo_addr))
-            .await
-            .expect("tunnel");
-        ping(&mut s).await;
-        streams.push(s);
+        streams.push(open(&client, &key, echo_addr).await);
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let idle = rss_bytes().saturating_sub(before);
@@ -173,6 +158,20 @@ async fn run() {
         busy as f64 / busy_n as f64 / 1024.0
     );
     drop(single);
+}
+
+/// A stream to the echo app through `key`'s connection, one byte echoed.
+async fn open(
+    client: &HboneClient,
+    key: &PoolKey,
+    echo: std::net::SocketAddr,
+) -> hboned::proxy::H2Stream {
+    let mut s = client
+        .connect(key, &ConnectRequest::new(echo))
+        .await
+        .expect("tunnel");
+    ping(&mut s).await;
+    s
 }
 
 async fn ping(s: &mut hboned::proxy::H2Stream) {

@@ -26,11 +26,7 @@ async fn to_a_peer_of_small_frames_a_write_is_cut_to_whole_records() {
 async fn frames_of_a_vectored_write(peer_max_frame: u32) -> Vec<usize> {
     let (client_io, server_io) = tokio::io::duplex(1 << 20);
     let server = tokio::spawn(async move {
-        let mut conn = TunnelSettings::default()
-            .server_builder()
-            .handshake::<_, Bytes>(server_io)
-            .await
-            .unwrap();
+        let mut conn = server_end(server_io).await;
         let (request, mut respond) = conn.accept().await.unwrap().unwrap();
         tokio::spawn(async move { while conn.accept().await.is_some() {} });
         let _send = respond
@@ -45,11 +41,7 @@ async fn frames_of_a_vectored_write(peer_max_frame: u32) -> Vec<usize> {
         }
         frames
     });
-    let (h2, conn) = TunnelSettings::default()
-        .client_builder()
-        .handshake::<_, Bytes>(client_io)
-        .await
-        .unwrap();
+    let (h2, conn) = client_end(client_io).await;
     tokio::spawn(conn);
     let mut h2 = h2.ready().await.unwrap();
     let request = http::Request::post("http://tunnel/").body(()).unwrap();
@@ -135,19 +127,11 @@ fn an_emptied_frame_releases_its_buffer() {
 async fn an_answered_keepalive_keeps_an_idle_connection() {
     let (client_io, server_io) = tokio::io::duplex(1 << 16);
     let server = tokio::spawn(async move {
-        let mut conn = TunnelSettings::default()
-            .server_builder()
-            .handshake::<_, Bytes>(server_io)
-            .await
-            .unwrap();
+        let mut conn = server_end(server_io).await;
         // Serving the connection answers its PINGs.
         while conn.accept().await.is_some() {}
     });
-    let (_send, mut conn) = TunnelSettings::default()
-        .client_builder()
-        .handshake::<_, Bytes>(client_io)
-        .await
-        .unwrap();
+    let (_send, mut conn) = client_end(client_io).await;
     let ping = conn.ping_pong();
     let mut driven = tokio::spawn(drive_with_keepalive(conn, ping, &TunnelSettings::default()));
     // Thirty intervals, each ping answered well within its timeout.
@@ -171,11 +155,7 @@ async fn an_unanswered_ping_ends_the_connection_after_interval_and_timeout() {
         let mut sink = tokio::io::sink();
         let _ = tokio::io::copy(&mut server_io, &mut sink).await;
     });
-    let (_send, mut conn) = TunnelSettings::default()
-        .client_builder()
-        .handshake::<_, Bytes>(client_io)
-        .await
-        .unwrap();
+    let (_send, mut conn) = client_end(client_io).await;
     let ping = conn.ping_pong();
     let settings = TunnelSettings {
         ping_interval: Duration::from_secs(10),
@@ -205,4 +185,29 @@ fn the_driver_holds_its_connection_once() {
         driven <= conn + 24,
         "{driven} bytes for a connection of {conn}"
     );
+}
+
+/// The server end of an HTTP/2 connection over `io`, with HBONE's settings.
+async fn server_end(
+    io: tokio::io::DuplexStream,
+) -> h2::server::Connection<tokio::io::DuplexStream, Bytes> {
+    TunnelSettings::default()
+        .server_builder()
+        .handshake::<_, Bytes>(io)
+        .await
+        .unwrap()
+}
+
+/// The client end of an HTTP/2 connection over `io`, with HBONE's settings.
+async fn client_end(
+    io: tokio::io::DuplexStream,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    h2::client::Connection<tokio::io::DuplexStream, Bytes>,
+) {
+    TunnelSettings::default()
+        .client_builder()
+        .handshake::<_, Bytes>(io)
+        .await
+        .unwrap()
 }
