@@ -102,6 +102,7 @@ async fn run() {
     let grown = rss_bytes().saturating_sub(before);
     println!(
         "one stream per HBONE connection: {} connections: +{:.1} MiB RSS, {:.1} KiB per HBONE connection (both proxies + echo app)",
+        // The warm-up's connection is not one of them.
         client.stats().connections - 1,
         grown as f64 / (1 << 20) as f64,
         grown as f64 / CONNECTIONS as f64 / 1024.0
