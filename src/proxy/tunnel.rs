@@ -68,12 +68,26 @@ impl Default for TunnelSettings {
     }
 }
 
-/// Bytes of send buffer h2 may hold per stream before a write waits: ztunnel's figure. Against
-/// a peer that announces the largest windows and never reads, this (plus the relay buffer) is
-/// what a stream can cost; bulk throughput measured the same with 1 MiB.
+/// Bytes of send buffer h2 may hold per stream before a write waits: ztunnel's server's figure
+/// (its client's is its stream window, 4 MiB). Against a peer that announces the largest
+/// windows and never reads, this (plus the relay buffer) is what a stream can cost; bulk
+/// throughput measured the same with 1 MiB.
 const MAX_SEND_BUFFER: usize = 400 * 1024;
 /// Largest single chunk handed to h2 per write call.
 const MAX_WRITE_CHUNK: usize = 256 * 1024;
+/// h2's budget for received DATA frames under 256 bytes that the stream's reader has not taken
+/// yet: off, as ztunnel has it (`data_frame_budget(usize::MAX)` on both ends of its
+/// src/proxy/h2/client.rs and server.rs). h2's default, half the connection window, ends the
+/// whole HBONE connection with ENHANCE_YOUR_CALM, every stream on it, once ~33,000 one-byte or
+/// ~40,000 fifty-byte frames wait unread under our 16 MiB window: an app writing small messages
+/// to a reader that has stalled gets there (ztunnel issue 2100, seen with databases). Without
+/// it, what a peer can park here is bounded by flow control alone: a stream's window (4 MiB)
+/// and the connection's (16 MiB) of unread DATA, in frames of at least one byte, which h2
+/// queues in a slot of its receive queue each (~350 bytes of RSS a frame, measured with 50,000
+/// held): up to ~5 GiB for a connection of one-byte frames that nothing reads, which only a
+/// peer holding a mesh identity can send, and only to an app that has stopped reading. Empty DATA frames, which flow control does not count, h2 still limits
+/// (100 a connection).
+const DATA_FRAME_BUDGET: usize = usize::MAX;
 
 impl TunnelSettings {
     pub(crate) fn client_builder(&self) -> h2::client::Builder {
@@ -83,6 +97,7 @@ impl TunnelSettings {
             .max_frame_size(self.max_frame_size)
             .max_header_list_size(self.client_header_list)
             .max_send_buffer_size(MAX_SEND_BUFFER)
+            .data_frame_budget(DATA_FRAME_BUDGET)
             .enable_push(false);
         b
     }
@@ -94,7 +109,8 @@ impl TunnelSettings {
             .max_frame_size(self.max_frame_size)
             .max_header_list_size(self.server_header_list)
             .max_concurrent_streams(self.server_max_streams)
-            .max_send_buffer_size(MAX_SEND_BUFFER);
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .data_frame_budget(DATA_FRAME_BUDGET);
         b
     }
 }

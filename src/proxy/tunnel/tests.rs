@@ -1,7 +1,8 @@
 //! Tests of `tunnel`: received frames let go of, vectored writes as one frame, frames cut to
-//! fill whole TLS records, the PING keepalive.
+//! fill whole TLS records, the PING keepalive, small frames left unread.
 
 use super::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A vectored write (a TLS connection's records, inside the stream) goes out as one DATA
 /// frame, its slices in order.
@@ -174,6 +175,134 @@ async fn an_unanswered_ping_ends_the_connection_after_interval_and_timeout() {
         after >= Duration::from_secs(30) && after < Duration::from_secs(31),
         "ended after {after:?}"
     );
+}
+
+/// One-byte DATA frames that wait unread on a stream (its app has stopped reading) leave the
+/// server's connection up: 50,000 of them, where h2's default budget ends the connection with
+/// ENHANCE_YOUR_CALM at ~33,000 under HBONE's 16 MiB window; the PING behind them is answered
+/// once the server has taken every frame before it.
+#[tokio::test]
+async fn unread_small_frames_leave_a_server_connection_up() {
+    let (client_io, server_io) = tokio::io::duplex(1 << 20);
+    tokio::spawn(async move {
+        let mut conn = server_end(server_io).await;
+        // The request's DATA is never read.
+        let _held = conn.accept().await;
+        // Until the connection ends (a connection error is returned again and again).
+        while let Some(Ok(_)) = conn.accept().await {}
+    });
+    let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut wire, SETTINGS, 0, 0, &[]);
+    frame(&mut wire, HEADERS, END_HEADERS, 1, &connect_block());
+    for _ in 0..UNREAD_FRAMES {
+        frame(&mut wire, DATA, 0, 1, b"x");
+    }
+    frame(&mut wire, PING, 0, 0, &[7; 8]);
+    let (mut from_server, mut to_server) = tokio::io::split(client_io);
+    tokio::spawn(async move {
+        let _ = to_server.write_all(&wire).await;
+        // Open until the test ends: a closed end would end the connection.
+        std::future::pending::<()>().await;
+    });
+    assert_eq!(until_pong(&mut from_server).await, Ok(()));
+}
+
+/// The same toward a client: a CONNECT's response followed by 50,000 one-byte DATA frames that
+/// the client's app does not read, then a PING, answered.
+#[tokio::test]
+async fn unread_small_frames_leave_a_client_connection_up() {
+    let (client_io, server_io) = tokio::io::duplex(1 << 20);
+    tokio::spawn(async move {
+        let (h2, conn) = client_end(client_io).await;
+        tokio::spawn(conn);
+        let mut h2 = h2.ready().await.unwrap();
+        let request = http::Request::connect("127.0.0.1:8080").body(()).unwrap();
+        let (response, _send) = h2.send_request(request, false).unwrap();
+        // The response's DATA is never read.
+        let _held = response.await;
+        std::future::pending::<()>().await;
+    });
+    let (mut from_client, mut to_client) = tokio::io::split(server_io);
+    let mut preface = [0u8; 24];
+    from_client.read_exact(&mut preface).await.unwrap();
+    let mut wire = Vec::new();
+    frame(&mut wire, SETTINGS, 0, 0, &[]);
+    to_client.write_all(&wire).await.unwrap();
+    // The client's SETTINGS and window updates come first; then its request.
+    while read_frame(&mut from_client).await.0 != HEADERS {}
+    let mut wire = Vec::new();
+    // `:status: 200`, indexed (RFC 7541 Appendix A, entry 8).
+    frame(&mut wire, HEADERS, END_HEADERS, 1, &[0x88]);
+    for _ in 0..UNREAD_FRAMES {
+        frame(&mut wire, DATA, 0, 1, b"x");
+    }
+    frame(&mut wire, PING, 0, 0, &[7; 8]);
+    tokio::spawn(async move {
+        let _ = to_client.write_all(&wire).await;
+        std::future::pending::<()>().await;
+    });
+    assert_eq!(until_pong(&mut from_client).await, Ok(()));
+}
+
+/// Unread one-byte DATA frames sent by the tests above: past h2's default budget under HBONE's
+/// connection window (8 MiB / 255 bytes charged a frame = 32,896), within the 65,535-byte
+/// stream window that holds until the peer acknowledges the SETTINGS (these peers never do).
+const UNREAD_FRAMES: usize = 50_000;
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
+
+/// Appends an HTTP/2 frame (RFC 9113 §4.1) to `wire`.
+fn frame(wire: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    wire.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    wire.extend_from_slice(&[kind, flags]);
+    wire.extend_from_slice(&stream.to_be_bytes());
+    wire.extend_from_slice(payload);
+}
+
+/// A CONNECT's header block: `:method` and `:authority` as literals with indexed names, not
+/// indexed themselves (RFC 7541 §6.2.2; static table entries 2 and 1).
+fn connect_block() -> Vec<u8> {
+    let mut block = vec![0x02, 7];
+    block.extend_from_slice(b"CONNECT");
+    block.extend_from_slice(&[0x01, 14]);
+    block.extend_from_slice(b"127.0.0.1:8080");
+    block
+}
+
+/// The next frame's type, flags and payload.
+async fn read_frame(from: &mut (impl AsyncRead + Unpin)) -> (u8, u8, Vec<u8>) {
+    let mut head = [0u8; 9];
+    from.read_exact(&mut head).await.expect("the peer closed");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    from.read_exact(&mut payload)
+        .await
+        .expect("the peer closed");
+    (head[3], head[4], payload)
+}
+
+/// Reads frames until a PING's answer (`Ok`) or a GOAWAY (its error code).
+async fn until_pong(from: &mut (impl AsyncRead + Unpin)) -> Result<(), u32> {
+    let wait = async {
+        loop {
+            match read_frame(from).await {
+                (PING, flags, _) if flags & ACK != 0 => return Ok(()),
+                (GOAWAY, _, payload) => {
+                    return Err(u32::from_be_bytes(payload[4..8].try_into().unwrap()));
+                }
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .expect("no PING answer and no GOAWAY")
 }
 
 /// The server end of an HTTP/2 connection over `io`, with HBONE's settings.
