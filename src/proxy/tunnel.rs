@@ -85,8 +85,8 @@ const MAX_WRITE_CHUNK: usize = 256 * 1024;
 /// and the connection's (16 MiB) of unread DATA, in frames of at least one byte, which h2
 /// queues in a slot of its receive queue each (~350 bytes of RSS a frame, measured with 50,000
 /// held): up to ~5 GiB for a connection of one-byte frames that nothing reads, which only a
-/// peer holding a mesh identity can send, and only to an app that has stopped reading. Empty DATA frames, which flow control does not count, h2 still limits
-/// (100 a connection).
+/// peer holding a mesh identity can send, and only to an app that has stopped reading. Empty
+/// DATA frames, which flow control does not count, h2 still limits (100 a connection).
 const DATA_FRAME_BUDGET: usize = usize::MAX;
 
 impl TunnelSettings {
