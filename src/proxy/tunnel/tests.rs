@@ -29,7 +29,7 @@ async fn frames_of_a_vectored_write(peer_max_frame: u32) -> Vec<usize> {
     let server = tokio::spawn(async move {
         let mut conn = server_end(server_io).await;
         let (request, mut respond) = conn.accept().await.unwrap().unwrap();
-        tokio::spawn(async move { while conn.accept().await.is_some() {} });
+        tokio::spawn(async move { while let Some(Ok(_)) = conn.accept().await {} });
         let _send = respond
             .send_response(http::Response::new(()), false)
             .unwrap();
@@ -130,7 +130,7 @@ async fn an_answered_keepalive_keeps_an_idle_connection() {
     let server = tokio::spawn(async move {
         let mut conn = server_end(server_io).await;
         // Serving the connection answers its PINGs.
-        while conn.accept().await.is_some() {}
+        while let Some(Ok(_)) = conn.accept().await {}
     });
     let (_send, mut conn) = client_end(client_io).await;
     let ping = conn.ping_pong();
@@ -188,7 +188,6 @@ async fn unread_small_frames_leave_a_server_connection_up() {
         let mut conn = server_end(server_io).await;
         // The request's DATA is never read.
         let _held = conn.accept().await;
-        // Until the connection ends (a connection error is returned again and again).
         while let Some(Ok(_)) = conn.accept().await {}
     });
     let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
@@ -305,7 +304,9 @@ async fn until_pong(from: &mut (impl AsyncRead + Unpin)) -> Result<(), u32> {
         .expect("no PING answer and no GOAWAY")
 }
 
-/// The server end of an HTTP/2 connection over `io`, with HBONE's settings.
+/// The server end of an HTTP/2 connection over `io`, with HBONE's settings. Serve it with
+/// `while let Some(Ok(_)) = conn.accept().await`: after a connection error h2 returns the error
+/// on every call, and a loop on `is_some()` would spin.
 async fn server_end(
     io: tokio::io::DuplexStream,
 ) -> h2::server::Connection<tokio::io::DuplexStream, Bytes> {
