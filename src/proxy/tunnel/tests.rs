@@ -1,5 +1,5 @@
 //! Tests of `tunnel`: received frames let go of, vectored writes as one frame, frames cut to
-//! fill whole TLS records, the PING keepalive, small frames left unread.
+//! fill whole TLS records, the PING keepalive, small frames left unread, empty ones limited.
 
 use super::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -183,6 +183,22 @@ async fn an_unanswered_ping_ends_the_connection_after_interval_and_timeout() {
 /// once the server has taken every frame before it.
 #[tokio::test]
 async fn unread_small_frames_leave_a_server_connection_up() {
+    assert_eq!(server_answer(b"x", UNREAD_FRAMES).await, Ok(()));
+}
+
+/// What stays limited with the budget off: empty DATA frames, which flow control does not
+/// count, end the connection with ENHANCE_YOUR_CALM past h2's own limit (one a stream, then
+/// 100 a connection), as they would with the budget on.
+#[tokio::test]
+async fn empty_frames_past_h2s_limit_end_a_server_connection() {
+    let enhance_your_calm = u32::from(h2::Reason::ENHANCE_YOUR_CALM);
+    assert_eq!(server_answer(b"", 200).await, Err(enhance_your_calm));
+}
+
+/// A server's answer to a CONNECT followed by `frames` DATA frames of `data` that its app never
+/// reads, then a PING: the PING's answer once the server has taken every frame before it, or
+/// the GOAWAY that ended the connection first.
+async fn server_answer(data: &[u8], frames: usize) -> Result<(), u32> {
     let (client_io, server_io) = tokio::io::duplex(1 << 20);
     tokio::spawn(async move {
         let mut conn = server_end(server_io).await;
@@ -193,8 +209,8 @@ async fn unread_small_frames_leave_a_server_connection_up() {
     let mut wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     frame(&mut wire, SETTINGS, 0, 0, &[]);
     frame(&mut wire, HEADERS, END_HEADERS, 1, &connect_block());
-    for _ in 0..UNREAD_FRAMES {
-        frame(&mut wire, DATA, 0, 1, b"x");
+    for _ in 0..frames {
+        frame(&mut wire, DATA, 0, 1, data);
     }
     frame(&mut wire, PING, 0, 0, &[7; 8]);
     let (mut from_server, mut to_server) = tokio::io::split(client_io);
@@ -203,10 +219,10 @@ async fn unread_small_frames_leave_a_server_connection_up() {
         // Open until the test ends: a closed end would end the connection.
         std::future::pending::<()>().await;
     });
-    assert_eq!(until_pong(&mut from_server).await, Ok(()));
+    until_pong(&mut from_server).await
 }
 
-/// The same toward a client: a CONNECT's response followed by 50,000 one-byte DATA frames that
+/// Toward a client likewise: a CONNECT's response followed by 50,000 one-byte DATA frames that
 /// the client's app does not read, then a PING, answered.
 #[tokio::test]
 async fn unread_small_frames_leave_a_client_connection_up() {
